@@ -15,3 +15,23 @@ class CheckpointError(VitlabError):
 
 class DataError(VitlabError):
     """A dataset that cannot be found, read or trusted."""
+
+
+class DatasetNotFoundError(DataError):
+    """A dataset that is neither in the data root nor downloadable (offline, or download=False)."""
+
+
+class DownloadError(DataError):
+    """A download that failed or kept breaking off; a partial file is kept so a retry resumes."""
+
+
+class ChecksumError(DataError):
+    """A downloaded or hand-placed archive whose MD5 differs from the published one."""
+
+
+class UnsafeDataError(DataError):
+    """An archive or pickle that tries to escape its folder, link, or import code."""
+
+
+class DataFormatError(DataError):
+    """A truncated archive, or arrays, labels, class lists or images that do not match the format."""

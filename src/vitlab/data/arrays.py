@@ -1,0 +1,172 @@
+"""The in-memory dataset types and the on-disk array folder format.
+
+An array folder holds ``train.npz`` and ``test.npz`` (``x`` uint8 [N,H,W,C] or [N,H,W], integer
+``y``) and ``classes.json`` (a list of class names). It is both an input format and vitlab's cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitlab.errors import DataFormatError
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class Split:
+    """One split: uint8 images [N,H,W,C], int64 labels [N] and the dataset's class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Dataset:
+    """A train and a test split that share their classes and image shape."""
+
+    name: str
+    train: Split
+    test: Split
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.classes)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.train.images.shape[1]), int(self.train.images.shape[2])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.train.images.shape[3])
+
+
+def is_array_folder(path: Path) -> bool:
+    """True when every file of an array folder is there (classes.json is written last)."""
+    return all((path / f).is_file() for f in ("train.npz", "test.npz", "classes.json"))
+
+
+def check_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise DataFormatError unless x, y are a valid split for num_classes classes."""
+    if x.dtype != np.uint8:
+        raise DataFormatError(
+            f"{where}: images must be uint8, got {x.dtype}; convert them to 0..255 uint8"
+        )
+    if x.ndim not in (3, 4) or (x.ndim == 4 and not 1 <= x.shape[3] <= 4):
+        raise DataFormatError(
+            f"{where}: images must be [N,H,W,C] with C in 1..4 or [N,H,W], got shape {list(x.shape)}"
+        )
+    if min(x.shape[:3]) < 1:
+        raise DataFormatError(
+            f"{where}: no images (shape {list(x.shape)}); add images to the split"
+        )
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DataFormatError(
+            f"{where}: labels must be [N] with N={x.shape[0]} like the images, got {list(y.shape)}"
+        )
+    if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+        raise DataFormatError(f"{where}: labels must be integers, got {y.dtype}")
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise DataFormatError(
+            f"{where}: labels must lie in 0..{num_classes - 1} (one per class name), "
+            f"found {int(y.min())}..{int(y.max())}"
+        )
+
+
+def to_split(x: np.ndarray, y: np.ndarray, classes: list[str]) -> Split:
+    if x.ndim == 3:  # grayscale arrays gain a channel axis so every split is [N,H,W,C]
+        x = x[..., None]
+    images = torch.from_numpy(np.ascontiguousarray(x))
+    return Split(images=images, labels=torch.from_numpy(y.astype(np.int64)), classes=classes)
+
+
+def _read_classes(path: Path) -> list[str]:
+    try:
+        classes = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataFormatError(
+            f"{path}: unreadable class list ({e}); write a JSON list of names"
+        ) from e
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or not all(isinstance(c, str) for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise DataFormatError(f"{path}: must be a JSON list of distinct class-name strings")
+    return classes
+
+
+def _read_npz(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        # allow_pickle=False: an npz holding object arrays is refused, never unpickled
+        with np.load(path, allow_pickle=False) as z:
+            if "x" not in z.files or "y" not in z.files:
+                raise DataFormatError(f"{path}: needs arrays 'x' (images) and 'y' (labels)")
+            x, y = z["x"], z["y"]
+    except DataFormatError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataFormatError(f"{path}: unreadable npz ({e}); re-create it with numpy.savez") from e
+    check_arrays(x, y, num_classes, str(path))
+    return x, y
+
+
+def read_array_folder(path: Path, name: str | None = None) -> Dataset:
+    """Load and validate an array folder."""
+    if not is_array_folder(path):
+        raise DataFormatError(f"{path}: an array folder needs train.npz, test.npz and classes.json")
+    classes = _read_classes(path / "classes.json")
+    arrays = {s: _read_npz(path / f"{s}.npz", len(classes)) for s in SPLITS}
+    shapes = {
+        s: tuple(x.shape[1:]) if x.ndim == 4 else (*x.shape[1:], 1) for s, (x, _) in arrays.items()
+    }
+    if shapes["train"] != shapes["test"]:
+        raise DataFormatError(
+            f"{path}: train images are {shapes['train']} but test images {shapes['test']}; "
+            "use one image size"
+        )
+    splits = {s: to_split(x, y, classes) for s, (x, y) in arrays.items()}
+    return Dataset(name=name or str(path), train=splits["train"], test=splits["test"])
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder and rename, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_array_folder(
+    path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]
+) -> None:
+    """Write an array folder atomically: each file is renamed into place, classes.json last."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "classes.json").unlink(missing_ok=True)  # marks the folder incomplete while rewriting
+    for s in SPLITS:
+        x, y = splits[s]
+        _atomic_write(path / f"{s}.npz", lambda f, x=x, y=y: np.savez(f, x=x, y=y))
+    data = json.dumps(classes, indent=0).encode("utf-8")
+    _atomic_write(path / "classes.json", lambda f: f.write(data))

@@ -1,0 +1,202 @@
+"""Batched augmentation on any device, reproducing the tutorial's FastEstimator pipeline.
+
+The tutorial (albumentations 1.4.1 under FastEstimator) runs, per image:
+Normalize -> PadIfNeeded(40, reflect-101) -> RandomCrop(32) -> Sometimes(HorizontalFlip)
+-> CoarseDropout(max_holes=1) -> ChannelTranspose. Here each op works on a whole batch
+[B,H,W,C] at once and draws its randomness from a ``torch.Generator``.
+
+Pad, crop and flip only move pixels, and Normalize acts on each pixel alone, so moving pixels
+before normalizing gives bit-identical results while gathering 1-byte instead of 4-byte values.
+The dropout hole is filled after normalizing, as in the tutorial (0 in normalized space).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vitlab.errors import ConfigError
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2471, 0.2435, 0.2616)
+
+
+def reflect101(i: Tensor, n: int) -> Tensor:
+    """Map indices onto 0..n-1 like OpenCV's BORDER_REFLECT_101 (edge pixel not repeated)."""
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1)
+    i = i.remainder(period)
+    return torch.where(i >= n, period - i, i)
+
+
+def _randint(high: int, b: int, x: Tensor, g: torch.Generator | None) -> Tensor:
+    """b integers uniform over {0..high-1} on x's device."""
+    return torch.randint(0, high, (b,), generator=g, device=x.device)
+
+
+def gather_pixels(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """out[b,i,j] = x[b, rows[b,i], cols[b,j]] for x [B,H,W,C], rows [B,h], cols [B,w]."""
+    b, h, w, c = x.shape
+    base = torch.arange(b, device=x.device)[:, None, None] * (h * w)
+    idx = base + rows[:, :, None] * w + cols[:, None, :]
+    return x.reshape(b * h * w, c).index_select(0, idx.reshape(-1)).view(*idx.shape, c)
+
+
+@dataclass
+class Normalize:
+    """albumentations' Normalize: float32 (x - mean*255) * (1 / (std*255)), per channel."""
+
+    mean: Sequence[float] = CIFAR_MEAN
+    std: Sequence[float] = CIFAR_STD
+    train_only = False
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std):
+            raise ConfigError(
+                f"mean {self.mean} and std {self.std} need one value per channel each"
+            )
+        # Same float32 arithmetic as albumentations, so results match it bit for bit.
+        self._mean = np.asarray(self.mean, dtype=np.float32) * np.float32(255)
+        self._scale = np.reciprocal(np.asarray(self.std, dtype=np.float32) * np.float32(255))
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if x.shape[-1] != len(self._mean) and len(self._mean) != 1:
+            raise ConfigError(
+                f"images have {x.shape[-1]} channels but mean/std have {len(self._mean)}; "
+                "pass one mean and std per channel"
+            )
+        mean = torch.from_numpy(self._mean).to(x.device)
+        scale = torch.from_numpy(self._scale).to(x.device)
+        return (x.float() - mean) * scale
+
+
+@dataclass
+class RandomPadCrop:
+    """PadIfNeeded by reflect-101 (extra pixel at bottom/right) then a random crop of the input size.
+
+    ``pad`` pixels are added in total per axis; crop offsets are uniform over {0..pad} like
+    albumentations' ``int((H_pad - crop + 1) * random())``. Done as one gather, no padded copy.
+    """
+
+    pad: int = 8
+    train_only = True
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        b, h, w, _ = x.shape
+        oy = _randint(self.pad + 1, b, x, generator)
+        ox = _randint(self.pad + 1, b, x, generator)
+        top, left = self.pad // 2, self.pad // 2
+        rows = reflect101(oy[:, None] + torch.arange(h, device=x.device) - top, h)
+        cols = reflect101(ox[:, None] + torch.arange(w, device=x.device) - left, w)
+        return gather_pixels(x, rows, cols)
+
+
+@dataclass
+class HorizontalFlip:
+    """Flip each sample left-right with probability p (FastEstimator's Sometimes, p=0.5)."""
+
+    p: float = 0.5
+    train_only = True
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        flip = torch.rand(x.shape[0], generator=generator, device=x.device) < self.p
+        return torch.where(flip[:, None, None, None], x.flip(2), x)
+
+
+@dataclass
+class CoarseDropout:
+    """One size x size hole per sample, fully inside the image, set to fill.
+
+    albumentations 1.4.1 CoarseDropout(max_holes=1): top-left y = randint(0, H - size) and
+    x = randint(0, W - size), both inclusive.
+    """
+
+    size: int = 8
+    fill: float = 0.0
+    train_only = True
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        b, h, w, _ = x.shape
+        if self.size > min(h, w):
+            raise ConfigError(f"dropout hole {self.size} is larger than the {h}x{w} images")
+        y0 = _randint(h - self.size + 1, b, x, generator)
+        x0 = _randint(w - self.size + 1, b, x, generator)
+        ys = torch.arange(h, device=x.device) - y0[:, None]
+        xs = torch.arange(w, device=x.device) - x0[:, None]
+        in_y = (ys >= 0) & (ys < self.size)
+        in_x = (xs >= 0) & (xs < self.size)
+        hole = in_y[:, :, None, None] & in_x[:, None, :, None]
+        return x.masked_fill(hole, self.fill)
+
+
+@dataclass
+class ToCHW:
+    """[B,H,W,C] -> contiguous [B,C,H,W], the model's layout (ChannelTranspose)."""
+
+    train_only = False
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return x.permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class Compose:
+    """Run ops in order; ops marked train_only are skipped in eval mode.
+
+    Each op is ``op(x, generator) -> x`` on a batch; recipes can insert their own (mixup, ...).
+    """
+
+    ops: list = field(default_factory=list)
+
+    def __call__(
+        self, images: Tensor, train: bool = True, generator: torch.Generator | None = None
+    ) -> Tensor:
+        x = images
+        for op in self.ops:
+            if train or not op.train_only:
+                x = op(x, generator)
+        return x
+
+
+class SeedAugment(Compose):
+    """The tutorial's augmentation: uint8 [B,H,W,C] -> float32 [B,C,H,W] on the same device.
+
+    train=True: reflect-101 pad by pad_to - crop pixels, random crop back to the input size,
+    flip with flip_p, normalize, one hole x hole dropout, HWC -> CHW.
+    train=False: normalize and HWC -> CHW only.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float] = CIFAR_MEAN,
+        std: Sequence[float] = CIFAR_STD,
+        pad_to: int = 40,
+        crop: int = 32,
+        flip_p: float = 0.5,
+        hole: int = 8,
+    ) -> None:
+        if pad_to < crop:
+            raise ConfigError(f"pad_to ({pad_to}) must be at least crop ({crop})")
+        super().__init__(
+            [
+                RandomPadCrop(pad_to - crop),
+                HorizontalFlip(flip_p),
+                Normalize(mean, std),
+                CoarseDropout(hole),
+                ToCHW(),
+            ]
+        )
+
+    def __call__(
+        self, images: Tensor, train: bool = True, generator: torch.Generator | None = None
+    ) -> Tensor:
+        if images.ndim != 4:
+            raise ConfigError(
+                f"SeedAugment needs a [B,H,W,C] batch, got shape {list(images.shape)}"
+            )
+        return super().__call__(images, train, generator)

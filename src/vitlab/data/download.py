@@ -1,0 +1,102 @@
+"""Resumable, checksummed HTTP downloads with the standard library."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vitlab.errors import ChecksumError, DownloadError
+
+CHUNK = 1 << 16
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
+    """Append the rest of url to part; raise if the connection breaks before the end."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    req = urllib.request.Request(url, headers=headers)
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:  # the part is already whole (or longer): start over
+            part.unlink()
+            raise http.client.IncompleteRead(b"") from e
+        raise
+    with resp:
+        if offset and resp.status != 206:  # the server ignored Range and sends everything
+            offset = 0
+        length = resp.headers.get("Content-Length")
+        total = int(length) + offset if length is not None else None
+        done = offset
+        bar = tqdm(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            desc=part.name[: -len(".part")],
+            disable=not progress or not sys.stderr.isatty(),
+        )
+        with bar, open(part, "ab" if offset else "wb") as f:
+            while chunk := resp.read(CHUNK):
+                f.write(chunk)
+                done += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and done < total:
+            raise http.client.IncompleteRead(b"", total - done)
+
+
+def download(
+    url: str,
+    dest: Path,
+    md5: str | None,
+    *,
+    retries: int = 3,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
+    """Download url to dest through ``dest.part``, resuming a partial file, and verify its MD5.
+
+    A broken connection is retried with an HTTP Range request; after ``retries`` failures the
+    part file is kept so the next call resumes. dest appears only once the checksum matches.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    error: Exception | None = None
+    for _ in range(retries):
+        try:
+            _fetch_once(url, part, timeout, progress)
+            error = None
+            break
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            error = e
+            if isinstance(e, urllib.error.HTTPError) and e.code < 500 and e.code != 416:
+                break  # a 404 or 403 will not heal by retrying
+    if error is not None:
+        raise DownloadError(
+            f"could not download {url} ({error}); check the network and retry "
+            f"(the partial file {part} resumes), or put the file at {dest} by hand"
+        ) from error
+    if md5 is not None:
+        got = md5sum(part)
+        if got != md5:
+            part.unlink()
+            raise ChecksumError(
+                f"{url} downloaded with MD5 {got}, expected {md5}; retry, or fetch it by hand to {dest}"
+            )
+    os.replace(part, dest)
+    return dest

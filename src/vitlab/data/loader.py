@@ -1,0 +1,124 @@
+"""Batches straight from a device-resident uint8 tensor: no workers, no per-sample Python."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from vitlab.data.arrays import Split
+from vitlab.errors import ConfigError
+
+Augment = Callable[[Tensor, bool, torch.Generator], Tensor]
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A stable 63-bit seed from integers (splitmix64 steps; Python's hash() varies by process)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+class BatchLoader:
+    """Yield (inputs, labels) batches of a split, reproducibly, on one device.
+
+    The split is moved to ``device`` once. Each epoch's order comes from a generator seeded with
+    (seed, epoch) and each batch's augmentation from one seeded with (seed, epoch, step), so every
+    batch is a pure function of (seed, epoch, step, rank, world_size) and resuming at
+    (epoch, start_step) reproduces an uninterrupted run bit for bit.
+
+    The last partial batch is kept (50,000 / 128 -> 391 steps). ``steps_per_epoch`` gives exactly
+    that many batches: cut short, or continued into further passes with fresh permutations
+    (FastEstimator's ``train_steps_per_epoch``).
+
+    Sharding: rank r of world_size takes every world_size-th index of each pass. For train the
+    pass is first padded by wrapping around (like DistributedSampler) so every rank has the same
+    number of samples and batches; for eval it is not padded, so each sample is seen exactly once
+    overall and ranks may differ by one sample (and possibly one batch).
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        device: torch.device | str = "cpu",
+        augment: Augment | None = None,
+        train: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
+        steps_per_epoch: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ConfigError(f"steps_per_epoch must be at least 1 or None, got {steps_per_epoch}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in 0..world_size-1, got rank {rank} of {world_size}")
+        if len(split) < 1:
+            raise ConfigError("the split is empty; load a dataset with images in it")
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.batch_size = batch_size
+        self.augment = augment
+        self.train = train
+        self.shuffle = shuffle
+        self.seed = seed
+        self.steps_per_epoch = steps_per_epoch
+        self.rank = rank
+        self.world_size = world_size
+        n = len(split)
+        padded = math.ceil(n / world_size) * world_size if train else n
+        self._pass_size = padded
+        self._num_samples = len(range(rank, padded, world_size))
+        if self._num_samples == 0:
+            raise ConfigError(f"rank {rank} gets no samples of {n}; use fewer ranks for this split")
+        self._batches_per_pass = math.ceil(self._num_samples / batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return self._num_samples
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch or self._batches_per_pass
+
+    def _pass_indices(self, order: torch.Generator | None) -> Tensor:
+        """This rank's indices for one pass over the split (drawn on the CPU: device-independent)."""
+        n = len(self.labels)
+        perm = torch.randperm(n, generator=order) if order is not None else torch.arange(n)
+        if self._pass_size > n:  # wrap around so every rank gets equally many samples
+            perm = perm.repeat(math.ceil(self._pass_size / n))[: self._pass_size]
+        return perm[self.rank :: self.world_size].to(self.device)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield this epoch's batches from start_step on (0-based epoch and step)."""
+        order = None
+        if self.shuffle:
+            order = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+        current, indices = -1, None
+        for step in range(start_step, len(self)):
+            pass_no, b = divmod(step, self._batches_per_pass)
+            while current < pass_no:  # skipped passes still draw their permutation
+                indices = self._pass_indices(order)
+                current += 1
+            assert indices is not None
+            idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
+            images = self.images.index_select(0, idx)
+            if self.augment is None:
+                inputs = images.permute(0, 3, 1, 2).float().div_(255)
+            else:
+                gen = torch.Generator(self.device).manual_seed(mix_seed(self.seed, epoch, step))
+                inputs = self.augment(images, self.train, gen)
+            yield inputs, self.labels.index_select(0, idx)

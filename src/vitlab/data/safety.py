@@ -1,0 +1,149 @@
+"""Reading untrusted archives and pickles without executing anything or escaping a folder."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from vitlab.errors import DataFormatError, UnsafeDataError
+
+# numpy's array-rebuild function, taken from numpy itself so no module is imported by name.
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+# The only globals a pickled numpy array needs; every other import is refused.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Admits plain containers, numbers, strings, bytes and numpy arrays - nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafeDataError(
+                f"refused to unpickle {module}.{name}: CIFAR pickles hold only arrays and plain data; "
+                "the file is not a genuine CIFAR batch, delete it"
+            ) from None
+
+
+def safe_unpickle(data: bytes, where: str) -> Any:
+    """Unpickle CIFAR's python format (encoding='bytes', like the official loader)."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except UnsafeDataError:
+        raise
+    except Exception as e:  # any malformed pickle: the opcodes themselves cannot run code here
+        raise DataFormatError(
+            f"{where}: not a readable CIFAR pickle ({e}); delete it and retry"
+        ) from e
+
+
+def _check_name(name: str, where: str) -> str:
+    p = PurePosixPath(name.replace("\\", "/"))
+    if name.startswith(("/", "\\")) or p.is_absolute() or (p.parts and ":" in p.parts[0]):
+        raise UnsafeDataError(
+            f"{where}: refused absolute member path {name!r}; use the official archive"
+        )
+    if ".." in p.parts:
+        raise UnsafeDataError(
+            f"{where}: refused member {name!r} that leaves the folder; use the official archive"
+        )
+    return str(p)
+
+
+class SafeArchive:
+    """A tar or zip archive whose members are all checked before any is read.
+
+    Members are read into memory, never extracted to disk, so nothing half-written is left behind.
+    A link, device, absolute path or ``..`` anywhere makes the whole archive refused.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._files: dict[str, Any] = {}
+        try:
+            if zipfile.is_zipfile(path):
+                self._zip: zipfile.ZipFile | None = zipfile.ZipFile(path)
+                self._tar: tarfile.TarFile | None = None
+                self._scan_zip()
+            else:
+                self._zip = None
+                self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by close())
+                self._scan_tar()
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+            self.close()
+            raise DataFormatError(
+                f"{path}: truncated or corrupt archive ({e}); delete it and download it again"
+            ) from e
+        except BaseException:
+            self.close()
+            raise
+
+    def _scan_zip(self) -> None:
+        assert self._zip is not None
+        for info in self._zip.infolist():
+            name = _check_name(info.filename, str(self.path))
+            mode = info.external_attr >> 16
+            if mode and (mode & 0o170000) not in (0, 0o100000, 0o040000):  # symlinks, devices
+                raise UnsafeDataError(
+                    f"{self.path}: refused link or special member {info.filename!r}"
+                )
+            if not info.is_dir():
+                self._files[name] = info
+
+    def _scan_tar(self) -> None:
+        assert self._tar is not None
+        for member in self._tar:  # iterating reads every header, which also detects truncation
+            name = _check_name(member.name, str(self.path))
+            if member.issym() or member.islnk():
+                raise UnsafeDataError(f"{self.path}: refused link member {member.name!r}")
+            if not (member.isfile() or member.isdir()):
+                raise UnsafeDataError(f"{self.path}: refused special member {member.name!r}")
+            if member.isfile():
+                self._files[name] = member
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def read(self, name: str) -> bytes:
+        if name not in self._files:
+            raise DataFormatError(
+                f"{self.path}: member {name!r} is missing; use the official archive"
+            )
+        try:
+            if self._zip is not None:
+                return self._zip.read(self._files[name])
+            assert self._tar is not None
+            f = self._tar.extractfile(self._files[name])
+            assert f is not None
+            data = f.read()
+            if len(data) != self._files[name].size:
+                raise EOFError(f"member {name!r} is cut short")
+            return data
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+            raise DataFormatError(
+                f"{self.path}: truncated or corrupt archive ({e}); delete it and download it again"
+            ) from e
+
+    def close(self) -> None:
+        for a in (getattr(self, "_zip", None), getattr(self, "_tar", None)):
+            if a is not None:
+                a.close()
+
+    def __enter__(self) -> SafeArchive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,69 @@
+"""``load_dataset``: one entry point for named datasets, array folders and image folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vitlab.data.arrays import Dataset, Split, is_array_folder, read_array_folder
+from vitlab.data.cifar import SOURCES, load_named
+from vitlab.data.imagefolder import is_image_folder, load_image_folder
+from vitlab.errors import ConfigError, DatasetNotFoundError
+
+ROOT_ENV = "VITLAB_DATA"
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """The data root: the argument, else $VITLAB_DATA, else ~/.cache/vitlab."""
+    if root is not None:
+        return Path(root).expanduser()
+    env = os.environ.get(ROOT_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vitlab"
+
+
+def _resize(split: Split, size: int) -> Split:
+    if tuple(split.images.shape[1:3]) == (size, size):
+        return split
+    out = []
+    for chunk in split.images.split(4096):  # bounded memory for the float copy
+        x = chunk.permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous())
+    return Split(torch.cat(out), split.labels, split.classes)
+
+
+def load_dataset(
+    spec: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    image_size: int | None = None,
+) -> Dataset:
+    """Load a dataset's train and test splits.
+
+    spec is a name (cifair10, cifair100, cifar10, cifar100), an array folder or an image folder.
+    Named datasets and decoded image folders are cached as array folders in the data root.
+    image_size resizes images to image_size x image_size (bicubic) when they differ.
+    """
+    if image_size is not None and image_size < 1:
+        raise ConfigError(f"image_size must be a positive number of pixels, got {image_size}")
+    base = data_root(root)
+    name = os.fspath(spec)
+    if name.lower() in SOURCES:  # a name wins; write ./cifar10 for a folder of that name
+        ds = load_named(name.lower(), base, download)
+    else:
+        path = Path(name).expanduser()
+        if is_array_folder(path):
+            ds = read_array_folder(path)
+        elif is_image_folder(path):
+            return load_image_folder(path, base, image_size)
+        else:
+            raise DatasetNotFoundError(
+                f"{name!r} is neither a dataset name ({', '.join(SOURCES)}), an array folder "
+                "(train.npz, test.npz, classes.json) nor an image folder (train/<class>/, test/<class>/)"
+            )
+    if image_size is not None:
+        ds = Dataset(ds.name, _resize(ds.train, image_size), _resize(ds.test, image_size))
+    return ds
