@@ -1,0 +1,262 @@
+"""Bad input: each case raises a VitlabError, executes nothing and leaves no half-written cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import pickle
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_helpers import cifar_members, make_tar, make_zip, md5, write_file
+from vitlab.data import arrays as arrays_mod
+from vitlab.data import load_dataset
+from vitlab.data.arrays import write_array_folder
+from vitlab.data.cifar import SOURCES
+from vitlab.data.safety import safe_unpickle
+from vitlab.errors import DataFormatError, UnsafeDataError, VitlabError
+
+
+class Evil:
+    """Unpickling this would run a shell command that creates a file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _place(monkeypatch, tmp_path, name: str, archive: bytes) -> None:
+    src = SOURCES[name]
+    monkeypatch.setitem(SOURCES, name, dataclasses.replace(src, md5=md5(archive)))
+    write_file(tmp_path / src.filename, archive)
+
+
+def _no_cache(tmp_path, name: str) -> None:
+    assert not (tmp_path / name / "classes.json").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_pickle_that_imports_is_refused_without_running(monkeypatch, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps({b"data": Evil(str(marker)), b"labels": [0]})
+    with pytest.raises(UnsafeDataError, match="posix.system|os.system|refused to unpickle"):
+        safe_unpickle(evil, "x")
+    members = cifar_members(hundred=False)
+    members["data_batch_3"] = evil
+    _place(monkeypatch, tmp_path, "cifar10", make_tar(members, "cifar-10-batches-py"))
+    with pytest.raises(UnsafeDataError):
+        load_dataset("cifar10", root=tmp_path)
+    assert not marker.exists()
+    _no_cache(tmp_path, "cifar10")
+
+
+def test_pickle_of_wrong_content(monkeypatch, tmp_path):
+    members = cifar_members(hundred=True)
+    members["test"] = pickle.dumps(
+        {b"data": np.zeros((3, 3072), np.float32), b"fine_labels": [0] * 3}
+    )
+    _place(monkeypatch, tmp_path, "cifar100", make_tar(members, "cifar-100-python"))
+    with pytest.raises(DataFormatError, match="uint8"):
+        load_dataset("cifar100", root=tmp_path)
+    members = cifar_members(hundred=True)
+    bad = pickle.loads(members["train"])
+    bad[b"fine_labels"][0] = 100  # out of range for 100 classes
+    members["train"] = pickle.dumps(bad)
+    _place(monkeypatch, tmp_path, "cifar100", make_tar(members, "cifar-100-python"))
+    with pytest.raises(DataFormatError, match="0..99"):
+        load_dataset("cifar100", root=tmp_path)
+    _no_cache(tmp_path, "cifar100")
+
+
+def _tar_with(info: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    good = make_tar(cifar_members(hundred=False), "cifar-10-batches-py")
+    buf = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(good)) as src,
+        tarfile.open(fileobj=buf, mode="w:gz") as out,
+    ):
+        for m in src:
+            out.addfile(m, src.extractfile(m))
+        out.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def _info(
+    name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, link: str = ""
+) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.linkname = kind, size, link
+    return info
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        _info("cifar-10-batches-py/../../escaped", size=3),
+        _info("/tmp/vitlab-absolute-escape", size=3),
+        _info("cifar-10-batches-py/link", tarfile.SYMTYPE, link="/etc/passwd"),
+        _info("cifar-10-batches-py/hard", tarfile.LNKTYPE, link="cifar-10-batches-py/test_batch"),
+        _info("cifar-10-batches-py/dev", tarfile.CHRTYPE),
+    ],
+    ids=["dotdot", "absolute", "symlink", "hardlink", "device"],
+)
+def test_unsafe_tar_members_are_refused(monkeypatch, tmp_path, info):
+    data = b"bad" if info.size else b""
+    _place(monkeypatch, tmp_path, "cifar10", _tar_with(info, data))
+    with pytest.raises(UnsafeDataError, match="refused"):
+        load_dataset("cifar10", root=tmp_path)
+    assert not (tmp_path.parent / "escaped").exists()
+    _no_cache(tmp_path, "cifar10")
+
+
+def test_unsafe_zip_member_is_refused(monkeypatch, tmp_path):
+    members = cifar_members(hundred=False)
+    members["../../escaped"] = b"bad"
+    _place(monkeypatch, tmp_path, "cifair10", make_zip(members, "ciFAIR-10"))
+    with pytest.raises(UnsafeDataError, match="leaves the folder"):
+        load_dataset("cifair10", root=tmp_path)
+    _no_cache(tmp_path, "cifair10")
+
+
+def test_zip_symlink_member_is_refused(monkeypatch, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in cifar_members(hundred=False).items():
+            z.writestr(f"ciFAIR-10/{name}", data)
+        link = zipfile.ZipInfo("ciFAIR-10/link")
+        link.external_attr = (0o120777) << 16
+        z.writestr(link, "/etc/passwd")
+    _place(monkeypatch, tmp_path, "cifair10", buf.getvalue())
+    with pytest.raises(UnsafeDataError, match="link"):
+        load_dataset("cifair10", root=tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "zip"])
+def test_truncated_archive(monkeypatch, tmp_path, fmt):
+    members = cifar_members(hundred=False)
+    if fmt == "tar":
+        name, archive = "cifar10", make_tar(members, "cifar-10-batches-py")
+    else:
+        name, archive = "cifair10", make_zip(members, "ciFAIR-10")
+    _place(monkeypatch, tmp_path, name, archive[: len(archive) * 2 // 3])
+    with pytest.raises(DataFormatError, match="truncated or corrupt"):
+        load_dataset(name, root=tmp_path)
+    _no_cache(tmp_path, name)
+
+
+def _folder(tmp_path, x_train, y_train, classes=("a", "b")):
+    folder = tmp_path / "arrays"
+    folder.mkdir(exist_ok=True)
+    np.savez(folder / "train.npz", x=x_train, y=y_train)
+    np.savez(folder / "test.npz", x=np.zeros((2, 4, 4, 3), np.uint8), y=np.zeros(2, np.int64))
+    (folder / "classes.json").write_text(json.dumps(list(classes)))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "x, y, match",
+    [
+        (np.zeros((3, 4, 4, 3), np.float32), np.zeros(3, np.int64), "uint8"),
+        (np.zeros((3, 4, 4, 3, 1), np.uint8), np.zeros(3, np.int64), "shape"),
+        (np.zeros((3, 4, 4, 7), np.uint8), np.zeros(3, np.int64), "C in 1..4"),
+        (np.zeros((3, 4, 4, 3), np.uint8), np.zeros(4, np.int64), r"labels must be \[N\]"),
+        (np.zeros((3, 4, 4, 3), np.uint8), np.zeros(3, np.float32), "integers"),
+        (np.zeros((3, 4, 4, 3), np.uint8), np.array([0, 1, 2]), r"0\.\.1"),
+        (np.zeros((3, 4, 4, 3), np.uint8), np.array([0, -1, 1]), r"0\.\.1"),
+        (np.zeros((3, 5, 5, 3), np.uint8), np.zeros(3, np.int64), "one image size"),
+    ],
+    ids=[
+        "dtype",
+        "ndim",
+        "channels",
+        "label-count",
+        "label-dtype",
+        "label-high",
+        "label-neg",
+        "size",
+    ],
+)
+def test_bad_npz(tmp_path, x, y, match):
+    with pytest.raises(DataFormatError, match=match):
+        load_dataset(_folder(tmp_path, x, y))
+
+
+def test_npz_with_pickled_objects_is_not_unpickled(tmp_path):
+    folder = _folder(tmp_path, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
+    np.savez(folder / "train.npz", x=np.array([Evil(str(tmp_path / "pwned"))], dtype=object), y=[0])
+    with pytest.raises(DataFormatError, match="unreadable npz"):
+        load_dataset(folder)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("classes", ['{"a": 1}', '["a", "a"]', "[]", "not json"])
+def test_bad_class_list(tmp_path, classes):
+    folder = _folder(tmp_path, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
+    (folder / "classes.json").write_text(classes)
+    with pytest.raises(DataFormatError, match="classes.json"):
+        load_dataset(folder)
+
+
+def _image_folder(tmp_path):
+    src = tmp_path / "imgs"
+    for split, cls in (("train", "a"), ("train", "b"), ("test", "a")):
+        (src / split / cls).mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(src / split / cls / "x.png")
+    return src
+
+
+def test_empty_class_folder(tmp_path):
+    src = _image_folder(tmp_path)
+    (src / "train" / "c").mkdir()
+    with pytest.raises(DataFormatError, match="empty class folder"):
+        load_dataset(src, root=tmp_path / "root")
+
+
+def test_test_class_missing_from_train(tmp_path):
+    src = _image_folder(tmp_path)
+    (src / "test" / "zebra").mkdir()
+    Image.new("RGB", (4, 4)).save(src / "test" / "zebra" / "z.png")
+    with pytest.raises(DataFormatError, match="not in the train split"):
+        load_dataset(src, root=tmp_path / "root")
+
+
+def test_unreadable_image_leaves_no_cache(tmp_path):
+    src = _image_folder(tmp_path)
+    (src / "train" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataFormatError, match="broken.png: unreadable image"):
+        load_dataset(src, root=tmp_path / "root")
+    assert not list((tmp_path / "root").rglob("classes.json"))
+
+
+def test_cache_write_is_atomic(monkeypatch, tmp_path):
+    x = np.zeros((2, 4, 4, 3), np.uint8)
+    splits = {"train": (x, np.zeros(2, np.int64)), "test": (x, np.zeros(2, np.int64))}
+    real_savez = np.savez
+    calls = []
+
+    def failing_savez(f, **arrays):
+        calls.append(1)
+        if len(calls) == 2:  # die halfway through the second file
+            f.write(b"PK\x03\x04 half")
+            raise KeyboardInterrupt
+        real_savez(f, **arrays)
+
+    monkeypatch.setattr(arrays_mod.np, "savez", failing_savez)
+    with pytest.raises(KeyboardInterrupt):
+        write_array_folder(tmp_path / "cache", splits, ["a"])
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["train.npz"]
+    monkeypatch.setattr(arrays_mod.np, "savez", real_savez)
+    write_array_folder(tmp_path / "cache", splits, ["a"])
+    assert len(load_dataset(tmp_path / "cache").train) == 2
+
+
+def test_every_data_error_is_a_vitlab_error():
+    assert issubclass(UnsafeDataError, VitlabError) and issubclass(DataFormatError, VitlabError)

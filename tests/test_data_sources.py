@@ -1,0 +1,140 @@
+"""load_dataset from the shared array folders, hand-placed archives and image folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_helpers import cifar_members, make_tar, make_zip, md5, write_file
+from vitlab.data import imagefolder as imagefolder_mod
+from vitlab.data import load_dataset
+from vitlab.data.cifar import SOURCES
+from vitlab.errors import ChecksumError, DataFormatError, DatasetNotFoundError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "cifar100").is_dir(), reason="shared CIFAR-100 not present")
+def test_shared_cifar100():
+    ds = load_dataset(SHARED / "cifar100")
+    assert (len(ds.train), len(ds.test), ds.num_classes) == (50_000, 10_000, 100)
+    assert ds.image_size == (32, 32) and ds.num_channels == 3
+    assert ds.train.images.dtype == torch.uint8 and ds.train.labels.dtype == torch.int64
+    assert ds.train.images.shape == (50_000, 32, 32, 3)
+    assert int(ds.train.labels.max()) == 99 and ds.classes[0] == "apple"
+
+
+def _patch_md5(monkeypatch, name: str, data: bytes) -> None:
+    monkeypatch.setitem(SOURCES, name, dataclasses.replace(SOURCES[name], md5=md5(data)))
+
+
+def test_hand_placed_tar_archive_then_cache(monkeypatch, tmp_path):
+    members = cifar_members(hundred=False)
+    archive = make_tar(members, "cifar-10-batches-py")
+    _patch_md5(monkeypatch, "cifar10", archive)
+    write_file(tmp_path / "cifar-10-python.tar.gz", archive)
+    ds = load_dataset("cifar10", root=tmp_path, download=False)
+    assert (len(ds.train), len(ds.test), ds.num_classes) == (100, 20, 10)
+    # CIFAR rows are channel-major: pixel (h, w, c) is data[c*1024 + h*32 + w]
+    first = pickle.loads(members["data_batch_1"])
+    img = ds.train.images[0].numpy()
+    assert img[5, 7, 2] == first[b"data"][0, 2 * 1024 + 5 * 32 + 7]
+    assert ds.train.labels[:20].tolist() == first[b"labels"]
+    (tmp_path / "cifar-10-python.tar.gz").unlink()  # the array cache is enough from now on
+    again = load_dataset("CIFAR10", root=tmp_path, download=False)
+    assert np.array_equal(again.test.images.numpy(), ds.test.images.numpy())
+
+
+def test_hand_placed_zip_archive(monkeypatch, tmp_path):
+    archive = make_zip(cifar_members(hundred=True), "ciFAIR-100")
+    _patch_md5(monkeypatch, "cifair100", archive)
+    monkeypatch.setenv("VITLAB_DATA", str(tmp_path))  # root from the environment
+    write_file(tmp_path / "ciFAIR-100.zip", archive)
+    ds = load_dataset("cifair100", download=False)
+    assert (len(ds.train), len(ds.test), ds.num_classes, ds.name) == (100, 20, 100, "cifair100")
+
+
+def test_hand_extracted_folder(tmp_path):
+    for name, data in cifar_members(hundred=False).items():
+        write_file(tmp_path / "ciFAIR-10" / name, data)
+    ds = load_dataset("cifair10", root=tmp_path, download=False)
+    assert (len(ds.train), len(ds.test)) == (100, 20)
+    assert (tmp_path / "cifair10" / "classes.json").is_file()
+
+
+def test_hand_placed_archive_with_wrong_checksum(tmp_path):
+    write_file(
+        tmp_path / "cifar-100-python.tar.gz", make_tar(cifar_members(True), "cifar-100-python")
+    )
+    with pytest.raises(ChecksumError, match="replace it with the official"):
+        load_dataset("cifar100", root=tmp_path)
+    assert not (tmp_path / "cifar100").exists()
+
+
+def test_array_folder_grayscale(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        np.savez(
+            tmp_path / f"{split}.npz",
+            x=rng.integers(0, 256, (n, 8, 6), dtype=np.uint8),
+            y=rng.integers(0, 3, n).astype(np.int32),
+        )
+    (tmp_path / "classes.json").write_text(json.dumps(["a", "b", "c"]))
+    ds = load_dataset(tmp_path)
+    assert ds.train.images.shape == (12, 8, 6, 1) and ds.num_channels == 1
+    assert ds.image_size == (8, 6) and ds.test.labels.dtype == torch.int64
+    assert load_dataset(tmp_path, image_size=4).train.images.shape == (12, 4, 4, 1)
+
+
+def test_unknown_spec(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="neither a dataset name"):
+        load_dataset(tmp_path / "nowhere")
+
+
+def _png(path: Path, size=(10, 10), color=(10, 20, 30), mode="RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+
+
+def test_image_folder_decodes_and_caches(monkeypatch, tmp_path):
+    src = tmp_path / "imgs"
+    _png(src / "train" / "dog" / "a.png", color=(1, 2, 3))
+    _png(src / "train" / "dog" / "b.jpg")
+    _png(src / "train" / "cat" / "c.bmp", color=(200, 0, 0))
+    _png(src / "train" / "cat" / "gray.png", mode="L", color=7)
+    _png(src / "val" / "cat" / "d.webp")
+    (src / "train" / "dog" / "notes.txt").write_text("ignored")
+    root = tmp_path / "root"
+    ds = load_dataset(src, root=root)
+    assert ds.classes == ["cat", "dog"] and ds.name == str(src)
+    assert ds.train.images.shape == (4, 10, 10, 3) and ds.test.labels.tolist() == [0]
+    assert ds.train.labels.tolist() == [0, 0, 1, 1]
+    assert ds.train.images[0, 0, 0].tolist() == [200, 0, 0]
+    assert ds.train.images[1, 0, 0].tolist() == [7, 7, 7]  # grayscale becomes RGB
+    assert ds.train.images[2, 0, 0].tolist() == [1, 2, 3]
+
+    def no_decode(*a):
+        raise AssertionError("decoded again instead of using the cache")
+
+    monkeypatch.setattr(imagefolder_mod, "_decode", no_decode)
+    assert np.array_equal(
+        load_dataset(src, root=root).train.images.numpy(), ds.train.images.numpy()
+    )
+
+
+def test_image_folder_sizes(tmp_path):
+    src = tmp_path / "imgs"
+    _png(src / "train" / "a" / "1.png", size=(10, 10))
+    _png(src / "train" / "a" / "2.png", size=(12, 8))
+    _png(src / "test" / "a" / "3.png", size=(5, 5))
+    with pytest.raises(DataFormatError, match="pass image_size"):
+        load_dataset(src, root=tmp_path / "root")
+    ds = load_dataset(src, root=tmp_path / "root", image_size=6)
+    assert ds.train.images.shape == (2, 6, 6, 3) and ds.test.images.shape == (1, 6, 6, 3)
