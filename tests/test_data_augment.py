@@ -1,0 +1,177 @@
+"""SeedAugment against a per-sample NumPy reference of the tutorial's albumentations pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vitlab.data import CIFAR_MEAN, CIFAR_STD, SeedAugment
+from vitlab.data import numpy_reference as ref
+from vitlab.data.augment import (
+    CoarseDropout,
+    Compose,
+    HorizontalFlip,
+    Normalize,
+    RandomPadCrop,
+    ToCHW,
+    reflect101,
+)
+from vitlab.errors import ConfigError
+
+
+def _distinct(b: int, h: int, w: int, c: int) -> torch.Tensor:
+    """int32 images where every pixel value of every sample is different."""
+    return torch.arange(b * h * w * c, dtype=torch.int32).reshape(b, h, w, c)
+
+
+def _draws(b: int, h: int, w: int, seed: int, pad: int = 8, hole: int = 8) -> list[ref.Params]:
+    """Replay SeedAugment's documented draw order: crop y, crop x, flip, hole y, hole x."""
+    g = torch.Generator().manual_seed(seed)
+    cy = torch.randint(0, pad + 1, (b,), generator=g)
+    cx = torch.randint(0, pad + 1, (b,), generator=g)
+    flip = torch.rand(b, generator=g) < 0.5
+    hy = torch.randint(0, h - hole + 1, (b,), generator=g)
+    hx = torch.randint(0, w - hole + 1, (b,), generator=g)
+    return [
+        ref.Params(int(cy[i]), int(cx[i]), bool(flip[i]), int(hy[i]), int(hx[i])) for i in range(b)
+    ]
+
+
+def test_reflect101_matches_numpy_reflect():
+    n = 5
+    idx = torch.arange(-4, n + 4)
+    expected = np.pad(np.arange(n), 4, mode="reflect")  # NumPy's reflect == OpenCV's REFLECT_101
+    assert reflect101(idx, n).tolist() == expected.tolist()
+    assert reflect101(torch.arange(-2, 3), 1).tolist() == [0] * 5
+
+
+def test_normalize_matches_albumentations_float32():
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16, 1).expand(1, 16, 16, 3).contiguous()
+    out = Normalize(CIFAR_MEAN, CIFAR_STD)(x)
+    expected = ref.normalize(x[0].numpy(), CIFAR_MEAN, CIFAR_STD)
+    assert out.dtype == torch.float32
+    assert np.array_equal(out[0].numpy(), expected)  # same float32 arithmetic: bit-identical
+    plain = (x[0].numpy() / 255.0 - np.array(CIFAR_MEAN)) / np.array(CIFAR_STD)
+    assert np.abs(out[0].numpy() - plain).max() < 1e-6  # the textbook formula
+
+
+@pytest.mark.parametrize("shape", [(6, 32, 32, 3), (4, 9, 12, 2)])
+def test_pad_crop_matches_reference_on_distinct_pixels(shape):
+    x = _distinct(*shape)
+    out = RandomPadCrop(8)(x, torch.Generator().manual_seed(3))
+    for i, p in enumerate(_draws(shape[0], shape[1], shape[2], seed=3, hole=0)):
+        padded = ref.pad_reflect101(x[i].numpy(), 8)
+        assert np.array_equal(out[i].numpy(), ref.crop(padded, p.crop_y, p.crop_x, *shape[1:3]))
+
+
+def test_flip_matches_reference_on_distinct_pixels():
+    x = _distinct(64, 4, 5, 3)
+    g = torch.Generator().manual_seed(1)
+    out = HorizontalFlip(0.5)(x, g)
+    flips = torch.rand(64, generator=torch.Generator().manual_seed(1)) < 0.5
+    for i in range(64):
+        expected = ref.hflip(x[i].numpy()) if flips[i] else x[i].numpy()
+        assert np.array_equal(out[i].numpy(), expected)
+    assert 0 < int(flips.sum()) < 64
+
+
+def test_dropout_matches_reference():
+    x = torch.rand(8, 12, 10, 3, generator=torch.Generator().manual_seed(0)) + 1
+    out = CoarseDropout(8)(x, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    ys = torch.randint(0, 5, (8,), generator=g)
+    xs = torch.randint(0, 3, (8,), generator=g)
+    for i in range(8):
+        expected = ref.coarse_dropout(x[i].numpy(), int(ys[i]), int(xs[i]), 8)
+        assert np.array_equal(out[i].numpy(), expected)
+
+
+def test_seed_augment_matches_reference_on_distinct_uint8_pixels():
+    # 9x9x3 = 243 pixels, each a different uint8 value, so any misplaced pixel is caught
+    x = torch.arange(243, dtype=torch.uint8).reshape(1, 9, 9, 3).repeat(16, 1, 1, 1)
+    x = torch.stack([torch.roll(x[i], shifts=i, dims=1) for i in range(16)])
+    aug = SeedAugment(pad_to=40, crop=32, hole=4)
+    out = aug(x, train=True, generator=torch.Generator().manual_seed(7))
+    for i, p in enumerate(_draws(16, 9, 9, seed=7, hole=4)):
+        expected = ref.augment_one(x[i].numpy(), p, hole=4)
+        assert np.abs(out[i].numpy() - expected).max() <= 1e-6
+        assert np.array_equal(out[i].numpy(), expected)
+
+
+def test_seed_augment_matches_reference_cifar_shape():
+    x = torch.randint(
+        0, 256, (32, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    out = SeedAugment()(x, generator=torch.Generator().manual_seed(11))
+    assert out.shape == (32, 3, 32, 32) and out.dtype == torch.float32 and out.is_contiguous()
+    for i, p in enumerate(_draws(32, 32, 32, seed=11)):
+        assert np.abs(out[i].numpy() - ref.augment_one(x[i].numpy(), p)).max() <= 1e-6
+
+
+def test_eval_mode_only_normalizes_and_transposes():
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    out = SeedAugment()(x, train=False, generator=torch.Generator().manual_seed(0))
+    for i in range(4):
+        assert np.array_equal(out[i].numpy(), ref.augment_one(x[i].numpy(), None))
+
+
+def test_reproducible_from_generator():
+    x = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
+    aug = SeedAugment()
+    a = aug(x, generator=torch.Generator().manual_seed(1))
+    b = aug(x, generator=torch.Generator().manual_seed(1))
+    c = aug(x, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_distributions():
+    b, n = 18_000, 16
+    g = torch.Generator().manual_seed(0)
+    # Offsets: with pad 4 per side, output pixel (4, 4) is source pixel (oy, ox) exactly.
+    x = _distinct(1, n, n, 1).expand(b, n, n, 1).contiguous()
+    v = RandomPadCrop(8)(x, g)[:, 4, 4, 0]
+    for offsets in (v // n, v % n):
+        counts = torch.bincount(offsets, minlength=9)
+        assert len(counts) == 9 and torch.all((counts / b - 1 / 9).abs() < 0.01)
+    # Flip rate 0.5.
+    flipped = HorizontalFlip(0.5)(_distinct(1, 1, 2, 1).expand(b, 1, 2, 1), g)[:, 0, 0, 0] == 1
+    assert abs(flipped.float().mean().item() - 0.5) < 0.02
+    # Exactly one 8x8 hole per sample, fully inside, top-left uniform over {0..n-8}.
+    ones = torch.ones(b, n, n, 3)
+    holes = CoarseDropout(8)(ones, g) == 0
+    assert torch.all(holes.sum(dim=(1, 2, 3)) == 8 * 8 * 3)
+    rows = holes[..., 0].any(dim=2).float().argmax(dim=1)
+    cols = holes[..., 0].any(dim=1).float().argmax(dim=1)
+    assert torch.all(holes[..., 0].any(dim=2).sum(dim=1) == 8)
+    for starts in (rows, cols):
+        counts = torch.bincount(starts, minlength=n - 7)
+        assert len(counts) == n - 7 and torch.all((counts / b - 1 / (n - 7)).abs() < 0.012)
+
+
+def test_full_pipeline_hole_is_zero_in_normalized_space():
+    x = torch.full((64, 32, 32, 3), 255, dtype=torch.uint8)
+    out = SeedAugment()(x, generator=torch.Generator().manual_seed(0))
+    assert torch.all((out == 0).sum(dim=(1, 2, 3)) == 3 * 64)
+
+
+def test_ops_compose():
+    class AddOne:
+        train_only = True
+
+        def __call__(self, x, generator=None):
+            return x + 1
+
+    pipe = Compose([Normalize((0.5,), (0.25,)), AddOne(), ToCHW()])
+    x = torch.zeros(2, 4, 4, 1, dtype=torch.uint8)
+    assert torch.allclose(pipe(x, train=True), torch.full((2, 1, 4, 4), -1.0))
+    assert torch.allclose(pipe(x, train=False), torch.full((2, 1, 4, 4), -2.0))
+
+
+def test_bad_configuration():
+    with pytest.raises(ConfigError):
+        SeedAugment(pad_to=30, crop=32)
+    with pytest.raises(ConfigError, match="channels"):
+        SeedAugment()(torch.zeros(1, 32, 32, 2, dtype=torch.uint8), train=False)
+    with pytest.raises(ConfigError, match="larger"):
+        SeedAugment(hole=40)(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
