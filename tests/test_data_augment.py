@@ -48,7 +48,7 @@ def test_reflect101_matches_numpy_reflect():
 
 def test_normalize_matches_albumentations_float32():
     x = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16, 1).expand(1, 16, 16, 3).contiguous()
-    out = Normalize(CIFAR_MEAN, CIFAR_STD)(x)
+    out = Normalize(CIFAR_MEAN, CIFAR_STD)(ToCHW()(x)).permute(0, 2, 3, 1)
     expected = ref.normalize(x[0].numpy(), CIFAR_MEAN, CIFAR_STD)
     assert out.dtype == torch.float32
     assert np.array_equal(out[0].numpy(), expected)  # same float32 arithmetic: bit-identical
@@ -78,7 +78,7 @@ def test_flip_matches_reference_on_distinct_pixels():
 
 def test_dropout_matches_reference():
     x = torch.rand(8, 12, 10, 3, generator=torch.Generator().manual_seed(0)) + 1
-    out = CoarseDropout(8)(x, torch.Generator().manual_seed(5))
+    out = CoarseDropout(8)(ToCHW()(x), torch.Generator().manual_seed(5)).permute(0, 2, 3, 1)
     g = torch.Generator().manual_seed(5)
     ys = torch.randint(0, 5, (8,), generator=g)
     xs = torch.randint(0, 3, (8,), generator=g)
@@ -138,8 +138,8 @@ def test_distributions():
     flipped = HorizontalFlip(0.5)(_distinct(1, 1, 2, 1).expand(b, 1, 2, 1), g)[:, 0, 0, 0] == 1
     assert abs(flipped.float().mean().item() - 0.5) < 0.02
     # Exactly one 8x8 hole per sample, fully inside, top-left uniform over {0..n-8}.
-    ones = torch.ones(b, n, n, 3)
-    holes = CoarseDropout(8)(ones, g) == 0
+    ones = torch.ones(b, 3, n, n)
+    holes = (CoarseDropout(8)(ones, g) == 0).permute(0, 2, 3, 1)
     assert torch.all(holes.sum(dim=(1, 2, 3)) == 8 * 8 * 3)
     rows = holes[..., 0].any(dim=2).float().argmax(dim=1)
     cols = holes[..., 0].any(dim=1).float().argmax(dim=1)
@@ -162,7 +162,7 @@ def test_ops_compose():
         def __call__(self, x, generator=None):
             return x + 1
 
-    pipe = Compose([Normalize((0.5,), (0.25,)), AddOne(), ToCHW()])
+    pipe = Compose([ToCHW(), Normalize((0.5,), (0.25,)), AddOne()])
     x = torch.zeros(2, 4, 4, 1, dtype=torch.uint8)
     assert torch.allclose(pipe(x, train=True), torch.full((2, 1, 4, 4), -1.0))
     assert torch.allclose(pipe(x, train=False), torch.full((2, 1, 4, 4), -2.0))
@@ -175,3 +175,12 @@ def test_bad_configuration():
         SeedAugment()(torch.zeros(1, 32, 32, 2, dtype=torch.uint8), train=False)
     with pytest.raises(ConfigError, match="larger"):
         SeedAugment(hole=40)(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+
+
+def test_ops_do_not_modify_their_input():
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    before = x.clone()
+    SeedAugment()(x, generator=torch.Generator().manual_seed(0))
+    f = torch.ones(4, 3, 32, 32)
+    CoarseDropout(8)(f, torch.Generator().manual_seed(0))
+    assert torch.equal(x, before) and torch.all(f == 1)

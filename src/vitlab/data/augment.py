@@ -5,9 +5,13 @@ Normalize -> PadIfNeeded(40, reflect-101) -> RandomCrop(32) -> Sometimes(Horizon
 -> CoarseDropout(max_holes=1) -> ChannelTranspose. Here each op works on a whole batch
 [B,H,W,C] at once and draws its randomness from a ``torch.Generator``.
 
-Pad, crop and flip only move pixels, and Normalize acts on each pixel alone, so moving pixels
-before normalizing gives bit-identical results while gathering 1-byte instead of 4-byte values.
-The dropout hole is filled after normalizing, as in the tutorial (0 in normalized space).
+Pad, crop, flip and the HWC -> CHW transpose only move pixels, and Normalize acts on each pixel
+alone, so moving pixels first gives bit-identical results while moving 1-byte instead of 4-byte
+values (and normalizing channels-first is ~10x faster on CPU than broadcasting over a last axis
+of 3). The dropout hole is filled after normalizing, as in the tutorial (0 in normalized space).
+
+Layouts: the pixel-moving ops take [B,H,W,C]; ToCHW turns that into [B,C,H,W], the layout that
+Normalize and CoarseDropout (and the model) take.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def gather_pixels(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 
 @dataclass
 class Normalize:
-    """albumentations' Normalize: float32 (x - mean*255) * (1 / (std*255)), per channel."""
+    """albumentations' Normalize on [B,C,H,W]: float32 (x - mean*255) * (1 / (std*255))."""
 
     mean: Sequence[float] = CIFAR_MEAN
     std: Sequence[float] = CIFAR_STD
@@ -65,14 +69,14 @@ class Normalize:
         self._scale = np.reciprocal(np.asarray(self.std, dtype=np.float32) * np.float32(255))
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        if x.shape[-1] != len(self._mean) and len(self._mean) != 1:
+        if x.shape[1] != len(self._mean) and len(self._mean) != 1:
             raise ConfigError(
-                f"images have {x.shape[-1]} channels but mean/std have {len(self._mean)}; "
+                f"images have {x.shape[1]} channels but mean/std have {len(self._mean)}; "
                 "pass one mean and std per channel"
             )
-        mean = torch.from_numpy(self._mean).to(x.device)
-        scale = torch.from_numpy(self._scale).to(x.device)
-        return (x.float() - mean) * scale
+        mean = torch.from_numpy(self._mean).to(x.device)[:, None, None]
+        scale = torch.from_numpy(self._scale).to(x.device)[:, None, None]
+        return x.to(torch.float32, copy=True).sub_(mean).mul_(scale)
 
 
 @dataclass
@@ -110,7 +114,7 @@ class HorizontalFlip:
 
 @dataclass
 class CoarseDropout:
-    """One size x size hole per sample, fully inside the image, set to fill.
+    """One size x size hole per sample of [B,C,H,W], fully inside the image, set to fill.
 
     albumentations 1.4.1 CoarseDropout(max_holes=1): top-left y = randint(0, H - size) and
     x = randint(0, W - size), both inclusive.
@@ -118,20 +122,24 @@ class CoarseDropout:
 
     size: int = 8
     fill: float = 0.0
+    inplace: bool = False  # SeedAugment owns its normalized batch, so it skips the copy
     train_only = True
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        b, h, w, _ = x.shape
+        b, _, h, w = x.shape
         if self.size > min(h, w):
             raise ConfigError(f"dropout hole {self.size} is larger than the {h}x{w} images")
         y0 = _randint(h - self.size + 1, b, x, generator)
         x0 = _randint(w - self.size + 1, b, x, generator)
-        ys = torch.arange(h, device=x.device) - y0[:, None]
-        xs = torch.arange(w, device=x.device) - x0[:, None]
-        in_y = (ys >= 0) & (ys < self.size)
-        in_x = (xs >= 0) & (xs < self.size)
-        hole = in_y[:, :, None, None] & in_x[:, None, :, None]
-        return x.masked_fill(hole, self.fill)
+        # Write only the hole's pixels (B*C*size^2 of them) instead of masking the whole batch.
+        c, d = x.shape[1], torch.arange(self.size, device=x.device)
+        plane = torch.arange(b * c, device=x.device).view(b, c, 1, 1) * (h * w)
+        rows = (y0[:, None] + d)[:, None, :, None] * w
+        cols = (x0[:, None] + d)[:, None, None, :]
+        inplace = self.inplace and x.is_contiguous()
+        out = x if inplace else x.clone(memory_format=torch.contiguous_format)
+        out.view(-1)[(plane + rows + cols).reshape(-1)] = self.fill
+        return out
 
 
 @dataclass
@@ -186,9 +194,9 @@ class SeedAugment(Compose):
             [
                 RandomPadCrop(pad_to - crop),
                 HorizontalFlip(flip_p),
-                Normalize(mean, std),
-                CoarseDropout(hole),
                 ToCHW(),
+                Normalize(mean, std),
+                CoarseDropout(hole, inplace=True),
             ]
         )
 
