@@ -1,0 +1,316 @@
+"""The Vision Transformer of the tutorial, batch-first, on `scaled_dot_product_attention`.
+
+Architecture (An Image is Worth 16x16 Words, Dosovitskiy et al. 2020, as the tutorial builds it):
+conv patch embedding without bias -> prepend a trainable CLS token -> add a trainable position
+embedding -> dropout -> encoder blocks -> LayerNorm(eps 1e-6) of the CLS output -> linear head.
+
+One `EncoderBlock` serves both orderings: post-norm (`norm_first=False`, what the tutorial's
+`nn.TransformerEncoderLayer` does) and pre-norm (`norm_first=True`, the ViT paper's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.dropout import Dropout, dropout
+from vitlab.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "PRESETS",
+    "EncoderBlock",
+    "PatchEmbedding",
+    "ViT",
+    "ViTConfig",
+    "ViTEncoder",
+    "load_tutorial_state_dict",
+    "preset",
+]
+
+
+@dataclass
+class ViTConfig:
+    """Shape and regularisation of a ViT. Defaults are the tutorial's `ViTModel` defaults."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    dropout: float = 0.1
+    num_classes: int = 1000
+    norm_first: bool = False  # False: post-norm, as nn.TransformerEncoderLayer's default
+    encoder_norm_eps: float = 1e-5  # PyTorch's LayerNorm default, used inside the blocks
+    final_norm_eps: float = 1e-6  # the tutorial's LayerNorm on the CLS output
+
+    def __post_init__(self) -> None:
+        positive = ("image_size", "patch_size", "num_channels", "width", "depth", "num_heads",
+                    "mlp_dim", "num_classes")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image size {self.image_size} must be a multiple of patch size {self.patch_size}"
+            )
+        if self.width % self.num_heads:
+            raise ConfigError(f"width {self.width} must be divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ViTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown ViTConfig fields: {', '.join(unknown)}")
+        return cls(**values)
+
+
+# Named architectures. The tutorial's mini ViT is "seed-mini"; ViT-Ti/S/B follow the ViT and DeiT
+# papers (patch 16 at 224 px, pre-norm as in the paper, MLP ratio 4).
+PRESETS: dict[str, dict] = {
+    "seed-mini": dict(image_size=32, patch_size=4, width=256, depth=6, num_heads=8, mlp_dim=512,
+                      dropout=0.1, norm_first=False),
+    "seed-mini-prenorm": dict(image_size=32, patch_size=4, width=256, depth=6, num_heads=8,
+                              mlp_dim=512, dropout=0.1, norm_first=True),
+    "vit-base-16": dict(image_size=224, patch_size=16, width=768, depth=12, num_heads=12,
+                        mlp_dim=3072, dropout=0.1, norm_first=False),
+    "vit-tiny-16": dict(image_size=224, patch_size=16, width=192, depth=12, num_heads=3,
+                        mlp_dim=768, dropout=0.0, norm_first=True),
+    "vit-small-16": dict(image_size=224, patch_size=16, width=384, depth=12, num_heads=6,
+                         mlp_dim=1536, dropout=0.0, norm_first=True),
+    # A few-minutes-on-a-CPU model for smoke runs and tests; not for accuracy.
+    "micro": dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128,
+                  dropout=0.1, norm_first=False),
+}
+
+
+def preset(name: str, num_classes: int, **overrides) -> ViTConfig:
+    """The `ViTConfig` of a named architecture with a head of `num_classes` outputs."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return ViTConfig(**{**PRESETS[name], "num_classes": num_classes, **overrides})
+
+
+class PatchEmbedding(nn.Module):
+    """Image -> [B, 1 + num_patches, width] tokens: conv patches, CLS token, positions, dropout."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.image_size = config.image_size
+        self.num_channels = config.num_channels
+        self.proj = nn.Conv2d(config.num_channels, config.width, kernel_size=config.patch_size,
+                              stride=config.patch_size, bias=False)
+        # Zero-initialised and trainable, as in the tutorial.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
+        self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.width))
+        self.dropout = Dropout(config.dropout)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        expected = (self.num_channels, self.image_size, self.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ConfigError(
+                f"the model expects images of shape [B, {expected[0]}, {expected[1]}, "
+                f"{expected[2]}], got {list(images.shape)}"
+            )
+        x = self.proj(images).flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, width]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.dropout(x + self.position_embedding)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection, batch-first."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.attn_dropout = dropout
+        self.scale = (width // num_heads) ** -0.5
+
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """Attend from the first `queries` tokens (all when None) to every token of `x`."""
+        batch, tokens, width = x.shape
+        if queries is None:
+            # [B, T, 3, H, D] -> three [B, H, T, D] views; SDPA accepts the strided layout.
+            q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            queries = tokens
+        else:
+            # Only keys and values for the whole sequence; queries for the first tokens alone.
+            q_weight, kv_weight = self.qkv.weight.split([width, 2 * width])
+            q_bias, kv_bias = self.qkv.bias.split([width, 2 * width])
+            q = F.linear(x[:, :queries], q_weight, q_bias)
+            q = q.view(batch, queries, self.num_heads, -1).transpose(1, 2)
+            k, v = F.linear(x, kv_weight, kv_bias).view(
+                batch, tokens, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if self.training and self.attn_dropout > 0 and x.device.type == "cpu":
+            # SDPA's CPU kernels have no dropout: it would fall back to the same math as here,
+            # with PyTorch's slower mask.
+            scores = (q * self.scale) @ k.transpose(-2, -1)
+            weights = dropout(scores.softmax(dim=-1), self.attn_dropout, True)
+            out = weights @ v
+        else:
+            dropout_p = self.attn_dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return self.proj(out.transpose(1, 2).reshape(batch, queries, width))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
+
+
+class EncoderBlock(nn.Module):
+    """Attention + MLP with residuals; LayerNorm after (post-norm) or before (pre-norm) each.
+
+    Dropout sits where `nn.TransformerEncoderLayer` puts it: on the attention weights, after
+    the attention output, between the MLP layers, and after the MLP output.
+    """
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.norm_first = config.norm_first
+        self.norm1 = nn.LayerNorm(config.width, eps=config.encoder_norm_eps)
+        self.attn = Attention(config.width, config.num_heads, config.dropout)
+        self.dropout1 = Dropout(config.dropout)
+        self.norm2 = nn.LayerNorm(config.width, eps=config.encoder_norm_eps)
+        self.mlp = MLP(config.width, config.mlp_dim, config.dropout)
+        self.dropout2 = Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """[B, T, width] -> [B, T, width], or [B, 1, width] for the CLS token alone.
+
+        `cls_only` is exact for the CLS output: that token attends to all tokens, and nothing
+        after the attention mixes tokens, so the other tokens' outputs need not be computed.
+        """
+        queries = 1 if cls_only else None
+        if self.norm_first:
+            normed = self.norm1(x)
+            x = x[:, :1] if cls_only else x
+            x = x + self.dropout1(self.attn(normed, queries))
+            return x + self.dropout2(self.mlp(self.norm2(x)))
+        residual = x[:, :1] if cls_only else x
+        x = self.norm1(residual + self.dropout1(self.attn(x, queries)))
+        return self.norm2(x + self.dropout2(self.mlp(x)))
+
+
+class ViTEncoder(nn.Module):
+    """Everything but the head: the part fine-tuning copies from a pre-trained model."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.embedding = PatchEmbedding(config)
+        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(config.width, eps=config.final_norm_eps)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The final-normed CLS features [B, width], what the head classifies."""
+        x = self.embedding(images)
+        *body, last = self.blocks
+        for block in body:
+            x = block(x)
+        # Only the CLS token's output is used: the last block computes it alone (~1/8 less work).
+        return self.norm(last(x, cls_only=True)[:, 0])
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Every token's output of the last block [B, 1 + num_patches, width], before the norm."""
+        x = self.embedding(images)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class ViT(nn.Module):
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = ViTEncoder(config)
+        self.head = nn.Linear(config.width, config.num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(images))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _tutorial_key_map(depth: int) -> dict[str, str]:
+    """vitlab parameter name -> the name the tutorial's `ViTModel` gives the same tensor."""
+    mapping = {
+        "encoder.embedding.proj.weight": "vit_encoder.embedding.patch_embedding.weight",
+        "encoder.embedding.cls_token": "vit_encoder.embedding.cls_token",
+        "encoder.embedding.position_embedding": "vit_encoder.embedding.position_embedding",
+        "encoder.norm.weight": "vit_encoder.layernorm.weight",
+        "encoder.norm.bias": "vit_encoder.layernorm.bias",
+        "head.weight": "linear_classifier.weight",
+        "head.bias": "linear_classifier.bias",
+    }
+    per_block = {
+        "attn.qkv.weight": "self_attn.in_proj_weight",
+        "attn.qkv.bias": "self_attn.in_proj_bias",
+        "attn.proj.weight": "self_attn.out_proj.weight",
+        "attn.proj.bias": "self_attn.out_proj.bias",
+        "mlp.fc1.weight": "linear1.weight",
+        "mlp.fc1.bias": "linear1.bias",
+        "mlp.fc2.weight": "linear2.weight",
+        "mlp.fc2.bias": "linear2.bias",
+        "norm1.weight": "norm1.weight",
+        "norm1.bias": "norm1.bias",
+        "norm2.weight": "norm2.weight",
+        "norm2.bias": "norm2.bias",
+    }
+    for i in range(depth):
+        for ours, theirs in per_block.items():
+            mapping[f"encoder.blocks.{i}.{ours}"] = f"vit_encoder.encoder.layers.{i}.{theirs}"
+    return mapping
+
+
+def load_tutorial_state_dict(model: ViT, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load weights saved from the tutorial's `ViTModel` into a vitlab `ViT` of the same shape.
+
+    The tutorial's fused `in_proj` holds Q, K and V stacked in that order, as does `attn.qkv`,
+    so every tensor maps one to one. A missing, extra or mis-shaped key raises `CheckpointError`.
+    """
+    mapping = _tutorial_key_map(model.config.depth)
+    ours = model.state_dict()
+    expected = set(mapping.values())
+    missing = sorted(expected - set(state_dict))
+    if missing:
+        raise CheckpointError(f"tutorial state dict is missing key {missing[0]!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(set(state_dict) - expected)
+    if extra:
+        raise CheckpointError(f"tutorial state dict has unexpected key {extra[0]!r}"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    converted = {}
+    for our_key, their_key in mapping.items():
+        tensor = state_dict[their_key]
+        if tuple(tensor.shape) != tuple(ours[our_key].shape):
+            raise CheckpointError(
+                f"tutorial key {their_key!r} has shape {list(tensor.shape)}, the model expects "
+                f"{list(ours[our_key].shape)} for {our_key!r}"
+            )
+        converted[our_key] = tensor
+    model.load_state_dict(converted, strict=True)

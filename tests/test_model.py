@@ -1,0 +1,198 @@
+"""The ViT matches the tutorial's ViTModel: parameter counts, outputs, gradients, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tutorial_reference import seed_mini_reference
+from vitlab.errors import CheckpointError, ConfigError
+from vitlab.model import (
+    PRESETS,
+    ViT,
+    ViTConfig,
+    _tutorial_key_map,
+    load_tutorial_state_dict,
+    preset,
+)
+
+
+def _randomised_pair(num_classes: int, drop: float = 0.1) -> tuple[torch.nn.Module, ViT]:
+    """The tutorial's model with random (non-zero) weights, and vitlab's loaded from it."""
+    torch.manual_seed(0)
+    reference = seed_mini_reference(num_classes, drop=drop)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0.0, 0.05)  # the CLS token and positions start at zero: give them values
+    model = ViT(preset("seed-mini", num_classes, dropout=drop))
+    load_tutorial_state_dict(model, reference.state_dict())
+    return reference, model
+
+
+@pytest.mark.parametrize(("num_classes", "expected"), [(100, 3_218_020), (10, 3_194_890)])
+def test_seed_mini_parameter_count(num_classes, expected):
+    model = ViT(preset("seed-mini", num_classes))
+    assert model.num_parameters() == expected
+    assert sum(p.numel() for p in seed_mini_reference(num_classes).parameters()) == expected
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 17])
+def test_eval_outputs_match_tutorial(batch_size):
+    reference, model = _randomised_pair(100)
+    reference.eval()
+    model.eval()
+    images = torch.randn(batch_size, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(images)
+        got = model(images)
+    assert got.shape == (batch_size, 100)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_training_gradients_match_tutorial_without_dropout():
+    reference, model = _randomised_pair(10, drop=0.0)
+    reference.train()
+    model.train()
+    images = torch.randn(8, 3, 32, 32)
+    labels = torch.randint(0, 10, (8,))
+    F.cross_entropy(reference(images), labels).backward()
+    F.cross_entropy(model(images), labels).backward()
+    reference_grads = {k: p.grad for k, p in reference.named_parameters()}
+    ours = dict(model.named_parameters())
+    for our_key, their_key in _tutorial_key_map(model.config.depth).items():
+        torch.testing.assert_close(ours[our_key].grad, reference_grads[their_key],
+                                   atol=1e-5, rtol=1e-4, msg=our_key)
+
+
+def test_training_mode_dropout_is_active_and_seeded():
+    _, model = _randomised_pair(10)
+    model.train()
+    images = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(1)
+    first = model(images)
+    torch.manual_seed(1)
+    again = model(images)
+    other = model(images)
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    assert not torch.allclose(first, other)
+
+
+def test_state_dict_loads_back_into_tutorial_model():
+    # The mapping is a bijection: the reverse direction gives the same model.
+    reference, model = _randomised_pair(10)
+    mapping = _tutorial_key_map(model.config.depth)
+    back = {mapping[k]: v for k, v in model.state_dict().items()}
+    fresh = seed_mini_reference(10)
+    fresh.load_state_dict(back)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_tutorial_state_dict_errors_name_the_key():
+    reference, model = _randomised_pair(10)
+    state = reference.state_dict()
+    missing = dict(state)
+    del missing["vit_encoder.encoder.layers.3.linear1.bias"]
+    with pytest.raises(CheckpointError, match=r"layers\.3\.linear1\.bias"):
+        load_tutorial_state_dict(model, missing)
+    extra = {**state, "vit_encoder.extra.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"vit_encoder\.extra\.weight"):
+        load_tutorial_state_dict(model, extra)
+    misshaped = {**state, "linear_classifier.weight": torch.zeros(100, 256)}
+    with pytest.raises(CheckpointError, match=r"linear_classifier\.weight.*\[100, 256\]"):
+        load_tutorial_state_dict(model, misshaped)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_and_runs(name):
+    config = preset(name, num_classes=7)
+    model = ViT(config).eval()
+    images = torch.randn(2, config.num_channels, config.image_size, config.image_size)
+    with torch.no_grad():
+        logits = model(images)
+    assert logits.shape == (2, 7)
+    assert torch.isfinite(logits).all()
+
+
+def test_presets_have_the_documented_shapes():
+    mini = preset("seed-mini", 100)
+    assert (mini.image_size, mini.patch_size, mini.depth, mini.width, mini.num_heads,
+            mini.mlp_dim, mini.dropout, mini.norm_first) == (32, 4, 6, 256, 8, 512, 0.1, False)
+    assert (mini.encoder_norm_eps, mini.final_norm_eps) == (1e-5, 1e-6)
+    assert preset("seed-mini-prenorm", 100).norm_first is True
+    base = preset("vit-base-16", 1000)
+    assert (base.image_size, base.patch_size, base.depth, base.width, base.num_heads,
+            base.mlp_dim) == (224, 16, 12, 768, 12, 3072)
+    assert (preset("vit-tiny-16", 10).width, preset("vit-small-16", 10).width) == (192, 384)
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="seed-mini.*vit-base-16"):
+        preset("vit-huge-99", 10)
+
+
+def test_encoder_and_head_are_separate_submodules():
+    model = ViT(preset("seed-mini", 10))
+    encoder_keys = set(model.encoder.state_dict())
+    assert {"embedding.proj.weight", "embedding.cls_token", "embedding.position_embedding",
+            "norm.weight"} <= encoder_keys
+    assert set(model.head.state_dict()) == {"weight", "bias"}
+    assert torch.count_nonzero(model.encoder.embedding.cls_token) == 0
+    assert torch.count_nonzero(model.encoder.embedding.position_embedding) == 0
+    assert model.encoder.embedding.proj.bias is None
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (2, 1, 32, 32), (3, 32, 32), (2, 32, 32, 3)])
+def test_wrong_input_size_raises_clear_error(shape):
+    model = ViT(preset("seed-mini", 10))
+    with pytest.raises(ConfigError, match=r"expects images of shape \[B, 3, 32, 32\]"):
+        model(torch.randn(*shape))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"image_size": 30}, "multiple of patch size"), ({"num_heads": 7}, "divisible"),
+     ({"depth": 0}, "positive integer"), ({"dropout": 1.0}, "dropout")],
+)
+def test_invalid_config_raises(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        ViTConfig(**{**PRESETS["seed-mini"], "num_classes": 10, **overrides})
+
+
+def test_config_round_trips_through_dict():
+    config = preset("seed-mini-prenorm", 10)
+    assert ViTConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="unknown ViTConfig fields: colour"):
+        ViTConfig.from_dict({**config.to_dict(), "colour": "red"})
+
+
+@pytest.mark.parametrize("name", ["seed-mini", "seed-mini-prenorm"])
+def test_cls_only_last_block_equals_the_full_computation(name):
+    torch.manual_seed(0)
+    model = ViT(preset(name, 10)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+        images = torch.randn(5, 3, 32, 32)
+        full = model.encoder.norm(model.encoder.forward_tokens(images)[:, 0])
+        torch.testing.assert_close(model.encoder(images), full, atol=1e-5, rtol=0)
+
+
+def test_prenorm_matches_torch_prenorm_encoder_layer():
+    # The same mapping holds for nn.TransformerEncoderLayer(norm_first=True).
+    torch.manual_seed(0)
+    reference = seed_mini_reference(10)
+    for i, layer in enumerate(reference.vit_encoder.encoder.layers):
+        fresh = torch.nn.TransformerEncoderLayer(256, 8, 512, dropout=0.1, activation="gelu",
+                                                 norm_first=True)
+        reference.vit_encoder.encoder.layers[i] = fresh
+        del layer
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0.0, 0.05)
+    model = ViT(preset("seed-mini-prenorm", 10))
+    load_tutorial_state_dict(model, reference.state_dict())
+    reference.eval()
+    model.eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images), atol=1e-5, rtol=0)
