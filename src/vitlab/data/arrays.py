@@ -7,8 +7,6 @@ An array folder holds ``train.npz`` and ``test.npz`` (``x`` uint8 [N,H,W,C] or [
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import numpy as np
 import torch
 
 from vitlab.errors import DataFormatError
+from vitlab.io import atomic_write
 
 SPLITS = ("train", "test")
 
@@ -147,18 +146,6 @@ def read_array_folder(path: Path, name: str | None = None) -> Dataset:
     return Dataset(name=name or str(path), train=splits["train"], test=splits["test"])
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder and rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_array_folder(
     path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]
 ) -> None:
@@ -167,6 +154,6 @@ def write_array_folder(
     (path / "classes.json").unlink(missing_ok=True)  # marks the folder incomplete while rewriting
     for s in SPLITS:
         x, y = splits[s]
-        _atomic_write(path / f"{s}.npz", lambda f, x=x, y=y: np.savez(f, x=x, y=y))
+        atomic_write(path / f"{s}.npz", lambda f, x=x, y=y: np.savez(f, x=x, y=y))
     data = json.dumps(classes, indent=0).encode("utf-8")
-    _atomic_write(path / "classes.json", lambda f: f.write(data))
+    atomic_write(path / "classes.json", lambda f: f.write(data))

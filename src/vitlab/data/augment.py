@@ -12,6 +12,11 @@ of 3). The dropout hole is filled after normalizing, as in the tutorial (0 in no
 
 Layouts: the pixel-moving ops take [B,H,W,C]; ToCHW turns that into [B,C,H,W], the layout that
 Normalize and CoarseDropout (and the model) take.
+
+SeedAugment runs RandomPadCropFlip, the fused form of RandomPadCrop then HorizontalFlip (same
+draws, same result bit for bit): one row copy plus one gather whose column index folds in the
+reflect padding, the crop offset, the flip and the HWC -> CHW transpose, so the ToCHW after it
+has nothing left to do.
 """
 
 from __future__ import annotations
@@ -43,6 +48,14 @@ def _randint(high: int, b: int, x: Tensor, g: torch.Generator | None) -> Tensor:
     return torch.randint(0, high, (b,), generator=g, device=x.device)
 
 
+def _cached(cache: dict, key: tuple, make) -> Tensor:
+    """cache[key], made by make() on first use (small constant index/scale tensors per device)."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+    return value
+
+
 def gather_pixels(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """out[b,i,j] = x[b, rows[b,i], cols[b,j]] for x [B,H,W,C], rows [B,h], cols [B,w]."""
     b, h, w, c = x.shape
@@ -67,6 +80,7 @@ class Normalize:
         # Same float32 arithmetic as albumentations, so results match it bit for bit.
         self._mean = np.asarray(self.mean, dtype=np.float32) * np.float32(255)
         self._scale = np.reciprocal(np.asarray(self.std, dtype=np.float32) * np.float32(255))
+        self._consts: dict = {}
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if x.shape[1] != len(self._mean) and len(self._mean) != 1:
@@ -74,9 +88,15 @@ class Normalize:
                 f"images have {x.shape[1]} channels but mean/std have {len(self._mean)}; "
                 "pass one mean and std per channel"
             )
-        mean = torch.from_numpy(self._mean).to(x.device)[:, None, None]
-        scale = torch.from_numpy(self._scale).to(x.device)[:, None, None]
+        mean, scale = _cached(self._consts, (x.device,), lambda: self._constants(x.device))
+        # One float32 copy (a new tensor: the input is left alone), then in place: the same
+        # float32 arithmetic as albumentations, and only one batch-sized allocation.
         return x.to(torch.float32, copy=True).sub_(mean).mul_(scale)
+
+    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        mean = torch.from_numpy(self._mean).to(device)[:, None, None]
+        scale = torch.from_numpy(self._scale).to(device)[:, None, None]
+        return mean, scale
 
 
 @dataclass
@@ -113,6 +133,47 @@ class HorizontalFlip:
 
 
 @dataclass
+class RandomPadCropFlip:
+    """RandomPadCrop(pad) then HorizontalFlip(p) in one pass, with the same draws and result.
+
+    Takes [B,H,W,C] and returns [B,H,W,C] values, laid out in memory as a contiguous [B,C,H,W]
+    (``out.permute(0, 3, 1, 2)`` is contiguous, so a following ToCHW copies nothing). One row copy
+    picks each sample's reflected source rows; one gather then picks, per sample, the columns
+    (reflect-101 padded, cropped, reversed when flipped) and the channel of every output value.
+    """
+
+    pad: int = 8
+    p: float = 0.5
+    train_only = True
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        b, h, w, c = x.shape
+        oy = _randint(self.pad + 1, b, x, generator)  # the draws of RandomPadCrop ...
+        ox = _randint(self.pad + 1, b, x, generator)
+        flip = torch.rand(b, generator=generator, device=x.device) < self.p  # ... HorizontalFlip
+        row_table, col_table = _cached(
+            self._tables, (h, w, c, x.device), lambda: self._make_tables(h, w, c, x.device)
+        )
+        rows = row_table.index_select(0, oy) + torch.arange(0, b * h, h, device=x.device)[:, None]
+        y = x.reshape(b * h, w * c).index_select(0, rows.view(-1)).view(b, 1, h, w * c)
+        cols = col_table.index_select(0, ox + flip * (self.pad + 1))  # values: col * C + channel
+        cols = cols.view(b, c, 1, w)
+        out = torch.gather(y.expand(b, c, h, w * c), 3, cols.expand(b, c, h, w))
+        return out.permute(0, 2, 3, 1)
+
+    def _make_tables(self, h: int, w: int, c: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Source rows per crop offset [pad+1, h]; col*C+channel per (offset, flip) [2(pad+1),C,w]."""
+        offsets = torch.arange(self.pad + 1, device=device)[:, None]
+        top = self.pad // 2
+        rows = reflect101(offsets + torch.arange(h, device=device) - top, h)
+        cols = reflect101(offsets + torch.arange(w, device=device) - top, w)
+        cols = torch.cat([cols, cols.flip(1)])  # flipped crops read their columns right to left
+        chan = torch.arange(c, device=device)[None, :, None]
+        return rows, (cols[:, None, :] * c + chan).contiguous()
+
+
+@dataclass
 class CoarseDropout:
     """One size x size hole per sample of [B,C,H,W], fully inside the image, set to fill.
 
@@ -124,6 +185,7 @@ class CoarseDropout:
     fill: float = 0.0
     inplace: bool = False  # SeedAugment owns its normalized batch, so it skips the copy
     train_only = True
+    _arange: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         b, _, h, w = x.shape
@@ -131,14 +193,24 @@ class CoarseDropout:
             raise ConfigError(f"dropout hole {self.size} is larger than the {h}x{w} images")
         y0 = _randint(h - self.size + 1, b, x, generator)
         x0 = _randint(w - self.size + 1, b, x, generator)
-        # Write only the hole's pixels (B*C*size^2 of them) instead of masking the whole batch.
-        c, d = x.shape[1], torch.arange(self.size, device=x.device)
-        plane = torch.arange(b * c, device=x.device).view(b, c, 1, 1) * (h * w)
-        rows = (y0[:, None] + d)[:, None, :, None] * w
-        cols = (x0[:, None] + d)[:, None, None, :]
         inplace = self.inplace and x.is_contiguous()
         out = x if inplace else x.clone(memory_format=torch.contiguous_format)
-        out.view(-1)[(plane + rows + cols).reshape(-1)] = self.fill
+        if self.size == 0:
+            return out
+        # The hole is size rows of size contiguous values per (sample, channel): fill those
+        # B*C*size runs, each a row of a [n - size + 1, size] view with stride (1, 1).
+        c = x.shape[1]
+        d = _cached(
+            self._arange, (self.size, x.device), lambda: torch.arange(self.size, device=x.device)
+        )
+        plane = torch.arange(b * c, device=x.device).view(b, c, 1) * (h * w)
+        starts = plane + ((y0[:, None] + d) * w + x0[:, None])[:, None, :]
+        flat = out.view(-1)
+        runs = flat.as_strided((flat.numel() - self.size + 1, self.size), (1, 1))
+        try:
+            runs.index_fill_(0, starts.view(-1), self.fill)
+        except RuntimeError:  # a torch that refuses the overlapping view: fill pixel by pixel
+            flat.index_fill_(0, (starts[..., None] + d).view(-1), self.fill)
         return out
 
 
@@ -192,8 +264,7 @@ class SeedAugment(Compose):
             raise ConfigError(f"pad_to ({pad_to}) must be at least crop ({crop})")
         super().__init__(
             [
-                RandomPadCrop(pad_to - crop),
-                HorizontalFlip(flip_p),
+                RandomPadCropFlip(pad_to - crop, flip_p),
                 ToCHW(),
                 Normalize(mean, std),
                 CoarseDropout(hole, inplace=True),

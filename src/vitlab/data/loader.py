@@ -107,18 +107,20 @@ class BatchLoader:
         order = None
         if self.shuffle:
             order = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-        current, indices = -1, None
+        # One generator, reseeded per step: the same stream as a fresh one, without the allocation.
+        gen = torch.Generator(self.device) if self.augment is not None else None
+        current, batches = -1, ()
         for step in range(start_step, len(self)):
             pass_no, b = divmod(step, self._batches_per_pass)
             while current < pass_no:  # skipped passes still draw their permutation
-                indices = self._pass_indices(order)
+                batches = self._pass_indices(order).split(self.batch_size)
                 current += 1
-            assert indices is not None
-            idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
+            idx = batches[b]
             images = self.images.index_select(0, idx)
-            if self.augment is None:
+            if gen is None:
                 inputs = images.permute(0, 3, 1, 2).float().div_(255)
             else:
-                gen = torch.Generator(self.device).manual_seed(mix_seed(self.seed, epoch, step))
-                inputs = self.augment(images, self.train, gen)
+                inputs = self.augment(
+                    images, self.train, gen.manual_seed(mix_seed(self.seed, epoch, step))
+                )
             yield inputs, self.labels.index_select(0, idx)

@@ -1,0 +1,111 @@
+"""The run directory: what a training run leaves on disk, written atomically, read back safely.
+
+    config.json        model config, recipe, data spec, seed, versions (readable without vitlab)
+    model.safetensors  the last weights          best.safetensors  the best eval accuracy's
+    trainer_state.pt   everything to resume: weights, optimizer, progress, RNG states
+                       (plain tensors and numbers: loads with torch.load(weights_only=True))
+    metrics.jsonl      one JSON object per log event     log.txt   the console lines
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from vitlab.errors import CheckpointError
+from vitlab.io import atomic_write, atomic_write_bytes, atomic_write_json
+
+RUN_FORMAT = "vitlab-run/1"
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+BEST_WEIGHTS = "best.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+METRICS = "metrics.jsonl"
+LOG = "log.txt"
+CURVES = "curves.png"
+
+
+def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata=metadata))
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no weight file at {path}")
+    try:
+        return load_safetensors_bytes(path.read_bytes())
+    except (SafetensorError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def save_trainer_state(path: str | os.PathLike, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_trainer_state(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no {TRAINER_STATE} in {path.parent}: nothing to resume there")
+    try:
+        # weights_only: a checkpoint is data, never code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a torn or foreign file
+        raise CheckpointError(f"{path} is not a readable vitlab trainer state ({e})") from None
+
+
+def write_run_config(run_dir: str | os.PathLike, config: dict) -> None:
+    atomic_write_json(Path(run_dir) / CONFIG, {"format": RUN_FORMAT, **config})
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """The config.json of a vitlab run directory; a clear error for anything else."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is not a directory; point at a vitlab run directory")
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a vitlab run directory (no {CONFIG})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{run_dir} was not written by vitlab ({CONFIG} has no "
+                              f"'format': '{RUN_FORMAT}')")
+    return config
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break  # a line torn by a kill: everything after it is lost anyway
+    return records
+
+
+def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
+    """Keep the events up to `last_step` (those a resumed run does not repeat)."""
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
