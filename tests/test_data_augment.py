@@ -14,6 +14,7 @@ from vitlab.data.augment import (
     HorizontalFlip,
     Normalize,
     RandomPadCrop,
+    RandomPadCropFlip,
     ToCHW,
     reflect101,
 )
@@ -184,3 +185,99 @@ def test_ops_do_not_modify_their_input():
     f = torch.ones(4, 3, 32, 32)
     CoarseDropout(8)(f, torch.Generator().manual_seed(0))
     assert torch.equal(x, before) and torch.all(f == 1)
+
+
+def _composed(pad: int, p: float) -> Compose:
+    return Compose([RandomPadCrop(pad), HorizontalFlip(p)])
+
+
+@pytest.mark.parametrize(
+    ("shape", "pad", "p"),
+    [
+        ((16, 32, 32, 3), 8, 0.5),
+        ((16, 9, 12, 2), 8, 0.5),
+        ((8, 5, 7, 1), 3, 0.5),
+        ((8, 6, 6, 3), 0, 0.5),
+        ((8, 6, 6, 3), 4, 0.0),
+        ((8, 6, 6, 3), 4, 1.0),
+    ],
+)
+def test_fused_pad_crop_flip_equals_composition_bitwise(shape, pad, p):
+    x = _distinct(*shape)
+    for seed in range(3):
+        g_fused, g_ops = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        fused = RandomPadCropFlip(pad, p)(x, g_fused)
+        expected = _composed(pad, p)(x, generator=g_ops)
+        assert fused.shape == expected.shape and fused.dtype == expected.dtype
+        assert torch.equal(fused, expected)
+        assert fused.permute(0, 3, 1, 2).is_contiguous()  # channels-first memory: ToCHW is free
+        # same draws consumed, so whatever follows (the dropout) sees the same stream
+        assert torch.equal(torch.rand(4, generator=g_fused), torch.rand(4, generator=g_ops))
+
+
+def test_fused_pad_crop_flip_uint8_and_non_contiguous_input():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, generator=g)
+    x_nc = x.permute(0, 2, 1, 3)  # a non-contiguous [B,H,W,C]
+    for img in (x, x_nc):
+        fused = RandomPadCropFlip()(img, torch.Generator().manual_seed(4))
+        expected = _composed(8, 0.5)(img, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(fused, expected)
+    assert torch.equal(x_nc, x.permute(0, 2, 1, 3))  # input untouched
+
+
+def test_seed_augment_uses_fused_op_and_equals_separate_ops_bitwise():
+    aug = SeedAugment()
+    assert any(isinstance(op, RandomPadCropFlip) for op in aug.ops)
+    separate = Compose(
+        [RandomPadCrop(8), HorizontalFlip(0.5), ToCHW(), Normalize(), CoarseDropout(8)]
+    )
+    x = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
+    for seed in range(3):
+        for train in (True, False):
+            a = aug(x, train, torch.Generator().manual_seed(seed))
+            b = separate(x, train, torch.Generator().manual_seed(seed))
+            assert a.is_contiguous() and a.shape == (64, 3, 32, 32)
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32))  # bits, not just ==
+
+
+def _dropout_reference(x: torch.Tensor, y0: torch.Tensor, x0: torch.Tensor, size: int, fill):
+    out = x.clone()
+    for i in range(len(x)):
+        out[i, :, int(y0[i]) : int(y0[i]) + size, int(x0[i]) : int(x0[i]) + size] = fill
+    return out
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"), [((8, 3, 32, 32), 8), ((5, 2, 6, 9), 6), ((3, 1, 4, 4), 4)]
+)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_dropout_fills_exactly_the_hole(shape, size, inplace):
+    b, _, h, w = shape
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)) + 1
+    before = x.clone()
+    out = CoarseDropout(size, fill=-7.5, inplace=inplace)(x, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    y0 = torch.randint(0, h - size + 1, (b,), generator=g)
+    x0 = torch.randint(0, w - size + 1, (b,), generator=g)
+    assert torch.equal(out, _dropout_reference(before, y0, x0, size, -7.5))
+    assert (out is x) == inplace
+    if not inplace:
+        assert torch.equal(x, before)
+
+
+def test_dropout_inplace_on_non_contiguous_input_copies():
+    x = torch.ones(4, 3, 8, 8).transpose(2, 3)
+    out = CoarseDropout(4, inplace=True)(x, torch.Generator().manual_seed(0))
+    assert out is not x and torch.all(x == 1) and int((out == 0).sum()) == 4 * 3 * 16
+
+
+def test_normalize_dtypes_match_float32_arithmetic():
+    x = torch.arange(192, dtype=torch.uint8).reshape(1, 3, 8, 8)
+    expected = Normalize()(x)
+    for dtype in (torch.int32, torch.int64, torch.float32, torch.float64):
+        out = Normalize()(x.to(dtype))
+        assert out.dtype == torch.float32 and torch.equal(out, expected)
+    f = x.float()
+    assert Normalize()(f) is not f and torch.equal(f, x.float())  # input left alone
+    assert torch.equal(Normalize()(x.transpose(2, 3)), expected.transpose(2, 3))

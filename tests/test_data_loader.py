@@ -117,3 +117,17 @@ def test_mix_seed_is_stable():
     assert mix_seed(0, 1) == mix_seed(0, 1) != mix_seed(1, 0)
     assert mix_seed(0, 0, 0) == 4635879678023765015  # pinned: changing it changes every run
     assert 0 <= mix_seed(2**70, -5) < 2**63
+
+
+def test_each_batch_is_the_augment_of_its_indices_with_its_own_seed():
+    images = torch.randint(0, 256, (100, 32, 32, 3), dtype=torch.uint8)
+    split = Split(images, torch.arange(100), ["c"] * 100)
+    aug = SeedAugment()
+    loader = BatchLoader(split, 16, augment=aug, seed=7, steps_per_epoch=9)
+    batches = list(loader.epoch(1))
+    for step, (x, y) in enumerate(batches):
+        gen = torch.Generator().manual_seed(mix_seed(7, 1, step))
+        assert torch.equal(x, aug(images[y], True, gen))
+    # batches already yielded are not changed by later ones (no shared buffers)
+    again = list(loader.epoch(1))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))

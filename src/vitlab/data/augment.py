@@ -21,8 +21,9 @@ has nothing left to do.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ def _randint(high: int, b: int, x: Tensor, g: torch.Generator | None) -> Tensor:
     return torch.randint(0, high, (b,), generator=g, device=x.device)
 
 
-def _cached(cache: dict, key: tuple, make) -> Tensor:
+def _cached(cache: dict, key: tuple, make: Callable[[], Any]) -> Any:
     """cache[key], made by make() on first use (small constant index/scale tensors per device)."""
     value = cache.get(key)
     if value is None:
