@@ -55,6 +55,7 @@ class TrainOptions:
     checkpoint_steps: int = 0  # also a resumable checkpoint every N steps; 0: at epoch ends only
     progress: bool | None = None  # progress bar; None: when stdout is a terminal
     freeze_encoder: bool = False  # train the head only (a linear probe)
+    quiet: bool = False  # no console lines (log.txt and metrics.jsonl are still written)
 
 
 @dataclass
@@ -257,7 +258,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
         steps_per_epoch=options.eval_steps_per_epoch)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * options.epochs
-    logger = RunLogger(run_dir)
+    logger = RunLogger(run_dir, quiet=options.quiet)
     progress = Progress()
 
     if resume:
