@@ -68,6 +68,7 @@ class Progress:
     best_accuracy: float = -1.0
     best_step: int = 0
     elapsed: float = 0.0  # training seconds before this process
+    epoch_loss_sum: float = 0.0  # sum of this epoch's step losses so far (for its ce_mean)
 
 
 @dataclass
@@ -292,6 +293,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
         model.encoder.eval()  # a linear probe reads fixed features: no dropout in them
 
     def save_checkpoint(last_eval: dict | None = None) -> None:
+        progress.epoch_loss_sum = loss_sum.item() if progress.step_in_epoch else 0.0
         state_dict = model.state_dict()
         meta = {"step": str(progress.global_step), "epoch": str(progress.epoch)}
         ckpt.save_weights(run_dir / ckpt.WEIGHTS, state_dict, meta)
@@ -319,7 +321,8 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
         while progress.epoch < options.epochs:
             epoch_start = time.perf_counter()
             window_start, window_steps = time.perf_counter(), 0
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            # A resumed epoch continues its sum, so ce_mean equals the uninterrupted run's.
+            loss_sum = torch.tensor(progress.epoch_loss_sum, dtype=torch.float64, device=device)
             logger.bar = _progress_bar(steps_per_epoch, progress.step_in_epoch, show_bar,
                                        f"epoch {progress.epoch + 1}/{options.epochs}")
             batches: Iterator = train_loader.epoch(progress.epoch, progress.step_in_epoch)

@@ -1,0 +1,314 @@
+"""End to end through the real `vitlab` command on small slices of ../shared/data: pretrain a
+small preset, fine-tune from it, evaluate; and every bad input answered in one line with exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import (
+    LINE_PATTERNS,
+    assert_one_error_line,
+    cli_env,
+    data_slices,
+    events,
+    load_weights,
+    read_metrics,
+    run_cli,
+    start_cli,
+)
+from vitlab.cli import main
+
+PRE_STEPS, FINE_STEPS, BATCH = 30, 80, 64
+RUN_FILES = ("config.json", "model.safetensors", "best.safetensors", "trainer_state.pt",
+             "metrics.jsonl", "log.txt", "curves.png")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return data_slices(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def pretrained(data, work) -> tuple[Path, subprocess.CompletedProcess]:
+    """The micro preset pre-trained on the CIFAR-100 slice for a few dozen steps."""
+    proc = run_cli("pretrain", "--data", data["cifar100"], "--model", "micro", "--out", "pre",
+                   "--epochs", "1", "--train-steps-per-epoch", str(PRE_STEPS), "--batch-size",
+                   str(BATCH), "--optimizer", "adamw", "--lr", "1e-3", "--log-steps", "10",
+                   "--seed", "1", "--no-progress", "--no-download", cwd=work)
+    return work / "pre", proc
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained, data, work) -> tuple[Path, subprocess.CompletedProcess]:
+    """Fine-tuned from it on the CIFAR-10 slice; its run directory is given relative to cwd."""
+    proc = run_cli("finetune", "--from", "pre", "--data", data["cifar10"], "--out", "fine",
+                   "--epochs", "1", "--train-steps-per-epoch", str(FINE_STEPS), "--batch-size",
+                   str(BATCH), "--optimizer", "adamw", "--lr", "1e-3", "--log-steps", "20",
+                   "--no-progress", "--no-download", cwd=work)
+    return work / "fine", proc
+
+
+def check_console(stdout: str, run_dir: Path, train_steps: list[int]) -> None:
+    """The tutorial-shaped lines, in order, and log.txt holding the same lines."""
+    lines = [line for line in stdout.splitlines() if line.startswith("vitlab-")]
+    assert LINE_PATTERNS["Start"].match(lines[0]), lines[0]
+    per_step = [line for line in lines if line.startswith("vitlab-Train") and "epoch:" not in line]
+    assert all(LINE_PATTERNS["Train"].match(line) for line in per_step), per_step
+    assert [int(line.split(";")[0].split()[-1]) for line in per_step] == train_steps
+    assert LINE_PATTERNS["TrainEpoch"].match(lines[-3]), lines[-3]
+    assert LINE_PATTERNS["Eval"].match(lines[-2]), lines[-2]
+    assert LINE_PATTERNS["Finish"].match(lines[-1]), lines[-1]
+    assert (run_dir / "log.txt").read_text(encoding="utf-8").splitlines() == lines
+
+
+def check_run_dir(run_dir: Path, kind: str, steps: int, classes: list[str]) -> dict:
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob(".*.tmp")), "temp files of atomic writes left behind"
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    assert config["format"] == "vitlab-run/1" and config["kind"] == kind
+    assert config["model"]["width"] == 64 and config["model"]["num_classes"] == len(classes)
+    assert config["classes"] == classes
+    assert config["recipe"]["optimizer"] == "adamw" and config["recipe"]["batch_size"] == BATCH
+    assert config["options"]["train_steps_per_epoch"] == steps
+    assert set(config["versions"]) >= {"vitlab", "torch", "python"}
+    assert isinstance(config["seed"], int) and Path(config["data"]).is_absolute()
+    state = torch.load(run_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
+    assert set(state) >= {"model", "optimizer", "progress", "rng"}
+    assert state["progress"]["global_step"] == steps and state["progress"]["epoch"] == 1
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = read_metrics(run_dir)
+    assert all(isinstance(r, dict) and "event" in r for r in records)
+    assert [r["event"] for r in records][0] == "start" and records[-1]["event"] == "finish"
+    return config
+
+
+def test_pretrain_writes_the_run_directory_and_tutorial_log_lines(pretrained, data):
+    run_dir, proc = pretrained
+    assert "Traceback" not in proc.stderr
+    check_console(proc.stdout, run_dir, [1, 10, 20, 30])
+    classes = json.loads((data["cifar100"] / "classes.json").read_text())
+    config = check_run_dir(run_dir, "pretrain", PRE_STEPS, classes)
+    assert config["model_preset"] == "micro" and config["seed"] == 1
+    (evaluation,) = events(read_metrics(run_dir), "eval")
+    assert evaluation["step"] == PRE_STEPS and evaluation["epoch"] == 1
+    assert 0 <= evaluation["accuracy"] <= 1 and evaluation["ce"] > 0
+    assert evaluation["accuracy"] * 500 == pytest.approx(round(evaluation["accuracy"] * 500))
+
+
+def test_finetune_learns_and_evaluate_agrees(finetuned, data, work):
+    run_dir, proc = finetuned
+    assert "Traceback" not in proc.stderr
+    check_console(proc.stdout, run_dir, [1, 20, 40, 60, 80])
+    classes = json.loads((data["cifar10"] / "classes.json").read_text())
+    check_run_dir(run_dir, "finetune", FINE_STEPS, classes)
+    (evaluation,) = events(read_metrics(run_dir), "eval")
+    # Chance is 0.1 on 10 classes; with 500 test images its std is 0.013, so 0.16 is 4.5 sigma
+    # above it (80 steps reach 0.20-0.25 here).
+    assert evaluation["accuracy"] > 0.16, evaluation
+    assert evaluation["ce"] < math.log(10)
+
+    proc = run_cli("evaluate", "--checkpoint", "fine", "--batch-size", str(BATCH),
+                   "--no-download", cwd=work)
+    report = json.loads((run_dir / "evaluation" / "evaluation.json").read_text())
+    assert (run_dir / "evaluation" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    # The same weights, batches and thread count: exactly the run's own last evaluation.
+    assert report["accuracy"] == evaluation["accuracy"] and report["num_samples"] == 500
+    assert report["ce"] == pytest.approx(evaluation["ce"], rel=1e-9)
+    matrix = report["confusion_matrix"]
+    assert len(matrix) == 10 and sum(map(sum, matrix)) == 500
+    assert sum(matrix[i][i] for i in range(10)) == round(report["accuracy"] * 500)
+    assert report["classes"] == classes
+    assert f"vitlab-Evaluate: accuracy: {evaluation['accuracy']:.4f}; " in proc.stdout
+    assert "samples: 500;" in proc.stdout
+
+
+def test_finetune_starts_from_the_pretrained_encoder(pretrained, data, work, capfd):
+    pre, _ = pretrained
+    source = load_weights(pre / "model.safetensors")
+    encoder = {k: v for k, v in source.items() if k.startswith("encoder.")}
+    assert len(encoder) > 10
+
+    def check(run_dir: Path, num_classes: int, weights: str) -> None:
+        start = load_weights(run_dir / "model.safetensors")
+        assert not (run_dir / "best.safetensors").exists()  # no evaluation happened
+        pre_weights = load_weights(pre / weights)
+        for key in encoder:
+            assert torch.equal(start[key], pre_weights[key]), key
+        head = {k: v for k, v in start.items() if not k.startswith("encoder.")}
+        assert head and all(v.shape[0] == num_classes for v in head.values()), {
+            k: list(v.shape) for k, v in head.items()}
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["kind"] == "finetune" and config["model"]["num_classes"] == num_classes
+        assert config["init"] == {"from": str(pre.resolve()), "weights": weights,
+                                  "encoder_tensors_copied": len(encoder)}
+        state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
+        assert state["progress"]["global_step"] == 0
+
+    # In this process (the pretrain/finetune/evaluate fixtures run the real command): quicker.
+    code = main(["finetune", "--from", str(pre), "--data", str(data["cifar10"]), "--out",
+                 str(work / "init"), "--epochs", "0", "--no-progress", "--no-download"])
+    assert code == 0, capfd.readouterr().err
+    assert "vitlab-Finish: step: 0;" in capfd.readouterr().out
+    check(work / "init", 10, "model.safetensors")
+    # The tutorial's 100-way head on the 10 classes, from the best weights.
+    code = main(["finetune", "--from", str(pre), "--data", str(data["cifar10"]), "--out",
+                 str(work / "init100"), "--epochs", "0", "--num-classes", "100", "--weights",
+                 "best", "--no-progress", "--no-download"])
+    assert code == 0, capfd.readouterr().err
+    check(work / "init100", 100, "best.safetensors")
+
+
+def test_console_script_version_and_help():
+    exe = shutil.which("vitlab")
+    if exe is None:
+        pytest.skip("no `vitlab` console script on PATH (install the package with pip)")
+    procs = [subprocess.Popen([exe, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=cli_env()) for flag in ("--version", "--help")]
+    (version, _), (usage, _) = (p.communicate(timeout=60) for p in procs)
+    assert [p.returncode for p in procs] == [0, 0]
+    from vitlab import __version__
+
+    assert version.strip() == f"vitlab {__version__}"
+    for command in ("pretrain", "finetune", "evaluate", "run", "info"):
+        assert command in usage
+
+
+# --- bad input: one line on stderr, exit code 2, no traceback -------------------------------
+
+def run_main(argv: list[str], capfd) -> tuple[int, str]:
+    """`vitlab ARGV` in this process (quicker than a subprocess): exit code and stderr."""
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        code = e.code
+    return code, capfd.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def bad_runs(pretrained, finetuned, work) -> dict[str, Path]:
+    """Run directories broken in the ways a user can break them."""
+    pre, _ = pretrained
+    base = work / "bad"
+    base.mkdir()
+    runs = {"pre": pre, "fine": finetuned[0]}
+    runs["empty"] = base / "empty"
+    runs["empty"].mkdir()
+    runs["foreign"] = base / "foreign"
+    runs["foreign"].mkdir()
+    (runs["foreign"] / "config.json").write_text(json.dumps(
+        {"architectures": ["ViTForImageClassification"], "hidden_size": 64}))
+    runs["garbage"] = base / "garbage"
+    shutil.copytree(pre, runs["garbage"])
+    (runs["garbage"] / "model.safetensors").write_bytes(b"\x00garbage, not safetensors" * 40)
+    runs["wider"] = base / "wider"
+    shutil.copytree(pre, runs["wider"])
+    config = json.loads((pre / "config.json").read_text())
+    config["model"]["width"] = 32
+    config["model"]["mlp_dim"] = 64
+    (runs["wider"] / "config.json").write_text(json.dumps(config))
+    runs["no_state"] = base / "no_state"
+    shutil.copytree(pre, runs["no_state"])
+    (runs["no_state"] / "trainer_state.pt").unlink()
+    runs["no_best"] = base / "no_best"
+    shutil.copytree(pre, runs["no_best"])
+    (runs["no_best"] / "best.safetensors").unlink()
+    runs["torn_state"] = base / "torn_state"
+    shutil.copytree(pre, runs["torn_state"])
+    (runs["torn_state"] / "trainer_state.pt").write_bytes(b"PK\x03\x04 torn")
+    return runs
+
+
+BAD_INPUTS = {
+    "unknown flag": (["pretrain", "--bogus"], "unrecognized arguments: --bogus"),
+    "negative epochs": (["pretrain", "--epochs", "-1", "--model", "micro", "--data", "{c10}"],
+                        "--epochs must be >= 0"),
+    "zero batch": (["pretrain", "--batch-size", "0"], "batch size"),
+    "nan lr": (["pretrain", "--lr", "nan"], "lr must be a positive number"),
+    "zero steps": (["pretrain", "--train-steps-per-epoch", "0", "--model", "micro"],
+                   "--train-steps-per-epoch must be at least 1"),
+    "unknown model": (["pretrain", "--model", "vit-huge-99", "--data", "{c10}"],
+                      "unknown model preset"),
+    "unknown recipe": (["pretrain", "--recipe", "fancy"], "unknown recipe"),
+    "missing data": (["pretrain", "--model", "micro", "--data", "{work}/no-such-data"],
+                     "no-such-data"),
+    "finetune without --from": (["finetune", "--data", "{c10}"], "--from"),
+    "--from missing dir": (["finetune", "--from", "{work}/no-such-run", "--data", "{c10}"],
+                           "not a directory"),
+    "--from dir without config": (["finetune", "--from", "{empty}", "--data", "{c10}"],
+                                  "no config.json"),
+    "--from foreign run": (["finetune", "--from", "{foreign}", "--data", "{c10}"],
+                           "not written by vitlab"),
+    "--from garbage weights": (["finetune", "--from", "{garbage}", "--data", "{c10}"],
+                               "not a readable safetensors file"),
+    "--from without best": (["finetune", "--from", "{no_best}", "--weights", "best",
+                             "--data", "{c10}"], "best.safetensors"),
+    "architecture mismatch": (["finetune", "--from", "{pre}", "--model", "seed-mini",
+                               "--data", "{c10}"], "not the architecture pre-trained"),
+    "config does not fit weights (finetune)": (["finetune", "--from", "{wider}", "--data",
+                                                "{c10}"], "has shape"),
+    "too few classes": (["finetune", "--from", "{pre}", "--data", "{c10}", "--num-classes", "5"],
+                        "smaller than the 10 classes"),
+    "image size mismatch": (["pretrain", "--model", "vit-tiny-16", "--data", "{c10}"],
+                            "32x32 images but the model takes 224x224"),
+    "evaluate: config does not fit weights": (["evaluate", "--checkpoint", "{wider}"],
+                                              "does not fit the architecture"),
+    "evaluate: more classes than the head": (["evaluate", "--checkpoint", "{fine}", "--data",
+                                              "{c100}"], "100 classes but the model predicts 10"),
+    "evaluate without --checkpoint": (["evaluate"], "--checkpoint"),
+    "resume with a changed recipe flag": (["pretrain", "--resume", "{pre}", "--lr", "0.1"],
+                                          "drop --lr"),
+    "resume with a changed run flag": (["pretrain", "--resume", "{pre}", "--epochs", "5"],
+                                       "drop --epochs"),
+    "resume a run of another kind": (["pretrain", "--resume", "{fine}"], "is a finetune run"),
+    "resume without trainer state": (["pretrain", "--resume", "{no_state}"],
+                                     "nothing to resume"),
+    "resume a torn trainer state": (["pretrain", "--resume", "{torn_state}"],
+                                    "not a readable vitlab trainer state"),
+    "resume a foreign dir": (["finetune", "--resume", "{foreign}"], "not written by vitlab"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(case, bad_runs, data, work, capfd):
+    argv, message = BAD_INPUTS[case]
+    paths = {**bad_runs, "c10": data["cifar10"], "c100": data["cifar100"], "work": work}
+    argv = [a.format(**paths) for a in argv] + ["--no-download"]
+    code, stderr = run_main(argv, capfd)
+    assert code == 2, stderr
+    line = assert_one_error_line(stderr)
+    assert message in line
+
+
+def test_bad_input_in_real_processes(bad_runs, data, work):
+    """A few of them as real processes (side by side, to save time): nothing else on stderr."""
+    cases = [
+        (["pretrain", "--epochs", "2", "--bogus-flag", "3"], "unrecognized arguments: --bogus"),
+        (["pretrain", "--model", "vit-tiny-16", "--data", data["cifar10"], "--no-download"],
+         "32x32 images but the model takes 224x224"),
+        (["finetune", "--from", bad_runs["foreign"], "--no-download"], "not written by vitlab"),
+    ]
+    procs = [start_cli(*argv, cwd=work) for argv, _ in cases]
+    for proc, (argv, message) in zip(procs, cases, strict=True):
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (argv, stderr)
+        assert message in assert_one_error_line(stderr), stderr
+        assert stdout == ""
+
+
+def test_no_command_prints_help_and_exits_2(capfd):
+    assert main([]) == 2
+    assert "pretrain" in capfd.readouterr().out

@@ -1,0 +1,146 @@
+"""Resume through the real CLI: a SIGKILLed run and a Ctrl-C'd run, each resumed, end bitwise
+equal (CPU) to an uninterrupted run with the same seed; a NaN loss stops the run cleanly."""
+
+from __future__ import annotations
+
+import math
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import (
+    assert_one_error_line,
+    assert_same_tensors,
+    data_slices,
+    events,
+    load_weights,
+    read_metrics,
+    run_cli,
+    start_cli,
+    wait_for_line,
+    without_time,
+)
+
+EPOCHS, STEPS, CKPT = 2, 20, 5  # 40 steps; resumable checkpoints every 5 and at epoch ends
+
+
+@pytest.fixture(scope="module")
+def cifar10(tmp_path_factory) -> Path:
+    return data_slices(tmp_path_factory)["cifar10"]
+
+
+def train_args(data: Path, out: Path) -> list[str]:
+    # AdamW (step counts, two moments) and a warm-up + cosine LR: more state to restore than SGD.
+    return ["pretrain", "--data", data, "--model", "micro", "--out", out,
+            "--epochs", str(EPOCHS), "--train-steps-per-epoch", str(STEPS),
+            "--checkpoint-steps", str(CKPT), "--batch-size", "32", "--seed", "3",
+            "--optimizer", "adamw", "--lr", "2e-3", "--schedule", "cosine",
+            "--warmup-epochs", "0.5", "--eval-steps-per-epoch", "4", "--log-steps", "1",
+            "--no-progress", "--no-download"]
+
+
+def resume_args(run_dir: Path) -> list[str]:
+    return ["pretrain", "--resume", run_dir, "--log-steps", "1", "--no-progress", "--no-download"]
+
+
+@pytest.fixture(scope="module")
+def reference(cifar10, tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must reproduce."""
+    cwd = tmp_path_factory.mktemp("reference")
+    run_cli(*train_args(cifar10, cwd / "run"), cwd=cwd)
+    return cwd / "run"
+
+
+def trainer_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Weights (last and best), progress and every logged number equal the reference run's."""
+    assert_same_tensors(load_weights(run / "model.safetensors"),
+                        load_weights(reference / "model.safetensors"))
+    assert_same_tensors(load_weights(run / "best.safetensors"),
+                        load_weights(reference / "best.safetensors"))
+    got, want = trainer_state(run), trainer_state(reference)
+    assert_same_tensors(got["model"], want["model"])
+    assert {k: v for k, v in got["progress"].items() if k != "elapsed"} == \
+        {k: v for k, v in want["progress"].items() if k != "elapsed"}
+    got_log, want_log = read_metrics(run), read_metrics(reference)
+    for kind in ("train", "eval", "finish"):
+        assert without_time(events(got_log, kind)) == without_time(events(want_log, kind)), kind
+    assert [r["step"] for r in events(got_log, "train") if "epoch" not in r] == \
+        list(range(1, EPOCHS * STEPS + 1))  # every step logged once: none lost, none repeated
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(cifar10, reference, tmp_path):
+    run = tmp_path / "run"
+    proc = start_cli(*train_args(cifar10, run), cwd=tmp_path)
+    try:
+        # Mid-epoch 2, after the checkpoint at step 25; the run has 13 more steps to go.
+        wait_for_line(proc, r"^vitlab-Train: step: (2[7-9]|3\d);")
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    before = read_metrics(run)
+    assert not events(before, "finish"), "the run finished before it was killed"
+    saved = trainer_state(run)["progress"]["global_step"]
+    assert 25 <= saved < EPOCHS * STEPS and saved % CKPT == 0
+    assert max(r["step"] for r in events(before, "train")) > saved  # work was lost, and redone
+
+    resumed = run_cli(*resume_args(run), cwd=tmp_path)
+    assert f"vitlab-Resume: step: {saved}; epoch: 2;" in resumed.stdout.splitlines()
+    assert "vitlab-Finish: step: 40;" in resumed.stdout
+    assert_same_run(run, reference)
+
+
+def test_sigint_saves_a_resumable_checkpoint_and_exits_cleanly(cifar10, reference, tmp_path):
+    run = tmp_path / "run"
+    proc = start_cli(*train_args(cifar10, run), cwd=tmp_path)
+    try:
+        wait_for_line(proc, r"^vitlab-Train: step: ([6-9]|1\d);")  # mid-epoch 1
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    line = assert_one_error_line(stderr, "pretrain")
+    assert f"--resume {run}" in line and "interrupted at step" in line
+    interrupts = events(read_metrics(run), "interrupt")
+    assert len(interrupts) == 1 and not events(read_metrics(run), "finish")
+    stopped = interrupts[0]["step"]
+    assert f"interrupted at step {stopped};" in line
+    progress = trainer_state(run)["progress"]
+    assert progress["global_step"] == stopped < EPOCHS * STEPS
+    assert (progress["epoch"], progress["step_in_epoch"]) == divmod(stopped, STEPS)
+
+    resumed = run_cli(*resume_args(run), cwd=tmp_path)
+    assert f"vitlab-Resume: step: {stopped};" in resumed.stdout
+    assert_same_run(run, reference)
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_a_finite_checkpoint(cifar10,
+                                                                                  tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("pretrain", "--data", cifar10, "--model", "micro", "--out", run, "--epochs",
+                   "1", "--train-steps-per-epoch", "10", "--checkpoint-steps", "1",
+                   "--batch-size", "32", "--lr", "1e30", "--log-steps", "1", "--no-progress",
+                   "--no-download", cwd=tmp_path, expect=2)
+    line = assert_one_error_line(proc.stderr, "pretrain")
+    match = re.search(r"the loss became (nan|inf|-inf|non-finite) by step (\d+)", line)
+    assert match, line
+    assert "--lr" in line and str(run) in line
+    diverged = int(match.group(2))
+    assert not events(read_metrics(run), "finish")
+    # The last checkpoint is from before the divergence and holds no NaN/inf.
+    state = trainer_state(run)
+    assert state["progress"]["global_step"] < diverged
+    for weights in (load_weights(run / "model.safetensors"), state["model"]):
+        bad = [k for k, t in weights.items() if not torch.isfinite(t).all()]
+        assert not bad, bad
+    losses = [r["ce"] for r in events(read_metrics(run), "train")]
+    assert all(math.isfinite(v) for v in losses)  # a NaN is never logged as a number
