@@ -229,6 +229,9 @@ def bad_runs(pretrained, finetuned, work) -> dict[str, Path]:
     runs["torn_state"] = base / "torn_state"
     shutil.copytree(pre, runs["torn_state"])
     (runs["torn_state"] / "trainer_state.pt").write_bytes(b"PK\x03\x04 torn")
+    runs["code_state"] = base / "code_state"
+    shutil.copytree(pre, runs["code_state"])
+    torch.save({"model": Path("/a/class/instance")}, runs["code_state"] / "trainer_state.pt")
     return runs
 
 
@@ -278,6 +281,10 @@ BAD_INPUTS = {
                                      "nothing to resume"),
     "resume a torn trainer state": (["pretrain", "--resume", "{torn_state}"],
                                     "not a readable vitlab trainer state"),
+    "resume a trainer state holding objects": (["pretrain", "--resume", "{code_state}"],
+                                               "holds Python objects"),
+    "resume a state that does not fit the config": (["pretrain", "--resume", "{wider}"],
+                                                    "does not fit this run"),
     "resume a foreign dir": (["finetune", "--resume", "{foreign}"], "not written by vitlab"),
 }
 

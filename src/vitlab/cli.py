@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate, "run": _run,
          "info": _info}[args.command](args)
     except VitlabError as e:
-        print(f"vitlab {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"vitlab {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except Interrupted as e:
         print(f"vitlab {args.command}: {e}; continue with: vitlab {args.command} --resume "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -61,8 +62,12 @@ def load_trainer_state(path: str | os.PathLike) -> dict:
     try:
         # weights_only: a checkpoint is data, never code.
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message is many lines and suggests weights_only=False
+        raise CheckpointError(f"{path} is not a vitlab trainer state: it holds Python objects "
+                              "other than tensors and plain data, which vitlab never loads") from None
     except Exception as e:  # torch raises many kinds for a torn or foreign file
-        raise CheckpointError(f"{path} is not a readable vitlab trainer state ({e})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is not a readable vitlab trainer state ({reason})") from None
 
 
 def write_run_config(run_dir: str | os.PathLike, config: dict) -> None:

@@ -1,0 +1,403 @@
+"""Unit tests of the training engine: recipes and LR schedule, evaluate(), fit() (epochs of exactly
+N steps, checkpoints, NaN, Ctrl-C and resume), the run directory's files and the log lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitlab.data import BatchLoader, Dataset, SeedAugment
+from vitlab.data.arrays import Split
+from vitlab.errors import CheckpointError, ConfigError
+from vitlab.model import ViT, ViTConfig
+from vitlab.train import Recipe, TrainOptions, evaluate, fit, load_encoder_weights, recipe
+from vitlab.train import checkpoint as ckpt
+from vitlab.train.engine import Interrupted, RunLogger, TrainingDiverged
+from vitlab.train.recipe import build_optimizer, lr_factor
+
+CONFIG = ViTConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
+                   dropout=0.1, num_classes=3)
+CLASSES = ["a", "b", "c"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_split(n: int, seed: int) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, len(CLASSES), (n,), generator=g)
+    return Split(images=images, labels=labels, classes=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def dataset() -> Dataset:
+    return Dataset("tiny", make_split(20, 0), make_split(13, 1))
+
+
+def tiny_model(seed: int = 0) -> ViT:
+    torch.manual_seed(seed)
+    return ViT(CONFIG)
+
+
+def options(epochs: int, **kwargs) -> TrainOptions:
+    return TrainOptions(epochs=epochs, seed=kwargs.pop("seed", 5), device="cpu", progress=False,
+                        quiet=True, log_steps=kwargs.pop("log_steps", 1), **kwargs)
+
+
+RECIPE = recipe("seed", batch_size=8, lr=0.05)
+
+
+# --- recipes and the LR schedule ------------------------------------------------------------
+
+def test_seed_recipe_is_the_tutorials():
+    r = recipe("seed")
+    assert (r.optimizer, r.lr, r.momentum, r.weight_decay, r.schedule, r.batch_size) == \
+        ("sgd", 0.01, 0.9, 1e-4, "constant", 128)
+    assert (r.epochs, r.finetune_epochs, r.label_smoothing, r.grad_clip, r.augment) == \
+        (100, 1, 0.0, None, "seed")
+
+
+def test_recipe_overrides_skip_none_and_round_trip():
+    r = recipe("seed", lr=0.1, batch_size=None, optimizer="adamw", grad_clip=None)
+    assert (r.lr, r.batch_size, r.optimizer) == (0.1, 128, "adamw")
+    assert Recipe.from_dict({**r.to_dict(), "from_a_newer_version": 1}) == r
+    assert recipe("seed") == Recipe()  # the registry's recipe is not changed by overrides
+
+
+@pytest.mark.parametrize("change", [
+    {"lr": 0}, {"lr": -0.1}, {"lr": math.inf}, {"lr": math.nan}, {"momentum": 1.0},
+    {"weight_decay": -1e-4}, {"label_smoothing": 1.0}, {"batch_size": 0}, {"grad_clip": 0.0},
+    {"optimizer": "adam"}, {"schedule": "step"}, {"epochs": -1}, {"warmup_epochs": -1.0},
+    {"augment": "randaugment"},
+])
+def test_recipe_validation(change):
+    with pytest.raises(ConfigError):
+        recipe("seed", **change)
+
+
+def test_unknown_recipe():
+    with pytest.raises(ConfigError, match="unknown recipe 'fancy'; known: seed"):
+        recipe("fancy")
+
+
+def test_lr_factor_constant():
+    r = recipe("seed")
+    assert {lr_factor(r, step, 100, 10) for step in range(100)} == {1.0}
+
+
+def test_lr_factor_cosine_with_warmup():
+    r = recipe("seed", schedule="cosine", warmup_epochs=1.0)
+    total, per_epoch = 50, 10
+    factors = [lr_factor(r, step, total, per_epoch) for step in range(total)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[10] == 1.0
+    assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert factors[30] == pytest.approx(0.5)  # half way through the decay
+    assert 0 < factors[-1] < 0.01
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    no_warmup = recipe("seed", schedule="cosine")
+    assert lr_factor(no_warmup, 0, total, per_epoch) == 1.0
+    assert lr_factor(no_warmup, total, total, per_epoch) == pytest.approx(0.0)
+
+
+def test_build_optimizer_skips_frozen_parameters():
+    model = tiny_model()
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    sgd = build_optimizer(recipe("seed"), model.parameters())
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sum(len(g["params"]) for g in sgd.param_groups) == 2  # the head's weight and bias
+    adamw = build_optimizer(recipe("seed", optimizer="adamw", momentum=0.8), model.parameters())
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["betas"] == (0.8, 0.999)
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+
+class Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc = nn.Linear(32 * 32 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def test_evaluate_is_exact_over_the_whole_split(dataset):
+    model = Linear().train()
+    loader = BatchLoader(dataset.test, 5, train=False, shuffle=False)  # 13 = 5 + 5 + 3
+    result = evaluate(model, loader, num_classes=3)
+    assert model.training  # restored
+
+    with torch.no_grad():
+        inputs = dataset.test.images.permute(0, 3, 1, 2).float() / 255
+        logits = model(inputs)
+    labels = dataset.test.labels
+    correct = int((logits.argmax(1) == labels).sum())
+    assert result["num_samples"] == 13
+    assert result["accuracy"] == correct / 13
+    assert result["ce"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    matrix = torch.tensor(result["confusion_matrix"])
+    assert matrix.sum() == 13 and matrix.trace() == correct
+    assert matrix.sum(1).tolist() == torch.bincount(labels, minlength=3).tolist()
+    for c in range(3):
+        total = int((labels == c).sum())
+        expected = int(((logits.argmax(1) == c) & (labels == c)).sum()) / total if total else None
+        assert result["per_class_accuracy"][c] == expected
+
+
+def test_evaluate_without_classes_has_no_confusion(dataset):
+    result = evaluate(Linear(), BatchLoader(dataset.test, 4, train=False, shuffle=False))
+    assert set(result) == {"accuracy", "ce", "num_samples"}
+
+
+# --- fit --------------------------------------------------------------------------------------
+
+def test_train_steps_per_epoch_extends_an_epoch_and_writes_the_run_dir(dataset, tmp_path):
+    # 20 images at batch 8: 3 batches a pass; 5 steps an epoch continue into a second pass.
+    result = fit(tiny_model(), dataset, RECIPE, options(2, train_steps_per_epoch=5), tmp_path,
+                 run_config={"kind": "pretrain", "model": CONFIG.to_dict()})
+    assert result.global_step == 10
+    records = ckpt.read_jsonl(tmp_path / ckpt.METRICS)
+    assert [r["event"] for r in records][0] == "start" and records[-1]["event"] == "finish"
+    per_step = [r["step"] for r in records if r["event"] == "train" and "epoch" not in r]
+    assert per_step == list(range(1, 11))
+    epochs = [(r["step"], r["epoch"]) for r in records if r["event"] == "train" and "epoch" in r]
+    assert epochs == [(5, 1), (10, 2)]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [(r["step"], r["epoch"]) for r in evals] == [(5, 1), (10, 2)]
+    assert all(round(r["accuracy"] * 13) == r["accuracy"] * 13 for r in evals)  # whole split
+
+    for name in (ckpt.CONFIG, ckpt.WEIGHTS, ckpt.BEST_WEIGHTS, ckpt.TRAINER_STATE, ckpt.LOG,
+                 ckpt.CURVES):
+        assert (tmp_path / name).is_file(), name
+    config = ckpt.read_run_config(tmp_path)
+    assert config["seed"] == 5 and config["recipe"] == RECIPE.to_dict()
+    assert set(config["versions"]) == {"vitlab", "torch", "python"}
+    state = torch.load(tmp_path / ckpt.TRAINER_STATE, weights_only=True)
+    assert set(state) == {"model", "optimizer", "progress", "rng"}
+    assert state["progress"]["global_step"] == 10 and state["progress"]["epoch"] == 2
+    assert state["progress"]["step_in_epoch"] == 0
+    assert isinstance(state["rng"]["torch"], torch.Tensor)
+    assert set(state["optimizer"]) == {"state", "param_groups"}
+    last = ckpt.load_weights(tmp_path / ckpt.WEIGHTS)
+    assert all(torch.equal(last[k], v) for k, v in state["model"].items())
+
+    # The last Eval event is evaluate() of the saved weights over the whole test split.
+    model = ViT(CONFIG)
+    model.load_state_dict(last)
+    again = evaluate(model, BatchLoader(dataset.test, 8, train=False, shuffle=False,
+                                        augment=SeedAugment()))
+    assert again["accuracy"] == evals[-1]["accuracy"]
+    assert again["ce"] == pytest.approx(evals[-1]["ce"], rel=1e-9)
+
+
+def test_without_train_steps_an_epoch_is_one_pass(dataset, tmp_path):
+    assert fit(tiny_model(), dataset, RECIPE, options(1), tmp_path).global_step == 3
+
+
+def test_zero_epochs_saves_the_initial_weights(dataset, tmp_path):
+    model = tiny_model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fit(model, dataset, RECIPE, options(0), tmp_path).global_step == 0
+    saved = ckpt.load_weights(tmp_path / ckpt.WEIGHTS)
+    assert all(torch.equal(saved[k], v) for k, v in initial.items())
+    assert not (tmp_path / ckpt.BEST_WEIGHTS).exists()
+
+
+def test_freeze_encoder_trains_the_head_only(dataset, tmp_path):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, dataset, RECIPE, options(1, train_steps_per_epoch=2, freeze_encoder=True),
+        tmp_path)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("encoder."))
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+
+
+class FailingViT(ViT):
+    """A ViT whose training forward pass at step `at` does something bad (NaN, or Ctrl-C)."""
+
+    def __init__(self, at: int, action: str) -> None:
+        torch.manual_seed(0)
+        super().__init__(CONFIG)
+        self.at, self.action, self.calls = at, action, 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(images)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.at and self.action == "sigint":
+                os.kill(os.getpid(), signal.SIGINT)
+            if self.calls >= self.at and self.action == "nan":
+                logits = logits * math.nan
+        return logits
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+    model = FailingViT(at=5, action="nan")
+    with pytest.raises(TrainingDiverged, match=r"the loss became nan by step 5; .*--lr"):
+        fit(model, dataset, RECIPE, options(2, train_steps_per_epoch=3, checkpoint_steps=2),
+            tmp_path)
+    assert not all(torch.isfinite(p).all() for p in model.parameters())  # it did blow up
+    state = torch.load(tmp_path / ckpt.TRAINER_STATE, weights_only=True)
+    assert state["progress"]["global_step"] == 4  # the checkpoint at step 4, not one after it
+    weights = ckpt.load_weights(tmp_path / ckpt.WEIGHTS)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert all(torch.equal(weights[k], v) for k, v in state["model"].items())
+    records = ckpt.read_jsonl(tmp_path / ckpt.METRICS)
+    assert records[-1]["event"] == "train" and records[-1]["step"] == 4
+
+
+def test_sigint_checkpoint_then_resume_equals_an_uninterrupted_run(dataset, tmp_path):
+    opts = options(2, train_steps_per_epoch=4)
+    straight = fit(FailingViT(at=0, action="none"), dataset, RECIPE, opts, tmp_path / "a")
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted) as info:
+        fit(FailingViT(at=6, action="sigint"), dataset, RECIPE, opts, tmp_path / "b",
+            run_config={"kind": "pretrain"})
+    assert info.value.step == 6
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    state = torch.load(tmp_path / "b" / ckpt.TRAINER_STATE, weights_only=True)
+    assert (state["progress"]["global_step"], state["progress"]["epoch"],
+            state["progress"]["step_in_epoch"]) == (6, 1, 2)
+    assert ckpt.read_jsonl(tmp_path / "b" / ckpt.METRICS)[-1]["event"] == "interrupt"
+
+    resumed = fit(FailingViT(at=0, action="none"), dataset, RECIPE, opts, tmp_path / "b",
+                  resume=True)
+    assert resumed.global_step == straight.global_step == 8
+    a = ckpt.load_weights(tmp_path / "a" / ckpt.WEIGHTS)
+    b = ckpt.load_weights(tmp_path / "b" / ckpt.WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.last_eval == straight.last_eval
+    strip = {"time", "steps/sec", "epoch_time", "total_time"}
+
+    def logged(run: str, kind: str) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in strip}
+                for r in ckpt.read_jsonl(tmp_path / run / ckpt.METRICS) if r["event"] == kind]
+
+    for kind in ("train", "eval", "finish"):
+        assert logged("b", kind) == logged("a", kind), kind
+
+
+def test_resume_refuses_a_state_of_another_model(dataset, tmp_path):
+    fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=1), tmp_path)
+    other = ViT(ViTConfig.from_dict({**CONFIG.to_dict(), "width": 16, "mlp_dim": 32}))
+    with pytest.raises(CheckpointError, match="does not fit this run"):
+        fit(other, dataset, RECIPE, options(1, train_steps_per_epoch=1), tmp_path, resume=True)
+
+
+# --- the run directory ------------------------------------------------------------------------
+
+def test_truncate_metrics_keeps_events_up_to_the_checkpoint(tmp_path):
+    path = tmp_path / ckpt.METRICS
+    for step in range(1, 11):
+        ckpt.append_jsonl(path, {"event": "train", "step": step})
+    ckpt.truncate_metrics(path, 6)
+    assert [r["step"] for r in ckpt.read_jsonl(path)] == [1, 2, 3, 4, 5, 6]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"event": "train", "st')  # torn by a kill
+    assert len(ckpt.read_jsonl(path)) == 6
+    ckpt.truncate_metrics(path, 3)
+    assert path.read_text().splitlines() == [json.dumps({"event": "train", "step": s})
+                                             for s in (1, 2, 3)]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_weights_round_trip_and_load_errors(tmp_path):
+    state = tiny_model().state_dict()
+    path = tmp_path / "w.safetensors"
+    ckpt.save_weights(path, state, {"step": "7"})
+    loaded = ckpt.load_weights(path)
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert not list(tmp_path.glob(".*.tmp"))
+    ckpt.save_weights(path, {"x": torch.zeros(2)})  # atomically replaced
+    assert list(ckpt.load_weights(path)) == ["x"]
+    with pytest.raises(CheckpointError, match="no weight file"):
+        ckpt.load_weights(tmp_path / "missing.safetensors")
+    for garbage in (b"", b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage", os.urandom(200)):
+        path.write_bytes(garbage)
+        with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+            ckpt.load_weights(path)
+
+
+def test_trainer_state_refuses_code_and_torn_files(tmp_path):
+    path = tmp_path / ckpt.TRAINER_STATE
+    ckpt.save_trainer_state(path, {"progress": {"global_step": 3}, "t": torch.ones(2)})
+    assert ckpt.load_trainer_state(path)["progress"] == {"global_step": 3}
+    torch.save({"evil": ConfigError("x")}, path)  # an object, not data
+    with pytest.raises(CheckpointError, match="holds Python objects") as info:
+        ckpt.load_trainer_state(path)
+    assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
+    path.write_bytes(b"PK\x03\x04torn")
+    with pytest.raises(CheckpointError, match="not a readable vitlab trainer state") as info:
+        ckpt.load_trainer_state(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        ckpt.load_trainer_state(tmp_path / "absent" / ckpt.TRAINER_STATE)
+
+
+def test_read_run_config_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        ckpt.read_run_config(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        ckpt.read_run_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        ckpt.read_run_config(tmp_path)
+    (tmp_path / "config.json").write_text('["a list"]')
+    with pytest.raises(CheckpointError, match="not written by vitlab"):
+        ckpt.read_run_config(tmp_path)
+    ckpt.write_run_config(tmp_path, {"kind": "pretrain"})
+    assert ckpt.read_run_config(tmp_path) == {"format": "vitlab-run/1", "kind": "pretrain"}
+
+
+def test_load_encoder_weights_errors():
+    source = tiny_model().state_dict()
+    target = ViT(ViTConfig.from_dict({**CONFIG.to_dict(), "num_classes": 10}))
+    assert load_encoder_weights(target, source) == sum(k.startswith("encoder.") for k in source)
+    assert torch.equal(target.encoder.norm.weight, source["encoder.norm.weight"])
+    with pytest.raises(CheckpointError, match="no encoder tensor"):
+        load_encoder_weights(target, {k: v for k, v in source.items() if "norm" not in k})
+    with pytest.raises(CheckpointError, match="lacks"):
+        load_encoder_weights(target, {**source, "encoder.extra": torch.zeros(1)})
+    wide = ViT(ViTConfig.from_dict({**CONFIG.to_dict(), "width": 16, "mlp_dim": 32}))
+    with pytest.raises(CheckpointError, match="has shape"):
+        load_encoder_weights(wide, source)
+
+
+def test_log_lines_keep_the_tutorials_shape(tmp_path, capsys):
+    logger = RunLogger(tmp_path)
+    logger.event("Start", step=1, logging_interval=100, num_device=1)
+    logger.event("Train", step=100, ce=1.0262994, **{"steps/sec": 17.7213})
+    logger.event("Eval", step=391, epoch=1, accuracy=0.74261, ce=0.73963171)
+    logger.event("Finish", step=391, total_time=25.4321)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "vitlab-Start: step: 1; logging_interval: 100; num_device: 1;",
+        "vitlab-Train: step: 100; ce: 1.026299; steps/sec: 17.72;",
+        "vitlab-Eval: step: 391; epoch: 1; accuracy: 0.7426; ce: 0.7396317;",
+        "vitlab-Finish: step: 391; total_time: 25.4 sec;",
+    ]
+    assert re.match(r"^vitlab-Eval: step: \d+; epoch: \d+; accuracy: 0\.\d{4}; ce: [\d.]+;$",
+                    lines[2])
+    assert (tmp_path / ckpt.LOG).read_text().splitlines() == lines
+    records = ckpt.read_jsonl(tmp_path / ckpt.METRICS)
+    assert [r["event"] for r in records] == ["start", "train", "eval", "finish"]
+    assert records[2]["accuracy"] == 0.74261 and records[1]["steps/sec"] == 17.7213
