@@ -134,6 +134,13 @@ def test_finetune_learns_and_evaluate_agrees(finetuned, data, work):
     assert f"vitlab-Evaluate: accuracy: {evaluation['accuracy']:.4f}; " in proc.stdout
     assert "samples: 500;" in proc.stdout
 
+    # --eval-steps cuts the evaluation short, and never goes past one pass (in-process: quicker).
+    for steps, samples in (("2", 128), ("100", 500)):
+        out = work / f"evaluation-{steps}"
+        assert main(["evaluate", "--checkpoint", str(run_dir), "--batch-size", str(BATCH),
+                     "--eval-steps", steps, "--out", str(out), "--no-download"]) == 0
+        assert json.loads((out / "evaluation.json").read_text())["num_samples"] == samples
+
 
 def test_finetune_starts_from_the_pretrained_encoder(pretrained, data, work, capfd):
     pre, _ = pretrained

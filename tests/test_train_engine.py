@@ -206,6 +206,24 @@ def test_train_steps_per_epoch_extends_an_epoch_and_writes_the_run_dir(dataset, 
     assert again["ce"] == pytest.approx(evals[-1]["ce"], rel=1e-9)
 
 
+def test_eval_steps_cut_evaluation_short_but_never_repeat_samples(dataset, tmp_path,
+                                                                     monkeypatch):
+    from vitlab.train import engine
+
+    counted = []
+
+    def counting_evaluate(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        counted.append(result["num_samples"])
+        return result
+
+    monkeypatch.setattr(engine, "evaluate", counting_evaluate)
+    for steps, samples in ((1, 8), (2, 13), (51, 13)):  # 13 test images: 2 batches of 8
+        fit(tiny_model(), dataset, RECIPE,
+            options(1, train_steps_per_epoch=1, eval_steps_per_epoch=steps), tmp_path / str(steps))
+        assert counted.pop() == samples, steps
+
+
 def test_without_train_steps_an_epoch_is_one_pass(dataset, tmp_path):
     assert fit(tiny_model(), dataset, RECIPE, options(1), tmp_path).global_step == 3
 

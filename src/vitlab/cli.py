@@ -335,9 +335,11 @@ def _evaluate(args: argparse.Namespace, run_dir: str | None = None, spec: str | 
     from vitlab.data import SeedAugment
 
     batch_size = getattr(args, "eval_batch_size", None) or getattr(args, "batch_size", 256) or 256
+    eval_steps = getattr(args, "eval_steps", None)  # at most one pass over the test split
+    if eval_steps is not None and eval_steps > 0:
+        eval_steps = min(eval_steps, -(-len(dataset.test) // batch_size))
     loader = BatchLoader(dataset.test, batch_size, device=device, augment=SeedAugment(),
-                         train=False, shuffle=False, steps_per_epoch=getattr(args, "eval_steps",
-                                                                             None))
+                         train=False, shuffle=False, steps_per_epoch=eval_steps)
     start = time.perf_counter()
     result = evaluate(model, loader, precision=resolve_precision(args.precision, device),
                       num_classes=config.num_classes)

@@ -8,6 +8,7 @@ run resumed from a checkpoint ends bitwise equal (on the CPU) to one that was ne
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -254,9 +255,11 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     train_loader = BatchLoader(dataset.train, recipe.batch_size, device=device,
                                augment=make_augment(recipe), train=True, shuffle=True,
                                seed=options.seed, steps_per_epoch=options.train_steps_per_epoch)
+    eval_steps = options.eval_steps_per_epoch  # at most one pass: never count a sample twice
+    if eval_steps is not None:
+        eval_steps = min(eval_steps, math.ceil(len(dataset.test) / recipe.batch_size))
     eval_loader = BatchLoader(dataset.test, recipe.batch_size, device=device, augment=make_augment(
-        recipe), train=False, shuffle=False, seed=options.seed,
-        steps_per_epoch=options.eval_steps_per_epoch)
+        recipe), train=False, shuffle=False, seed=options.seed, steps_per_epoch=eval_steps)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * options.epochs
     logger = RunLogger(run_dir, quiet=options.quiet)
