@@ -218,6 +218,10 @@ def bad_runs(pretrained, finetuned, work) -> dict[str, Path]:
     runs["foreign"].mkdir()
     (runs["foreign"] / "config.json").write_text(json.dumps(
         {"architectures": ["ViTForImageClassification"], "hidden_size": 64}))
+    runs["partial"] = base / "partial"  # the format marker, but not a run's config
+    shutil.copytree(pre, runs["partial"])
+    (runs["partial"] / "config.json").write_text(json.dumps({"format": "vitlab-run/1",
+                                                             "kind": "pretrain"}))
     runs["garbage"] = base / "garbage"
     shutil.copytree(pre, runs["garbage"])
     (runs["garbage"] / "model.safetensors").write_bytes(b"\x00garbage, not safetensors" * 40)
@@ -262,6 +266,11 @@ BAD_INPUTS = {
                                   "no config.json"),
     "--from foreign run": (["finetune", "--from", "{foreign}", "--data", "{c10}"],
                            "not written by vitlab"),
+    "--from a partial config": (["finetune", "--from", "{partial}", "--data", "{c10}"],
+                                "no valid 'model' entry"),
+    "evaluate a partial config": (["evaluate", "--checkpoint", "{partial}"],
+                                  "no valid 'model' entry"),
+    "resume a partial config": (["pretrain", "--resume", "{partial}"], "no valid 'model' entry"),
     "--from garbage weights": (["finetune", "--from", "{garbage}", "--data", "{c10}"],
                                "not a readable safetensors file"),
     "--from without best": (["finetune", "--from", "{no_best}", "--weights", "best",
@@ -326,3 +335,31 @@ def test_bad_input_in_real_processes(bad_runs, data, work):
 def test_no_command_prints_help_and_exits_2(capfd):
     assert main([]) == 2
     assert "pretrain" in capfd.readouterr().out
+
+
+def test_image_size_is_saved_for_resume_and_evaluate(data, work, capfd):
+    """A run trained on resized images (--image-size) resumes and evaluates on the same sizes."""
+    import numpy as np
+
+    small = work / "small16"
+    small.mkdir()
+    for split, n in (("train", 64), ("test", 32)):
+        with np.load(data["cifar10"] / f"{split}.npz") as z:
+            np.savez(small / f"{split}.npz", x=z["x"][:n, ::2, ::2], y=z["y"][:n])
+    shutil.copy(data["cifar10"] / "classes.json", small / "classes.json")
+    run = work / "resized"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["pretrain", "--data", str(small), "--model", "micro", "--image-size", "32",
+                     "--epochs", "1", "--train-steps-per-epoch", "2", "--batch-size", "32",
+                     "--out", str(run), "--no-progress", "--no-download"]) == 0
+        assert json.loads((run / "config.json").read_text())["options"]["image_size"] == 32
+        capfd.readouterr()
+        assert main(["pretrain", "--resume", str(run), "--no-progress", "--no-download"]) == 0, \
+            capfd.readouterr().err
+        assert main(["evaluate", "--checkpoint", str(run), "--no-download"]) == 0, \
+            capfd.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((run / "evaluation" / "evaluation.json").read_text())["num_samples"] == 32

@@ -170,7 +170,8 @@ def test_evaluate_without_classes_has_no_confusion(dataset):
 def test_train_steps_per_epoch_extends_an_epoch_and_writes_the_run_dir(dataset, tmp_path):
     # 20 images at batch 8: 3 batches a pass; 5 steps an epoch continue into a second pass.
     result = fit(tiny_model(), dataset, RECIPE, options(2, train_steps_per_epoch=5), tmp_path,
-                 run_config={"kind": "pretrain", "model": CONFIG.to_dict()})
+                 run_config={"kind": "pretrain", "model": CONFIG.to_dict(), "data": "tiny",
+                             "options": {}})
     assert result.global_step == 10
     records = ckpt.read_jsonl(tmp_path / ckpt.METRICS)
     assert [r["event"] for r in records][0] == "start" and records[-1]["event"] == "finish"
@@ -382,8 +383,17 @@ def test_read_run_config_errors(tmp_path):
     (tmp_path / "config.json").write_text('["a list"]')
     with pytest.raises(CheckpointError, match="not written by vitlab"):
         ckpt.read_run_config(tmp_path)
-    ckpt.write_run_config(tmp_path, {"kind": "pretrain"})
-    assert ckpt.read_run_config(tmp_path) == {"format": "vitlab-run/1", "kind": "pretrain"}
+    complete = {"kind": "pretrain", "model": {}, "data": "d", "options": {}, "seed": 0,
+                "recipe": {}}
+    for key in complete:  # a vitlab config with an entry missing or mistyped
+        ckpt.write_run_config(tmp_path, {k: v for k, v in complete.items() if k != key})
+        with pytest.raises(CheckpointError, match=f"no valid '{key}' entry"):
+            ckpt.read_run_config(tmp_path)
+        ckpt.write_run_config(tmp_path, {**complete, key: None})
+        with pytest.raises(CheckpointError, match=f"no valid '{key}' entry"):
+            ckpt.read_run_config(tmp_path)
+    ckpt.write_run_config(tmp_path, complete)
+    assert ckpt.read_run_config(tmp_path) == {"format": "vitlab-run/1", **complete}
 
 
 def test_load_encoder_weights_errors():

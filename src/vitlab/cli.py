@@ -213,16 +213,16 @@ def _pretrain(args: argparse.Namespace, out: str | None = None) -> Path:
     run_dir = Path(out or args.out or "runs/pretrain")
     run_config = {"kind": "pretrain", "model_preset": model_name, "model": config.to_dict(),
                   "data": _data_spec(spec), "classes": dataset.classes,
-                  "options": _saved_options(options)}
+                  "options": _saved_options(options, args.image_size)}
     fit(model, dataset, recipe, options, run_dir, run_config)
     return run_dir
 
 
-def _saved_options(options) -> dict:
+def _saved_options(options, image_size: int | None = None) -> dict:
     return {"epochs": options.epochs, "train_steps_per_epoch": options.train_steps_per_epoch,
             "eval_steps_per_epoch": options.eval_steps_per_epoch,
             "checkpoint_steps": options.checkpoint_steps, "freeze_encoder": options.freeze_encoder,
-            "image_size": None}
+            "image_size": image_size}  # --image-size: resume and evaluate resize alike
 
 
 def _finetune(args: argparse.Namespace, source: str | None = None,
@@ -264,7 +264,7 @@ def _finetune(args: argparse.Namespace, source: str | None = None,
     run_dir = Path(out or args.out or "runs/finetune")
     run_config = {"kind": "finetune", "model_preset": pretrained.get("model_preset"),
                   "model": config.to_dict(), "data": _data_spec(spec),
-                  "classes": dataset.classes, "options": _saved_options(options),
+                  "classes": dataset.classes, "options": _saved_options(options, args.image_size),
                   "init": {"from": str(Path(source).resolve()), "weights": weights_file.name,
                            "encoder_tensors_copied": copied}}
     fit(model, dataset, recipe, options, run_dir, run_config)
@@ -288,9 +288,11 @@ def _resume(args: argparse.Namespace, kind: str) -> Path:
         raise ConfigError(f"{run_dir} is a {saved.get('kind')} run; resume it with "
                           f"vitlab {saved.get('kind')} --resume {run_dir}")
     config = ViTConfig.from_dict(saved["model"])
+    stored = saved["options"]
+    if args.image_size is None:
+        args.image_size = stored.get("image_size")
     dataset = _load_data(saved["data"], args, config.image_size)
     _check_fits(dataset, config, saved["data"])
-    stored = saved["options"]
     options = TrainOptions(
         epochs=stored["epochs"], seed=saved["seed"], device=args.device,
         precision=args.precision, compile=args.compile,
@@ -325,6 +327,8 @@ def _evaluate(args: argparse.Namespace, run_dir: str | None = None, spec: str | 
         raise ConfigError(f"{weights_file} does not fit the architecture in "
                           f"{run_dir / ckpt.CONFIG}: {str(e).splitlines()[1].strip()}") from None
     spec = spec or args.data or saved["data"]
+    if getattr(args, "image_size", None) is None and spec == saved["data"]:
+        args.image_size = saved.get("options", {}).get("image_size")
     dataset = _load_data(spec, args, config.image_size)
     _check_fits(dataset, config, spec)
     if dataset.num_classes > config.num_classes:

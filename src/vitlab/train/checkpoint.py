@@ -89,6 +89,12 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
         raise CheckpointError(f"{run_dir} was not written by vitlab ({CONFIG} has no "
                               f"'format': '{RUN_FORMAT}')")
+    # What every reader uses (cli.py): a hand-edited or truncated config is refused up front.
+    for key, kind in (("kind", str), ("model", dict), ("data", str), ("options", dict),
+                      ("seed", int), ("recipe", dict)):
+        if not isinstance(config.get(key), kind):
+            raise CheckpointError(f"{path} has no valid {key!r} entry; it is not a complete "
+                                  "vitlab run config")
     return config
 
 
