@@ -138,3 +138,25 @@ def test_image_folder_sizes(tmp_path):
         load_dataset(src, root=tmp_path / "root")
     ds = load_dataset(src, root=tmp_path / "root", image_size=6)
     assert ds.train.images.shape == (2, 6, 6, 3) and ds.test.images.shape == (1, 6, 6, 3)
+
+
+def test_repickled_batches_with_text_keys_and_array_labels(tmp_path):
+    # A batch re-pickled under Python 3 (as ciFAIR's replaced test set may be): str keys, an
+    # int64 label array, numpy-scalar labels, str class names. Same images and labels must come out.
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
+    labels = rng.integers(0, 100, 20)
+    members = cifar_members(hundred=True)
+    members["test"] = pickle.dumps({"data": data, "fine_labels": labels})
+    members["train"] = pickle.dumps(
+        {"data": np.concatenate([data] * 5), "fine_labels": [np.int64(v) for v in labels] * 5}
+    )
+    members["meta"] = pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]})
+    for name, blob in members.items():
+        write_file(tmp_path / "ciFAIR-100" / name, blob)
+    ds = load_dataset("cifair100", root=tmp_path, download=False)
+    expected = torch.from_numpy(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy())
+    assert torch.equal(ds.test.images, expected)
+    assert ds.test.labels.tolist() == labels.tolist()
+    assert ds.train.labels.tolist() == labels.tolist() * 5
+    assert ds.classes[:2] == ["c0", "c1"]

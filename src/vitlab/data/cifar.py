@@ -90,29 +90,45 @@ def source_url(src: Source) -> str:
     return f"{mirror.rstrip('/')}/{src.filename}" if mirror else src.url
 
 
+def _text_keys(d: object, member: str) -> dict:
+    """The pickle's dict with str keys: CIFAR's are bytes (Python 2), a re-pickled one's str."""
+    if not isinstance(d, dict):
+        raise DataFormatError(f"{member}: not a CIFAR batch (a pickled dict is expected)")
+    return {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def _int_labels(labels: object, member: str) -> np.ndarray:
+    """Labels as a list of ints (CIFAR) or of numpy integers, or a 1-D integer array."""
+    if isinstance(labels, list) and all(isinstance(v, int | np.integer) for v in labels):
+        return np.asarray(labels, dtype=np.int64)
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        return labels.astype(np.int64)
+    raise DataFormatError(f"{member}: labels must be a list of ints; use the official file")
+
+
 def _parse_batch(data: bytes, src: Source, member: str, num_classes: int | None):
-    d = safe_unpickle(data, member)
-    if not isinstance(d, dict) or b"data" not in d or src.label_key not in d:
-        raise DataFormatError(f"{member}: not a CIFAR batch (needs 'data' and {src.label_key!r})")
-    x, labels = d[b"data"], d[src.label_key]
+    d = _text_keys(safe_unpickle(data, member), member)
+    label_key = src.label_key.decode()
+    if "data" not in d or label_key not in d:
+        raise DataFormatError(f"{member}: not a CIFAR batch (needs 'data' and {label_key!r})")
+    x, y = d["data"], _int_labels(d[label_key], member)
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
         raise DataFormatError(
             f"{member}: 'data' must be a uint8 [N,3072] array; use the official file"
         )
-    if not isinstance(labels, list) or not all(type(v) is int for v in labels):
-        raise DataFormatError(f"{member}: labels must be a list of ints; use the official file")
-    y = np.asarray(labels, dtype=np.int64)
     x = x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CIFAR rows are channel-major
     check_arrays(x, y, num_classes or 1 << 31, member)
     return x, y
 
 
 def _parse_names(data: bytes, src: Source, member: str) -> list[str]:
-    d = safe_unpickle(data, member)
-    names = d.get(src.names_key) if isinstance(d, dict) else None
-    if not isinstance(names, list) or not names or not all(isinstance(n, bytes) for n in names):
-        raise DataFormatError(f"{member}: needs a list of class names {src.names_key!r}")
-    return [n.decode("utf-8") for n in names]
+    d = _text_keys(safe_unpickle(data, member), member)
+    names = d.get(src.names_key.decode())
+    if not isinstance(names, list) or not names or not all(
+        isinstance(n, bytes | str) for n in names
+    ):
+        raise DataFormatError(f"{member}: needs a list of class names {src.names_key.decode()!r}")
+    return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
 
 
 def parse_cifar(read: Callable[[str], bytes], src: Source, where: str):

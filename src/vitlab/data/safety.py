@@ -16,10 +16,14 @@ from vitlab.errors import DataFormatError, UnsafeDataError
 
 # numpy's array-rebuild function, taken from numpy itself so no module is imported by name.
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]
+# numpy's scalar-rebuild function (a pickled np.int64 label, say), found the same way.
+_SCALAR = np.int64(0).__reduce__()[0]
 # The only globals a pickled numpy array needs; every other import is refused.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.multiarray", "scalar"): _SCALAR,
+    ("numpy._core.multiarray", "scalar"): _SCALAR,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
 }
