@@ -48,6 +48,10 @@ class ViTConfig:
     norm_first: bool = False  # False: post-norm, as nn.TransformerEncoderLayer's default
     encoder_norm_eps: float = 1e-5  # PyTorch's LayerNorm default, used inside the blocks
     final_norm_eps: float = 1e-6  # the tutorial's LayerNorm on the CLS output
+    # "tutorial": the values the tutorial's ViTModel starts from for the same torch seed (xavier
+    # QKV, zero attention biases, every block a copy of the first); "independent": each block
+    # drawn by its own layers' PyTorch defaults.
+    init: str = "tutorial"
 
     def __post_init__(self) -> None:
         positive = ("image_size", "patch_size", "num_channels", "width", "depth", "num_heads",
@@ -62,8 +66,10 @@ class ViTConfig:
             )
         if self.width % self.num_heads:
             raise ConfigError(f"width {self.width} must be divisible by num_heads {self.num_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.dropout, float | int) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if self.init not in ("tutorial", "independent"):
+            raise ConfigError(f"init must be 'tutorial' or 'independent', got {self.init!r}")
 
     @property
     def num_patches(self) -> int:
@@ -81,8 +87,9 @@ class ViTConfig:
         return cls(**values)
 
 
-# Named architectures. The tutorial's mini ViT is "seed-mini"; ViT-Ti/S/B follow the ViT and DeiT
-# papers (patch 16 at 224 px, pre-norm as in the paper, MLP ratio 4).
+# Named architectures. "seed-mini" is the tutorial's CIFAR model and "vit-base-16" its ViTModel
+# defaults (post-norm, dropout 0.1, as the tutorial builds them); "vit-tiny-16" and "vit-small-16"
+# are the ViT-Ti/S shapes of the DeiT paper, pre-norm as in the ViT paper.
 PRESETS: dict[str, dict] = {
     "seed-mini": dict(image_size=32, patch_size=4, width=256, depth=6, num_heads=8, mlp_dim=512,
                       dropout=0.1, norm_first=False),
@@ -244,10 +251,35 @@ class ViTEncoder(nn.Module):
 
 class ViT(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
+        rng_at_start = torch.get_rng_state()
         super().__init__()
         self.config = config
         self.encoder = ViTEncoder(config)
         self.head = nn.Linear(config.width, config.num_classes)
+        if config.init == "tutorial":
+            torch.set_rng_state(rng_at_start)
+            self._init_like_tutorial()
+
+    @torch.no_grad()
+    def _init_like_tutorial(self) -> None:
+        """Draw the weights in the order, and with the rules, of the tutorial's constructors.
+
+        ViTEmbeddings' conv; then one nn.TransformerEncoderLayer: MultiheadAttention (out_proj
+        as a Linear, then xavier-uniform in_proj and zero in_proj/out_proj biases), linear1,
+        linear2; nn.TransformerEncoder deep-copies that layer into every block; then the head.
+        From the same torch seed this gives the tutorial's initial weights bit for bit.
+        """
+        self.encoder.embedding.proj.reset_parameters()
+        first = self.encoder.blocks[0]
+        first.attn.proj.reset_parameters()
+        nn.init.xavier_uniform_(first.attn.qkv.weight)
+        nn.init.zeros_(first.attn.qkv.bias)
+        nn.init.zeros_(first.attn.proj.bias)
+        first.mlp.fc1.reset_parameters()
+        first.mlp.fc2.reset_parameters()
+        for block in self.encoder.blocks[1:]:
+            block.load_state_dict(first.state_dict())
+        self.head.reset_parameters()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(images))
