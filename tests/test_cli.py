@@ -302,6 +302,15 @@ BAD_INPUTS = {
     "resume a state that does not fit the config": (["pretrain", "--resume", "{wider}"],
                                                     "does not fit this run"),
     "resume a foreign dir": (["finetune", "--resume", "{foreign}"], "not written by vitlab"),
+    "out dir holds a run": (["pretrain", "--model", "micro", "--data", "{c10}", "--out", "{pre}"],
+                            "already holds a run"),
+    "seed out of range": (["pretrain", "--data", "{c10}", "--seed", "-1"], "--seed must be"),
+    "unusable device": (["pretrain", "--model", "micro", "--data", "{c10}", "--device", "mps",
+                         "--out", "{work}/mps"], "cannot be used here"),
+    "evaluate with batch size 0": (["evaluate", "--checkpoint", "{fine}", "--batch-size", "0"],
+                                   "--batch-size must be at least 1"),
+    "resume with --overwrite": (["pretrain", "--resume", "{pre}", "--overwrite"],
+                                "drop --overwrite"),
 }
 
 

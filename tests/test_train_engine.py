@@ -429,3 +429,23 @@ def test_log_lines_keep_the_tutorials_shape(tmp_path, capsys):
     records = ckpt.read_jsonl(tmp_path / ckpt.METRICS)
     assert [r["event"] for r in records] == ["start", "train", "eval", "finish"]
     assert records[2]["accuracy"] == 0.74261 and records[1]["steps/sec"] == 17.7213
+
+
+def test_overwrite_replaces_an_earlier_run_entirely(tmp_path):
+    ckpt_mod = ckpt
+    for name in ckpt_mod.RUN_FILES:
+        (tmp_path / name).write_text("old")
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        ckpt_mod.prepare_fresh_run_dir(tmp_path, overwrite=False)
+    assert (tmp_path / ckpt_mod.BEST_WEIGHTS).read_text() == "old"  # nothing touched
+    ckpt_mod.prepare_fresh_run_dir(tmp_path, overwrite=True)
+    assert not any((tmp_path / name).exists() for name in ckpt_mod.RUN_FILES)
+
+
+def test_augment_none_still_normalizes_like_evaluation():
+    from vitlab.train.engine import make_augment
+
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    none = make_augment(recipe("seed", augment="none"))
+    expected = SeedAugment()(images, False)
+    assert torch.equal(none(images, True, torch.Generator().manual_seed(0)), expected)

@@ -64,6 +64,8 @@ def _add_common(p: argparse.ArgumentParser, epochs_help: str) -> None:
     r.add_argument("--log-steps", type=int, default=100,
                    help="a train line every N steps; 0: epoch lines only")
     r.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in the output directory")
     _add_data_flags(r)
 
 
@@ -176,13 +178,16 @@ def _options(args: argparse.Namespace, epochs: int, freeze: bool = False):
         if getattr(args, name, None) == 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (omit it for a "
                               "whole epoch)")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed must be in 0..2**63-1, got {args.seed}")
     return TrainOptions(
         epochs=epochs, seed=args.seed if args.seed is not None else 0, device=args.device,
         precision=args.precision, compile=args.compile,
         train_steps_per_epoch=args.train_steps_per_epoch,
         eval_steps_per_epoch=args.eval_steps_per_epoch, log_steps=args.log_steps,
         checkpoint_steps=args.checkpoint_steps or 0,
-        progress=False if args.no_progress else None, freeze_encoder=freeze)
+        progress=False if args.no_progress else None, freeze_encoder=freeze,
+        overwrite=args.overwrite)
 
 
 def _data_spec(spec: str) -> str:
@@ -280,6 +285,9 @@ def _resume(args: argparse.Namespace, kind: str) -> Path:
     changed = [f"--{k.replace('_', '-')}" for k in (*_RECIPE_FLAGS, *_RUN_FLAGS, "recipe", "data",
                                                      "model", "out", "source", "num_classes")
                if getattr(args, k, None) is not None]
+    changed += [flag for flag, given in (("--freeze-encoder", getattr(args, "freeze_encoder", False)),
+                                         ("--weights", getattr(args, "weights", "last") != "last"),
+                                         ("--overwrite", args.overwrite)) if given]
     if changed:
         raise ConfigError(f"--resume continues a run with its saved settings; drop {changed[0]}")
     run_dir = Path(args.resume)
@@ -338,10 +346,14 @@ def _evaluate(args: argparse.Namespace, run_dir: str | None = None, spec: str | 
     model.to(device)
     from vitlab.data import SeedAugment
 
-    batch_size = getattr(args, "eval_batch_size", None) or getattr(args, "batch_size", 256) or 256
-    eval_steps = getattr(args, "eval_steps", None)  # at most one pass over the test split
-    if eval_steps is not None and eval_steps > 0:
-        eval_steps = min(eval_steps, -(-len(dataset.test) // batch_size))
+    batch_size = args.batch_size if args.batch_size is not None else 256
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    eval_steps = getattr(args, "eval_steps", None)
+    if eval_steps is not None:
+        if eval_steps < 1:
+            raise ConfigError(f"--eval-steps must be at least 1, got {eval_steps}")
+        eval_steps = min(eval_steps, -(-len(dataset.test) // batch_size))  # at most one pass
     loader = BatchLoader(dataset.test, batch_size, device=device, augment=SeedAugment(),
                          train=False, shuffle=False, steps_per_epoch=eval_steps)
     start = time.perf_counter()
@@ -399,6 +411,16 @@ def _info(args: argparse.Namespace) -> None:
     print(f"forward pass: input {list(images.shape)} -> logits {list(logits.shape)}")
 
 
+def _run_kind(run_dir: Path) -> str:
+    """pretrain or finetune: which command resumes the stage of `vitlab run` in `run_dir`."""
+    from vitlab.train import checkpoint as ckpt
+
+    try:
+        return ckpt.read_run_config(run_dir).get("kind", "pretrain")
+    except VitlabError:
+        return "pretrain"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -415,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitlab {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except Interrupted as e:
-        print(f"vitlab {args.command}: {e}; continue with: vitlab {args.command} --resume "
+        kind = args.command if args.command != "run" else _run_kind(e.run_dir)
+        print(f"vitlab {args.command}: {e}; continue with: vitlab {kind} --resume "
               f"{e.run_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:

@@ -84,7 +84,10 @@ class ViTConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown ViTConfig fields: {', '.join(unknown)}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TypeError as e:  # e.g. a hand-edited config.json with a string for a number
+            raise ConfigError(f"invalid ViTConfig values ({e})") from None
 
 
 # Named architectures. "seed-mini" is the tutorial's CIFAR model and "vit-base-16" its ViTModel

@@ -98,6 +98,21 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     return config
 
 
+RUN_FILES = (CONFIG, WEIGHTS, BEST_WEIGHTS, TRAINER_STATE, METRICS, LOG, CURVES)
+
+
+def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Make `run_dir` ready for a new run: refuse to mix with an earlier run unless `overwrite`."""
+    run_dir = Path(run_dir)
+    leftovers = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if leftovers and not overwrite:
+        raise CheckpointError(
+            f"{run_dir} already holds a run ({leftovers[0]}); continue it with --resume "
+            f"{run_dir}, choose another --out, or pass --overwrite to replace it")
+    for name in leftovers:
+        (run_dir / name).unlink()
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")

@@ -57,6 +57,7 @@ class TrainOptions:
     progress: bool | None = None  # progress bar; None: when stdout is a terminal
     freeze_encoder: bool = False  # train the head only (a linear probe)
     quiet: bool = False  # no console lines (log.txt and metrics.jsonl are still written)
+    overwrite: bool = False  # replace a run already in the run directory (else: refuse)
 
 
 @dataclass
@@ -90,6 +91,11 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU; "
                           "use --device cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ConfigError(f"device {name!r} cannot be used here ({str(e).splitlines()[0]}); "
+                          "use --device cpu or auto") from None
     return device
 
 
@@ -110,8 +116,12 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def make_augment(recipe: Recipe) -> Callable | None:
-    return SeedAugment() if recipe.augment == "seed" else None
+def make_augment(recipe: Recipe) -> Callable:
+    """The recipe's batch transform; "none" still normalizes (the eval transform, always)."""
+    seed = SeedAugment()
+    if recipe.augment == "seed":
+        return seed
+    return lambda images, train, generator: seed(images, False, generator)
 
 
 def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | None = None,
@@ -271,15 +281,14 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             progress = Progress(**state["progress"])
+            _set_rng_state(state["rng"], device)
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise CheckpointError(f"{run_dir / ckpt.TRAINER_STATE} does not fit this run "
                                   f"({str(e).splitlines()[0]})") from None
-        _set_rng_state(state["rng"], device)
         ckpt.truncate_metrics(run_dir / ckpt.METRICS, progress.global_step)
         logger.event("Resume", step=progress.global_step, epoch=progress.epoch + 1)
     else:
-        for name in (ckpt.METRICS, ckpt.LOG):
-            (run_dir / name).unlink(missing_ok=True)
+        ckpt.prepare_fresh_run_dir(run_dir, overwrite=options.overwrite)
         # Dropout's stream: seeded apart from the loader's, so it doesn't depend on model init.
         torch.manual_seed(mix_seed(options.seed, 0xD80F))
         if device.type == "cuda":
@@ -296,6 +305,11 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
         model.encoder.eval()  # a linear probe reads fixed features: no dropout in them
 
     def save_checkpoint(last_eval: dict | None = None) -> None:
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise TrainingDiverged(
+                f"the weights became non-finite by step {progress.global_step}; the run stopped "
+                f"and its last good checkpoint in {run_dir} is kept; start a new run with a "
+                "lower --lr or with --grad-clip")
         progress.epoch_loss_sum = loss_sum.item() if progress.step_in_epoch else 0.0
         state_dict = model.state_dict()
         meta = {"step": str(progress.global_step), "epoch": str(progress.epoch)}
@@ -411,8 +425,8 @@ def _check_finite(bad_loss: torch.Tensor, loss: torch.Tensor | None, progress: P
         value = "non-finite" if loss is None else f"{loss.item()}"
         raise TrainingDiverged(
             f"the loss became {value} by step {progress.global_step}; the run stopped and its "
-            f"last good checkpoint in {run_dir} is kept; lower the learning rate (--lr) or clip "
-            "gradients (--grad-clip)")
+            f"last good checkpoint in {run_dir} is kept; start a new run with a lower --lr or "
+            "with --grad-clip")
 
 
 def _plot_curves(run_dir: Path) -> None:

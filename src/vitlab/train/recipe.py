@@ -47,7 +47,7 @@ class Recipe:
             (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
             (self.weight_decay >= 0, "weight decay must be >= 0"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-            (self.warmup_epochs >= 0, "warm-up epochs must be >= 0"),
+            (0 <= self.warmup_epochs < math.inf, "warm-up epochs must be a number >= 0"),
             (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.epochs >= 0 and self.finetune_epochs >= 0, "epochs must be >= 0"),
