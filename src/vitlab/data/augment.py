@@ -250,6 +250,10 @@ class SeedAugment(Compose):
     train=True: reflect-101 pad by pad_to - crop pixels, random crop back to the input size,
     flip with flip_p, normalize, one hole x hole dropout, HWC -> CHW.
     train=False: normalize and HWC -> CHW only.
+
+    pad_to and crop are the tutorial's PadIfNeeded(40) and RandomCrop(32) on 32 px images; only
+    their difference is used, so other image sizes get the same border (4 px each side here)
+    and a crop of their own size, not a 32 px crop.
     """
 
     def __init__(
