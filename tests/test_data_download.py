@@ -121,3 +121,18 @@ def test_no_download_error_says_what_to_put_where(tmp_path):
     msg = str(e.value)
     assert SOURCES["cifar100"].url in msg and SOURCES["cifar100"].md5 in msg
     assert str(tmp_path / "cifar-100-python.tar.gz") in msg
+
+
+def test_whole_part_file_is_kept_without_a_network(tmp_path):
+    # Killed after the last byte but before the rename: the next call must not fetch again.
+    from vitlab.data.download import download
+
+    blob = b"x" * 1000
+    dest = tmp_path / "archive.tar.gz"
+    (tmp_path / "archive.tar.gz.part").write_bytes(blob)
+    with socket.socket() as s:  # a port nobody listens on: any request would fail
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    download(f"http://127.0.0.1:{port}/archive.tar.gz", dest, md5(blob), retries=1, timeout=2)
+    assert dest.read_bytes() == blob
+    assert not (tmp_path / "archive.tar.gz.part").exists()

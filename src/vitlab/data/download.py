@@ -77,12 +77,14 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     error: Exception | None = None
-    for _ in range(retries):
+    # A part file that is already whole (a kill between the last byte and the rename) is kept.
+    already_whole = md5 is not None and part.exists() and md5sum(part) == md5
+    for _ in range(0 if already_whole else retries):
         try:
             _fetch_once(url, part, timeout, progress)
             error = None
             break
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             error = e
             if isinstance(e, urllib.error.HTTPError) and e.code < 500 and e.code != 416:
                 break  # a 404 or 403 will not heal by retrying
