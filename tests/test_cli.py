@@ -302,6 +302,7 @@ BAD_INPUTS = {
     "resume a state that does not fit the config": (["pretrain", "--resume", "{wider}"],
                                                     "does not fit this run"),
     "resume a foreign dir": (["finetune", "--resume", "{foreign}"], "not written by vitlab"),
+    "resume a finished run": (["pretrain", "--resume", "{pre}"], "already finished"),
     "out dir holds a run": (["pretrain", "--model", "micro", "--data", "{c10}", "--out", "{pre}"],
                             "already holds a run"),
     "seed out of range": (["pretrain", "--data", "{c10}", "--seed", "-1"], "--seed must be"),
@@ -365,8 +366,10 @@ def test_image_size_is_saved_for_resume_and_evaluate(data, work, capfd):
                      "--out", str(run), "--no-progress", "--no-download"]) == 0
         assert json.loads((run / "config.json").read_text())["options"]["image_size"] == 32
         capfd.readouterr()
-        assert main(["pretrain", "--resume", str(run), "--no-progress", "--no-download"]) == 0, \
-            capfd.readouterr().err
+        # The run is finished, so resume refuses - but only after loading the data at the saved
+        # size (a 16x16 size mismatch would be reported instead).
+        assert main(["pretrain", "--resume", str(run), "--no-progress", "--no-download"]) == 2
+        assert "already finished" in capfd.readouterr().err
         assert main(["evaluate", "--checkpoint", str(run), "--no-download"]) == 0, \
             capfd.readouterr().err
     finally:

@@ -285,6 +285,9 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
         except (KeyError, RuntimeError, TypeError, ValueError) as e:
             raise CheckpointError(f"{run_dir / ckpt.TRAINER_STATE} does not fit this run "
                                   f"({str(e).splitlines()[0]})") from None
+        if progress.epoch >= options.epochs:
+            raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
+                                  "nothing to resume")
         ckpt.truncate_metrics(run_dir / ckpt.METRICS, progress.global_step)
         logger.event("Resume", step=progress.global_step, epoch=progress.epoch + 1)
     else:
