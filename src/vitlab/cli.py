@@ -12,13 +12,22 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from vitlab import __version__
 from vitlab.errors import ConfigError, VitlabError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+def _int(text: str) -> int:
+    """An integer flag small enough for any tensor size (larger ones are typos, not requests)."""
+    value = int(text)
+    if abs(value) >= 2**31:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (at most {2**31 - 1})")
+    return value
+
+
+_int.__name__ = "int"  # argparse names the type in its "invalid int value" message
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,8 +48,8 @@ _RUN_FLAGS = ("epochs", "train_steps_per_epoch", "eval_steps_per_epoch", "seed",
 def _add_common(p: argparse.ArgumentParser, epochs_help: str) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--recipe", default=None, help="named recipe (default: seed, the tutorial's)")
-    g.add_argument("--epochs", type=int, default=None, help=epochs_help)
-    g.add_argument("--batch-size", type=int, default=None, help="default 128")
+    g.add_argument("--epochs", type=_int, default=None, help=epochs_help)
+    g.add_argument("--batch-size", type=_int, default=None, help="default 128")
     g.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
     g.add_argument("--lr", type=float, default=None, help="base learning rate (seed: 0.01)")
     g.add_argument("--momentum", type=float, default=None)
@@ -49,19 +58,19 @@ def _add_common(p: argparse.ArgumentParser, epochs_help: str) -> None:
     g.add_argument("--warmup-epochs", type=float, default=None)
     g.add_argument("--label-smoothing", type=float, default=None)
     g.add_argument("--grad-clip", type=float, default=None, help="max global gradient norm")
-    g.add_argument("--train-steps-per-epoch", type=int, default=None,
+    g.add_argument("--train-steps-per-epoch", type=_int, default=None,
                    help="exactly N batches per epoch (cut short or extended)")
-    g.add_argument("--eval-steps-per-epoch", type=int, default=None,
+    g.add_argument("--eval-steps-per-epoch", type=_int, default=None,
                    help="evaluate on N batches only (default: the whole test split)")
     g.add_argument("--seed", type=int, default=None, help="default 0")
-    g.add_argument("--checkpoint-steps", type=int, default=None,
+    g.add_argument("--checkpoint-steps", type=_int, default=None,
                    help="also save a resumable checkpoint every N steps (default: epoch ends)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     r.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
-    r.add_argument("--log-steps", type=int, default=100,
+    r.add_argument("--log-steps", type=_int, default=100,
                    help="a train line every N steps; 0: epoch lines only")
     r.add_argument("--no-progress", action="store_true", help="no progress bar on a terminal")
     r.add_argument("--overwrite", action="store_true",
@@ -74,7 +83,7 @@ def _add_data_flags(g) -> None:
                    help="where named datasets are cached (default: $VITLAB_DATA, ~/.cache/vitlab)")
     g.add_argument("--no-download", action="store_true",
                    help="never download; fail with instructions instead")
-    g.add_argument("--image-size", type=int, default=None,
+    g.add_argument("--image-size", type=_int, default=None,
                    help="resize the dataset's images to this size (default: image folders are "
                         "resized to the model's size, other datasets must already fit)")
 
@@ -102,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", default=None, help="default: cifair10")
     f.add_argument("--model", default=None,
                    help="architecture check: must match the pre-trained one")
-    f.add_argument("--num-classes", type=int, default=None,
+    f.add_argument("--num-classes", type=_int, default=None,
                    help="head size (default: the dataset's classes; 100 = the tutorial's)")
     f.add_argument("--freeze-encoder", action="store_true", help="train the head only")
     f.add_argument("--out", default=None, help="run directory (default: runs/finetune)")
@@ -114,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", choices=["last", "best"], default="last")
     e.add_argument("--data", default=None, help="default: the run's own dataset")
     e.add_argument("--out", default=None, help="default: RUN_DIR/evaluation")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--eval-steps", type=int, default=None, help="evaluate N batches only")
+    e.add_argument("--batch-size", type=_int, default=256)
+    e.add_argument("--eval-steps", type=_int, default=None, help="evaluate N batches only")
     e.add_argument("--device", default="auto")
     e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     _add_data_flags(e)
@@ -124,15 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pretrain-data", default="cifair100")
     r.add_argument("--finetune-data", default="cifair10")
     r.add_argument("--model", default="seed-mini")
-    r.add_argument("--finetune-epochs", type=int, default=None, help="seed: 1")
-    r.add_argument("--num-classes", type=int, default=None,
+    r.add_argument("--finetune-epochs", type=_int, default=None, help="seed: 1")
+    r.add_argument("--num-classes", type=_int, default=None,
                    help="fine-tuning head size (default: the dataset's)")
     r.add_argument("--out", default="runs/tutorial")
     _add_common(r, "pre-training epochs (seed: 100)")
 
     i = sub.add_parser("info", help="build a model preset, print its size and run a forward pass")
     i.add_argument("--model", default="seed-mini")
-    i.add_argument("--num-classes", type=int, default=100)
+    i.add_argument("--num-classes", type=_int, default=100)
     return parser
 
 
@@ -149,6 +158,10 @@ def _load_data(spec: str, args: argparse.Namespace, model_image_size: int | None
     from vitlab.data.imagefolder import is_image_folder
 
     size = args.image_size
+    if size is not None and model_image_size is not None and size != model_image_size:
+        raise ConfigError(f"--image-size {size} does not match the model's "
+                          f"{model_image_size}x{model_image_size} input; use "
+                          f"--image-size {model_image_size}")
     if size is None and model_image_size is not None and is_image_folder(Path(spec)):
         size = model_image_size
     return load_dataset(spec, root=args.data_root, download=not args.no_download, image_size=size)
@@ -213,6 +226,8 @@ def _pretrain(args: argparse.Namespace, out: str | None = None) -> Path:
     dataset = _load_data(spec, args, config.image_size)
     config = preset(model_name, num_classes=dataset.num_classes)
     _check_fits(dataset, config, spec)
+    import torch
+
     torch.manual_seed(options.seed)
     model = ViT(config)
     run_dir = Path(out or args.out or "runs/pretrain")
@@ -263,6 +278,8 @@ def _finetune(args: argparse.Namespace, source: str | None = None,
                           f"classes of {spec}")
     config = ViTConfig.from_dict({**base.to_dict(), "num_classes": num_classes})
     _check_fits(dataset, config, spec)
+    import torch
+
     torch.manual_seed(options.seed)
     model = ViT(config)
     copied = load_encoder_weights(model, pretrained_weights)
@@ -342,6 +359,10 @@ def _evaluate(args: argparse.Namespace, run_dir: str | None = None, spec: str | 
     if dataset.num_classes > config.num_classes:
         raise ConfigError(f"{spec} has {dataset.num_classes} classes but the model predicts "
                           f"{config.num_classes}")
+    trained_on = saved.get("classes")
+    if trained_on and list(dataset.classes) != list(trained_on)[: dataset.num_classes]:
+        raise ConfigError(f"{spec} has other classes than the model learned "
+                          f"({', '.join(trained_on[:3])}, ...); evaluate on that dataset")
     device = resolve_device(args.device)
     model.to(device)
     from vitlab.data import SeedAugment
@@ -382,6 +403,8 @@ def _evaluate(args: argparse.Namespace, run_dir: str | None = None, spec: str | 
 def _run(args: argparse.Namespace) -> None:
     """The tutorial in one command: pretrain, fine-tune from it, evaluate the result."""
     out = Path(args.out)
+    if args.finetune_epochs is not None and args.finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     pre_args = argparse.Namespace(**{**vars(args), "data": args.pretrain_data, "resume": None,
                                      "out": None})
     pretrain_dir = _pretrain(pre_args, out=str(out / "pretrain"))
@@ -396,6 +419,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
+    import torch
+
     from vitlab.model import ViT, preset
 
     config = preset(args.model, num_classes=args.num_classes)
@@ -427,8 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from vitlab.train.engine import Interrupted
-
+    try:
+        from vitlab.train.engine import Interrupted
+    except KeyboardInterrupt:
+        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     try:
         {"pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate, "run": _run,
          "info": _info}[args.command](args)

@@ -60,6 +60,9 @@ class ViTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_classes > 1_000_000 or self.image_size > 16_384:
+            raise ConfigError(f"num_classes must be at most 1,000,000 and image_size at most "
+                              f"16,384, got {self.num_classes} and {self.image_size}")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"image size {self.image_size} must be a multiple of patch size {self.patch_size}"

@@ -88,6 +88,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"vitlab trains on cpu or cuda devices, not {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU; "
                           "use --device cpu")
@@ -426,10 +428,11 @@ def _check_finite(bad_loss: torch.Tensor, loss: torch.Tensor | None, progress: P
                   run_dir: Path) -> None:
     if bad_loss.item():
         value = "non-finite" if loss is None else f"{loss.item()}"
+        kept = (f"its last good checkpoint in {run_dir} is kept"
+                if (run_dir / ckpt.TRAINER_STATE).exists() else "no checkpoint had been saved yet")
         raise TrainingDiverged(
-            f"the loss became {value} by step {progress.global_step}; the run stopped and its "
-            f"last good checkpoint in {run_dir} is kept; start a new run with a lower --lr or "
-            "with --grad-clip")
+            f"the loss became {value} by step {progress.global_step}; the run stopped and "
+            f"{kept}; start a new run with a lower --lr or with --grad-clip")
 
 
 def _plot_curves(run_dir: Path) -> None:

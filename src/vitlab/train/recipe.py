@@ -45,7 +45,7 @@ class Recipe:
             raise ConfigError(f"unknown augmentation {self.augment!r}; known: {', '.join(AUGMENTATIONS)}")
         checks = [
             (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
-            (self.weight_decay >= 0, "weight decay must be >= 0"),
+            (0 <= self.weight_decay < math.inf, "weight decay must be a number >= 0"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (0 <= self.warmup_epochs < math.inf, "warm-up epochs must be a number >= 0"),
             (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
