@@ -400,26 +400,14 @@ def _evaluate(args: argparse.Namespace, run_dir: str | None = None, spec: str | 
     return report
 
 
-def _check_spec_exists(spec: str) -> None:
-    """Fail fast on a dataset spec that is neither a known name nor a dataset folder."""
-    from vitlab.data.arrays import is_array_folder
-    from vitlab.data.cifar import SOURCES
-    from vitlab.data.imagefolder import is_image_folder
-    from vitlab.errors import DatasetNotFoundError
-
-    path = Path(spec).expanduser()
-    if spec.lower() not in SOURCES and not (is_array_folder(path) or is_image_folder(path)):
-        raise DatasetNotFoundError(
-            f"{spec!r} is neither a dataset name ({', '.join(SOURCES)}) nor an array or image "
-            "folder")
-
-
 def _run(args: argparse.Namespace) -> None:
     """The tutorial in one command: pretrain, fine-tune from it, evaluate the result."""
     out = Path(args.out)
     if args.finetune_epochs is not None and args.finetune_epochs < 0:
         raise ConfigError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
-    _check_spec_exists(args.finetune_data)  # before, not after, hours of pre-training
+    from vitlab.data.sources import spec_kind
+
+    spec_kind(args.finetune_data)  # fail before, not after, hours of pre-training
     pre_args = argparse.Namespace(**{**vars(args), "data": args.pretrain_data, "resume": None,
                                      "out": None})
     pretrain_dir = _pretrain(pre_args, out=str(out / "pretrain"))

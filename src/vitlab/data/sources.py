@@ -35,6 +35,22 @@ def _resize(split: Split, size: int) -> Split:
     return Split(torch.cat(out), split.labels, split.classes)
 
 
+def spec_kind(spec: str | os.PathLike) -> str:
+    """"name", "arrays" or "images": what a dataset spec points at, without loading it."""
+    name = os.fspath(spec)
+    if name.lower() in SOURCES:  # a name wins; write ./cifar10 for a folder of that name
+        return "name"
+    path = Path(name).expanduser()
+    if is_array_folder(path):
+        return "arrays"
+    if is_image_folder(path):
+        return "images"
+    raise DatasetNotFoundError(
+        f"{name!r} is neither a dataset name ({', '.join(SOURCES)}), an array folder "
+        "(train.npz, test.npz, classes.json) nor an image folder (train/<class>/, test/<class>/)"
+    )
+
+
 def load_dataset(
     spec: str | os.PathLike,
     root: str | os.PathLike | None = None,
@@ -51,19 +67,13 @@ def load_dataset(
         raise ConfigError(f"image_size must be a positive number of pixels, got {image_size}")
     base = data_root(root)
     name = os.fspath(spec)
-    if name.lower() in SOURCES:  # a name wins; write ./cifar10 for a folder of that name
+    kind = spec_kind(name)
+    if kind == "name":
         ds = load_named(name.lower(), base, download)
+    elif kind == "arrays":
+        ds = read_array_folder(Path(name).expanduser())
     else:
-        path = Path(name).expanduser()
-        if is_array_folder(path):
-            ds = read_array_folder(path)
-        elif is_image_folder(path):
-            return load_image_folder(path, base, image_size)
-        else:
-            raise DatasetNotFoundError(
-                f"{name!r} is neither a dataset name ({', '.join(SOURCES)}), an array folder "
-                "(train.npz, test.npz, classes.json) nor an image folder (train/<class>/, test/<class>/)"
-            )
+        return load_image_folder(Path(name).expanduser(), base, image_size)
     if image_size is not None:
         ds = Dataset(ds.name, _resize(ds.train, image_size), _resize(ds.test, image_size))
     return ds
