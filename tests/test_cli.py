@@ -249,7 +249,7 @@ def bad_runs(pretrained, finetuned, work) -> dict[str, Path]:
 BAD_INPUTS = {
     "unknown flag": (["pretrain", "--bogus"], "unrecognized arguments: --bogus"),
     "negative epochs": (["pretrain", "--epochs", "-1", "--model", "micro", "--data", "{c10}"],
-                        "--epochs must be >= 0"),
+                        "epochs must be >= 0"),
     "zero batch": (["pretrain", "--batch-size", "0"], "batch size"),
     "nan lr": (["pretrain", "--lr", "nan"], "lr must be a positive number"),
     "zero steps": (["pretrain", "--train-steps-per-epoch", "0", "--model", "micro"],
@@ -289,9 +289,17 @@ BAD_INPUTS = {
                                               "{c100}"], "100 classes but the model predicts 10"),
     "evaluate without --checkpoint": (["evaluate"], "--checkpoint"),
     "resume with a changed recipe flag": (["pretrain", "--resume", "{pre}", "--lr", "0.1"],
-                                          "drop --lr"),
-    "resume with a changed run flag": (["pretrain", "--resume", "{pre}", "--epochs", "5"],
-                                       "drop --epochs"),
+                                          "--lr 0.1 differs from the run in {pre}, which was "
+                                          "started with 0.001; drop --lr"),
+    "resume with a changed run flag": (["pretrain", "--resume", "{pre}", "--seed", "5"],
+                                       "--seed 5 differs from the run in {pre}, which was "
+                                       "started with 1; drop --seed"),
+    "resume with other data": (["pretrain", "--resume", "{pre}", "--data", "{c10}"],
+                               "--data {c10} differs"),
+    "resume into another --out": (["pretrain", "--resume", "{pre}", "--out", "{work}/else"],
+                                  "--out {work}/else differs"),
+    "resume with fewer epochs": (["pretrain", "--resume", "{pre}", "--epochs", "0"],
+                                 "--epochs 0 differs"),
     "resume a run of another kind": (["pretrain", "--resume", "{fine}"], "is a finetune run"),
     "resume without trainer state": (["pretrain", "--resume", "{no_state}"],
                                      "nothing to resume"),
@@ -338,7 +346,7 @@ def test_bad_input_is_one_line_and_exit_2(case, bad_runs, data, work, capfd):
     code, stderr = run_main(argv, capfd)
     assert code == 2, stderr
     line = assert_one_error_line(stderr)
-    assert message in line
+    assert message.format(**paths) in line
 
 
 def test_bad_input_in_real_processes(bad_runs, data, work):
@@ -379,7 +387,7 @@ def test_image_size_is_saved_for_resume_and_evaluate(data, work, capfd):
         assert main(["pretrain", "--data", str(small), "--model", "micro", "--image-size", "32",
                      "--epochs", "1", "--train-steps-per-epoch", "2", "--batch-size", "32",
                      "--out", str(run), "--no-progress", "--no-download"]) == 0
-        assert json.loads((run / "config.json").read_text())["options"]["image_size"] == 32
+        assert json.loads((run / "config.json").read_text())["image_size"] == 32
         capfd.readouterr()
         # The run is finished, so resume refuses - but only after loading the data at the saved
         # size (a 16x16 size mismatch would be reported instead).

@@ -93,7 +93,7 @@ def test_seed_augment_matches_reference_on_distinct_uint8_pixels():
     x = torch.arange(243, dtype=torch.uint8).reshape(1, 9, 9, 3).repeat(16, 1, 1, 1)
     x = torch.stack([torch.roll(x[i], shifts=i, dims=1) for i in range(16)])
     aug = SeedAugment(pad_to=40, crop=32, hole=4)
-    out = aug(x, train=True, generator=torch.Generator().manual_seed(7))
+    out = aug.apply(x, train=True, generator=torch.Generator().manual_seed(7))
     for i, p in enumerate(_draws(16, 9, 9, seed=7, hole=4)):
         expected = ref.augment_one(x[i].numpy(), p, hole=4)
         assert np.abs(out[i].numpy() - expected).max() <= 1e-6
@@ -104,7 +104,7 @@ def test_seed_augment_matches_reference_cifar_shape():
     x = torch.randint(
         0, 256, (32, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
-    out = SeedAugment()(x, generator=torch.Generator().manual_seed(11))
+    out = SeedAugment().apply(x, generator=torch.Generator().manual_seed(11))
     assert out.shape == (32, 3, 32, 32) and out.dtype == torch.float32 and out.is_contiguous()
     for i, p in enumerate(_draws(32, 32, 32, seed=11)):
         assert np.abs(out[i].numpy() - ref.augment_one(x[i].numpy(), p)).max() <= 1e-6
@@ -112,7 +112,7 @@ def test_seed_augment_matches_reference_cifar_shape():
 
 def test_eval_mode_only_normalizes_and_transposes():
     x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
-    out = SeedAugment()(x, train=False, generator=torch.Generator().manual_seed(0))
+    out = SeedAugment().apply(x, train=False, generator=torch.Generator().manual_seed(0))
     for i in range(4):
         assert np.array_equal(out[i].numpy(), ref.augment_one(x[i].numpy(), None))
 
@@ -120,9 +120,9 @@ def test_eval_mode_only_normalizes_and_transposes():
 def test_reproducible_from_generator():
     x = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
     aug = SeedAugment()
-    a = aug(x, generator=torch.Generator().manual_seed(1))
-    b = aug(x, generator=torch.Generator().manual_seed(1))
-    c = aug(x, generator=torch.Generator().manual_seed(2))
+    a = aug.apply(x, generator=torch.Generator().manual_seed(1))
+    b = aug.apply(x, generator=torch.Generator().manual_seed(1))
+    c = aug.apply(x, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -152,7 +152,7 @@ def test_distributions():
 
 def test_full_pipeline_hole_is_zero_in_normalized_space():
     x = torch.full((64, 32, 32, 3), 255, dtype=torch.uint8)
-    out = SeedAugment()(x, generator=torch.Generator().manual_seed(0))
+    out = SeedAugment().apply(x, generator=torch.Generator().manual_seed(0))
     assert torch.all((out == 0).sum(dim=(1, 2, 3)) == 3 * 64)
 
 
@@ -165,23 +165,23 @@ def test_ops_compose():
 
     pipe = Compose([ToCHW(), Normalize((0.5,), (0.25,)), AddOne()])
     x = torch.zeros(2, 4, 4, 1, dtype=torch.uint8)
-    assert torch.allclose(pipe(x, train=True), torch.full((2, 1, 4, 4), -1.0))
-    assert torch.allclose(pipe(x, train=False), torch.full((2, 1, 4, 4), -2.0))
+    assert torch.allclose(pipe.apply(x, train=True), torch.full((2, 1, 4, 4), -1.0))
+    assert torch.allclose(pipe.apply(x, train=False), torch.full((2, 1, 4, 4), -2.0))
 
 
 def test_bad_configuration():
     with pytest.raises(ConfigError):
         SeedAugment(pad_to=30, crop=32)
     with pytest.raises(ConfigError, match="channels"):
-        SeedAugment()(torch.zeros(1, 32, 32, 2, dtype=torch.uint8), train=False)
+        SeedAugment().apply(torch.zeros(1, 32, 32, 2, dtype=torch.uint8), train=False)
     with pytest.raises(ConfigError, match="larger"):
-        SeedAugment(hole=40)(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
+        SeedAugment(hole=40).apply(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))
 
 
 def test_ops_do_not_modify_their_input():
     x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     before = x.clone()
-    SeedAugment()(x, generator=torch.Generator().manual_seed(0))
+    SeedAugment().apply(x, generator=torch.Generator().manual_seed(0))
     f = torch.ones(4, 3, 32, 32)
     CoarseDropout(8)(f, torch.Generator().manual_seed(0))
     assert torch.equal(x, before) and torch.all(f == 1)
@@ -207,7 +207,7 @@ def test_fused_pad_crop_flip_equals_composition_bitwise(shape, pad, p):
     for seed in range(3):
         g_fused, g_ops = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         fused = RandomPadCropFlip(pad, p)(x, g_fused)
-        expected = _composed(pad, p)(x, generator=g_ops)
+        expected = _composed(pad, p).apply(x, generator=g_ops)
         assert fused.shape == expected.shape and fused.dtype == expected.dtype
         assert torch.equal(fused, expected)
         assert fused.permute(0, 3, 1, 2).is_contiguous()  # channels-first memory: ToCHW is free
@@ -221,7 +221,7 @@ def test_fused_pad_crop_flip_uint8_and_non_contiguous_input():
     x_nc = x.permute(0, 2, 1, 3)  # a non-contiguous [B,H,W,C]
     for img in (x, x_nc):
         fused = RandomPadCropFlip()(img, torch.Generator().manual_seed(4))
-        expected = _composed(8, 0.5)(img, generator=torch.Generator().manual_seed(4))
+        expected = _composed(8, 0.5).apply(img, generator=torch.Generator().manual_seed(4))
         assert torch.equal(fused, expected)
     assert torch.equal(x_nc, x.permute(0, 2, 1, 3))  # input untouched
 
@@ -235,8 +235,8 @@ def test_seed_augment_uses_fused_op_and_equals_separate_ops_bitwise():
     x = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8)
     for seed in range(3):
         for train in (True, False):
-            a = aug(x, train, torch.Generator().manual_seed(seed))
-            b = separate(x, train, torch.Generator().manual_seed(seed))
+            a = aug.apply(x, train, torch.Generator().manual_seed(seed))
+            b = separate.apply(x, train, torch.Generator().manual_seed(seed))
             assert a.is_contiguous() and a.shape == (64, 3, 32, 32)
             assert torch.equal(a.view(torch.int32), b.view(torch.int32))  # bits, not just ==
 

@@ -74,15 +74,18 @@ def test_resume_is_bitwise_identical():
     assert not torch.equal(full[0][0], next(loader.epoch(3))[0])
 
 
-def test_augment_gets_train_flag_and_device_generator():
+def test_augment_gets_labels_train_flag_and_device_generator_and_sets_the_targets():
     seen = []
 
-    def augment(images, train, generator):
-        seen.append((train, generator.device.type, images.dtype))
-        return images.float()
+    def augment(images, labels, train, generator):
+        seen.append((train, generator.device.type, images.dtype, labels.tolist()))
+        soft = torch.nn.functional.one_hot(labels, 5).float() * 0.5 + 0.1
+        return images.float(), soft
 
-    BatchLoader(_split(8), 4, augment=augment, train=False, shuffle=False).epoch(0).__next__()
-    assert seen == [(False, "cpu", torch.uint8)]
+    batch = BatchLoader(_split(8), 4, augment=augment, train=False, shuffle=False).epoch(0)
+    inputs, targets = next(batch)
+    assert seen == [(False, "cpu", torch.uint8, [0, 1, 2, 3])]
+    assert targets.shape == (4, 5) and targets[1].tolist() == pytest.approx([.1, .6, .1, .1, .1])
 
 
 @pytest.mark.parametrize("n", [10, 11, 12])
@@ -127,7 +130,7 @@ def test_each_batch_is_the_augment_of_its_indices_with_its_own_seed():
     batches = list(loader.epoch(1))
     for step, (x, y) in enumerate(batches):
         gen = torch.Generator().manual_seed(mix_seed(7, 1, step))
-        assert torch.equal(x, aug(images[y], True, gen))
+        assert torch.equal(x, aug.apply(images[y], True, gen))
     # batches already yielded are not changed by later ones (no shared buffers)
     again = list(loader.epoch(1))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))

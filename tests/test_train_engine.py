@@ -20,7 +20,9 @@ from vitlab.errors import CheckpointError, ConfigError
 from vitlab.model import ViT, ViTConfig
 from vitlab.train import Recipe, TrainOptions, evaluate, fit, load_encoder_weights, recipe
 from vitlab.train import checkpoint as ckpt
-from vitlab.train.engine import Interrupted, RunLogger, TrainingDiverged
+from vitlab.train.engine import Interrupted, TrainingDiverged
+from vitlab.train.reporting import Reporter
+from vitlab.train.runconfig import RunConfig
 from vitlab.train.recipe import build_optimizer, lr_factor
 
 CONFIG = ViTConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
@@ -75,7 +77,9 @@ def test_seed_recipe_is_the_tutorials():
 def test_recipe_overrides_skip_none_and_round_trip():
     r = recipe("seed", lr=0.1, batch_size=None, optimizer="adamw", grad_clip=None)
     assert (r.lr, r.batch_size, r.optimizer) == (0.1, 128, "adamw")
-    assert Recipe.from_dict({**r.to_dict(), "from_a_newer_version": 1}) == r
+    assert Recipe.from_dict(r.to_dict()) == r
+    with pytest.raises(ConfigError, match="unknown recipe fields: from_a_newer_version"):
+        Recipe.from_dict({**r.to_dict(), "from_a_newer_version": 1})
     assert recipe("seed") == Recipe()  # the registry's recipe is not changed by overrides
 
 
@@ -169,9 +173,10 @@ def test_evaluate_without_classes_has_no_confusion(dataset):
 
 def test_train_steps_per_epoch_extends_an_epoch_and_writes_the_run_dir(dataset, tmp_path):
     # 20 images at batch 8: 3 batches a pass; 5 steps an epoch continue into a second pass.
-    result = fit(tiny_model(), dataset, RECIPE, options(2, train_steps_per_epoch=5), tmp_path,
-                 run_config={"kind": "pretrain", "model": CONFIG.to_dict(), "data": "tiny",
-                             "options": {}})
+    opts = options(2, train_steps_per_epoch=5)
+    run_config = RunConfig(kind="pretrain", model=CONFIG, recipe=RECIPE, data="tiny",
+                           classes=CLASSES, options=opts)
+    result = fit(tiny_model(), dataset, RECIPE, opts, tmp_path, run_config=run_config)
     assert result.global_step == 10
     records = ckpt.read_jsonl(tmp_path / ckpt.METRICS)
     assert [r["event"] for r in records][0] == "start" and records[-1]["event"] == "finish"
@@ -186,9 +191,11 @@ def test_train_steps_per_epoch_extends_an_epoch_and_writes_the_run_dir(dataset, 
     for name in (ckpt.CONFIG, ckpt.WEIGHTS, ckpt.BEST_WEIGHTS, ckpt.TRAINER_STATE, ckpt.LOG,
                  ckpt.CURVES):
         assert (tmp_path / name).is_file(), name
-    config = ckpt.read_run_config(tmp_path)
-    assert config["seed"] == 5 and config["recipe"] == RECIPE.to_dict()
-    assert set(config["versions"]) == {"vitlab", "torch", "python"}
+    config = ckpt.read_run_config(tmp_path, device="cpu", progress=False, quiet=True,
+                                  log_steps=1)
+    assert config == run_config
+    assert config.seed == 5 and config.recipe == RECIPE
+    assert set(config.versions) == {"vitlab", "torch", "python"}
     state = torch.load(tmp_path / ckpt.TRAINER_STATE, weights_only=True)
     assert set(state) == {"model", "optimizer", "progress", "rng"}
     assert state["progress"]["global_step"] == 10 and state["progress"]["epoch"] == 2
@@ -288,8 +295,7 @@ def test_sigint_checkpoint_then_resume_equals_an_uninterrupted_run(dataset, tmp_
 
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(Interrupted) as info:
-        fit(FailingViT(at=6, action="sigint"), dataset, RECIPE, opts, tmp_path / "b",
-            run_config={"kind": "pretrain"})
+        fit(FailingViT(at=6, action="sigint"), dataset, RECIPE, opts, tmp_path / "b")
     assert info.value.step == 6
     assert signal.getsignal(signal.SIGINT) is handler  # restored
     state = torch.load(tmp_path / "b" / ckpt.TRAINER_STATE, weights_only=True)
@@ -383,17 +389,34 @@ def test_read_run_config_errors(tmp_path):
     (tmp_path / "config.json").write_text('["a list"]')
     with pytest.raises(CheckpointError, match="not written by vitlab"):
         ckpt.read_run_config(tmp_path)
-    complete = {"kind": "pretrain", "model": {}, "data": "d", "options": {}, "seed": 0,
-                "recipe": {}}
+    complete = {"format": "vitlab-run/1", "kind": "pretrain", "model": CONFIG.to_dict(),
+                "data": "d", "options": {"epochs": 1}, "seed": 0, "recipe": {}}
+
+    def write(values: dict) -> None:
+        (tmp_path / "config.json").write_text(json.dumps(values))
+
     for key in complete:  # a vitlab config with an entry missing or mistyped
-        ckpt.write_run_config(tmp_path, {k: v for k, v in complete.items() if k != key})
+        if key == "format":
+            continue
+        write({k: v for k, v in complete.items() if k != key})
         with pytest.raises(CheckpointError, match=f"no valid '{key}' entry"):
             ckpt.read_run_config(tmp_path)
-        ckpt.write_run_config(tmp_path, {**complete, key: None})
+        write({**complete, key: None})
         with pytest.raises(CheckpointError, match=f"no valid '{key}' entry"):
             ckpt.read_run_config(tmp_path)
-    ckpt.write_run_config(tmp_path, complete)
-    assert ckpt.read_run_config(tmp_path) == {"format": "vitlab-run/1", **complete}
+    write(complete)
+    config = ckpt.read_run_config(tmp_path)
+    assert (config.kind, config.model, config.recipe, config.options.epochs) == \
+        ("pretrain", CONFIG, Recipe(), 1)
+    # Unknown keys are refused at every level, in one line naming the key.
+    for where, bad in (("run config", {**complete, "lrr": 1}),
+                       ("recipe", {**complete, "recipe": {"lrr": 0.1}}),
+                       ("options", {**complete, "options": {"epochs": 1, "lrr": 0.1}}),
+                       ("ViTConfig", {**complete, "model": {**CONFIG.to_dict(), "lrr": 1}})):
+        write(bad)
+        with pytest.raises(CheckpointError, match="lrr") as info:
+            ckpt.read_run_config(tmp_path)
+        assert "\n" not in str(info.value), where
 
 
 def test_load_encoder_weights_errors():
@@ -411,7 +434,7 @@ def test_load_encoder_weights_errors():
 
 
 def test_log_lines_keep_the_tutorials_shape(tmp_path, capsys):
-    logger = RunLogger(tmp_path)
+    logger = Reporter(tmp_path)
     logger.event("Start", step=1, logging_interval=100, num_device=1)
     logger.event("Train", step=100, ce=1.0262994, **{"steps/sec": 17.7213})
     logger.event("Eval", step=391, epoch=1, accuracy=0.74261, ce=0.73963171)
@@ -443,9 +466,11 @@ def test_overwrite_replaces_an_earlier_run_entirely(tmp_path):
 
 
 def test_augment_none_still_normalizes_like_evaluation():
-    from vitlab.train.engine import make_augment
+    from vitlab.data.augment import make_augment
 
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
-    none = make_augment(recipe("seed", augment="none"))
-    expected = SeedAugment()(images, False)
-    assert torch.equal(none(images, True, torch.Generator().manual_seed(0)), expected)
+    labels = torch.arange(4)
+    none = make_augment(recipe("seed", augment="none").augment, num_classes=3)
+    expected = SeedAugment().apply(images, False)
+    inputs, targets = none(images, labels, True, torch.Generator().manual_seed(0))
+    assert torch.equal(inputs, expected) and torch.equal(targets, labels)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -225,23 +225,45 @@ class ToCHW:
         return x.permute(0, 3, 1, 2).contiguous()
 
 
+class BatchTransform(Protocol):
+    """A batch transform: uint8 images [B,H,W,C] and int64 labels [B] -> (inputs, targets).
+
+    ``inputs`` is float [B,C,H,W]; ``targets`` is either class indices [B] or soft targets
+    [B, num_classes] (mixup, cutmix). ``train=False`` is the evaluation transform, which must
+    return class indices. Randomness comes from ``generator`` only, so a batch is a pure function
+    of its seed.
+    """
+
+    def __call__(self, images: Tensor, labels: Tensor, train: bool,
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor]: ...
+
+
 @dataclass
 class Compose:
-    """Run ops in order; ops marked train_only are skipped in eval mode.
-
-    Each op is ``op(x, generator) -> x`` on a batch; recipes can insert their own (mixup, ...).
+    """Image ops in order, as a batch transform that leaves the labels alone; ops marked
+    train_only are skipped in eval mode. Each op is ``op(x, generator) -> x`` on a batch.
     """
 
     ops: list = field(default_factory=list)
 
-    def __call__(
+    def apply(
         self, images: Tensor, train: bool = True, generator: torch.Generator | None = None
     ) -> Tensor:
+        """The image part alone: uint8 [B,H,W,C] -> the transformed batch."""
         x = images
         for op in self.ops:
             if train or not op.train_only:
                 x = op(x, generator)
         return x
+
+    def __call__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        train: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        return self.apply(images, train, generator), labels
 
 
 class SeedAugment(Compose):
@@ -276,11 +298,33 @@ class SeedAugment(Compose):
             ]
         )
 
-    def __call__(
+    def apply(
         self, images: Tensor, train: bool = True, generator: torch.Generator | None = None
     ) -> Tensor:
         if images.ndim != 4:
             raise ConfigError(
                 f"SeedAugment needs a [B,H,W,C] batch, got shape {list(images.shape)}"
             )
-        return super().__call__(images, train, generator)
+        return super().apply(images, train, generator)
+
+
+class NormalizeOnly(Compose):
+    """No augmentation: the evaluation transform (HWC -> CHW, normalize) in training too."""
+
+    def __init__(self, mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD):
+        super().__init__([ToCHW(), Normalize(mean, std)])
+
+
+# name -> factory(num_classes) of a training batch transform: `--augment NAME`. A factory gets the
+# number of classes because transforms that make soft targets (mixup, cutmix) need it.
+AUGMENTATIONS: dict[str, Callable[[int], BatchTransform]] = {
+    "seed": lambda num_classes: SeedAugment(),
+    "none": lambda num_classes: NormalizeOnly(),
+}
+
+
+def make_augment(name: str, num_classes: int) -> BatchTransform:
+    """The registered batch transform `name` for a dataset of `num_classes` classes."""
+    if name not in AUGMENTATIONS:
+        raise ConfigError(f"unknown augmentation {name!r}; known: {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[name](num_classes)

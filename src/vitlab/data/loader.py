@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from vitlab.data.arrays import Split
+from vitlab.data.augment import BatchTransform
 from vitlab.errors import ConfigError
-
-Augment = Callable[[Tensor, bool, torch.Generator], Tensor]
 
 _MASK64 = (1 << 64) - 1
 
@@ -29,7 +28,11 @@ def mix_seed(*values: int) -> int:
 
 
 class BatchLoader:
-    """Yield (inputs, labels) batches of a split, reproducibly, on one device.
+    """Yield (inputs, targets) batches of a split, reproducibly, on one device.
+
+    ``augment`` is a batch transform ``(images, labels, train, generator) -> (inputs, targets)``
+    (see ``vitlab.data.augment.BatchTransform``); without one, inputs are images scaled to [0, 1]
+    and targets the labels.
 
     The split is moved to ``device`` once. Each epoch's order comes from a generator seeded with
     (seed, epoch) and each batch's augmentation from one seeded with (seed, epoch, step), so every
@@ -52,7 +55,7 @@ class BatchLoader:
         batch_size: int,
         *,
         device: torch.device | str = "cpu",
-        augment: Augment | None = None,
+        augment: BatchTransform | None = None,
         train: bool = True,
         shuffle: bool = True,
         seed: int = 0,
@@ -117,10 +120,10 @@ class BatchLoader:
                 current += 1
             idx = batches[b]
             images = self.images.index_select(0, idx)
+            labels = self.labels.index_select(0, idx)
             if gen is None:
-                inputs = images.permute(0, 3, 1, 2).float().div_(255)
+                yield images.permute(0, 3, 1, 2).float().div_(255), labels
             else:
-                inputs = self.augment(
-                    images, self.train, gen.manual_seed(mix_seed(self.seed, epoch, step))
+                yield self.augment(
+                    images, labels, self.train, gen.manual_seed(mix_seed(self.seed, epoch, step))
                 )
-            yield inputs, self.labels.index_select(0, idx)

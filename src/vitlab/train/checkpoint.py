@@ -1,6 +1,6 @@
 """The run directory: what a training run leaves on disk, written atomically, read back safely.
 
-    config.json        model config, recipe, data spec, seed, versions (readable without vitlab)
+    config.json        the RunConfig: model, recipe, data, options, seed, versions (plain JSON)
     model.safetensors  the last weights          best.safetensors  the best eval accuracy's
     trainer_state.pt   everything to resume: weights, optimizer, progress, RNG states
                        (plain tensors and numbers: loads with torch.load(weights_only=True))
@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,8 +23,8 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from vitlab.errors import CheckpointError
 from vitlab.io import atomic_write, atomic_write_bytes, atomic_write_json
+from vitlab.train.runconfig import RunConfig
 
-RUN_FORMAT = "vitlab-run/1"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 BEST_WEIGHTS = "best.safetensors"
@@ -70,12 +71,15 @@ def load_trainer_state(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not a readable vitlab trainer state ({reason})") from None
 
 
-def write_run_config(run_dir: str | os.PathLike, config: dict) -> None:
-    atomic_write_json(Path(run_dir) / CONFIG, {"format": RUN_FORMAT, **config})
+def write_run_config(run_dir: str | os.PathLike, config: RunConfig) -> None:
+    atomic_write_json(Path(run_dir) / CONFIG, config.to_dict())
 
 
-def read_run_config(run_dir: str | os.PathLike) -> dict:
-    """The config.json of a vitlab run directory; a clear error for anything else."""
+def read_run_config(run_dir: str | os.PathLike, **runtime) -> RunConfig:
+    """The RunConfig of a vitlab run directory; a clear error for anything else.
+
+    `runtime` sets the options' runtime fields (device, log_steps, ...) for this process.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is not a directory; point at a vitlab run directory")
@@ -83,34 +87,30 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a vitlab run directory (no {CONFIG})")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        values = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
-        raise CheckpointError(f"{run_dir} was not written by vitlab ({CONFIG} has no "
-                              f"'format': '{RUN_FORMAT}')")
-    # What every reader uses (cli.py): a hand-edited or truncated config is refused up front.
-    for key, kind in (("kind", str), ("model", dict), ("data", str), ("options", dict),
-                      ("seed", int), ("recipe", dict)):
-        if not isinstance(config.get(key), kind):
-            raise CheckpointError(f"{path} has no valid {key!r} entry; it is not a complete "
-                                  "vitlab run config")
-    return config
+    return RunConfig.from_dict(values, where=str(path), **runtime)
 
 
 RUN_FILES = (CONFIG, WEIGHTS, BEST_WEIGHTS, TRAINER_STATE, METRICS, LOG, CURVES)
+RUN_DIRS = ("tensorboard", "evaluation")  # written by --tensorboard and `vitlab evaluate`
 
 
 def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
     """Make `run_dir` ready for a new run: refuse to mix with an earlier run unless `overwrite`."""
     run_dir = Path(run_dir)
-    leftovers = [name for name in RUN_FILES if (run_dir / name).exists()]
+    leftovers = [name for name in (*RUN_FILES, *RUN_DIRS) if (run_dir / name).exists()]
     if leftovers and not overwrite:
         raise CheckpointError(
             f"{run_dir} already holds a run ({leftovers[0]}); continue it with --resume "
             f"{run_dir}, choose another --out, or pass --overwrite to replace it")
     for name in leftovers:
-        (run_dir / name).unlink()
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
@@ -132,6 +132,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
-    """Keep the events up to `last_step` (those a resumed run does not repeat)."""
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+    """Keep the events up to `last_step` (those a resumed run does not repeat), less the finish
+    of a run that is continued with more epochs."""
+    kept = [r for r in read_jsonl(path)
+            if r.get("step", 0) <= last_step and r.get("event") != "finish"]
     atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))

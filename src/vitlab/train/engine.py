@@ -1,8 +1,10 @@
-"""fit() and evaluate(): the training loop, as one readable function each.
+"""fit() and evaluate(): the training loop, built from a train_step, a CheckpointWriter and a
+Reporter (every console line, metric and file write goes through the last two, rank 0 only).
 
 A run is a pure function of its seed: the loader derives every batch from (seed, epoch, step), and
 dropout draws from the global torch generator, whose state is saved with every checkpoint. So a
 run resumed from a checkpoint ends bitwise equal (on the CPU) to one that was never interrupted.
+Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption) both save a resumable checkpoint and stop.
 """
 
 from __future__ import annotations
@@ -12,20 +14,24 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from vitlab import __version__
+from vitlab import distributed
 from vitlab.data import BatchLoader, Dataset, SeedAugment
+from vitlab.data.augment import make_augment
 from vitlab.data.loader import mix_seed
 from vitlab.errors import CheckpointError, ConfigError, VitlabError
 from vitlab.train import checkpoint as ckpt
+from vitlab.train.options import TrainOptions
 from vitlab.train.recipe import Recipe, build_optimizer, lr_factor
+from vitlab.train.reporting import Reporter
+from vitlab.train.runconfig import RunConfig
 
 
 class TrainingDiverged(VitlabError):
@@ -33,31 +39,15 @@ class TrainingDiverged(VitlabError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training; a resumable checkpoint has been saved."""
+    """Ctrl-C or SIGTERM during training; a resumable checkpoint has been saved."""
 
-    def __init__(self, run_dir: Path, step: int) -> None:
-        super().__init__(f"interrupted at step {step}; resumable checkpoint saved in {run_dir}")
+    def __init__(self, run_dir: Path, step: int, signum: int = signal.SIGINT) -> None:
+        how = {signal.SIGINT: "interrupted", signal.SIGTERM: "stopped by SIGTERM"}.get(
+            signum, f"stopped by signal {signum}")
+        super().__init__(f"{how} at step {step}; resumable checkpoint saved in {run_dir}")
         self.run_dir = run_dir
         self.step = step
-
-
-@dataclass
-class TrainOptions:
-    """How to run (not what to learn): device, precision, budget, logging, checkpoints."""
-
-    epochs: int
-    seed: int = 0
-    device: str = "auto"  # auto: CUDA when available, else CPU
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
-    compile: bool = False
-    train_steps_per_epoch: int | None = None
-    eval_steps_per_epoch: int | None = None
-    log_steps: int = 100  # a train line every N steps; 0: epoch lines only
-    checkpoint_steps: int = 0  # also a resumable checkpoint every N steps; 0: at epoch ends only
-    progress: bool | None = None  # progress bar; None: when stdout is a terminal
-    freeze_encoder: bool = False  # train the head only (a linear probe)
-    quiet: bool = False  # no console lines (log.txt and metrics.jsonl are still written)
-    overwrite: bool = False  # replace a run already in the run directory (else: refuse)
+        self.signum = signum
 
 
 @dataclass
@@ -118,14 +108,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def make_augment(recipe: Recipe) -> Callable:
-    """The recipe's batch transform; "none" still normalizes (the eval transform, always)."""
-    seed = SeedAugment()
-    if recipe.augment == "seed":
-        return seed
-    return lambda images, train, generator: seed(images, False, generator)
-
-
 def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | None = None,
              num_classes: int | None = None) -> dict:
     """Exact accuracy and mean cross-entropy over the loader's batches.
@@ -138,7 +120,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
     device = loader.device
     correct = torch.zeros((), dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    count = torch.zeros((), dtype=torch.int64, device=device)
     confusion = None
     if num_classes is not None:
         confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
@@ -155,6 +137,9 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
                 confusion += torch.bincount(labels * num_classes + predictions,
                                             minlength=num_classes * num_classes)
     model.train(was_training)
+    for total in (correct, loss_sum, count, *([confusion] if confusion is not None else [])):
+        distributed.all_reduce_sum(total)  # sharded evaluation: every rank's counts, once
+    count = int(count.item())
     result = {"accuracy": correct.item() / max(count, 1), "ce": loss_sum.item() / max(count, 1),
               "num_samples": count}
     if confusion is not None:
@@ -165,63 +150,6 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
         result["per_class_accuracy"] = [
             a if t else None for a, t in zip(per_class, totals.tolist(), strict=True)]
     return result
-
-
-class RunLogger:
-    """Console lines in the tutorial's shape, mirrored to log.txt and metrics.jsonl."""
-
-    def __init__(self, run_dir: Path, quiet: bool = False) -> None:
-        self.run_dir = run_dir
-        self.quiet = quiet
-        self.bar = None  # a tqdm bar to print around, when one is shown
-
-    def event(self, kind: str, **fields) -> None:
-        record = {"event": kind.lower(), **fields, "time": round(time.time(), 3)}
-        ckpt.append_jsonl(self.run_dir / ckpt.METRICS, record)
-        self.line(f"vitlab-{kind}: " + " ".join(f"{k}: {_fmt(k, v)};" for k, v in fields.items()))
-
-    def line(self, text: str) -> None:
-        with open(self.run_dir / ckpt.LOG, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-
-def _fmt(key: str, value) -> str:
-    if isinstance(value, float):
-        if key.endswith("accuracy"):
-            return f"{value:.4f}"
-        if key.endswith("_time") or key == "total_time":
-            return f"{value:.1f} sec"
-        if key in ("steps/sec", "images/sec"):
-            return f"{value:.2f}"
-        return f"{value:.7g}"
-    return str(value)
-
-
-class _SigintFlag:
-    """Turns the first Ctrl-C into a flag the loop checks between steps; a second one aborts."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
-
-    def __enter__(self) -> _SigintFlag:
-        with contextlib.suppress(ValueError):  # not in the main thread: leave Ctrl-C alone
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -245,13 +173,139 @@ def _progress_bar(total: int, initial: int, enabled: bool, description: str):
     return tqdm(total=total, initial=initial, desc=description, leave=False, dynamic_ncols=True)
 
 
+
+class _StopSignals:
+    """Turns the first Ctrl-C or SIGTERM into a flag the loop checks between steps; a second one
+    gets the signal's previous handler (Ctrl-C then aborts at once)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def raised(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
+    def __enter__(self) -> _StopSignals:
+        with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy against class indices [B] or soft targets [B, num_classes] (mixup's
+    label distributions); label smoothing mixes either with the uniform distribution."""
+    if targets.is_floating_point() and targets.shape != logits.shape:
+        raise ConfigError(f"soft targets of shape {list(targets.shape)} do not match the "
+                          f"logits' {list(logits.shape)}; a batch transform must give one "
+                          "probability per class of the model's head")
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = base * factor
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor,
+               targets: Tensor, recipe: Recipe, autocast_dtype: torch.dtype | None = None
+               ) -> Tensor:
+    """One optimizer step on one batch; returns the (detached) loss, left on the device."""
+    device = inputs.device
+    with _autocast(device, autocast_dtype):
+        logits = model(inputs)
+    loss = cross_entropy(logits.float(), targets, recipe.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if recipe.grad_clip is not None:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
+class CheckpointWriter:
+    """Saves what resumes a run: the last (and best) weights as safetensors, and the trainer
+    state (weights, optimizer, progress, RNG states). Atomic writes; rank 0 only."""
+
+    def __init__(self, run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 progress: Progress, device: torch.device) -> None:
+        self.run_dir = run_dir
+        self.model = model
+        self.optimizer = optimizer
+        self.progress = progress
+        self.device = device
+        self.started = time.perf_counter()  # this process's share of progress.elapsed
+
+    def elapsed(self) -> float:
+        return self.progress.elapsed + time.perf_counter() - self.started
+
+    def save(self, last_eval: dict | None = None, epoch_loss_sum: float = 0.0) -> None:
+        progress = self.progress
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingDiverged(
+                f"the weights became non-finite by step {progress.global_step}; the run stopped "
+                f"and its last good checkpoint in {self.run_dir} is kept; start a new run with "
+                "a lower --lr or with --grad-clip")
+        progress.epoch_loss_sum = epoch_loss_sum if progress.step_in_epoch else 0.0
+        is_best = last_eval is not None and last_eval["accuracy"] > progress.best_accuracy
+        if is_best:
+            progress.best_accuracy = last_eval["accuracy"]
+            progress.best_step = progress.global_step
+        if not distributed.is_main_process():
+            return
+        state_dict = self.model.state_dict()
+        meta = {"step": str(progress.global_step), "epoch": str(progress.epoch)}
+        ckpt.save_weights(self.run_dir / ckpt.WEIGHTS, state_dict, meta)
+        if is_best:
+            ckpt.save_weights(self.run_dir / ckpt.BEST_WEIGHTS, state_dict,
+                              {**meta, "accuracy": str(last_eval["accuracy"])})
+        ckpt.save_trainer_state(self.run_dir / ckpt.TRAINER_STATE, {
+            "model": state_dict, "optimizer": self.optimizer.state_dict(),
+            "progress": vars(progress) | {"elapsed": self.elapsed()},
+            "rng": _rng_state(self.device)})
+
+
+def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             device: torch.device) -> Progress:
+    state = ckpt.load_trainer_state(run_dir / ckpt.TRAINER_STATE)
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        progress = Progress(**state["progress"])
+        _set_rng_state(state["rng"], device)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir / ckpt.TRAINER_STATE} does not fit this run "
+                              f"({str(e).splitlines()[0]})") from None
+    return progress
+
+
+def _head_size(model: nn.Module, dataset: Dataset) -> int:
+    config = getattr(model, "config", None)
+    return getattr(config, "num_classes", dataset.num_classes)
+
+
 def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOptions,
-        run_dir: str | Path, run_config: dict | None = None, resume: bool = False) -> FitResult:
+        run_dir: str | Path, run_config: RunConfig | None = None, resume: bool = False
+        ) -> FitResult:
     """Train `model` on `dataset.train` with `recipe`, evaluating on `dataset.test` every epoch.
 
-    Writes the run directory (see `vitlab.train.checkpoint`). With `resume`, continues the run
-    saved in `run_dir` from its trainer state; the result is the same as an uninterrupted run.
-    Raises `Interrupted` after saving a checkpoint on Ctrl-C, `TrainingDiverged` on a NaN/inf loss.
+    Writes the run directory (see `vitlab.train.checkpoint`), with `run_config` as its
+    config.json when given. With `resume`, continues the run saved in `run_dir` from its trainer
+    state; the result is the same as an uninterrupted run. Raises `Interrupted` after saving a
+    checkpoint on Ctrl-C or SIGTERM, `TrainingDiverged` on a NaN/inf loss.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -264,164 +318,135 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     optimizer = build_optimizer(recipe, model.parameters())
     base_lrs = [group["lr"] for group in optimizer.param_groups]
 
-    train_loader = BatchLoader(dataset.train, recipe.batch_size, device=device,
-                               augment=make_augment(recipe), train=True, shuffle=True,
-                               seed=options.seed, steps_per_epoch=options.train_steps_per_epoch)
+    train_loader = BatchLoader(
+        dataset.train, recipe.batch_size, device=device,
+        augment=make_augment(recipe.augment, _head_size(model, dataset)), train=True,
+        shuffle=True, seed=options.seed, steps_per_epoch=options.train_steps_per_epoch)
     eval_steps = options.eval_steps_per_epoch  # at most one pass: never count a sample twice
     if eval_steps is not None:
         eval_steps = min(eval_steps, math.ceil(len(dataset.test) / recipe.batch_size))
-    eval_loader = BatchLoader(dataset.test, recipe.batch_size, device=device, augment=make_augment(
-        recipe), train=False, shuffle=False, seed=options.seed, steps_per_epoch=eval_steps)
+    eval_loader = BatchLoader(dataset.test, recipe.batch_size, device=device,
+                              augment=SeedAugment(), train=False, shuffle=False,
+                              seed=options.seed, steps_per_epoch=eval_steps)
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * options.epochs
-    logger = RunLogger(run_dir, quiet=options.quiet)
-    progress = Progress()
 
     if resume:
-        state = ckpt.load_trainer_state(run_dir / ckpt.TRAINER_STATE)
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            progress = Progress(**state["progress"])
-            _set_rng_state(state["rng"], device)
-        except (KeyError, RuntimeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{run_dir / ckpt.TRAINER_STATE} does not fit this run "
-                                  f"({str(e).splitlines()[0]})") from None
+        progress = _restore(run_dir, model, optimizer, device)
         if progress.epoch >= options.epochs:
             raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
-        ckpt.truncate_metrics(run_dir / ckpt.METRICS, progress.global_step)
-        logger.event("Resume", step=progress.global_step, epoch=progress.epoch + 1)
+        if distributed.is_main_process():
+            ckpt.truncate_metrics(run_dir / ckpt.METRICS, progress.global_step)
     else:
-        ckpt.prepare_fresh_run_dir(run_dir, overwrite=options.overwrite)
+        progress = Progress()
+        if distributed.is_main_process():
+            ckpt.prepare_fresh_run_dir(run_dir, overwrite=options.overwrite)
         # Dropout's stream: seeded apart from the loader's, so it doesn't depend on model init.
         torch.manual_seed(mix_seed(options.seed, 0xD80F))
         if device.type == "cuda":
             torch.cuda.manual_seed(mix_seed(options.seed, 0xD80F))
-    if run_config is not None:
-        ckpt.write_run_config(run_dir, {
-            **run_config, "seed": options.seed, "recipe": recipe.to_dict(),
-            "versions": {"vitlab": __version__, "torch": torch.__version__,
-                         "python": sys.version.split()[0]}})
+    reporter = Reporter(run_dir, quiet=options.quiet, tensorboard=options.tensorboard)
+    if run_config is not None and distributed.is_main_process():
+        ckpt.write_run_config(run_dir, run_config)
+    writer = CheckpointWriter(run_dir, model, optimizer, progress, device)
+    try:
+        return _train(model, recipe, options, run_dir, reporter, writer, optimizer, base_lrs,
+                      train_loader, eval_loader, autocast_dtype, total_steps, resume)
+    finally:
+        reporter.close()
 
+
+def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Path,
+           reporter: Reporter, writer: CheckpointWriter, optimizer: torch.optim.Optimizer,
+           base_lrs: list[float], train_loader: BatchLoader, eval_loader: BatchLoader,
+           autocast_dtype: torch.dtype | None, total_steps: int, resume: bool) -> FitResult:
+    """The epochs of `fit`: train steps, log lines, evaluation, checkpoints, signals."""
+    progress, device = writer.progress, train_loader.device
+    steps_per_epoch = len(train_loader)
     runnable = torch.compile(model) if options.compile else model
     model.train()
     if options.freeze_encoder:
         model.encoder.eval()  # a linear probe reads fixed features: no dropout in them
-
-    def save_checkpoint(last_eval: dict | None = None) -> None:
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise TrainingDiverged(
-                f"the weights became non-finite by step {progress.global_step}; the run stopped "
-                f"and its last good checkpoint in {run_dir} is kept; start a new run with a "
-                "lower --lr or with --grad-clip")
-        progress.epoch_loss_sum = loss_sum.item() if progress.step_in_epoch else 0.0
-        state_dict = model.state_dict()
-        meta = {"step": str(progress.global_step), "epoch": str(progress.epoch)}
-        ckpt.save_weights(run_dir / ckpt.WEIGHTS, state_dict, meta)
-        if last_eval is not None and last_eval["accuracy"] > progress.best_accuracy:
-            progress.best_accuracy = last_eval["accuracy"]
-            progress.best_step = progress.global_step
-            ckpt.save_weights(run_dir / ckpt.BEST_WEIGHTS, state_dict,
-                              {**meta, "accuracy": str(last_eval["accuracy"])})
-        ckpt.save_trainer_state(run_dir / ckpt.TRAINER_STATE, {
-            "model": state_dict, "optimizer": optimizer.state_dict(),
-            "progress": vars(progress) | {"elapsed": progress.elapsed + time.perf_counter() - t0},
-            "rng": _rng_state(device)})
-
-    t0 = time.perf_counter()
-    if not resume:
-        logger.event("Start", step=1, logging_interval=options.log_steps,
-                     num_device=1, device=str(device), params=sum(p.numel() for p in
-                                                                  model.parameters()))
+    if resume:
+        reporter.event("Resume", step=progress.global_step, epoch=progress.epoch + 1)
+    else:
+        reporter.event("Start", step=1, logging_interval=options.log_steps,
+                       num_device=distributed.world_size(), device=str(device),
+                       params=sum(p.numel() for p in model.parameters()))
     if options.epochs == 0:
-        save_checkpoint()  # the initial weights, e.g. a transferred encoder with a new head
-    show_bar = sys.stdout.isatty() if options.progress is None else options.progress
+        writer.save()  # the initial weights, e.g. a transferred encoder with a new head
+    show_bar = reporter.is_main and (sys.stdout.isatty() if options.progress is None
+                                     else options.progress)
     last_eval: dict = {}
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
-    with _SigintFlag() as sigint:
+    with _StopSignals() as stop:
         while progress.epoch < options.epochs:
             epoch_start = time.perf_counter()
             window_start, window_steps = time.perf_counter(), 0
             # A resumed epoch continues its sum, so ce_mean equals the uninterrupted run's.
             loss_sum = torch.tensor(progress.epoch_loss_sum, dtype=torch.float64, device=device)
-            logger.bar = _progress_bar(steps_per_epoch, progress.step_in_epoch, show_bar,
-                                       f"epoch {progress.epoch + 1}/{options.epochs}")
+            reporter.bar = _progress_bar(steps_per_epoch, progress.step_in_epoch, show_bar,
+                                         f"epoch {progress.epoch + 1}/{options.epochs}")
             batches: Iterator = train_loader.epoch(progress.epoch, progress.step_in_epoch)
-            for inputs, labels in batches:
-                factor = lr_factor(recipe, progress.global_step, total_steps, steps_per_epoch)
-                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                    group["lr"] = base * factor
-                with _autocast(device, autocast_dtype):
-                    logits = runnable(inputs)
-                loss = F.cross_entropy(logits.float(), labels,
-                                       label_smoothing=recipe.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if recipe.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-                optimizer.step()
-                loss = loss.detach()
+            for inputs, targets in batches:
+                set_lr(optimizer, base_lrs,
+                       lr_factor(recipe, progress.global_step, total_steps, steps_per_epoch))
+                loss = train_step(runnable, optimizer, inputs, targets, recipe, autocast_dtype)
                 bad_loss |= ~torch.isfinite(loss)
                 loss_sum += loss.double()
                 progress.global_step += 1
                 progress.step_in_epoch += 1
                 window_steps += 1
-                if logger.bar is not None:
-                    logger.bar.update(1)
+                if reporter.bar is not None:
+                    reporter.bar.update(1)
                 log_now = options.log_steps > 0 and (
                     progress.global_step == 1 or progress.global_step % options.log_steps == 0)
                 save_now = (options.checkpoint_steps > 0
                             and progress.global_step % options.checkpoint_steps == 0)
                 # The CPU checks every step for free; a GPU only where it syncs anyway.
-                if log_now or save_now or sigint.raised or device.type == "cpu":
+                if log_now or save_now or stop.raised or device.type == "cpu":
                     _check_finite(bad_loss, loss, progress, run_dir)
                 if log_now:
                     fields = {"step": progress.global_step, "ce": loss.item()}
                     if progress.global_step > 1:
-                        rate = window_steps / (time.perf_counter() - window_start)
-                        fields["steps/sec"] = rate
-                    logger.event("Train", **fields)
+                        fields["steps/sec"] = window_steps / (time.perf_counter() - window_start)
+                    reporter.event("Train", **fields)
                     window_start, window_steps = time.perf_counter(), 0
-                if (save_now or sigint.raised) and progress.step_in_epoch < steps_per_epoch:
-                    save_checkpoint()
-                if sigint.raised:
+                if (save_now or stop.raised) and progress.step_in_epoch < steps_per_epoch:
+                    writer.save(epoch_loss_sum=loss_sum.item())
+                if stop.raised:
                     if progress.step_in_epoch >= steps_per_epoch:
                         break  # finish the epoch's bookkeeping below, then stop
-                    _close_bar(logger)
-                    logger.event("Interrupt", step=progress.global_step,
-                                 epoch=progress.epoch + 1)
-                    raise Interrupted(run_dir, progress.global_step)
-            _close_bar(logger)
+                    _stop(reporter, progress, progress.epoch + 1, run_dir, stop.received)
+            reporter.close_bar()
             _check_finite(bad_loss, None, progress, run_dir)
-            epoch_steps = progress.step_in_epoch
-            logger.event("Train", step=progress.global_step, epoch=progress.epoch + 1,
-                         epoch_time=time.perf_counter() - epoch_start,
-                         ce_mean=loss_sum.item() / max(epoch_steps, 1))
+            reporter.event("Train", step=progress.global_step, epoch=progress.epoch + 1,
+                           epoch_time=time.perf_counter() - epoch_start,
+                           ce_mean=loss_sum.item() / max(progress.step_in_epoch, 1))
             last_eval = evaluate(runnable, eval_loader, precision=autocast_dtype)
             model.train()
             if options.freeze_encoder:
                 model.encoder.eval()
-            logger.event("Eval", step=progress.global_step, epoch=progress.epoch + 1,
-                         accuracy=last_eval["accuracy"], ce=last_eval["ce"])
+            reporter.event("Eval", step=progress.global_step, epoch=progress.epoch + 1,
+                           accuracy=last_eval["accuracy"], ce=last_eval["ce"])
             progress.epoch += 1
             progress.step_in_epoch = 0
-            save_checkpoint(last_eval)
-            _plot_curves(run_dir)
-            if sigint.raised and progress.epoch < options.epochs:
-                logger.event("Interrupt", step=progress.global_step, epoch=progress.epoch)
-                raise Interrupted(run_dir, progress.global_step)
-    total = progress.elapsed + time.perf_counter() - t0
-    logger.event("Finish", step=progress.global_step, total_time=total,
-                 best_accuracy=progress.best_accuracy)
+            writer.save(last_eval)
+            if reporter.is_main:
+                _plot_curves(run_dir)
+            if stop.raised and progress.epoch < options.epochs:
+                _stop(reporter, progress, progress.epoch, run_dir, stop.received)
+    reporter.event("Finish", step=progress.global_step, total_time=writer.elapsed(),
+                   best_accuracy=progress.best_accuracy)
     return FitResult(run_dir=run_dir, global_step=progress.global_step, last_eval=last_eval,
                      best_accuracy=progress.best_accuracy)
 
 
-def _close_bar(logger: RunLogger) -> None:
-    if logger.bar is not None:
-        logger.bar.close()
-        logger.bar = None
+def _stop(reporter: Reporter, progress: Progress, epoch: int, run_dir: Path, signum: int) -> None:
+    reporter.close_bar()
+    reporter.event("Interrupt", step=progress.global_step, epoch=epoch)
+    raise Interrupted(run_dir, progress.global_step, signum)
 
 
 def _check_finite(bad_loss: torch.Tensor, loss: torch.Tensor | None, progress: Progress,

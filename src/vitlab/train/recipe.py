@@ -3,46 +3,104 @@
 `seed` is the tutorial exactly: cross-entropy on logits, SGD (lr 0.01, momentum 0.9, weight decay
 1e-4 on every parameter), constant LR, batch 128, the tutorial's augmentation, 100 epochs of
 pre-training and 1 of fine-tuning.
+
+Optimizers and LR schedules are name -> function registries: adding one is one entry here, and the
+command line's choices, config files and resume checks follow from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 
+from vitlab.data.augment import AUGMENTATIONS
 from vitlab.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("constant", "cosine")
-AUGMENTATIONS = ("seed", "none")
+
+def _sgd(recipe: Recipe, params: list) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
+                           weight_decay=recipe.weight_decay)
+
+
+def _adamw(recipe: Recipe, params: list) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=recipe.lr, betas=(recipe.momentum, 0.999),
+                             weight_decay=recipe.weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[[Recipe, list], torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "adamw": _adamw,
+}
+
+
+def _constant(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    return 1.0
+
+
+def _cosine(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Linear warm-up over `warmup_epochs`, then half a cosine from 1 to 0 at the last step."""
+    warmup = round(recipe.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# Whether a schedule's value depends on the run's total length decides if a finished run may be
+# continued with more epochs (see vitlab.runs.resume).
+SCHEDULES: dict[str, Callable[[Recipe, int, int, int], float]] = {
+    "constant": _constant,
+    "cosine": _cosine,
+}
+SCHEDULES_USING_TOTAL = frozenset({"cosine"})
+
+
+def _setting(help: str, **extra) -> dict:
+    return {"help": help, **extra}
 
 
 @dataclass
 class Recipe:
-    name: str = "seed"
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9  # SGD momentum; AdamW uses (momentum, 0.999) as its betas
-    weight_decay: float = 1e-4
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0  # linear warm-up, for the cosine schedule
-    label_smoothing: float = 0.0
-    batch_size: int = 128
-    epochs: int = 100  # pre-training
-    finetune_epochs: int = 1
-    grad_clip: float | None = None  # max global gradient norm
-    augment: str = "seed"
+    """How to train. Every field is a command-line flag and a config-file key of the same name."""
+
+    name: str = field(default="seed", metadata=_setting(
+        "named recipe the other fields start from", flag="recipe", choices=lambda: RECIPES))
+    optimizer: str = field(default="sgd", metadata=_setting("optimizer", choices=OPTIMIZERS))
+    lr: float = field(default=0.01, metadata=_setting("base learning rate"))
+    momentum: float = field(default=0.9, metadata=_setting(
+        "SGD momentum; AdamW's beta1 (beta2 is 0.999)"))
+    weight_decay: float = field(default=1e-4, metadata=_setting("weight decay"))
+    schedule: str = field(default="constant", metadata=_setting(
+        "LR schedule", choices=SCHEDULES))
+    warmup_epochs: float = field(default=0.0, metadata=_setting(
+        "linear LR warm-up (epochs, fractions allowed; cosine schedule)"))
+    label_smoothing: float = field(default=0.0, metadata=_setting("label smoothing"))
+    batch_size: int = field(default=128, metadata=_setting("batch size"))
+    epochs: int = field(default=100, metadata=_setting("pre-training epochs"))
+    finetune_epochs: int = field(default=1, metadata=_setting("fine-tuning epochs"))
+    grad_clip: float | None = field(default=None, metadata=_setting(
+        "clip the global gradient norm to this value"))
+    augment: str = field(default="seed", metadata=_setting(
+        "training batch transform", choices=AUGMENTATIONS))
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown LR schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
-        if self.augment not in AUGMENTATIONS:
-            raise ConfigError(f"unknown augmentation {self.augment!r}; known: {', '.join(AUGMENTATIONS)}")
+        for what, value, registry in (("optimizer", self.optimizer, OPTIMIZERS),
+                                      ("LR schedule", self.schedule, SCHEDULES),
+                                      ("augmentation", self.augment, AUGMENTATIONS)):
+            if value not in registry:
+                raise ConfigError(f"unknown {what} {value!r}; known: {', '.join(registry)}")
+        for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        for name in ("batch_size", "epochs", "finetune_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
         checks = [
             (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
             (0 <= self.weight_decay < math.inf, "weight decay must be a number >= 0"),
@@ -51,7 +109,9 @@ class Recipe:
             (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.epochs >= 0 and self.finetune_epochs >= 0, "epochs must be >= 0"),
-            (self.grad_clip is None or self.grad_clip > 0, "gradient clipping norm must be > 0"),
+            (self.grad_clip is None or (isinstance(self.grad_clip, int | float)
+                                        and 0 < self.grad_clip < math.inf),
+             "gradient clipping norm must be a number > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -63,10 +123,18 @@ class Recipe:
     @classmethod
     def from_dict(cls, values: dict) -> Recipe:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown recipe fields: {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(known))}")
+        return cls(**values)
 
 
 RECIPES: dict[str, Recipe] = {"seed": Recipe()}
+RECIPE_DESCRIPTIONS: dict[str, str] = {
+    "seed": "the tutorial exactly: SGD 0.01 (momentum 0.9, wd 1e-4), constant LR, batch 128, "
+            "pad-crop-flip-hole augmentation, 100 + 1 epochs",
+}
 
 
 def recipe(name: str, **overrides) -> Recipe:
@@ -74,25 +142,21 @@ def recipe(name: str, **overrides) -> Recipe:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
     changes = {k: v for k, v in overrides.items() if v is not None}
+    known = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ConfigError(f"unknown recipe fields: {', '.join(unknown)}")
     return dataclasses.replace(RECIPES[name], **changes)
 
 
-def build_optimizer(recipe: Recipe, parameters) -> torch.optim.Optimizer:
-    """The recipe's optimizer over `parameters` (weight decay on all of them, as the tutorial)."""
+def build_optimizer(recipe: Recipe, parameters: Iterable[torch.nn.Parameter]
+                    ) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the trainable `parameters` (weight decay on all of them, as
+    the tutorial)."""
     params = [p for p in parameters if p.requires_grad]
-    if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
-                               weight_decay=recipe.weight_decay)
-    return torch.optim.AdamW(params, lr=recipe.lr, betas=(recipe.momentum, 0.999),
-                             weight_decay=recipe.weight_decay)
+    return OPTIMIZERS[recipe.optimizer](recipe, params)
 
 
 def lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """Multiplier of the base LR before optimizer step `step` (0-based)."""
-    if recipe.schedule == "constant":
-        return 1.0
-    warmup = round(recipe.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return SCHEDULES[recipe.schedule](recipe, step, total_steps, steps_per_epoch)

@@ -1,0 +1,359 @@
+"""The application layer: pre-train, fine-tune, resume, evaluate and load runs, from Python.
+
+Every `vitlab` command is one call here; the command line only parses flags. Settings are keyword
+arguments named like the flags (`lr=0.01`, `batch_size=128`, `train_steps_per_epoch=10`, see
+`vitlab.settings`), so a command and its Python call read alike:
+
+    from vitlab.runs import pretrain, finetune, evaluate_run, load_run
+    pretrain(data="cifair100", out="runs/pre", model="seed-mini", epochs=100)
+    finetune("runs/pre", data="cifair10", out="runs/fine")
+    model, config, classes = load_run("runs/fine")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitlab.data import BatchLoader, Dataset, SeedAugment, load_dataset
+from vitlab.data.cifar import SOURCES
+from vitlab.data.imagefolder import is_image_folder
+from vitlab.data.sources import spec_kind
+from vitlab.errors import CheckpointError, ConfigError
+from vitlab.io import atomic_write_json
+from vitlab.model import ViT, ViTConfig, preset
+from vitlab.settings import SETTINGS, check_settings, pick
+from vitlab.train import checkpoint as ckpt
+from vitlab.train.engine import FitResult, evaluate, fit, resolve_device, resolve_precision
+from vitlab.train.options import TrainOptions
+from vitlab.train.recipe import SCHEDULES_USING_TOTAL, Recipe, recipe
+from vitlab.train.runconfig import EncoderSource, RunConfig
+from vitlab.train.transfer import load_encoder_weights
+
+PathLike = str | os.PathLike
+WEIGHT_FILES = {"last": ckpt.WEIGHTS, "best": ckpt.BEST_WEIGHTS}
+# The setting whose value is the run's number of epochs, per kind of run.
+BUDGET = {"pretrain": "epochs", "finetune": "finetune_epochs"}
+
+
+# --- building blocks --------------------------------------------------------------------------
+
+def data_spec(spec: PathLike) -> str:
+    """How config.json records a dataset: a name as is, a path made absolute."""
+    name = os.fspath(spec)
+    return name if name.lower() in SOURCES else str(Path(name).expanduser().resolve())
+
+
+def load_data(spec: PathLike, *, image_size: int | None = None,
+              model_image_size: int | None = None, data_root: PathLike | None = None,
+              download: bool = True) -> Dataset:
+    """Load a dataset for a model of `model_image_size` (image folders are resized to it)."""
+    if (image_size is not None and model_image_size is not None
+            and image_size != model_image_size):
+        raise ConfigError(f"--image-size {image_size} does not match the model's "
+                          f"{model_image_size}x{model_image_size} input; use "
+                          f"--image-size {model_image_size}")
+    size = image_size
+    if size is None and model_image_size is not None and is_image_folder(Path(spec)):
+        size = model_image_size
+    return load_dataset(spec, root=data_root, download=download, image_size=size)
+
+
+def check_fits(dataset: Dataset, config: ViTConfig, spec: PathLike) -> None:
+    """The dataset's images are the size and channel count the model takes."""
+    height, width = dataset.image_size
+    if (height, width) != (config.image_size, config.image_size):
+        raise ConfigError(
+            f"{spec} has {height}x{width} images but the model takes "
+            f"{config.image_size}x{config.image_size}; pass --image-size {config.image_size} "
+            "to resize them, or choose a model of that size")
+    if dataset.num_channels != config.num_channels:
+        raise ConfigError(f"{spec} has {dataset.num_channels}-channel images but the model "
+                          f"takes {config.num_channels}")
+
+
+def _recipe_and_options(settings: dict[str, Any], kind: str) -> tuple[Recipe, TrainOptions]:
+    """The recipe (named, then overridden) and the options a new run of `kind` trains with."""
+    overrides = pick(settings, {"recipe"})
+    chosen = recipe(overrides.pop("name", "seed"), **overrides)
+    if "grad_clip" in settings and settings["grad_clip"] is None:  # an explicit "no clipping"
+        chosen = dataclasses.replace(chosen, grad_clip=None)
+    epochs = chosen.epochs if kind == "pretrain" else chosen.finetune_epochs
+    options = TrainOptions(epochs=epochs, **pick(settings, {"saved", "runtime"}))
+    return chosen, options
+
+
+def _data_options(settings: dict[str, Any]) -> dict[str, Any]:
+    return {"data_root": settings.get("data_root"),
+            "download": not settings.get("no_download", False)}
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
+             model: str = "seed-mini", image_size: int | None = None, **settings: Any
+             ) -> FitResult:
+    """Train `model` (a preset name) from scratch on `data`; the run directory is `out`.
+
+    `settings` are recipe and option settings named like the flags (lr=..., epochs=...,
+    batch_size=..., seed=..., device=..., data_root=..., no_download=...).
+    """
+    settings = check_settings(settings, "pretrain")
+    chosen, options = _recipe_and_options(settings, "pretrain")
+    config = preset(model, num_classes=1)  # the name is checked before any data is loaded
+    dataset = load_data(data, image_size=image_size, model_image_size=config.image_size,
+                        **_data_options(settings))
+    config = preset(model, num_classes=dataset.num_classes)
+    check_fits(dataset, config, data)
+    torch.manual_seed(options.seed)
+    vit = ViT(config)
+    run_config = RunConfig(kind="pretrain", model=config, recipe=chosen, data=data_spec(data),
+                           classes=dataset.classes, options=options, model_preset=model,
+                           image_size=image_size)
+    return fit(vit, dataset, chosen, options, out, run_config)
+
+
+def finetune(source: PathLike, *, data: PathLike = "cifair10", out: PathLike = "runs/finetune",
+             weights: str = "last", model: str | None = None, num_classes: int | None = None,
+             image_size: int | None = None, **settings: Any) -> FitResult:
+    """A fresh model with every encoder weight of the pre-training run `source` and a new head
+    of `num_classes` outputs (default: the dataset's classes), trained on `data`.
+
+    `model`, when given, is only a check that `source` pre-trained that architecture.
+    """
+    settings = check_settings(settings, "finetune")
+    weights = SETTINGS["weights"].check(weights)
+    pretrained = ckpt.read_run_config(source)
+    weights_file = Path(source) / WEIGHT_FILES[weights]
+    pretrained_weights = ckpt.load_weights(weights_file)
+    base = pretrained.model
+    if model is not None and preset(model, num_classes=base.num_classes) != base:
+        raise ConfigError(f"--model {model} is not the architecture pre-trained in {source} "
+                          f"({pretrained.model_preset or 'custom'}); drop --model to fine-tune "
+                          "that one")
+    chosen, options = _recipe_and_options(settings, "finetune")
+    dataset = load_data(data, image_size=image_size, model_image_size=base.image_size,
+                        **_data_options(settings))
+    head = num_classes or dataset.num_classes
+    if head < dataset.num_classes:
+        raise ConfigError(f"--num-classes {head} is smaller than the {dataset.num_classes} "
+                          f"classes of {data}")
+    config = dataclasses.replace(base, num_classes=head)
+    check_fits(dataset, config, data)
+    torch.manual_seed(options.seed)
+    vit = ViT(config)
+    copied = load_encoder_weights(vit, pretrained_weights)
+    run_config = RunConfig(
+        kind="finetune", model=config, recipe=chosen, data=data_spec(data),
+        classes=dataset.classes, options=options, model_preset=pretrained.model_preset,
+        image_size=image_size,
+        init=EncoderSource(str(Path(source).resolve()), weights_file.name, copied))
+    return fit(vit, dataset, chosen, options, out, run_config)
+
+
+def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> FitResult:
+    """Continue the run in `run_dir` where its last checkpoint left it.
+
+    `settings` may repeat the run's own (the command that started it, with --resume appended);
+    one that differs from the saved run is refused, naming both values. Runtime settings
+    (device, log_steps, ...) apply to this process. A larger `epochs` (`finetune_epochs` for a
+    fine-tuning run) continues a finished run whose LR schedule does not depend on the total.
+    `kind`, when given, is the kind of run expected there ("pretrain" or "finetune").
+    """
+    run_dir = Path(run_dir)
+    saved = ckpt.read_run_config(run_dir)
+    if kind is not None and saved.kind != kind:
+        raise ConfigError(f"{run_dir} is a {saved.kind} run; resume it with vitlab {saved.kind} "
+                          f"--resume {run_dir}")
+    settings = check_settings(settings, saved.kind)
+    epochs = _check_unchanged(saved, settings, run_dir)
+    options = TrainOptions.from_saved({**saved.options.saved(), "epochs": epochs}, saved.seed,
+                                      **pick(settings, {"runtime"}))
+    dataset = load_data(saved.data, image_size=saved.image_size,
+                        model_image_size=saved.model.image_size, **_data_options(settings))
+    check_fits(dataset, saved.model, saved.data)
+    updated = None
+    if epochs != saved.options.epochs:  # a longer run: config.json says so from now on
+        updated = dataclasses.replace(saved, options=options, recipe=dataclasses.replace(
+            saved.recipe, **{BUDGET[saved.kind]: epochs}))
+    return fit(ViT(saved.model), dataset, saved.recipe, options, run_dir, run_config=updated,
+               resume=True)
+
+
+def _saved_value(saved: RunConfig, name: str, run_dir: Path) -> Any:
+    """The value setting `name` had in the saved run, in the form it is given."""
+    setting = SETTINGS[name]
+    if name == BUDGET[saved.kind]:
+        return saved.options.epochs
+    if setting.role == "recipe":
+        return getattr(saved.recipe, setting.field or name)
+    if setting.role == "saved":
+        return getattr(saved.options, name)
+    init = saved.init
+    return {"data": saved.data, "model": saved.model_preset, "image_size": saved.image_size,
+            "num_classes": saved.model.num_classes, "out": str(run_dir.resolve()),
+            "source": init.path if init else None,
+            "weights": {v: k for k, v in WEIGHT_FILES.items()}.get(init.weights) if init else None,
+            }[name]
+
+
+def _given_value(name: str, value: Any) -> Any:
+    if name == "data":
+        return data_spec(value)
+    if name in ("out", "source"):
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def _check_unchanged(saved: RunConfig, settings: dict[str, Any], run_dir: Path) -> int:
+    """Refuse a setting that differs from the saved run; return the epochs to train to."""
+    epochs = saved.options.epochs
+    if settings.get("overwrite"):
+        raise ConfigError("--overwrite starts a new run and --resume continues one; drop "
+                          "--overwrite")
+    for name, value in settings.items():
+        if SETTINGS[name].role in ("runtime", "data"):
+            continue
+        was, given = _saved_value(saved, name, run_dir), _given_value(name, value)
+        if given == was:
+            continue
+        flag = SETTINGS[name].flag
+        if name == BUDGET[saved.kind] and given > was:
+            if saved.recipe.schedule in SCHEDULES_USING_TOTAL:
+                raise ConfigError(
+                    f"{flag} {given}: the run in {run_dir} was started for {was} epochs and "
+                    f"its {saved.recipe.schedule} LR schedule depends on that total, so it "
+                    f"cannot be made longer; drop {flag} to continue it, or start a new run "
+                    f"with another --out")
+            epochs = given
+            continue
+        raise ConfigError(f"{flag} {given} differs from the run in {run_dir}, which was "
+                          f"started with {was}; drop {flag} to continue it as saved, or start "
+                          "a new run with another --out")
+    return epochs
+
+
+# --- using a run ------------------------------------------------------------------------------
+
+def load_run(run_dir: PathLike, weights: str = "last", device: str | torch.device = "cpu"
+             ) -> tuple[ViT, RunConfig, list[str]]:
+    """The trained model of a run directory (in eval mode, on `device`), its RunConfig and its
+    class names. `weights`: "last" (model.safetensors) or "best" (best.safetensors)."""
+    run_dir = Path(run_dir)
+    config = ckpt.read_run_config(run_dir)
+    weights_file = run_dir / WEIGHT_FILES[SETTINGS["weights"].check(weights)]
+    state = ckpt.load_weights(weights_file)
+    model = ViT(config.model)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights_file} does not fit the architecture in "
+                              f"{run_dir / ckpt.CONFIG}: {str(e).splitlines()[1].strip()}"
+                              ) from None
+    model.to(device if isinstance(device, torch.device) else resolve_device(device)).eval()
+    return model, config, list(config.classes)
+
+
+def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: str = "last",
+                 out: PathLike | None = None, batch_size: int = 256,
+                 eval_steps: int | None = None, device: str = "auto", precision: str = "auto",
+                 image_size: int | None = None, data_root: PathLike | None = None,
+                 download: bool = True, quiet: bool = False) -> dict:
+    """Accuracy, cross-entropy, per-class accuracy and the confusion matrix of a run's model on
+    the test split of `data` (default: the run's own dataset). Writes evaluation.json and
+    confusion_matrix.png to `out` (default: RUN_DIR/evaluation) and returns the report."""
+    from vitlab.report import plot_confusion_matrix
+
+    run_dir = Path(run_dir)
+    saved = ckpt.read_run_config(run_dir)
+    weights_file = run_dir / WEIGHT_FILES[SETTINGS["weights"].check(weights)]
+    model, config, trained_on = load_run(run_dir, weights, device="cpu")
+    spec = os.fspath(data) if data is not None else saved.data
+    if image_size is None and spec == saved.data:
+        image_size = saved.image_size
+    dataset = load_data(spec, image_size=image_size, model_image_size=config.model.image_size,
+                        data_root=data_root, download=download)
+    check_fits(dataset, config.model, spec)
+    head = config.model.num_classes
+    if dataset.num_classes > head:
+        raise ConfigError(f"{spec} has {dataset.num_classes} classes but the model predicts "
+                          f"{head}")
+    if trained_on and list(dataset.classes) != trained_on[: dataset.num_classes]:
+        raise ConfigError(f"{spec} has other classes than the model learned "
+                          f"({', '.join(trained_on[:3])}, ...); evaluate on that dataset")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if eval_steps is not None:
+        if eval_steps < 1:
+            raise ConfigError(f"--eval-steps must be at least 1, got {eval_steps}")
+        eval_steps = min(eval_steps, -(-len(dataset.test) // batch_size))  # at most one pass
+    target = resolve_device(device)
+    model.to(target)
+    loader = BatchLoader(dataset.test, batch_size, device=target, augment=SeedAugment(),
+                         train=False, shuffle=False, steps_per_epoch=eval_steps)
+    start = time.perf_counter()
+    result = evaluate(model, loader, precision=resolve_precision(precision, target),
+                      num_classes=head)
+    out_dir = Path(out) if out is not None else run_dir / "evaluation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = list(dataset.classes) + [f"(unused {i})" for i in range(dataset.num_classes, head)]
+    report = {"checkpoint": str(weights_file.resolve()), "data": data_spec(spec),
+              "classes": classes, **result}
+    atomic_write_json(out_dir / "evaluation.json", report)
+    shown = dataset.num_classes  # a 100-way head on 10 classes: plot the classes that exist
+    matrix = [row[:shown] for row in result["confusion_matrix"][:shown]]
+    plot_confusion_matrix(matrix, dataset.classes, out_dir / "confusion_matrix.png",
+                          title=f"{Path(spec).name}: accuracy {100 * result['accuracy']:.2f}%")
+    if not quiet:
+        print(f"vitlab-Evaluate: accuracy: {result['accuracy']:.4f}; ce: {result['ce']:.7g}; "
+              f"samples: {result['num_samples']}; eval_time: {time.perf_counter() - start:.1f} "
+              "sec;")
+        worst = sorted((a, c) for a, c in zip(result["per_class_accuracy"][:shown],
+                                              dataset.classes, strict=True) if a is not None)[:3]
+        print("lowest per-class accuracy: " + ", ".join(f"{c} {a:.3f}" for a, c in worst))
+        print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'confusion_matrix.png'}")
+    return report
+
+
+def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLike = "cifair10",
+                 out: PathLike = "runs/tutorial", model: str = "seed-mini",
+                 num_classes: int | None = None, image_size: int | None = None,
+                 **settings: Any) -> dict:
+    """The tutorial in one call: pre-train on `pretrain_data`, fine-tune from it on
+    `finetune_data`, evaluate the result; OUT/pretrain, OUT/finetune, OUT/evaluation."""
+    settings = check_settings(settings, "run")
+    spec_kind(finetune_data)  # fail before, not after, hours of pre-training
+    out = Path(out)
+    # Each stage takes its own budget from the recipe: epochs, then finetune_epochs.
+    pre = pretrain(data=pretrain_data, out=out / "pretrain", model=model, image_size=image_size,
+                   **settings)
+    fine = finetune(pre.run_dir, data=finetune_data, out=out / "finetune",
+                    num_classes=num_classes, image_size=image_size, **settings)
+    return evaluate_run(fine.run_dir, data=finetune_data, out=out / "evaluation",
+                        device=settings.get("device", "auto"),
+                        precision=settings.get("precision", "auto"), image_size=image_size,
+                        **_data_options(settings))
+
+
+def model_summary(name: str, num_classes: int = 100) -> list[str]:
+    """Build preset `name`, run a forward pass; its size and shapes as lines of text."""
+    config = preset(name, num_classes=num_classes)
+    torch.manual_seed(0)
+    model = ViT(config).eval()
+    images = torch.randn(2, config.num_channels, config.image_size, config.image_size)
+    with torch.inference_mode():
+        logits = model(images)
+    return [f"{name}: {model.num_parameters():,} parameters; "
+            f"{config.image_size}x{config.image_size} input, patch {config.patch_size}, "
+            f"depth {config.depth}, width {config.width}, {config.num_heads} heads, "
+            f"MLP {config.mlp_dim}, {'pre' if config.norm_first else 'post'}-norm",
+            f"forward pass: input {list(images.shape)} -> logits {list(logits.shape)}"]
+
+
+__all__ = ["data_spec", "evaluate_run", "finetune", "load_data", "load_run",
+           "model_summary", "pretrain", "resume", "run_pipeline"]

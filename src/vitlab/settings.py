@@ -1,0 +1,199 @@
+"""The settings of a run: one schema for command-line flags, config-file keys and the keyword
+arguments of `vitlab.runs`, derived from the dataclasses that hold them.
+
+Every field of `Recipe` and every saved or runtime field of `TrainOptions` is a setting named
+like its flag (`batch_size` <-> `--batch-size` <-> `batch-size:` in a YAML file); choices come from
+the registries (`OPTIMIZERS`, `SCHEDULES`, `AUGMENTATIONS`, `RECIPES`, model presets). Adding a
+field or a registry entry is one edit: the parser, the config files and the resume check follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vitlab.errors import ConfigError
+from vitlab.model import PRESETS
+from vitlab.train.options import TrainOptions
+from vitlab.train.recipe import Recipe
+
+TRAINING_COMMANDS = ("pretrain", "finetune", "run")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # the key: flag name with underscores
+    role: str  # recipe | saved | runtime (TrainOptions' roles) | run (what) | data (loading)
+    type: type  # int, float, str or bool
+    help: str
+    optional: bool = False  # None is a value of its own (e.g. grad_clip: no clipping)
+    choices: Callable[[], Collection[str]] | None = None
+    field: str | None = None  # the dataclass field it sets, when not `name`
+    commands: tuple[str, ...] = TRAINING_COMMANDS
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any, where: str = "") -> Any:
+        """`value` as this setting's type, or a one-line ConfigError."""
+        label = f"{where}{self.flag}"
+        if value is None:
+            if self.optional:
+                return None
+            raise ConfigError(f"{label} needs a value")
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{label} must be true or false, got {value!r}")
+        elif self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{label} must be an integer, got {value!r}")
+            if abs(value) >= 2**63:
+                raise ConfigError(f"{label} {value} is out of range")
+        elif self.type is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{label} must be a number, got {value!r}")
+            value = float(value)  # range checks (nan, inf, > 0) are the dataclasses'
+        elif not isinstance(value, str):
+            raise ConfigError(f"{label} must be a string, got {value!r}")
+        if self.choices is not None:
+            known = self.choices()
+            if value not in known:
+                what = {"recipe": "recipe", "model": "model preset"}.get(self.name, self.name)
+                raise ConfigError(f"unknown {what} {value!r}; known: {', '.join(known)}")
+        return value
+
+
+def _field_type(hint: Any) -> tuple[type, bool]:
+    """(base type, optional) of a dataclass field's resolved type hint."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _from_dataclass(cls: type, role_of: Callable[[dataclasses.Field], str | None]
+                    ) -> list[Setting]:
+    hints = typing.get_type_hints(cls)
+    settings = []
+    for f in dataclasses.fields(cls):
+        role = role_of(f)
+        if role is None or f.metadata.get("cli") is False:
+            continue
+        kind, optional = _field_type(hints[f.name])
+        choices = f.metadata.get("choices")
+        if choices is not None and not callable(choices):
+            choices = (lambda registry: lambda: registry)(choices)
+        name = f.metadata.get("flag", f.name).replace("-", "_")
+        if name.startswith("no_"):  # --no-progress: a true flag that turns a field off
+            kind, optional = bool, False
+        settings.append(Setting(name=name, role=role, type=kind, help=f.metadata.get("help", ""),
+                                optional=optional, choices=choices,
+                                field=f.name if name != f.name else None,
+                                commands=f.metadata.get("commands", TRAINING_COMMANDS)))
+    return settings
+
+
+def _run_settings() -> list[Setting]:
+    presets = lambda: PRESETS  # noqa: E731
+    return [
+        Setting("data", "run", str, "dataset name, array folder or image folder",
+                commands=("pretrain", "finetune")),
+        Setting("model", "run", str, "model preset", choices=presets),
+        Setting("out", "run", str, "run directory"),
+        Setting("source", "run", str, "the pre-training run directory", commands=("finetune",)),
+        Setting("weights", "run", str, "which pre-trained weights to start from",
+                choices=lambda: ("last", "best"), commands=("finetune",)),
+        Setting("num_classes", "run", int, "head size (default: the dataset's classes; 100 = "
+                "the tutorial's)", commands=("finetune", "run")),
+        Setting("pretrain_data", "run", str, "pre-training dataset", commands=("run",)),
+        Setting("finetune_data", "run", str, "fine-tuning dataset", commands=("run",)),
+        Setting("image_size", "run", int, "resize the dataset's images to this size (default: "
+                "image folders are resized to the model's size, other datasets must fit)",
+                optional=True),
+        Setting("data_root", "data", str, "where named datasets are cached (default: "
+                "$VITLAB_DATA, ~/.cache/vitlab)"),
+        Setting("no_download", "data", bool, "never download; fail with instructions instead"),
+    ]
+
+
+def _build() -> dict[str, Setting]:
+    settings = [*_run_settings(),
+                *_from_dataclass(Recipe, lambda f: "recipe"),
+                *_from_dataclass(TrainOptions, lambda f: f.metadata.get("role")
+                                 if f.metadata.get("role") in ("saved", "runtime") else None)]
+    return {s.name: s for s in settings}
+
+
+SETTINGS: dict[str, Setting] = _build()
+
+
+def for_command(command: str) -> dict[str, Setting]:
+    return {name: s for name, s in SETTINGS.items() if command in s.commands}
+
+
+def check_settings(values: dict[str, Any], command: str, where: str = "") -> dict[str, Any]:
+    """`values` checked against the command's settings: unknown keys and bad values refused."""
+    known = for_command(command)
+    checked = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{where}unknown setting {key!r} for {command}; known: "
+                              f"{', '.join(sorted(s.replace('_', '-') for s in known))}")
+        checked[name] = known[name].check(value, where)
+    return checked
+
+
+def read_config_file(path: str | Path, command: str) -> dict[str, Any]:
+    """A YAML config file's settings (keys named like the flags), checked for `command`."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path} ({getattr(e, 'strerror', e)})") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{at}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise ConfigError(f"{path} must hold a mapping of setting names to values, like "
+                          "'lr: 0.01'")
+    return check_settings(values, command, where=f"{path}: ")
+
+
+def recipe_as_yaml(recipe: Recipe, description: str = "") -> str:
+    """A recipe as a config file that `--config` reads back to the same recipe."""
+    import yaml
+
+    values = {}
+    for name, setting in SETTINGS.items():
+        if setting.role == "recipe":
+            values[name.replace("_", "-")] = getattr(recipe, setting.field or name)
+    header = f"# vitlab recipe {recipe.name!r}" + (f": {description}" if description else "")
+    body = yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
+    return f"{header}\n# copy, edit, then: vitlab pretrain --config FILE (flags override it)\n{body}"
+
+
+def pick(values: dict[str, Any], roles: Iterable[str]) -> dict[str, Any]:
+    """The entries of `values` whose settings have one of `roles`, keyed by dataclass field."""
+    roles = set(roles)
+    picked = {}
+    for key, value in values.items():
+        setting = SETTINGS[key]
+        if setting.role in roles:
+            if key.startswith("no_"):  # --no-progress given: progress off; not given: the default
+                value = False if value else None
+            picked[setting.field or key] = value
+    return picked

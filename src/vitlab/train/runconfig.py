@@ -1,0 +1,117 @@
+"""RunConfig: a run's whole configuration, the one thing config.json holds.
+
+    {"format": "vitlab-run/1", "kind": "pretrain" | "finetune", "model_preset": ..., "model": {...},
+     "data": name or absolute path, "image_size": N or null, "classes": [...],
+     "options": {...}, "seed": N, "recipe": {...}, "init": {...} (fine-tuning), "versions": {...}}
+
+Run directories written before `image_size` moved out of "options" (vitlab 0.1.0) still load.
+Unknown keys are refused at every level, so a typo in a hand-edited file is an error, not a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+
+import torch
+
+from vitlab import __version__
+from vitlab.errors import CheckpointError, ConfigError
+from vitlab.model import ViTConfig
+from vitlab.train.options import TrainOptions
+from vitlab.train.recipe import Recipe
+
+RUN_FORMAT = "vitlab-run/1"
+KINDS = ("pretrain", "finetune")
+
+
+def current_versions() -> dict[str, str]:
+    return {"vitlab": __version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+@dataclass
+class EncoderSource:
+    """Where a fine-tuning run's encoder came from."""
+
+    path: str  # the pre-training run directory, absolute
+    weights: str  # the weight file in it: model.safetensors or best.safetensors
+    encoder_tensors_copied: int
+
+    def to_dict(self) -> dict:
+        return {"from": self.path, "weights": self.weights,
+                "encoder_tensors_copied": self.encoder_tensors_copied}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> EncoderSource:
+        _refuse_unknown("init", values, ("from", "weights", "encoder_tensors_copied"))
+        return cls(path=values["from"], weights=values["weights"],
+                   encoder_tensors_copied=values["encoder_tensors_copied"])
+
+
+@dataclass
+class RunConfig:
+    kind: str
+    model: ViTConfig
+    recipe: Recipe
+    data: str  # a dataset name as given, or an absolute path
+    classes: list[str]
+    options: TrainOptions
+    model_preset: str | None = None
+    image_size: int | None = None  # --image-size: resume and evaluate resize alike
+    init: EncoderSource | None = None
+    versions: dict = field(default_factory=current_versions)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown run kind {self.kind!r}; known: {', '.join(KINDS)}")
+
+    @property
+    def seed(self) -> int:
+        return self.options.seed
+
+    def to_dict(self) -> dict:
+        values = {"format": RUN_FORMAT, "kind": self.kind, "model_preset": self.model_preset,
+                  "model": self.model.to_dict(), "data": self.data,
+                  "image_size": self.image_size, "classes": list(self.classes),
+                  "options": self.options.saved(), "seed": self.seed,
+                  "recipe": self.recipe.to_dict()}
+        if self.init is not None:
+            values["init"] = self.init.to_dict()
+        values["versions"] = dict(self.versions)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config.json", **runtime) -> RunConfig:
+        """Parse a config.json; `runtime` sets the options' runtime fields (device, ...)."""
+        if not isinstance(values, dict) or values.get("format") != RUN_FORMAT:
+            raise CheckpointError(f"{where} was not written by vitlab (it has no 'format': "
+                                  f"'{RUN_FORMAT}')")
+        for key, kind in (("kind", str), ("model", dict), ("data", str), ("options", dict),
+                          ("seed", int), ("recipe", dict)):
+            if not isinstance(values.get(key), kind):
+                raise CheckpointError(f"{where} has no valid {key!r} entry; it is not a complete "
+                                      "vitlab run config")
+        known = ("format", "kind", "model_preset", "model", "data", "image_size", "classes",
+                 "options", "seed", "recipe", "init", "versions")
+        try:
+            _refuse_unknown("run config", values, known)
+            options = dict(values["options"])
+            image_size = values.get("image_size", options.pop("image_size", None))
+            init = values.get("init")
+            return cls(kind=values["kind"], model=ViTConfig.from_dict(values["model"]),
+                       recipe=Recipe.from_dict(values["recipe"]), data=values["data"],
+                       classes=list(values.get("classes") or []),
+                       options=TrainOptions.from_saved(options, values["seed"], **runtime),
+                       model_preset=values.get("model_preset"), image_size=image_size,
+                       init=EncoderSource.from_dict(init) if init is not None else None,
+                       versions=dict(values.get("versions") or {}))
+        except (ConfigError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{where} is not a valid vitlab run config ({e})") from None
+
+
+def _refuse_unknown(what: str, values: dict, known: tuple[str, ...]) -> None:
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown {what} keys: {', '.join(unknown)}")
