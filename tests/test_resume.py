@@ -107,28 +107,33 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(cifar10, reference, tmp_
     assert 25 <= saved < EPOCHS * STEPS and saved % CKPT == 0
     assert max(r["step"] for r in events(before, "train")) > saved  # work was lost, and redone
 
-    resumed = run_cli(*resume_args(run), cwd=tmp_path)
+    # The very command that started the run, with --resume appended (as people re-run it).
+    resumed = run_cli(*train_args(cifar10, run), "--resume", run, cwd=tmp_path)
     assert f"vitlab-Resume: step: {saved}; epoch: 2;" in resumed.stdout.splitlines()
     assert "vitlab-Finish: step: 40;" in resumed.stdout
     assert_same_run(run, reference)
 
 
-def test_sigint_saves_a_resumable_checkpoint_and_exits_cleanly(cifar10, reference, tmp_path):
+@pytest.mark.parametrize(("signum", "code", "said"), [(signal.SIGINT, 130, "interrupted"),
+                                                      (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_a_signal_saves_a_resumable_checkpoint_and_exits_cleanly(cifar10, reference, tmp_path,
+                                                                  signum, code, said):
+    """Ctrl-C, and SIGTERM (a scheduler's preemption), checkpoint and exit resumable."""
     run = tmp_path / "run"
     proc = start_cli(*train_args(cifar10, run), cwd=tmp_path)
     try:
         wait_for_line(proc, r"^vitlab-Train: step: ([6-9]|1\d);")  # mid-epoch 1
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     line = assert_one_error_line(stderr, "pretrain")
-    assert f"--resume {run}" in line and "interrupted at step" in line
+    assert f"--resume {run}" in line and f"{said} at step" in line
     interrupts = events(read_metrics(run), "interrupt")
     assert len(interrupts) == 1 and not events(read_metrics(run), "finish")
     stopped = interrupts[0]["step"]
-    assert f"interrupted at step {stopped};" in line
+    assert f"{said} at step {stopped};" in line
     progress = trainer_state(run)["progress"]
     assert progress["global_step"] == stopped < EPOCHS * STEPS
     assert (progress["epoch"], progress["step_in_epoch"]) == divmod(stopped, STEPS)

@@ -66,7 +66,7 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
     groups = {role: parser.add_argument_group(title) for role, title in _GROUPS.items()}
     for name, setting in for_command(command).items():
         flags = _COMMAND_FLAGS.get((command, name), _FLAG_NAMES.get(name, [setting.flag]))
-        if not flags:
+        if not flags or not setting.cli:
             continue
         help_text = setting.help
         default = _DEFAULTS.get(command, {}).get(name)

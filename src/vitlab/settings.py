@@ -10,6 +10,7 @@ field or a registry entry is one edit: the parser, the config files and the resu
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Callable, Collection, Iterable
@@ -35,6 +36,7 @@ class Setting:
     choices: Callable[[], Collection[str]] | None = None
     field: str | None = None  # the dataclass field it sets, when not `name`
     commands: tuple[str, ...] = TRAINING_COMMANDS
+    cli: bool = True  # False: a keyword argument and config-file key, but no flag (quiet)
 
     @property
     def flag(self) -> str:
@@ -59,13 +61,15 @@ class Setting:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{label} must be a number, got {value!r}")
             value = float(value)  # range checks (nan, inf, > 0) are the dataclasses'
+        elif isinstance(value, os.PathLike):
+            value = os.fspath(value)
         elif not isinstance(value, str):
             raise ConfigError(f"{label} must be a string, got {value!r}")
         if self.choices is not None:
             known = self.choices()
             if value not in known:
                 what = {"recipe": "recipe", "model": "model preset"}.get(self.name, self.name)
-                raise ConfigError(f"unknown {what} {value!r}; known: {', '.join(known)}")
+                raise ConfigError(f"{where}unknown {what} {value!r}; known: {', '.join(known)}")
         return value
 
 
@@ -83,7 +87,7 @@ def _from_dataclass(cls: type, role_of: Callable[[dataclasses.Field], str | None
     settings = []
     for f in dataclasses.fields(cls):
         role = role_of(f)
-        if role is None or f.metadata.get("cli") is False:
+        if role is None:
             continue
         kind, optional = _field_type(hints[f.name])
         choices = f.metadata.get("choices")
@@ -95,7 +99,8 @@ def _from_dataclass(cls: type, role_of: Callable[[dataclasses.Field], str | None
         settings.append(Setting(name=name, role=role, type=kind, help=f.metadata.get("help", ""),
                                 optional=optional, choices=choices,
                                 field=f.name if name != f.name else None,
-                                commands=f.metadata.get("commands", TRAINING_COMMANDS)))
+                                commands=f.metadata.get("commands", TRAINING_COMMANDS),
+                                cli=f.metadata.get("cli", True)))
     return settings
 
 

@@ -1,0 +1,311 @@
+"""The application layer (vitlab.runs) and the run config: Python calls without argparse, a run
+directory of vitlab 0.1.0 that still loads, evaluates and continues, YAML config files, resume
+checks, soft targets through fit(), TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cli_helpers import SHARED_DATA, assert_one_error_line, assert_same_tensors, load_weights
+from vitlab.cli import main
+from vitlab.data import BatchLoader, Dataset, SeedAugment
+from vitlab.data.arrays import Split
+from vitlab.data.augment import AUGMENTATIONS
+from vitlab.errors import CheckpointError, ConfigError
+from vitlab.model import ViT, ViTConfig
+from vitlab.runs import evaluate_run, load_run, pretrain, resume
+from vitlab.train import TrainOptions, evaluate, fit, recipe
+from vitlab.train import checkpoint as ckpt
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# What made the fixture (tests/fixtures/README.md), as flags.
+LEGACY_FLAGS = ["--data", "cifar10", "--no-download", "--model", "micro",
+                "--train-steps-per-epoch", "4", "--batch-size", "16", "--seed", "2",
+                "--log-steps", "2", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The fixture was written on one thread; bitwise comparisons need the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """A data root whose cached `cifar10` is the slice the legacy fixture was trained on."""
+    source = SHARED_DATA / "cifar10"
+    if not (source / "train.npz").is_file():
+        pytest.skip(f"the real CIFAR data is not at {source}")
+    root = tmp_path_factory.mktemp("root")
+    (root / "cifar10").mkdir()
+    for split, n in (("train", 64), ("test", 32)):
+        with np.load(source / f"{split}.npz") as z:
+            np.savez(root / "cifar10" / f"{split}.npz", x=z["x"][:n], y=z["y"][:n])
+    shutil.copy(source / "classes.json", root / "cifar10" / "classes.json")
+    return root
+
+
+@pytest.fixture
+def legacy_run(tmp_path) -> Path:
+    run = tmp_path / "run-0.1.0"
+    shutil.copytree(FIXTURES / "run-0.1.0", run)
+    return run
+
+
+def _accuracy(model: ViT, split: Split) -> float:
+    loader = BatchLoader(split, 7, augment=SeedAugment(), train=False, shuffle=False)
+    return evaluate(model, loader)["accuracy"]
+
+
+def test_a_run_of_vitlab_0_1_0_loads_and_evaluates_as_it_did(legacy_run, data_root, capfd):
+    config = ckpt.read_run_config(legacy_run)
+    assert (config.kind, config.model_preset, config.seed, config.image_size) == \
+        ("pretrain", "micro", 2, None)  # image_size came from the old "options" entry
+    assert config.options.epochs == 1 and config.options.train_steps_per_epoch == 4
+    model, run_config, classes = load_run(legacy_run, weights="best")
+    assert run_config == config and classes[:2] == ["airplane", "automobile"]
+    assert not model.training
+    (logged,) = [r for r in ckpt.read_jsonl(legacy_run / ckpt.METRICS) if r["event"] == "eval"]
+    test = __import__("vitlab.data", fromlist=["load_dataset"]).load_dataset(
+        "cifar10", root=data_root, download=False).test
+    # The model load_run returns scores exactly what 0.1.0 logged for it, and what evaluate says.
+    assert _accuracy(model, test) == logged["accuracy"] == 0.125
+    report = evaluate_run(legacy_run, weights="best", data_root=data_root, download=False,
+                          quiet=True)
+    assert report["accuracy"] == logged["accuracy"] and report["num_samples"] == 32
+    assert main(["evaluate", "--checkpoint", str(legacy_run), "--data-root", str(data_root),
+                 "--no-download"]) == 0
+    assert f"accuracy: {logged['accuracy']:.4f};" in capfd.readouterr().out
+
+    fine = ckpt.read_run_config(FIXTURES / "finetune-0.1.0")
+    assert fine.kind == "finetune" and fine.image_size == 32 and fine.init.weights == \
+        "model.safetensors" and fine.init.encoder_tensors_copied == 29
+
+
+def test_a_finished_constant_lr_run_continues_with_more_epochs(legacy_run, data_root, tmp_path,
+                                                               capfd):
+    """The 0.1.0 run, continued to 2 epochs by the same command with --resume appended, equals
+    a 2-epoch run made from scratch today: same weights, same logged numbers."""
+    argv = ["pretrain", *LEGACY_FLAGS, "--data-root", str(data_root), "--out", str(legacy_run)]
+    assert main([*argv, "--epochs", "1", "--resume", str(legacy_run)]) == 2
+    assert "already finished its 1 epochs" in capfd.readouterr().err
+    assert main([*argv, "--epochs", "2", "--resume", str(legacy_run)]) == 0, capfd.readouterr()
+    fresh = tmp_path / "fresh"
+    assert main(["pretrain", *LEGACY_FLAGS, "--data-root", str(data_root), "--out", str(fresh),
+                 "--epochs", "2"]) == 0
+    assert_same_tensors(load_weights(legacy_run / "model.safetensors"),
+                        load_weights(fresh / "model.safetensors"))
+    extended, straight = (json.loads((d / "config.json").read_text()) for d in (legacy_run, fresh))
+    assert extended["options"]["epochs"] == extended["recipe"]["epochs"] == 2
+    assert {k: v for k, v in extended.items() if k != "versions"} == \
+        {k: v for k, v in straight.items() if k != "versions"}
+    drop = {"time", "steps/sec", "epoch_time", "total_time"}
+    logs = [[{k: v for k, v in r.items() if k not in drop}
+             for r in ckpt.read_jsonl(d / ckpt.METRICS) if r["event"] in ("train", "eval")]
+            for d in (legacy_run, fresh)]
+    assert logs[0] == logs[1]
+    assert [r["event"] for r in ckpt.read_jsonl(legacy_run / ckpt.METRICS)].count("finish") == 1
+
+
+def test_a_cosine_run_cannot_be_made_longer(data_root, tmp_path, capfd):
+    out = tmp_path / "cos"
+    argv = ["pretrain", *LEGACY_FLAGS, "--data-root", str(data_root), "--out", str(out),
+            "--schedule", "cosine", "--epochs", "1"]
+    assert main(argv) == 0
+    capfd.readouterr()
+    assert main([*argv[:-2], "--epochs", "3", "--resume", str(out)]) == 2
+    line = assert_one_error_line(capfd.readouterr().err, "pretrain")
+    assert "--epochs 3: the run in" in line and "cosine LR schedule depends on that total" in line
+
+
+def test_python_api_needs_no_argparse_and_refuses_unknown_settings(data_root, tmp_path):
+    result = pretrain(data="cifar10", out=tmp_path / "py", model="micro", data_root=data_root,
+                      no_download=True, epochs=1, train_steps_per_epoch=2, batch_size=16,
+                      seed=2, quiet=True, device="cpu")
+    assert result.global_step == 2 and result.run_dir == tmp_path / "py"
+    model, config, classes = load_run(result.run_dir)
+    assert config.recipe.batch_size == 16 and len(classes) == 10
+    with pytest.raises(ConfigError, match="unknown setting 'lrr' for pretrain"):
+        pretrain(data="cifar10", out=tmp_path / "x", lrr=0.1)
+    with pytest.raises(ConfigError, match="unknown model preset 'vit-huge'"):
+        pretrain(data="cifar10", out=tmp_path / "x", model="vit-huge")
+    with pytest.raises(ConfigError, match="--lr 0.5 differs"):
+        resume(result.run_dir, lr=0.5)
+    with pytest.raises(ConfigError, match="is a pretrain run"):
+        resume(result.run_dir, kind="finetune")
+
+
+def test_train_options_validate_themselves():
+    for bad, message in (({"epochs": -1}, "--epochs must be >= 0"),
+                         ({"epochs": 1, "seed": -1}, "--seed must be in"),
+                         ({"epochs": 1, "train_steps_per_epoch": 0}, "at least 1"),
+                         ({"epochs": 1, "precision": "fp8"}, "unknown precision"),
+                         ({"epochs": 1.5}, "must be an integer"),
+                         ({"epochs": 1, "compile": "yes"}, "true or false")):
+        with pytest.raises(ConfigError, match=message):
+            TrainOptions(**bad)
+    with pytest.raises(ConfigError, match="unknown saved options: lrr"):
+        TrainOptions.from_saved({"epochs": 1, "lrr": 2}, seed=0)
+
+
+# --- config files -----------------------------------------------------------------------------
+
+def test_a_yaml_config_run_equals_the_same_run_given_as_flags(data_root, tmp_path, capfd):
+    flags = ["--model", "micro", "--optimizer", "adamw", "--lr", "0.002", "--schedule", "cosine",
+             "--warmup-epochs", "0.5", "--epochs", "2", "--train-steps-per-epoch", "2",
+             "--batch-size", "16", "--seed", "4", "--label-smoothing", "0.1"]
+    common = ["--data", "cifar10", "--data-root", str(data_root), "--no-download",
+              "--no-progress", "--log-steps", "0"]
+    assert main(["pretrain", *flags, *common, "--out", str(tmp_path / "flags")]) == 0
+    config = tmp_path / "run.yaml"
+    pairs = dict(zip(flags[::2], flags[1::2], strict=True))
+    config.write_text("# the same settings as a file\n" + "".join(
+        f"{k.lstrip('-')}: {v}\n" for k, v in pairs.items()))
+    assert main(["pretrain", "--config", str(config), *common,
+                 "--out", str(tmp_path / "yaml")]) == 0
+    a, b = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("flags", "yaml"))
+    assert a == b and a["recipe"]["optimizer"] == "adamw" and a["seed"] == 4
+    assert_same_tensors(load_weights(tmp_path / "flags" / "model.safetensors"),
+                        load_weights(tmp_path / "yaml" / "model.safetensors"))
+
+    # A flag on the command line overrides the file; config.json holds the resolved value.
+    assert main(["pretrain", "--config", str(config), *common, "--epochs", "0", "--lr", "0.5",
+                 "--out", str(tmp_path / "override")]) == 0
+    resolved = json.loads((tmp_path / "override" / "config.json").read_text())
+    assert resolved["recipe"]["lr"] == 0.5 and resolved["recipe"]["optimizer"] == "adamw"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("lrr: 0.1\n", "unknown setting 'lrr' for pretrain"),
+    ("lr: fast\n", "--lr must be a number, got 'fast'"),
+    ("batch-size: 12.5\n", "--batch-size must be an integer"),
+    ("optimizer: adam\n", "unknown optimizer 'adam'; known: sgd, adamw"),
+    ("no-download: 1\n", "must be true or false"),
+    ("- lr\n- 0.1\n", "must hold a mapping"),
+    ("lr: [0.1\n", "is not valid YAML at line"),
+    ("source: x\n", "unknown setting 'source' for pretrain"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, capfd, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    capfd.readouterr()
+    assert main(["pretrain", "--config", str(path), "--model", "micro"]) == 2
+    line = assert_one_error_line(capfd.readouterr().err, "pretrain")
+    assert message in line and str(path) in line
+
+
+def test_recipes_print_as_config_files_that_load_back(tmp_path, data_root):
+    listing = subprocess.run([sys.executable, "-m", "vitlab.cli", "recipes"], text=True,
+                             capture_output=True, timeout=60)
+    assert listing.returncode == 0 and listing.stdout.startswith("seed ")
+    printed = subprocess.run([sys.executable, "-m", "vitlab.cli", "recipes", "seed"], text=True,
+                             capture_output=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    import yaml
+
+    values = yaml.safe_load(printed.stdout)
+    assert values["recipe"] == "seed" and values["lr"] == 0.01 and values["batch-size"] == 128
+    assert values["epochs"] == 100 and values["finetune-epochs"] == 1
+    path = tmp_path / "seed.yaml"
+    path.write_text(printed.stdout)
+    assert main(["pretrain", "--config", str(path), "--model", "micro", "--data", "cifar10",
+                 "--data-root", str(data_root), "--no-download", "--epochs", "0",
+                 "--out", str(tmp_path / "r")]) == 0
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["recipe"] == {**recipe("seed").to_dict(), "epochs": 0}
+    assert main(["recipes", "nope"]) == 2
+
+
+# --- label-aware transforms -------------------------------------------------------------------
+
+class SoftTargets:
+    """A tiny label-aware transform: the eval transform's inputs, labels made into smoothed
+    one-hot distributions (what label smoothing does to hard labels)."""
+
+    def __init__(self, num_classes: int, smoothing: float) -> None:
+        self.num_classes, self.smoothing = num_classes, smoothing
+
+    def __call__(self, images, labels, train, generator):
+        inputs, labels = SeedAugment()(images, labels, False, generator)
+        if not train:
+            return inputs, labels
+        soft = F.one_hot(labels, self.num_classes).float() * (1 - self.smoothing)
+        return inputs, soft + self.smoothing / self.num_classes
+
+
+def test_a_transform_returning_soft_targets_trains_through_fit(tmp_path, monkeypatch):
+    """Soft targets equal to label smoothing's distribution train to the same weights as hard
+    labels with --label-smoothing: the loss takes both, and smoothing composes with either."""
+    config = ViTConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
+                       dropout=0.0, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (24, 32, 32, 3), generator=g, dtype=torch.uint8),
+                  torch.randint(0, 3, (24,), generator=g), ["a", "b", "c"])
+    dataset = Dataset("tiny", split, split)
+    monkeypatch.setitem(AUGMENTATIONS, "soft", lambda n: SoftTargets(n, 0.2))
+    options = TrainOptions(epochs=1, seed=1, device="cpu", quiet=True, progress=False)
+    runs = {}
+    for name, r in (("soft", recipe("seed", augment="soft", batch_size=8, lr=0.05)),
+                    ("hard", recipe("seed", augment="none", batch_size=8, lr=0.05,
+                                    label_smoothing=0.2)),
+                    ("plain", recipe("seed", augment="none", batch_size=8, lr=0.05))):
+        torch.manual_seed(0)
+        model = ViT(config)
+        fit(model, dataset, r, options, tmp_path / name)
+        runs[name] = model.state_dict()
+    for key, value in runs["soft"].items():
+        torch.testing.assert_close(value, runs["hard"][key], rtol=0, atol=1e-5)
+    assert not torch.allclose(runs["soft"]["head.weight"], runs["plain"]["head.weight"])
+    # Soft targets and label smoothing compose: smoothing applies to the distribution.
+    logits, soft = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
+    from vitlab.train.engine import cross_entropy
+
+    expected = -(((1 - 0.1) * soft + 0.1 / 3) * logits.log_softmax(1)).sum(1).mean()
+    torch.testing.assert_close(cross_entropy(logits, soft, 0.1), expected)
+    with pytest.raises(ConfigError, match="soft targets of shape"):
+        cross_entropy(logits, torch.rand(4, 5))
+
+
+# --- metrics sinks ----------------------------------------------------------------------------
+
+def test_tensorboard_event_files_or_a_clear_error(data_root, tmp_path, capfd, monkeypatch):
+    argv = ["pretrain", *LEGACY_FLAGS, "--data-root", str(data_root), "--epochs", "1",
+            "--tensorboard"]
+    assert main([*argv, "--out", str(tmp_path / "tb")]) == 0, capfd.readouterr().err
+    events = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    accumulator.Reload()
+    (accuracy,) = accumulator.Scalars("eval/accuracy")
+    logged = [r for r in ckpt.read_jsonl(tmp_path / "tb" / ckpt.METRICS) if r["event"] == "eval"]
+    assert accuracy.step == 4 and accuracy.value == pytest.approx(logged[0]["accuracy"])
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the extra is missing
+    capfd.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "none")]) == 2
+    line = assert_one_error_line(capfd.readouterr().err, "pretrain")
+    assert "pip install 'vitlab[tensorboard]'" in line
+
+
+def test_load_run_errors(legacy_run, tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_run(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="unknown weights 'first'"):
+        load_run(legacy_run, weights="first")
+    (legacy_run / "best.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weight file"):
+        load_run(legacy_run, weights="best")
