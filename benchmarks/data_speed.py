@@ -76,7 +76,7 @@ def images_per_s(batches: Iterator[tuple], steps: int, min_s: float, max_s: floa
 def check_same_output(images: torch.Tensor, train: bool, n: int = 64, seed: int = 1) -> None:
     """SeedAugment == the NumPy pipeline bit for bit on n images, given the same draws."""
     x = images[:n]
-    out = SeedAugment()(x, train, torch.Generator().manual_seed(seed))
+    out = SeedAugment().apply(x, train, torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed)  # SeedAugment's draw order: crop y, x, flip, hole y, x
     h, w = x.shape[1:3]
     cy, cx = torch.randint(0, 9, (n,), generator=g), torch.randint(0, 9, (n,), generator=g)

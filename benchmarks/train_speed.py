@@ -43,7 +43,7 @@ def fit_rate(model, dataset, steps: int, run_dir: Path, device: str) -> float:
     options = TrainOptions(epochs=1, device=device, train_steps_per_epoch=steps + 1,
                            eval_steps_per_epoch=1, log_steps=steps + 1, progress=False,
                            quiet=True)
-    fit(model, dataset, recipe("seed"), options, run_dir, run_config={"kind": "bench"})
+    fit(model, dataset, recipe("seed"), options, run_dir)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     rates = [json.loads(x)["steps/sec"] for x in lines if '"steps/sec"' in x]
     return rates[-1]  # the window of steps 2..N+1: the first step's warm-up is not in it

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,9 +180,11 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained, data, work, cap
 
 
 def test_console_script_version_and_help():
-    exe = shutil.which("vitlab")
-    if exe is None:
-        pytest.skip("no `vitlab` console script on PATH (install the package with pip)")
+    # The script pip installed beside this interpreter (the README's test command never puts
+    # .venv/bin on PATH), else one on PATH.
+    beside = Path(sys.executable).parent / "vitlab"
+    exe = str(beside) if beside.is_file() else shutil.which("vitlab")
+    assert exe is not None, "no `vitlab` console script: install the package with pip"
     procs = [subprocess.Popen([exe, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=cli_env()) for flag in ("--version", "--help")]
     (version, _), (usage, _) = (p.communicate(timeout=60) for p in procs)
@@ -189,7 +192,7 @@ def test_console_script_version_and_help():
     from vitlab import __version__
 
     assert version.strip() == f"vitlab {__version__}"
-    for command in ("pretrain", "finetune", "evaluate", "run", "info"):
+    for command in ("pretrain", "finetune", "evaluate", "run", "recipes", "info"):
         assert command in usage
 
 

@@ -33,13 +33,7 @@ LEGACY_FLAGS = ["--data", "cifar10", "--no-download", "--model", "micro",
                 "--log-steps", "2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The fixture was written on one thread; bitwise comparisons need the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,22 +21,16 @@ from vitlab.model import ViT, ViTConfig
 from vitlab.train import Recipe, TrainOptions, evaluate, fit, load_encoder_weights, recipe
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.engine import Interrupted, TrainingDiverged
+from vitlab.train.recipe import build_optimizer, lr_factor
 from vitlab.train.reporting import Reporter
 from vitlab.train.runconfig import RunConfig
-from vitlab.train.recipe import build_optimizer, lr_factor
 
 CONFIG = ViTConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
                    dropout=0.1, num_classes=3)
 CLASSES = ["a", "b", "c"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_split(n: int, seed: int) -> Split:
@@ -87,6 +81,7 @@ def test_recipe_overrides_skip_none_and_round_trip():
     {"lr": 0}, {"lr": -0.1}, {"lr": math.inf}, {"lr": math.nan}, {"momentum": 1.0},
     {"weight_decay": -1e-4}, {"label_smoothing": 1.0}, {"batch_size": 0}, {"grad_clip": 0.0},
     {"optimizer": "adam"}, {"schedule": "step"}, {"epochs": -1}, {"warmup_epochs": -1.0},
+    {"warmup_epochs": 1e308}, {"epochs": 10**7},
     {"augment": "randaugment"},
 ])
 def test_recipe_validation(change):
@@ -102,6 +97,10 @@ def test_unknown_recipe():
 def test_lr_factor_constant():
     r = recipe("seed")
     assert {lr_factor(r, step, 100, 10) for step in range(100)} == {1.0}
+    # A warm-up is honoured by the constant schedule too (never silently ignored).
+    warm = recipe("seed", warmup_epochs=0.5)
+    assert [lr_factor(warm, step, 100, 10) for step in range(7)] == \
+        [0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0]
 
 
 def test_lr_factor_cosine_with_warmup():

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import signal
 import sys
+from pathlib import Path
 
 from vitlab import __version__
 from vitlab.errors import ConfigError, VitlabError
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", metavar="RUN_DIR", default=None,
                            help="continue the run in RUN_DIR (the command that started it may "
                                 "be repeated; a changed setting is refused)")
+        else:
+            p.add_argument("--resume", metavar="OUT", default=None,
+                           help="continue the pipeline in OUT (the same as running it again "
+                                "with --out OUT): finished stages are kept, the rest resumed")
         _add_settings(p, command)
 
     e = sub.add_parser("evaluate", help="accuracy, cross-entropy, per-class accuracy, confusion")
@@ -138,7 +143,14 @@ def _train(args: argparse.Namespace) -> None:
     if args.config is not None:
         given = {**read_config_file(args.config, command), **given}
     resume_dir = getattr(args, "resume", None)
-    if resume_dir is not None:
+    if command == "run":
+        if resume_dir is not None:
+            if "out" in given and Path(given["out"]).resolve() != Path(resume_dir).resolve():
+                raise ConfigError(f"--out {given['out']} and --resume {resume_dir} name two "
+                                  "pipelines; give one of them")
+            given["out"] = resume_dir
+        runs.run_pipeline(**given)
+    elif resume_dir is not None:
         runs.resume(resume_dir, kind=command, **given)
     elif command == "pretrain":
         runs.pretrain(**given)
@@ -148,8 +160,6 @@ def _train(args: argparse.Namespace) -> None:
             raise ConfigError("finetune needs --from RUN_DIR (a pre-training run) or --resume "
                               "RUN_DIR")
         runs.finetune(source, **given)
-    else:
-        runs.run_pipeline(**given)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -180,16 +190,6 @@ def _info(args: argparse.Namespace) -> None:
     print("\n".join(model_summary(args.model, args.num_classes)))
 
 
-def _run_kind(run_dir) -> str:
-    """pretrain or finetune: which command resumes the stage of `vitlab run` in `run_dir`."""
-    from vitlab.train import checkpoint as ckpt
-
-    try:
-        return ckpt.read_run_config(run_dir).kind
-    except VitlabError:
-        return "pretrain"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -210,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitlab {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except Interrupted as e:
-        kind = args.command if args.command != "run" else _run_kind(e.run_dir)
-        print(f"vitlab {args.command}: {e}; continue with: vitlab {kind} --resume "
-              f"{e.run_dir}", file=sys.stderr)
+        again = (f"vitlab run --resume {e.run_dir.parent}" if args.command == "run"
+                 else f"vitlab {args.command} --resume {e.run_dir}")
+        print(f"vitlab {args.command}: {e}; continue with: {again}", file=sys.stderr)
         return EXIT_SIGNAL.get(e.signum, 128 + e.signum)
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)

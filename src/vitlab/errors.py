@@ -13,6 +13,10 @@ class CheckpointError(VitlabError):
     """A missing, foreign, corrupted or incompatible checkpoint or weight file."""
 
 
+class RunLockedError(CheckpointError):
+    """Another process is writing the run directory."""
+
+
 class DataError(VitlabError):
     """A dataset that cannot be found, read or trusted."""
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,6 @@ import torch
 from vitlab.data import BatchLoader, Dataset, SeedAugment, load_dataset
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import is_image_folder
-from vitlab.data.sources import spec_kind
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.io import atomic_write_json
 from vitlab.model import ViT, ViTConfig, preset
@@ -110,12 +111,10 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
                         **_data_options(settings))
     config = preset(model, num_classes=dataset.num_classes)
     check_fits(dataset, config, data)
-    torch.manual_seed(options.seed)
-    vit = ViT(config)
     run_config = RunConfig(kind="pretrain", model=config, recipe=chosen, data=data_spec(data),
                            classes=dataset.classes, options=options, model_preset=model,
                            image_size=image_size)
-    return fit(vit, dataset, chosen, options, out, run_config)
+    return fit(_initial_model(run_config), dataset, chosen, options, out, run_config)
 
 
 def finetune(source: PathLike, *, data: PathLike = "cifair10", out: PathLike = "runs/finetune",
@@ -128,6 +127,9 @@ def finetune(source: PathLike, *, data: PathLike = "cifair10", out: PathLike = "
     """
     settings = check_settings(settings, "finetune")
     weights = SETTINGS["weights"].check(weights)
+    if Path(out).resolve() == Path(source).resolve():
+        raise ConfigError(f"--out {out} is the pre-training run it reads (--from); fine-tune "
+                          "into another directory")
     pretrained = ckpt.read_run_config(source)
     weights_file = Path(source) / WEIGHT_FILES[weights]
     pretrained_weights = ckpt.load_weights(weights_file)
@@ -177,12 +179,28 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
     dataset = load_data(saved.data, image_size=saved.image_size,
                         model_image_size=saved.model.image_size, **_data_options(settings))
     check_fits(dataset, saved.model, saved.data)
+    if not ckpt.has_checkpoint(run_dir):
+        # It died before its first checkpoint: nothing to continue, so start it over at step 0
+        # with its saved settings (the same model initialisation as when it first started).
+        started = dataclasses.replace(saved, options=options, recipe=dataclasses.replace(
+            saved.recipe, **{BUDGET[saved.kind]: epochs}))
+        return fit(_initial_model(started), dataset, started.recipe, options, run_dir,
+                   run_config=started)
     updated = None
     if epochs != saved.options.epochs:  # a longer run: config.json says so from now on
         updated = dataclasses.replace(saved, options=options, recipe=dataclasses.replace(
             saved.recipe, **{BUDGET[saved.kind]: epochs}))
     return fit(ViT(saved.model), dataset, saved.recipe, options, run_dir, run_config=updated,
                resume=True)
+
+
+def _initial_model(config: RunConfig) -> ViT:
+    """The model a run of `config` starts from: seeded init, plus its pre-trained encoder."""
+    torch.manual_seed(config.seed)
+    model = ViT(config.model)
+    if config.init is not None:
+        load_encoder_weights(model, ckpt.load_weights(Path(config.init.path) / config.init.weights))
+    return model
 
 
 def _saved_value(saved: RunConfig, name: str, run_dir: Path) -> Any:
@@ -325,19 +343,76 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
                  num_classes: int | None = None, image_size: int | None = None,
                  **settings: Any) -> dict:
     """The tutorial in one call: pre-train on `pretrain_data`, fine-tune from it on
-    `finetune_data`, evaluate the result; OUT/pretrain, OUT/finetune, OUT/evaluation."""
+    `finetune_data`, evaluate the result; OUT/pretrain, OUT/finetune, OUT/evaluation.
+
+    Everything that can fail (settings, both datasets, their fit to the model, the output
+    directories) is checked before pre-training starts. Called again on the same `out`, it
+    continues: a finished stage is kept (its settings must match), an unfinished one resumes.
+    """
     settings = check_settings(settings, "run")
-    spec_kind(finetune_data)  # fail before, not after, hours of pre-training
     out = Path(out)
-    # Each stage takes its own budget from the recipe: epochs, then finetune_epochs.
-    pre = pretrain(data=pretrain_data, out=out / "pretrain", model=model, image_size=image_size,
-                   **settings)
-    fine = finetune(pre.run_dir, data=finetune_data, out=out / "finetune",
-                    num_classes=num_classes, image_size=image_size, **settings)
-    return evaluate_run(fine.run_dir, data=finetune_data, out=out / "evaluation",
+    for kind in BUDGET:
+        _recipe_and_options(settings, kind)  # both stages' settings are valid
+    config = preset(model, num_classes=1)
+    data_options = _data_options(settings)
+    datasets = [load_data(spec, image_size=image_size, model_image_size=config.image_size,
+                          **data_options) for spec in (pretrain_data, finetune_data)]
+    for dataset, spec in zip(datasets, (pretrain_data, finetune_data), strict=True):
+        check_fits(dataset, config, spec)
+    if num_classes is not None and num_classes < datasets[1].num_classes:
+        raise ConfigError(f"--num-classes {num_classes} is smaller than the "
+                          f"{datasets[1].num_classes} classes of {finetune_data}")
+    for folder in ("pretrain", "finetune", "evaluation"):
+        check_writable(out / folder)
+    pre = _start_or_continue(
+        out / "pretrain", "pretrain",
+        lambda: pretrain(data=pretrain_data, out=out / "pretrain", model=model,
+                         image_size=image_size, **settings),
+        data=pretrain_data, model=model, image_size=image_size, **settings)
+    head = {"num_classes": num_classes} if num_classes is not None else {}
+    fine = _start_or_continue(
+        out / "finetune", "finetune",
+        lambda: finetune(pre, data=finetune_data, out=out / "finetune", image_size=image_size,
+                         **head, **settings),
+        data=finetune_data, source=pre, image_size=image_size, **head, **settings)
+    return evaluate_run(fine, data=finetune_data, out=out / "evaluation",
                         device=settings.get("device", "auto"),
                         precision=settings.get("precision", "auto"), image_size=image_size,
-                        **_data_options(settings))
+                        **data_options)
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and write a file in it, or a one-line error that says what to do."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write to {folder} ({e.strerror or e}); choose another --out "
+                          "or fix its permissions") from None
+
+
+def _finished(run_dir: Path, saved: RunConfig) -> bool:
+    if not (run_dir / ckpt.TRAINER_STATE).is_file():
+        return False
+    progress = ckpt.load_trainer_state(run_dir / ckpt.TRAINER_STATE).get("progress", {})
+    return progress.get("epoch", 0) >= saved.options.epochs
+
+
+def _start_or_continue(run_dir: Path, kind: str, start: Callable[[], FitResult],
+                       **settings: Any) -> Path:
+    """A stage of `run_pipeline`: started, resumed, or (finished, same settings) kept."""
+    if not (run_dir / ckpt.CONFIG).is_file():
+        return start().run_dir
+    saved = ckpt.read_run_config(run_dir)
+    if saved.kind != kind:
+        raise ConfigError(f"{run_dir} holds a {saved.kind} run, not the {kind} stage of "
+                          "vitlab run; choose another --out")
+    given = check_settings(settings, kind)
+    if _finished(run_dir, saved) and _check_unchanged(saved, given, run_dir) == \
+            saved.options.epochs:
+        return run_dir
+    return resume(run_dir, kind=kind, **given).run_dir
 
 
 def model_summary(name: str, num_classes: int = 100) -> list[str]:

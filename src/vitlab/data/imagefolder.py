@@ -8,17 +8,19 @@ folder makes a fresh cache instead of serving stale images.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vitlab.data.arrays import Dataset, is_array_folder, read_array_folder, write_array_folder
 from vitlab.errors import DataFormatError
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+log = logging.getLogger("vitlab.data")
 
 
 def is_image_folder(path: Path) -> bool:
@@ -37,9 +39,12 @@ def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[Path], li
             raise DataFormatError(
                 f"{folder / d}: class {d!r} is not in the train split; add it there"
             )
-        found = sorted(
-            f for f in (folder / d).iterdir() if f.suffix.lower() in EXTENSIONS and f.is_file()
-        )
+        entries = [f for f in (folder / d).iterdir() if f.is_file() and not f.name.startswith(".")]
+        found = sorted(f for f in entries if f.suffix.lower() in EXTENSIONS)
+        skipped = sorted(f for f in entries if f.suffix.lower() not in EXTENSIONS)
+        if skipped:
+            log.warning("vitlab: skipped %d file(s) in %s that are not images vitlab reads (%s), "
+                        "e.g. %s", len(skipped), folder / d, "/".join(EXTENSIONS), skipped[0].name)
         if not found:
             raise DataFormatError(
                 f"{folder / d}: empty class folder; add {'/'.join(EXTENSIONS)} images or remove it"
@@ -49,10 +54,38 @@ def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[Path], li
     return files, labels, classes
 
 
+def to_rgb8(im: Image.Image, where: str = "image") -> Image.Image:
+    """An image as the 8-bit RGB the model trains on, in a defined way:
+
+    - orientation: the EXIF orientation tag is applied (the image as a viewer shows it);
+    - bit depth: 16-bit images (PNG's I;16 modes, and integer images up to 65535) are scaled to
+      8 bits by value * 255 / 65535, rounded; 32-bit integer and float images are refused;
+    - palette and grayscale: expanded to RGB (a palette's transparency counts as alpha);
+    - alpha: composited over black (a transparent pixel is black whatever colour it stores).
+    """
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(im, dtype=np.int64)
+        if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+            raise DataFormatError(f"{where}: 32-bit integer pixels (mode {im.mode}); convert it "
+                                  "to an 8- or 16-bit image")
+        im = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif im.mode == "F":
+        raise DataFormatError(f"{where}: floating-point pixels (mode F) have no defined "
+                              "brightness scale; convert it to an 8- or 16-bit image")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(black, rgba)
+    return im.convert("RGB")
+
+
 def _decode(path: Path, size: int | None) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb8(im, str(path))
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BICUBIC)
             return np.asarray(im, dtype=np.uint8)

@@ -21,9 +21,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from vitlab.errors import CheckpointError
+from vitlab.errors import CheckpointError, RunLockedError
 from vitlab.io import atomic_write, atomic_write_bytes, atomic_write_json
 from vitlab.train.runconfig import RunConfig
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks (see RunLock)
+    fcntl = None
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -94,14 +99,31 @@ def read_run_config(run_dir: str | os.PathLike, **runtime) -> RunConfig:
 
 
 RUN_FILES = (CONFIG, WEIGHTS, BEST_WEIGHTS, TRAINER_STATE, METRICS, LOG, CURVES)
+LOCK = ".lock"
 RUN_DIRS = ("tensorboard", "evaluation")  # written by --tensorboard and `vitlab evaluate`
 
 
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Whether a run saved anything worth keeping: weights or a trainer state."""
+    return any((Path(run_dir) / name).exists() for name in (WEIGHTS, BEST_WEIGHTS, TRAINER_STATE))
+
+
+def remove_temp_files(run_dir: str | os.PathLike) -> None:
+    """Delete what interrupted atomic writes left behind (never a file a reader could want)."""
+    for temp in Path(run_dir).glob(".*.tmp"):
+        temp.unlink(missing_ok=True)
+
+
 def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
-    """Make `run_dir` ready for a new run: refuse to mix with an earlier run unless `overwrite`."""
+    """Make `run_dir` ready for a new run: refuse to mix with an earlier run unless `overwrite`.
+
+    A run that died before its first checkpoint left nothing to keep: its files are replaced
+    without --overwrite. Temp files of interrupted atomic writes are removed.
+    """
     run_dir = Path(run_dir)
+    remove_temp_files(run_dir)
     leftovers = [name for name in (*RUN_FILES, *RUN_DIRS) if (run_dir / name).exists()]
-    if leftovers and not overwrite:
+    if leftovers and not overwrite and has_checkpoint(run_dir):
         raise CheckpointError(
             f"{run_dir} already holds a run ({leftovers[0]}); continue it with --resume "
             f"{run_dir}, choose another --out, or pass --overwrite to replace it")
@@ -111,6 +133,42 @@ def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+class RunLock:
+    """One writer per run directory: an exclusive advisory lock on RUN_DIR/.lock, held while a
+    process trains there. The kernel releases it when the process dies, so a killed run never
+    leaves a stale lock. (Where fcntl does not exist, e.g. Windows, no lock is taken.)"""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        if fcntl is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.path.parent} is being written by another vitlab process (pid {holder}); "
+                "wait for it to end (or stop it), then continue with --resume "
+                f"{self.path.parent}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:

@@ -258,7 +258,7 @@ class CheckpointWriter:
             raise TrainingDiverged(
                 f"the weights became non-finite by step {progress.global_step}; the run stopped "
                 f"and its last good checkpoint in {self.run_dir} is kept; start a new run with "
-                "a lower --lr or with --grad-clip")
+                "a lower --lr or with --grad-clip (another --out, or --overwrite)")
         progress.epoch_loss_sum = epoch_loss_sum if progress.step_in_epoch else 0.0
         is_best = last_eval is not None and last_eval["accuracy"] > progress.best_accuracy
         if is_best:
@@ -290,6 +290,28 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         raise CheckpointError(f"{run_dir / ckpt.TRAINER_STATE} does not fit this run "
                               f"({str(e).splitlines()[0]})") from None
     return progress
+
+
+def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+           device: torch.device, options: TrainOptions, resume: bool) -> Progress:
+    """Where training starts: the saved progress of a resumed run, or step 0 of a fresh one."""
+    if resume:
+        if distributed.is_main_process():
+            ckpt.remove_temp_files(run_dir)
+        progress = _restore(run_dir, model, optimizer, device)
+        if progress.epoch >= options.epochs:
+            raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
+                                  "nothing to resume")
+        if distributed.is_main_process():
+            ckpt.truncate_metrics(run_dir / ckpt.METRICS, progress.global_step)
+        return progress
+    if distributed.is_main_process():
+        ckpt.prepare_fresh_run_dir(run_dir, overwrite=options.overwrite)
+    # Dropout's stream: seeded apart from the loader's, so it doesn't depend on model init.
+    torch.manual_seed(mix_seed(options.seed, 0xD80F))
+    if device.type == "cuda":
+        torch.cuda.manual_seed(mix_seed(options.seed, 0xD80F))
+    return Progress()
 
 
 def _head_size(model: nn.Module, dataset: Dataset) -> int:
@@ -331,30 +353,19 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * options.epochs
 
-    if resume:
-        progress = _restore(run_dir, model, optimizer, device)
-        if progress.epoch >= options.epochs:
-            raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
-                                  "nothing to resume")
-        if distributed.is_main_process():
-            ckpt.truncate_metrics(run_dir / ckpt.METRICS, progress.global_step)
-    else:
-        progress = Progress()
-        if distributed.is_main_process():
-            ckpt.prepare_fresh_run_dir(run_dir, overwrite=options.overwrite)
-        # Dropout's stream: seeded apart from the loader's, so it doesn't depend on model init.
-        torch.manual_seed(mix_seed(options.seed, 0xD80F))
-        if device.type == "cuda":
-            torch.cuda.manual_seed(mix_seed(options.seed, 0xD80F))
-    reporter = Reporter(run_dir, quiet=options.quiet, tensorboard=options.tensorboard)
-    if run_config is not None and distributed.is_main_process():
-        ckpt.write_run_config(run_dir, run_config)
-    writer = CheckpointWriter(run_dir, model, optimizer, progress, device)
-    try:
-        return _train(model, recipe, options, run_dir, reporter, writer, optimizer, base_lrs,
-                      train_loader, eval_loader, autocast_dtype, total_steps, resume)
-    finally:
-        reporter.close()
+    lock = ckpt.RunLock(run_dir) if distributed.is_main_process() else contextlib.nullcontext()
+    with lock:
+        progress = _begin(run_dir, model, optimizer, device, options, resume)
+        reporter = Reporter(run_dir, quiet=options.quiet, tensorboard=options.tensorboard)
+        if run_config is not None and distributed.is_main_process():
+            ckpt.write_run_config(run_dir, run_config)
+        writer = CheckpointWriter(run_dir, model, optimizer, progress, device)
+        try:
+            return _train(model, recipe, options, run_dir, reporter, writer, optimizer,
+                          base_lrs, train_loader, eval_loader, autocast_dtype, total_steps,
+                          resume)
+        finally:
+            reporter.close()
 
 
 def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Path,
@@ -453,11 +464,15 @@ def _check_finite(bad_loss: torch.Tensor, loss: torch.Tensor | None, progress: P
                   run_dir: Path) -> None:
     if bad_loss.item():
         value = "non-finite" if loss is None else f"{loss.item()}"
-        kept = (f"its last good checkpoint in {run_dir} is kept"
-                if (run_dir / ckpt.TRAINER_STATE).exists() else "no checkpoint had been saved yet")
+        if (run_dir / ckpt.TRAINER_STATE).exists():
+            kept = (f"its last good checkpoint in {run_dir} is kept; start a new run with a "
+                    "lower --lr or with --grad-clip (another --out, or --overwrite)")
+        else:
+            kept = ("no checkpoint had been saved yet; run the command again with a lower --lr "
+                    "or with --grad-clip (the same --out: there is nothing to lose)")
         raise TrainingDiverged(
             f"the loss became {value} by step {progress.global_step}; the run stopped and "
-            f"{kept}; start a new run with a lower --lr or with --grad-clip")
+            f"{kept}")
 
 
 def _plot_curves(run_dir: Path) -> None:

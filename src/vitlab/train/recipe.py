@@ -20,6 +20,8 @@ import torch
 from vitlab.data.augment import AUGMENTATIONS
 from vitlab.errors import ConfigError
 
+MAX_EPOCHS = 1_000_000  # more is a typo; it also keeps step counts far from any overflow
+
 
 def _sgd(recipe: Recipe, params: list) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
@@ -37,15 +39,22 @@ OPTIMIZERS: dict[str, Callable[[Recipe, list], torch.optim.Optimizer]] = {
 }
 
 
+def _warmup(recipe: Recipe, step: int, steps_per_epoch: int) -> tuple[float, int]:
+    """(factor, warm-up steps): the linear warm-up's factor at `step`, 1.0 after it."""
+    warmup = round(recipe.warmup_epochs * steps_per_epoch)
+    return ((step + 1) / warmup if step < warmup else 1.0), warmup
+
+
 def _constant(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    return 1.0
+    """Linear warm-up over `warmup_epochs` (none in the seed recipe), then the base LR."""
+    return _warmup(recipe, step, steps_per_epoch)[0]
 
 
 def _cosine(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """Linear warm-up over `warmup_epochs`, then half a cosine from 1 to 0 at the last step."""
-    warmup = round(recipe.warmup_epochs * steps_per_epoch)
+    factor, warmup = _warmup(recipe, step, steps_per_epoch)
     if step < warmup:
-        return (step + 1) / warmup
+        return factor
     progress = (step - warmup) / max(1, total_steps - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -77,7 +86,7 @@ class Recipe:
     schedule: str = field(default="constant", metadata=_setting(
         "LR schedule", choices=SCHEDULES))
     warmup_epochs: float = field(default=0.0, metadata=_setting(
-        "linear LR warm-up (epochs, fractions allowed; cosine schedule)"))
+        "linear LR warm-up from 0 (epochs, fractions allowed)"))
     label_smoothing: float = field(default=0.0, metadata=_setting("label smoothing"))
     batch_size: int = field(default=128, metadata=_setting("batch size"))
     epochs: int = field(default=100, metadata=_setting("pre-training epochs"))
@@ -105,10 +114,13 @@ class Recipe:
             (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
             (0 <= self.weight_decay < math.inf, "weight decay must be a number >= 0"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-            (0 <= self.warmup_epochs < math.inf, "warm-up epochs must be a number >= 0"),
+            (0 <= self.warmup_epochs <= MAX_EPOCHS,
+             f"warm-up epochs must be a number in [0, {MAX_EPOCHS:,}]"),
             (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.epochs >= 0 and self.finetune_epochs >= 0, "epochs must be >= 0"),
+            (max(self.epochs, self.finetune_epochs) <= MAX_EPOCHS,
+             f"epochs must be at most {MAX_EPOCHS:,}"),
             (self.grad_clip is None or (isinstance(self.grad_clip, int | float)
                                         and 0 < self.grad_clip < math.inf),
              "gradient clipping norm must be a number > 0"),
