@@ -25,20 +25,8 @@ import pytest
 import torch
 from PIL import Image
 
+import cli_helpers as h
 import vitlab.io
-from cli_helpers import (
-    assert_one_error_line,
-    assert_same_tensors,
-    cli_command,
-    cli_env,
-    data_slices,
-    events,
-    load_weights,
-    read_metrics,
-    run_cli,
-    start_cli,
-    wait_for_line,
-)
 from vitlab.cli import main
 from vitlab.data import Dataset
 from vitlab.data.arrays import Split
@@ -56,7 +44,7 @@ TINY = ["--model", "micro", "--batch-size", "32", "--no-download", "--no-progres
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    return data_slices(tmp_path_factory)
+    return h.data_slices(tmp_path_factory)
 
 
 def small_copy(source: Path, out: Path, n_train: int = 64, n_test: int = 32,
@@ -91,7 +79,7 @@ def test_run_checks_the_finetune_data_before_pretraining(data, tmp_path, capfd):
         capfd.readouterr()
         code = main(["run", "--pretrain-data", str(data["cifar100"]), *TINY, "--epochs", "1",
                      "--out", str(out), *extra])
-        line = assert_one_error_line(capfd.readouterr().err, "run")
+        line = h.assert_one_error_line(capfd.readouterr().err, "run")
         assert code == 2 and message in line, (name, line)
         assert not (out / "pretrain" / "config.json").exists(), name  # nothing trained
 
@@ -102,14 +90,14 @@ def test_run_continues_the_stage_that_is_left(data, tmp_path, capfd):
             str(data["cifar10"]), *TINY, "--epochs", "1", "--train-steps-per-epoch", "3",
             "--log-steps", "0", "--out", str(out)]
     assert main(argv) == 0
-    first = load_weights(out / "finetune" / "model.safetensors")
+    first = h.load_weights(out / "finetune" / "model.safetensors")
     pre_log = (out / "pretrain" / "log.txt").read_text()
     # The fine-tuning stage is lost (say it failed): the same command redoes only that stage.
     for leftover in ("finetune", "evaluation"):
         shutil.rmtree(out / leftover)
     assert main(argv) == 0, capfd.readouterr().err
     assert (out / "pretrain" / "log.txt").read_text() == pre_log  # not trained again
-    assert_same_tensors(load_weights(out / "finetune" / "model.safetensors"), first)
+    h.assert_same_tensors(h.load_weights(out / "finetune" / "model.safetensors"), first)
     # --resume OUT says the same; a finished pipeline is kept, and a changed setting refused.
     assert main(["run", "--resume", str(out), *argv[1:-2]]) == 0
     assert (out / "pretrain" / "log.txt").read_text() == pre_log
@@ -123,16 +111,16 @@ def test_run_continues_the_stage_that_is_left(data, tmp_path, capfd):
 def test_a_closed_stdout_does_not_stop_training(data, tmp_path):
     out = tmp_path / "piped"
     proc = subprocess.Popen(
-        cli_command("pretrain", "--data", data["cifar10"], *TINY, "--epochs", "2",
+        h.cli_command("pretrain", "--data", data["cifar10"], *TINY, "--epochs", "2",
                     "--train-steps-per-epoch", "6", "--log-steps", "1", "--out", out),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(), cwd=tmp_path)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=h.cli_env(), cwd=tmp_path)
     for _ in range(3):  # `| head -3`
         proc.stdout.readline()
     proc.stdout.close()
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     assert b"Traceback" not in stderr
-    finish = events(read_metrics(out), "finish")
+    finish = h.events(h.read_metrics(out), "finish")
     assert len(finish) == 1 and finish[0]["step"] == 12
 
 
@@ -143,16 +131,16 @@ def test_a_second_writer_is_refused_and_a_killed_ones_lock_never_blocks(data, tm
     train = ["pretrain", "--data", data["cifar10"], *TINY, "--epochs", "1",
              "--train-steps-per-epoch", "100000", "--checkpoint-steps", "2", "--log-steps", "1",
              "--out", out]
-    proc = start_cli(*train, cwd=tmp_path)
+    proc = h.start_cli(*train, cwd=tmp_path)
     try:
-        wait_for_line(proc, r"^vitlab-Train: step: 3;")
+        h.wait_for_line(proc, r"^vitlab-Train: step: 3;")
         others = {"resume": ["pretrain", "--resume", out, "--no-download"],
                   "overwrite": [*train, "--overwrite"]}
-        refused = {name: start_cli(*argv, cwd=tmp_path) for name, argv in others.items()}
+        refused = {name: h.start_cli(*argv, cwd=tmp_path) for name, argv in others.items()}
         for name, second in refused.items():
             _, stderr = second.communicate(timeout=120)
             assert second.returncode == 2, (name, stderr)
-            line = assert_one_error_line(stderr, "pretrain")
+            line = h.assert_one_error_line(stderr, "pretrain")
             assert f"being written by another vitlab process (pid {proc.pid})" in line, name
         assert proc.poll() is None  # the first writer carries on
     finally:
@@ -186,7 +174,7 @@ def test_overwrite_leaves_nothing_of_the_previous_run(data, tmp_path):
     assert main([*base, "--epochs", "0", "--overwrite"]) == 0
     assert not (out / "evaluation").exists() and not (out / "tensorboard").exists()
     assert not (out / "best.safetensors").exists()
-    assert [r["event"] for r in read_metrics(out)] == ["start", "finish"]
+    assert [r["event"] for r in h.read_metrics(out)] == ["start", "finish"]
 
 
 # --- (4) a run that died before its first checkpoint -------------------------------------------
@@ -198,10 +186,10 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_or_resumes(data, 
     reference = tmp_path / "reference"
     assert main([*argv, "--out", str(reference)]) == 0
     ways = {"again": [], "resume": ["--resume", tmp_path / "resume"]}
-    procs = {how: start_cli(*argv, "--out", tmp_path / how, cwd=tmp_path) for how in ways}
+    procs = {how: h.start_cli(*argv, "--out", tmp_path / how, cwd=tmp_path) for how in ways}
     for proc in procs.values():
         try:
-            wait_for_line(proc, r"^vitlab-Train: step: 2;")
+            h.wait_for_line(proc, r"^vitlab-Train: step: 2;")
         finally:
             proc.kill()
             proc.communicate(timeout=60)
@@ -210,16 +198,16 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_or_resumes(data, 
         assert not (out / "trainer_state.pt").exists(), "killed too late"
         (out / ".model.safetensors.x1y2.tmp").write_bytes(b"half a write")  # torn temp file
     # The same command again, or with --resume: either works, no --overwrite needed.
-    procs = {how: start_cli(*argv, "--out", tmp_path / how, *extra, cwd=tmp_path)
+    procs = {how: h.start_cli(*argv, "--out", tmp_path / how, *extra, cwd=tmp_path)
              for how, extra in ways.items()}
     for how, proc in procs.items():
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, (how, stderr)
         out = tmp_path / how
         assert not list(out.glob(".*.tmp"))
-        assert_same_tensors(load_weights(out / "model.safetensors"),
-                            load_weights(reference / "model.safetensors"))
-        assert [r["event"] for r in read_metrics(out)].count("start") == 1
+        h.assert_same_tensors(h.load_weights(out / "model.safetensors"),
+                            h.load_weights(reference / "model.safetensors"))
+        assert [r["event"] for r in h.read_metrics(out)].count("start") == 1
 
 
 def test_a_nan_before_the_first_checkpoint_says_to_run_again(data, tmp_path, capfd):
@@ -227,7 +215,7 @@ def test_a_nan_before_the_first_checkpoint_says_to_run_again(data, tmp_path, cap
     argv = ["pretrain", "--data", str(data["cifar10"]), *TINY, "--epochs", "1",
             "--train-steps-per-epoch", "3", "--lr", "1e30", "--out", str(out)]
     assert main(argv) == 2
-    line = assert_one_error_line(capfd.readouterr().err, "pretrain")
+    line = h.assert_one_error_line(capfd.readouterr().err, "pretrain")
     assert "no checkpoint had been saved yet; run the command again" in line
     assert main([*argv[:-4], "--lr", "0.001", "--out", str(out)]) == 0  # it works from there
 
@@ -291,7 +279,7 @@ def test_numbers_that_overflow_are_one_line_errors(data, tmp_path, capfd, flags,
     code = main(["pretrain", "--data", str(data["cifar10"]), *TINY, *flags,
                  "--out", str(tmp_path / "n")])
     assert code == 2
-    assert message in assert_one_error_line(capfd.readouterr().err, "pretrain")
+    assert message in h.assert_one_error_line(capfd.readouterr().err, "pretrain")
 
 
 # --- SIGTERM at 20+ points, SIGKILL at random times ----------------------------------------------
@@ -378,14 +366,14 @@ def test_sigkill_at_random_times_never_tears_a_file(data, tmp_path):
             "--train-steps-per-epoch", "8", "--checkpoint-steps", "1", "--log-steps", "1",
             "--seed", "5"]
     reference = tmp_path / "reference"
-    run_cli(*argv, "--out", reference, cwd=tmp_path)
+    h.run_cli(*argv, "--out", reference, cwd=tmp_path)
     out = tmp_path / "killed"
     rng = random.Random(1)
     for _ in range(3):
         extra = ["--resume", out] if (out / "config.json").exists() else []
-        proc = start_cli(*argv, "--out", out, *extra, cwd=tmp_path)
+        proc = h.start_cli(*argv, "--out", out, *extra, cwd=tmp_path)
         try:
-            wait_for_line(proc, r"^vitlab-Train: step: \d+;")
+            h.wait_for_line(proc, r"^vitlab-Train: step: \d+;")
             time.sleep(rng.uniform(0.0, 0.3))  # checkpoints every step: often mid-write
         finally:
             proc.kill()
@@ -395,9 +383,9 @@ def test_sigkill_at_random_times_never_tears_a_file(data, tmp_path):
             ckpt.load_weights(out / "model.safetensors")
         if (out / "trainer_state.pt").exists():
             ckpt.load_trainer_state(out / "trainer_state.pt")
-        if events(read_metrics(out), "finish"):
+        if h.events(h.read_metrics(out), "finish"):
             break
     else:
-        run_cli(*argv, "--out", out, "--resume", out, cwd=tmp_path)
-    assert_same_tensors(load_weights(out / "model.safetensors"),
-                        load_weights(reference / "model.safetensors"))
+        h.run_cli(*argv, "--out", out, "--resume", out, cwd=tmp_path)
+    h.assert_same_tensors(h.load_weights(out / "model.safetensors"),
+                        h.load_weights(reference / "model.safetensors"))

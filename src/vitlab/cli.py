@@ -5,7 +5,7 @@ config-file key (`--config FILE.yaml`; flags given on the command line win) and 
 of the matching `vitlab.runs` function.
 
 Exit codes: 0 done; 2 bad input (one line on stderr); 130 Ctrl-C and 143 SIGTERM during training,
-after saving a resumable checkpoint.
+after saving a resumable checkpoint; 1 when another process of a torchrun job failed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from vitlab import __version__
 from vitlab.errors import ConfigError, VitlabError
 
 EXIT_USAGE = 2
+EXIT_PEER_LOST = 1  # another process of a torchrun job failed
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -190,6 +191,27 @@ def _info(args: argparse.Namespace) -> None:
     print("\n".join(model_summary(args.model, args.num_classes)))
 
 
+def _rank_tag() -> str:
+    """' (rank N)' in a torchrun job's messages, so each process's line says whose it is."""
+    from vitlab import distributed
+
+    return f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
+
+
+def _lost_a_peer(error: RuntimeError) -> bool:
+    """A collective that failed because another process of the job is gone (or timed out)."""
+    from vitlab import distributed
+
+    if not distributed.is_distributed():
+        return False
+    import torch.distributed as dist
+
+    known = getattr(dist, "DistError", ())
+    text = str(error).lower()
+    return isinstance(error, known) or any(word in text for word in (
+        "gloo", "nccl", "connection", "timed out", "timeout", "peer"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -207,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         commands[args.command](args)
     except VitlabError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
-        print(f"vitlab {args.command}: error: {message}", file=sys.stderr)
+        print(f"vitlab {args.command}: error{_rank_tag()}: {message}", file=sys.stderr)
         return EXIT_USAGE
     except Interrupted as e:
         again = (f"vitlab run --resume {e.run_dir.parent}" if args.command == "run"
@@ -220,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`vitlab ... | head`): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except RuntimeError as e:
+        if not _lost_a_peer(e):
+            raise
+        first = (str(e).strip().splitlines() or ["no message"])[0][:200]
+        print(f"vitlab {args.command}: error{_rank_tag()}: another process of the torchrun job "
+              f"failed or was stopped ({first}); the job stops; continue it with the same "
+              "torchrun command and --resume RUN_DIR", file=sys.stderr)
+        return EXIT_PEER_LOST
     except OSError as e:  # a full disk, a read-only folder: the user's to fix, not a bug
         print(f"vitlab {args.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "),
               file=sys.stderr)

@@ -1,14 +1,31 @@
-"""Which process this is, and sums across processes: the only distributed logic the loop sees.
+"""Which process this is, and what the processes of a torchrun job share.
 
 One process (no torchrun) is rank 0 of 1, and every helper here is then a no-op, so the training
-loop is written once for both. Under an initialised `torch.distributed` process group the helpers
-use it: rank 0 alone writes files and console lines, and metric sums are all-reduced.
+loop is written once for both. Under `torchrun` (its RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*
+environment), `setup()` starts PyTorch's own process group: NCCL with one CUDA device per local
+rank, gloo on the CPU. Rank 0 alone writes files and console lines; metric sums are all-reduced;
+the model is wrapped in DistributedDataParallel by the engine.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import torch.distributed as dist
+
+from vitlab.errors import ConfigError
+
+TIMEOUT_ENV = "VITLAB_DIST_TIMEOUT"  # seconds a collective waits for a missing rank (default 300)
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
 def is_distributed() -> bool:
@@ -23,9 +40,43 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0
+
+
 def is_main_process() -> bool:
     """Rank 0: the process that writes logs, metrics and checkpoints."""
     return rank() == 0
+
+
+def setup(device: str = "auto") -> None:
+    """Join the torchrun job this process belongs to (a no-op without torchrun, or if joined).
+
+    The backend follows the device: NCCL when the run trains on CUDA, gloo on the CPU.
+    """
+    if is_distributed() or not launched_by_torchrun():
+        return
+    if not dist.is_available():
+        raise ConfigError("this PyTorch build has no torch.distributed; run without torchrun")
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} under torchrun, but no CUDA GPU is visible; "
+                              "use --device cpu")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        timeout = float(os.environ.get(TIMEOUT_ENV, "300"))
+    except ValueError:
+        raise ConfigError(f"${TIMEOUT_ENV} must be a number of seconds") from None
+    dist.init_process_group("nccl" if on_cuda else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout))
+    atexit.register(shutdown)
+
+
+def shutdown() -> None:
+    if is_distributed():
+        with contextlib.suppress(Exception):  # a peer that is gone cannot say goodbye
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -33,3 +84,45 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value`, on every rank (a decision made once, for everyone)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not is_distributed():
+        return [value]
+    values: list[Any] = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Rank 0 runs the block first (a download, a cache), then the others (from its result)."""
+    if is_main_process():
+        try:
+            yield
+        finally:
+            barrier()
+    else:
+        barrier()
+        yield

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from vitlab import distributed
 from vitlab.data import BatchLoader, Dataset, SeedAugment, load_dataset
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import is_image_folder
@@ -62,7 +63,8 @@ def load_data(spec: PathLike, *, image_size: int | None = None,
     size = image_size
     if size is None and model_image_size is not None and is_image_folder(Path(spec)):
         size = model_image_size
-    return load_dataset(spec, root=data_root, download=download, image_size=size)
+    with distributed.main_process_first():  # one download / cache write per torchrun job
+        return load_dataset(spec, root=data_root, download=download, image_size=size)
 
 
 def check_fits(dataset: Dataset, config: ViTConfig, spec: PathLike) -> None:
@@ -97,19 +99,21 @@ def _data_options(settings: dict[str, Any]) -> dict[str, Any]:
 # --- training ---------------------------------------------------------------------------------
 
 def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
-             model: str = "seed-mini", image_size: int | None = None, **settings: Any
-             ) -> FitResult:
+             model: str = "seed-mini", image_size: int | None = None,
+             dropout: float | None = None, **settings: Any) -> FitResult:
     """Train `model` (a preset name) from scratch on `data`; the run directory is `out`.
 
     `settings` are recipe and option settings named like the flags (lr=..., epochs=...,
     batch_size=..., seed=..., device=..., data_root=..., no_download=...).
     """
     settings = check_settings(settings, "pretrain")
+    distributed.setup(settings.get("device", "auto"))
     chosen, options = _recipe_and_options(settings, "pretrain")
     config = preset(model, num_classes=1)  # the name is checked before any data is loaded
     dataset = load_data(data, image_size=image_size, model_image_size=config.image_size,
                         **_data_options(settings))
-    config = preset(model, num_classes=dataset.num_classes)
+    config = preset(model, num_classes=dataset.num_classes,
+                    **({"dropout": dropout} if dropout is not None else {}))
     check_fits(dataset, config, data)
     run_config = RunConfig(kind="pretrain", model=config, recipe=chosen, data=data_spec(data),
                            classes=dataset.classes, options=options, model_preset=model,
@@ -119,13 +123,15 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
 
 def finetune(source: PathLike, *, data: PathLike = "cifair10", out: PathLike = "runs/finetune",
              weights: str = "last", model: str | None = None, num_classes: int | None = None,
-             image_size: int | None = None, **settings: Any) -> FitResult:
+             image_size: int | None = None, dropout: float | None = None, **settings: Any
+             ) -> FitResult:
     """A fresh model with every encoder weight of the pre-training run `source` and a new head
     of `num_classes` outputs (default: the dataset's classes), trained on `data`.
 
     `model`, when given, is only a check that `source` pre-trained that architecture.
     """
     settings = check_settings(settings, "finetune")
+    distributed.setup(settings.get("device", "auto"))
     weights = SETTINGS["weights"].check(weights)
     if Path(out).resolve() == Path(source).resolve():
         raise ConfigError(f"--out {out} is the pre-training run it reads (--from); fine-tune "
@@ -145,7 +151,8 @@ def finetune(source: PathLike, *, data: PathLike = "cifair10", out: PathLike = "
     if head < dataset.num_classes:
         raise ConfigError(f"--num-classes {head} is smaller than the {dataset.num_classes} "
                           f"classes of {data}")
-    config = dataclasses.replace(base, num_classes=head)
+    config = dataclasses.replace(base, num_classes=head,
+                                 dropout=base.dropout if dropout is None else dropout)
     check_fits(dataset, config, data)
     torch.manual_seed(options.seed)
     vit = ViT(config)
@@ -173,6 +180,7 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
         raise ConfigError(f"{run_dir} is a {saved.kind} run; resume it with vitlab {saved.kind} "
                           f"--resume {run_dir}")
     settings = check_settings(settings, saved.kind)
+    distributed.setup(settings.get("device", "auto"))
     epochs = _check_unchanged(saved, settings, run_dir)
     options = TrainOptions.from_saved({**saved.options.saved(), "epochs": epochs}, saved.seed,
                                       **pick(settings, {"runtime"}))
@@ -214,6 +222,7 @@ def _saved_value(saved: RunConfig, name: str, run_dir: Path) -> Any:
         return getattr(saved.options, name)
     init = saved.init
     return {"data": saved.data, "model": saved.model_preset, "image_size": saved.image_size,
+            "dropout": saved.model.dropout,
             "num_classes": saved.model.num_classes, "out": str(run_dir.resolve()),
             "source": init.path if init else None,
             "weights": {v: k for k, v in WEIGHT_FILES.items()}.get(init.weights) if init else None,
@@ -350,6 +359,7 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
     continues: a finished stage is kept (its settings must match), an unfinished one resumes.
     """
     settings = check_settings(settings, "run")
+    distributed.setup(settings.get("device", "auto"))
     out = Path(out)
     for kind in BUDGET:
         _recipe_and_options(settings, kind)  # both stages' settings are valid
@@ -402,15 +412,15 @@ def _finished(run_dir: Path, saved: RunConfig) -> bool:
 def _start_or_continue(run_dir: Path, kind: str, start: Callable[[], FitResult],
                        **settings: Any) -> Path:
     """A stage of `run_pipeline`: started, resumed, or (finished, same settings) kept."""
-    if not (run_dir / ckpt.CONFIG).is_file():
+    if not distributed.broadcast_object((run_dir / ckpt.CONFIG).is_file()):
         return start().run_dir
     saved = ckpt.read_run_config(run_dir)
     if saved.kind != kind:
         raise ConfigError(f"{run_dir} holds a {saved.kind} run, not the {kind} stage of "
                           "vitlab run; choose another --out")
     given = check_settings(settings, kind)
-    if _finished(run_dir, saved) and _check_unchanged(saved, given, run_dir) == \
-            saved.options.epochs:
+    finished = distributed.broadcast_object(_finished(run_dir, saved))  # one decision for all
+    if finished and _check_unchanged(saved, given, run_dir) == saved.options.epochs:
         return run_dir
     return resume(run_dir, kind=kind, **given).run_dir
 

@@ -111,6 +111,8 @@ def _run_settings() -> list[Setting]:
                 commands=("pretrain", "finetune")),
         Setting("model", "run", str, "model preset", choices=presets),
         Setting("out", "run", str, "run directory"),
+        Setting("dropout", "run", float, "dropout probability of the model (default: the "
+                "preset's, or the pre-trained model's)", optional=True),
         Setting("source", "run", str, "the pre-training run directory", commands=("finetune",)),
         Setting("weights", "run", str, "which pre-trained weights to start from",
                 choices=lambda: ("last", "best"), commands=("finetune",)),

@@ -31,6 +31,10 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def head(self, n: int) -> Split:
+        """The first n samples (all of them when n >= len)."""
+        return Split(self.images[:n], self.labels[:n], self.classes)
+
 
 @dataclass
 class Dataset:

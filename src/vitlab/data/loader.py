@@ -43,10 +43,16 @@ class BatchLoader:
     that many batches: cut short, or continued into further passes with fresh permutations
     (FastEstimator's ``train_steps_per_epoch``).
 
-    Sharding: rank r of world_size takes every world_size-th index of each pass. For train the
-    pass is first padded by wrapping around (like DistributedSampler) so every rank has the same
-    number of samples and batches; for eval it is not padded, so each sample is seen exactly once
-    overall and ranks may differ by one sample (and possibly one batch).
+    Sharding a pass: rank r of world_size takes every world_size-th index of each pass. For
+    train the pass is first padded by wrapping around (like DistributedSampler) so every rank has
+    the same number of samples and batches; for eval it is not padded, so each sample is seen
+    exactly once overall and ranks may differ by one sample (and possibly one batch).
+
+    Sharding each batch (``batch_part=(r, parts)``), the data-parallel training mode: every rank
+    draws the same global batch (same indices, same augmentation parameters from the shared
+    generator), transforms it whole and keeps its contiguous part r of `parts`, sizes differing by
+    at most one. The union of one step's parts is then exactly the one-process batch;
+    ``global_batch_size`` is the size of the last global batch (to weight each part's loss).
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class BatchLoader:
         steps_per_epoch: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        batch_part: tuple[int, int] = (0, 1),
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -89,6 +96,15 @@ class BatchLoader:
         if self._num_samples == 0:
             raise ConfigError(f"rank {rank} gets no samples of {n}; use fewer ranks for this split")
         self._batches_per_pass = math.ceil(self._num_samples / batch_size)
+        part, parts = batch_part
+        if parts < 1 or not 0 <= part < parts:
+            raise ConfigError(f"batch part must be in 0..{parts - 1}, got {part}")
+        smallest = min(batch_size, self._num_samples % batch_size or batch_size)
+        if smallest < parts:
+            raise ConfigError(f"a batch of {smallest} samples cannot be split across {parts} "
+                              "processes; use fewer processes or another batch size")
+        self.batch_part = batch_part
+        self.global_batch_size = 0
 
     @property
     def num_samples(self) -> int:
@@ -122,8 +138,13 @@ class BatchLoader:
             images = self.images.index_select(0, idx)
             labels = self.labels.index_select(0, idx)
             if gen is None:
-                yield images.permute(0, 3, 1, 2).float().div_(255), labels
+                inputs, targets = images.permute(0, 3, 1, 2).float().div_(255), labels
             else:
-                yield self.augment(
+                inputs, targets = self.augment(
                     images, labels, self.train, gen.manual_seed(mix_seed(self.seed, epoch, step))
                 )
+            self.global_batch_size = len(idx)
+            part, parts = self.batch_part
+            if parts > 1:
+                inputs, targets = inputs.tensor_split(parts)[part], targets.tensor_split(parts)[part]
+            yield inputs, targets

@@ -10,7 +10,6 @@ Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption) both save a resumable che
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import time
@@ -61,6 +60,7 @@ class Progress:
     best_step: int = 0
     elapsed: float = 0.0  # training seconds before this process
     epoch_loss_sum: float = 0.0  # sum of this epoch's step losses so far (for its ce_mean)
+    world_size: int = 1  # processes that trained it (a resume needs as many, for their RNGs)
 
 
 @dataclass
@@ -73,7 +73,9 @@ class FitResult:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and distributed.is_distributed():
+        name = f"cuda:{distributed.local_rank()}"  # one GPU per process of a torchrun job
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -220,15 +222,18 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: floa
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor,
-               targets: Tensor, recipe: Recipe, autocast_dtype: torch.dtype | None = None
-               ) -> Tensor:
-    """One optimizer step on one batch; returns the (detached) loss, left on the device."""
+               targets: Tensor, recipe: Recipe, autocast_dtype: torch.dtype | None = None,
+               loss_scale: float = 1.0) -> Tensor:
+    """One optimizer step on one batch; returns the (detached) loss, left on the device.
+
+    `loss_scale` weights this process's part of a data-parallel batch (see `_train`).
+    """
     device = inputs.device
     with _autocast(device, autocast_dtype):
         logits = model(inputs)
     loss = cross_entropy(logits.float(), targets, recipe.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
     if recipe.grad_clip is not None:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
@@ -264,6 +269,8 @@ class CheckpointWriter:
         if is_best:
             progress.best_accuracy = last_eval["accuracy"]
             progress.best_step = progress.global_step
+        progress.world_size = distributed.world_size()
+        rngs = distributed.gather_objects(_rng_state(self.device))  # every rank's dropout stream
         if not distributed.is_main_process():
             return
         state_dict = self.model.state_dict()
@@ -275,7 +282,7 @@ class CheckpointWriter:
         ckpt.save_trainer_state(self.run_dir / ckpt.TRAINER_STATE, {
             "model": state_dict, "optimizer": self.optimizer.state_dict(),
             "progress": vars(progress) | {"elapsed": self.elapsed()},
-            "rng": _rng_state(self.device)})
+            "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {})})
 
 
 def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -285,7 +292,14 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         progress = Progress(**state["progress"])
-        _set_rng_state(state["rng"], device)
+        world = distributed.world_size()
+        if progress.world_size != world:
+            how = (f"torchrun --nproc-per-node {progress.world_size} ..."
+                   if progress.world_size > 1 else "one process, without torchrun")
+            raise CheckpointError(f"{run_dir} was trained by {progress.world_size} process(es) "
+                                  f"and each one's random stream is saved; resume it with {how}")
+        _set_rng_state(state["rng_ranks"][distributed.rank()] if world > 1 else state["rng"],
+                       device)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir / ckpt.TRAINER_STATE} does not fit this run "
                               f"({str(e).splitlines()[0]})") from None
@@ -307,11 +321,14 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         return progress
     if distributed.is_main_process():
         ckpt.prepare_fresh_run_dir(run_dir, overwrite=options.overwrite)
-    # Dropout's stream: seeded apart from the loader's, so it doesn't depend on model init.
-    torch.manual_seed(mix_seed(options.seed, 0xD80F))
+    # Dropout's stream: seeded apart from the loader's, so it doesn't depend on model init; each
+    # process of a data-parallel run draws its own masks.
+    ranks = () if distributed.world_size() == 1 else (distributed.rank(),)
+    dropout_seed = mix_seed(options.seed, 0xD80F, *ranks)
+    torch.manual_seed(dropout_seed)
     if device.type == "cuda":
-        torch.cuda.manual_seed(mix_seed(options.seed, 0xD80F))
-    return Progress()
+        torch.cuda.manual_seed(dropout_seed)
+    return Progress(world_size=distributed.world_size())
 
 
 def _head_size(model: nn.Module, dataset: Dataset) -> int:
@@ -330,6 +347,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     checkpoint on Ctrl-C or SIGTERM, `TrainingDiverged` on a NaN/inf loss.
     """
     run_dir = Path(run_dir)
+    distributed.setup(options.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(options.device)
     autocast_dtype = resolve_precision(options.precision, device)
@@ -343,13 +361,16 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     train_loader = BatchLoader(
         dataset.train, recipe.batch_size, device=device,
         augment=make_augment(recipe.augment, _head_size(model, dataset)), train=True,
-        shuffle=True, seed=options.seed, steps_per_epoch=options.train_steps_per_epoch)
-    eval_steps = options.eval_steps_per_epoch  # at most one pass: never count a sample twice
-    if eval_steps is not None:
-        eval_steps = min(eval_steps, math.ceil(len(dataset.test) / recipe.batch_size))
-    eval_loader = BatchLoader(dataset.test, recipe.batch_size, device=device,
-                              augment=SeedAugment(), train=False, shuffle=False,
-                              seed=options.seed, steps_per_epoch=eval_steps)
+        shuffle=True, seed=options.seed, steps_per_epoch=options.train_steps_per_epoch,
+        batch_part=(distributed.rank(), distributed.world_size()))
+    # Evaluation: the first N batches' samples with --eval-steps-per-epoch (never one twice),
+    # sharded across ranks (each sample on one rank, the counts all-reduced).
+    test = dataset.test
+    if options.eval_steps_per_epoch is not None:
+        test = test.head(options.eval_steps_per_epoch * recipe.batch_size)
+    eval_loader = BatchLoader(test, recipe.batch_size, device=device, augment=SeedAugment(),
+                              train=False, shuffle=False, seed=options.seed,
+                              rank=distributed.rank(), world_size=distributed.world_size())
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * options.epochs
 
@@ -375,7 +396,15 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     """The epochs of `fit`: train steps, log lines, evaluation, checkpoints, signals."""
     progress, device = writer.progress, train_loader.device
     steps_per_epoch = len(train_loader)
-    runnable = torch.compile(model) if options.compile else model
+    world = distributed.world_size()
+    runnable = torch.compile(model) if options.compile else model  # evaluation's forward
+    trainable = runnable
+    if world > 1:  # gradients averaged across processes by PyTorch's DDP
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                      else None)
+        trainable = torch.compile(ddp) if options.compile else ddp
     model.train()
     if options.freeze_encoder:
         model.encoder.eval()  # a linear probe reads fixed features: no dropout in them
@@ -403,7 +432,16 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
             for inputs, targets in batches:
                 set_lr(optimizer, base_lrs,
                        lr_factor(recipe, progress.global_step, total_steps, steps_per_epoch))
-                loss = train_step(runnable, optimizer, inputs, targets, recipe, autocast_dtype)
+                if world == 1:
+                    loss = train_step(trainable, optimizer, inputs, targets, recipe,
+                                      autocast_dtype)
+                else:
+                    # This rank's part of the global batch: its mean loss weighted by its share,
+                    # so DDP's average of the gradients is the global batch's mean gradient.
+                    share = len(targets) / train_loader.global_batch_size
+                    loss = train_step(trainable, optimizer, inputs, targets, recipe,
+                                      autocast_dtype, loss_scale=world * share)
+                    loss = _agree(loss * share, stop)
                 bad_loss |= ~torch.isfinite(loss)
                 loss_sum += loss.double()
                 progress.global_step += 1
@@ -450,8 +488,21 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                 _stop(reporter, progress, progress.epoch, run_dir, stop.received)
     reporter.event("Finish", step=progress.global_step, total_time=writer.elapsed(),
                    best_accuracy=progress.best_accuracy)
+    distributed.barrier()  # every file written before any process goes on (to a next stage)
     return FitResult(run_dir=run_dir, global_step=progress.global_step, last_eval=last_eval,
                      best_accuracy=progress.best_accuracy)
+
+
+def _agree(loss_part: Tensor, stop: _StopSignals) -> Tensor:
+    """One all-reduce per data-parallel step: the global batch's loss (the sum of the parts; a
+    NaN anywhere is a NaN everywhere) and whether any process was asked to stop, so that every
+    process stops at the same step."""
+    totals = torch.stack([loss_part.double(), torch.tensor(float(stop.raised), dtype=torch.float64,
+                                                           device=loss_part.device)])
+    distributed.all_reduce_sum(totals)
+    if totals[1].item() > 0 and not stop.raised:
+        stop.received = signal.SIGTERM  # another process got the signal (torchrun forwards it)
+    return totals[0]
 
 
 def _stop(reporter: Reporter, progress: Progress, epoch: int, run_dir: Path, signum: int) -> None:

@@ -1,0 +1,163 @@
+"""Data-parallel training through torchrun + DDP, on the CPU with gloo: real `torchrun
+--nproc-per-node 2` jobs. Two processes train the one-process run (the same global batches, each
+rank a half), evaluate exactly (every test sample once), write each file once, resume bitwise after
+the whole job is SIGKILLed, stop cleanly on SIGTERM, and a rank that dies ends the job."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli_helpers as h
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not Path("/proc/self/task").exists(),
+                                 reason="finds torchrun's workers in Linux's /proc")]
+
+
+def torchrun(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            "2", "-m", "vitlab", *map(str, args)]
+
+
+def run_job(*args, cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run(torchrun(*args), cwd=cwd, env=h.cli_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == expect, f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def start_job(*args, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(torchrun(*args), cwd=cwd, env=h.cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+
+
+@pytest.fixture(scope="module")
+def cifar10(tmp_path_factory) -> Path:
+    return h.data_slices(tmp_path_factory)["cifar10"]
+
+
+def train_args(data: Path, out: Path, *extra) -> list:
+    # Batch 64: 32 a rank. 500 test images: the last eval batch of 52 splits 26 + 26.
+    return ["pretrain", "--data", data, "--model", "micro", "--epochs", "2",
+            "--train-steps-per-epoch", "10", "--batch-size", "64", "--seed", "3",
+            "--device", "cpu", "--log-steps", "5", "--no-progress", "--no-download",
+            "--out", out, *extra]
+
+
+def test_two_processes_train_the_one_process_run_and_evaluate_exactly(cifar10, tmp_path):
+    # Dropout off (each rank draws its own masks otherwise); the seed recipe's SGD.
+    args = train_args(cifar10, tmp_path / "ddp", "--dropout", "0")
+    job = run_job(*args, cwd=tmp_path)
+    single = h.run_cli(*train_args(cifar10, tmp_path / "one", "--dropout", "0"), cwd=tmp_path)
+    two = h.load_weights(tmp_path / "ddp" / "model.safetensors")
+    one = h.load_weights(tmp_path / "one" / "model.safetensors")
+    diff = max((two[k] - one[k]).abs().max().item() for k in one)
+    assert diff <= 1e-5, diff
+
+    # Written once, by rank 0: every console line and event exactly once.
+    lines = [line for line in job.stdout.splitlines() if line.startswith("vitlab-")]
+    assert lines[0].startswith("vitlab-Start: step: 1; logging_interval: 5; num_device: 2;")
+    assert (tmp_path / "ddp" / "log.txt").read_text().splitlines() == lines
+    records = h.read_metrics(tmp_path / "ddp")
+    keys = [(r["event"], r["step"], r.get("epoch")) for r in records]
+    assert len(keys) == len(set(keys)) and [k[0] for k in keys].count("finish") == 1
+    assert not list((tmp_path / "ddp").glob(".*.tmp"))
+
+    # The logged numbers are the one-process run's; the sharded evaluation counted every test
+    # sample once: its accuracy is the one-process evaluation of the same weights, exactly.
+    ddp_evals = h.events(records, "eval")
+    one_evals = h.events(h.read_metrics(tmp_path / "one"), "eval")
+    assert [e["accuracy"] for e in ddp_evals] == [e["accuracy"] for e in one_evals]
+    h.run_cli("evaluate", "--checkpoint", tmp_path / "ddp", "--batch-size", "64",
+              "--no-download", cwd=tmp_path)
+    report = json.loads((tmp_path / "ddp" / "evaluation" / "evaluation.json").read_text())
+    assert report["num_samples"] == 500 and report["accuracy"] == ddp_evals[-1]["accuracy"]
+    assert "Traceback" not in job.stderr and "Traceback" not in single.stderr
+
+
+def _kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and its workers (torchrun starts each worker in a session of its own,
+    so killing the launcher's process group alone would leave them running)."""
+    for pid in [*_children(proc.pid), proc.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
+def test_resume_after_the_whole_job_is_killed_is_bitwise_and_sigterm_stops_cleanly(
+        cifar10, tmp_path):
+    """Dropout on: each rank's random stream is saved and restored."""
+    extra = ["--checkpoint-steps", "3", "--log-steps", "1", "--train-steps-per-epoch", "40"]
+    reference = tmp_path / "reference"
+    run_job(*train_args(cifar10, reference, *extra), cwd=tmp_path)
+    want = h.load_weights(reference / "model.safetensors")
+
+    killed = tmp_path / "killed"
+    proc = start_job(*train_args(cifar10, killed, *extra), cwd=tmp_path)
+    try:
+        h.wait_for_line(proc, r"^vitlab-Train: step: 1[3-6];")
+    finally:
+        _kill_job(proc)
+    saved = torch.load(killed / "trainer_state.pt", weights_only=True)
+    assert saved["progress"]["world_size"] == 2 and len(saved["rng_ranks"]) == 2
+    assert 12 <= saved["progress"]["global_step"] < 80  # killed mid-run
+    run_job(*train_args(cifar10, killed, *extra), "--resume", killed, cwd=tmp_path)
+    h.assert_same_tensors(h.load_weights(killed / "model.safetensors"), want)
+
+    # SIGTERM to the launcher: torchrun forwards it, the ranks agree on the step to stop at,
+    # rank 0 checkpoints once, every rank exits; the run resumes to the same weights.
+    stopped = tmp_path / "stopped"
+    proc = start_job(*train_args(cifar10, stopped, *extra), cwd=tmp_path)
+    try:
+        h.wait_for_line(proc, r"^vitlab-Train: step: [4-8];")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            _kill_job(proc)
+    assert proc.returncode != 0  # torchrun reports the workers' exit
+    interrupts = h.events(h.read_metrics(stopped), "interrupt")
+    assert len(interrupts) == 1, stderr[-2000:]
+    state = torch.load(stopped / "trainer_state.pt", weights_only=True)
+    assert state["progress"]["global_step"] == interrupts[0]["step"]
+    run_job(*train_args(cifar10, stopped, *extra), "--resume", stopped, cwd=tmp_path)
+    h.assert_same_tensors(h.load_weights(stopped / "model.safetensors"), want)
+
+    # One process cannot continue what two started (each rank's dropout stream is in it).
+    refused = h.run_cli("pretrain", "--resume", stopped, "--epochs", "3", "--no-download",
+                        cwd=tmp_path, expect=2)
+    assert "trained by 2 process(es)" in refused.stderr
+
+
+def test_a_rank_that_dies_ends_the_job_with_a_non_zero_exit(cifar10, tmp_path):
+    out = tmp_path / "dies"
+    proc = start_job(*train_args(cifar10, out, "--train-steps-per-epoch", "100000",
+                                 "--log-steps", "1"), cwd=tmp_path)
+    try:
+        h.wait_for_line(proc, r"^vitlab-Train: step: 3;")
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        start = time.monotonic()
+        _, stderr = proc.communicate(timeout=120)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            _kill_job(proc)
+    assert proc.returncode != 0 and took < 90, (proc.returncode, took, stderr[-2000:])
+    assert all(not Path(f"/proc/{w}").exists() for w in workers)
