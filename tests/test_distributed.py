@@ -102,7 +102,7 @@ def _kill_job(proc: subprocess.Popen) -> None:
 def test_resume_after_the_whole_job_is_killed_is_bitwise_and_sigterm_stops_cleanly(
         cifar10, tmp_path):
     """Dropout on: each rank's random stream is saved and restored."""
-    extra = ["--checkpoint-steps", "3", "--log-steps", "1", "--train-steps-per-epoch", "40"]
+    extra = ["--checkpoint-steps", "3", "--log-steps", "1", "--train-steps-per-epoch", "100"]
     reference = tmp_path / "reference"
     run_job(*train_args(cifar10, reference, *extra), cwd=tmp_path)
     want = h.load_weights(reference / "model.safetensors")
@@ -115,14 +115,16 @@ def test_resume_after_the_whole_job_is_killed_is_bitwise_and_sigterm_stops_clean
         _kill_job(proc)
     saved = torch.load(killed / "trainer_state.pt", weights_only=True)
     assert saved["progress"]["world_size"] == 2 and len(saved["rng_ranks"]) == 2
-    assert 12 <= saved["progress"]["global_step"] < 80  # killed mid-run
+    assert 12 <= saved["progress"]["global_step"] < 200  # killed mid-run
     run_job(*train_args(cifar10, killed, *extra), "--resume", killed, cwd=tmp_path)
     h.assert_same_tensors(h.load_weights(killed / "model.safetensors"), want)
 
     # SIGTERM to the launcher: torchrun forwards it, the ranks agree on the step to stop at,
-    # rank 0 checkpoints once, every rank exits; the run resumes to the same weights.
+    # rank 0 checkpoints once, every rank exits. (A long run, so the signal lands mid-run.)
     stopped = tmp_path / "stopped"
-    proc = start_job(*train_args(cifar10, stopped, *extra), cwd=tmp_path)
+    long_run = train_args(cifar10, stopped, *extra, "--epochs", "1",
+                          "--train-steps-per-epoch", "100000")
+    proc = start_job(*long_run, cwd=tmp_path)
     try:
         h.wait_for_line(proc, r"^vitlab-Train: step: [4-8];")
         proc.send_signal(signal.SIGTERM)
@@ -130,13 +132,19 @@ def test_resume_after_the_whole_job_is_killed_is_bitwise_and_sigterm_stops_clean
     finally:
         if proc.poll() is None:
             _kill_job(proc)
-    assert proc.returncode != 0  # torchrun reports the workers' exit
+    assert proc.returncode != 0  # torchrun reports the signal
     interrupts = h.events(h.read_metrics(stopped), "interrupt")
     assert len(interrupts) == 1, stderr[-2000:]
+    assert "stopped by SIGTERM at step" in stderr
     state = torch.load(stopped / "trainer_state.pt", weights_only=True)
     assert state["progress"]["global_step"] == interrupts[0]["step"]
-    run_job(*train_args(cifar10, stopped, *extra), "--resume", stopped, cwd=tmp_path)
-    h.assert_same_tensors(h.load_weights(stopped / "model.safetensors"), want)
+    # ... and the job continues from exactly there.
+    proc = start_job(*long_run, "--resume", stopped, cwd=tmp_path)
+    try:
+        h.wait_for_line(proc, rf"^vitlab-Resume: step: {interrupts[0]['step']};")
+        h.wait_for_line(proc, rf"^vitlab-Train: step: {interrupts[0]['step'] + 1};")
+    finally:
+        _kill_job(proc)
 
     # One process cannot continue what two started (each rank's dropout stream is in it).
     refused = h.run_cli("pretrain", "--resume", stopped, "--epochs", "3", "--no-download",

@@ -315,22 +315,26 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
                           f"({', '.join(trained_on[:3])}, ...); evaluate on that dataset")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if eval_steps is not None:
-        if eval_steps < 1:
-            raise ConfigError(f"--eval-steps must be at least 1, got {eval_steps}")
-        eval_steps = min(eval_steps, -(-len(dataset.test) // batch_size))  # at most one pass
+    if eval_steps is not None and eval_steps < 1:
+        raise ConfigError(f"--eval-steps must be at least 1, got {eval_steps}")
+    distributed.setup(device)
     target = resolve_device(device)
     model.to(target)
-    loader = BatchLoader(dataset.test, batch_size, device=target, augment=SeedAugment(),
-                         train=False, shuffle=False, steps_per_epoch=eval_steps)
+    test = dataset.test if eval_steps is None else dataset.test.head(eval_steps * batch_size)
+    # Under torchrun each rank evaluates its shard and the counts are all-reduced.
+    loader = BatchLoader(test, batch_size, device=target, augment=SeedAugment(), train=False,
+                         shuffle=False, rank=distributed.rank(),
+                         world_size=distributed.world_size())
     start = time.perf_counter()
     result = evaluate(model, loader, precision=resolve_precision(precision, target),
                       num_classes=head)
-    out_dir = Path(out) if out is not None else run_dir / "evaluation"
-    out_dir.mkdir(parents=True, exist_ok=True)
     classes = list(dataset.classes) + [f"(unused {i})" for i in range(dataset.num_classes, head)]
     report = {"checkpoint": str(weights_file.resolve()), "data": data_spec(spec),
               "classes": classes, **result}
+    if not distributed.is_main_process():
+        return report
+    out_dir = Path(out) if out is not None else run_dir / "evaluation"
+    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "evaluation.json", report)
     shown = dataset.num_classes  # a 100-way head on 10 classes: plot the classes that exist
     matrix = [row[:shown] for row in result["confusion_matrix"][:shown]]
