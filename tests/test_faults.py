@@ -180,9 +180,9 @@ def test_overwrite_leaves_nothing_of_the_previous_run(data, tmp_path):
 # --- (4) a run that died before its first checkpoint -------------------------------------------
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_or_resumes(data, tmp_path):
-    # 80 steps: the kill after step 2 comes long before the epoch's end (its first checkpoint)
+    # 150 steps: the kill after step 2 comes long before the epoch's end (its first checkpoint)
     argv = ["pretrain", "--data", str(data["cifar10"]), *TINY, "--epochs", "1",
-            "--train-steps-per-epoch", "80", "--log-steps", "1", "--seed", "7"]
+            "--train-steps-per-epoch", "150", "--log-steps", "1", "--seed", "7"]
     reference = tmp_path / "reference"
     assert main([*argv, "--out", str(reference)]) == 0
     ways = {"again": [], "resume": ["--resume", tmp_path / "resume"]}

@@ -83,7 +83,10 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
         if setting.type is bool:
             kwargs["action"] = "store_true"
         else:
-            kwargs["type"] = {int: _int, float: float}.get(setting.type, str)
+            # Integer flags are sizes and counts (bounded, so a typo is not a 10^20 tensor);
+            # a seed is any 63-bit number.
+            kwargs["type"] = (int if name == "seed" else
+                              {int: _int, float: float}.get(setting.type, str))
             if setting.choices is not None:
                 kwargs["metavar"] = "{" + ",".join(setting.choices()) + "}"
         groups[setting.role].add_argument(*flags, **kwargs)

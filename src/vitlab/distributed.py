@@ -13,13 +13,15 @@ import atexit
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from vitlab.errors import ConfigError
+from vitlab.errors import ConfigError, VitlabError
+
+T = TypeVar("T")
 
 TIMEOUT_ENV = "VITLAB_DIST_TIMEOUT"  # seconds a collective waits for a missing rank (default 300)
 
@@ -115,14 +117,41 @@ def gather_objects(value: Any) -> list[Any]:
     return values
 
 
-@contextlib.contextmanager
-def main_process_first() -> Iterator[None]:
-    """Rank 0 runs the block first (a download, a cache), then the others (from its result)."""
+def together(step: Callable[[], T]) -> T:
+    """Run `step` on every process; if it fails on any, it fails on all, in one line each.
+
+    Some failures happen on one process only (rank 0's lock or files, a shard with no samples);
+    without this the others would go on and wait in their next collective until the timeout.
+    """
+    if not is_distributed():
+        return step()
+    try:
+        result, failure = step(), None
+    except (VitlabError, OSError) as e:
+        result, failure = None, e
+    failures = gather_objects(None if failure is None else " ".join(str(failure).split()))
+    if failure is not None:
+        raise failure
+    for where, message in enumerate(failures):
+        if message is not None:
+            raise ConfigError(f"rank {where} of the job failed: {message}")
+    return result
+
+
+def main_process_first(step: Callable[[], T]) -> T:
+    """Rank 0 runs `step` first (a download, a cache write), then the others (from its result);
+    if it fails on rank 0, the others fail with its message instead of trying again."""
+    if not is_distributed():
+        return step()
     if is_main_process():
         try:
-            yield
-        finally:
-            barrier()
-    else:
-        barrier()
-        yield
+            result = step()
+        except (VitlabError, OSError) as e:
+            broadcast_object(" ".join(str(e).split()))
+            raise
+        broadcast_object(None)
+        return result
+    message = broadcast_object(None)
+    if message is not None:
+        raise ConfigError(f"rank 0 of the job failed: {message}")
+    return step()

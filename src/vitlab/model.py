@@ -157,8 +157,15 @@ class Attention(nn.Module):
         self.attn_dropout = dropout
         self.scale = (width // num_heads) ** -0.5
 
-    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
-        """Attend from the first `queries` tokens (all when None) to every token of `x`."""
+    def forward(self, x: torch.Tensor, queries: int | None = None,
+                return_weights: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attend from the first `queries` tokens (all when None) to every token of `x`.
+
+        With `return_weights`, also the attention weights [B, heads, queries, tokens]: the
+        softmax(QK^T / sqrt(d)) the output is made of (computed explicitly, so it costs the
+        fused kernel's speed; off, nothing changes).
+        """
         batch, tokens, width = x.shape
         if queries is None:
             # [B, T, 3, H, D] -> three [B, H, T, D] views; SDPA accepts the strided layout.
@@ -172,16 +179,18 @@ class Attention(nn.Module):
             q = q.view(batch, queries, self.num_heads, -1).transpose(1, 2)
             k, v = F.linear(x, kv_weight, kv_bias).view(
                 batch, tokens, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        if self.training and self.attn_dropout > 0 and x.device.type == "cpu":
+        weights = None
+        if return_weights or (self.training and self.attn_dropout > 0
+                              and x.device.type == "cpu"):
             # SDPA's CPU kernels have no dropout: it would fall back to the same math as here,
             # with PyTorch's slower mask.
-            scores = (q * self.scale) @ k.transpose(-2, -1)
-            weights = dropout(scores.softmax(dim=-1), self.attn_dropout, True)
-            out = weights @ v
+            weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            out = dropout(weights, self.attn_dropout, self.training) @ v
         else:
             dropout_p = self.attn_dropout if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        return self.proj(out.transpose(1, 2).reshape(batch, queries, width))
+        out = self.proj(out.transpose(1, 2).reshape(batch, queries, width))
+        return (out, weights) if return_weights else out
 
 
 class MLP(nn.Module):
@@ -212,21 +221,28 @@ class EncoderBlock(nn.Module):
         self.mlp = MLP(config.width, config.mlp_dim, config.dropout)
         self.dropout2 = Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cls_only: bool = False, return_attention: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """[B, T, width] -> [B, T, width], or [B, 1, width] for the CLS token alone.
 
         `cls_only` is exact for the CLS output: that token attends to all tokens, and nothing
         after the attention mixes tokens, so the other tokens' outputs need not be computed.
+        `return_attention` also returns the attention weights [B, heads, T or 1, T].
         """
         queries = 1 if cls_only else None
-        if self.norm_first:
-            normed = self.norm1(x)
-            x = x[:, :1] if cls_only else x
-            x = x + self.dropout1(self.attn(normed, queries))
-            return x + self.dropout2(self.mlp(self.norm2(x)))
+        attn_input = self.norm1(x) if self.norm_first else x
+        # Sliced before the attention runs: autograd then sums the two gradients reaching x in
+        # the order it always has, which keeps training bitwise what it was.
         residual = x[:, :1] if cls_only else x
-        x = self.norm1(residual + self.dropout1(self.attn(x, queries)))
-        return self.norm2(x + self.dropout2(self.mlp(x)))
+        attended = self.attn(attn_input, queries, return_weights=return_attention)
+        attended, weights = attended if return_attention else (attended, None)
+        if self.norm_first:
+            x = residual + self.dropout1(attended)
+            x = x + self.dropout2(self.mlp(self.norm2(x)))
+        else:
+            x = self.norm1(residual + self.dropout1(attended))
+            x = self.norm2(x + self.dropout2(self.mlp(x)))
+        return (x, weights) if return_attention else x
 
 
 class ViTEncoder(nn.Module):
@@ -238,9 +254,20 @@ class ViTEncoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.width, eps=config.final_norm_eps)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The final-normed CLS features [B, width], what the head classifies."""
+    def forward(self, images: torch.Tensor, return_attention: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final-normed CLS features [B, width], what the head classifies.
+
+        With `return_attention`, also every block's attention weights, [B, heads, T, T] each
+        (the last block's for all tokens, so maps can be read from any layer).
+        """
         x = self.embedding(images)
+        if return_attention:
+            attentions = []
+            for block in self.blocks:
+                x, weights = block(x, return_attention=True)
+                attentions.append(weights)
+            return self.norm(x[:, 0]), attentions
         *body, last = self.blocks
         for block in body:
             x = block(x)
@@ -287,7 +314,13 @@ class ViT(nn.Module):
             block.load_state_dict(first.state_dict())
         self.head.reset_parameters()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, return_attention: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits [B, num_classes]; with `return_attention`, (logits, per-block attention
+        weights [B, heads, T, T]), T = 1 + num_patches with the CLS token first."""
+        if return_attention:
+            features, attentions = self.encoder(images, return_attention=True)
+            return self.head(features), attentions
         return self.head(self.encoder(images))
 
     def num_parameters(self) -> int:

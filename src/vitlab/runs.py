@@ -33,7 +33,7 @@ from vitlab.settings import SETTINGS, check_settings, pick
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.engine import FitResult, evaluate, fit, resolve_device, resolve_precision
 from vitlab.train.options import TrainOptions
-from vitlab.train.recipe import SCHEDULES_USING_TOTAL, Recipe, recipe
+from vitlab.train.recipe import SCHEDULES_USING_TOTAL, SCHEDULES_WITH_WARMUP, Recipe, recipe
 from vitlab.train.runconfig import EncoderSource, RunConfig
 from vitlab.train.transfer import load_encoder_weights
 
@@ -63,8 +63,9 @@ def load_data(spec: PathLike, *, image_size: int | None = None,
     size = image_size
     if size is None and model_image_size is not None and is_image_folder(Path(spec)):
         size = model_image_size
-    with distributed.main_process_first():  # one download / cache write per torchrun job
-        return load_dataset(spec, root=data_root, download=download, image_size=size)
+    # Under torchrun, rank 0 downloads and caches once; the others then read its cache.
+    return distributed.main_process_first(
+        lambda: load_dataset(spec, root=data_root, download=download, image_size=size))
 
 
 def check_fits(dataset: Dataset, config: ViTConfig, spec: PathLike) -> None:
@@ -86,6 +87,10 @@ def _recipe_and_options(settings: dict[str, Any], kind: str) -> tuple[Recipe, Tr
     chosen = recipe(overrides.pop("name", "seed"), **overrides)
     if "grad_clip" in settings and settings["grad_clip"] is None:  # an explicit "no clipping"
         chosen = dataclasses.replace(chosen, grad_clip=None)
+    if chosen.warmup_epochs > 0 and chosen.schedule not in SCHEDULES_WITH_WARMUP:
+        raise ConfigError(f"--warmup-epochs has no effect with --schedule {chosen.schedule}; "
+                          f"use --schedule {' or '.join(sorted(SCHEDULES_WITH_WARMUP))}, or "
+                          "drop --warmup-epochs")
     epochs = chosen.epochs if kind == "pretrain" else chosen.finetune_epochs
     options = TrainOptions(epochs=epochs, **pick(settings, {"saved", "runtime"}))
     return chosen, options
@@ -140,14 +145,15 @@ def finetune(source: PathLike, *, data: PathLike = "cifair10", out: PathLike = "
     weights_file = Path(source) / WEIGHT_FILES[weights]
     pretrained_weights = ckpt.load_weights(weights_file)
     base = pretrained.model
-    if model is not None and preset(model, num_classes=base.num_classes) != base:
+    if model is not None and preset(model, num_classes=base.num_classes,
+                                    dropout=base.dropout) != base:
         raise ConfigError(f"--model {model} is not the architecture pre-trained in {source} "
                           f"({pretrained.model_preset or 'custom'}); drop --model to fine-tune "
                           "that one")
     chosen, options = _recipe_and_options(settings, "finetune")
     dataset = load_data(data, image_size=image_size, model_image_size=base.image_size,
                         **_data_options(settings))
-    head = num_classes or dataset.num_classes
+    head = num_classes if num_classes is not None else dataset.num_classes
     if head < dataset.num_classes:
         raise ConfigError(f"--num-classes {head} is smaller than the {dataset.num_classes} "
                           f"classes of {data}")
@@ -187,19 +193,16 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
     dataset = load_data(saved.data, image_size=saved.image_size,
                         model_image_size=saved.model.image_size, **_data_options(settings))
     check_fits(dataset, saved.model, saved.data)
+    current = dataclasses.replace(saved, options=options, recipe=dataclasses.replace(
+        saved.recipe, **{BUDGET[saved.kind]: epochs}))
     if not ckpt.has_checkpoint(run_dir):
         # It died before its first checkpoint: nothing to continue, so start it over at step 0
         # with its saved settings (the same model initialisation as when it first started).
-        started = dataclasses.replace(saved, options=options, recipe=dataclasses.replace(
-            saved.recipe, **{BUDGET[saved.kind]: epochs}))
-        return fit(_initial_model(started), dataset, started.recipe, options, run_dir,
-                   run_config=started)
-    updated = None
-    if epochs != saved.options.epochs:  # a longer run: config.json says so from now on
-        updated = dataclasses.replace(saved, options=options, recipe=dataclasses.replace(
-            saved.recipe, **{BUDGET[saved.kind]: epochs}))
-    return fit(ViT(saved.model), dataset, saved.recipe, options, run_dir, run_config=updated,
-               resume=True)
+        return fit(_initial_model(current), dataset, current.recipe, options, run_dir,
+                   run_config=current)
+    longer = epochs != saved.options.epochs  # a longer run: config.json says so from now on
+    return fit(ViT(saved.model), dataset, saved.recipe, options, run_dir,
+               run_config=current if longer else None, resume=True)
 
 
 def _initial_model(config: RunConfig) -> ViT:
@@ -297,11 +300,12 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     from vitlab.report import plot_confusion_matrix
 
     run_dir = Path(run_dir)
+    distributed.setup(device)
     saved = ckpt.read_run_config(run_dir)
     weights_file = run_dir / WEIGHT_FILES[SETTINGS["weights"].check(weights)]
     model, config, trained_on = load_run(run_dir, weights, device="cpu")
     spec = os.fspath(data) if data is not None else saved.data
-    if image_size is None and spec == saved.data:
+    if image_size is None and data_spec(spec) == saved.data:
         image_size = saved.image_size
     dataset = load_data(spec, image_size=image_size, model_image_size=config.model.image_size,
                         data_root=data_root, download=download)
@@ -317,7 +321,6 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if eval_steps is not None and eval_steps < 1:
         raise ConfigError(f"--eval-steps must be at least 1, got {eval_steps}")
-    distributed.setup(device)
     target = resolve_device(device)
     model.to(target)
     test = dataset.test if eval_steps is None else dataset.test.head(eval_steps * batch_size)
@@ -378,13 +381,17 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
                           f"{datasets[1].num_classes} classes of {finetune_data}")
     for folder in ("pretrain", "finetune", "evaluation"):
         check_writable(out / folder)
-    pre = _start_or_continue(
+    pre, pre_kept = _start_or_continue(
         out / "pretrain", "pretrain",
         lambda: pretrain(data=pretrain_data, out=out / "pretrain", model=model,
                          image_size=image_size, **settings),
         data=pretrain_data, model=model, image_size=image_size, **settings)
+    if not pre_kept and distributed.broadcast_object((out / "finetune" / ckpt.CONFIG).is_file()):
+        raise ConfigError(f"{out / 'finetune'} was fine-tuned from {pre} before this call "
+                          f"trained it further; remove {out / 'finetune'} (or choose another "
+                          "--out) to fine-tune the new encoder")
     head = {"num_classes": num_classes} if num_classes is not None else {}
-    fine = _start_or_continue(
+    fine, _ = _start_or_continue(
         out / "finetune", "finetune",
         lambda: finetune(pre, data=finetune_data, out=out / "finetune", image_size=image_size,
                          **head, **settings),
@@ -414,19 +421,22 @@ def _finished(run_dir: Path, saved: RunConfig) -> bool:
 
 
 def _start_or_continue(run_dir: Path, kind: str, start: Callable[[], FitResult],
-                       **settings: Any) -> Path:
-    """A stage of `run_pipeline`: started, resumed, or (finished, same settings) kept."""
+                       **settings: Any) -> tuple[Path, bool]:
+    """A stage of `run_pipeline`: started, resumed, or (finished, same settings) kept.
+    Returns the run directory and whether it was kept as it was."""
     if not distributed.broadcast_object((run_dir / ckpt.CONFIG).is_file()):
-        return start().run_dir
+        return start().run_dir, False
     saved = ckpt.read_run_config(run_dir)
     if saved.kind != kind:
         raise ConfigError(f"{run_dir} holds a {saved.kind} run, not the {kind} stage of "
                           "vitlab run; choose another --out")
-    given = check_settings(settings, kind)
-    finished = distributed.broadcast_object(_finished(run_dir, saved))  # one decision for all
+    other_budget = {"pretrain": "finetune_epochs", "finetune": "epochs"}[kind]
+    given = {k: v for k, v in check_settings(settings, kind).items() if k != other_budget}
+    finished = distributed.broadcast_object(  # rank 0 decides, for all
+        _finished(run_dir, saved) if distributed.is_main_process() else None)
     if finished and _check_unchanged(saved, given, run_dir) == saved.options.epochs:
-        return run_dir
-    return resume(run_dir, kind=kind, **given).run_dir
+        return run_dir, True
+    return resume(run_dir, kind=kind, **given).run_dir, False
 
 
 def model_summary(name: str, num_classes: int = 100) -> list[str]:

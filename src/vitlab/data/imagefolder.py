@@ -21,6 +21,7 @@ from vitlab.errors import DataFormatError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 log = logging.getLogger("vitlab.data")
+DECODER_VERSION = 2  # part of the cache key: a change to how pixels are decoded re-decodes
 
 
 def is_image_folder(path: Path) -> bool:
@@ -106,7 +107,7 @@ def _decode_all(files: list[Path], size: int | None, where: Path) -> np.ndarray:
 
 
 def _cache_key(path: Path, size: int | None, files: list[Path]) -> str:
-    h = hashlib.sha256(f"{path.resolve()}|{size}".encode())
+    h = hashlib.sha256(f"{path.resolve()}|{size}|decoder {DECODER_VERSION}".encode())
     for f in files:
         st = f.stat()
         h.update(f"|{f.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}".encode())

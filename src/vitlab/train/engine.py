@@ -29,7 +29,7 @@ from vitlab.errors import CheckpointError, ConfigError, VitlabError
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.options import TrainOptions
 from vitlab.train.recipe import Recipe, build_optimizer, lr_factor
-from vitlab.train.reporting import Reporter
+from vitlab.train.reporting import Reporter, require_tensorboard
 from vitlab.train.runconfig import RunConfig
 
 
@@ -274,15 +274,17 @@ class CheckpointWriter:
         if not distributed.is_main_process():
             return
         state_dict = self.model.state_dict()
+        # The trainer state first: weights on disk then always come with a state to resume
+        # from, even if the process dies between the two writes.
+        ckpt.save_trainer_state(self.run_dir / ckpt.TRAINER_STATE, {
+            "model": state_dict, "optimizer": self.optimizer.state_dict(),
+            "progress": vars(progress) | {"elapsed": self.elapsed()},
+            "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {})})
         meta = {"step": str(progress.global_step), "epoch": str(progress.epoch)}
         ckpt.save_weights(self.run_dir / ckpt.WEIGHTS, state_dict, meta)
         if is_best:
             ckpt.save_weights(self.run_dir / ckpt.BEST_WEIGHTS, state_dict,
                               {**meta, "accuracy": str(last_eval["accuracy"])})
-        ckpt.save_trainer_state(self.run_dir / ckpt.TRAINER_STATE, {
-            "model": state_dict, "optimizer": self.optimizer.state_dict(),
-            "progress": vars(progress) | {"elapsed": self.elapsed()},
-            "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {})})
 
 
 def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -348,7 +350,6 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     """
     run_dir = Path(run_dir)
     distributed.setup(options.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(options.device)
     autocast_dtype = resolve_precision(options.precision, device)
     model.to(device)
@@ -357,7 +358,23 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
             p.requires_grad_(False)
     optimizer = build_optimizer(recipe, model.parameters())
     base_lrs = [group["lr"] for group in optimizer.param_groups]
+    with contextlib.ExitStack() as held:
+        # What can fail on some processes only (the lock, files, a shard with no samples) fails
+        # on all of them together, instead of leaving the others waiting in a collective.
+        train_loader, eval_loader, progress, reporter = distributed.together(
+            lambda: _prepare(model, dataset, recipe, options, run_dir, run_config, resume,
+                             optimizer, device, held))
+        writer = CheckpointWriter(run_dir, model, optimizer, progress, device)
+        total_steps = len(train_loader) * options.epochs
+        return _train(model, recipe, options, run_dir, reporter, writer, optimizer, base_lrs,
+                      train_loader, eval_loader, autocast_dtype, total_steps, resume)
 
+
+def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOptions,
+             run_dir: Path, run_config: RunConfig | None, resume: bool,
+             optimizer: torch.optim.Optimizer, device: torch.device,
+             held: contextlib.ExitStack) -> tuple[BatchLoader, BatchLoader, Progress, Reporter]:
+    """The loaders, the run directory (locked, prepared or restored) and its Reporter."""
     train_loader = BatchLoader(
         dataset.train, recipe.batch_size, device=device,
         augment=make_augment(recipe.augment, _head_size(model, dataset)), train=True,
@@ -371,22 +388,17 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     eval_loader = BatchLoader(test, recipe.batch_size, device=device, augment=SeedAugment(),
                               train=False, shuffle=False, seed=options.seed,
                               rank=distributed.rank(), world_size=distributed.world_size())
-    steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * options.epochs
-
-    lock = ckpt.RunLock(run_dir) if distributed.is_main_process() else contextlib.nullcontext()
-    with lock:
-        progress = _begin(run_dir, model, optimizer, device, options, resume)
-        reporter = Reporter(run_dir, quiet=options.quiet, tensorboard=options.tensorboard)
-        if run_config is not None and distributed.is_main_process():
-            ckpt.write_run_config(run_dir, run_config)
-        writer = CheckpointWriter(run_dir, model, optimizer, progress, device)
-        try:
-            return _train(model, recipe, options, run_dir, reporter, writer, optimizer,
-                          base_lrs, train_loader, eval_loader, autocast_dtype, total_steps,
-                          resume)
-        finally:
-            reporter.close()
+    if options.tensorboard:
+        require_tensorboard()  # before an --overwrite deletes anything
+    if distributed.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(ckpt.RunLock(run_dir))
+    progress = _begin(run_dir, model, optimizer, device, options, resume)
+    reporter = held.enter_context(contextlib.closing(
+        Reporter(run_dir, quiet=options.quiet, tensorboard=options.tensorboard)))
+    if run_config is not None and distributed.is_main_process():
+        ckpt.write_run_config(run_dir, run_config)
+    return train_loader, eval_loader, progress, reporter
 
 
 def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Path,
@@ -435,13 +447,14 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                 if world == 1:
                     loss = train_step(trainable, optimizer, inputs, targets, recipe,
                                       autocast_dtype)
+                    stopping = stop.raised
                 else:
                     # This rank's part of the global batch: its mean loss weighted by its share,
                     # so DDP's average of the gradients is the global batch's mean gradient.
                     share = len(targets) / train_loader.global_batch_size
                     loss = train_step(trainable, optimizer, inputs, targets, recipe,
                                       autocast_dtype, loss_scale=world * share)
-                    loss = _agree(loss * share, stop)
+                    loss, stopping = _agree(loss * share, stop, device)
                 bad_loss |= ~torch.isfinite(loss)
                 loss_sum += loss.double()
                 progress.global_step += 1
@@ -453,8 +466,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                     progress.global_step == 1 or progress.global_step % options.log_steps == 0)
                 save_now = (options.checkpoint_steps > 0
                             and progress.global_step % options.checkpoint_steps == 0)
-                # The CPU checks every step for free; a GPU only where it syncs anyway.
-                if log_now or save_now or stop.raised or device.type == "cpu":
+                # The CPU checks every step for free; one GPU only where it syncs anyway.
+                if log_now or save_now or stopping or device.type == "cpu":
                     _check_finite(bad_loss, loss, progress, run_dir)
                 if log_now:
                     fields = {"step": progress.global_step, "ce": loss.item()}
@@ -462,9 +475,9 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                         fields["steps/sec"] = window_steps / (time.perf_counter() - window_start)
                     reporter.event("Train", **fields)
                     window_start, window_steps = time.perf_counter(), 0
-                if (save_now or stop.raised) and progress.step_in_epoch < steps_per_epoch:
+                if (save_now or stopping) and progress.step_in_epoch < steps_per_epoch:
                     writer.save(epoch_loss_sum=loss_sum.item())
-                if stop.raised:
+                if stopping:
                     if progress.step_in_epoch >= steps_per_epoch:
                         break  # finish the epoch's bookkeeping below, then stop
                     _stop(reporter, progress, progress.epoch + 1, run_dir, stop.received)
@@ -484,7 +497,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
             writer.save(last_eval)
             if reporter.is_main:
                 _plot_curves(run_dir)
-            if stop.raised and progress.epoch < options.epochs:
+            stopping = stop.raised if world == 1 else _agree(None, stop, device)[1]
+            if stopping and progress.epoch < options.epochs:
                 _stop(reporter, progress, progress.epoch, run_dir, stop.received)
     reporter.event("Finish", step=progress.global_step, total_time=writer.elapsed(),
                    best_accuracy=progress.best_accuracy)
@@ -493,16 +507,20 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                      best_accuracy=progress.best_accuracy)
 
 
-def _agree(loss_part: Tensor, stop: _StopSignals) -> Tensor:
+def _agree(loss_part: Tensor | None, stop: _StopSignals, device: torch.device
+           ) -> tuple[Tensor | None, bool]:
     """One all-reduce per data-parallel step: the global batch's loss (the sum of the parts; a
-    NaN anywhere is a NaN everywhere) and whether any process was asked to stop, so that every
-    process stops at the same step."""
-    totals = torch.stack([loss_part.double(), torch.tensor(float(stop.raised), dtype=torch.float64,
-                                                           device=loss_part.device)])
+    NaN anywhere is a NaN everywhere) and whether any process was asked to stop. Every process
+    branches on the agreed flag, never on its own (a signal can reach them at different times),
+    so all stop at the same step. (It syncs the host each step: the price of agreeing.)"""
+    totals = torch.tensor([0.0, float(stop.raised)], dtype=torch.float64, device=device)
+    if loss_part is not None:
+        totals[0] = loss_part.double()
     distributed.all_reduce_sum(totals)
-    if totals[1].item() > 0 and not stop.raised:
+    agreed = totals[1].item() > 0
+    if agreed and not stop.raised:
         stop.received = signal.SIGTERM  # another process got the signal (torchrun forwards it)
-    return totals[0]
+    return (totals[0] if loss_part is not None else None), agreed
 
 
 def _stop(reporter: Reporter, progress: Progress, epoch: int, run_dir: Path, signum: int) -> None:

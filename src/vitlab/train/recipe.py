@@ -39,22 +39,15 @@ OPTIMIZERS: dict[str, Callable[[Recipe, list], torch.optim.Optimizer]] = {
 }
 
 
-def _warmup(recipe: Recipe, step: int, steps_per_epoch: int) -> tuple[float, int]:
-    """(factor, warm-up steps): the linear warm-up's factor at `step`, 1.0 after it."""
-    warmup = round(recipe.warmup_epochs * steps_per_epoch)
-    return ((step + 1) / warmup if step < warmup else 1.0), warmup
-
-
 def _constant(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Linear warm-up over `warmup_epochs` (none in the seed recipe), then the base LR."""
-    return _warmup(recipe, step, steps_per_epoch)[0]
+    return 1.0
 
 
 def _cosine(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """Linear warm-up over `warmup_epochs`, then half a cosine from 1 to 0 at the last step."""
-    factor, warmup = _warmup(recipe, step, steps_per_epoch)
+    warmup = round(recipe.warmup_epochs * steps_per_epoch)
     if step < warmup:
-        return factor
+        return (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -66,6 +59,7 @@ SCHEDULES: dict[str, Callable[[Recipe, int, int, int], float]] = {
     "cosine": _cosine,
 }
 SCHEDULES_USING_TOTAL = frozenset({"cosine"})
+SCHEDULES_WITH_WARMUP = frozenset({"cosine"})  # --warmup-epochs elsewhere is refused
 
 
 def _setting(help: str, **extra) -> dict:
@@ -86,7 +80,7 @@ class Recipe:
     schedule: str = field(default="constant", metadata=_setting(
         "LR schedule", choices=SCHEDULES))
     warmup_epochs: float = field(default=0.0, metadata=_setting(
-        "linear LR warm-up from 0 (epochs, fractions allowed)"))
+        "linear LR warm-up from 0 (epochs, fractions allowed; cosine schedule)"))
     label_smoothing: float = field(default=0.0, metadata=_setting("label smoothing"))
     batch_size: int = field(default=128, metadata=_setting("batch size"))
     epochs: int = field(default=100, metadata=_setting("pre-training epochs"))

@@ -82,15 +82,19 @@ def _silence_stdout() -> None:
         pass
 
 
-def open_tensorboard(log_dir: Path):
-    """A TensorBoard SummaryWriter, or a clear error naming the extra to install."""
+def require_tensorboard() -> type:
+    """TensorBoard's SummaryWriter class, or a clear error naming the extra to install."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install "
                           "'vitlab[tensorboard]' (or drop --tensorboard; metrics.jsonl has "
                           "the same numbers)") from None
-    return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter
+
+
+def open_tensorboard(log_dir: Path):
+    return require_tensorboard()(log_dir=str(log_dir))
 
 
 def _fmt(key: str, value) -> str:
