@@ -5,7 +5,8 @@ config-file key (`--config FILE.yaml`; flags given on the command line win) and 
 of the matching `vitlab.runs` function.
 
 Exit codes: 0 done; 2 bad input (one line on stderr); 130 Ctrl-C and 143 SIGTERM during training,
-after saving a resumable checkpoint; 1 when another process of a torchrun job failed.
+after saving a resumable checkpoint; 1 when another process of a torchrun job failed, or when
+`predict` / `attention` skipped some inputs (2 when none could be read).
 """
 
 from __future__ import annotations
@@ -129,6 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root", default=None, help="where named datasets are cached")
     e.add_argument("--no-download", action="store_true", help="never download")
 
+    p = sub.add_parser("predict", help="classify image files with a trained run")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    p.add_argument("images", nargs="+", metavar="IMAGES",
+                   help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--weights", choices=["last", "best"], default="last")
+    p.add_argument("--top-k", type=_int, default=5, help="classes shown per image")
+    p.add_argument("--batch-size", type=_int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", metavar="FILE", default=None,
+                   help="also write the predictions to FILE (.csv or .json)")
+
+    a = sub.add_parser("attention", help="attention-map PNGs (rollout and last-layer heads)")
+    a.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    a.add_argument("images", nargs="+", metavar="IMAGES",
+                   help="image files, folders (searched recursively) or glob patterns")
+    a.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files")
+    a.add_argument("--weights", choices=["last", "best"], default="last")
+    a.add_argument("--device", default="auto")
+
+    x = sub.add_parser("export", help="export a trained run for other runtimes (ONNX)")
+    x.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    x.add_argument("--format", choices=["onnx"], default="onnx")
+    x.add_argument("--out", required=True, metavar="FILE", help="e.g. model.onnx")
+    x.add_argument("--weights", choices=["last", "best"], default="last")
+
     r = sub.add_parser("recipes", help="list the built-in recipes, or print one as a config file")
     r.add_argument("name", nargs="?", help="print this recipe as YAML (for --config)")
 
@@ -173,6 +199,49 @@ def _evaluate(args: argparse.Namespace) -> None:
                       batch_size=args.batch_size, eval_steps=args.eval_steps,
                       device=args.device, precision=args.precision, image_size=args.image_size,
                       data_root=args.data_root, download=not args.no_download)
+
+
+def _skipped(command: str, skipped: list, anything_done: bool) -> int:
+    """Report skipped inputs on stderr; 0 if none, 1 if some, 2 if nothing could be read."""
+    for path, why in skipped:
+        print(f"vitlab {command}: skipped {path}: {why}", file=sys.stderr)
+    if not anything_done:
+        print(f"vitlab {command}: error: no image could be read", file=sys.stderr)
+        return EXIT_USAGE
+    return 1 if skipped else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from vitlab import runs
+
+    report = runs.predict_images(args.checkpoint, args.images, weights=args.weights,
+                                 top_k=args.top_k, batch_size=args.batch_size,
+                                 device=args.device, output=args.output)
+    width = max((len(p.path) for p in report.predictions), default=0)
+    for p in report.predictions:
+        top = ", ".join(f"{c} {q:.3f}" for c, q in zip(p.classes, p.probabilities, strict=True))
+        print(f"{p.path:<{width}}  {top}")
+    if args.output is not None and report.predictions:
+        print(f"wrote {args.output}")
+    return _skipped("predict", report.skipped, bool(report.predictions))
+
+
+def _attention(args: argparse.Namespace) -> int:
+    from vitlab import runs
+
+    written, skipped = runs.attention_maps(args.checkpoint, args.images, args.out,
+                                           weights=args.weights, device=args.device)
+    for path in written:
+        print(f"wrote {path}")
+    return _skipped("attention", skipped, bool(written))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from vitlab import runs
+
+    path = runs.export_run(args.checkpoint, args.out, format=args.format, weights=args.weights)
+    print(f"wrote {path} (ONNX; input 'images' [batch, 3, H, W] normalized, output 'logits'; "
+          "class names in its metadata)")
 
 
 def _recipes(args: argparse.Namespace) -> None:
@@ -227,9 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return EXIT_SIGNAL[signal.SIGINT]
     commands = {"pretrain": _train, "finetune": _train, "run": _train, "evaluate": _evaluate,
+                "predict": _predict, "attention": _attention, "export": _export,
                 "recipes": _recipes, "info": _info}
     try:
-        commands[args.command](args)
+        code = commands[args.command](args)
     except VitlabError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"vitlab {args.command}: error{_rank_tag()}: {message}", file=sys.stderr)
@@ -257,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitlab {args.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "),
               file=sys.stderr)
         return EXIT_USAGE
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

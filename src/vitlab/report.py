@@ -1,4 +1,4 @@
-"""Pictures of a run: training curves and the confusion matrix, as PNG files."""
+"""Pictures of a run: training curves, the confusion matrix and attention maps, as PNG files."""
 
 from __future__ import annotations
 
@@ -65,4 +65,59 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
                 ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if rates[i, j] > 0.5 else "black")
     ax.set(title=title, xlabel="predicted", ylabel="true")
+    _save(figure, path)
+
+
+def _upsample(patch_map: np.ndarray, size: int) -> np.ndarray:
+    """A [side, side] patch map stretched over a size x size image (bilinear), scaled to [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    grid = torch.as_tensor(patch_map, dtype=torch.float32)[None, None]
+    up = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    up = up - up.min()
+    return (up / up.max().clamp(min=1e-12)).numpy()
+
+
+def _overlay(ax, image: np.ndarray, patch_map: np.ndarray, title: str) -> None:
+    ax.imshow(image, interpolation="nearest")
+    ax.imshow(_upsample(patch_map, image.shape[0]), cmap="inferno", alpha=0.55,
+              interpolation="bilinear", extent=(-0.5, image.shape[1] - 0.5,
+                                                image.shape[0] - 0.5, -0.5))
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def plot_attention(image: np.ndarray, rollout_map: np.ndarray, head_maps: np.ndarray,
+                   path: str | os.PathLike, title: str = "") -> None:
+    """One image: the image, its attention rollout, and the last layer's CLS attention of every
+    head, each map upsampled over the image. Maps are [side, side] patch grids."""
+    heads = head_maps.shape[0]
+    columns = 2 + heads
+    figure, axes = plt.subplots(1, columns, figsize=(1.9 * columns, 2.3))
+    axes[0].imshow(image, interpolation="nearest")
+    axes[0].set_title(title or "image", fontsize=8)
+    axes[0].axis("off")
+    _overlay(axes[1], image, rollout_map, "attention rollout")
+    for h in range(heads):
+        _overlay(axes[2 + h], image, head_maps[h], f"last layer, head {h + 1}")
+    _save(figure, path)
+
+
+def plot_attention_grid(images: Sequence[np.ndarray], rollout_maps: Sequence[np.ndarray],
+                        titles: Sequence[str], path: str | os.PathLike) -> None:
+    """Several images side by side, each above its attention rollout."""
+    n = len(images)
+    columns = min(n, 6)
+    rows = -(-n // columns)
+    figure, axes = plt.subplots(2 * rows, columns, figsize=(1.9 * columns, 4.0 * rows),
+                                squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (image, rollout_map, title) in enumerate(zip(images, rollout_maps, titles,
+                                                        strict=True)):
+        r, c = divmod(i, columns)
+        axes[2 * r, c].imshow(image, interpolation="nearest")
+        axes[2 * r, c].set_title(title, fontsize=8)
+        _overlay(axes[2 * r + 1, c], image, rollout_map, "rollout")
     _save(figure, path)

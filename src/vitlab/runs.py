@@ -20,15 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from vitlab import distributed
 from vitlab.data import BatchLoader, Dataset, SeedAugment, load_dataset
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import is_image_folder
-from vitlab.errors import CheckpointError, ConfigError
-from vitlab.io import atomic_write_json
+from vitlab.errors import CheckpointError, ConfigError, VitlabError
+from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import ViT, ViTConfig, preset
+from vitlab.predict import PredictionReport
 from vitlab.settings import SETTINGS, check_settings, pick
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.engine import FitResult, evaluate, fit, resolve_device, resolve_precision
@@ -354,6 +356,144 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     return report
 
 
+def predict_images(run_dir: PathLike, inputs: list[PathLike], *, weights: str = "last",
+                   top_k: int = 5, batch_size: int = 256, device: str = "auto",
+                   output: PathLike | None = None) -> PredictionReport:
+    """Classify image files (files, folders searched recursively, glob patterns) with a run's
+    model; `output` (.csv or .json) also gets the table. Unreadable files are skipped and listed
+    in the report."""
+    from vitlab.predict import find_images, predict_files
+
+    out_path = _prediction_output(output)
+    _check_positive(top_k=top_k, batch_size=batch_size)
+    model, config, classes = _model_for_images(run_dir, weights, device)
+    paths, missing = find_images(inputs)
+    report = predict_files(model, paths, classes, top_k=top_k, batch_size=batch_size)
+    report.skipped[:0] = missing
+    if out_path is not None and report.predictions:
+        write_predictions(report, out_path)
+    return report
+
+
+def _prediction_output(output: PathLike | None) -> Path | None:
+    if output is None:
+        return None
+    path = Path(output)
+    if path.suffix.lower() not in (".csv", ".json"):
+        raise ConfigError(f"--output {path}: give a .csv or .json file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--output {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _model_for_images(run_dir: PathLike, weights: str, device: str
+                      ) -> tuple[ViT, RunConfig, list[str]]:
+    model, config, classes = load_run(run_dir, weights, device=device)
+    if config.model.num_channels != 3:
+        raise ConfigError(f"{run_dir} holds a {config.model.num_channels}-channel model; image "
+                          "files are decoded to RGB")
+    if not classes:
+        raise CheckpointError(f"{run_dir / ckpt.CONFIG} lists no class names")
+    return model, config, classes
+
+
+def write_predictions(report: PredictionReport, path: Path) -> None:
+    """The predictions as CSV (one row an image: path, then class and probability per rank)
+    or JSON (a list of {path, top: [{class, probability}]}), written atomically."""
+    import csv
+    import io
+    import json
+
+    if path.suffix.lower() == ".json":
+        rows = [{"path": p.path, "top": [{"class": c, "probability": q}
+                                         for c, q in zip(p.classes, p.probabilities,
+                                                         strict=True)]}
+                for p in report.predictions]
+        text = json.dumps({"predictions": rows, "skipped": [
+            {"path": path, "reason": why} for path, why in report.skipped]}, indent=2) + "\n"
+    else:
+        k = max(len(p.classes) for p in report.predictions)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path"] + [f"{what}_{i + 1}" for i in range(k)
+                                    for what in ("class", "probability")])
+        for p in report.predictions:
+            writer.writerow([p.path] + [v for pair in zip(p.classes, (f"{q:.6f}" for q in
+                                                                      p.probabilities),
+                                                          strict=True) for v in pair])
+        text = buffer.getvalue()
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
+                   weights: str = "last", device: str = "auto", batch_size: int = 64
+                   ) -> tuple[list[Path], list[tuple[str, str]]]:
+    """For each image: a PNG with the image, its attention rollout and the last layer's CLS
+    attention per head (OUT/<name>.attention.png), and OUT/attention_grid.png for several.
+    Returns the files written and the inputs skipped (with why)."""
+    from vitlab.attention import as_grid, attention_weights, last_layer_cls, rollout
+    from vitlab.predict import find_images, load_image
+    from vitlab.report import plot_attention, plot_attention_grid
+
+    _check_positive(batch_size=batch_size)
+    model, config, classes = _model_for_images(run_dir, weights, device)
+    out = Path(out)
+    check_writable(out)
+    paths, skipped = find_images(inputs)
+    images, names = [], []
+    for path in paths:
+        try:
+            images.append(load_image(path, config.model.image_size))
+            names.append(path)
+        except VitlabError as e:
+            skipped.append((str(path), str(e).split(": ", 1)[-1]))
+    written, rollouts, titles = [], [], []
+    transform = SeedAugment()
+    used: set[str] = set()
+    device_of_model = next(model.parameters()).device
+    for start in range(0, len(images), batch_size):
+        batch = torch.as_tensor(np.stack(images[start : start + batch_size]))
+        inputs_ = transform.apply(batch.to(device_of_model), train=False)
+        logits, attentions = attention_weights(model, inputs_)
+        flows = as_grid(rollout(attentions)).float().cpu().numpy()
+        heads = as_grid(last_layer_cls(attentions)).float().cpu().numpy()
+        best = logits.softmax(dim=1)[:, : len(classes)].max(dim=1)
+        for i in range(len(batch)):
+            index = start + i
+            image, path = images[index], names[index]
+            title = f"{classes[best.indices[i]]} ({best.values[i]:.2f})"
+            stem = path.stem if path.stem not in used else f"{path.stem}-{index}"
+            used.add(stem)
+            target = out / f"{stem}.attention.png"
+            plot_attention(image, flows[i], heads[i], target, title=f"{path.name}: {title}")
+            written.append(target)
+            rollouts.append(flows[i])
+            titles.append(f"{path.name}\n{title}")
+    if len(images) > 1:
+        grid = out / "attention_grid.png"
+        plot_attention_grid(images, rollouts, titles, grid)
+        written.append(grid)
+    return written, skipped
+
+
+def export_run(run_dir: PathLike, out: PathLike, *, format: str = "onnx",
+               weights: str = "last") -> Path:
+    """Export a run's model for runtimes without PyTorch (ONNX: dynamic batch axis, the class
+    names in the metadata)."""
+    from vitlab.export import FORMATS, export_onnx
+
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
+    model, config, classes = load_run(run_dir, weights, device="cpu")
+    return export_onnx(model, out, classes)
+
+
 def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLike = "cifair10",
                  out: PathLike = "runs/tutorial", model: str = "seed-mini",
                  num_classes: int | None = None, image_size: int | None = None,
@@ -454,5 +594,5 @@ def model_summary(name: str, num_classes: int = 100) -> list[str]:
             f"forward pass: input {list(images.shape)} -> logits {list(logits.shape)}"]
 
 
-__all__ = ["data_spec", "evaluate_run", "finetune", "load_data", "load_run",
+__all__ = ["attention_maps", "data_spec", "evaluate_run", "export_run", "predict_images", "finetune", "load_data", "load_run",
            "model_summary", "pretrain", "resume", "run_pipeline"]

@@ -1,0 +1,67 @@
+"""Ship a trained model to runtimes without PyTorch: ONNX with a dynamic batch axis.
+
+The exported graph takes normalized float images [batch, 3, H, W] ("images") and returns logits
+[batch, num_classes] ("logits"). Its metadata holds what a user needs to feed it and read it:
+the class names (JSON), the image size and the normalization mean/std.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vitlab.data.augment import CIFAR_MEAN, CIFAR_STD
+from vitlab.errors import ConfigError
+from vitlab.io import atomic_write_bytes
+from vitlab.model import ViT
+
+FORMATS = ("onnx",)
+OPSET = 18
+
+
+def require_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise ConfigError("ONNX export needs the onnx package: pip install 'vitlab[onnx]'"
+                          ) from None
+    return onnx
+
+
+def export_onnx(model: ViT, path: str | os.PathLike, class_names: Sequence[str],
+                opset: int = OPSET) -> Path:
+    """Write `model` as an ONNX file at `path` (atomically); returns the path."""
+    onnx = require_onnx()
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the ONNX file's name, e.g. {path}/model.onnx")
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: the folder {path.parent} does not exist")
+    config = model.config
+    model = model.eval().cpu()
+    example = torch.zeros(2, config.num_channels, config.image_size, config.image_size)
+    import io
+    import warnings
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the exporter's notes on tracing are not the user's concern
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), buffer, input_names=["images"],
+                          output_names=["logits"], opset_version=opset, dynamo=False,
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    proto = onnx.load_model_from_string(buffer.getvalue())
+    metadata = {"vitlab.class_names": json.dumps(list(class_names)),
+                "vitlab.image_size": str(config.image_size),
+                "vitlab.normalize_mean": json.dumps(list(CIFAR_MEAN)),
+                "vitlab.normalize_std": json.dumps(list(CIFAR_STD)),
+                "vitlab.input": "float32 [batch, 3, H, W]: RGB / 255, minus mean, over std"}
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    atomic_write_bytes(path, proto.SerializeToString())
+    return path

@@ -1,0 +1,121 @@
+"""Classify image files with a trained model: find them, decode them as training did, batch them.
+
+Images of any size and mode (grayscale, palette, RGBA, 16-bit, EXIF-rotated) are decoded to 8-bit
+RGB exactly as the image-folder reader does for training (`vitlab.data.imagefolder.to_rgb8`),
+resized to the model's input (bicubic), normalized like evaluation, and classified in batches on
+the model's device. A file that cannot be read is reported and skipped, never fatal by itself.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vitlab.data.augment import SeedAugment
+from vitlab.data.imagefolder import EXTENSIONS, to_rgb8
+from vitlab.errors import DataFormatError
+from vitlab.model import ViT
+
+
+@dataclass
+class Prediction:
+    path: str
+    classes: list[str]  # top-k, most probable first
+    probabilities: list[float]
+
+
+@dataclass
+class PredictionReport:
+    predictions: list[Prediction] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Image files named by `inputs` (files, folders searched recursively for image files, or
+    glob patterns), in order without repeats; and the inputs that matched nothing."""
+    found: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for item in inputs:
+        text = os.fspath(item)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*")
+                             if p.is_file() and p.suffix.lower() in EXTENSIONS)
+            if not matches:
+                missing.append((text, f"no image files ({'/'.join(EXTENSIONS)}) in the folder"))
+        elif path.is_file():
+            matches = [path]  # named explicitly: tried whatever its extension
+        elif glob.has_magic(text):
+            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True)
+                             if Path(p).is_file())
+            if not matches:
+                missing.append((text, "the pattern matches no file"))
+        else:
+            matches = []
+            missing.append((text, "no such file or folder"))
+        found += matches
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique, missing
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """uint8 [size, size, 3]: decoded as the training image folders are, resized bicubic."""
+    try:
+        with Image.open(path) as image:
+            image = to_rgb8(image, str(path))
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BICUBIC)
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataFormatError(f"{path}: not an image vitlab can read ({e})") from None
+
+
+def predict(model: ViT, images: torch.Tensor | np.ndarray, class_names: Sequence[str],
+            top_k: int = 5, batch_size: int = 256) -> list[tuple[list[str], list[float]]]:
+    """Top-k (class names, probabilities) for uint8 images [N, H, W, C] of the model's size."""
+    images = torch.as_tensor(images)
+    device = next(model.parameters()).device
+    transform = SeedAugment()
+    k = min(top_k, len(class_names))
+    results = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in images.split(batch_size):
+                inputs = transform.apply(batch.to(device), train=False)
+                logits = model(inputs)[:, : len(class_names)].float()
+                probabilities, indices = logits.softmax(dim=1).topk(k, dim=1)
+                for p, i in zip(probabilities.tolist(), indices.tolist(), strict=True):
+                    results.append(([class_names[j] for j in i], p))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def predict_files(model: ViT, paths: Sequence[Path], class_names: Sequence[str], top_k: int = 5,
+                  batch_size: int = 256) -> PredictionReport:
+    """Decode and classify `paths`, batch by batch; unreadable files are skipped and reported."""
+    size = model.config.image_size
+    report = PredictionReport()
+    for start in range(0, len(paths), batch_size):
+        chunk, arrays = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                arrays.append(load_image(path, size))
+                chunk.append(path)
+            except DataFormatError as e:
+                report.skipped.append((str(path), str(e).split(": ", 1)[-1]))
+        if not arrays:
+            continue
+        top = predict(model, np.stack(arrays), class_names, top_k, batch_size)
+        report.predictions += [Prediction(str(p), c, pr) for p, (c, pr) in zip(chunk, top,
+                                                                              strict=True)]
+    return report

@@ -1,0 +1,239 @@
+"""Using a trained run: predict on image files, attention maps, ONNX export - through the CLI,
+checked against the model itself (the same decoded images give the same classes; attention
+weights equal a hand-written softmax(QK^T/sqrt(d)); onnxruntime matches PyTorch's logits)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cli_helpers as h
+from vitlab.attention import as_grid, rollout
+from vitlab.cli import main
+from vitlab.data import BatchLoader, SeedAugment
+from vitlab.data.arrays import Split
+from vitlab.model import ViT, ViTConfig
+from vitlab.predict import find_images, predict
+from vitlab.runs import load_run
+from vitlab.train import evaluate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+N_IMAGES = 24
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A micro model trained a little on the CIFAR-10 slice."""
+    data = h.data_slices(tmp_path_factory)["cifar10"]
+    out = tmp_path_factory.mktemp("use") / "run"
+    assert main(["pretrain", "--data", str(data), "--model", "micro", "--epochs", "1",
+                 "--train-steps-per-epoch", "20", "--batch-size", "64", "--optimizer", "adamw",
+                 "--lr", "0.002", "--out", str(out), "--no-download", "--no-progress",
+                 "--log-steps", "0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The first CIFAR-10 slice test images as lossless PNG files (and their pixels, labels)."""
+    data = h.data_slices(tmp_path_factory)["cifar10"]
+    with np.load(data / "test.npz") as z:
+        x, y = z["x"][:N_IMAGES], z["y"][:N_IMAGES]
+    folder = tmp_path_factory.mktemp("pngs")
+    for i in range(N_IMAGES):
+        Image.fromarray(x[i]).save(folder / f"{i:02d}.png")
+    return folder, x, y
+
+
+def test_predicting_png_files_equals_the_model_on_the_same_pixels(run, pngs, tmp_path, capfd):
+    folder, x, y = pngs
+    out = tmp_path / "p.json"
+    capfd.readouterr()
+    assert main(["predict", "--checkpoint", str(run), str(folder), "--top-k", "3",
+                 "--output", str(out), "--device", "cpu"]) == 0
+    console = capfd.readouterr().out.splitlines()
+    rows = json.loads(out.read_text())["predictions"]
+    assert [Path(r["path"]).name for r in rows] == [f"{i:02d}.png" for i in range(N_IMAGES)]
+    model, config, classes = load_run(run)
+    logits = model(SeedAugment().apply(torch.as_tensor(x), train=False))
+    probabilities = logits.softmax(dim=1)
+    for i, row in enumerate(rows):
+        assert len(row["top"]) == 3 and row["top"][0]["class"] == classes[logits[i].argmax()]
+        assert row["top"][0]["probability"] == pytest.approx(probabilities[i].max().item(),
+                                                             abs=1e-6)
+        assert [t["probability"] for t in row["top"]] == sorted(
+            (t["probability"] for t in row["top"]), reverse=True)
+    assert console[0].split()[1] == rows[0]["top"][0]["class"]
+    # And so its accuracy on them is evaluate()'s.
+    hits = sum(r["top"][0]["class"] == classes[label] for r, label in zip(rows, y, strict=True))
+    split = Split(torch.as_tensor(x), torch.as_tensor(y), classes)
+    loader = BatchLoader(split, 8, augment=SeedAugment(), train=False, shuffle=False)
+    assert hits / N_IMAGES == evaluate(model, loader)["accuracy"]
+
+
+def test_images_as_users_have_them_and_a_file_that_is_not_one(run, pngs, tmp_path, capfd):
+    folder, x, _ = pngs
+    mixed = tmp_path / "mixed"
+    (mixed / "deeper").mkdir(parents=True)
+    big = Image.fromarray(x[0]).resize((150, 120), Image.Resampling.BICUBIC)
+    big.save(mixed / "big.jpg", quality=95)
+    Image.fromarray(x[1]).convert("L").save(mixed / "gray.png")
+    Image.fromarray(x[2]).convert("RGBA").save(mixed / "deeper" / "alpha.png")
+    Image.fromarray(x[3]).convert("P").save(mixed / "deeper" / "palette.gif")
+    Image.fromarray(x[4][..., 0].astype(np.uint16) * 257).save(mixed / "sixteen.png")
+    (mixed / "notes.png").write_text("not an image")
+    out = tmp_path / "p.csv"
+    capfd.readouterr()
+    code = main(["predict", "--checkpoint", str(run), str(mixed), str(folder / "0*.png"),
+                 "--output", str(out), "--device", "cpu"])
+    captured = capfd.readouterr()
+    assert code == 1  # one file skipped
+    assert captured.err.strip().splitlines() == [
+        f"vitlab predict: skipped {(mixed / 'notes.png').resolve()}: not an image vitlab can "
+        f"read (cannot identify image file '{(mixed / 'notes.png').resolve()}')"]
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = sorted(Path(r["path"]).name for r in rows)
+    assert names == sorted(["big.jpg", "gray.png", "alpha.png", "palette.gif", "sixteen.png",
+                            *(f"{i:02d}.png" for i in range(10))])
+    assert all(0 <= float(r["probability_1"]) <= 1 for r in rows)
+    # Nothing readable: exit 2; an empty folder and a missing path are reported, not fatal.
+    (tmp_path / "empty").mkdir()
+    capfd.readouterr()
+    assert main(["predict", "--checkpoint", str(run), str(tmp_path / "empty"),
+                 str(mixed / "notes.png"), str(tmp_path / "nope.png")]) == 2
+    err = capfd.readouterr().err
+    assert "no image files" in err and "no such file or folder" in err
+    assert err.strip().splitlines()[-1] == "vitlab predict: error: no image could be read"
+
+
+def test_find_images_expands_folders_and_globs_once(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/1.png", "a/b/2.JPG", "a/b/3.txt", "4.webp"):
+        (tmp_path / name).write_bytes(b"x")
+    found, missing = find_images([tmp_path / "a", str(tmp_path / "*.webp"), tmp_path / "a/1.png",
+                                  str(tmp_path / "z*.png")])
+    assert [p.relative_to(tmp_path.resolve()).as_posix() for p in found] == \
+        ["a/1.png", "a/b/2.JPG", "4.webp"]
+    assert missing == [(str(tmp_path / "z*.png"), "the pattern matches no file")]
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_returned_attention_is_softmax_qk_and_changes_nothing(norm_first):
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, width=32, depth=3, num_heads=4, mlp_dim=64,
+                       num_classes=5, norm_first=norm_first, init="independent")
+    model = ViT(config).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        plain = model(images)
+        logits, attentions = model(images, return_attention=True)
+    torch.testing.assert_close(logits, plain, rtol=0, atol=1e-5)
+    assert len(attentions) == 3 and attentions[0].shape == (3, 4, 17, 17)
+    # Replay the blocks by hand: softmax(Q K^T / sqrt(d)) of each block's input.
+    x = model.encoder.embedding(images)
+    d = config.width // config.num_heads
+    for block, weights in zip(model.encoder.blocks, attentions, strict=True):
+        inputs = block.norm1(x) if norm_first else x
+        q, k, _ = (block.attn.qkv(inputs).view(3, 17, 3, 4, d).permute(2, 0, 3, 1, 4))
+        expected = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1)
+        torch.testing.assert_close(weights, expected, rtol=0, atol=1e-6)
+        x = block(x)
+
+
+def test_rollout_against_a_loop_reference():
+    g = torch.Generator().manual_seed(1)
+    layers = [torch.softmax(torch.randn(2, 3, 5, 5, generator=g), dim=-1) for _ in range(4)]
+    got = rollout(layers)
+    for b in range(2):
+        flow = np.eye(5)
+        for weights in layers:
+            a = 0.5 * weights[b].mean(0).numpy() + 0.5 * np.eye(5)
+            a = a / a.sum(axis=1, keepdims=True)
+            flow = a @ flow
+        expected = flow[0, 1:] / flow[0, 1:].sum()
+        np.testing.assert_allclose(got[b].numpy(), expected, rtol=1e-5)
+    uniform = [torch.full((1, 2, 5, 5), 0.2)] * 3  # no patch preferred: a flat map
+    torch.testing.assert_close(rollout(uniform), torch.full((1, 4), 0.25))
+    assert as_grid(torch.arange(16.0)).shape == (4, 4)
+
+
+def test_attention_command_writes_a_png_per_image_and_a_grid(run, pngs, tmp_path, capfd):
+    folder, _, _ = pngs
+    out = tmp_path / "maps"
+    capfd.readouterr()
+    assert main(["attention", "--checkpoint", str(run), str(folder / "0[0-3].png"),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["00.attention.png", "01.attention.png", "02.attention.png",
+                       "03.attention.png", "attention_grid.png"]
+    for name in written:
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 300
+
+
+# --- ONNX ----------------------------------------------------------------------------------------
+
+def test_onnx_export_runs_in_onnxruntime_with_the_same_logits(run, tmp_path, capfd):
+    import onnxruntime as ort  # a test dependency (the dev extra)
+    path = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(run), "--format", "onnx", "--out",
+                 str(path)]) == 0
+    model, config, classes = load_run(run)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["vitlab.class_names"]) == classes
+    assert meta["vitlab.image_size"] == "32"
+    for batch in (1, 7):
+        images = torch.randn(batch, 3, 32, 32)
+        (got,) = session.run(["logits"], {"images": images.numpy()})
+        with torch.inference_mode():
+            want = model(images).numpy()
+        assert got.shape == (batch, 10)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def test_bad_inputs_are_one_line_errors(run, pngs, tmp_path, capfd):
+    folder, _, _ = pngs
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["width"], config["model"]["mlp_dim"] = 32, 64
+    (other / "config.json").write_text(json.dumps(config))
+    cases = [
+        (["predict", "--checkpoint", tmp_path / "nope", folder], "not a directory"),
+        (["predict", "--checkpoint", other, folder], "does not fit the architecture"),
+        (["predict", "--checkpoint", run, folder, "--output", tmp_path / "p.txt"],
+         "give a .csv or .json file name"),
+        (["predict", "--checkpoint", run, folder, "--top-k", "0"], "--top-k must be at least 1"),
+        (["attention", "--checkpoint", other, folder, "--out", tmp_path / "m"],
+         "does not fit the architecture"),
+        (["export", "--checkpoint", run, "--out", tmp_path / "no" / "such" / "m.onnx"],
+         "does not exist"),
+        (["export", "--checkpoint", run, "--out", tmp_path], "is a folder"),
+        (["export", "--checkpoint", tmp_path / "nope", "--out", tmp_path / "m.onnx"],
+         "not a directory"),
+    ]
+    for argv, message in cases:
+        capfd.readouterr()
+        assert main([str(a) for a in argv]) == 2, argv
+        assert message in h.assert_one_error_line(capfd.readouterr().err, argv[0]), argv
+
+
+def test_predict_from_python(run, pngs):
+    folder, x, _ = pngs
+    model, config, classes = load_run(run)
+    top = predict(model, x[:5], classes, top_k=2)
+    assert len(top) == 5 and all(len(c) == 2 and p[0] >= p[1] for c, p in top)
