@@ -151,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a trained run for other runtimes (ONNX)")
     x.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
-    x.add_argument("--format", choices=["onnx"], default="onnx")
-    x.add_argument("--out", required=True, metavar="FILE", help="e.g. model.onnx")
+    x.add_argument("--format", choices=["onnx", "timm"], default="onnx",
+                   help="onnx, or timm (safetensors with timm's VisionTransformer names)")
+    x.add_argument("--out", required=True, metavar="FILE",
+                   help="e.g. model.onnx, or vit.safetensors for --format timm")
     x.add_argument("--weights", choices=["last", "best"], default="last")
 
     r = sub.add_parser("recipes", help="list the built-in recipes, or print one as a config file")
@@ -185,11 +187,7 @@ def _train(args: argparse.Namespace) -> None:
     elif command == "pretrain":
         runs.pretrain(**given)
     elif command == "finetune":
-        source = given.pop("source", None)
-        if source is None:
-            raise ConfigError("finetune needs --from RUN_DIR (a pre-training run) or --resume "
-                              "RUN_DIR")
-        runs.finetune(source, **given)
+        runs.finetune(given.pop("source", None), **given)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -240,8 +238,9 @@ def _export(args: argparse.Namespace) -> None:
     from vitlab import runs
 
     path = runs.export_run(args.checkpoint, args.out, format=args.format, weights=args.weights)
-    print(f"wrote {path} (ONNX; input 'images' [batch, 3, H, W] normalized, output 'logits'; "
-          "class names in its metadata)")
+    what = {"onnx": "ONNX; input 'images' [batch, 3, H, W] normalized, output 'logits'",
+            "timm": "safetensors with timm's VisionTransformer names"}[args.format]
+    print(f"wrote {path} ({what}; class names in its metadata)")
 
 
 def _recipes(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""Ship a trained model to runtimes without PyTorch: ONNX with a dynamic batch axis.
+"""Ship a trained model: ONNX (a dynamic batch axis) for runtimes without PyTorch, or a
+safetensors file in timm's layout.
 
 The exported graph takes normalized float images [batch, 3, H, W] ("images") and returns logits
 [batch, num_classes] ("logits"). Its metadata holds what a user needs to feed it and read it:
@@ -19,8 +20,28 @@ from vitlab.errors import ConfigError
 from vitlab.io import atomic_write_bytes
 from vitlab.model import ViT
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "timm")
 OPSET = 18
+
+
+def _check_target(path: Path, suffix: str) -> None:
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the file's name, e.g. {path}/model{suffix}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: the folder {path.parent} does not exist")
+
+
+def export_timm(model: ViT, path: str | os.PathLike, class_names: Sequence[str]) -> Path:
+    """The weights under timm's VisionTransformer names, as safetensors (class names in its
+    metadata): `timm.create_model("vit_tiny_patch16_224", num_classes=N)` loads them."""
+    from vitlab.interop import to_timm_state_dict
+    from vitlab.train.checkpoint import save_weights
+
+    path = Path(path)
+    _check_target(path, ".safetensors")
+    save_weights(path, to_timm_state_dict(model), {"vitlab.class_names": json.dumps(
+        list(class_names)), "format": "pt"})
+    return path
 
 
 def require_onnx():
@@ -37,10 +58,7 @@ def export_onnx(model: ViT, path: str | os.PathLike, class_names: Sequence[str],
     """Write `model` as an ONNX file at `path` (atomically); returns the path."""
     onnx = require_onnx()
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{path} is a folder; give the ONNX file's name, e.g. {path}/model.onnx")
-    if not path.parent.is_dir():
-        raise ConfigError(f"cannot write {path}: the folder {path.parent} does not exist")
+    _check_target(path, ".onnx")
     config = model.config
     model = model.eval().cpu()
     example = torch.zeros(2, config.num_channels, config.image_size, config.image_size)

@@ -48,6 +48,7 @@ class ViTConfig:
     norm_first: bool = False  # False: post-norm, as nn.TransformerEncoderLayer's default
     encoder_norm_eps: float = 1e-5  # PyTorch's LayerNorm default, used inside the blocks
     final_norm_eps: float = 1e-6  # the tutorial's LayerNorm on the CLS output
+    patch_bias: bool = False  # a bias in the patch projection (timm's ViTs have one)
     # "tutorial": the values the tutorial's ViTModel starts from for the same torch seed (xavier
     # QKV, zero attention biases, every block a copy of the first); "independent": each block
     # drawn by its own layers' PyTorch defaults.
@@ -93,6 +94,10 @@ class ViTConfig:
             raise ConfigError(f"invalid ViTConfig values ({e})") from None
 
 
+# timm's VisionTransformer: a patch-projection bias and LayerNorm eps 1e-6 everywhere, so its
+# weights load into these presets exactly (vitlab.interop).
+_TIMM_LAYOUT = dict(patch_bias=True, encoder_norm_eps=1e-6)
+
 # Named architectures. "seed-mini" is the tutorial's CIFAR model and "vit-base-16" its ViTModel
 # defaults (post-norm, dropout 0.1, as the tutorial builds them); "vit-tiny-16" and "vit-small-16"
 # are the ViT-Ti/S shapes of the DeiT paper, pre-norm as in the ViT paper.
@@ -104,9 +109,9 @@ PRESETS: dict[str, dict] = {
     "vit-base-16": dict(image_size=224, patch_size=16, width=768, depth=12, num_heads=12,
                         mlp_dim=3072, dropout=0.1, norm_first=False),
     "vit-tiny-16": dict(image_size=224, patch_size=16, width=192, depth=12, num_heads=3,
-                        mlp_dim=768, dropout=0.0, norm_first=True),
+                        mlp_dim=768, dropout=0.0, norm_first=True, **_TIMM_LAYOUT),
     "vit-small-16": dict(image_size=224, patch_size=16, width=384, depth=12, num_heads=6,
-                         mlp_dim=1536, dropout=0.0, norm_first=True),
+                         mlp_dim=1536, dropout=0.0, norm_first=True, **_TIMM_LAYOUT),
     # A few-minutes-on-a-CPU model for smoke runs and tests; not for accuracy.
     "micro": dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128,
                   dropout=0.1, norm_first=False),
@@ -128,7 +133,7 @@ class PatchEmbedding(nn.Module):
         self.image_size = config.image_size
         self.num_channels = config.num_channels
         self.proj = nn.Conv2d(config.num_channels, config.width, kernel_size=config.patch_size,
-                              stride=config.patch_size, bias=False)
+                              stride=config.patch_size, bias=config.patch_bias)
         # Zero-initialised and trainable, as in the tutorial.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
         self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.width))

@@ -128,30 +128,39 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
     return fit(_initial_model(run_config), dataset, chosen, options, out, run_config)
 
 
-def finetune(source: PathLike, *, data: PathLike = "cifair10", out: PathLike = "runs/finetune",
-             weights: str = "last", model: str | None = None, num_classes: int | None = None,
-             image_size: int | None = None, dropout: float | None = None, **settings: Any
-             ) -> FitResult:
-    """A fresh model with every encoder weight of the pre-training run `source` and a new head
-    of `num_classes` outputs (default: the dataset's classes), trained on `data`.
+def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
+             out: PathLike = "runs/finetune", weights: str = "last", model: str | None = None,
+             num_classes: int | None = None, image_size: int | None = None,
+             dropout: float | None = None, from_timm: PathLike | None = None,
+             **settings: Any) -> FitResult:
+    """A fresh model with every encoder weight of the pre-training run `source` (or of the timm
+    ViT weight file `from_timm`) and a new head of `num_classes` outputs (default: the dataset's
+    classes), trained on `data`.
 
-    `model`, when given, is only a check that `source` pre-trained that architecture.
+    With `source`, `model` is only a check that it pre-trained that architecture. With
+    `from_timm`, `model` names the architecture of the weights (e.g. vit-tiny-16) and
+    `image_size` may differ from theirs: the position embedding is resampled to the new grid.
     """
     settings = check_settings(settings, "finetune")
     distributed.setup(settings.get("device", "auto"))
     weights = SETTINGS["weights"].check(weights)
-    if Path(out).resolve() == Path(source).resolve():
+    if (source is None) == (from_timm is None):
+        raise ConfigError("finetune needs --from RUN_DIR (a pre-training run) or --from-timm "
+                          "FILE (timm ViT weights), one of them; or --resume RUN_DIR")
+    if source is not None and Path(out).resolve() == Path(source).resolve():
         raise ConfigError(f"--out {out} is the pre-training run it reads (--from); fine-tune "
                           "into another directory")
-    pretrained = ckpt.read_run_config(source)
-    weights_file = Path(source) / WEIGHT_FILES[weights]
-    pretrained_weights = ckpt.load_weights(weights_file)
-    base = pretrained.model
-    if model is not None and preset(model, num_classes=base.num_classes,
-                                    dropout=base.dropout) != base:
-        raise ConfigError(f"--model {model} is not the architecture pre-trained in {source} "
-                          f"({pretrained.model_preset or 'custom'}); drop --model to fine-tune "
-                          "that one")
+    if source is not None:
+        base, preset_name, init, encoder = _pretrained_encoder(source, weights, model)
+    else:
+        if model is None:
+            raise ConfigError("--from-timm needs --model, the architecture of the weights "
+                              "(e.g. vit-tiny-16)")
+        base = preset(model, num_classes=1)
+        if image_size is not None:
+            base = dataclasses.replace(base, image_size=image_size)  # pos. embedding resampled
+        preset_name, init = model, EncoderSource(str(Path(from_timm).resolve()), "timm", 0)
+        encoder = _timm_encoder(init, base)
     chosen, options = _recipe_and_options(settings, "finetune")
     dataset = load_data(data, image_size=image_size, model_image_size=base.image_size,
                         **_data_options(settings))
@@ -164,13 +173,35 @@ def finetune(source: PathLike, *, data: PathLike = "cifair10", out: PathLike = "
     check_fits(dataset, config, data)
     torch.manual_seed(options.seed)
     vit = ViT(config)
-    copied = load_encoder_weights(vit, pretrained_weights)
+    init.encoder_tensors_copied = load_encoder_weights(vit, encoder)
     run_config = RunConfig(
         kind="finetune", model=config, recipe=chosen, data=data_spec(data),
-        classes=dataset.classes, options=options, model_preset=pretrained.model_preset,
-        image_size=image_size,
-        init=EncoderSource(str(Path(source).resolve()), weights_file.name, copied))
+        classes=dataset.classes, options=options, model_preset=preset_name,
+        image_size=image_size, init=init)
     return fit(vit, dataset, chosen, options, out, run_config)
+
+
+def _pretrained_encoder(source: PathLike, weights: str, model: str | None
+                        ) -> tuple[ViTConfig, str | None, EncoderSource, dict]:
+    """The architecture, preset name, provenance and weights of a pre-training run."""
+    pretrained = ckpt.read_run_config(source)
+    weights_file = Path(source) / WEIGHT_FILES[weights]
+    state = ckpt.load_weights(weights_file)
+    base = pretrained.model
+    if model is not None and preset(model, num_classes=base.num_classes,
+                                    dropout=base.dropout) != base:
+        raise ConfigError(f"--model {model} is not the architecture pre-trained in {source} "
+                          f"({pretrained.model_preset or 'custom'}); drop --model to fine-tune "
+                          "that one")
+    init = EncoderSource(str(Path(source).resolve()), weights_file.name, 0)
+    return base, pretrained.model_preset, init, state
+
+
+def _timm_encoder(init: EncoderSource, config: ViTConfig) -> dict[str, torch.Tensor]:
+    """The encoder tensors of the timm weight file `init.path`, for `config`."""
+    from vitlab.interop import from_timm_state_dict, read_weight_file
+
+    return from_timm_state_dict(read_weight_file(init.path), config, head=False)
 
 
 def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> FitResult:
@@ -211,8 +242,11 @@ def _initial_model(config: RunConfig) -> ViT:
     """The model a run of `config` starts from: seeded init, plus its pre-trained encoder."""
     torch.manual_seed(config.seed)
     model = ViT(config.model)
-    if config.init is not None:
-        load_encoder_weights(model, ckpt.load_weights(Path(config.init.path) / config.init.weights))
+    init = config.init
+    if init is not None and init.weights == "timm":
+        load_encoder_weights(model, _timm_encoder(init, config.model))
+    elif init is not None:
+        load_encoder_weights(model, ckpt.load_weights(Path(init.path) / init.weights))
     return model
 
 
@@ -229,7 +263,8 @@ def _saved_value(saved: RunConfig, name: str, run_dir: Path) -> Any:
     return {"data": saved.data, "model": saved.model_preset, "image_size": saved.image_size,
             "dropout": saved.model.dropout,
             "num_classes": saved.model.num_classes, "out": str(run_dir.resolve()),
-            "source": init.path if init else None,
+            "source": init.path if init and init.weights != "timm" else None,
+            "from_timm": init.path if init and init.weights == "timm" else None,
             "weights": {v: k for k, v in WEIGHT_FILES.items()}.get(init.weights) if init else None,
             }[name]
 
@@ -237,7 +272,7 @@ def _saved_value(saved: RunConfig, name: str, run_dir: Path) -> Any:
 def _given_value(name: str, value: Any) -> Any:
     if name == "data":
         return data_spec(value)
-    if name in ("out", "source"):
+    if name in ("out", "source", "from_timm"):
         return str(Path(value).expanduser().resolve())
     return value
 
@@ -484,13 +519,15 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
 
 def export_run(run_dir: PathLike, out: PathLike, *, format: str = "onnx",
                weights: str = "last") -> Path:
-    """Export a run's model for runtimes without PyTorch (ONNX: dynamic batch axis, the class
-    names in the metadata)."""
-    from vitlab.export import FORMATS, export_onnx
+    """Export a run's model: "onnx" for runtimes without PyTorch (dynamic batch axis, the class
+    names in the metadata), or "timm" (a safetensors file of timm's VisionTransformer names)."""
+    from vitlab.export import FORMATS, export_onnx, export_timm
 
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
     model, config, classes = load_run(run_dir, weights, device="cpu")
+    if format == "timm":
+        return export_timm(model, out, classes)
     return export_onnx(model, out, classes)
 
 

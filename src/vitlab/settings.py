@@ -114,6 +114,8 @@ def _run_settings() -> list[Setting]:
         Setting("dropout", "run", float, "dropout probability of the model (default: the "
                 "preset's, or the pre-trained model's)", optional=True),
         Setting("source", "run", str, "the pre-training run directory", commands=("finetune",)),
+        Setting("from_timm", "run", str, "start from timm ViT weights (.safetensors or .pth) "
+                "instead of a vitlab run; needs --model", commands=("finetune",)),
         Setting("weights", "run", str, "which pre-trained weights to start from",
                 choices=lambda: ("last", "best"), commands=("finetune",)),
         Setting("num_classes", "run", int, "head size (default: the dataset's classes; 100 = "

@@ -1,0 +1,170 @@
+"""timm weights in and out. The first tests need no timm (its layout is the documented key set);
+those marked `interop` build real timm models and run in a second environment (timm needs
+torchvision, which does not import beside the CPU torch wheel of the main suite):
+
+    pip install torch==2.14.1 torchvision==0.29.1 timm -e . && python -m pytest -m interop
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import cli_helpers as h
+from vitlab.cli import main
+from vitlab.errors import CheckpointError, ConfigError
+from vitlab.interop import from_timm_state_dict, resample_position_embedding, to_timm_state_dict
+from vitlab.model import ViT, preset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+# A small ViT with timm's layout, quick on a CPU (vit-tiny-16 is 5.7 M parameters at 224 px).
+SMALL = dict(image_size=32, patch_size=8, width=48, depth=2, num_heads=3, mlp_dim=96)
+
+
+def small(num_classes: int = 10, **changes) -> ViT:
+    return ViT(preset("vit-tiny-16", num_classes, **{**SMALL, **changes}))
+
+
+def test_timm_names_round_trip_and_the_layout():
+    torch.manual_seed(0)
+    model = small().eval()
+    timm_state = to_timm_state_dict(model)
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+            "blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.bias", "norm.weight",
+            "head.bias"} <= set(timm_state)
+    assert len(timm_state) == len(model.state_dict())
+    again = small()
+    again.load_state_dict(from_timm_state_dict(timm_state, again.config))
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(again.eval()(images), model(images))
+
+
+def test_position_embeddings_are_resampled_over_the_patch_grid():
+    ramp = torch.arange(16.0).reshape(1, 16, 1).repeat(1, 1, 2)
+    embedding = torch.cat([torch.full((1, 1, 2), -7.0), ramp], dim=1)  # CLS first
+    assert resample_position_embedding(embedding, 4) is embedding
+    bigger = resample_position_embedding(embedding, 8)
+    assert bigger.shape == (1, 65, 2) and torch.equal(bigger[:, 0], embedding[:, 0])
+    grid = bigger[0, 1:, 0].reshape(8, 8)
+    assert (grid.diff(dim=1) >= -1e-5).all() and (grid.diff(dim=0) >= -1e-5).all()  # a ramp
+    assert grid.min() > -1 and grid.max() < 16
+    model = small(image_size=64)  # 8x8 patches from weights trained on 4x4
+    state = from_timm_state_dict(to_timm_state_dict(small()), model.config)
+    assert state["encoder.embedding.position_embedding"].shape == (1, 65, 48)
+
+
+def test_wrong_timm_files_are_named_in_one_line():
+    timm_state = to_timm_state_dict(small())
+    config = small().config
+    cases = [
+        ({k: v for k, v in timm_state.items() if k != "blocks.1.norm2.bias"},
+         "has no 'blocks.1.norm2.bias'"),
+        ({**timm_state, "reg_token": torch.zeros(1, 4, 48)}, "has 'reg_token', which this"),
+        ({**timm_state, "blocks.0.mlp.fc1.weight": torch.zeros(5, 48)}, "has shape [5, 48]"),
+    ]
+    for state, message in cases:
+        with pytest.raises(CheckpointError, match=message.replace("[", r"\[")) as info:
+            from_timm_state_dict(state, config)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="pre-norm with a patch-projection bias"):
+        to_timm_state_dict(ViT(preset("micro", 10)))
+    assert "head.weight" not in from_timm_state_dict(
+        {k: v for k, v in timm_state.items() if not k.startswith("head.")}, config, head=False)
+
+
+def test_finetune_from_timm_weights_of_another_architecture_is_refused(tmp_path_factory, tmp_path, capfd):
+    data = h.data_slices(tmp_path_factory)["cifar10"]
+    torch.manual_seed(1)
+    source = small(num_classes=1000)
+    weights = tmp_path / "vit.safetensors"
+    save_file(to_timm_state_dict(source), str(weights))
+    # vit-tiny-16's architecture is 224 px / patch 16; these weights are the small variant, so
+    # the wrong --model is named in one line ...
+    capfd.readouterr()
+    argv = ["finetune", "--from-timm", str(weights), "--data", str(data), "--epochs", "0",
+            "--out", str(tmp_path / "fine"), "--no-download", "--no-progress"]
+    assert main([*argv, "--model", "vit-tiny-16", "--image-size", "32"]) == 2
+    line = h.assert_one_error_line(capfd.readouterr().err, "finetune")
+    assert "the timm state dict has no 'blocks.10.attn.proj.bias' (and 119 more)" in line
+    # ... as is a model without timm's layout (micro is post-norm), from Python too.
+    from vitlab.runs import finetune
+
+    with pytest.raises(ConfigError, match="pre-norm with a patch-projection bias"):
+        finetune(from_timm=weights, data=data, out=tmp_path / "fine", model="micro",
+                 no_download=True, quiet=True)
+
+
+def test_from_timm_through_the_cli_with_a_custom_model_file(tmp_path_factory, tmp_path, capfd,
+                                                            monkeypatch):
+    """A preset with the small shape (registered for the test) fine-tunes from timm weights,
+    resumes by the same command, and exports back to timm's names."""
+    from vitlab import model as model_module
+
+    monkeypatch.setitem(model_module.PRESETS, "tiny-test",
+                        {**model_module.PRESETS["vit-tiny-16"], **SMALL})
+    data = h.data_slices(tmp_path_factory)["cifar10"]
+    torch.manual_seed(1)
+    source = small(num_classes=1000)
+    weights = tmp_path / "vit.safetensors"
+    save_file(to_timm_state_dict(source), str(weights))
+    out = tmp_path / "fine"
+    argv = ["finetune", "--from-timm", str(weights), "--model", "tiny-test", "--data", str(data),
+            "--epochs", "1", "--train-steps-per-epoch", "2", "--batch-size", "16", "--out",
+            str(out), "--no-download", "--no-progress", "--log-steps", "0"]
+    assert main([*argv[:7], "--epochs", "0", *argv[9:]]) == 0  # the initial weights
+    start = load_file(str(out / "model.safetensors"))
+    for key, tensor in source.state_dict().items():
+        if key.startswith("encoder."):
+            assert torch.equal(start[key], tensor), key
+    init = json.loads((out / "config.json").read_text())["init"]
+    assert init == {"from": str(weights.resolve()), "weights": "timm",
+                    "encoder_tensors_copied": len([k for k in start if k.startswith("encoder.")])}
+    assert main([*argv, "--overwrite"]) == 0
+    capfd.readouterr()
+    assert main([*argv, "--epochs", "2", "--resume", str(out)]) == 0, capfd.readouterr().err
+    exported = tmp_path / "back.safetensors"
+    assert main(["export", "--checkpoint", str(out), "--format", "timm", "--out",
+                 str(exported)]) == 0
+    back = load_file(str(exported))
+    trained = load_file(str(out / "model.safetensors"))
+    assert torch.equal(back["pos_embed"], trained["encoder.embedding.position_embedding"])
+    assert back["head.weight"].shape == (10, 48)
+
+
+# --- against real timm (a second environment: pytest -m interop) ------------------------------
+
+@pytest.mark.interop
+def test_parity_with_timm_both_ways():
+    timm = pytest.importorskip("timm", reason="the interop environment has timm")
+    torch.manual_seed(0)
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
+    ours = ViT(preset("vit-tiny-16", 10)).eval()
+    ours.load_state_dict(from_timm_state_dict(theirs.state_dict(), ours.config))
+    images = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(images), theirs(images), rtol=0, atol=1e-5)
+    # And back: vitlab's weights (trained a step, so they differ from timm's init) into timm.
+    optimizer = torch.optim.SGD(ours.parameters(), lr=0.1)
+    ours.train()
+    ours(images).square().mean().backward()
+    optimizer.step()
+    ours.eval()
+    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
+    fresh.load_state_dict(to_timm_state_dict(ours), strict=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(fresh(images), ours(images), rtol=0, atol=1e-5)
+
+
+@pytest.mark.interop
+def test_position_embedding_resampling_matches_timm():
+    pytest.importorskip("timm", reason="the interop environment has timm")
+    from timm.layers import resample_abs_pos_embed
+
+    embedding = torch.randn(1, 1 + 14 * 14, 192)
+    for grid in (2, 7, 20):
+        expected = resample_abs_pos_embed(embedding, (grid, grid), num_prefix_tokens=1)
+        torch.testing.assert_close(resample_position_embedding(embedding, grid), expected,
+                                   rtol=0, atol=1e-6)
