@@ -168,3 +168,38 @@ def test_position_embedding_resampling_matches_timm():
         expected = resample_abs_pos_embed(embedding, (grid, grid), num_prefix_tokens=1)
         torch.testing.assert_close(resample_position_embedding(embedding, grid), expected,
                                    rtol=0, atol=1e-6)
+
+
+def test_timm_weights_at_a_larger_input_with_batches_resized_on_the_device(
+        tmp_path_factory, tmp_path, capfd, monkeypatch):
+    """32 px CIFAR for a 64 px model: the stored images stay 32 px; each batch is resized on
+    the device, in training, evaluation during training, and `vitlab evaluate` alike."""
+    from vitlab import model as model_module
+    from vitlab.data import SeedAugment
+    from vitlab.data.augment import ResizeBatch
+
+    monkeypatch.setitem(model_module.PRESETS, "tiny-test",
+                        {**model_module.PRESETS["vit-tiny-16"], **SMALL})
+    data = h.data_slices(tmp_path_factory)["cifar10"]
+    weights = tmp_path / "vit.safetensors"
+    save_file(to_timm_state_dict(small(num_classes=1000)), str(weights))
+    out = tmp_path / "big"
+    argv = ["finetune", "--from-timm", str(weights), "--model", "tiny-test", "--image-size",
+            "64", "--resize-on-device", "--data", str(data), "--epochs", "1",
+            "--train-steps-per-epoch", "2", "--batch-size", "16", "--eval-steps-per-epoch", "2",
+            "--out", str(out), "--no-download", "--no-progress", "--log-steps", "0"]
+    assert main(argv) == 0, capfd.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["image_size"] == 64 and config["options"]["resize_on_device"]
+    (logged,) = [r for r in h.read_metrics(out) if r["event"] == "eval"]
+    assert main(["evaluate", "--checkpoint", str(out), "--batch-size", "16", "--eval-steps", "2",
+                 "--no-download"]) == 0
+    report = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert report["accuracy"] == logged["accuracy"] and report["num_samples"] == 32
+    # The transform: the inner one's output, resized (bicubic, antialiased).
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.arange(4)
+    inputs, targets = ResizeBatch(SeedAugment(), 64)(images, labels, False, None)
+    expected = torch.nn.functional.interpolate(SeedAugment().apply(images, False), size=(64, 64),
+                                               mode="bicubic", antialias=True)
+    assert torch.equal(inputs, expected) and torch.equal(targets, labels)

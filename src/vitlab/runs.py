@@ -25,6 +25,7 @@ import torch
 
 from vitlab import distributed
 from vitlab.data import BatchLoader, Dataset, SeedAugment, load_dataset
+from vitlab.data.augment import ResizeBatch
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import is_image_folder
 from vitlab.errors import CheckpointError, ConfigError, VitlabError
@@ -55,9 +56,15 @@ def data_spec(spec: PathLike) -> str:
 
 def load_data(spec: PathLike, *, image_size: int | None = None,
               model_image_size: int | None = None, data_root: PathLike | None = None,
-              download: bool = True) -> Dataset:
-    """Load a dataset for a model of `model_image_size` (image folders are resized to it)."""
-    if (image_size is not None and model_image_size is not None
+              download: bool = True, on_device: bool = False) -> Dataset:
+    """Load a dataset for a model of `model_image_size` (image folders are resized to it).
+
+    `on_device` (--resize-on-device): arrays and named datasets stay at their stored size; each
+    batch is resized on the device instead (see vitlab.data.augment.ResizeBatch).
+    """
+    if on_device and not is_image_folder(Path(spec)):
+        image_size = None
+    elif (image_size is not None and model_image_size is not None
             and image_size != model_image_size):
         raise ConfigError(f"--image-size {image_size} does not match the model's "
                           f"{model_image_size}x{model_image_size} input; use "
@@ -70,10 +77,12 @@ def load_data(spec: PathLike, *, image_size: int | None = None,
         lambda: load_dataset(spec, root=data_root, download=download, image_size=size))
 
 
-def check_fits(dataset: Dataset, config: ViTConfig, spec: PathLike) -> None:
-    """The dataset's images are the size and channel count the model takes."""
+def check_fits(dataset: Dataset, config: ViTConfig, spec: PathLike, on_device: bool = False
+               ) -> None:
+    """The dataset's images are the size (unless resized on the device) and channel count the
+    model takes."""
     height, width = dataset.image_size
-    if (height, width) != (config.image_size, config.image_size):
+    if not on_device and (height, width) != (config.image_size, config.image_size):
         raise ConfigError(
             f"{spec} has {height}x{width} images but the model takes "
             f"{config.image_size}x{config.image_size}; pass --image-size {config.image_size} "
@@ -118,10 +127,10 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
     chosen, options = _recipe_and_options(settings, "pretrain")
     config = preset(model, num_classes=1)  # the name is checked before any data is loaded
     dataset = load_data(data, image_size=image_size, model_image_size=config.image_size,
-                        **_data_options(settings))
+                        on_device=options.resize_on_device, **_data_options(settings))
     config = preset(model, num_classes=dataset.num_classes,
                     **({"dropout": dropout} if dropout is not None else {}))
-    check_fits(dataset, config, data)
+    check_fits(dataset, config, data, options.resize_on_device)
     run_config = RunConfig(kind="pretrain", model=config, recipe=chosen, data=data_spec(data),
                            classes=dataset.classes, options=options, model_preset=model,
                            image_size=image_size)
@@ -163,14 +172,14 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
         encoder = _timm_encoder(init, base)
     chosen, options = _recipe_and_options(settings, "finetune")
     dataset = load_data(data, image_size=image_size, model_image_size=base.image_size,
-                        **_data_options(settings))
+                        on_device=options.resize_on_device, **_data_options(settings))
     head = num_classes if num_classes is not None else dataset.num_classes
     if head < dataset.num_classes:
         raise ConfigError(f"--num-classes {head} is smaller than the {dataset.num_classes} "
                           f"classes of {data}")
     config = dataclasses.replace(base, num_classes=head,
                                  dropout=base.dropout if dropout is None else dropout)
-    check_fits(dataset, config, data)
+    check_fits(dataset, config, data, options.resize_on_device)
     torch.manual_seed(options.seed)
     vit = ViT(config)
     init.encoder_tensors_copied = load_encoder_weights(vit, encoder)
@@ -224,8 +233,9 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
     options = TrainOptions.from_saved({**saved.options.saved(), "epochs": epochs}, saved.seed,
                                       **pick(settings, {"runtime"}))
     dataset = load_data(saved.data, image_size=saved.image_size,
-                        model_image_size=saved.model.image_size, **_data_options(settings))
-    check_fits(dataset, saved.model, saved.data)
+                        model_image_size=saved.model.image_size,
+                        on_device=options.resize_on_device, **_data_options(settings))
+    check_fits(dataset, saved.model, saved.data, options.resize_on_device)
     current = dataclasses.replace(saved, options=options, recipe=dataclasses.replace(
         saved.recipe, **{BUDGET[saved.kind]: epochs}))
     if not ckpt.has_checkpoint(run_dir):
@@ -344,9 +354,10 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     spec = os.fspath(data) if data is not None else saved.data
     if image_size is None and data_spec(spec) == saved.data:
         image_size = saved.image_size
+    on_device = saved.options.resize_on_device
     dataset = load_data(spec, image_size=image_size, model_image_size=config.model.image_size,
-                        data_root=data_root, download=download)
-    check_fits(dataset, config.model, spec)
+                        data_root=data_root, download=download, on_device=on_device)
+    check_fits(dataset, config.model, spec, on_device)
     head = config.model.num_classes
     if dataset.num_classes > head:
         raise ConfigError(f"{spec} has {dataset.num_classes} classes but the model predicts "
@@ -362,7 +373,10 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     model.to(target)
     test = dataset.test if eval_steps is None else dataset.test.head(eval_steps * batch_size)
     # Under torchrun each rank evaluates its shard and the counts are all-reduced.
-    loader = BatchLoader(test, batch_size, device=target, augment=SeedAugment(), train=False,
+    transform = SeedAugment()
+    if on_device:
+        transform = ResizeBatch(transform, config.model.image_size)
+    loader = BatchLoader(test, batch_size, device=target, augment=transform, train=False,
                          shuffle=False, rank=distributed.rank(),
                          world_size=distributed.world_size())
     start = time.perf_counter()
@@ -546,13 +560,15 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
     distributed.setup(settings.get("device", "auto"))
     out = Path(out)
     for kind in BUDGET:
-        _recipe_and_options(settings, kind)  # both stages' settings are valid
+        _, options = _recipe_and_options(settings, kind)  # both stages' settings are valid
     config = preset(model, num_classes=1)
     data_options = _data_options(settings)
+    on_device = options.resize_on_device
     datasets = [load_data(spec, image_size=image_size, model_image_size=config.image_size,
-                          **data_options) for spec in (pretrain_data, finetune_data)]
+                          on_device=on_device, **data_options)
+                for spec in (pretrain_data, finetune_data)]
     for dataset, spec in zip(datasets, (pretrain_data, finetune_data), strict=True):
-        check_fits(dataset, config, spec)
+        check_fits(dataset, config, spec, on_device)
     if num_classes is not None and num_classes < datasets[1].num_classes:
         raise ConfigError(f"--num-classes {num_classes} is smaller than the "
                           f"{datasets[1].num_classes} classes of {finetune_data}")

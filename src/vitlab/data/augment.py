@@ -315,6 +315,30 @@ class NormalizeOnly(Compose):
         super().__init__([ToCHW(), Normalize(mean, std)])
 
 
+@dataclass
+class ResizeBatch:
+    """A batch transform, then its inputs resized to size x size on their device (bicubic,
+    antialiased): small stored images (32 px CIFAR) for a large model input (224 px) without
+    holding the large images in memory."""
+
+    transform: BatchTransform
+    size: int
+
+    def __call__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        train: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        inputs, targets = self.transform(images, labels, train, generator)
+        if tuple(inputs.shape[-2:]) != (self.size, self.size):
+            inputs = torch.nn.functional.interpolate(
+                inputs, size=(self.size, self.size), mode="bicubic", align_corners=False,
+                antialias=True)
+        return inputs, targets
+
+
 # name -> factory(num_classes) of a training batch transform: `--augment NAME`. A factory gets the
 # number of classes because transforms that make soft targets (mixup, cutmix) need it.
 AUGMENTATIONS: dict[str, Callable[[int], BatchTransform]] = {

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from vitlab import distributed
 from vitlab.data import BatchLoader, Dataset, SeedAugment
-from vitlab.data.augment import make_augment
+from vitlab.data.augment import ResizeBatch, make_augment
 from vitlab.data.loader import mix_seed
 from vitlab.errors import CheckpointError, ConfigError, VitlabError
 from vitlab.train import checkpoint as ckpt
@@ -375,9 +375,12 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
              optimizer: torch.optim.Optimizer, device: torch.device,
              held: contextlib.ExitStack) -> tuple[BatchLoader, BatchLoader, Progress, Reporter]:
     """The loaders, the run directory (locked, prepared or restored) and its Reporter."""
+    augment, evaluation = make_augment(recipe.augment, _head_size(model, dataset)), SeedAugment()
+    if options.resize_on_device:
+        augment = ResizeBatch(augment, model.config.image_size)
+        evaluation = ResizeBatch(evaluation, model.config.image_size)
     train_loader = BatchLoader(
-        dataset.train, recipe.batch_size, device=device,
-        augment=make_augment(recipe.augment, _head_size(model, dataset)), train=True,
+        dataset.train, recipe.batch_size, device=device, augment=augment, train=True,
         shuffle=True, seed=options.seed, steps_per_epoch=options.train_steps_per_epoch,
         batch_part=(distributed.rank(), distributed.world_size()))
     # Evaluation: the first N batches' samples with --eval-steps-per-epoch (never one twice),
@@ -385,7 +388,7 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
     test = dataset.test
     if options.eval_steps_per_epoch is not None:
         test = test.head(options.eval_steps_per_epoch * recipe.batch_size)
-    eval_loader = BatchLoader(test, recipe.batch_size, device=device, augment=SeedAugment(),
+    eval_loader = BatchLoader(test, recipe.batch_size, device=device, augment=evaluation,
                               train=False, shuffle=False, seed=options.seed,
                               rank=distributed.rank(), world_size=distributed.world_size())
     if options.tensorboard:

@@ -44,6 +44,9 @@ class TrainOptions:
         "also save a resumable checkpoint every N steps (0: at epoch ends only)"))
     progress: bool | None = field(default=None, metadata=_runtime(
         "no progress bar (default: one when stdout is a terminal)", flag="no-progress"))
+    resize_on_device: bool = field(default=False, metadata=_saved(
+        "keep the dataset at its stored size and resize each batch on the device (bicubic) to "
+        "the model's input, e.g. 32 px CIFAR for a 224 px model"))
     freeze_encoder: bool = field(default=False, metadata=_saved(
         "train the head only (a linear probe)", commands=("finetune",)))
     quiet: bool = field(default=False, metadata=_runtime(
@@ -77,7 +80,8 @@ class TrainOptions:
                               f"{', '.join(PRECISIONS)}")
         if not isinstance(self.device, str):
             raise ConfigError(f"--device must be a device name, got {self.device!r}")
-        for name in ("compile", "freeze_encoder", "quiet", "overwrite", "tensorboard"):
+        for name in ("compile", "freeze_encoder", "quiet", "overwrite", "tensorboard",
+                     "resize_on_device"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
