@@ -324,13 +324,8 @@ class ResizeBatch:
     transform: BatchTransform
     size: int
 
-    def __call__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        train: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
+    def __call__(self, images: Tensor, labels: Tensor, train: bool = True,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         inputs, targets = self.transform(images, labels, train, generator)
         if tuple(inputs.shape[-2:]) != (self.size, self.size):
             inputs = torch.nn.functional.interpolate(
