@@ -51,10 +51,11 @@ _COMMAND_FLAGS = {("finetune", "finetune_epochs"): ["--epochs", "--finetune-epoc
 _GROUPS = {"run": "what and where", "recipe": "recipe (how to learn)",
            "saved": "run options (fixed for the run's life)",
            "runtime": "runtime (may change on --resume)", "data": "data loading"}
-_DEFAULTS = {"pretrain": {"data": "cifair100", "model": "seed-mini", "out": "runs/pretrain"},
+_DEFAULTS = {"pretrain": {"data": "cifair100", "model": "the recipe's; seed-mini for seed",
+                          "out": "runs/pretrain"},
              "finetune": {"data": "cifair10", "out": "runs/finetune", "weights": "last"},
              "run": {"pretrain_data": "cifair100", "finetune_data": "cifair10",
-                     "model": "seed-mini", "out": "runs/tutorial"}}
+                     "model": "the recipe's; seed-mini for seed", "out": "runs/tutorial"}}
 
 
 def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:

@@ -49,6 +49,9 @@ class ViTConfig:
     encoder_norm_eps: float = 1e-5  # PyTorch's LayerNorm default, used inside the blocks
     final_norm_eps: float = 1e-6  # the tutorial's LayerNorm on the CLS output
     patch_bias: bool = False  # a bias in the patch projection (timm's ViTs have one)
+    # Stochastic depth: the chance a block's residual branches are dropped for a sample, rising
+    # linearly from 0 at the first block to this at the last (timm's drop_path_rate).
+    drop_path: float = 0.0
     # "tutorial": the values the tutorial's ViTModel starts from for the same torch seed (xavier
     # QKV, zero attention biases, every block a copy of the first); "independent": each block
     # drawn by its own layers' PyTorch defaults.
@@ -72,6 +75,8 @@ class ViTConfig:
             raise ConfigError(f"width {self.width} must be divisible by num_heads {self.num_heads}")
         if not isinstance(self.dropout, float | int) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.drop_path, float | int) or not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"drop_path must be a number in [0, 1), got {self.drop_path!r}")
         if self.init not in ("tutorial", "independent"):
             raise ConfigError(f"init must be 'tutorial' or 'independent', got {self.init!r}")
 
@@ -112,6 +117,11 @@ PRESETS: dict[str, dict] = {
                         mlp_dim=768, dropout=0.0, norm_first=True, **_TIMM_LAYOUT),
     "vit-small-16": dict(image_size=224, patch_size=16, width=384, depth=12, num_heads=6,
                          mlp_dim=1536, dropout=0.0, norm_first=True, **_TIMM_LAYOUT),
+    # The vitlab recipe's model: the plain ViT of Lee et al. 2021 ("Vision Transformer for
+    # Small-Size Datasets": depth 9, width 192, 12 heads, MLP 384, patch 4; 2.7 M parameters,
+    # 0.85x seed-mini's matrix-multiply FLOPs), pre-norm, stochastic depth 0.1, no dropout.
+    "vitlab-mini": dict(image_size=32, patch_size=4, width=192, depth=9, num_heads=12,
+                        mlp_dim=384, dropout=0.0, drop_path=0.1, norm_first=True),
     # A few-minutes-on-a-CPU model for smoke runs and tests; not for accuracy.
     "micro": dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128,
                   dropout=0.1, norm_first=False),
@@ -216,9 +226,10 @@ class EncoderBlock(nn.Module):
     the attention output, between the MLP layers, and after the MLP output.
     """
 
-    def __init__(self, config: ViTConfig) -> None:
+    def __init__(self, config: ViTConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm_first = config.norm_first
+        self.drop_path = drop_path
         self.norm1 = nn.LayerNorm(config.width, eps=config.encoder_norm_eps)
         self.attn = Attention(config.width, config.num_heads, config.dropout)
         self.dropout1 = Dropout(config.dropout)
@@ -242,12 +253,21 @@ class EncoderBlock(nn.Module):
         attended = self.attn(attn_input, queries, return_weights=return_attention)
         attended, weights = attended if return_attention else (attended, None)
         if self.norm_first:
-            x = residual + self.dropout1(attended)
-            x = x + self.dropout2(self.mlp(self.norm2(x)))
+            x = residual + self._branch(self.dropout1(attended))
+            x = x + self._branch(self.dropout2(self.mlp(self.norm2(x))))
         else:
-            x = self.norm1(residual + self.dropout1(attended))
-            x = self.norm2(x + self.dropout2(self.mlp(x)))
+            x = self.norm1(residual + self._branch(self.dropout1(attended)))
+            x = self.norm2(x + self._branch(self.dropout2(self.mlp(x))))
         return (x, weights) if return_attention else x
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        """A residual branch, dropped for whole samples with probability drop_path (training),
+        the kept ones scaled by 1 / (1 - drop_path). Off (rate 0), nothing is drawn."""
+        if not self.training or self.drop_path == 0.0:
+            return x
+        keep = 1.0 - self.drop_path
+        mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep).div_(keep)
+        return x * mask
 
 
 class ViTEncoder(nn.Module):
@@ -256,7 +276,8 @@ class ViTEncoder(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.embedding = PatchEmbedding(config)
-        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.depth))
+        rates = torch.linspace(0, config.drop_path, config.depth).tolist()
+        self.blocks = nn.ModuleList(EncoderBlock(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(config.width, eps=config.final_norm_eps)
 
     def forward(self, images: torch.Tensor, return_attention: bool = False

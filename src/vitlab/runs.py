@@ -36,7 +36,14 @@ from vitlab.settings import SETTINGS, check_settings, pick
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.engine import FitResult, evaluate, fit, resolve_device, resolve_precision
 from vitlab.train.options import TrainOptions
-from vitlab.train.recipe import SCHEDULES_USING_TOTAL, SCHEDULES_WITH_WARMUP, Recipe, recipe
+from vitlab.train.recipe import (
+    FINETUNE_RECIPES,
+    RECIPE_MODELS,
+    SCHEDULES_USING_TOTAL,
+    SCHEDULES_WITH_WARMUP,
+    Recipe,
+    recipe,
+)
 from vitlab.train.runconfig import EncoderSource, RunConfig
 from vitlab.train.transfer import load_encoder_weights
 
@@ -115,9 +122,10 @@ def _data_options(settings: dict[str, Any]) -> dict[str, Any]:
 # --- training ---------------------------------------------------------------------------------
 
 def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
-             model: str = "seed-mini", image_size: int | None = None,
+             model: str | None = None, image_size: int | None = None,
              dropout: float | None = None, **settings: Any) -> FitResult:
-    """Train `model` (a preset name) from scratch on `data`; the run directory is `out`.
+    """Train `model` (a preset name; default: the recipe's, seed-mini for the seed recipe) from
+    scratch on `data`; the run directory is `out`.
 
     `settings` are recipe and option settings named like the flags (lr=..., epochs=...,
     batch_size=..., seed=..., device=..., data_root=..., no_download=...).
@@ -125,6 +133,7 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
     settings = check_settings(settings, "pretrain")
     distributed.setup(settings.get("device", "auto"))
     chosen, options = _recipe_and_options(settings, "pretrain")
+    model = model or recipe_model(chosen.name)
     config = preset(model, num_classes=1)  # the name is checked before any data is loaded
     dataset = load_data(data, image_size=image_size, model_image_size=config.image_size,
                         on_device=options.resize_on_device, **_data_options(settings))
@@ -546,7 +555,7 @@ def export_run(run_dir: PathLike, out: PathLike, *, format: str = "onnx",
 
 
 def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLike = "cifair10",
-                 out: PathLike = "runs/tutorial", model: str = "seed-mini",
+                 out: PathLike = "runs/tutorial", model: str | None = None,
                  num_classes: int | None = None, image_size: int | None = None,
                  **settings: Any) -> dict:
     """The tutorial in one call: pre-train on `pretrain_data`, fine-tune from it on
@@ -559,8 +568,14 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
     settings = check_settings(settings, "run")
     distributed.setup(settings.get("device", "auto"))
     out = Path(out)
-    for kind in BUDGET:
-        _, options = _recipe_and_options(settings, kind)  # both stages' settings are valid
+    name = settings.get("recipe", "seed")
+    model = model or recipe_model(name)
+    # The fine-tuning stage takes the recipe's fine-tuning companion (vitlab -> vitlab-finetune);
+    # other settings given apply to both stages.
+    fine_settings = {**settings, **({"recipe": FINETUNE_RECIPES[name]}
+                                    if name in FINETUNE_RECIPES else {})}
+    for kind, stage in (("pretrain", settings), ("finetune", fine_settings)):
+        _, options = _recipe_and_options(stage, kind)  # both stages' settings are valid
     config = preset(model, num_classes=1)
     data_options = _data_options(settings)
     on_device = options.resize_on_device
@@ -587,8 +602,8 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
     fine, _ = _start_or_continue(
         out / "finetune", "finetune",
         lambda: finetune(pre, data=finetune_data, out=out / "finetune", image_size=image_size,
-                         **head, **settings),
-        data=finetune_data, source=pre, image_size=image_size, **head, **settings)
+                         **head, **fine_settings),
+        data=finetune_data, source=pre, image_size=image_size, **head, **fine_settings)
     return evaluate_run(fine, data=finetune_data, out=out / "evaluation",
                         device=settings.get("device", "auto"),
                         precision=settings.get("precision", "auto"), image_size=image_size,
@@ -632,18 +647,36 @@ def _start_or_continue(run_dir: Path, kind: str, start: Callable[[], FitResult],
     return resume(run_dir, kind=kind, **given).run_dir, False
 
 
+def recipe_model(recipe_name: str) -> str:
+    """The model preset a recipe brings (seed-mini, the tutorial's, for the others)."""
+    return RECIPE_MODELS.get(recipe_name, "seed-mini")
+
+
+def forward_flops(config: ViTConfig) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one image's forward pass through every matrix product:
+    patch projection, QKV, attention scores and mixing, output projection, MLP, head."""
+    tokens, width = config.num_patches + 1, config.width
+    patch = config.num_patches * width * config.num_channels * config.patch_size ** 2
+    block = tokens * (4 * width * width + 2 * width * config.mlp_dim) + 2 * tokens ** 2 * width
+    return 2 * (patch + config.depth * block + width * config.num_classes)
+
+
 def model_summary(name: str, num_classes: int = 100) -> list[str]:
-    """Build preset `name`, run a forward pass; its size and shapes as lines of text."""
+    """Build preset `name`, run a forward pass; its size, FLOPs and shapes as lines of text."""
     config = preset(name, num_classes=num_classes)
     torch.manual_seed(0)
     model = ViT(config).eval()
     images = torch.randn(2, config.num_channels, config.image_size, config.image_size)
     with torch.inference_mode():
         logits = model(images)
+    flops = forward_flops(config)
+    reference = forward_flops(preset("seed-mini", num_classes=num_classes))
     return [f"{name}: {model.num_parameters():,} parameters; "
             f"{config.image_size}x{config.image_size} input, patch {config.patch_size}, "
             f"depth {config.depth}, width {config.width}, {config.num_heads} heads, "
             f"MLP {config.mlp_dim}, {'pre' if config.norm_first else 'post'}-norm",
+            f"FLOPs per image (forward, matrix products): {flops / 1e6:,.1f} M = "
+            f"{flops / reference:.2f}x seed-mini's",
             f"forward pass: input {list(images.shape)} -> logits {list(logits.shape)}"]
 
 

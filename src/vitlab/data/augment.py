@@ -334,11 +334,121 @@ class ResizeBatch:
         return inputs, targets
 
 
+@dataclass
+class RandomErasing:
+    """Random Erasing (Zhong et al. 2017) on a normalized [B,C,H,W] batch: with probability p a
+    sample gets one rectangle of area fraction in `scale` and aspect ratio (log-uniform) in
+    `ratio`, filled with standard-normal noise (per pixel and channel). Boxes that would not fit
+    are clipped to the image. All samples at once: box masks from broadcast comparisons."""
+
+    p: float = 0.25
+    scale: tuple[float, float] = (0.02, 1 / 3)
+    ratio: tuple[float, float] = (0.3, 3.3)
+    train_only = True
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        b, c, h, w = x.shape
+        u = torch.rand(b, 4, generator=generator, device=x.device)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        erase = u[:, 0] < self.p
+        area = h * w * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 1])
+        log_lo, log_hi = np.log(self.ratio[0]), np.log(self.ratio[1])
+        aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 2])
+        box_h = torch.sqrt(area * aspect).round().clamp(1, h).long()
+        box_w = torch.sqrt(area / aspect).round().clamp(1, w).long()
+        top = (u[:, 3] * (h - box_h + 1)).floor().long()
+        # The left edge from the same uniform's low bits would correlate: draw it apart.
+        left = (torch.rand(b, generator=generator, device=x.device) * (w - box_w + 1)).floor()
+        rows = torch.arange(h, device=x.device)[None, :, None]
+        cols = torch.arange(w, device=x.device)[None, None, :]
+        inside = ((rows >= top[:, None, None]) & (rows < (top + box_h)[:, None, None])
+                  & (cols >= left.long()[:, None, None])
+                  & (cols < (left.long() + box_w)[:, None, None]) & erase[:, None, None])
+        return torch.where(inside[:, None], noise, x)
+
+
+def _beta(alpha: float, generator: torch.Generator | None, device: torch.device) -> float:
+    """One Beta(alpha, alpha) draw from the batch's generator (via a NumPy generator it seeds)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+@dataclass
+class MixupCutmix:
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), one of them per batch, as a
+    label-aware transform after `transform`: each sample is mixed with the batch reversed (its
+    mirror partner), and the targets become the matching mixtures of one-hot labels.
+
+    With probability `switch_prob` the batch is CutMixed (a box of area 1 - lam taken from the
+    partner, lam ~ Beta(cutmix_alpha), then corrected to the box's clipped area), otherwise
+    Mixuped (lam ~ Beta(mixup_alpha)); `prob` is the chance a batch is mixed at all. Evaluation
+    (train=False) passes through unchanged with class-index targets.
+    """
+
+    transform: BatchTransform
+    num_classes: int
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    switch_prob: float = 0.5
+    prob: float = 1.0
+
+    def __call__(self, images: Tensor, labels: Tensor, train: bool = True,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        x, labels = self.transform(images, labels, train, generator)
+        if not train:
+            return x, labels
+        device = x.device
+        draws = torch.rand(2, generator=generator, device=device).tolist()
+        cutmix = draws[1] < self.switch_prob
+        lam = _beta(self.cutmix_alpha if cutmix else self.mixup_alpha, generator, device)
+        one_hot = torch.nn.functional.one_hot(labels, self.num_classes).to(x.dtype)
+        if draws[0] >= self.prob:
+            return x, one_hot
+        partner = x.flip(0)
+        if cutmix:
+            x, lam = _cutmix(x, partner, lam, generator)
+        else:
+            x = x * lam + partner * (1.0 - lam)
+        return x, one_hot * lam + one_hot.flip(0) * (1.0 - lam)
+
+
+def _cutmix(x: Tensor, partner: Tensor, lam: float, generator: torch.Generator | None
+            ) -> tuple[Tensor, float]:
+    """Paste the partner's box of area fraction ~(1 - lam); return the batch and the true lam."""
+    _, _, h, w = x.shape
+    cut = float(np.sqrt(1.0 - lam))
+    centre = torch.rand(2, generator=generator, device=x.device).tolist()
+    cy, cx = int(centre[0] * h), int(centre[1] * w)
+    half_h, half_w = int(h * cut) // 2, int(w * cut) // 2
+    y0, y1 = max(cy - half_h, 0), min(cy + half_h, h)
+    x0, x1 = max(cx - half_w, 0), min(cx + half_w, w)
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = partner[:, :, y0:y1, x0:x1]
+    return out, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+class VitlabAugment(Compose):
+    """The vitlab recipe's augmentation: the tutorial's pad-crop-flip, normalize, Random Erasing;
+    then Mixup or CutMix per batch (soft targets) in training. Evaluation: normalize only."""
+
+    def __init__(self, num_classes: int, erase_p: float = 0.25, mixup_alpha: float = 0.8,
+                 cutmix_alpha: float = 1.0, switch_prob: float = 0.5) -> None:
+        super().__init__([RandomPadCropFlip(8, 0.5), ToCHW(), Normalize(),
+                          RandomErasing(erase_p)])
+        self.mix = MixupCutmix(super().__call__, num_classes, mixup_alpha, cutmix_alpha,
+                               switch_prob)
+
+    def __call__(self, images: Tensor, labels: Tensor, train: bool = True,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return self.mix(images, labels, train, generator)
+
+
 # name -> factory(num_classes) of a training batch transform: `--augment NAME`. A factory gets the
 # number of classes because transforms that make soft targets (mixup, cutmix) need it.
 AUGMENTATIONS: dict[str, Callable[[int], BatchTransform]] = {
     "seed": lambda num_classes: SeedAugment(),
     "none": lambda num_classes: NormalizeOnly(),
+    "vitlab": lambda num_classes: VitlabAugment(num_classes),
 }
 
 

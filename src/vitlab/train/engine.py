@@ -356,7 +356,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     if options.freeze_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
-    optimizer = build_optimizer(recipe, model.parameters())
+    optimizer = build_optimizer(recipe, model.named_parameters())
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     with contextlib.ExitStack() as held:
         # What can fail on some processes only (the lock, files, a shard with no samples) fails

@@ -33,6 +33,11 @@ def _adamw(recipe: Recipe, params: list) -> torch.optim.Optimizer:
                              weight_decay=recipe.weight_decay)
 
 
+# Parameters a recipe with decay_exempt leaves undecayed: scales and shifts (norms, biases),
+# and the learned position embedding and CLS token.
+NO_DECAY_NAMES = ("position_embedding", "cls_token")
+
+
 OPTIMIZERS: dict[str, Callable[[Recipe, list], torch.optim.Optimizer]] = {
     "sgd": _sgd,
     "adamw": _adamw,
@@ -49,7 +54,8 @@ def _cosine(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return recipe.min_lr_ratio + (1.0 - recipe.min_lr_ratio) * cosine
 
 
 # Whether a schedule's value depends on the run's total length decides if a finished run may be
@@ -87,6 +93,11 @@ class Recipe:
     finetune_epochs: int = field(default=1, metadata=_setting("fine-tuning epochs"))
     grad_clip: float | None = field(default=None, metadata=_setting(
         "clip the global gradient norm to this value"))
+    decay_exempt: bool = field(default=False, metadata=_setting(
+        "no weight decay on norms, biases, the position embedding and the CLS token (the "
+        "tutorial decays every parameter)"))
+    min_lr_ratio: float = field(default=0.0, metadata=_setting(
+        "the cosine schedule ends at this fraction of the base LR"))
     augment: str = field(default="seed", metadata=_setting(
         "training batch transform", choices=AUGMENTATIONS))
 
@@ -96,7 +107,8 @@ class Recipe:
                                       ("augmentation", self.augment, AUGMENTATIONS)):
             if value not in registry:
                 raise ConfigError(f"unknown {what} {value!r}; known: {', '.join(registry)}")
-        for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing"):
+        for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing",
+                     "min_lr_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -115,6 +127,8 @@ class Recipe:
             (self.epochs >= 0 and self.finetune_epochs >= 0, "epochs must be >= 0"),
             (max(self.epochs, self.finetune_epochs) <= MAX_EPOCHS,
              f"epochs must be at most {MAX_EPOCHS:,}"),
+            (0 <= self.min_lr_ratio < 1, "min LR ratio must be in [0, 1)"),
+            (isinstance(self.decay_exempt, bool), "decay_exempt must be true or false"),
             (self.grad_clip is None or (isinstance(self.grad_clip, int | float)
                                         and 0 < self.grad_clip < math.inf),
              "gradient clipping norm must be a number > 0"),
@@ -136,11 +150,33 @@ class Recipe:
         return cls(**values)
 
 
-RECIPES: dict[str, Recipe] = {"seed": Recipe()}
+RECIPES: dict[str, Recipe] = {
+    "seed": Recipe(),
+    # After Lee et al. 2021's CIFAR recipe (AdamW 1e-3, wd 0.05, 10 warm-up epochs, cosine,
+    # label smoothing 0.1) with vitlab's batched augmentation (pad-crop-flip, random erasing,
+    # mixup/cutmix). Not yet tuned by a 100-epoch run: see the README.
+    "vitlab": Recipe(name="vitlab", optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05,
+                     schedule="cosine", warmup_epochs=10.0, label_smoothing=0.1,
+                     batch_size=128, epochs=100, finetune_epochs=1, augment="vitlab",
+                     decay_exempt=True, min_lr_ratio=0.01),
+    # Its 1-epoch transfer: a short warm-up into a cosine, the tutorial's light augmentation.
+    "vitlab-finetune": Recipe(name="vitlab-finetune", optimizer="adamw", lr=5e-4, momentum=0.9,
+                              weight_decay=0.05, schedule="cosine", warmup_epochs=0.1,
+                              label_smoothing=0.1, batch_size=128, epochs=100,
+                              finetune_epochs=1, augment="seed", decay_exempt=True),
+}
 RECIPE_DESCRIPTIONS: dict[str, str] = {
     "seed": "the tutorial exactly: SGD 0.01 (momentum 0.9, wd 1e-4), constant LR, batch 128, "
             "pad-crop-flip-hole augmentation, 100 + 1 epochs",
+    "vitlab": "AdamW 1e-3 (wd 0.05, not on norms/biases/embeddings), 10 warm-up epochs + cosine, "
+              "label smoothing 0.1, crop-flip + erasing + mixup/cutmix; model vitlab-mini",
+    "vitlab-finetune": "the vitlab recipe's 1-epoch transfer: AdamW 5e-4, short warm-up + "
+                       "cosine, the tutorial's augmentation",
 }
+# The model preset a recipe brings unless --model is given, and the recipe `vitlab run` uses
+# for its fine-tuning stage.
+RECIPE_MODELS: dict[str, str] = {"vitlab": "vitlab-mini"}
+FINETUNE_RECIPES: dict[str, str] = {"vitlab": "vitlab-finetune"}
 
 
 def recipe(name: str, **overrides) -> Recipe:
@@ -156,11 +192,24 @@ def recipe(name: str, **overrides) -> Recipe:
 
 
 def build_optimizer(recipe: Recipe, parameters: Iterable[torch.nn.Parameter]
-                    ) -> torch.optim.Optimizer:
-    """The recipe's optimizer over the trainable `parameters` (weight decay on all of them, as
-    the tutorial)."""
-    params = [p for p in parameters if p.requires_grad]
-    return OPTIMIZERS[recipe.optimizer](recipe, params)
+                    | Iterable[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
+    """The recipe's optimizer over the trainable parameters: weight decay on all of them (the
+    tutorial), or with `decay_exempt` (given named parameters) not on 1-d tensors (norms,
+    biases), the position embedding and the CLS token."""
+    items = list(parameters)
+    named = bool(items) and isinstance(items[0], tuple)
+    if not recipe.decay_exempt:
+        return OPTIMIZERS[recipe.optimizer](
+            recipe, [p for p in ((i[1] if named else i) for i in items) if p.requires_grad])
+    if not named:
+        raise ValueError("decay_exempt needs named parameters (model.named_parameters())")
+    decay, no_decay = [], []
+    for name, p in items:
+        if p.requires_grad:
+            exempt = p.ndim <= 1 or any(part in name for part in NO_DECAY_NAMES)
+            (no_decay if exempt else decay).append(p)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return OPTIMIZERS[recipe.optimizer](recipe, [g for g in groups if g["params"]])
 
 
 def lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:

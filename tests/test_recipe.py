@@ -1,0 +1,159 @@
+"""The vitlab recipe's parts: Random Erasing, Mixup/CutMix (soft targets), stochastic depth,
+weight decay groups, the cosine floor; and the `vitlab` recipe and preset themselves."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import cli_helpers as h
+from vitlab.cli import main
+from vitlab.data import SeedAugment
+from vitlab.data.augment import MixupCutmix, RandomErasing, VitlabAugment
+from vitlab.model import EncoderBlock, ViT, ViTConfig, preset
+from vitlab.runs import forward_flops
+from vitlab.train.recipe import build_optimizer, lr_factor, recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _box(changed: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """The bounding box of a [H, W] bool mask, checked to be a filled rectangle."""
+    rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+    if len(rows) == 0:
+        return None
+    y0, y1, x0, x1 = rows[0].item(), rows[-1].item() + 1, cols[0].item(), cols[-1].item() + 1
+    assert changed[y0:y1, x0:x1].all() and changed.sum() == (y1 - y0) * (x1 - x0)
+    return y0, y1, x0, x1
+
+
+def test_random_erasing_draws_one_rectangle_of_noise_per_chosen_sample():
+    x = torch.full((4000, 3, 32, 32), 7.0)  # noise is never exactly 7
+    g = torch.Generator().manual_seed(0)
+    out = RandomErasing(p=0.25)(x, g)
+    changed = (out != 7.0).all(dim=1)  # all channels of an erased pixel
+    assert torch.equal(changed, (out != 7.0).any(dim=1))
+    boxes = [_box(changed[i]) for i in range(len(x))]
+    erased = [b for b in boxes if b is not None]
+    share = len(erased) / len(x)
+    assert abs(share - 0.25) < 4 * math.sqrt(0.25 * 0.75 / len(x)), share
+    areas = torch.tensor([(b[1] - b[0]) * (b[3] - b[2]) / 1024 for b in erased])
+    assert areas.min() >= 0.01 and areas.max() <= 0.5  # scale (0.02, 1/3), rounded and clipped
+    assert 0.13 < areas.mean() < 0.2  # uniform over (0.02, 0.333): mean 0.177
+    noise = out[:, :, changed.any(0)]
+    assert abs(noise[noise != 7.0].std().item() - 1.0) < 0.05
+    assert torch.equal(RandomErasing(p=0.0)(x[:8], g), x[:8])  # p 0 is the identity
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_alike():
+    images = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.arange(16) % 10
+    plain = SeedAugment().apply(images, train=False)
+    seen = {"mixup": 0, "cutmix": 0}
+    lams = []
+    for seed in range(200):
+        mix = MixupCutmix(lambda i, y, t, g: (SeedAugment().apply(i, False), y), 10)
+        x, targets = mix(images, labels, True, torch.Generator().manual_seed(seed))
+        assert targets.shape == (16, 10)
+        torch.testing.assert_close(targets.sum(1), torch.ones(16))
+        lam = targets[0, labels[0]].item()  # sample 0 is paired with 15 (another label)
+        if torch.allclose(x, plain * lam + plain.flip(0) * (1 - lam), atol=1e-5):
+            seen["mixup"] += 1
+            lams.append(lam)
+            continue
+        seen["cutmix"] += 1  # one box, the same for every sample, pasted from the partner
+        changed = (x != plain).any(dim=1)
+        y0, y1, x0, x1 = _box(changed[0])
+        assert torch.equal(x[:, :, y0:y1, x0:x1], plain.flip(0)[:, :, y0:y1, x0:x1])
+        outside = torch.ones(32, 32, dtype=torch.bool)
+        outside[y0:y1, x0:x1] = False
+        assert torch.equal(x[:, :, outside], plain[:, :, outside])
+        assert lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / 1024)  # lam = 1 - box area
+    assert 70 < seen["cutmix"] < 130 and 70 < seen["mixup"] < 130  # switch_prob 0.5
+    # Mixup's lam ~ Beta(0.8, 0.8): mean 1/2, sd 0.31, so ~100 draws average 0.5 +- 0.12 (4 sd).
+    # (CutMix's lam is biased up on purpose: a box clipped at the border pastes less.)
+    assert 0.38 < sum(lams) / len(lams) < 0.62
+    # Evaluation is untouched, with class indices.
+    x, targets = MixupCutmix(lambda i, y, t, g: (SeedAugment().apply(i, False), y), 10)(
+        images, labels, False, torch.Generator())
+    assert torch.equal(x, plain) and torch.equal(targets, labels)
+
+
+def test_stochastic_depth_drops_whole_samples_and_is_free_when_off():
+    config = ViTConfig(image_size=32, patch_size=8, width=16, depth=5, num_heads=2, mlp_dim=32,
+                       num_classes=3, drop_path=0.2)
+    model = ViT(config)
+    assert [round(b.drop_path, 3) for b in model.encoder.blocks] == [0, 0.05, 0.1, 0.15, 0.2]
+    block = EncoderBlock(config, drop_path=0.3).train()
+    x = torch.ones(20000, 1, 4)
+    branch = block._branch(x)
+    kept = branch[:, 0, 0] != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.02
+    assert torch.allclose(branch[kept], torch.full_like(branch[kept], 1 / 0.7))
+    assert torch.equal(block.eval()._branch(x), x)
+    # Rate 0 draws nothing: the same outputs and the same random stream as a model without it.
+    images = torch.randn(4, 3, 32, 32)
+    outputs = []
+    for rate in (0.0, None):
+        torch.manual_seed(0)
+        fields = {} if rate is None else {"drop_path": rate}
+        m = ViT(ViTConfig(image_size=32, patch_size=8, width=16, depth=2, num_heads=2,
+                          mlp_dim=32, num_classes=3, **fields)).train()
+        torch.manual_seed(1)
+        outputs.append((m(images), torch.rand(1)))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+
+
+def test_weight_decay_groups_and_the_cosine_floor():
+    model = ViT(preset("vitlab-mini", 10))
+    plain = build_optimizer(recipe("seed"), model.named_parameters())
+    assert len(plain.param_groups) == 1  # the tutorial: decay on everything
+    exempt = build_optimizer(recipe("vitlab"), model.named_parameters())
+    decay, no_decay = exempt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} >= {
+        "encoder.embedding.position_embedding", "encoder.embedding.cls_token",
+        "encoder.blocks.0.norm1.weight", "encoder.blocks.3.attn.qkv.bias", "head.bias"}
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    r = recipe("vitlab")
+    assert lr_factor(r, 10**6, 10**6, 100) == pytest.approx(0.01)
+    assert lr_factor(r, 0, 10**4, 100) == pytest.approx(1 / 1000)  # 10 warm-up epochs
+
+
+def test_the_vitlab_recipe_and_preset(tmp_path_factory, tmp_path, capfd):
+    config = preset("vitlab-mini", 100)
+    assert ViT(config).num_parameters() <= 3_300_000
+    assert forward_flops(config) <= 1.25 * forward_flops(preset("seed-mini", 100))
+    assert main(["recipes", "vitlab"]) == 0
+    assert "augment: vitlab" in capfd.readouterr().out
+    data = h.data_slices(tmp_path_factory)
+    out = tmp_path / "pipe"
+    assert main(["run", "--recipe", "vitlab", "--pretrain-data", str(data["cifar100"]),
+                 "--finetune-data", str(data["cifar10"]), "--epochs", "1",
+                 "--train-steps-per-epoch", "2", "--batch-size", "32", "--out", str(out),
+                 "--no-download", "--no-progress", "--log-steps", "0"]) == 0
+    pre = json.loads((out / "pretrain" / "config.json").read_text())
+    fine = json.loads((out / "finetune" / "config.json").read_text())
+    assert pre["model_preset"] == "vitlab-mini" and pre["recipe"]["name"] == "vitlab"
+    assert pre["recipe"]["augment"] == "vitlab" and pre["model"]["drop_path"] == 0.1
+    assert fine["recipe"]["name"] == "vitlab-finetune" and fine["recipe"]["batch_size"] == 32
+    # The same command again keeps both finished stages.
+    log = (out / "pretrain" / "log.txt").read_text()
+    assert main(["run", "--recipe", "vitlab", "--pretrain-data", str(data["cifar100"]),
+                 "--finetune-data", str(data["cifar10"]), "--epochs", "1",
+                 "--train-steps-per-epoch", "2", "--batch-size", "32", "--out", str(out),
+                 "--no-download", "--no-progress", "--log-steps", "0"]) == 0
+    assert (out / "pretrain" / "log.txt").read_text() == log
+
+
+def test_vitlab_augment_trains_on_soft_targets():
+    augment = VitlabAugment(num_classes=10)
+    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
+    x, targets = augment(images, torch.arange(8), True, torch.Generator().manual_seed(3))
+    assert x.shape == (8, 3, 32, 32) and targets.shape == (8, 10)
+    x, targets = augment(images, torch.arange(8), False, torch.Generator())
+    assert torch.equal(x, SeedAugment().apply(images, False)) and targets.dtype == torch.int64
