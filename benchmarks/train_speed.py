@@ -39,11 +39,12 @@ def model_only_rate(model, images, labels, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def fit_rate(model, dataset, steps: int, run_dir: Path, device: str) -> float:
+def fit_rate(model, dataset, steps: int, run_dir: Path, device: str, name: str = "seed"
+             ) -> float:
     options = TrainOptions(epochs=1, device=device, train_steps_per_epoch=steps + 1,
                            eval_steps_per_epoch=1, log_steps=steps + 1, progress=False,
                            quiet=True)
-    fit(model, dataset, recipe("seed"), options, run_dir)
+    fit(model, dataset, recipe(name), options, run_dir)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     rates = [json.loads(x)["steps/sec"] for x in lines if '"steps/sec"' in x]
     return rates[-1]  # the window of steps 2..N+1: the first step's warm-up is not in it
@@ -62,17 +63,21 @@ def main() -> None:
     device = torch.device(args.device)
     reference_model = ViT(config).to(device)
     fit_model = ViT(config)
+    vitlab_model = ViT(config)  # the same model under the vitlab recipe's step
     images = torch.randn(128, 3, 32, 32, device=device)
     labels = torch.randint(0, dataset.num_classes, (128,), device=device)
     model_only_rate(reference_model, images, labels, 2)  # warm-up
-    samples: dict[str, list[float]] = {"model-only": [], "fit": []}
+    samples: dict[str, list[float]] = {"model-only": [], "fit": [], "fit-vitlab": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             samples["model-only"].append(model_only_rate(reference_model, images, labels,
                                                          args.steps))
             samples["fit"].append(fit_rate(fit_model, dataset, args.steps, Path(tmp) / str(r),
                                            args.device))
-    base, ours = (statistics.median(samples[k]) for k in ("model-only", "fit"))
+            samples["fit-vitlab"].append(fit_rate(vitlab_model, dataset, args.steps,
+                                                  Path(tmp) / f"v{r}", args.device, "vitlab"))
+    base, ours, vitlab = (statistics.median(samples[k])
+                          for k in ("model-only", "fit", "fit-vitlab"))
     print(f"seed-mini, seed recipe, batch 128, {args.device}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved repeats of {args.steps} steps")
     print("| loop | steps/sec | images/sec | ratio |")
@@ -80,6 +85,9 @@ def main() -> None:
     print(f"| model-only step (fixed batch) | {base:.3f} | {128 * base:.1f} | 1.00x |")
     print(f"| vitlab fit() (loader + SeedAugment) | {ours:.3f} | {128 * ours:.1f} | "
           f"{ours / base:.3f}x |")
+    print(f"| vitlab fit(), vitlab recipe (AdamW, erasing, mixup/cutmix, smoothing) | "
+          f"{vitlab:.3f} | {128 * vitlab:.1f} | {vitlab / base:.3f}x (step cost "
+          f"{ours / vitlab:.3f}x the seed recipe's) |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""A CPU proxy for the recipe comparison: the seed recipe on seed-mini against the vitlab recipe
+on vitlab-mini, each trained for the same wall-clock budget on the same data, then evaluated.
+
+Each configuration's step time is measured first (3 steps after one warm-up step); its run is
+then that many steps of fit() fill the budget, with its LR schedule spread over exactly those
+steps (the vitlab recipe's warm-up becomes the first 10% of them: its 10 epochs of 100). Test
+accuracy is measured on the first --eval-images test images. One process, one after the other;
+the machine's noise moves the step counts by ~10%.
+
+    python benchmarks/recipe_proxy.py --minutes 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vitlab.data import load_dataset
+from vitlab.model import ViT, preset
+from vitlab.train import TrainOptions, fit, recipe
+from vitlab.train.engine import train_step
+from vitlab.train.recipe import build_optimizer
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+
+
+def step_seconds(model_name: str, chosen, dataset, batch: int) -> float:
+    from vitlab.data import BatchLoader
+    from vitlab.data.augment import make_augment
+
+    torch.manual_seed(0)
+    model = ViT(preset(model_name, dataset.num_classes)).train()
+    optimizer = build_optimizer(chosen, model.named_parameters())
+    loader = BatchLoader(dataset.train, batch, augment=make_augment(chosen.augment,
+                                                                    dataset.num_classes))
+    batches = loader.epoch(0)
+    train_step(model, optimizer, *next(batches), chosen)  # warm-up
+    start = time.perf_counter()
+    for _ in range(3):
+        train_step(model, optimizer, *next(batches), chosen)
+    return (time.perf_counter() - start) / 3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--minutes", type=float, default=6.0, help="training budget per recipe")
+    parser.add_argument("--eval-images", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dataset = load_dataset(args.data, download=False)
+    rows = []
+    for name, model_name in (("seed", "seed-mini"), ("vitlab", "vitlab-mini")):
+        chosen = recipe(name)
+        if chosen.schedule == "cosine":  # its warm-up: the same share of this shorter run
+            chosen = dataclasses.replace(chosen, warmup_epochs=chosen.warmup_epochs
+                                         / chosen.epochs)
+        seconds = step_seconds(model_name, chosen, dataset, chosen.batch_size)
+        steps = max(1, int(args.minutes * 60 / seconds))
+        torch.manual_seed(0)
+        model = ViT(preset(model_name, dataset.num_classes))
+        options = TrainOptions(epochs=1, seed=0, device="cpu", train_steps_per_epoch=steps,
+                               eval_steps_per_epoch=-(-args.eval_images // chosen.batch_size),
+                               log_steps=0, quiet=True, progress=False)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as run_dir:
+            result = fit(model, dataset, chosen, options, run_dir)
+        took = time.perf_counter() - start
+        rows.append((name, model_name, model.num_parameters(), seconds, steps,
+                     steps * chosen.batch_size, took, result.last_eval["accuracy"],
+                     result.last_eval["num_samples"]))
+    print(f"data: {args.data} ({len(dataset.train):,} train images), budget {args.minutes} min "
+          f"per recipe, {args.threads} threads, torch {torch.__version__}")
+    print("| recipe | model | params | s/step | steps | images seen | wall (s, incl. eval) | "
+          "test top-1 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, model_name, params, seconds, steps, seen, took, accuracy, evaluated in rows:
+        print(f"| {name} | {model_name} | {params:,} | {seconds:.2f} | {steps} | {seen:,} | "
+              f"{took:.0f} | {100 * accuracy:.2f}% (of {evaluated:,}) |")
+
+
+if __name__ == "__main__":
+    main()
