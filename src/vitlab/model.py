@@ -276,7 +276,8 @@ class ViTEncoder(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.embedding = PatchEmbedding(config)
-        rates = torch.linspace(0, config.drop_path, config.depth).tolist()
+        steps = max(config.depth - 1, 1)
+        rates = [config.drop_path * i / steps for i in range(config.depth)]
         self.blocks = nn.ModuleList(EncoderBlock(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(config.width, eps=config.final_norm_eps)
 
