@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--weights", choices=["last", "best"], default="last")
     a.add_argument("--device", default="auto")
 
-    x = sub.add_parser("export", help="export a trained run for other runtimes (ONNX)")
+    x = sub.add_parser("export", help="export a trained run: ONNX, or timm's weight layout")
     x.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
     x.add_argument("--format", choices=["onnx", "timm"], default="onnx",
                    help="onnx, or timm (safetensors with timm's VisionTransformer names)")
