@@ -77,6 +77,19 @@ def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
         raise DataFormatError(f"{path}: not an image vitlab can read ({e})") from None
 
 
+def load_images(paths: Sequence[Path], size: int
+                ) -> tuple[list[Path], list[np.ndarray], list[tuple[str, str]]]:
+    """Decode `paths` with `load_image`: (the paths read, their pixels, (path, why) skipped)."""
+    read, arrays, skipped = [], [], []
+    for path in paths:
+        try:
+            arrays.append(load_image(path, size))
+            read.append(path)
+        except DataFormatError as e:
+            skipped.append((str(path), str(e).split(": ", 1)[-1]))
+    return read, arrays, skipped
+
+
 def predict(model: ViT, images: torch.Tensor | np.ndarray, class_names: Sequence[str],
             top_k: int = 5, batch_size: int = 256) -> list[tuple[list[str], list[float]]]:
     """Top-k (class names, probabilities) for uint8 images [N, H, W, C] of the model's size."""
@@ -103,16 +116,11 @@ def predict(model: ViT, images: torch.Tensor | np.ndarray, class_names: Sequence
 def predict_files(model: ViT, paths: Sequence[Path], class_names: Sequence[str], top_k: int = 5,
                   batch_size: int = 256) -> PredictionReport:
     """Decode and classify `paths`, batch by batch; unreadable files are skipped and reported."""
-    size = model.config.image_size
     report = PredictionReport()
     for start in range(0, len(paths), batch_size):
-        chunk, arrays = [], []
-        for path in paths[start : start + batch_size]:
-            try:
-                arrays.append(load_image(path, size))
-                chunk.append(path)
-            except DataFormatError as e:
-                report.skipped.append((str(path), str(e).split(": ", 1)[-1]))
+        chunk, arrays, skipped = load_images(paths[start : start + batch_size],
+                                             model.config.image_size)
+        report.skipped += skipped
         if not arrays:
             continue
         top = predict(model, np.stack(arrays), class_names, top_k, batch_size)

@@ -28,7 +28,7 @@ from vitlab.data import BatchLoader, Dataset, SeedAugment, load_dataset
 from vitlab.data.augment import ResizeBatch
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import is_image_folder
-from vitlab.errors import CheckpointError, ConfigError, VitlabError
+from vitlab.errors import CheckpointError, ConfigError
 from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import ViT, ViTConfig, preset
 from vitlab.predict import PredictionReport
@@ -102,9 +102,8 @@ def check_fits(dataset: Dataset, config: ViTConfig, spec: PathLike, on_device: b
 def _recipe_and_options(settings: dict[str, Any], kind: str) -> tuple[Recipe, TrainOptions]:
     """The recipe (named, then overridden) and the options a new run of `kind` trains with."""
     overrides = pick(settings, {"recipe"})
-    chosen = recipe(overrides.pop("name", "seed"), **overrides)
-    if "grad_clip" in settings and settings["grad_clip"] is None:  # an explicit "no clipping"
-        chosen = dataclasses.replace(chosen, grad_clip=None)
+    # Every given value replaces the named recipe's, None too (grad_clip: null = no clipping).
+    chosen = dataclasses.replace(recipe(overrides.pop("name", "seed")), **overrides)
     if chosen.warmup_epochs > 0 and chosen.schedule not in SCHEDULES_WITH_WARMUP:
         raise ConfigError(f"--warmup-epochs has no effect with --schedule {chosen.schedule}; "
                           f"use --schedule {' or '.join(sorted(SCHEDULES_WITH_WARMUP))}, or "
@@ -374,10 +373,8 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     if trained_on and list(dataset.classes) != trained_on[: dataset.num_classes]:
         raise ConfigError(f"{spec} has other classes than the model learned "
                           f"({', '.join(trained_on[:3])}, ...); evaluate on that dataset")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if eval_steps is not None and eval_steps < 1:
-        raise ConfigError(f"--eval-steps must be at least 1, got {eval_steps}")
+    _check_positive(batch_size=batch_size, **({} if eval_steps is None
+                                              else {"eval_steps": eval_steps}))
     target = resolve_device(device)
     model.to(target)
     test = dataset.test if eval_steps is None else dataset.test.head(eval_steps * batch_size)
@@ -496,7 +493,7 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
     attention per head (OUT/<name>.attention.png), and OUT/attention_grid.png for several.
     Returns the files written and the inputs skipped (with why)."""
     from vitlab.attention import as_grid, attention_weights, last_layer_cls, rollout
-    from vitlab.predict import find_images, load_image
+    from vitlab.predict import find_images, load_images
     from vitlab.report import plot_attention, plot_attention_grid
 
     _check_positive(batch_size=batch_size)
@@ -504,13 +501,8 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
     out = Path(out)
     check_writable(out)
     paths, skipped = find_images(inputs)
-    images, names = [], []
-    for path in paths:
-        try:
-            images.append(load_image(path, config.model.image_size))
-            names.append(path)
-        except VitlabError as e:
-            skipped.append((str(path), str(e).split(": ", 1)[-1]))
+    names, images, unreadable = load_images(paths, config.model.image_size)
+    skipped += unreadable
     written, rollouts, titles = [], [], []
     transform = SeedAugment()
     used: set[str] = set()
@@ -624,7 +616,8 @@ def check_writable(folder: Path) -> None:
 def _finished(run_dir: Path, saved: RunConfig) -> bool:
     if not (run_dir / ckpt.TRAINER_STATE).is_file():
         return False
-    progress = ckpt.load_trainer_state(run_dir / ckpt.TRAINER_STATE).get("progress", {})
+    state = ckpt.load_trainer_state(run_dir / ckpt.TRAINER_STATE, mmap=True)
+    progress = state.get("progress", {})
     return progress.get("epoch", 0) >= saved.options.epochs
 
 

@@ -61,13 +61,14 @@ def save_trainer_state(path: str | os.PathLike, state: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_trainer_state(path: str | os.PathLike) -> dict:
+def load_trainer_state(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """The trainer state; `mmap` maps its tensors instead of reading them (to look at progress)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no {TRAINER_STATE} in {path.parent}: nothing to resume there")
     try:
         # weights_only: a checkpoint is data, never code.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:  # torch's message is many lines and suggests weights_only=False
         raise CheckpointError(f"{path} is not a vitlab trainer state: it holds Python objects "
                               "other than tensors and plain data, which vitlab never loads") from None
