@@ -34,8 +34,10 @@ def cifar10(tmp_path_factory) -> Path:
 
 
 def train_args(data: Path, out: Path) -> list[str]:
-    # AdamW (step counts, two moments) and a warm-up + cosine LR: more state to restore than SGD.
+    # AdamW (step counts, two moments), a warm-up + cosine LR, an EMA of the weights and the
+    # vitlab augmentation (TrivialAugment, erasing, mixup/cutmix): more state to restore than SGD.
     return ["pretrain", "--data", data, "--model", "micro", "--out", out,
+            "--ema-decay", "0.9", "--augment", "vitlab",
             "--epochs", str(EPOCHS), "--train-steps-per-epoch", str(STEPS),
             "--checkpoint-steps", str(CKPT), "--batch-size", "32", "--seed", "3",
             "--optimizer", "adamw", "--lr", "2e-3", "--schedule", "cosine",
@@ -74,14 +76,14 @@ def trainer_state(run_dir: Path) -> dict:
 
 
 def assert_same_run(run: Path, reference: Reference) -> None:
-    """Weights (last and best), progress and every logged number equal the reference run's."""
+    """Weights (last, EMA and best), progress and every logged number equal the reference
+    run's."""
     reference = reference()
-    assert_same_tensors(load_weights(run / "model.safetensors"),
-                        load_weights(reference / "model.safetensors"))
-    assert_same_tensors(load_weights(run / "best.safetensors"),
-                        load_weights(reference / "best.safetensors"))
+    for name in ("model.safetensors", "ema.safetensors", "best.safetensors"):
+        assert_same_tensors(load_weights(run / name), load_weights(reference / name))
     got, want = trainer_state(run), trainer_state(reference)
     assert_same_tensors(got["model"], want["model"])
+    assert_same_tensors(got["ema"], want["ema"])
     assert {k: v for k, v in got["progress"].items() if k != "elapsed"} == \
         {k: v for k, v in want["progress"].items() if k != "elapsed"}
     got_log, want_log = read_metrics(run), read_metrics(reference)

@@ -95,6 +95,8 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vitlab.settings import WEIGHT_CHOICES
+
     parser = _Parser(prog="vitlab", description="Pre-train Vision Transformers on one image "
                      "dataset and fine-tune them on another, fast.")
     parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
@@ -119,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="accuracy, cross-entropy, per-class accuracy, confusion")
     e.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
-    e.add_argument("--weights", choices=["last", "best"], default="last")
+    e.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
     e.add_argument("--data", default=None, help="default: the run's own dataset")
     e.add_argument("--out", default=None, help="default: RUN_DIR/evaluation")
     e.add_argument("--batch-size", type=_int, default=256)
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
     p.add_argument("images", nargs="+", metavar="IMAGES",
                    help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--weights", choices=["last", "best"], default="last")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
     p.add_argument("--top-k", type=_int, default=5, help="classes shown per image")
     p.add_argument("--batch-size", type=_int, default=256)
     p.add_argument("--device", default="auto")
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("images", nargs="+", metavar="IMAGES",
                    help="image files, folders (searched recursively) or glob patterns")
     a.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files")
-    a.add_argument("--weights", choices=["last", "best"], default="last")
+    a.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
     a.add_argument("--device", default="auto")
 
     x = sub.add_parser("export", help="export a trained run: ONNX, or timm's weight layout")
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx, or timm (safetensors with timm's VisionTransformer names)")
     x.add_argument("--out", required=True, metavar="FILE",
                    help="e.g. model.onnx, or vit.safetensors for --format timm")
-    x.add_argument("--weights", choices=["last", "best"], default="last")
+    x.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
 
     r = sub.add_parser("recipes", help="list the built-in recipes, or print one as a config file")
     r.add_argument("name", nargs="?", help="print this recipe as YAML (for --config)")

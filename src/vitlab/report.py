@@ -31,13 +31,20 @@ def plot_curves(records: Sequence[dict], path: str | os.PathLike) -> None:
         loss_ax.plot([r["epoch"] for r in train], [r["ce_mean"] for r in train], "o-",
                      label="train (mean over epoch)")
     if evals:
-        loss_ax.plot([r["epoch"] for r in evals], [r["ce"] for r in evals], "s-", label="eval")
-        acc_ax.plot([r["epoch"] for r in evals], [100 * r["accuracy"] for r in evals], "s-",
-                    color="tab:green")
-        best = max(evals, key=lambda r: r["accuracy"])
-        acc_ax.annotate(f"best {100 * best['accuracy']:.2f}%", (best["epoch"],
-                        100 * best["accuracy"]), textcoords="offset points", xytext=(0, 8),
-                        ha="center")
+        epochs = [r["epoch"] for r in evals]
+        loss_ax.plot(epochs, [r["ce"] for r in evals], "s-", label="eval")
+        acc_ax.plot(epochs, [100 * r["accuracy"] for r in evals], "s-", color="tab:green",
+                    label="weights")
+        # With an EMA of the weights, its accuracy is the one that picks the best checkpoint.
+        key = "ema_accuracy" if all("ema_accuracy" in r for r in evals) else "accuracy"
+        if key == "ema_accuracy":
+            loss_ax.plot(epochs, [r["ema_ce"] for r in evals], "^-", label="eval (EMA)")
+            acc_ax.plot(epochs, [100 * r[key] for r in evals], "^-", color="tab:purple",
+                        label="EMA of the weights")
+            acc_ax.legend()
+        best = max(evals, key=lambda r: r[key])
+        acc_ax.annotate(f"best {100 * best[key]:.2f}%", (best["epoch"], 100 * best[key]),
+                        textcoords="offset points", xytext=(0, 8), ha="center")
     loss_ax.set(title="cross-entropy", xlabel="epoch", ylabel="loss")
     loss_ax.legend()
     acc_ax.set(title="eval accuracy", xlabel="epoch", ylabel="top-1 accuracy (%)")

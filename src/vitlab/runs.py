@@ -48,7 +48,8 @@ from vitlab.train.runconfig import EncoderSource, RunConfig
 from vitlab.train.transfer import load_encoder_weights
 
 PathLike = str | os.PathLike
-WEIGHT_FILES = {"last": ckpt.WEIGHTS, "best": ckpt.BEST_WEIGHTS}
+WEIGHT_FILES = {"last": ckpt.WEIGHTS, "best": ckpt.BEST_WEIGHTS, "ema": ckpt.EMA_WEIGHTS}
+
 # The setting whose value is the run's number of epochs, per kind of run.
 BUDGET = {"pretrain": "epochs", "finetune": "finetune_epochs"}
 
@@ -328,7 +329,8 @@ def _check_unchanged(saved: RunConfig, settings: dict[str, Any], run_dir: Path) 
 def load_run(run_dir: PathLike, weights: str = "last", device: str | torch.device = "cpu"
              ) -> tuple[ViT, RunConfig, list[str]]:
     """The trained model of a run directory (in eval mode, on `device`), its RunConfig and its
-    class names. `weights`: "last" (model.safetensors) or "best" (best.safetensors)."""
+    class names. `weights`: "last" (model.safetensors), "best" (best.safetensors) or "ema"
+    (ema.safetensors, the latest EMA of the weights of a run trained with one)."""
     run_dir = Path(run_dir)
     config = ckpt.read_run_config(run_dir)
     weights_file = run_dir / WEIGHT_FILES[SETTINGS["weights"].check(weights)]

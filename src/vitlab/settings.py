@@ -23,6 +23,9 @@ from vitlab.model import PRESETS
 from vitlab.train.options import TrainOptions
 from vitlab.train.recipe import Recipe
 
+# Which weights of a run a command uses: model.safetensors, best.safetensors, ema.safetensors.
+WEIGHT_CHOICES = ("last", "best", "ema")
+
 TRAINING_COMMANDS = ("pretrain", "finetune", "run")
 
 
@@ -116,8 +119,9 @@ def _run_settings() -> list[Setting]:
         Setting("source", "run", str, "the pre-training run directory", commands=("finetune",)),
         Setting("from_timm", "run", str, "start from timm ViT weights (.safetensors or .pth) "
                 "instead of a vitlab run; needs --model", commands=("finetune",)),
-        Setting("weights", "run", str, "which pre-trained weights to start from",
-                choices=lambda: ("last", "best"), commands=("finetune",)),
+        Setting("weights", "run", str, "which pre-trained weights to start from (ema: the EMA "
+                "of a run trained with --ema-decay)", choices=lambda: WEIGHT_CHOICES,
+                commands=("finetune",)),
         Setting("num_classes", "run", int, "head size (default: the dataset's classes; 100 = "
                 "the tutorial's)", commands=("finetune", "run")),
         Setting("pretrain_data", "run", str, "pre-training dataset", commands=("run",)),

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vitlab.data.autoaugment import RandAugment, TrivialAugmentWide
 from vitlab.errors import ConfigError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -427,13 +428,24 @@ def _cutmix(x: Tensor, partner: Tensor, lam: float, generator: torch.Generator |
     return out, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
+class PolicyAugment(Compose):
+    """The tutorial's pad-crop-flip, then an augmentation policy on the uint8 images
+    (TrivialAugment-Wide or RandAugment), then normalize. Evaluation: normalize only."""
+
+    def __init__(self, policy: Callable) -> None:
+        super().__init__([RandomPadCropFlip(8, 0.5), ToCHW(), policy, Normalize()])
+
+
 class VitlabAugment(Compose):
-    """The vitlab recipe's augmentation: the tutorial's pad-crop-flip, normalize, Random Erasing;
-    then Mixup or CutMix per batch (soft targets) in training. Evaluation: normalize only."""
+    """The vitlab recipe's augmentation: the tutorial's pad-crop-flip, TrivialAugment-Wide,
+    normalize, Random Erasing; then Mixup or CutMix per batch (soft targets) in training.
+    Evaluation: normalize only."""
 
     def __init__(self, num_classes: int, erase_p: float = 0.25, mixup_alpha: float = 0.8,
-                 cutmix_alpha: float = 1.0, switch_prob: float = 0.5) -> None:
-        super().__init__([RandomPadCropFlip(8, 0.5), ToCHW(), Normalize(),
+                 cutmix_alpha: float = 1.0, switch_prob: float = 0.5,
+                 policy: Callable | None = None) -> None:
+        policy = TrivialAugmentWide() if policy is None else policy
+        super().__init__([RandomPadCropFlip(8, 0.5), ToCHW(), policy, Normalize(),
                           RandomErasing(erase_p)])
         self.mix = MixupCutmix(super().__call__, num_classes, mixup_alpha, cutmix_alpha,
                                switch_prob)
@@ -449,6 +461,8 @@ AUGMENTATIONS: dict[str, Callable[[int], BatchTransform]] = {
     "seed": lambda num_classes: SeedAugment(),
     "none": lambda num_classes: NormalizeOnly(),
     "vitlab": lambda num_classes: VitlabAugment(num_classes),
+    "trivialaugment": lambda num_classes: PolicyAugment(TrivialAugmentWide()),
+    "randaugment": lambda num_classes: PolicyAugment(RandAugment()),
 }
 
 

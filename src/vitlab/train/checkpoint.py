@@ -33,6 +33,7 @@ except ImportError:  # Windows: no advisory locks (see RunLock)
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 BEST_WEIGHTS = "best.safetensors"
+EMA_WEIGHTS = "ema.safetensors"  # the latest EMA of the weights, when the recipe keeps one
 TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
 LOG = "log.txt"
@@ -48,7 +49,9 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no weight file at {path}")
+        why = (" (a run keeps an EMA of its weights only when trained with --ema-decay)"
+               if path.name == EMA_WEIGHTS else "")
+        raise CheckpointError(f"no weight file at {path}{why}")
     try:
         return load_safetensors_bytes(path.read_bytes())
     except (SafetensorError, ValueError, OSError) as e:
@@ -99,14 +102,16 @@ def read_run_config(run_dir: str | os.PathLike, **runtime) -> RunConfig:
     return RunConfig.from_dict(values, where=str(path), **runtime)
 
 
-RUN_FILES = (CONFIG, WEIGHTS, BEST_WEIGHTS, TRAINER_STATE, METRICS, LOG, CURVES)
+RUN_FILES = (CONFIG, WEIGHTS, BEST_WEIGHTS, EMA_WEIGHTS, TRAINER_STATE, METRICS, LOG,
+             CURVES)
 LOCK = ".lock"
 RUN_DIRS = ("tensorboard", "evaluation")  # written by --tensorboard and `vitlab evaluate`
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:
     """Whether a run saved anything worth keeping: weights or a trainer state."""
-    return any((Path(run_dir) / name).exists() for name in (WEIGHTS, BEST_WEIGHTS, TRAINER_STATE))
+    return any((Path(run_dir) / name).exists()
+               for name in (WEIGHTS, BEST_WEIGHTS, EMA_WEIGHTS, TRAINER_STATE))
 
 
 def remove_temp_files(run_dir: str | os.PathLike) -> None:

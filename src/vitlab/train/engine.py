@@ -27,6 +27,7 @@ from vitlab.data.augment import ResizeBatch, make_augment
 from vitlab.data.loader import mix_seed
 from vitlab.errors import CheckpointError, ConfigError, VitlabError
 from vitlab.train import checkpoint as ckpt
+from vitlab.train.ema import WeightEMA
 from vitlab.train.options import TrainOptions
 from vitlab.train.recipe import Recipe, build_optimizer, lr_factor
 from vitlab.train.reporting import Reporter, require_tensorboard
@@ -243,15 +244,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tenso
 
 class CheckpointWriter:
     """Saves what resumes a run: the last (and best) weights as safetensors, and the trainer
-    state (weights, optimizer, progress, RNG states). Atomic writes; rank 0 only."""
+    state (weights, optimizer, EMA, progress, RNG states). Atomic writes; rank 0 only.
+
+    With an EMA of the weights, its accuracy picks the best checkpoint and best.safetensors holds
+    the EMA weights; ema.safetensors holds the latest EMA."""
 
     def __init__(self, run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 progress: Progress, device: torch.device) -> None:
+                 progress: Progress, device: torch.device, ema: WeightEMA | None = None) -> None:
         self.run_dir = run_dir
         self.model = model
         self.optimizer = optimizer
         self.progress = progress
         self.device = device
+        self.ema = ema
         self.started = time.perf_counter()  # this process's share of progress.elapsed
 
     def elapsed(self) -> float:
@@ -265,34 +270,42 @@ class CheckpointWriter:
                 f"and its last good checkpoint in {self.run_dir} is kept; start a new run with "
                 "a lower --lr or with --grad-clip (another --out, or --overwrite)")
         progress.epoch_loss_sum = epoch_loss_sum if progress.step_in_epoch else 0.0
-        is_best = last_eval is not None and last_eval["accuracy"] > progress.best_accuracy
+        score = None if last_eval is None else last_eval.get("ema_accuracy",
+                                                             last_eval["accuracy"])
+        is_best = score is not None and score > progress.best_accuracy
         if is_best:
-            progress.best_accuracy = last_eval["accuracy"]
+            progress.best_accuracy = score
             progress.best_step = progress.global_step
         progress.world_size = distributed.world_size()
         rngs = distributed.gather_objects(_rng_state(self.device))  # every rank's dropout stream
         if not distributed.is_main_process():
             return
         state_dict = self.model.state_dict()
+        ema_state = {"ema": self.ema.state_dict()} if self.ema is not None else {}
         # The trainer state first: weights on disk then always come with a state to resume
         # from, even if the process dies between the two writes.
         ckpt.save_trainer_state(self.run_dir / ckpt.TRAINER_STATE, {
-            "model": state_dict, "optimizer": self.optimizer.state_dict(),
+            "model": state_dict, "optimizer": self.optimizer.state_dict(), **ema_state,
             "progress": vars(progress) | {"elapsed": self.elapsed()},
             "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {})})
         meta = {"step": str(progress.global_step), "epoch": str(progress.epoch)}
         ckpt.save_weights(self.run_dir / ckpt.WEIGHTS, state_dict, meta)
+        if self.ema is not None:
+            ckpt.save_weights(self.run_dir / ckpt.EMA_WEIGHTS, ema_state["ema"], meta)
         if is_best:
-            ckpt.save_weights(self.run_dir / ckpt.BEST_WEIGHTS, state_dict,
-                              {**meta, "accuracy": str(last_eval["accuracy"])})
+            best = ema_state.get("ema", state_dict)
+            ckpt.save_weights(self.run_dir / ckpt.BEST_WEIGHTS, best,
+                              {**meta, "accuracy": str(score)})
 
 
 def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             device: torch.device) -> Progress:
+             device: torch.device, ema: WeightEMA | None) -> Progress:
     state = ckpt.load_trainer_state(run_dir / ckpt.TRAINER_STATE)
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         progress = Progress(**state["progress"])
         world = distributed.world_size()
         if progress.world_size != world:
@@ -309,12 +322,13 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-           device: torch.device, options: TrainOptions, resume: bool) -> Progress:
+           device: torch.device, options: TrainOptions, resume: bool,
+           ema: WeightEMA | None) -> Progress:
     """Where training starts: the saved progress of a resumed run, or step 0 of a fresh one."""
     if resume:
         if distributed.is_main_process():
             ckpt.remove_temp_files(run_dir)
-        progress = _restore(run_dir, model, optimizer, device)
+        progress = _restore(run_dir, model, optimizer, device, ema)
         if progress.epoch >= options.epochs:
             raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
@@ -358,13 +372,14 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
             p.requires_grad_(False)
     optimizer = build_optimizer(recipe, model.named_parameters())
     base_lrs = [group["lr"] for group in optimizer.param_groups]
+    ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     with contextlib.ExitStack() as held:
         # What can fail on some processes only (the lock, files, a shard with no samples) fails
         # on all of them together, instead of leaving the others waiting in a collective.
         train_loader, eval_loader, progress, reporter = distributed.together(
             lambda: _prepare(model, dataset, recipe, options, run_dir, run_config, resume,
-                             optimizer, device, held))
-        writer = CheckpointWriter(run_dir, model, optimizer, progress, device)
+                             optimizer, device, held, ema))
+        writer = CheckpointWriter(run_dir, model, optimizer, progress, device, ema)
         total_steps = len(train_loader) * options.epochs
         return _train(model, recipe, options, run_dir, reporter, writer, optimizer, base_lrs,
                       train_loader, eval_loader, autocast_dtype, total_steps, resume)
@@ -373,7 +388,8 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
 def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOptions,
              run_dir: Path, run_config: RunConfig | None, resume: bool,
              optimizer: torch.optim.Optimizer, device: torch.device,
-             held: contextlib.ExitStack) -> tuple[BatchLoader, BatchLoader, Progress, Reporter]:
+             held: contextlib.ExitStack, ema: WeightEMA | None
+             ) -> tuple[BatchLoader, BatchLoader, Progress, Reporter]:
     """The loaders, the run directory (locked, prepared or restored) and its Reporter."""
     augment, evaluation = make_augment(recipe.augment, _head_size(model, dataset)), SeedAugment()
     if options.resize_on_device:
@@ -396,7 +412,7 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
     if distributed.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         held.enter_context(ckpt.RunLock(run_dir))
-    progress = _begin(run_dir, model, optimizer, device, options, resume)
+    progress = _begin(run_dir, model, optimizer, device, options, resume, ema)
     reporter = held.enter_context(contextlib.closing(
         Reporter(run_dir, quiet=options.quiet, tensorboard=options.tensorboard)))
     if run_config is not None and distributed.is_main_process():
@@ -461,6 +477,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                 bad_loss |= ~torch.isfinite(loss)
                 loss_sum += loss.double()
                 progress.global_step += 1
+                if writer.ema is not None:
+                    writer.ema.update(model, progress.global_step)
                 progress.step_in_epoch += 1
                 window_steps += 1
                 if reporter.bar is not None:
@@ -490,11 +508,15 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                            epoch_time=time.perf_counter() - epoch_start,
                            ce_mean=loss_sum.item() / max(progress.step_in_epoch, 1))
             last_eval = evaluate(runnable, eval_loader, precision=autocast_dtype)
+            if writer.ema is not None:
+                averaged = evaluate(writer.ema.model, eval_loader, precision=autocast_dtype)
+                last_eval |= {"ema_accuracy": averaged["accuracy"], "ema_ce": averaged["ce"]}
             model.train()
             if options.freeze_encoder:
                 model.encoder.eval()
             reporter.event("Eval", step=progress.global_step, epoch=progress.epoch + 1,
-                           accuracy=last_eval["accuracy"], ce=last_eval["ce"])
+                           **{k: v for k, v in last_eval.items()
+                              if k in ("accuracy", "ce", "ema_accuracy", "ema_ce")})
             progress.epoch += 1
             progress.step_in_epoch = 0
             writer.save(last_eval)

@@ -100,6 +100,9 @@ class Recipe:
         "the cosine schedule ends at this fraction of the base LR"))
     augment: str = field(default="seed", metadata=_setting(
         "training batch transform", choices=AUGMENTATIONS))
+    ema_decay: float = field(default=0.0, metadata=_setting(
+        "keep an exponential moving average of the weights with this decay (e.g. 0.9998; 0: "
+        "off); it is evaluated every epoch and saved as the best model"))
 
     def __post_init__(self) -> None:
         for what, value, registry in (("optimizer", self.optimizer, OPTIMIZERS),
@@ -108,7 +111,7 @@ class Recipe:
             if value not in registry:
                 raise ConfigError(f"unknown {what} {value!r}; known: {', '.join(registry)}")
         for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing",
-                     "min_lr_ratio"):
+                     "min_lr_ratio", "ema_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -128,6 +131,7 @@ class Recipe:
             (max(self.epochs, self.finetune_epochs) <= MAX_EPOCHS,
              f"epochs must be at most {MAX_EPOCHS:,}"),
             (0 <= self.min_lr_ratio < 1, "min LR ratio must be in [0, 1)"),
+            (0 <= self.ema_decay < 1, "EMA decay must be in [0, 1) (0 turns the EMA off)"),
             (isinstance(self.decay_exempt, bool), "decay_exempt must be true or false"),
             (self.grad_clip is None or (isinstance(self.grad_clip, int | float)
                                         and 0 < self.grad_clip < math.inf),
