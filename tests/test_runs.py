@@ -22,7 +22,7 @@ from vitlab.data.arrays import Split
 from vitlab.data.augment import AUGMENTATIONS
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.model import ViT, ViTConfig
-from vitlab.runs import evaluate_run, load_run, pretrain, resume
+from vitlab.runs import evaluate_run, finetune, load_run, pretrain, resume, run_pipeline
 from vitlab.train import TrainOptions, evaluate, fit, recipe
 from vitlab.train import checkpoint as ckpt
 
@@ -303,3 +303,22 @@ def test_load_run_errors(legacy_run, tmp_path):
     (legacy_run / "best.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weight file"):
         load_run(legacy_run, weights="best")
+    with pytest.raises(CheckpointError, match="only when trained with --ema-decay"):
+        load_run(legacy_run, weights="ema")
+
+
+def test_the_ema_is_what_fine_tuning_transfers_in_the_pipeline(data_root, tmp_path, capfd):
+    settings = dict(model="micro", epochs=1, train_steps_per_epoch=3, batch_size=16,
+                    ema_decay=0.5, device="cpu", no_progress=True, quiet=True, no_download=True,
+                    data_root=str(data_root))
+    out = tmp_path / "tutorial"
+    run_pipeline(pretrain_data="cifar10", finetune_data="cifar10", out=out, **settings)
+    fine = json.loads((out / "finetune" / ckpt.CONFIG).read_text())
+    assert fine["init"]["weights"] == ckpt.EMA_WEIGHTS
+    averaged = load_weights(out / "pretrain" / ckpt.EMA_WEIGHTS)
+    alone = finetune(out / "pretrain", data="cifar10", out=tmp_path / "alone", weights="ema",
+                     **{k: v for k, v in settings.items() if k != "epochs"}, finetune_epochs=0)
+    start = load_weights(alone.run_dir / ckpt.WEIGHTS)
+    for name, tensor in averaged.items():
+        if name.startswith("encoder.") or name in ("cls_token", "position_embedding"):
+            assert torch.equal(start[name], tensor), name

@@ -469,3 +469,61 @@ def test_augment_none_still_normalizes_like_evaluation():
     expected = SeedAugment().apply(images, False)
     inputs, targets = none(images, labels, True, torch.Generator().manual_seed(0))
     assert torch.equal(inputs, expected) and torch.equal(targets, labels)
+
+
+# --- EMA of the weights -------------------------------------------------------------------------
+
+def test_weight_ema_follows_its_formula_with_warm_up():
+    from vitlab.train.ema import WeightEMA
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = WeightEMA(model, decay=0.99)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = {k: v.clone() for k, v in start.items()}
+    for step in (1, 2, 200):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5)
+            model[1].running_mean.add_(1.0)
+            model[1].num_batches_tracked += 1
+        d = min(0.99, (1 + step) / (10 + step))
+        assert ema.decay_at(step) == d
+        ema.update(model, step)
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                expected[k] = expected[k] + (1 - d) * (v - expected[k])
+            else:
+                expected[k] = v.clone()
+    for k, v in ema.state_dict().items():
+        assert torch.allclose(v, expected[k], atol=1e-6), k
+    assert not any(p.requires_grad for p in ema.model.parameters())
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        WeightEMA(model, 1.0)
+
+
+def test_ema_is_evaluated_picks_the_best_and_is_saved(dataset, tmp_path):
+    ema_recipe = recipe("seed", batch_size=8, lr=0.05, ema_decay=0.9)
+    opts = options(3, train_steps_per_epoch=4)
+    result = fit(tiny_model(), dataset, ema_recipe, opts, tmp_path)
+    evals = [r for r in ckpt.read_jsonl(tmp_path / ckpt.METRICS) if r["event"] == "eval"]
+    assert all({"accuracy", "ema_accuracy", "ema_ce"} <= set(r) for r in evals)
+    assert result.best_accuracy == max(r["ema_accuracy"] for r in evals)
+    state = torch.load(tmp_path / ckpt.TRAINER_STATE, weights_only=True)
+    averaged = ckpt.load_weights(tmp_path / ckpt.EMA_WEIGHTS)
+    assert all(torch.equal(averaged[k], v) for k, v in state["ema"].items())
+    last = ckpt.load_weights(tmp_path / ckpt.WEIGHTS)
+    assert not all(torch.equal(averaged[k], last[k]) for k in last)  # an average, not a copy
+    # The EMA's logged accuracy is evaluate() of ema.safetensors.
+    model = ViT(CONFIG)
+    model.load_state_dict(averaged)
+    again = evaluate(model, BatchLoader(dataset.test, 8, train=False, shuffle=False,
+                                        augment=SeedAugment()))
+    assert again["accuracy"] == evals[-1]["ema_accuracy"]
+    best_epoch = max(evals, key=lambda r: r["ema_accuracy"])  # first of equals, like the writer
+    best = ckpt.load_weights(tmp_path / ckpt.BEST_WEIGHTS)
+    if best_epoch is evals[-1]:
+        assert all(torch.equal(best[k], averaged[k]) for k in best)
+    model.load_state_dict(best)
+    assert evaluate(model, BatchLoader(dataset.test, 8, train=False, shuffle=False,
+                                       augment=SeedAugment()))["accuracy"] == \
+        best_epoch["ema_accuracy"]

@@ -569,7 +569,9 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
     fine_settings = {**settings, **({"recipe": FINETUNE_RECIPES[name]}
                                     if name in FINETUNE_RECIPES else {})}
     for kind, stage in (("pretrain", settings), ("finetune", fine_settings)):
-        _, options = _recipe_and_options(stage, kind)  # both stages' settings are valid
+        stage_recipe, options = _recipe_and_options(stage, kind)  # both stages' settings valid
+        if kind == "pretrain" and stage_recipe.ema_decay > 0:
+            fine_settings["weights"] = "ema"  # transfer the averaged encoder, as it was kept
     config = preset(model, num_classes=1)
     data_options = _data_options(settings)
     on_device = options.resize_on_device
