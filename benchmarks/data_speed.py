@@ -1,9 +1,14 @@
-"""Images/s of BatchLoader + SeedAugment against a per-sample NumPy pipeline (the tutorial's style).
+"""Images/s of BatchLoader + SeedAugment against a per-sample NumPy pipeline (the tutorial's style),
+and of the vitlab recipe's augmentation against a per-sample Pillow/NumPy pipeline of its ops.
 
-Both produce the same thing per batch: shuffled, augmented float32 [B,3,32,32] inputs and labels,
-with the tutorial's semantics (vitlab.data.numpy_reference is the per-sample version). Before
-timing, one batch of SeedAugment is checked bit for bit against the NumPy pipeline fed the same
-random draws, in both modes.
+Both sides of a row produce the same thing per batch: shuffled, augmented float32 [B,3,32,32]
+inputs and labels (or soft targets). The seed rows have the tutorial's semantics
+(vitlab.data.numpy_reference is the per-sample version); before timing, one batch of SeedAugment
+is checked bit for bit against the NumPy pipeline fed the same random draws, in both modes. The
+vitlab row's per-sample side is what a torchvision/timm pipeline does per image: NumPy
+pad-crop-flip, one TrivialAugment-Wide op through Pillow (vitlab.data.pil_reference, the
+definitions the batched ops are tested against), normalize, Random Erasing with NumPy noise; then
+Mixup/CutMix on the stacked batch.
 
 Timing is interleaved so that load from other processes hits both sides alike: after a warm-up,
 each of --rounds rounds times NumPy then vitlab for each mode; the table gives the median img/s
@@ -31,6 +36,9 @@ import torch
 
 from vitlab.data import BatchLoader, SeedAugment, load_dataset
 from vitlab.data import numpy_reference as ref
+from vitlab.data.augment import VitlabAugment
+from vitlab.data.autoaugment import MEAN_FILL, OP_NAMES, OPS, WIDE
+from vitlab.data.pil_reference import apply_one
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
 
@@ -59,6 +67,70 @@ def numpy_batches(
                 for i in idx
             ]
             yield np.stack(xs), labels[idx]
+
+
+def vitlab_recipe_batches(split, batch_size: int) -> Iterator[tuple]:
+    """BatchLoader + VitlabAugment (pad-crop-flip, TrivialAugment-Wide, erasing, mixup/cutmix)."""
+    loader = BatchLoader(split, batch_size, augment=VitlabAugment(len(split.classes)), train=True,
+                         shuffle=True, seed=0)
+    for epoch in itertools.count():
+        yield from loader.epoch(epoch)
+
+
+def _op_params() -> dict[str, list[float]]:
+    """Each op's parameter at TrivialAugment-Wide's 61 signed magnitudes (index: level + 30)."""
+    m = torch.arange(-30, 31, dtype=torch.float64) / 30
+    return {name: spec.param_of(m, WIDE, 32).tolist() for name, spec in OPS.items()}
+
+
+def _erase_one(x: np.ndarray, rng: np.random.Generator, p: float = 0.25) -> np.ndarray:
+    """Random Erasing of one normalized [C,H,W] image, with VitlabAugment's box rules."""
+    if rng.random() >= p:
+        return x
+    c, h, w = x.shape
+    area = h * w * rng.uniform(0.02, 1 / 3)
+    aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+    bh = int(np.clip(round(np.sqrt(area * aspect)), 1, h))
+    bw = int(np.clip(round(np.sqrt(area / aspect)), 1, w))
+    top, left = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
+    x = x.copy()
+    x[:, top:top + bh, left:left + bw] = rng.standard_normal((c, bh, bw), dtype=np.float32)
+    return x
+
+
+def per_sample_vitlab_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
+                              num_classes: int) -> Iterator[tuple]:
+    """The vitlab recipe's augmentation, one image at a time (Pillow for TrivialAugment)."""
+    rng = np.random.default_rng(0)
+    params = _op_params()
+    h, w = images.shape[1:3]
+    for epoch in itertools.count():
+        order = np.random.default_rng(epoch).permutation(len(images))
+        for start in range(0, len(images), batch_size):
+            idx = order[start : start + batch_size]
+            xs = []
+            for i in idx:
+                y, x, flip = rng.integers(0, 9), rng.integers(0, 9), rng.random() < 0.5
+                img = ref.crop(ref.pad_reflect101(images[i], 8), y, x, h, w)
+                img = np.ascontiguousarray(ref.hflip(img) if flip else img)
+                name = OP_NAMES[rng.integers(len(OP_NAMES))]
+                level = int(rng.integers(31)) * (1 if rng.random() < 0.5 else -1)
+                img = apply_one(name, img, params[name][level + 30], MEAN_FILL)
+                chw = ref.normalize(img, ref.CIFAR_MEAN, ref.CIFAR_STD).transpose(2, 0, 1)
+                xs.append(_erase_one(np.ascontiguousarray(chw), rng))
+            batch = np.stack(xs)
+            one_hot = np.eye(num_classes, dtype=np.float32)[labels[idx]]
+            lam = rng.beta(1.0, 1.0)
+            if rng.random() < 0.5:  # cutmix: the partner's box
+                cut = np.sqrt(1 - lam)
+                cy, cx = rng.integers(h), rng.integers(w)
+                y0, y1 = max(cy - int(h * cut) // 2, 0), min(cy + int(h * cut) // 2, h)
+                x0, x1 = max(cx - int(w * cut) // 2, 0), min(cx + int(w * cut) // 2, w)
+                batch[:, :, y0:y1, x0:x1] = batch[::-1, :, y0:y1, x0:x1]
+                lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+            else:
+                batch = batch * lam + batch[::-1] * (1 - lam)
+            yield batch, one_hot * lam + one_hot[::-1] * (1 - lam)
 
 
 def images_per_s(batches: Iterator[tuple], steps: int, min_s: float, max_s: float = 2.0) -> float:
@@ -110,9 +182,15 @@ def main() -> None:
         check_same_output(ds.train.images, train)
 
     rows = []
-    for train in (True, False):
-        slow_it = numpy_batches(images, labels, args.batch_size, train)
-        fast_it = vitlab_batches(ds.train, args.batch_size, train)
+    for mode in ("train", "eval", "vitlab"):
+        train = mode != "eval"
+        if mode == "vitlab":
+            slow_it = per_sample_vitlab_batches(images, labels, args.batch_size,
+                                                ds.num_classes)
+            fast_it = vitlab_recipe_batches(ds.train, args.batch_size)
+        else:
+            slow_it = numpy_batches(images, labels, args.batch_size, train)
+            fast_it = vitlab_batches(ds.train, args.batch_size, train)
         images_per_s(slow_it, 2, 0.0)  # warm-up, not timed
         images_per_s(fast_it, 10, 0.0)
         slow, fast = [], []
@@ -120,7 +198,9 @@ def main() -> None:
             slow.append(images_per_s(slow_it, args.numpy_steps, args.seconds))
             fast.append(images_per_s(fast_it, args.steps, args.seconds))
         ratios = [f / s for f, s in zip(fast, slow, strict=True)]
-        mode = "train (pad+crop+flip+dropout)" if train else "eval (normalize+CHW)"
+        mode = {"train": "seed train (pad+crop+flip+dropout)", "eval": "eval (normalize+CHW)",
+                "vitlab": "vitlab recipe train (pad+crop+flip, TrivialAugment-Wide, erasing, "
+                          "mixup/cutmix; per-sample side: Pillow)"}[mode]
         med_slow, med_fast = statistics.median(slow), statistics.median(fast)
         rows.append(
             f"| {mode} | {med_slow:,.0f} | {med_fast:,.0f} | **{med_fast / med_slow:.1f}x** "
@@ -132,12 +212,12 @@ def main() -> None:
         f"data: {args.data} ({len(ds.train)} train images), batch {args.batch_size}, "
         f"torch threads {torch.get_num_threads()} (of {os.cpu_count()} CPUs), device cpu; "
         f"{args.rounds} interleaved rounds of >= {args.numpy_steps} NumPy / >= {args.steps} "
-        f"vitlab batches and >= {args.seconds} s each; outputs checked identical"
+        f"vitlab batches and >= {args.seconds} s each; seed outputs checked identical"
     )
     print()
     print(
-        "| mode | per-sample NumPy (img/s, median) | vitlab BatchLoader+SeedAugment "
-        "(img/s, median) | speed-up (ratio of medians) | per-round speed-ups |"
+        "| mode | per-sample NumPy/Pillow (img/s, median) | vitlab BatchLoader + batched "
+        "augmentation (img/s, median) | speed-up (ratio of medians) | per-round speed-ups |"
     )
     print("|---|---:|---:|---:|---:|")
     print("\n".join(rows))

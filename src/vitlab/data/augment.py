@@ -350,7 +350,6 @@ class RandomErasing:
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         b, c, h, w = x.shape
         u = torch.rand(b, 4, generator=generator, device=x.device)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         erase = u[:, 0] < self.p
         area = h * w * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 1])
         log_lo, log_hi = np.log(self.ratio[0]), np.log(self.ratio[1])
@@ -360,12 +359,22 @@ class RandomErasing:
         top = (u[:, 3] * (h - box_h + 1)).floor().long()
         # The left edge from the same uniform's low bits would correlate: draw it apart.
         left = (torch.rand(b, generator=generator, device=x.device) * (w - box_w + 1)).floor()
-        rows = torch.arange(h, device=x.device)[None, :, None]
-        cols = torch.arange(w, device=x.device)[None, None, :]
-        inside = ((rows >= top[:, None, None]) & (rows < (top + box_h)[:, None, None])
-                  & (cols >= left.long()[:, None, None])
-                  & (cols < (left.long() + box_w)[:, None, None]) & erase[:, None, None])
-        return torch.where(inside[:, None], noise, x)
+        # Noise only for the erased pixels (drawing it is most of the cost): one host sync.
+        rows = erase.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return x
+        top, left = top[rows], left.long()[rows]
+        bottom, right = top + box_h[rows], left + box_w[rows]
+        ys = torch.arange(h, device=x.device)[None, :, None]
+        xs = torch.arange(w, device=x.device)[None, None, :]
+        inside = ((ys >= top[:, None, None]) & (ys < bottom[:, None, None])
+                  & (xs >= left[:, None, None]) & (xs < right[:, None, None]))
+        inside = inside[:, None].expand(len(rows), c, h, w)
+        noise = torch.randn(int(inside.sum()), generator=generator, device=x.device,
+                            dtype=x.dtype)
+        out = x.clone()
+        out[rows] = x[rows].masked_scatter_(inside, noise)  # row-major order: sample, c, y, x
+        return out
 
 
 def _beta(alpha: float, generator: torch.Generator | None, device: torch.device) -> float:

@@ -157,8 +157,8 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "seed": Recipe(),
     # After Lee et al. 2021's CIFAR recipe (AdamW 1e-3, wd 0.05, 10 warm-up epochs, cosine,
-    # label smoothing 0.1) with vitlab's batched augmentation (pad-crop-flip, random erasing,
-    # mixup/cutmix). Not yet tuned by a 100-epoch run: see the README.
+    # label smoothing 0.1) with vitlab's batched augmentation (pad-crop-flip, TrivialAugment-Wide,
+    # random erasing, mixup/cutmix). Not yet tuned by a 100-epoch run: see the README.
     "vitlab": Recipe(name="vitlab", optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05,
                      schedule="cosine", warmup_epochs=10.0, label_smoothing=0.1,
                      batch_size=128, epochs=100, finetune_epochs=1, augment="vitlab",
@@ -173,7 +173,8 @@ RECIPE_DESCRIPTIONS: dict[str, str] = {
     "seed": "the tutorial exactly: SGD 0.01 (momentum 0.9, wd 1e-4), constant LR, batch 128, "
             "pad-crop-flip-hole augmentation, 100 + 1 epochs",
     "vitlab": "AdamW 1e-3 (wd 0.05, not on norms/biases/embeddings), 10 warm-up epochs + cosine, "
-              "label smoothing 0.1, crop-flip + erasing + mixup/cutmix; model vitlab-mini",
+              "label smoothing 0.1, crop-flip + TrivialAugment-Wide + erasing + mixup/cutmix; "
+              "model vitlab-mini",
     "vitlab-finetune": "the vitlab recipe's 1-epoch transfer: AdamW 5e-4, short warm-up + "
                        "cosine, the tutorial's augmentation",
 }
