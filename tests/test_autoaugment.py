@@ -108,8 +108,9 @@ def test_largest_magnitudes_map_to_the_documented_parameters():
 
 
 def test_mixed_batch_equals_each_image_alone():
-    """apply_ops groups images by op and shares the lookups and the resampling; every image must
-    still get exactly its own op and magnitude."""
+    """apply_ops groups images by op and shares the lookups and the resampling (or, without
+    grouping, runs every op on every image); every image must still get exactly its own op and
+    magnitude."""
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8)
     x = _batch(images)
@@ -118,6 +119,8 @@ def test_mixed_batch_equals_each_image_alone():
     magnitude = torch.linspace(-1, 1, 60, dtype=torch.float64)
     fill = torch.tensor(FILL, dtype=torch.uint8)
     out = aa.apply_ops(x, op_index, magnitude, aa.WIDE, fill)
+    # The sync-free form for accelerators (every op on every image, each keeps its own) agrees.
+    assert torch.equal(aa.apply_ops(x, op_index, magnitude, aa.WIDE, fill, grouped=False), out)
     for i in range(60):
         name = aa.OP_NAMES[op_index[i]]
         param = aa.OPS[name].param_of(magnitude[i:i + 1], aa.WIDE, 16)

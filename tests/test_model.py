@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tutorial_reference import seed_mini_reference
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.model import (
     PRESETS,
@@ -14,6 +13,7 @@ from vitlab.model import (
     load_tutorial_state_dict,
     preset,
 )
+from vitlab.tutorial import seed_mini_reference
 
 
 def _randomised_pair(num_classes: int, drop: float = 0.1) -> tuple[torch.nn.Module, ViT]:

@@ -13,8 +13,7 @@ import cli_helpers as h
 from vitlab.cli import main
 from vitlab.data import SeedAugment
 from vitlab.data.augment import MixupCutmix, RandomErasing, VitlabAugment
-from vitlab.model import EncoderBlock, ViT, ViTConfig, preset
-from vitlab.runs import forward_flops
+from vitlab.model import EncoderBlock, ViT, ViTConfig, forward_flops, preset
 from vitlab.train.recipe import build_optimizer, lr_factor, recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,10 +29,11 @@ def _box(changed: torch.Tensor) -> tuple[int, int, int, int] | None:
     return y0, y1, x0, x1
 
 
-def test_random_erasing_draws_one_rectangle_of_noise_per_chosen_sample():
+@pytest.mark.parametrize("everywhere", [False, True], ids=["cpu-form", "sync-free-form"])
+def test_random_erasing_draws_one_rectangle_of_noise_per_chosen_sample(everywhere):
     x = torch.full((4000, 3, 32, 32), 7.0)  # noise is never exactly 7
     g = torch.Generator().manual_seed(0)
-    out = RandomErasing(p=0.25)(x, g)
+    out = RandomErasing(p=0.25, noise_everywhere=everywhere)(x, g)
     changed = (out != 7.0).all(dim=1)  # all channels of an erased pixel
     assert torch.equal(changed, (out != 7.0).any(dim=1))
     boxes = [_box(changed[i]) for i in range(len(x))]

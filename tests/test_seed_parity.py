@@ -3,10 +3,10 @@
 import torch
 import torch.nn.functional as F
 
-from tutorial_reference import seed_mini_reference
 from vitlab.model import ViT, _tutorial_key_map, load_tutorial_state_dict, preset
 from vitlab.train import recipe
 from vitlab.train.recipe import build_optimizer
+from vitlab.tutorial import seed_mini_reference
 
 
 def test_three_seed_recipe_steps_match_the_tutorial_sgd():

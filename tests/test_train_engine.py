@@ -527,3 +527,16 @@ def test_ema_is_evaluated_picks_the_best_and_is_saved(dataset, tmp_path):
     assert evaluate(model, BatchLoader(dataset.test, 8, train=False, shuffle=False,
                                        augment=SeedAugment()))["accuracy"] == \
         best_epoch["ema_accuracy"]
+
+
+def test_eval_batch_size_changes_no_result(dataset, tmp_path):
+    opts = options(1, train_steps_per_epoch=2)
+    fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "a")
+    fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=2, eval_batch_size=5),
+        tmp_path / "b")
+    evals = [[r for r in ckpt.read_jsonl(tmp_path / run / ckpt.METRICS) if r["event"] == "eval"]
+             for run in ("a", "b")]
+    assert evals[0][0]["accuracy"] == evals[1][0]["accuracy"]
+    assert evals[0][0]["ce"] == pytest.approx(evals[1][0]["ce"], rel=1e-6)
+    with pytest.raises(ConfigError, match="eval-batch-size must be at least 1"):
+        options(1, eval_batch_size=0)

@@ -96,6 +96,7 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from vitlab.settings import WEIGHT_CHOICES
+    from vitlab.train.options import COMPILE_MODES
 
     parser = _Parser(prog="vitlab", description="Pre-train Vision Transformers on one image "
                      "dataset and fine-tune them on another, fast.")
@@ -166,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="build a model preset, print its size and run a forward pass")
     i.add_argument("--model", default="seed-mini")
     i.add_argument("--num-classes", type=_int, default=100)
+
+    b = sub.add_parser("bench", help="training and inference images/s of a preset against the "
+                       "tutorial's model code, FLOP/s and the matmul peak, in one process")
+    b.add_argument("--model", default="seed-mini", help="model preset (default: seed-mini)")
+    b.add_argument("--batch-size", type=_int, default=128)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+                   help="vitlab's precision (the tutorial's model always runs fp32; auto: bf16 "
+                        "on CUDA)")
+    b.add_argument("--compile", choices=["off", *COMPILE_MODES],
+                   default="off", help="torch.compile mode for vitlab's model (reduce-overhead: "
+                                       "CUDA graphs)")
+    b.add_argument("--repeats", type=_int, default=5, help="interleaved timing rounds")
+    b.add_argument("--iters", type=_int, default=None,
+                   help="steps per timed sample (default: 20 on CUDA, 2 on the CPU)")
+    b.add_argument("--no-baseline", action="store_true",
+                   help="skip the tutorial's model (vitlab's rows only)")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -265,6 +284,17 @@ def _info(args: argparse.Namespace) -> None:
     print("\n".join(model_summary(args.model, args.num_classes)))
 
 
+def _bench(args: argparse.Namespace) -> None:
+    import json
+
+    from vitlab.bench import format_table, run_bench
+
+    result = run_bench(args.model, batch_size=args.batch_size, device=args.device,
+                       precision=args.precision, compile=args.compile, repeats=args.repeats,
+                       iters=args.iters, baseline=not args.no_baseline)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+
+
 def _rank_tag() -> str:
     """' (rank N)' in a torchrun job's messages, so each process's line says whose it is."""
     from vitlab import distributed
@@ -299,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SIGNAL[signal.SIGINT]
     commands = {"pretrain": _train, "finetune": _train, "run": _train, "evaluate": _evaluate,
                 "predict": _predict, "attention": _attention, "export": _export,
-                "recipes": _recipes, "info": _info}
+                "recipes": _recipes, "info": _info, "bench": _bench}
     try:
         code = commands[args.command](args)
     except VitlabError as e:

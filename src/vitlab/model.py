@@ -412,3 +412,12 @@ def load_tutorial_state_dict(model: ViT, state_dict: dict[str, torch.Tensor]) ->
             )
         converted[our_key] = tensor
     model.load_state_dict(converted, strict=True)
+
+
+def forward_flops(config: ViTConfig) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one image's forward pass through every matrix product:
+    patch projection, QKV, attention scores and mixing, output projection, MLP, head."""
+    tokens, width = config.num_patches + 1, config.width
+    patch = config.num_patches * width * config.num_channels * config.patch_size ** 2
+    block = tokens * (4 * width * width + 2 * width * config.mlp_dim) + 2 * tokens ** 2 * width
+    return 2 * (patch + config.depth * block + width * config.num_classes)

@@ -30,7 +30,7 @@ from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import is_image_folder
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.io import atomic_write_bytes, atomic_write_json
-from vitlab.model import ViT, ViTConfig, preset
+from vitlab.model import ViT, ViTConfig, forward_flops, preset
 from vitlab.predict import PredictionReport
 from vitlab.settings import SETTINGS, check_settings, pick
 from vitlab.train import checkpoint as ckpt
@@ -647,15 +647,6 @@ def _start_or_continue(run_dir: Path, kind: str, start: Callable[[], FitResult],
 def recipe_model(recipe_name: str) -> str:
     """The model preset a recipe brings (seed-mini, the tutorial's, for the others)."""
     return RECIPE_MODELS.get(recipe_name, "seed-mini")
-
-
-def forward_flops(config: ViTConfig) -> int:
-    """Multiply-add FLOPs (2 per MAC) of one image's forward pass through every matrix product:
-    patch projection, QKV, attention scores and mixing, output projection, MLP, head."""
-    tokens, width = config.num_patches + 1, config.width
-    patch = config.num_patches * width * config.num_channels * config.patch_size ** 2
-    block = tokens * (4 * width * width + 2 * width * config.mlp_dim) + 2 * tokens ** 2 * width
-    return 2 * (patch + config.depth * block + width * config.num_classes)
 
 
 def model_summary(name: str, num_classes: int = 100) -> list[str]:

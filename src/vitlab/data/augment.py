@@ -345,6 +345,9 @@ class RandomErasing:
     p: float = 0.25
     scale: tuple[float, float] = (0.02, 1 / 3)
     ratio: tuple[float, float] = (0.3, 3.3)
+    # Noise for every pixel, kept where erased: no host sync (default off the CPU). Otherwise
+    # noise for the erased pixels only, after one sync to count them (default on the CPU).
+    noise_everywhere: bool | None = None
     train_only = True
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -359,17 +362,23 @@ class RandomErasing:
         top = (u[:, 3] * (h - box_h + 1)).floor().long()
         # The left edge from the same uniform's low bits would correlate: draw it apart.
         left = (torch.rand(b, generator=generator, device=x.device) * (w - box_w + 1)).floor()
-        # Noise only for the erased pixels (drawing it is most of the cost): one host sync.
+        bottom, right = top + box_h, left.long() + box_w
+
+        def boxes(rows: Tensor | slice) -> Tensor:  # [n,C,H,W] masks of the rows' rectangles
+            ys = torch.arange(h, device=x.device)[None, :, None]
+            xs = torch.arange(w, device=x.device)[None, None, :]
+            inside = ((ys >= top[rows, None, None]) & (ys < bottom[rows, None, None])
+                      & (xs >= left.long()[rows, None, None]) & (xs < right[rows, None, None]))
+            return inside[:, None].expand(-1, c, h, w)
+
+        everywhere = self.noise_everywhere
+        if everywhere if everywhere is not None else x.device.type != "cpu":
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return torch.where(boxes(slice(None)) & erase.view(b, 1, 1, 1), noise, x)
         rows = erase.nonzero().squeeze(1)
         if rows.numel() == 0:
             return x
-        top, left = top[rows], left.long()[rows]
-        bottom, right = top + box_h[rows], left + box_w[rows]
-        ys = torch.arange(h, device=x.device)[None, :, None]
-        xs = torch.arange(w, device=x.device)[None, None, :]
-        inside = ((ys >= top[:, None, None]) & (ys < bottom[:, None, None])
-                  & (xs >= left[:, None, None]) & (xs < right[:, None, None]))
-        inside = inside[:, None].expand(len(rows), c, h, w)
+        inside = boxes(rows)
         noise = torch.randn(int(inside.sum()), generator=generator, device=x.device,
                             dtype=x.dtype)
         out = x.clone()

@@ -290,13 +290,50 @@ def apply_op(name: str, x: Tensor, param: Tensor, fill: Tensor) -> Tensor:
     return x
 
 
-def apply_ops(x: Tensor, op_index: Tensor, magnitude: Tensor, space: Space, fill: Tensor
-              ) -> Tensor:
+def apply_ops(x: Tensor, op_index: Tensor, magnitude: Tensor, space: Space, fill: Tensor,
+              grouped: bool | None = None) -> Tensor:
     """Image i gets OPS[OP_NAMES[op_index[i]]] at signed magnitude[i] in [-1, 1].
 
-    The images are sorted by op (one host sync per call, for the group sizes), so each op's
-    images are one slice; all point ops then share one table lookup and all geometric ops one
-    resampling, and one gather puts the images back in their places."""
+    grouped (the default on the CPU): each op runs on the images that drew it, which costs one
+    host sync per call (for the group sizes). Otherwise (the default on other devices) every op
+    runs on every image and each image keeps its own op's result: more arithmetic, no sync, so
+    the device never waits on the host. Both give the same images, bit for bit."""
+    if grouped is None:
+        grouped = x.device.type == "cpu"
+    return (_apply_grouped if grouped else _apply_masked)(x, op_index, magnitude, space, fill)
+
+
+def _side(name: str, h: int, w: int) -> int:
+    return h if name == "translate_y" else w
+
+
+def _apply_masked(x: Tensor, op_index: Tensor, magnitude: Tensor, space: Space, fill: Tensor
+                  ) -> Tensor:
+    n, c, h, w = x.shape
+    lut = _levels(x).expand(n, c, 256)
+    matrix = _matrix(like=magnitude)
+    images = []
+    for k, (name, spec) in enumerate(OPS.items()):
+        if spec.kind == "identity":
+            continue
+        chosen = op_index == k
+        param = spec.param_of(magnitude, space, _side(name, h, w))
+        if spec.kind == "lut":
+            lut = torch.where(chosen.view(n, 1, 1), spec.fn(x, param), lut)
+        elif spec.kind == "affine":
+            matrix = torch.where(chosen.view(n, 1), spec.fn(param, h, w), matrix)
+        else:
+            images.append((chosen, spec.fn(x, param)))
+    out = apply_luts(x, lut)  # the identity table for the images of other ops
+    for chosen, image in images:
+        out = torch.where(chosen.view(n, 1, 1, 1), image, out)
+    return affine_nearest(out, matrix, fill)  # the identity matrix resamples nothing
+
+
+def _apply_grouped(x: Tensor, op_index: Tensor, magnitude: Tensor, space: Space, fill: Tensor
+                   ) -> Tensor:
+    """Sorted by op, each op's images are one slice; all point ops then share one table lookup
+    and all geometric ops one resampling, and one gather puts the images back in their places."""
     counts = torch.bincount(op_index, minlength=len(OP_NAMES)).tolist()
     order = torch.argsort(op_index, stable=True)
     xs, ms = x.index_select(0, order), magnitude.index_select(0, order)
@@ -322,7 +359,7 @@ def apply_ops(x: Tensor, op_index: Tensor, magnitude: Tensor, space: Space, fill
         if spec.kind == "identity":
             parts.append(xs[rows])
             continue
-        param = spec.param_of(ms[rows], space, h if name == "translate_y" else w)
+        param = spec.param_of(ms[rows], space, _side(name, h, w))
         if spec.kind == "image":
             parts.append(spec.fn(xs[rows], param))
             continue

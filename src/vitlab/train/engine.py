@@ -370,7 +370,9 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     if options.freeze_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
-    optimizer = build_optimizer(recipe, model.named_parameters())
+    # CUDA: the fused optimizer kernels (one launch per step, no host sync).
+    optimizer = build_optimizer(recipe, model.named_parameters(),
+                                fused=True if device.type == "cuda" else None)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     with contextlib.ExitStack() as held:
@@ -404,7 +406,9 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
     test = dataset.test
     if options.eval_steps_per_epoch is not None:
         test = test.head(options.eval_steps_per_epoch * recipe.batch_size)
-    eval_loader = BatchLoader(test, recipe.batch_size, device=device, augment=evaluation,
+    eval_batch = options.eval_batch_size or (
+        max(recipe.batch_size, 1024) if device.type == "cuda" else recipe.batch_size)
+    eval_loader = BatchLoader(test, eval_batch, device=device, augment=evaluation,
                               train=False, shuffle=False, seed=options.seed,
                               rank=distributed.rank(), world_size=distributed.world_size())
     if options.tensorboard:
@@ -428,14 +432,15 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     progress, device = writer.progress, train_loader.device
     steps_per_epoch = len(train_loader)
     world = distributed.world_size()
-    runnable = torch.compile(model) if options.compile else model  # evaluation's forward
+    compiled = (lambda m: torch.compile(m, mode=options.compile_mode)) if options.compile else None
+    runnable = compiled(model) if compiled else model  # evaluation's forward
     trainable = runnable
     if world > 1:  # gradients averaged across processes by PyTorch's DDP
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                       else None)
-        trainable = torch.compile(ddp) if options.compile else ddp
+        trainable = compiled(ddp) if compiled else ddp
     model.train()
     if options.freeze_encoder:
         model.encoder.eval()  # a linear probe reads fixed features: no dropout in them

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from vitlab.errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+# torch.compile modes; reduce-overhead also captures CUDA graphs (CUDA only).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 MAX_SEED = 2**63 - 1
 
 
@@ -34,10 +36,17 @@ class TrainOptions:
     precision: str = field(default="auto", metadata=_runtime(
         "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS))
     compile: bool = field(default=False, metadata=_runtime("torch.compile the model"))
+    compile_mode: str = field(default="default", metadata=_runtime(
+        "torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
+        choices=COMPILE_MODES))
     train_steps_per_epoch: int | None = field(default=None, metadata=_saved(
         "exactly N batches per epoch (cut short or extended)"))
     eval_steps_per_epoch: int | None = field(default=None, metadata=_saved(
-        "evaluate on N batches only (default: the whole test split)"))
+        "evaluate on N training-size batches' worth of test images only (default: the whole "
+        "test split)"))
+    eval_batch_size: int | None = field(default=None, metadata=_runtime(
+        "evaluation batch size (default: the training batch on the CPU, at least 1024 on CUDA; "
+        "the accuracy does not depend on it)"))
     log_steps: int = field(default=100, metadata=_runtime(
         "a train line every N steps; 0: epoch lines only"))
     checkpoint_steps: int = field(default=0, metadata=_saved(
@@ -59,22 +68,26 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "seed", "log_steps", "checkpoint_steps", "train_steps_per_epoch",
-                     "eval_steps_per_epoch"):
+                     "eval_steps_per_epoch", "eval_batch_size"):
             value = getattr(self, name)
-            if value is None and name.endswith("_per_epoch"):
+            if value is None and (name.endswith("_per_epoch") or name == "eval_batch_size"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"--{_flag(name)} must be an integer, got {value!r}")
         for name in ("epochs", "log_steps", "checkpoint_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("train_steps_per_epoch", "eval_steps_per_epoch"):
+        for name in ("train_steps_per_epoch", "eval_steps_per_epoch", "eval_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"--{_flag(name)} must be at least 1 (omit it for a whole "
-                                  "epoch)")
+                raise ConfigError(f"--{_flag(name)} must be at least 1 (omit it for "
+                                  + ("the default)" if name == "eval_batch_size"
+                                     else "a whole epoch)"))
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"--seed must be in 0..2**63-1, got {self.seed}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"unknown compile mode {self.compile_mode!r}; use "
+                              f"{', '.join(COMPILE_MODES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; use "
                               f"{', '.join(PRECISIONS)}")

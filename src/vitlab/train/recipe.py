@@ -23,14 +23,15 @@ from vitlab.errors import ConfigError
 MAX_EPOCHS = 1_000_000  # more is a typo; it also keeps step counts far from any overflow
 
 
-def _sgd(recipe: Recipe, params: list) -> torch.optim.Optimizer:
+# fused: one kernel per step for all parameters (CUDA); None keeps PyTorch's default (foreach).
+def _sgd(recipe: Recipe, params: list, fused: bool | None = None) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
-                           weight_decay=recipe.weight_decay)
+                           weight_decay=recipe.weight_decay, fused=fused)
 
 
-def _adamw(recipe: Recipe, params: list) -> torch.optim.Optimizer:
+def _adamw(recipe: Recipe, params: list, fused: bool | None = None) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=recipe.lr, betas=(recipe.momentum, 0.999),
-                             weight_decay=recipe.weight_decay)
+                             weight_decay=recipe.weight_decay, fused=fused)
 
 
 # Parameters a recipe with decay_exempt leaves undecayed: scales and shifts (norms, biases),
@@ -38,7 +39,7 @@ def _adamw(recipe: Recipe, params: list) -> torch.optim.Optimizer:
 NO_DECAY_NAMES = ("position_embedding", "cls_token")
 
 
-OPTIMIZERS: dict[str, Callable[[Recipe, list], torch.optim.Optimizer]] = {
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": _sgd,
     "adamw": _adamw,
 }
@@ -197,15 +198,17 @@ def recipe(name: str, **overrides) -> Recipe:
 
 
 def build_optimizer(recipe: Recipe, parameters: Iterable[torch.nn.Parameter]
-                    | Iterable[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
+                    | Iterable[tuple[str, torch.nn.Parameter]], fused: bool | None = None
+                    ) -> torch.optim.Optimizer:
     """The recipe's optimizer over the trainable parameters: weight decay on all of them (the
     tutorial), or with `decay_exempt` (given named parameters) not on 1-d tensors (norms,
-    biases), the position embedding and the CLS token."""
+    biases), the position embedding and the CLS token. `fused`: PyTorch's fused kernels (CUDA)."""
     items = list(parameters)
     named = bool(items) and isinstance(items[0], tuple)
     if not recipe.decay_exempt:
         return OPTIMIZERS[recipe.optimizer](
-            recipe, [p for p in ((i[1] if named else i) for i in items) if p.requires_grad])
+            recipe, [p for p in ((i[1] if named else i) for i in items) if p.requires_grad],
+            fused)
     if not named:
         raise ValueError("decay_exempt needs named parameters (model.named_parameters())")
     decay, no_decay = [], []
@@ -214,7 +217,7 @@ def build_optimizer(recipe: Recipe, parameters: Iterable[torch.nn.Parameter]
             exempt = p.ndim <= 1 or any(part in name for part in NO_DECAY_NAMES)
             (no_decay if exempt else decay).append(p)
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return OPTIMIZERS[recipe.optimizer](recipe, [g for g in groups if g["params"]])
+    return OPTIMIZERS[recipe.optimizer](recipe, [g for g in groups if g["params"]], fused)
 
 
 def lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:

@@ -1,7 +1,10 @@
-"""The tutorial's ViT, as written in ../shared/seed (FastEstimator's ViT example), for parity tests.
+"""The tutorial's ViT, as written in ../shared/seed (FastEstimator's ViT example): the reference of
+the parity tests and the baseline of `vitlab bench`.
 
 Kept verbatim in behaviour: sequence-first `nn.TransformerEncoder` with GELU, post-norm, dropout.
 """
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -34,7 +37,9 @@ class ViTEncoder(nn.Module):
         self.embedding = ViTEmbeddings(image_size, patch_size, num_channels, em_dim, drop)
         encoder_layer = TransformerEncoderLayer(em_dim, nhead=num_heads, dim_feedforward=ff_dim,
                                                 activation="gelu", dropout=drop)
-        self.encoder = TransformerEncoder(encoder_layer=encoder_layer, num_layers=num_layers)
+        with warnings.catch_warnings():  # the tutorial's layout has no nested-tensor fast path
+            warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
+            self.encoder = TransformerEncoder(encoder_layer=encoder_layer, num_layers=num_layers)
         self.layernorm = nn.LayerNorm(em_dim, eps=1e-6)
 
     def forward(self, x):

@@ -1,0 +1,187 @@
+"""`vitlab bench`: training and inference throughput of a preset, against the tutorial's own model
+code at the same dimensions, measured in the same process.
+
+Each candidate (the tutorial's ViTModel in fp32 eager, as the tutorial runs it; vitlab's ViT at
+the chosen precision and compile mode) gets a training step (forward, cross-entropy, backward, the
+seed recipe's SGD step; the fused optimizer on CUDA, as `fit` uses) and an inference step on one
+fixed random batch. After warm-up (compilation included) the candidates are timed in turns, round
+after round, and each reports its median. FLOP/s count the matrix products of `forward_flops`
+(3x for a training step: forward, and backward's two products per weight); the peak they are a
+fraction of is a large square matrix multiply in the same dtype, timed in the same run.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from vitlab.errors import ConfigError
+from vitlab.model import ViT, ViTConfig, forward_flops, preset
+from vitlab.train import options
+from vitlab.train.engine import resolve_device, resolve_precision, train_step
+from vitlab.train.recipe import build_optimizer, recipe
+from vitlab.tutorial import ViTModel
+
+COMPILE_MODES = ("off", *options.COMPILE_MODES)
+
+
+@dataclass
+class Row:
+    mode: str  # train | inference
+    model: str  # "tutorial" or the vitlab candidate's label
+    images_per_s: float
+    step_ms: float
+    tflops: float  # achieved, counting forward_flops' matrix products
+    peak_fraction: float  # of the matmul peak measured in this run
+    speedup: float  # images/s over the tutorial's in the same mode (1.0 for the tutorial)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def tutorial_model(config: ViTConfig) -> ViTModel:
+    """The tutorial's ViTModel with the preset's dimensions (its own layout: post-norm)."""
+    return ViTModel(num_classes=config.num_classes, num_layers=config.depth,
+                    image_size=config.image_size, patch_size=config.patch_size,
+                    num_channels=config.num_channels, em_dim=config.width,
+                    drop=config.dropout, num_heads=config.num_heads, ff_dim=config.mlp_dim)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """FLOP/s of a square matrix multiply (4096 on CUDA, 1024 on the CPU), median of repeats."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    iters = 20 if device.type == "cuda" else 3
+    torch.mm(a, b)
+    samples = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a, b)
+        _sync(device)
+        samples.append(2 * n ** 3 * iters / (time.perf_counter() - start))
+    return statistics.median(samples)
+
+
+def _timed_rounds(steps: dict[str, Callable[[], object]], device: torch.device, iters: int,
+                  repeats: int) -> dict[str, float]:
+    """Median seconds per step of each candidate, timed in turns every round."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                step()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) / iters)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = "auto",
+              precision: str = "fp32", compile: str = "off", num_classes: int = 100,
+              repeats: int = 5, iters: int | None = None, warmup: int = 3,
+              baseline: bool = True) -> dict:
+    """Measure; returns {"environment": ..., "rows": [Row as dict, ...]} (see the module doc)."""
+    if compile not in COMPILE_MODES:
+        raise ConfigError(f"unknown compile mode {compile!r}; known: {', '.join(COMPILE_MODES)}")
+    for name, value in (("batch size", batch_size), ("repeats", repeats), ("warm-up", warmup + 1)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    target = resolve_device(device)
+    autocast_dtype = resolve_precision(precision, target)
+    config = preset(model, num_classes=num_classes)
+    iters = iters or (20 if target.type == "cuda" else 2)
+    torch.manual_seed(0)
+    images = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size,
+                         device=target)
+    labels = torch.randint(0, num_classes, (batch_size,), device=target)
+    seed = recipe("seed")
+    fused = True if target.type == "cuda" else None
+    label = "vitlab " + ("bf16" if autocast_dtype is not None else "fp32") + (
+        f", compile {compile}" if compile != "off" else "")
+
+    candidates: dict[str, tuple[torch.nn.Module, torch.nn.Module, torch.dtype | None]] = {}
+    if baseline:
+        reference = tutorial_model(config).to(target)
+        candidates["tutorial"] = (reference, reference, None)
+    ours = ViT(config).to(target)
+    runnable = ours if compile == "off" else torch.compile(ours, mode=compile)
+    candidates[label] = (ours, runnable, autocast_dtype)
+
+    def trainer(module, runnable, dtype) -> Callable[[], object]:
+        optimizer = build_optimizer(seed, module.parameters(), fused=fused)
+        return lambda: train_step(runnable, optimizer, images, labels, seed, dtype)
+
+    def inferer(runnable, dtype) -> Callable[[], object]:
+        def step():
+            with torch.inference_mode(), torch.autocast(target.type, dtype=dtype or
+                                                        torch.float32, enabled=dtype is not None):
+                return runnable(images)
+        return step
+
+    flops = {"train": 3 * forward_flops(config) * batch_size,
+             "inference": forward_flops(config) * batch_size}
+    peak = matmul_peak(target, autocast_dtype or torch.float32)
+    rows: list[Row] = []
+    compile_seconds = {}
+    for mode in ("train", "inference"):
+        steps = {}
+        for name, (module, run, dtype) in candidates.items():
+            module.train(mode == "train")
+            steps[name] = trainer(module, run, dtype) if mode == "train" else inferer(run, dtype)
+        for name, step in steps.items():  # warm-up: compilation and autotuning happen here
+            start = time.perf_counter()
+            for _ in range(warmup):
+                step()
+            _sync(target)
+            compile_seconds[f"{mode} {name}"] = round(time.perf_counter() - start, 2)
+        seconds = _timed_rounds(steps, target, iters if mode == "train" else 3 * iters, repeats)
+        base = seconds.get("tutorial")
+        for name, s in seconds.items():
+            rows.append(Row(mode=mode, model=name, images_per_s=batch_size / s, step_ms=1e3 * s,
+                            tflops=flops[mode] / s / 1e12, peak_fraction=flops[mode] / s / peak,
+                            speedup=(base / s) if base else float("nan")))
+    environment = {
+        "device": device_name(target), "torch": torch.__version__,
+        "cuda": torch.version.cuda if target.type == "cuda" else None,
+        "model": model, "parameters": sum(p.numel() for p in ours.parameters()),
+        "batch_size": batch_size, "precision": "bf16" if autocast_dtype else "fp32",
+        "compile": compile, "repeats": repeats, "iters": iters,
+        "forward_gflops_per_image": forward_flops(config) / 1e9,
+        "matmul_peak_tflops": peak / 1e12, "warmup_seconds": compile_seconds,
+    }
+    return {"environment": environment, "rows": [asdict(r) for r in rows]}
+
+
+def format_table(result: dict) -> str:
+    """The result as a Markdown table with a header line saying what was measured where."""
+    env = result["environment"]
+    lines = [f"{env['model']} ({env['parameters']:,} params), batch {env['batch_size']}, "
+             f"{env['device']}, torch {env['torch']}; median of {env['repeats']} interleaved "
+             f"rounds; matmul peak {env['matmul_peak_tflops']:.2f} TFLOP/s "
+             f"({env['precision']})", "",
+             "| mode | model | images/s | step (ms) | TFLOP/s | of peak | vs tutorial |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        ratio = "" if r["speedup"] != r["speedup"] else f"{r['speedup']:.2f}x"
+        lines.append(f"| {r['mode']} | {r['model']} | {r['images_per_s']:,.0f} | "
+                     f"{r['step_ms']:.2f} | {r['tflops']:.3f} | {100 * r['peak_fraction']:.1f}% "
+                     f"| {ratio} |")
+    return "\n".join(lines)
+

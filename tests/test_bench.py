@@ -1,0 +1,61 @@
+"""`vitlab bench`: its rows are measurements of the right models, and the command line works."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli_helpers import assert_one_error_line, run_cli
+from vitlab.bench import format_table, run_bench, tutorial_model
+from vitlab.errors import ConfigError
+from vitlab.model import ViT, forward_flops, preset
+from vitlab.tutorial import seed_mini_reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_baseline_is_the_tutorials_model_at_the_presets_dimensions():
+    config = preset("seed-mini", 100)
+    baseline = tutorial_model(config)
+    assert sum(p.numel() for p in baseline.parameters()) == 3_218_020  # the tutorial's count
+    assert repr(baseline) == repr(seed_mini_reference(100))
+    assert sum(p.numel() for p in ViT(config).parameters()) == 3_218_020
+
+
+def test_rows_hold_consistent_measurements():
+    result = run_bench("micro", batch_size=8, device="cpu", repeats=2, iters=1, warmup=1)
+    env, rows = result["environment"], result["rows"]
+    assert env["model"] == "micro" and env["precision"] == "fp32" and env["compile"] == "off"
+    assert env["matmul_peak_tflops"] > 0
+    assert [(r["mode"], r["model"]) for r in rows] == [
+        ("train", "tutorial"), ("train", "vitlab fp32"),
+        ("inference", "tutorial"), ("inference", "vitlab fp32")]
+    flops = forward_flops(preset("micro", 100)) * 8
+    for r in rows:
+        assert r["images_per_s"] == pytest.approx(8 / (r["step_ms"] / 1e3))
+        per_step = (3 if r["mode"] == "train" else 1) * flops
+        assert r["tflops"] == pytest.approx(per_step / (r["step_ms"] / 1e3) / 1e12)
+        assert r["peak_fraction"] == pytest.approx(r["tflops"] / env["matmul_peak_tflops"])
+    by = {(r["mode"], r["model"]): r for r in rows}
+    assert by[("train", "tutorial")]["speedup"] == 1.0
+    assert by[("train", "vitlab fp32")]["speedup"] == pytest.approx(
+        by[("train", "tutorial")]["step_ms"] / by[("train", "vitlab fp32")]["step_ms"])
+    table = format_table(result)
+    assert table.count("\n| ") == 5 and "matmul peak" in table  # header row + 4 rows
+
+
+def test_bad_settings_are_errors():
+    with pytest.raises(ConfigError, match="unknown compile mode"):
+        run_bench("micro", compile="fastest", device="cpu")
+    with pytest.raises(ConfigError, match="batch size"):
+        run_bench("micro", batch_size=0, device="cpu")
+
+
+def test_bench_command_prints_json_and_refuses_bad_input(tmp_path):
+    done = run_cli("bench", "--model", "micro", "--batch-size", "4", "--device", "cpu",
+                   "--repeats", "1", "--iters", "1", "--json", cwd=tmp_path)
+    result = json.loads(done.stdout)
+    assert {r["model"] for r in result["rows"]} == {"tutorial", "vitlab fp32"}
+    bad = run_cli("bench", "--model", "nope", "--device", "cpu", cwd=tmp_path, expect=2)
+    assert "unknown model preset" in assert_one_error_line(bad.stderr, "bench")
