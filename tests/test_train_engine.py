@@ -3,6 +3,7 @@ N steps, checkpoints, NaN, Ctrl-C and resume), the run directory's files and the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -82,7 +83,7 @@ def test_recipe_overrides_skip_none_and_round_trip():
     {"weight_decay": -1e-4}, {"label_smoothing": 1.0}, {"batch_size": 0}, {"grad_clip": 0.0},
     {"optimizer": "adam"}, {"schedule": "step"}, {"epochs": -1}, {"warmup_epochs": -1.0},
     {"warmup_epochs": 1e308}, {"epochs": 10**7},
-    {"augment": "randaugment"},
+    {"augment": "autoaugment"}, {"ema_decay": 1.0}, {"ema_decay": -0.1},
 ])
 def test_recipe_validation(change):
     with pytest.raises(ConfigError):
@@ -540,3 +541,17 @@ def test_eval_batch_size_changes_no_result(dataset, tmp_path):
     assert evals[0][0]["ce"] == pytest.approx(evals[1][0]["ce"], rel=1e-6)
     with pytest.raises(ConfigError, match="eval-batch-size must be at least 1"):
         options(1, eval_batch_size=0)
+
+
+def test_compiled_training_equals_eager_training(dataset, tmp_path):
+    """--compile (torch.compile's default mode on the CPU) trains the same model: same losses and
+    weights to float32 rounding (the compiled kernels fuse and reorder arithmetic)."""
+    config = dataclasses.replace(CONFIG, dropout=0.0)
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        opts = options(1, train_steps_per_epoch=3, compile=compiled)
+        fit(ViT(config), dataset, RECIPE, opts, tmp_path / str(compiled))
+        runs[compiled] = ckpt.load_weights(tmp_path / str(compiled) / ckpt.WEIGHTS)
+    for name, tensor in runs[False].items():
+        assert torch.allclose(runs[True][name], tensor, atol=1e-5), name

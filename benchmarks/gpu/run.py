@@ -3,16 +3,20 @@
     python benchmarks/gpu/run.py --data DATA --out OUT [--stages env,bench,seed,vitlab]
 
 DATA holds the array folders cifar100/ and cifar10/ (../shared/data here; on the device machine,
-what `device_data.py join` rebuilt). Stages, each writing JSON and a log under OUT:
+what `device_data.py join` rebuilt). Stages:
 
-  env     the card's name, driver, CUDA and torch versions (env.json, nvidia-smi.txt)
-  bench   `vitlab bench --json` for seed-mini and vitlab-mini in fp32 and bf16, compile off and on
-          (bench/*.json, bench.md); the compile mode with the best bf16 training rate for
-          seed-mini is then used by the runs (unless --compile is given)
+  env     the card's name, driver, CUDA and torch versions
+  bench   `vitlab bench` (vitlab.bench.run_bench, in this process) for seed-mini against the
+          tutorial's model in fp32 and bf16 with each compile mode, then vitlab-mini in bf16 with
+          the mode that trained seed-mini fastest; that mode is then used by the runs (unless
+          --compile is given)
   seed    `vitlab run` with the seed recipe: 100 epochs CIFAR-100 + 1 epoch CIFAR-10, timed
   vitlab  the same with --recipe vitlab
 
-summary.json is rewritten after every stage, so a run cut short still returns what it finished.
+OUT gets at most eight files (what the device tool returns): summary.json (every figure; it is
+rewritten after each stage, so a session cut short still returns what it finished), bench.md,
+curves-<recipe>.png of each pre-training, run-<recipe>.log. Run directories and per-case logs
+stay in --work.
 --deadline SECONDS skips stages that would start after that much time. Rehearse on the CPU with
 tiny budgets before spending device minutes:
 
@@ -30,6 +34,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+# The device machine has torch and vitlab's dependencies but cannot pip-install: run from source.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
+sys.path.insert(0, str(SRC))
 
 BENCH_CASES = [("fp32", "off"), ("bf16", "off"), ("bf16", "default"), ("bf16", "reduce-overhead")]
 
@@ -64,52 +74,48 @@ def stage_env(out: Path, device: str) -> dict:
     else:
         info["card"] = None
     if shutil.which("nvidia-smi"):
-        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True)
-        (out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr)
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
+                              "clocks.max.sm", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        info["nvidia_smi"] = (smi.stdout + smi.stderr).strip()
     try:
         import timm
 
         info["timm"] = timm.__version__
     except ImportError:
         info["timm"] = None
-    (out / "env.json").write_text(json.dumps(info, indent=1))
     return info
 
 
 def stage_bench(out: Path, args: argparse.Namespace) -> dict:
-    folder = out / "bench"
-    folder.mkdir(exist_ok=True)
+    from vitlab.bench import format_table, run_bench
+
     results, tables = {}, []
-    for model in ("seed-mini", "vitlab-mini"):
-        for precision, mode in BENCH_CASES:
-            name = f"{model}-{precision}-{mode}"
-            if args.device == "cpu" and mode == "reduce-overhead":
-                continue  # CUDA graphs: nothing to capture on the CPU
-            command = vitlab("bench", "--model", model, "--device", args.device, "--precision",
-                             precision, "--compile", mode, "--repeats", str(args.bench_repeats),
-                             "--json", *(["--no-baseline"] if model != "seed-mini" else []))
-            code, seconds = run_logged(command, folder / f"{name}.log", args.stage_timeout)
-            text = (folder / f"{name}.log").read_text()
-            entry: dict = {"exit": code, "seconds": round(seconds, 1)}
-            if code == 0:
-                entry |= json.loads(text[text.index("{"):])
-                (folder / f"{name}.json").write_text(json.dumps(entry, indent=1))
-                tables.append(f"### {name}\n\n{_table(entry)}\n")
-            results[name] = entry
-    (out / "bench.md").write_text("\n".join(tables))
+    cases = [("seed-mini", precision, mode) for precision, mode in BENCH_CASES
+             if not (args.device == "cpu" and mode == "reduce-overhead")]  # CUDA graphs only
+    cases.append(("vitlab-mini", "bf16", None))  # None: seed-mini's fastest mode, known by then
+    for model, precision, mode in cases:
+        if mode is None:
+            mode = best_compile_mode(results)
+        name = f"{model}-{precision}-{mode}"
+        start = time.perf_counter()
+        try:
+            entry = run_bench(model, device=args.device, precision=precision, compile=mode,
+                              repeats=args.bench_repeats, baseline=model == "seed-mini")
+            tables.append(f"### {name}\n\n{format_table(entry)}\n")
+        except Exception as e:  # a mode that fails on this card is a finding, not a stop
+            entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        entry["seconds"] = round(time.perf_counter() - start, 1)
+        results[name] = entry
+        print(f"bench {name}: {entry.get('error', 'ok')} ({entry['seconds']} s)", flush=True)
+        (out / "bench.md").write_text("\n".join(tables))
     return results
-
-
-def _table(entry: dict) -> str:
-    from vitlab.bench import format_table
-
-    return format_table(entry)
 
 
 def best_compile_mode(bench: dict) -> str:
     """The compile mode of seed-mini's fastest bf16 training step in the bench stage."""
     best, mode = 0.0, "off"
-    for (precision, candidate) in BENCH_CASES:
+    for precision, candidate in BENCH_CASES:
         entry = bench.get(f"seed-mini-{precision}-{candidate}", {})
         for row in entry.get("rows", []):
             if precision == "bf16" and row["mode"] == "train" and row["model"] != "tutorial" \
@@ -119,7 +125,7 @@ def best_compile_mode(bench: dict) -> str:
 
 
 def stage_run(out: Path, args: argparse.Namespace, recipe: str, compile_mode: str) -> dict:
-    run_dir = out / "runs" / recipe
+    run_dir = args.work / "runs" / recipe
     if run_dir.exists():
         shutil.rmtree(run_dir)
     budget = []
@@ -152,8 +158,8 @@ def stage_run(out: Path, args: argparse.Namespace, recipe: str, compile_mode: st
             "train_seconds": finish[-1].get("total_time") if finish else None,
         }
         curves = run_dir / stage / "curves.png"
-        if curves.is_file():
-            shutil.copy(curves, out / f"curves-{recipe}-{stage}.png")
+        if curves.is_file() and stage == "pretrain":
+            shutil.copy(curves, out / f"curves-{recipe}.png")
     evaluation = run_dir / "evaluation" / "evaluation.json"
     if evaluation.is_file():
         result["evaluation_accuracy"] = json.loads(evaluation.read_text()).get("accuracy")
@@ -164,7 +170,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True,
                         help="folder with the cifar100/ and cifar10/ array folders")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the (at most eight) result files")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/vitlab-gpu-work"),
+                        help="run directories (default: /tmp/vitlab-gpu-work)")
     parser.add_argument("--stages", default="env,bench,seed,vitlab")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile", default=None,
@@ -183,6 +192,7 @@ def main() -> None:
         if not (args.data / folder / "train.npz").is_file():
             raise SystemExit(f"no {folder}/train.npz in {args.data}: join the device data first")
     args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     start = time.perf_counter()
     summary: dict = {"command": " ".join(sys.argv), "stages": {}}
