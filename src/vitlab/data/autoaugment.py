@@ -38,13 +38,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from vitlab.errors import ConfigError
-
-_SMOOTH = np.float32([1 / 13, 5 / 13])  # Pillow's ImageFilter.SMOOTH, normalized as it does
 
 
 def _blend(degenerate: Tensor, image: Tensor, factor: Tensor) -> Tensor:
@@ -142,17 +139,16 @@ def color(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def smooth(x: Tensor) -> Tensor:
-    """Pillow's ImageFilter.SMOOTH (3x3, centre 5, divisor 13); the one-pixel border is kept."""
-    f = x.to(torch.float32)
-    side, centre = (float(v) for v in _SMOOTH)
+    """Pillow's ImageFilter.SMOOTH (3x3, centre 5, divisor 13); the one-pixel border is kept.
 
-    def row(r: Tensor, middle: float) -> Tensor:  # one kernel row over columns 1..W-2
-        return r[..., :-2] * side + r[..., 1:-1] * middle + r[..., 2:] * side
-
-    # Pillow sums 0.5 + row below + own row + row above, each row left to right, then truncates.
-    total = 0.5 + row(f[:, :, 2:], side) + row(f[:, :, 1:-1], centre) + row(f[:, :, :-2], side)
+    Pillow computes 0.5 + sum(w * p) / 13 in float32 and truncates. The exact value (S + 6.5) / 13
+    (S the integer weighted sum) is never within 1/26 of an integer, far beyond float32 rounding,
+    so integer arithmetic, floor((2S + 13) / 26), gives Pillow's bytes."""
+    v = x.to(torch.int16)  # S <= 13 * 255
+    rows = v[..., :-2] + v[..., 1:-1] + v[..., 2:]  # horizontal sums of three
+    total = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:] + 4 * v[:, :, 1:-1, 1:-1]
     out = x.clone()
-    out[:, :, 1:-1, 1:-1] = total.clamp_(0, 255).to(torch.uint8)
+    out[:, :, 1:-1, 1:-1] = (2 * total + 13) // 26
     return out
 
 
@@ -163,11 +159,16 @@ def sharpness(x: Tensor, factor: Tensor) -> Tensor:
 
 # Geometric ops: (parameter [n], height, width) -> affine matrices [n,6] for affine_nearest.
 
-def _matrix(a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0, like: Tensor | None = None) -> Tensor:
-    """[n,6] float64 matrices (a..f), entries given as [n] tensors or numbers."""
-    entries = [torch.as_tensor(v, dtype=torch.float64, device=like.device).expand(len(like))
-               for v in (a, b, c, d, e, f)]
-    return torch.stack(entries, 1)
+_IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # (a, b, c, d, e, f): x' = a x + b y + c, y' = d x + e y + f
+
+
+def _matrix(like: Tensor, **entries: Tensor) -> Tensor:
+    """[n,6] float64 matrices on like's device: the identity, with the given entries (a..f)."""
+    m = torch.tensor(_IDENTITY, dtype=torch.float64, device=like.device).expand(len(like), 6)
+    m = m.clone()
+    for name, value in entries.items():
+        m[:, "abcdef".index(name)] = value
+    return m
 
 
 def rotate_matrix(degrees: Tensor, h: int, w: int) -> Tensor:
@@ -175,24 +176,24 @@ def rotate_matrix(degrees: Tensor, h: int, w: int) -> Tensor:
     theta = torch.deg2rad(degrees.to(torch.float64))
     cos, sin = torch.cos(theta), torch.sin(theta)
     cx, cy = w / 2.0, h / 2.0
-    return _matrix(cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy,
-                   like=degrees)
+    return _matrix(degrees, a=cos, b=-sin, c=cx - cos * cx + sin * cy, d=sin, e=cos,
+                   f=cy - sin * cx - cos * cy)
 
 
 def shear_x_matrix(shear: Tensor, h: int, w: int) -> Tensor:
-    return _matrix(b=shear, like=shear)
+    return _matrix(shear, b=shear)
 
 
 def shear_y_matrix(shear: Tensor, h: int, w: int) -> Tensor:
-    return _matrix(d=shear, like=shear)
+    return _matrix(shear, d=shear)
 
 
 def translate_x_matrix(pixels: Tensor, h: int, w: int) -> Tensor:
-    return _matrix(c=pixels, like=pixels)
+    return _matrix(pixels, c=pixels)
 
 
 def translate_y_matrix(pixels: Tensor, h: int, w: int) -> Tensor:
-    return _matrix(f=pixels, like=pixels)
+    return _matrix(pixels, f=pixels)
 
 
 def affine_nearest(x: Tensor, matrix: Tensor, fill: Tensor) -> Tensor:
@@ -311,7 +312,7 @@ def _apply_masked(x: Tensor, op_index: Tensor, magnitude: Tensor, space: Space, 
                   ) -> Tensor:
     n, c, h, w = x.shape
     lut = _levels(x).expand(n, c, 256)
-    matrix = _matrix(like=magnitude)
+    matrix = _matrix(magnitude)
     images = []
     for k, (name, spec) in enumerate(OPS.items()):
         if spec.kind == "identity":
