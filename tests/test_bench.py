@@ -27,7 +27,7 @@ def test_rows_hold_consistent_measurements():
     result = run_bench("micro", batch_size=8, device="cpu", repeats=2, iters=1, warmup=1)
     env, rows = result["environment"], result["rows"]
     assert env["model"] == "micro" and env["precision"] == "fp32" and env["compile"] == "off"
-    assert env["matmul_peak_tflops"] > 0
+    assert set(env["matmul_peak_tflops"]) == {"float32"} and env["matmul_peak_tflops"]["float32"] > 0
     assert [(r["mode"], r["model"]) for r in rows] == [
         ("train", "tutorial"), ("train", "vitlab fp32"),
         ("inference", "tutorial"), ("inference", "vitlab fp32")]
@@ -36,7 +36,7 @@ def test_rows_hold_consistent_measurements():
         assert r["images_per_s"] == pytest.approx(8 / (r["step_ms"] / 1e3))
         per_step = (3 if r["mode"] == "train" else 1) * flops
         assert r["tflops"] == pytest.approx(per_step / (r["step_ms"] / 1e3) / 1e12)
-        assert r["peak_fraction"] == pytest.approx(r["tflops"] / env["matmul_peak_tflops"])
+        assert r["peak_fraction"] == pytest.approx(r["tflops"] / env["matmul_peak_tflops"]["float32"])
     by = {(r["mode"], r["model"]): r for r in rows}
     assert by[("train", "tutorial")]["speedup"] == 1.0
     assert by[("train", "vitlab fp32")]["speedup"] == pytest.approx(

@@ -21,7 +21,7 @@ stay in --work.
 tiny budgets before spending device minutes:
 
     python benchmarks/gpu/run.py --data ../shared/data --out /tmp/rehearsal --device cpu \\
-        --epochs 1 --train-steps 4 --eval-steps 2 --bench-repeats 1
+        --epochs 1 --train-steps 4 --eval-steps 2 --bench-repeats 1 --bench-batch-size 8
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def stage_bench(out: Path, args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         try:
             entry = run_bench(model, device=args.device, precision=precision, compile=mode,
-                              repeats=args.bench_repeats, baseline=model == "seed-mini")
+                              batch_size=args.bench_batch_size, repeats=args.bench_repeats,
+                              baseline=model == "seed-mini")
             tables.append(f"### {name}\n\n{format_table(entry)}\n")
         except Exception as e:  # a mode that fails on this card is a finding, not a stop
             entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
@@ -109,14 +110,14 @@ def stage_bench(out: Path, args: argparse.Namespace) -> dict:
         results[name] = entry
         print(f"bench {name}: {entry.get('error', 'ok')} ({entry['seconds']} s)", flush=True)
         (out / "bench.md").write_text("\n".join(tables))
-    return results
+    return {"cases": results}
 
 
-def best_compile_mode(bench: dict) -> str:
+def best_compile_mode(cases: dict) -> str:
     """The compile mode of seed-mini's fastest bf16 training step in the bench stage."""
     best, mode = 0.0, "off"
     for precision, candidate in BENCH_CASES:
-        entry = bench.get(f"seed-mini-{precision}-{candidate}", {})
+        entry = cases.get(f"seed-mini-{precision}-{candidate}", {})
         for row in entry.get("rows", []):
             if precision == "bf16" and row["mode"] == "train" and row["model"] != "tutorial" \
                     and row["images_per_s"] > best:
@@ -180,6 +181,7 @@ def main() -> None:
                         help="compile mode for the runs (off, default, reduce-overhead, "
                              "max-autotune; default: the bench stage's best, else off)")
     parser.add_argument("--bench-repeats", type=int, default=5)
+    parser.add_argument("--bench-batch-size", type=int, default=128, help="128: the tutorial's")
     parser.add_argument("--epochs", type=int, default=None, help="override (rehearsals)")
     parser.add_argument("--train-steps", type=int, default=None, help="per epoch (rehearsals)")
     parser.add_argument("--eval-steps", type=int, default=None, help="per epoch (rehearsals)")
@@ -208,7 +210,7 @@ def main() -> None:
         elif stage == "bench":
             result = stage_bench(args.out, args)
             if compile_mode is None:
-                compile_mode = best_compile_mode(result)
+                compile_mode = best_compile_mode(result["cases"])
         elif stage in ("seed", "vitlab"):
             result = stage_run(args.out, args, stage, compile_mode or "off")
         else:
