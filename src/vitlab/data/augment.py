@@ -386,10 +386,14 @@ class RandomErasing:
         return out
 
 
-def _beta(alpha: float, generator: torch.Generator | None, device: torch.device) -> float:
-    """One Beta(alpha, alpha) draw from the batch's generator (via a NumPy generator it seeds)."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
+def _host_rng(generator: torch.Generator | None) -> np.random.Generator:
+    """A NumPy generator for a batch's scalar draws, from the batch's torch generator without
+    waiting on its device: a CPU generator is drawn from; a device generator's state (its seed
+    and offset, which live on the host) seeds it."""
+    if generator is None or generator.device.type == "cpu":
+        return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    words = generator.get_state().numpy().view(np.uint8)
+    return np.random.default_rng(list(words.tobytes()))
 
 
 @dataclass
@@ -400,8 +404,9 @@ class MixupCutmix:
 
     With probability `switch_prob` the batch is CutMixed (a box of area 1 - lam taken from the
     partner, lam ~ Beta(cutmix_alpha), then corrected to the box's clipped area), otherwise
-    Mixuped (lam ~ Beta(mixup_alpha)); `prob` is the chance a batch is mixed at all. Evaluation
-    (train=False) passes through unchanged with class-index targets.
+    Mixuped (lam ~ Beta(mixup_alpha)); `prob` is the chance a batch is mixed at all. These
+    per-batch scalars are drawn on the host (see `_host_rng`), so a GPU batch never waits for
+    them. Evaluation (train=False) passes through unchanged with class-index targets.
     """
 
     transform: BatchTransform
@@ -416,28 +421,28 @@ class MixupCutmix:
         x, labels = self.transform(images, labels, train, generator)
         if not train:
             return x, labels
-        device = x.device
-        draws = torch.rand(2, generator=generator, device=device).tolist()
-        cutmix = draws[1] < self.switch_prob
-        lam = _beta(self.cutmix_alpha if cutmix else self.mixup_alpha, generator, device)
+        rng = _host_rng(generator)
+        mix, switch = rng.random(2)
+        cutmix = switch < self.switch_prob
+        lam = float(rng.beta(*(2 * [self.cutmix_alpha if cutmix else self.mixup_alpha])))
         one_hot = torch.nn.functional.one_hot(labels, self.num_classes).to(x.dtype)
-        if draws[0] >= self.prob:
+        if mix >= self.prob:
             return x, one_hot
         partner = x.flip(0)
         if cutmix:
-            x, lam = _cutmix(x, partner, lam, generator)
+            x, lam = _cutmix(x, partner, lam, rng)
         else:
             x = x * lam + partner * (1.0 - lam)
         return x, one_hot * lam + one_hot.flip(0) * (1.0 - lam)
 
 
-def _cutmix(x: Tensor, partner: Tensor, lam: float, generator: torch.Generator | None
+def _cutmix(x: Tensor, partner: Tensor, lam: float, rng: np.random.Generator
             ) -> tuple[Tensor, float]:
     """Paste the partner's box of area fraction ~(1 - lam); return the batch and the true lam."""
     _, _, h, w = x.shape
     cut = float(np.sqrt(1.0 - lam))
-    centre = torch.rand(2, generator=generator, device=x.device).tolist()
-    cy, cx = int(centre[0] * h), int(centre[1] * w)
+    centre_y, centre_x = rng.random(2)
+    cy, cx = int(centre_y * h), int(centre_x * w)
     half_h, half_w = int(h * cut) // 2, int(w * cut) // 2
     y0, y1 = max(cy - half_h, 0), min(cy + half_h, h)
     x0, x1 = max(cx - half_w, 0), min(cx + half_w, w)
