@@ -555,3 +555,23 @@ def test_compiled_training_equals_eager_training(dataset, tmp_path):
         runs[compiled] = ckpt.load_weights(tmp_path / str(compiled) / ckpt.WEIGHTS)
     for name, tensor in runs[False].items():
         assert torch.allclose(runs[True][name], tensor, atol=1e-5), name
+
+
+def test_resuming_a_finished_run_rewrites_its_weight_files_from_the_trainer_state(dataset,
+                                                                                  tmp_path):
+    """A process killed between its last trainer state (written first) and the weight files
+    leaves stale weights; the resume that says there is nothing to resume repairs them."""
+    ema_recipe = recipe("seed", batch_size=8, lr=0.05, ema_decay=0.9)
+    fit(tiny_model(), dataset, ema_recipe, options(1, train_steps_per_epoch=2), tmp_path)
+    state = torch.load(tmp_path / ckpt.TRAINER_STATE, weights_only=True)
+    stale = tiny_model(seed=1).state_dict()
+    ckpt.save_weights(tmp_path / ckpt.WEIGHTS, stale)
+    ckpt.save_weights(tmp_path / ckpt.EMA_WEIGHTS, stale)
+    (tmp_path / ckpt.BEST_WEIGHTS).unlink()
+    with pytest.raises(CheckpointError, match="already finished its 1 epochs"):
+        fit(tiny_model(), dataset, ema_recipe, options(1, train_steps_per_epoch=2), tmp_path,
+            resume=True)
+    for name, key in ((ckpt.WEIGHTS, "model"), (ckpt.EMA_WEIGHTS, "ema"),
+                      (ckpt.BEST_WEIGHTS, "ema")):
+        saved = ckpt.load_weights(tmp_path / name)
+        assert all(torch.equal(saved[k], v) for k, v in state[key].items()), name

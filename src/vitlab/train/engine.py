@@ -321,6 +321,21 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     return progress
 
 
+def _rewrite_final_weights(run_dir: Path, model: nn.Module, ema: WeightEMA | None,
+                           progress: Progress) -> None:
+    """The weight files of a finished run, from its trainer state: the process may have died
+    after writing that state (which comes first) and before the weight files."""
+    meta = {"step": str(progress.global_step), "epoch": str(progress.epoch)}
+    final = model.state_dict()
+    ckpt.save_weights(run_dir / ckpt.WEIGHTS, final, meta)
+    if ema is not None:
+        ckpt.save_weights(run_dir / ckpt.EMA_WEIGHTS, ema.state_dict(), meta)
+    if progress.best_step == progress.global_step:
+        best = ema.state_dict() if ema is not None else final
+        ckpt.save_weights(run_dir / ckpt.BEST_WEIGHTS, best,
+                          {**meta, "accuracy": str(progress.best_accuracy)})
+
+
 def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
            device: torch.device, options: TrainOptions, resume: bool,
            ema: WeightEMA | None) -> Progress:
@@ -330,6 +345,8 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             ckpt.remove_temp_files(run_dir)
         progress = _restore(run_dir, model, optimizer, device, ema)
         if progress.epoch >= options.epochs:
+            if distributed.is_main_process():
+                _rewrite_final_weights(run_dir, model, ema, progress)
             raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
         if distributed.is_main_process():
