@@ -164,8 +164,7 @@ _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # (a, b, c, d, e, f): x' = a x + b y
 
 def _matrix(like: Tensor, **entries: Tensor) -> Tensor:
     """[n,6] float64 matrices on like's device: the identity, with the given entries (a..f)."""
-    m = torch.tensor(_IDENTITY, dtype=torch.float64, device=like.device).expand(len(like), 6)
-    m = m.clone()
+    m = _constant(_IDENTITY, torch.float64, like.device).expand(len(like), 6).clone()
     for name, value in entries.items():
         m[:, "abcdef".index(name)] = value
     return m
@@ -377,7 +376,19 @@ def _apply_grouped(x: Tensor, op_index: Tensor, magnitude: Tensor, space: Space,
 def _fill_tensor(fill: tuple[int, ...], x: Tensor) -> Tensor:
     if len(fill) != x.shape[1]:
         raise ConfigError(f"fill {fill} needs one value per channel ({x.shape[1]} channels)")
-    return torch.tensor(fill, dtype=torch.uint8, device=x.device)
+    return _constant(tuple(fill), torch.uint8, x.device)
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, made once per device: making it anew on a GPU every batch would
+    be a blocking host-to-device copy."""
+    key = (values, dtype, device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONSTANTS[key]
 
 
 # Fill of uncovered pixels: CIFAR's mean color in levels (timm fills with the mean too).
