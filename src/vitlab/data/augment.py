@@ -432,8 +432,8 @@ class MixupCutmix:
         if cutmix:
             x, lam = _cutmix(x, partner, lam, rng)
         else:
-            x = x * lam + partner * (1.0 - lam)
-        return x, one_hot * lam + one_hot.flip(0) * (1.0 - lam)
+            x = torch.lerp(partner, x, lam)  # x * lam + partner * (1 - lam), in one pass
+        return x, torch.lerp(one_hot.flip(0), one_hot, lam)
 
 
 def _cutmix(x: Tensor, partner: Tensor, lam: float, rng: np.random.Generator
