@@ -50,6 +50,8 @@ def test_bad_settings_are_errors():
         run_bench("micro", compile="fastest", device="cpu")
     with pytest.raises(ConfigError, match="batch size"):
         run_bench("micro", batch_size=0, device="cpu")
+    with pytest.raises(ConfigError, match="iters"):
+        run_bench("micro", iters=0, device="cpu")
 
 
 def test_bench_command_prints_json_and_refuses_bad_input(tmp_path):

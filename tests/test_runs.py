@@ -315,6 +315,8 @@ def test_the_ema_is_what_fine_tuning_transfers_in_the_pipeline(data_root, tmp_pa
     run_pipeline(pretrain_data="cifar10", finetune_data="cifar10", out=out, **settings)
     fine = json.loads((out / "finetune" / ckpt.CONFIG).read_text())
     assert fine["init"]["weights"] == ckpt.EMA_WEIGHTS
+    report = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert report["checkpoint"].endswith(ckpt.EMA_WEIGHTS)  # the fine-tuned EMA is evaluated
     averaged = load_weights(out / "pretrain" / ckpt.EMA_WEIGHTS)
     alone = finetune(out / "pretrain", data="cifar10", out=tmp_path / "alone", weights="ema",
                      **{k: v for k, v in settings.items() if k != "epochs"}, finetune_epochs=0)

@@ -541,6 +541,8 @@ def test_eval_batch_size_changes_no_result(dataset, tmp_path):
     assert evals[0][0]["ce"] == pytest.approx(evals[1][0]["ce"], rel=1e-6)
     with pytest.raises(ConfigError, match="eval-batch-size must be at least 1"):
         options(1, eval_batch_size=0)
+    with pytest.raises(ConfigError, match="needs --compile"):
+        options(1, compile_mode="reduce-overhead")
 
 
 def test_compiled_training_equals_eager_training(dataset, tmp_path):
@@ -575,3 +577,31 @@ def test_resuming_a_finished_run_rewrites_its_weight_files_from_the_trainer_stat
                       (ckpt.BEST_WEIGHTS, "ema")):
         saved = ckpt.load_weights(tmp_path / name)
         assert all(torch.equal(saved[k], v) for k, v in state[key].items()), name
+    # A run of 0 epochs was never evaluated: no best weights appear on its resume.
+    fit(tiny_model(), dataset, ema_recipe, options(0), tmp_path / "zero")
+    with pytest.raises(CheckpointError, match="already finished"):
+        fit(tiny_model(), dataset, ema_recipe, options(0), tmp_path / "zero", resume=True)
+    assert not (tmp_path / "zero" / ckpt.BEST_WEIGHTS).exists()
+
+
+def test_with_an_ema_its_accuracy_picks_the_best_checkpoint(tmp_path):
+    from vitlab.train.ema import WeightEMA
+    from vitlab.train.engine import CheckpointWriter, Progress
+
+    model = tiny_model()
+    ema = WeightEMA(model, 0.5)
+    with torch.no_grad():
+        for p in ema.model.parameters():
+            p.add_(1.0)  # the EMA's weights differ from the model's
+    optimizer = build_optimizer(RECIPE, model.parameters())
+    writer = CheckpointWriter(tmp_path, model, optimizer, Progress(), torch.device("cpu"), ema)
+    best_file = tmp_path / ckpt.BEST_WEIGHTS
+    writer.save({"accuracy": 0.9, "ema_accuracy": 0.1})
+    writer.save({"accuracy": 0.2, "ema_accuracy": 0.5})
+    assert writer.progress.best_accuracy == 0.5
+    first_best = best_file.stat().st_mtime_ns
+    writer.save({"accuracy": 0.99, "ema_accuracy": 0.3})  # better weights, worse EMA: not best
+    assert writer.progress.best_accuracy == 0.5 and best_file.stat().st_mtime_ns == first_best
+    best = ckpt.load_weights(best_file)
+    assert all(torch.equal(best[k], v) for k, v in ema.state_dict().items())
+    assert not torch.equal(best["head.weight"], model.state_dict()["head.weight"])

@@ -108,7 +108,8 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
     """Measure; returns {"environment": ..., "rows": [Row as dict, ...]} (see the module doc)."""
     if compile not in COMPILE_MODES:
         raise ConfigError(f"unknown compile mode {compile!r}; known: {', '.join(COMPILE_MODES)}")
-    for name, value in (("batch size", batch_size), ("repeats", repeats), ("warm-up", warmup + 1)):
+    for name, value in (("batch size", batch_size), ("repeats", repeats), ("warm-up", warmup + 1),
+                        ("iters", 1 if iters is None else iters)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     target = resolve_device(device)

@@ -568,10 +568,12 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
     # other settings given apply to both stages.
     fine_settings = {**settings, **({"recipe": FINETUNE_RECIPES[name]}
                                     if name in FINETUNE_RECIPES else {})}
+    keeps_ema = {}
     for kind, stage in (("pretrain", settings), ("finetune", fine_settings)):
         stage_recipe, options = _recipe_and_options(stage, kind)  # both stages' settings valid
-        if kind == "pretrain" and stage_recipe.ema_decay > 0:
-            fine_settings["weights"] = "ema"  # transfer the averaged encoder, as it was kept
+        keeps_ema[kind] = stage_recipe.ema_decay > 0
+    if keeps_ema["pretrain"]:
+        fine_settings["weights"] = "ema"  # transfer the averaged encoder, as it was kept
     config = preset(model, num_classes=1)
     data_options = _data_options(settings)
     on_device = options.resize_on_device
@@ -601,6 +603,7 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
                          **head, **fine_settings),
         data=finetune_data, source=pre, image_size=image_size, **head, **fine_settings)
     return evaluate_run(fine, data=finetune_data, out=out / "evaluation",
+                        weights="ema" if keeps_ema["finetune"] else "last",
                         device=settings.get("device", "auto"),
                         precision=settings.get("precision", "auto"), image_size=image_size,
                         **data_options)

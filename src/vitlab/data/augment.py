@@ -389,7 +389,8 @@ class RandomErasing:
 def _host_rng(generator: torch.Generator | None) -> np.random.Generator:
     """A NumPy generator for a batch's scalar draws, from the batch's torch generator without
     waiting on its device: a CPU generator is drawn from; a device generator's state (its seed
-    and offset, which live on the host) seeds it."""
+    and offset, which live on the host) seeds it, and is read, not advanced (MixupCutmix, its
+    user, comes last in a batch transform, after every draw on the device)."""
     if generator is None or generator.device.type == "cpu":
         return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
     words = generator.get_state().numpy().view(np.uint8)

@@ -306,6 +306,8 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        for group in optimizer.param_groups:  # this device's kernels, not the saving one's
+            group["fused"] = True if device.type == "cuda" else None
         progress = Progress(**state["progress"])
         world = distributed.world_size()
         if progress.world_size != world:
@@ -330,7 +332,7 @@ def _rewrite_final_weights(run_dir: Path, model: nn.Module, ema: WeightEMA | Non
     ckpt.save_weights(run_dir / ckpt.WEIGHTS, final, meta)
     if ema is not None:
         ckpt.save_weights(run_dir / ckpt.EMA_WEIGHTS, ema.state_dict(), meta)
-    if progress.best_step == progress.global_step:
+    if progress.best_accuracy >= 0 and progress.best_step == progress.global_step:
         best = ema.state_dict() if ema is not None else final
         ckpt.save_weights(run_dir / ckpt.BEST_WEIGHTS, best,
                           {**meta, "accuracy": str(progress.best_accuracy)})

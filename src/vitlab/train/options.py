@@ -88,6 +88,8 @@ class TrainOptions:
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"unknown compile mode {self.compile_mode!r}; use "
                               f"{', '.join(COMPILE_MODES)}")
+        if self.compile_mode != "default" and self.compile is not True:
+            raise ConfigError(f"--compile-mode {self.compile_mode} needs --compile")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; use "
                               f"{', '.join(PRECISIONS)}")
