@@ -1,11 +1,14 @@
 """The prepared GPU session: every measurement the GPU issue asks for, in order, from one command.
 
-    python benchmarks/gpu/run.py --data DATA --out OUT [--stages env,bench,seed,vitlab]
+    python benchmarks/gpu/run.py --data DATA --out OUT [--stages env,checks,bench,seed,vitlab]
 
 DATA holds the array folders cifar100/ and cifar10/ (../shared/data here; on the device machine,
 what `device_data.py join` rebuilt). Stages:
 
   env     the card's name, driver, CUDA and torch versions
+  checks  the device paths the CPU tests cannot reach: TrivialAugment's sync-free form on the
+          device against its grouped form on the CPU (the same images; rotations up to 3% of
+          pixels, as against Pillow), Random Erasing and Mixup/CutMix with a device generator
   bench   `vitlab bench` (vitlab.bench.run_bench, in this process) for seed-mini against the
           tutorial's model in fp32 and bf16 with each compile mode, then vitlab-mini in bf16 with
           the mode that trained seed-mini fastest; that mode is then used by the runs (unless
@@ -85,6 +88,41 @@ def stage_env(out: Path, device: str) -> dict:
     except ImportError:
         info["timm"] = None
     return info
+
+
+def stage_checks(args: argparse.Namespace) -> dict:
+    import torch
+
+    from vitlab.data import autoaugment as aa
+    from vitlab.data.augment import make_augment
+
+    device = torch.device(args.device if args.device != "auto" else "cuda")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (280, 3, 32, 32), generator=g, dtype=torch.uint8)
+    op_index = torch.arange(280) % len(aa.OP_NAMES)
+    magnitude = torch.rand(280, generator=g, dtype=torch.float64) * 2 - 1
+    fill = torch.tensor(aa.MEAN_FILL, dtype=torch.uint8)
+    on_cpu = aa.apply_ops(x, op_index, magnitude, aa.WIDE, fill, grouped=True)
+    on_device = aa.apply_ops(x.to(device), op_index.to(device), magnitude.to(device), aa.WIDE,
+                             fill.to(device)).cpu()
+    differing = (on_device != on_cpu).any(dim=1).flatten(1).double().mean(1)
+    per_op = {name: float(differing[op_index == k].max()) for k, name in enumerate(aa.OP_NAMES)}
+    result: dict = {"trivialaugment_max_differing_pixel_share": per_op,
+                    "trivialaugment_ok": all(v == 0 or (n == "rotate" and v <= 0.03)
+                                             for n, v in per_op.items())}
+    images = torch.randint(0, 256, (64, 32, 32, 3), generator=g, dtype=torch.uint8).to(device)
+    labels = torch.arange(64, device=device) % 10
+    transform = make_augment("vitlab", 10)
+    lams = set()
+    for seed in range(8):
+        gen = torch.Generator(device).manual_seed(seed)
+        inputs, targets = transform(images, labels, True, gen)
+        again, _ = transform(images, labels, True, torch.Generator(device).manual_seed(seed))
+        result.setdefault("vitlab_augment_repeatable", True)
+        result["vitlab_augment_repeatable"] &= bool(torch.equal(inputs, again))
+        lams.add(round(float(targets[0].max()), 6))
+    result["mixup_scalars_vary_with_the_seed"] = len(lams) > 1
+    return result
 
 
 def stage_bench(out: Path, args: argparse.Namespace) -> dict:
@@ -175,7 +213,7 @@ def main() -> None:
                         help="the (at most eight) result files")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vitlab-gpu-work"),
                         help="run directories (default: /tmp/vitlab-gpu-work)")
-    parser.add_argument("--stages", default="env,bench,seed,vitlab")
+    parser.add_argument("--stages", default="env,checks,bench,seed,vitlab")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile", default=None,
                         help="compile mode for the runs (off, default, reduce-overhead, "
@@ -207,6 +245,8 @@ def main() -> None:
         t0 = time.perf_counter()
         if stage == "env":
             result = stage_env(args.out, args.device)
+        elif stage == "checks":
+            result = stage_checks(args)
         elif stage == "bench":
             result = stage_bench(args.out, args)
             if compile_mode is None:
@@ -214,7 +254,7 @@ def main() -> None:
         elif stage in ("seed", "vitlab"):
             result = stage_run(args.out, args, stage, compile_mode or "off")
         else:
-            raise SystemExit(f"unknown stage {stage!r}; known: env, bench, seed, vitlab")
+            raise SystemExit(f"unknown stage {stage!r}; known: env, checks, bench, seed, vitlab")
         summary["stages"][stage] = {"seconds": round(time.perf_counter() - t0, 1), **(
             result if isinstance(result, dict) else {})}
         summary["total_seconds"] = round(time.perf_counter() - start, 1)
