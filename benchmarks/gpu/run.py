@@ -164,6 +164,8 @@ def best_compile_mode(cases: dict) -> str:
 
 
 def stage_run(out: Path, args: argparse.Namespace, recipe: str, compile_mode: str) -> dict:
+    from vitlab.train.checkpoint import read_jsonl
+
     run_dir = args.work / "runs" / recipe
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -186,7 +188,7 @@ def stage_run(out: Path, args: argparse.Namespace, recipe: str, compile_mode: st
         metrics = run_dir / stage / "metrics.jsonl"
         if not metrics.is_file():
             continue
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        records = read_jsonl(metrics)
         evals = [r for r in records if r.get("event") == "eval"]
         finish = [r for r in records if r.get("event") == "finish"]
         key = "ema_accuracy" if evals and "ema_accuracy" in evals[-1] else "accuracy"

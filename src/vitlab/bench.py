@@ -24,7 +24,7 @@ import torch
 from vitlab.errors import ConfigError
 from vitlab.model import ViT, ViTConfig, forward_flops, preset
 from vitlab.train import options
-from vitlab.train.engine import resolve_device, resolve_precision, train_step
+from vitlab.train.engine import autocast, resolve_device, resolve_precision, train_step
 from vitlab.train.recipe import build_optimizer, recipe
 from vitlab.tutorial import ViTModel
 
@@ -139,8 +139,7 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
 
     def inferer(runnable, dtype) -> Callable[[], object]:
         def step():
-            with torch.inference_mode(), torch.autocast(target.type, dtype=dtype or
-                                                        torch.float32, enabled=dtype is not None):
+            with torch.inference_mode(), autocast(target, dtype):
                 return runnable(images)
         return step
 

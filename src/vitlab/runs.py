@@ -48,7 +48,6 @@ from vitlab.train.runconfig import EncoderSource, RunConfig
 from vitlab.train.transfer import load_encoder_weights
 
 PathLike = str | os.PathLike
-WEIGHT_FILES = {"last": ckpt.WEIGHTS, "best": ckpt.BEST_WEIGHTS, "ema": ckpt.EMA_WEIGHTS}
 
 # The setting whose value is the run's number of epochs, per kind of run.
 BUDGET = {"pretrain": "epochs", "finetune": "finetune_epochs"}
@@ -203,7 +202,7 @@ def _pretrained_encoder(source: PathLike, weights: str, model: str | None
                         ) -> tuple[ViTConfig, str | None, EncoderSource, dict]:
     """The architecture, preset name, provenance and weights of a pre-training run."""
     pretrained = ckpt.read_run_config(source)
-    weights_file = Path(source) / WEIGHT_FILES[weights]
+    weights_file = Path(source) / ckpt.WEIGHT_FILES[weights]
     state = ckpt.load_weights(weights_file)
     base = pretrained.model
     if model is not None and preset(model, num_classes=base.num_classes,
@@ -284,7 +283,7 @@ def _saved_value(saved: RunConfig, name: str, run_dir: Path) -> Any:
             "num_classes": saved.model.num_classes, "out": str(run_dir.resolve()),
             "source": init.path if init and init.weights != "timm" else None,
             "from_timm": init.path if init and init.weights == "timm" else None,
-            "weights": {v: k for k, v in WEIGHT_FILES.items()}.get(init.weights) if init else None,
+            "weights": {v: k for k, v in ckpt.WEIGHT_FILES.items()}.get(init.weights) if init else None,
             }[name]
 
 
@@ -333,7 +332,7 @@ def load_run(run_dir: PathLike, weights: str = "last", device: str | torch.devic
     (ema.safetensors, the latest EMA of the weights of a run trained with one)."""
     run_dir = Path(run_dir)
     config = ckpt.read_run_config(run_dir)
-    weights_file = run_dir / WEIGHT_FILES[SETTINGS["weights"].check(weights)]
+    weights_file = run_dir / ckpt.WEIGHT_FILES[SETTINGS["weights"].check(weights)]
     state = ckpt.load_weights(weights_file)
     model = ViT(config.model)
     try:
@@ -359,7 +358,7 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     run_dir = Path(run_dir)
     distributed.setup(device)
     saved = ckpt.read_run_config(run_dir)
-    weights_file = run_dir / WEIGHT_FILES[SETTINGS["weights"].check(weights)]
+    weights_file = run_dir / ckpt.WEIGHT_FILES[SETTINGS["weights"].check(weights)]
     model, config, trained_on = load_run(run_dir, weights, device="cpu")
     spec = os.fspath(data) if data is not None else saved.data
     if image_size is None and data_spec(spec) == saved.data:

@@ -20,11 +20,12 @@ from typing import Any
 
 from vitlab.errors import ConfigError
 from vitlab.model import PRESETS
+from vitlab.train.checkpoint import WEIGHT_FILES
 from vitlab.train.options import TrainOptions
 from vitlab.train.recipe import Recipe
 
-# Which weights of a run a command uses: model.safetensors, best.safetensors, ema.safetensors.
-WEIGHT_CHOICES = ("last", "best", "ema")
+# Which weights of a run a command uses (--weights).
+WEIGHT_CHOICES = tuple(WEIGHT_FILES)
 
 TRAINING_COMMANDS = ("pretrain", "finetune", "run")
 

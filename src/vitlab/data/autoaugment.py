@@ -36,6 +36,7 @@ auto_contrast and equalize, which have none) and runs each op once on the images
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -382,16 +383,11 @@ def _fill_tensor(fill: tuple[int, ...], x: Tensor) -> Tensor:
     return _constant(tuple(fill), torch.uint8, x.device)
 
 
-_CONSTANTS: dict = {}
-
-
+@functools.cache
 def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small constant tensor, made once per device: making it anew on a GPU every batch would
     be a blocking host-to-device copy."""
-    key = (values, dtype, device)
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
-    return _CONSTANTS[key]
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 # Fill of uncovered pixels: CIFAR's mean color in levels (timm fills with the mean too).

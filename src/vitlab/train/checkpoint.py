@@ -34,6 +34,8 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 EMA_WEIGHTS = "ema.safetensors"  # the latest EMA of the weights, when the recipe keeps one
+# `--weights NAME` -> the file it loads.
+WEIGHT_FILES = {"last": WEIGHTS, "best": BEST_WEIGHTS, "ema": EMA_WEIGHTS}
 TRAINER_STATE = "trainer_state.pt"
 METRICS = "metrics.jsonl"
 LOG = "log.txt"

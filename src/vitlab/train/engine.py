@@ -105,7 +105,8 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     raise ConfigError(f"unknown precision {name!r}; use fp32, bf16 or auto")
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast to `dtype` on `device`, or nothing for plain fp32 (dtype None)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -129,7 +130,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
         confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     with torch.inference_mode():
         for inputs, labels in loader.epoch(0):
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 logits = model(inputs)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
@@ -230,7 +231,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tenso
     `loss_scale` weights this process's part of a data-parallel batch (see `_train`).
     """
     device = inputs.device
-    with _autocast(device, autocast_dtype):
+    with autocast(device, autocast_dtype):
         logits = model(inputs)
     loss = cross_entropy(logits.float(), targets, recipe.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
@@ -288,14 +289,20 @@ class CheckpointWriter:
             "model": state_dict, "optimizer": self.optimizer.state_dict(), **ema_state,
             "progress": vars(progress) | {"elapsed": self.elapsed()},
             "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {})})
-        meta = {"step": str(progress.global_step), "epoch": str(progress.epoch)}
-        ckpt.save_weights(self.run_dir / ckpt.WEIGHTS, state_dict, meta)
-        if self.ema is not None:
-            ckpt.save_weights(self.run_dir / ckpt.EMA_WEIGHTS, ema_state["ema"], meta)
-        if is_best:
-            best = ema_state.get("ema", state_dict)
-            ckpt.save_weights(self.run_dir / ckpt.BEST_WEIGHTS, best,
-                              {**meta, "accuracy": str(score)})
+        _write_weight_files(self.run_dir, state_dict, ema_state.get("ema"), progress, is_best)
+
+
+def _write_weight_files(run_dir: Path, weights: dict, ema: dict | None, progress: Progress,
+                        best: bool) -> None:
+    """model.safetensors, ema.safetensors (with an EMA) and, when `best`, best.safetensors: the
+    EMA's weights where there is one, else the model's."""
+    meta = {"step": str(progress.global_step), "epoch": str(progress.epoch)}
+    ckpt.save_weights(run_dir / ckpt.WEIGHTS, weights, meta)
+    if ema is not None:
+        ckpt.save_weights(run_dir / ckpt.EMA_WEIGHTS, ema, meta)
+    if best:
+        ckpt.save_weights(run_dir / ckpt.BEST_WEIGHTS, weights if ema is None else ema,
+                          {**meta, "accuracy": str(progress.best_accuracy)})
 
 
 def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -327,15 +334,9 @@ def _rewrite_final_weights(run_dir: Path, model: nn.Module, ema: WeightEMA | Non
                            progress: Progress) -> None:
     """The weight files of a finished run, from its trainer state: the process may have died
     after writing that state (which comes first) and before the weight files."""
-    meta = {"step": str(progress.global_step), "epoch": str(progress.epoch)}
-    final = model.state_dict()
-    ckpt.save_weights(run_dir / ckpt.WEIGHTS, final, meta)
-    if ema is not None:
-        ckpt.save_weights(run_dir / ckpt.EMA_WEIGHTS, ema.state_dict(), meta)
-    if progress.best_accuracy >= 0 and progress.best_step == progress.global_step:
-        best = ema.state_dict() if ema is not None else final
-        ckpt.save_weights(run_dir / ckpt.BEST_WEIGHTS, best,
-                          {**meta, "accuracy": str(progress.best_accuracy)})
+    _write_weight_files(run_dir, model.state_dict(), ema.state_dict() if ema else None, progress,
+                        best=progress.best_accuracy >= 0
+                        and progress.best_step == progress.global_step)
 
 
 def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
