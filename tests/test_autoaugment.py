@@ -107,25 +107,42 @@ def test_largest_magnitudes_map_to_the_documented_parameters():
     assert aa.OPS["translate_y"].param_of(one, aa.STANDARD, 331).tolist() == [150.0, -150.0]
 
 
-def test_mixed_batch_equals_each_image_alone():
-    """apply_ops groups images by op and shares the lookups and the resampling (or, without
-    grouping, runs every op on every image); every image must still get exactly its own op and
-    magnitude."""
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(("space", "bins", "size"), [(aa.WIDE, 31, (16, 16)),
+                                                     (aa.STANDARD, 11, (15, 22))],
+                         ids=["wide-31-square", "standard-11-odd"])
+def test_every_op_and_level_equals_the_op_alone(space, bins, size, monkeypatch):
+    """apply_ops looks each (op, level) up in a LevelTable, groups images by op and shares the
+    lookups and the resampling (or, without grouping, runs every op on every image): every image
+    must still get exactly its own op at its own level's parameter, computed afresh."""
+    levels = torch.arange(1 - bins, bins)
+    op_index = torch.arange(len(aa.OP_NAMES)).repeat_interleave(len(levels))
+    level = levels.repeat(len(aa.OP_NAMES))
+    n = len(op_index)
+    shuffle = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    op_index, level = op_index[shuffle], level[shuffle]
     rng = np.random.default_rng(2)
-    images = rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8)
-    x = _batch(images)
-    op_index = torch.arange(60) % len(aa.OP_NAMES)
-    op_index = op_index[torch.randperm(60, generator=torch.Generator().manual_seed(0))]
-    magnitude = torch.linspace(-1, 1, 60, dtype=torch.float64)
+    x = _batch(rng.integers(0, 256, (n, *size, 3), dtype=np.uint8))
     fill = torch.tensor(FILL, dtype=torch.uint8)
-    out = aa.apply_ops(x, op_index, magnitude, aa.WIDE, fill)
-    # The sync-free form for accelerators (every op on every image, each keeps its own) agrees.
-    assert torch.equal(aa.apply_ops(x, op_index, magnitude, aa.WIDE, fill, grouped=False), out)
-    for i in range(60):
+    table = aa.level_table(space, bins, *size, CPU)
+    out = aa.apply_ops(x, op_index, level, table, fill)
+    # The sync-free form for accelerators agrees, and so do per-batch source pixels (the form
+    # for images too big to tabulate).
+    assert torch.equal(aa.apply_ops(x, op_index, level, table, fill, grouped=False), out)
+    aa.level_table.cache_clear()
+    monkeypatch.setattr(aa, "MAX_SOURCE_TABLE_BYTES", 0)
+    untabulated = aa.level_table(space, bins, *size, CPU)
+    aa.level_table.cache_clear()
+    assert untabulated.sources is None and table.sources is not None
+    assert torch.equal(aa.apply_ops(x, op_index, level, untabulated, fill), out)
+    for i in range(n):
         name = aa.OP_NAMES[op_index[i]]
-        param = aa.OPS[name].param_of(magnitude[i:i + 1], aa.WIDE, 16)
+        side = size[0] if name == "translate_y" else size[1]
+        param = aa.OPS[name].param_of(level[i:i + 1].double() / (bins - 1), space, side)
         alone = aa.apply_op(name, x[i:i + 1], param, fill)
-        assert torch.equal(out[i:i + 1], alone), (i, name)
+        assert torch.equal(out[i:i + 1], alone), (i, name, int(level[i]))
     assert not torch.equal(out, x)
 
 
@@ -137,37 +154,39 @@ def test_policies_apply_their_documented_draws():
     op_index = torch.randint(0, len(aa.OP_NAMES), (len(x),), generator=g)
     level = torch.randint(0, 31, (len(x),), generator=g)
     negative = torch.rand(len(x), generator=g) < 0.5
-    magnitude = (level / 30).double() * torch.where(negative, -1.0, 1.0).double()
-    expected = aa.apply_ops(x, op_index, magnitude, aa.WIDE, fill)
-    assert torch.equal(trivial(x, torch.Generator().manual_seed(5)), expected)
+    expected = [aa.apply_op(aa.OP_NAMES[k], x[i:i + 1],
+                            aa.OPS[aa.OP_NAMES[k]].param_of(
+                                torch.tensor([(-1 if neg else 1) * lvl / 30],
+                                             dtype=torch.float64), aa.WIDE, 32), fill)
+                for i, (k, lvl, neg) in enumerate(zip(op_index, level, negative, strict=True))]
+    assert torch.equal(trivial(x, torch.Generator().manual_seed(5)), torch.cat(expected))
 
     rand = aa.RandAugment(num_ops=2, magnitude=9)
+    table = aa.level_table(aa.STANDARD, 31, 32, 32, CPU)
     g = torch.Generator().manual_seed(6)
     y = x
     for _ in range(2):
         op_index = torch.randint(0, len(aa.OP_NAMES), (len(x),), generator=g)
         negative = torch.rand(len(x), generator=g) < 0.5
-        y = aa.apply_ops(y, op_index, torch.where(negative, -0.3, 0.3).double(), aa.STANDARD,
-                         fill)
+        y = aa.apply_ops(y, op_index, torch.where(negative, -9, 9), table, fill)
     assert torch.equal(rand(x, torch.Generator().manual_seed(6)), y)
 
 
 def test_drawn_parameter_distributions():
     n = 28_000
     g = torch.Generator().manual_seed(0)
-    op_index, magnitude = aa.TrivialAugmentWide().draw(n, torch.device("cpu"), g)
+    op_index, level = aa.TrivialAugmentWide().draw(n, CPU, g)
     counts = torch.bincount(op_index, minlength=len(aa.OP_NAMES)).double()
     expected = n / len(aa.OP_NAMES)
     assert ((counts - expected).abs() < 5 * expected ** 0.5).all()  # uniform over the 14 ops
-    levels = (magnitude.abs() * 30).round()
-    assert torch.allclose(levels / 30, magnitude.abs())  # on the 31-bin grid
-    per_level = torch.bincount(levels.long(), minlength=31).double()
-    assert ((per_level - n / 31).abs() < 5 * (n / 31) ** 0.5).all()
-    negative = (magnitude < 0).double().sum() / (magnitude != 0).double().sum()
+    assert level.dtype == torch.int64 and level.abs().max() == 30
+    per_level = torch.bincount(level.abs(), minlength=31).double()
+    assert ((per_level - n / 31).abs() < 5 * (n / 31) ** 0.5).all()  # uniform over 31 bins
+    negative = (level < 0).double().sum() / (level != 0).double().sum()
     assert abs(negative.item() - 0.5) < 0.02
-    op_index, magnitude = aa.RandAugment(magnitude=9).draw(n, torch.device("cpu"), g)
-    assert set(magnitude.abs().tolist()) == {0.3}
-    assert abs((magnitude < 0).double().mean().item() - 0.5) < 0.02
+    op_index, level = aa.RandAugment(magnitude=9).draw(n, CPU, g)
+    assert set(level.abs().tolist()) == {9}
+    assert abs((level < 0).double().mean().item() - 0.5) < 0.02
 
 
 def test_registered_policies_make_float_batches_and_leave_evaluation_alone():
@@ -188,16 +207,18 @@ def test_registered_policies_make_float_batches_and_leave_evaluation_alone():
 
 def test_an_empty_batch_passes_through():
     x = torch.zeros(0, 3, 8, 8, dtype=torch.uint8)
+    table = aa.level_table(aa.WIDE, 31, 8, 8, CPU)
     for grouped in (True, False):
-        out = aa.apply_ops(x, torch.zeros(0, dtype=torch.int64),
-                           torch.zeros(0, dtype=torch.float64), aa.WIDE,
-                           torch.zeros(3, dtype=torch.uint8), grouped=grouped)
+        out = aa.apply_ops(x, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                           table, torch.zeros(3, dtype=torch.uint8), grouped=grouped)
         assert out.shape == x.shape
 
 
 def test_bad_policy_settings_are_clear_errors():
     with pytest.raises(ConfigError, match="magnitude 31"):
         aa.RandAugment(magnitude=31)
+    with pytest.raises(ConfigError, match="at least 2 magnitude bins"):
+        aa.TrivialAugmentWide(bins=1)(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
     x = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
     with pytest.raises(ConfigError, match="fill"):
         aa.TrivialAugmentWide()(x, torch.Generator().manual_seed(0))

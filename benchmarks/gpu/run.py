@@ -100,11 +100,12 @@ def stage_checks(args: argparse.Namespace) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (280, 3, 32, 32), generator=g, dtype=torch.uint8)
     op_index = torch.arange(280) % len(aa.OP_NAMES)
-    magnitude = torch.rand(280, generator=g, dtype=torch.float64) * 2 - 1
+    level = torch.randint(-30, 31, (280,), generator=g)
     fill = torch.tensor(aa.MEAN_FILL, dtype=torch.uint8)
-    on_cpu = aa.apply_ops(x, op_index, magnitude, aa.WIDE, fill, grouped=True)
-    on_device = aa.apply_ops(x.to(device), op_index.to(device), magnitude.to(device), aa.WIDE,
-                             fill.to(device)).cpu()
+    table = aa.level_table(aa.WIDE, 31, 32, 32, torch.device("cpu"))
+    on_cpu = aa.apply_ops(x, op_index, level, table, fill, grouped=True)
+    on_device = aa.apply_ops(x.to(device), op_index.to(device), level.to(device),
+                             aa.level_table(aa.WIDE, 31, 32, 32, device), fill.to(device)).cpu()
     differing = (on_device != on_cpu).any(dim=1).flatten(1).double().mean(1)
     per_op = {name: float(differing[op_index == k].max()) for k, name in enumerate(aa.OP_NAMES)}
     result: dict = {"trivialaugment_max_differing_pixel_share": per_op,

@@ -21,6 +21,8 @@ has nothing left to do.
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -346,55 +348,60 @@ class RandomErasing:
     scale: tuple[float, float] = (0.02, 1 / 3)
     ratio: tuple[float, float] = (0.3, 3.3)
     # Noise for every pixel, kept where erased: no host sync (default off the CPU). Otherwise
-    # noise for the erased pixels only, after one sync to count them (default on the CPU).
+    # noise for the erased pixels only, found on the host (default on the CPU; CPU batches only).
     noise_everywhere: bool | None = None
+    inplace: bool = False  # VitlabAugment owns its normalized batch, so it skips the copy
     train_only = True
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         b, c, h, w = x.shape
-        u = torch.rand(b, 4, generator=generator, device=x.device)
-        erase = u[:, 0] < self.p
-        area = h * w * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 1])
-        log_lo, log_hi = np.log(self.ratio[0]), np.log(self.ratio[1])
-        aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 2])
-        box_h = torch.sqrt(area * aspect).round().clamp(1, h).long()
-        box_w = torch.sqrt(area / aspect).round().clamp(1, w).long()
-        top = (u[:, 3] * (h - box_h + 1)).floor().long()
-        # The left edge from the same uniform's low bits would correlate: draw it apart.
-        left = (torch.rand(b, generator=generator, device=x.device) * (w - box_w + 1)).floor()
-        bottom, right = top + box_h, left.long() + box_w
-
-        def boxes(rows: Tensor | slice) -> Tensor:  # [n,C,H,W] masks of the rows' rectangles
-            ys = torch.arange(h, device=x.device)[None, :, None]
-            xs = torch.arange(w, device=x.device)[None, None, :]
-            inside = ((ys >= top[rows, None, None]) & (ys < bottom[rows, None, None])
-                      & (xs >= left.long()[rows, None, None]) & (xs < right[rows, None, None]))
-            return inside[:, None].expand(-1, c, h, w)
-
+        u = torch.rand(5, b, generator=generator, device=x.device, dtype=torch.float64)
         everywhere = self.noise_everywhere
         if everywhere if everywhere is not None else x.device.type != "cpu":
+            erase, top, left, box_h, box_w = self._boxes(u, h, w)
+            ys = torch.arange(h, device=x.device, dtype=torch.float64)[:, None]
+            xs = torch.arange(w, device=x.device, dtype=torch.float64)
+            inside = ((ys >= top[:, None, None]) & (ys < (top + box_h)[:, None, None])
+                      & (xs >= left[:, None, None]) & (xs < (left + box_w)[:, None, None])
+                      & erase[:, None, None])
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            return torch.where(boxes(slice(None)) & erase.view(b, 1, 1, 1), noise, x)
-        rows = erase.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return x
-        inside = boxes(rows)
-        noise = torch.randn(int(inside.sum()), generator=generator, device=x.device,
-                            dtype=x.dtype)
-        out = x.clone()
-        out[rows] = x[rows].masked_scatter_(inside, noise)  # row-major order: sample, c, y, x
+            return torch.where(inside[:, None], noise, x)
+        # On the CPU the boxes' pixel indices are found on the host (NumPy's small-array ops cost
+        # a tenth of torch's) and the noise is drawn for them alone.
+        out = x if self.inplace and x.is_contiguous() else x.contiguous().clone()
+        erase, top, left, box_h, box_w = self._boxes(u.numpy(), h, w)
+        picked = np.flatnonzero(erase)
+        if len(picked) == 0:
+            return out
+        ys, xs = np.arange(h)[:, None], np.arange(w)
+        inside = ((ys >= top[picked, None, None]) & (ys < (top + box_h)[picked, None, None])
+                  & (xs >= left[picked, None, None]) & (xs < (left + box_w)[picked, None, None]))
+        within = np.flatnonzero(np.broadcast_to(inside[:, None], (len(picked), c, h, w)))
+        index = picked[within // (c * h * w)] * (c * h * w) + within % (c * h * w)
+        noise = torch.randn(len(index), generator=generator, dtype=x.dtype)
+        out.view(-1).scatter_(0, torch.from_numpy(index), noise)  # sample, channel, y, x order
         return out
 
+    def _boxes(self, u: Any, h: int, w: int) -> tuple:
+        """Per sample: erase or not, and the box's top, left, height, width, from uniforms
+        u [5, B] (a float64 tensor or NumPy array: the arithmetic reads the same in both)."""
+        area = h * w * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[1])
+        aspect = self.ratio[0] * (self.ratio[1] / self.ratio[0]) ** u[2]  # log-uniform
+        box_h = ((area * aspect) ** 0.5).round().clip(1, h)
+        box_w = ((area / aspect) ** 0.5).round().clip(1, w)
+        top, left = (u[3] * (h + 1 - box_h)) // 1, (u[4] * (w + 1 - box_w)) // 1
+        return u[0] < self.p, top, left, box_h, box_w
 
-def _host_rng(generator: torch.Generator | None) -> np.random.Generator:
-    """A NumPy generator for a batch's scalar draws, from the batch's torch generator without
+
+def _host_rng(generator: torch.Generator | None) -> random.Random:
+    """A host random stream for a batch's scalar draws, from the batch's torch generator without
     waiting on its device: a CPU generator is drawn from; a device generator's state (its seed
     and offset, which live on the host) seeds it, and is read, not advanced (MixupCutmix, its
-    user, comes last in a batch transform, after every draw on the device)."""
+    user, comes last in a batch transform, after every draw on the device). The standard
+    library's generator: seeding it costs a third of NumPy's, per batch."""
     if generator is None or generator.device.type == "cpu":
-        return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
-    words = generator.get_state().numpy().view(np.uint8)
-    return np.random.default_rng(list(words.tobytes()))
+        return random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    return random.Random(generator.get_state().numpy().tobytes())
 
 
 @dataclass
@@ -416,6 +423,7 @@ class MixupCutmix:
     cutmix_alpha: float = 1.0
     switch_prob: float = 0.5
     prob: float = 1.0
+    inplace: bool = False  # CutMix may paste into the transform's batch (it owns a fresh one)
 
     def __call__(self, images: Tensor, labels: Tensor, train: bool = True,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -423,32 +431,31 @@ class MixupCutmix:
         if not train:
             return x, labels
         rng = _host_rng(generator)
-        mix, switch = rng.random(2)
+        mix, switch = rng.random(), rng.random()
         cutmix = switch < self.switch_prob
-        lam = float(rng.beta(*(2 * [self.cutmix_alpha if cutmix else self.mixup_alpha])))
+        alpha = self.cutmix_alpha if cutmix else self.mixup_alpha
+        lam = rng.betavariate(alpha, alpha)
         one_hot = torch.nn.functional.one_hot(labels, self.num_classes).to(x.dtype)
         if mix >= self.prob:
             return x, one_hot
-        partner = x.flip(0)
         if cutmix:
-            x, lam = _cutmix(x, partner, lam, rng)
+            x, lam = _cutmix(x, lam, rng, self.inplace)
         else:
-            x = torch.lerp(partner, x, lam)  # x * lam + partner * (1 - lam), in one pass
+            x = torch.lerp(x.flip(0), x, lam)  # x * lam + partner * (1 - lam), in one pass
         return x, torch.lerp(one_hot.flip(0), one_hot, lam)
 
 
-def _cutmix(x: Tensor, partner: Tensor, lam: float, rng: np.random.Generator
-            ) -> tuple[Tensor, float]:
+def _cutmix(x: Tensor, lam: float, rng: random.Random, inplace: bool) -> tuple[Tensor, float]:
     """Paste the partner's box of area fraction ~(1 - lam); return the batch and the true lam."""
     _, _, h, w = x.shape
-    cut = float(np.sqrt(1.0 - lam))
-    centre_y, centre_x = rng.random(2)
+    cut = math.sqrt(1.0 - lam)
+    centre_y, centre_x = rng.random(), rng.random()
     cy, cx = int(centre_y * h), int(centre_x * w)
     half_h, half_w = int(h * cut) // 2, int(w * cut) // 2
     y0, y1 = max(cy - half_h, 0), min(cy + half_h, h)
     x0, x1 = max(cx - half_w, 0), min(cx + half_w, w)
-    out = x.clone()
-    out[:, :, y0:y1, x0:x1] = partner[:, :, y0:y1, x0:x1]
+    out = x if inplace else x.clone()
+    out[:, :, y0:y1, x0:x1] = x[:, :, y0:y1, x0:x1].flip(0)  # flip copies the boxes first
     return out, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
@@ -470,9 +477,9 @@ class VitlabAugment(Compose):
                  policy: Callable | None = None) -> None:
         policy = TrivialAugmentWide() if policy is None else policy
         super().__init__([RandomPadCropFlip(8, 0.5), ToCHW(), policy, Normalize(),
-                          RandomErasing(erase_p)])
+                          RandomErasing(erase_p, inplace=True)])
         self.mix = MixupCutmix(super().__call__, num_classes, mixup_alpha, cutmix_alpha,
-                               switch_prob)
+                               switch_prob, inplace=True)
 
     def __call__(self, images: Tensor, labels: Tensor, train: bool = True,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

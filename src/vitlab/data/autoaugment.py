@@ -29,14 +29,18 @@ computed directly, so the two can pick a neighbouring pixel where a coordinate l
 pixel edge: rotations differ there (1.9% of pixels at 135 degrees; the tests allow 3%), shears and
 translations are exact.
 
-A policy draws, per image, an op and a signed magnitude m in [-1, 1] from the batch's generator,
-maps m to the op's parameter (``Space``: magnitude 0 is the identity for every op but
-auto_contrast and equalize, which have none) and runs each op once on the images that drew it.
+A policy draws, per image, an op and a signed level l in -(bins-1)..bins-1 from the batch's
+generator; its magnitude m = l / (bins-1) maps to the op's parameter (``Space``: magnitude 0 is the
+identity for every op but auto_contrast and equalize, which have none). Levels being few, every
+(op, level)'s parameter, lookup table and source pixels are computed once per image size and
+device (``LevelTable``), so a batch looks them up instead of recomputing them: at 32x32 the fixed
+cost of each small tensor op, not the pixels, is what a batch of 128 pays for.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,11 +50,11 @@ from torch import Tensor
 from vitlab.errors import ConfigError
 
 
-def _blend(degenerate: Tensor, image: Tensor, factor: Tensor) -> Tensor:
-    """Image.blend(degenerate, image, factor) in Pillow's float32 arithmetic, truncated."""
+def blend(degenerate: Tensor, image: Tensor, factor: Tensor) -> Tensor:
+    """Image.blend(degenerate, image, factor[i]) in Pillow's float32 arithmetic, truncated."""
     f = factor.to(torch.float32).view(-1, *([1] * (image.ndim - 1)))
     d = degenerate.to(torch.float32)
-    out = d + f * (image.to(torch.float32) - d)
+    out = image.to(torch.float32).sub_(d).mul_(f).add_(d)  # d + f * (image - d)
     return out.clamp_(0, 255).to(torch.uint8)
 
 
@@ -69,18 +73,19 @@ def apply_luts(x: Tensor, lut: Tensor) -> Tensor:
 def histogram(x: Tensor) -> Tensor:
     """Per image and channel histograms [n,C,256] (int64) of uint8 images [n,C,H,W]."""
     n, c = x.shape[:2]
-    flat = x.reshape(n * c, -1).long()
-    counts = torch.zeros(n * c, 256, dtype=torch.int64, device=x.device)
-    counts.scatter_add_(1, flat, torch.ones_like(flat))
-    return counts.view(n, c, 256)
+    # One bincount over (image, channel, level) keys: one pass, no scatter of ones.
+    offsets = torch.arange(0, n * c * 256, 256, device=x.device)[:, None]
+    keys = x.reshape(n * c, -1).long() + offsets
+    return torch.bincount(keys.view(-1), minlength=n * c * 256).view(n, c, 256)
 
 
 def grayscale(x: Tensor) -> Tensor:
     """Pillow's RGB -> L: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, as int32 [n,1,H,W]."""
     if x.shape[1] != 3:
         raise ConfigError(f"color and contrast need RGB images, got {x.shape[1]} channels")
-    r, g, b = x.to(torch.int32).unbind(1)
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(1)
+    weights = _constant((19595, 38470, 7471), torch.int32, x.device).view(1, 3, 1, 1)
+    weighted = (x.to(torch.int32) * weights).sum(1, keepdim=True, dtype=torch.int32)
+    return (weighted + 0x8000) >> 16
 
 
 # Point ops: (images [n,C,H,W], parameter [n]) -> lookup tables [n,C or 1,256].
@@ -88,24 +93,23 @@ def grayscale(x: Tensor) -> Tensor:
 def auto_contrast_lut(x: Tensor, param: Tensor) -> Tensor:
     """Stretch each channel's [lowest, highest] level to [0, 255] (left alone if flat)."""
     flat = x.reshape(*x.shape[:2], -1)
-    lo, hi = flat.amin(2, keepdim=True).long(), flat.amax(2, keepdim=True).long()
-    span = (hi - lo).clamp(min=1).double()
+    lo, hi = (v.double() for v in torch.aminmax(flat, dim=2, keepdim=True))
     # float64 as in Pillow's Python; not `255.0 / span`, which torch computes as 255 * (1 / span)
-    scale = torch.full_like(span, 255.0) / span
-    stretched = (_levels(x) * scale + (-lo * scale)).trunc().clamp(0, 255)
-    return torch.where(hi > lo, stretched.long(), _levels(x))
+    scale = torch.full_like(lo, 255.0) / (hi - lo).clamp_(min=1)
+    levels = _levels(x).double()
+    stretched = (levels * scale).add_(-lo * scale).trunc_().clamp_(0, 255)
+    return torch.where(hi > lo, stretched, levels)
 
 
 def equalize_lut(x: Tensor, param: Tensor) -> Tensor:
     """Pillow's histogram equalization per channel, in its integer arithmetic."""
-    counts = histogram(x)
-    present = counts > 0
-    last = 255 - present.flip(2).int().argmax(2, keepdim=True)
+    counts, levels = histogram(x), _levels(x)
+    last = (levels * (counts > 0)).amax(2, keepdim=True)  # the highest level present
     step = (counts.sum(2, keepdim=True) - counts.gather(2, last)) // 255
     before = counts.cumsum(2) - counts  # pixels below each level
-    lut = ((step // 2 + before) // step.clamp(min=1)).clamp(max=255)
-    usable = (step > 0) & (present.sum(2, keepdim=True) > 1)
-    return torch.where(usable, lut, _levels(x))
+    lut = ((step // 2 + before) // step.clamp(min=1)).clamp_(max=255)
+    # Pillow also leaves single-level channels alone; their step is 0 (all pixels at the last).
+    return torch.where(step > 0, lut, levels)
 
 
 def solarize_lut(x: Tensor, threshold: Tensor) -> Tensor:
@@ -123,40 +127,37 @@ def posterize_lut(x: Tensor, bits: Tensor) -> Tensor:
 def brightness_lut(x: Tensor, factor: Tensor) -> Tensor:
     """Blend with black: factor 0 is black, 1 the image."""
     levels = _levels(x).expand(len(factor), 1, 256)
-    return _blend(torch.zeros_like(levels), levels, factor)
+    return blend(torch.zeros_like(levels), levels, factor)
 
 
 def contrast_lut(x: Tensor, factor: Tensor) -> Tensor:
     """Blend with the image's mean gray level (rounded, as Pillow's ImageStat)."""
     mean = (grayscale(x).flatten(1).double().mean(1) + 0.5).floor().view(-1, 1, 1)
     levels = _levels(x).expand(len(factor), 1, 256)
-    return _blend(mean.expand_as(levels), levels, factor)
+    return blend(mean.expand_as(levels), levels, factor)
 
 
-# Image ops: (images [n,C,H,W], parameter [n]) -> images.
+# Blend ops: images [n,C,H,W] -> the float32 image they blend with (broadcastable to x), the
+# "degenerate" image of Pillow's ImageEnhance; the op is blend(degenerate, x, factor).
 
-def color(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend with the image's grayscale version: factor 0 is gray, 1 the image."""
-    return _blend(grayscale(x).expand_as(x), x, factor)
+def gray(x: Tensor) -> Tensor:
+    """Color's: the grayscale image (factor 0 is gray, 1 the image)."""
+    return grayscale(x).to(torch.float32)
 
 
 def smooth(x: Tensor) -> Tensor:
-    """Pillow's ImageFilter.SMOOTH (3x3, centre 5, divisor 13); the one-pixel border is kept.
+    """Sharpness's: Pillow's ImageFilter.SMOOTH (3x3, centre 5, divisor 13), the one-pixel border
+    kept (factor 0 is smooth, 1 the image, above 1 sharper).
 
     Pillow computes 0.5 + sum(w * p) / 13 in float32 and truncates. The exact value (S + 6.5) / 13
-    (S the integer weighted sum) is never within 1/26 of an integer, far beyond float32 rounding,
-    so integer arithmetic, floor((2S + 13) / 26), gives Pillow's bytes."""
-    v = x.to(torch.int16)  # S <= 13 * 255
+    (S the integer weighted sum, exact in float32) is never within 1/26 of an integer, far beyond
+    float32 rounding, so floor((S + 6.5) / 13) in float32 gives Pillow's bytes."""
+    v = x.to(torch.float32)
     rows = v[..., :-2] + v[..., 1:-1] + v[..., 2:]  # horizontal sums of three
-    total = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:] + 4 * v[:, :, 1:-1, 1:-1]
-    out = x.clone()
-    out[:, :, 1:-1, 1:-1] = (2 * total + 13) // 26
+    total = rows[:, :, :-2] + rows[:, :, 1:-1] + rows[:, :, 2:]  # 3x3 sums (2x faster than a pool)
+    out = v.clone()
+    out[:, :, 1:-1, 1:-1] = total.add_(v[:, :, 1:-1, 1:-1], alpha=4).add_(6.5).div_(13).floor_()
     return out
-
-
-def sharpness(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend with the smoothed image: factor 0 is smooth, 1 the image, above 1 sharper."""
-    return _blend(smooth(x), x, factor)
 
 
 # Geometric ops: (parameter [n], height, width) -> affine matrices [n,6] for affine_nearest.
@@ -197,21 +198,33 @@ def translate_y_matrix(pixels: Tensor, h: int, w: int) -> Tensor:
     return _matrix(pixels, f=pixels)
 
 
-def affine_nearest(x: Tensor, matrix: Tensor, fill: Tensor) -> Tensor:
-    """Pillow's AFFINE transform with NEAREST: the output pixel (x, y) takes the input pixel
-    under (a*X + b*Y + c, d*X + e*Y + f) for its centre (X, Y) = (x + 0.5, y + 0.5), where
-    matrix[i] = (a, b, c, d, e, f); pixels mapped outside the image get `fill` ([C] uint8)."""
-    n, ch, h, w = x.shape
-    # A one-pixel frame of fill around each image: coordinates clamped to the frame read fill.
-    framed = fill.view(1, ch, 1, 1).expand(n, ch, h + 2, w + 2).clone()
-    framed[:, :, 1:-1, 1:-1] = x
+def source_pixels(matrix: Tensor, h: int, w: int) -> Tensor:
+    """Pillow's AFFINE transform with NEAREST, as indices: the output pixel (x, y) takes the input
+    pixel under (a*X + b*Y + c, d*X + e*Y + f) for its centre (X, Y) = (x + 0.5, y + 0.5), where
+    matrix[i] = (a, b, c, d, e, f). Returns [n, h*w] int64 indices into the image framed by one
+    pixel of fill ([h+2, w+2], see `resample`): a source outside the image reads the frame."""
+    n = matrix.shape[0]
     a, b, c, d, e, f = (v.view(n, 1, 1) for v in matrix.to(torch.float64).unbind(1))
-    cx = torch.arange(w, device=x.device, dtype=torch.float64).view(1, 1, w) + 0.5
-    cy = torch.arange(h, device=x.device, dtype=torch.float64).view(1, h, 1) + 0.5
+    cx = torch.arange(w, device=matrix.device, dtype=torch.float64).view(1, 1, w) + 0.5
+    cy = torch.arange(h, device=matrix.device, dtype=torch.float64).view(1, h, 1) + 0.5
     sx = (a * cx + b * cy + c).floor_().clamp_(-1, w).add_(1)
     sy = (d * cx + e * cy + f).floor_().clamp_(-1, h).add_(1)
-    index = sy.mul_(w + 2).add_(sx).long().view(n, 1, h * w).expand(n, ch, h * w)
+    return sy.mul_(w + 2).add_(sx).long().view(n, h * w)
+
+
+def resample(x: Tensor, sources: Tensor, fill: Tensor) -> Tensor:
+    """out[i, :, p] = the one-pixel `fill` ([C] uint8) frame around x[i] at sources[i, p]."""
+    n, ch, h, w = x.shape
+    framed = fill.view(1, ch, 1, 1).expand(n, ch, h + 2, w + 2).clone()
+    framed[:, :, 1:-1, 1:-1] = x
+    index = sources.view(n, 1, h * w).expand(n, ch, h * w)
     return torch.gather(framed.view(n, ch, -1), 2, index).view(x.shape)
+
+
+def affine_nearest(x: Tensor, matrix: Tensor, fill: Tensor) -> Tensor:
+    """Pillow's AFFINE transform with NEAREST of uint8 x [n,C,H,W] by matrix [n,6] (see
+    `source_pixels`); pixels mapped outside the image get `fill`."""
+    return resample(x, source_pixels(matrix, *x.shape[2:]), fill)
 
 
 @dataclass(frozen=True)
@@ -238,8 +251,11 @@ ParamOf = Callable[[Tensor, Space, int], Tensor]  # (signed magnitude, space, im
 
 @dataclass(frozen=True)
 class OpSpec:
-    """One op: its kind ("lut": fn(x, p) -> tables; "image": fn(x, p) -> images; "affine":
-    fn(p, h, w) -> matrices; "identity") and its parameter for signed magnitudes in [-1, 1]."""
+    """One op: its kind and its parameter for signed magnitudes in [-1, 1]. Kinds: "table"
+    (fn(x, p) -> lookup tables from p alone), "lut" (fn(x, p) -> lookup tables from each image's
+    statistics), "blend" (fn(x) -> the image to blend with by factor p), "affine" (fn(p, h, w) ->
+    matrices), "identity".
+    """
 
     kind: str
     fn: Callable | None
@@ -264,13 +280,13 @@ OPS: dict[str, OpSpec] = {
     "identity": OpSpec("identity", None, _unused),
     "auto_contrast": OpSpec("lut", auto_contrast_lut, _unused),
     "equalize": OpSpec("lut", equalize_lut, _unused),
-    "solarize": OpSpec("lut", solarize_lut, lambda m, s, n: 256.0 * (1.0 - m.abs())),
-    "posterize": OpSpec("lut", posterize_lut,
+    "solarize": OpSpec("table", solarize_lut, lambda m, s, n: 256.0 * (1.0 - m.abs())),
+    "posterize": OpSpec("table", posterize_lut,
                         lambda m, s, n: 8 - (m.abs() * s.posterize).round()),
-    "brightness": OpSpec("lut", brightness_lut, _enhance),
+    "brightness": OpSpec("table", brightness_lut, _enhance),
     "contrast": OpSpec("lut", contrast_lut, _enhance),
-    "color": OpSpec("image", color, _enhance),
-    "sharpness": OpSpec("image", sharpness, _enhance),
+    "color": OpSpec("blend", gray, _enhance),
+    "sharpness": OpSpec("blend", smooth, _enhance),
     "rotate": OpSpec("affine", rotate_matrix, lambda m, s, n: m * s.rotate),
     "shear_x": OpSpec("affine", shear_x_matrix, lambda m, s, n: m * s.shear),
     "shear_y": OpSpec("affine", shear_y_matrix, lambda m, s, n: m * s.shear),
@@ -280,21 +296,94 @@ OPS: dict[str, OpSpec] = {
 OP_NAMES = tuple(OPS)
 
 
+# The grouped form applies all point ops in one lookup, all blends in one blend and all affine ops
+# in one resampling: each kind must be one run of op indices.
+def _run_of(*kinds: str) -> range:
+    """The op indices of `kinds`, which must be one run."""
+    found = [k for k, spec in enumerate(OPS.values()) if spec.kind in kinds]
+    if found != list(range(found[0], found[-1] + 1)):
+        raise AssertionError(f"ops of kinds {kinds} must be adjacent in OPS")
+    return range(found[0], found[-1] + 1)
+
+
+_POINT, _BLEND, _AFFINE = _run_of("table", "lut"), _run_of("blend"), _run_of("affine")
+
+
 def apply_op(name: str, x: Tensor, param: Tensor, fill: Tensor) -> Tensor:
     """The op `name` at parameter param[i] (its own units) on uint8 images x [n,C,H,W]."""
     spec = OPS[name]
-    if spec.kind == "lut":
+    if spec.kind in ("table", "lut"):
         return apply_luts(x, spec.fn(x, param))
     if spec.kind == "affine":
         return affine_nearest(x, spec.fn(param, *x.shape[2:]), fill)
-    if spec.kind == "image":
-        return spec.fn(x, param)
+    if spec.kind == "blend":
+        return blend(spec.fn(x), x, param)
     return x
 
 
-def apply_ops(x: Tensor, op_index: Tensor, magnitude: Tensor, space: Space, fill: Tensor,
+def _side(name: str, h: int, w: int) -> int:
+    return h if name == "translate_y" else w
+
+
+# Affine ops' source pixels are precomputed per level up to this size (2.5 MB for 32x32 images
+# at 31 bins); bigger tables are computed per batch from the matrices instead.
+MAX_SOURCE_TABLE_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class LevelTable:
+    """Every op at every signed level of a policy, precomputed for one image size and device.
+
+    A policy draws integer levels l in -(bins-1)..bins-1 (magnitude l / (bins-1)), so each op has
+    2*bins-1 possible parameters. Keyed by ``op_index * (2*bins-1) + l + bins-1``, the table holds
+    each key's parameter, the lookup table of ops whose table depends on the parameter alone
+    ("table" ops; the identity for the others), and for the affine ops their matrices and, up to
+    MAX_SOURCE_TABLE_BYTES, their source pixels. A batch then looks up what per-image arithmetic
+    would compute: the same values, so the same images bit for bit.
+    """
+
+    bins: int
+    params: Tensor  # [keys] float64
+    luts: Tensor  # [keys, 256] uint8
+    matrices: Tensor  # [affine keys, 6] float64, from key _AFFINE[0] * (2*bins-1) on
+    sources: Tensor | None  # [affine keys, H*W] int64 (see source_pixels), or None if too big
+
+    def keys(self, op_index: Tensor, level: Tensor) -> Tensor:
+        return op_index * (2 * self.bins - 1) + (level + (self.bins - 1))
+
+    def resample(self, x: Tensor, keys: Tensor, fill: Tensor) -> Tensor:
+        """Affine ops' images x [n,C,H,W] at their keys [n]."""
+        rows = keys - _AFFINE[0] * (2 * self.bins - 1)
+        sources = (self.sources.index_select(0, rows) if self.sources is not None
+                   else source_pixels(self.matrices.index_select(0, rows), *x.shape[2:]))
+        return resample(x, sources, fill)
+
+
+@functools.cache
+def level_table(space: Space, bins: int, h: int, w: int, device: torch.device) -> LevelTable:
+    """The LevelTable of `space` at `bins` magnitude bins for h x w images on `device`."""
+    if bins < 2:
+        raise ConfigError(f"a policy needs at least 2 magnitude bins, got {bins}")
+    magnitude = torch.arange(1 - bins, bins, dtype=torch.float64, device=device) / (bins - 1)
+    no_pixels = torch.zeros(len(magnitude), 1, 1, 1, dtype=torch.uint8, device=device)
+    identity = torch.arange(256, device=device).expand(len(magnitude), 256)
+    params, luts, matrices = [], [], []
+    for name, spec in OPS.items():
+        param = spec.param_of(magnitude, space, _side(name, h, w)).to(torch.float64)
+        params.append(param)
+        luts.append(spec.fn(no_pixels, param).view(-1, 256) if spec.kind == "table" else identity)
+        if spec.kind == "affine":
+            matrices.append(spec.fn(param, h, w))
+    matrices = torch.cat(matrices)
+    small = matrices.shape[0] * h * w * 8 <= MAX_SOURCE_TABLE_BYTES
+    return LevelTable(bins, torch.cat(params), torch.cat(luts).to(torch.uint8), matrices,
+                      source_pixels(matrices, h, w) if small else None)
+
+
+def apply_ops(x: Tensor, op_index: Tensor, level: Tensor, table: LevelTable, fill: Tensor,
               grouped: bool | None = None) -> Tensor:
-    """Image i gets OPS[OP_NAMES[op_index[i]]] at signed magnitude[i] in [-1, 1].
+    """Image i gets OPS[OP_NAMES[op_index[i]]] at signed level[i] of `table` (its parameter:
+    param_of(level / (bins-1))).
 
     grouped (the default on the CPU): each op runs on the images that drew it, which costs one
     host sync per call (for the group sizes). Otherwise (the default on other devices) every op
@@ -304,77 +393,69 @@ def apply_ops(x: Tensor, op_index: Tensor, magnitude: Tensor, space: Space, fill
         return x.clone()
     if grouped is None:
         grouped = x.device.type == "cpu"
-    return (_apply_grouped if grouped else _apply_masked)(x, op_index, magnitude, space, fill)
+    keys = table.keys(op_index, level)
+    return (_apply_grouped if grouped else _apply_masked)(x, op_index, keys, table, fill)
 
 
-def _side(name: str, h: int, w: int) -> int:
-    return h if name == "translate_y" else w
-
-
-def _apply_masked(x: Tensor, op_index: Tensor, magnitude: Tensor, space: Space, fill: Tensor
+def _apply_masked(x: Tensor, op_index: Tensor, keys: Tensor, table: LevelTable, fill: Tensor
                   ) -> Tensor:
-    n, c, h, w = x.shape
-    lut = _levels(x).expand(n, c, 256)
-    matrix = _matrix(magnitude)
+    n, c = x.shape[:2]
+    per_op = 2 * table.bins - 1
+    level = keys.remainder(per_op)  # the level's column, the same for every op
+    lut = table.luts.index_select(0, keys).view(n, 1, 256).expand(n, c, 256)
     images = []
-    for k, (name, spec) in enumerate(OPS.items()):
-        if spec.kind == "identity":
+    for k, spec in enumerate(OPS.values()):
+        if spec.kind not in ("lut", "blend"):
             continue
         chosen = op_index == k
-        param = spec.param_of(magnitude, space, _side(name, h, w))
+        param = table.params.index_select(0, level + k * per_op)
         if spec.kind == "lut":
             lut = torch.where(chosen.view(n, 1, 1), spec.fn(x, param), lut)
-        elif spec.kind == "affine":
-            matrix = torch.where(chosen.view(n, 1), spec.fn(param, h, w), matrix)
         else:
-            images.append((chosen, spec.fn(x, param)))
+            images.append((chosen, blend(spec.fn(x), x, param)))
     out = apply_luts(x, lut)  # the identity table for the images of other ops
     for chosen, image in images:
         out = torch.where(chosen.view(n, 1, 1, 1), image, out)
-    return affine_nearest(out, matrix, fill)  # the identity matrix resamples nothing
+    # Images of other ops resample at an affine op's level 0: the identity.
+    affine = (op_index >= _AFFINE[0]) & (op_index <= _AFFINE[-1])
+    identity_key = _AFFINE[0] * per_op + table.bins - 1
+    return table.resample(out, torch.where(affine, keys, identity_key), fill)
 
 
-def _apply_grouped(x: Tensor, op_index: Tensor, magnitude: Tensor, space: Space, fill: Tensor
+def _apply_grouped(x: Tensor, op_index: Tensor, keys: Tensor, table: LevelTable, fill: Tensor
                    ) -> Tensor:
-    """Sorted by op, each op's images are one slice; all point ops then share one table lookup
-    and all geometric ops one resampling, and one gather puts the images back in their places."""
-    counts = torch.bincount(op_index, minlength=len(OP_NAMES)).tolist()
+    """Sorted by op, each op's images are one slice: the point ops share one table lookup, the
+    blends one blend and the affine ops one resampling; one gather puts the images back in their
+    places."""
+    counts = torch.bincount(op_index, minlength=len(OP_NAMES)).tolist()  # the one host sync
+    start = list(itertools.accumulate([0, *counts]))  # op k's rows: start[k]:start[k + 1]
     order = torch.argsort(op_index, stable=True)
-    xs, ms = x.index_select(0, order), magnitude.index_select(0, order)
-    h, w = x.shape[2:]
-    parts: list[Tensor] = []
-    pending: tuple[str, int, list[Tensor]] | None = None  # a kind's start and values so far
-
-    def flush() -> None:
-        kind, first, values = pending
-        images = xs[first:first + sum(len(v) for v in values)]
-        parts.append(apply_luts(images, torch.cat(values)) if kind == "lut"
-                     else affine_nearest(images, torch.cat(values), fill))
-
-    start = 0
-    for name, count in zip(OP_NAMES, counts, strict=True):
-        spec, rows = OPS[name], slice(start, start + count)
-        start += count
-        if pending is not None and pending[0] != spec.kind:
-            flush()
-            pending = None
-        if count == 0:
-            continue
-        if spec.kind == "identity":
-            parts.append(xs[rows])
-            continue
-        param = spec.param_of(ms[rows], space, _side(name, h, w))
-        if spec.kind == "image":
-            parts.append(spec.fn(xs[rows], param))
-            continue
-        value = (spec.fn(xs[rows], param).expand(count, x.shape[1], 256) if spec.kind == "lut"
-                 else spec.fn(param, h, w))
-        if pending is None:
-            pending = (spec.kind, rows.start, [])
-        pending[2].append(value)
-    if pending is not None:
-        flush()
-    return torch.cat(parts).index_select(0, torch.argsort(order))  # back to the input's order
+    xs, keys = x.index_select(0, order), keys.index_select(0, order)
+    done = torch.empty_like(x)  # in sorted order
+    point = slice(start[_POINT[0]], start[_POINT[-1] + 1])
+    if point.stop > point.start:
+        lut = table.luts.index_select(0, keys[point]).unsqueeze(1).repeat(1, x.shape[1], 1)
+        for k in _POINT:
+            rows = slice(start[k], start[k + 1])
+            if OPS[OP_NAMES[k]].kind == "lut" and rows.stop > rows.start:
+                param = table.params.index_select(0, keys[rows])
+                lut[rows.start - point.start:rows.stop - point.start] = OPS[OP_NAMES[k]].fn(
+                    xs[rows], param)
+        done[point] = apply_luts(xs[point], lut)
+    mixed = slice(start[_BLEND[0]], start[_BLEND[-1] + 1])
+    if mixed.stop > mixed.start:
+        degenerate = [OPS[OP_NAMES[k]].fn(xs[start[k]:start[k + 1]]).expand(
+            counts[k], *x.shape[1:]) for k in _BLEND if counts[k]]
+        degenerate = torch.cat(degenerate) if len(degenerate) > 1 else degenerate[0]
+        done[mixed] = blend(degenerate, xs[mixed], table.params.index_select(0, keys[mixed]))
+    affine = slice(start[_AFFINE[0]], start[_AFFINE[-1] + 1])
+    if affine.stop > affine.start:
+        done[affine] = table.resample(xs[affine], keys[affine], fill)
+    for k, spec in enumerate(OPS.values()):
+        if spec.kind == "identity" and counts[k]:
+            done[start[k]:start[k + 1]] = xs[start[k]:start[k + 1]]
+    # Back to the input's order (index_select: index_copy_ is ~30x slower on the CPU).
+    return done.index_select(0, torch.argsort(order))
 
 
 def _fill_tensor(fill: tuple[int, ...], x: Tensor) -> Tensor:
@@ -394,6 +475,12 @@ def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor
 MEAN_FILL = (125, 123, 114)
 
 
+def _signed_levels(level: Tensor, generator: torch.Generator | None) -> Tensor:
+    """level, negated with probability 1/2 (one uniform draw per image)."""
+    negative = torch.rand(level.shape, generator=generator, device=level.device) < 0.5
+    return torch.where(negative, -level, level)
+
+
 @dataclass
 class TrivialAugmentWide:
     """TrivialAugment-Wide (Muller & Hutter 2021) on uint8 [B,C,H,W]: per image one op drawn
@@ -407,16 +494,15 @@ class TrivialAugmentWide:
 
     def draw(self, b: int, device: torch.device, generator: torch.Generator | None
              ) -> tuple[Tensor, Tensor]:
-        """Op indices [B] and signed magnitudes [B] (float64) for a batch of b images."""
+        """Op indices [B] and signed levels [B] (magnitude: level / (bins-1)) for b images."""
         op_index = torch.randint(0, len(OP_NAMES), (b,), generator=generator, device=device)
         level = torch.randint(0, self.bins, (b,), generator=generator, device=device)
-        negative = torch.rand(b, generator=generator, device=device) < 0.5
-        magnitude = level.double() / (self.bins - 1)
-        return op_index, torch.where(negative, -magnitude, magnitude)
+        return op_index, _signed_levels(level, generator)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        op_index, magnitude = self.draw(x.shape[0], x.device, generator)
-        return apply_ops(x, op_index, magnitude, self.space, _fill_tensor(self.fill, x))
+        op_index, level = self.draw(x.shape[0], x.device, generator)
+        table = level_table(self.space, self.bins, *x.shape[2:], x.device)
+        return apply_ops(x, op_index, level, table, _fill_tensor(self.fill, x))
 
 
 @dataclass
@@ -439,16 +525,15 @@ class RandAugment:
 
     def draw(self, b: int, device: torch.device, generator: torch.Generator | None
              ) -> tuple[Tensor, Tensor]:
-        """One round's op indices [B] and signed magnitudes [B] (float64)."""
+        """One round's op indices [B] and signed levels [B] (+-magnitude)."""
         op_index = torch.randint(0, len(OP_NAMES), (b,), generator=generator, device=device)
-        negative = torch.rand(b, generator=generator, device=device) < 0.5
-        m = torch.full((b,), self.magnitude / (self.bins - 1), dtype=torch.float64,
-                       device=device)
-        return op_index, torch.where(negative, -m, m)
+        level = torch.full((b,), self.magnitude, dtype=torch.int64, device=device)
+        return op_index, _signed_levels(level, generator)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         fill = _fill_tensor(self.fill, x)
+        table = level_table(self.space, self.bins, *x.shape[2:], x.device)
         for _ in range(self.num_ops):
-            op_index, magnitude = self.draw(x.shape[0], x.device, generator)
-            x = apply_ops(x, op_index, magnitude, self.space, fill)
+            op_index, level = self.draw(x.shape[0], x.device, generator)
+            x = apply_ops(x, op_index, level, table, fill)
         return x
