@@ -120,17 +120,18 @@ def per_sample_vitlab_batches(images: np.ndarray, labels: np.ndarray, batch_size
                 xs.append(_erase_one(np.ascontiguousarray(chw), rng))
             batch = np.stack(xs)
             one_hot = np.eye(num_classes, dtype=np.float32)[labels[idx]]
+            shift = len(batch) // 2  # sample i's partner: (i + shift) mod B
             lam = rng.beta(1.0, 1.0)
             if rng.random() < 0.5:  # cutmix: the partner's box
                 cut = np.sqrt(1 - lam)
                 cy, cx = rng.integers(h), rng.integers(w)
                 y0, y1 = max(cy - int(h * cut) // 2, 0), min(cy + int(h * cut) // 2, h)
                 x0, x1 = max(cx - int(w * cut) // 2, 0), min(cx + int(w * cut) // 2, w)
-                batch[:, :, y0:y1, x0:x1] = batch[::-1, :, y0:y1, x0:x1]
+                batch[:, :, y0:y1, x0:x1] = np.roll(batch[:, :, y0:y1, x0:x1], -shift, axis=0)
                 lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
             else:
-                batch = batch * lam + batch[::-1] * (1 - lam)
-            yield batch, one_hot * lam + one_hot[::-1] * (1 - lam)
+                batch = batch * lam + np.roll(batch, -shift, axis=0) * (1 - lam)
+            yield batch, one_hot * lam + np.roll(one_hot, -shift, axis=0) * (1 - lam)
 
 
 def images_per_s(batches: Iterator[tuple], steps: int, min_s: float, max_s: float = 2.0) -> float:

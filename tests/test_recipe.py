@@ -59,15 +59,18 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike():
         x, targets = mix(images, labels, True, torch.Generator().manual_seed(seed))
         assert targets.shape == (16, 10)
         torch.testing.assert_close(targets.sum(1), torch.ones(16))
-        lam = targets[0, labels[0]].item()  # sample 0 is paired with 15 (another label)
-        if torch.allclose(x, plain * lam + plain.flip(0) * (1 - lam), atol=1e-5):
+        lam = targets[0, labels[0]].item()  # sample 0 is paired with 8 (another label)
+        partner = plain.roll(8, 0)  # sample i's partner: (i + 8) mod 16
+        one_hot = torch.eye(10)[labels]
+        torch.testing.assert_close(targets, one_hot * lam + one_hot.roll(8, 0) * (1 - lam))
+        if torch.allclose(x, plain * lam + partner * (1 - lam), atol=1e-5):
             seen["mixup"] += 1
             lams.append(lam)
             continue
         seen["cutmix"] += 1  # one box, the same for every sample, pasted from the partner
         changed = (x != plain).any(dim=1)
         y0, y1, x0, x1 = _box(changed[0])
-        assert torch.equal(x[:, :, y0:y1, x0:x1], plain.flip(0)[:, :, y0:y1, x0:x1])
+        assert torch.equal(x[:, :, y0:y1, x0:x1], partner[:, :, y0:y1, x0:x1])
         outside = torch.ones(32, 32, dtype=torch.bool)
         outside[y0:y1, x0:x1] = False
         assert torch.equal(x[:, :, outside], plain[:, :, outside])
@@ -80,6 +83,17 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike():
     x, targets = MixupCutmix(lambda i, y, t, g: (SeedAugment().apply(i, False), y), 10)(
         images, labels, False, torch.Generator())
     assert torch.equal(x, plain) and torch.equal(targets, labels)
+
+
+def test_mixup_pairs_odd_batches_by_rolling_half_a_batch():
+    x = torch.randn(5, 3, 4, 4)
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    mix = MixupCutmix(lambda i, y, t, g: (i.clone(), y), 5, switch_prob=0.0)  # always Mixup
+    out, targets = mix(x, labels, True, torch.Generator().manual_seed(0))
+    lam = targets[0, 0].item()
+    partner = torch.tensor([2, 3, 4, 0, 1])  # (i + 5 // 2) mod 5
+    torch.testing.assert_close(out, x * lam + x[partner] * (1 - lam))
+    torch.testing.assert_close(targets, torch.eye(5) * lam + torch.eye(5)[partner] * (1 - lam))
 
 
 def test_stochastic_depth_drops_whole_samples_and_is_free_when_off():

@@ -373,13 +373,10 @@ class RandomErasing:
         picked = np.flatnonzero(erase)
         if len(picked) == 0:
             return out
-        ys, xs = np.arange(h)[:, None], np.arange(w)
-        inside = ((ys >= top[picked, None, None]) & (ys < (top + box_h)[picked, None, None])
-                  & (xs >= left[picked, None, None]) & (xs < (left + box_w)[picked, None, None]))
-        within = np.flatnonzero(np.broadcast_to(inside[:, None], (len(picked), c, h, w)))
-        index = picked[within // (c * h * w)] * (c * h * w) + within % (c * h * w)
+        index = _box_indices(picked, *(a[picked].astype(np.int64) for a in (top, left, box_h,
+                                                                             box_w)), (c, h, w))
         noise = torch.randn(len(index), generator=generator, dtype=x.dtype)
-        out.view(-1).scatter_(0, torch.from_numpy(index), noise)  # sample, channel, y, x order
+        out.view(-1).scatter_(0, torch.from_numpy(index), noise)
         return out
 
     def _boxes(self, u: Any, h: int, w: int) -> tuple:
@@ -391,6 +388,27 @@ class RandomErasing:
         box_w = ((area / aspect) ** 0.5).round().clip(1, w)
         top, left = (u[3] * (h + 1 - box_h)) // 1, (u[4] * (w + 1 - box_w)) // 1
         return u[0] < self.p, top, left, box_h, box_w
+
+
+def _box_indices(sample: np.ndarray, top: np.ndarray, left: np.ndarray, box_h: np.ndarray,
+                 box_w: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
+    """Flat indices into a contiguous [B,C,H,W] batch of every pixel and channel of the boxes
+    (one per listed sample), in row-major order: sample, channel, y, x. Built from the boxes'
+    rows (runs of box_w consecutive indices), without a per-pixel mask."""
+    c, h, w = chw
+    per_sample = c * box_h  # runs: one per channel and box row
+    run_of = np.repeat(np.arange(len(sample)), per_sample)  # the box each run belongs to
+    nth = np.arange(len(run_of)) - np.repeat(np.cumsum(per_sample) - per_sample, per_sample)
+    channel, row = np.divmod(nth, box_h[run_of])
+    start = (sample[run_of] * c + channel) * h * w + (top[run_of] + row) * w + left[run_of]
+    width = box_w[run_of]
+    # Consecutive indices step by 1, except at a run's first, which jumps from the previous
+    # run's last: the cumulative sum of the steps lists every run.
+    ends = np.cumsum(width)
+    step = np.ones(ends[-1], np.int64)
+    step[0] = start[0]
+    step[ends[:-1]] = start[1:] - (start[:-1] + width[:-1] - 1)
+    return np.cumsum(step)
 
 
 def _host_rng(generator: torch.Generator | None) -> random.Random:
@@ -407,8 +425,9 @@ def _host_rng(generator: torch.Generator | None) -> random.Random:
 @dataclass
 class MixupCutmix:
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), one of them per batch, as a
-    label-aware transform after `transform`: each sample is mixed with the batch reversed (its
-    mirror partner), and the targets become the matching mixtures of one-hot labels.
+    label-aware transform after `transform`: sample i is mixed with sample (i + B//2) mod B (its
+    partner: the batch rolled by half, which for a shuffled batch is as random as any pairing and
+    needs no copy), and the targets become the matching mixtures of one-hot labels.
 
     With probability `switch_prob` the batch is CutMixed (a box of area 1 - lam taken from the
     partner, lam ~ Beta(cutmix_alpha), then corrected to the box's clipped area), otherwise
@@ -435,17 +454,28 @@ class MixupCutmix:
         cutmix = switch < self.switch_prob
         alpha = self.cutmix_alpha if cutmix else self.mixup_alpha
         lam = rng.betavariate(alpha, alpha)
-        one_hot = torch.nn.functional.one_hot(labels, self.num_classes).to(x.dtype)
+        one_hot = torch.zeros(len(labels), self.num_classes, dtype=x.dtype, device=x.device)
+        one_hot.scatter_(1, labels.view(-1, 1), 1.0)
         if mix >= self.prob:
             return x, one_hot
+        shift = len(x) // 2
         if cutmix:
-            x, lam = _cutmix(x, lam, rng, self.inplace)
+            x, lam = _cutmix(x, shift, lam, rng, self.inplace)
         else:
-            x = torch.lerp(x.flip(0), x, lam)  # x * lam + partner * (1 - lam), in one pass
-        return x, torch.lerp(one_hot.flip(0), one_hot, lam)
+            x = _mixup(x, shift, lam)
+        return x, torch.lerp(one_hot.roll(-shift, 0), one_hot, lam)
 
 
-def _cutmix(x: Tensor, lam: float, rng: random.Random, inplace: bool) -> tuple[Tensor, float]:
+def _mixup(x: Tensor, shift: int, lam: float) -> Tensor:
+    """out[i] = x[i] * lam + x[(i + shift) % B] * (1 - lam), from views of x (no partner copy)."""
+    out, n = torch.empty_like(x), len(x) - shift
+    torch.lerp(x[shift:], x[:n], lam, out=out[:n])
+    torch.lerp(x[:shift], x[n:], lam, out=out[n:])
+    return out
+
+
+def _cutmix(x: Tensor, shift: int, lam: float, rng: random.Random, inplace: bool
+            ) -> tuple[Tensor, float]:
     """Paste the partner's box of area fraction ~(1 - lam); return the batch and the true lam."""
     _, _, h, w = x.shape
     cut = math.sqrt(1.0 - lam)
@@ -455,7 +485,7 @@ def _cutmix(x: Tensor, lam: float, rng: random.Random, inplace: bool) -> tuple[T
     y0, y1 = max(cy - half_h, 0), min(cy + half_h, h)
     x0, x1 = max(cx - half_w, 0), min(cx + half_w, w)
     out = x if inplace else x.clone()
-    out[:, :, y0:y1, x0:x1] = x[:, :, y0:y1, x0:x1].flip(0)  # flip copies the boxes first
+    out[:, :, y0:y1, x0:x1] = x[:, :, y0:y1, x0:x1].roll(-shift, 0)  # the boxes copied first
     return out, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
