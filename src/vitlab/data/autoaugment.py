@@ -90,15 +90,29 @@ def grayscale(x: Tensor) -> Tensor:
 
 # Point ops: (images [n,C,H,W], parameter [n]) -> lookup tables [n,C or 1,256].
 
+def stretch_luts(lo: Tensor, hi: Tensor) -> Tensor:
+    """Autocontrast's tables [..., 256] for channels whose levels span lo..hi (float64 [..., 1]):
+    lo..hi stretched to 0..255, in Pillow's float64 arithmetic; a flat channel is left alone."""
+    # Not `255.0 / span`, which torch computes as 255 * (1 / span): one ulp off Pillow.
+    scale = torch.full_like(lo, 255.0) / (hi - lo).clamp(min=1)
+    levels = torch.arange(256, dtype=torch.float64, device=lo.device)
+    stretched = (levels * scale).add_(-lo * scale).trunc_().clamp_(0, 255)
+    return torch.where(hi > lo, stretched, levels).to(torch.uint8)
+
+
+@functools.cache
+def _stretch_table(device: torch.device) -> Tensor:
+    """stretch_luts of every (lo, hi) pair, row lo * 256 + hi: [65536, 256] uint8 (16 MB), made
+    once per device; a lookup costs a third of the arithmetic on a batch's few images."""
+    levels = torch.arange(256, dtype=torch.float64, device=device)
+    return torch.cat([stretch_luts(lo.view(1, 1), levels.view(256, 1)) for lo in levels])
+
+
 def auto_contrast_lut(x: Tensor, param: Tensor) -> Tensor:
     """Stretch each channel's [lowest, highest] level to [0, 255] (left alone if flat)."""
-    flat = x.reshape(*x.shape[:2], -1)
-    lo, hi = (v.double() for v in torch.aminmax(flat, dim=2, keepdim=True))
-    # float64 as in Pillow's Python; not `255.0 / span`, which torch computes as 255 * (1 / span)
-    scale = torch.full_like(lo, 255.0) / (hi - lo).clamp_(min=1)
-    levels = _levels(x).double()
-    stretched = (levels * scale).add_(-lo * scale).trunc_().clamp_(0, 255)
-    return torch.where(hi > lo, stretched, levels)
+    lo, hi = torch.aminmax(x.reshape(*x.shape[:2], -1), dim=2)
+    rows = (lo.long() * 256 + hi).view(-1)
+    return _stretch_table(x.device).index_select(0, rows).view(*x.shape[:2], 256)
 
 
 def equalize_lut(x: Tensor, param: Tensor) -> Tensor:
