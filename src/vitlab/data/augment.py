@@ -93,12 +93,10 @@ class Normalize:
                 "pass one mean and std per channel"
             )
         mean, scale = _cached(self._consts, (x.device,), lambda: self._constants(x.device))
-        # float32(x) - mean in one pass (type promotion converts as it subtracts; a new tensor,
-        # the input is left alone), then in place: albumentations' float32 arithmetic, one
-        # batch-sized allocation.
-        if x.is_floating_point() and x.dtype != torch.float32:
-            x = x.to(torch.float32)  # float64 - float32 would stay float64
-        return torch.sub(x, mean).mul_(scale)
+        # One float32 copy (a new tensor: the input is left alone), then in place: the same
+        # float32 arithmetic as albumentations, and only one batch-sized allocation. (Subtracting
+        # from the uint8 batch directly is one pass fewer but ~10% slower: a mixed-dtype loop.)
+        return x.to(torch.float32, copy=True).sub_(mean).mul_(scale)
 
     def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
         mean = torch.from_numpy(self._mean).to(device)[:, None, None]
