@@ -117,13 +117,14 @@ def auto_contrast_lut(x: Tensor, param: Tensor) -> Tensor:
 
 def equalize_lut(x: Tensor, param: Tensor) -> Tensor:
     """Pillow's histogram equalization per channel, in its integer arithmetic."""
-    counts, levels = histogram(x), _levels(x)
-    last = (levels * (counts > 0)).amax(2, keepdim=True)  # the highest level present
-    step = (counts.sum(2, keepdim=True) - counts.gather(2, last)) // 255
+    counts = histogram(x)
     before = counts.cumsum(2) - counts  # pixels below each level
+    # Pillow's step: the pixels below the highest level present, // 255. `before` grows with the
+    # level, so that count is its largest value at a present level.
+    step = (before * (counts > 0)).amax(2, keepdim=True) // 255
     lut = ((step // 2 + before) // step.clamp(min=1)).clamp_(max=255)
     # Pillow also leaves single-level channels alone; their step is 0 (all pixels at the last).
-    return torch.where(step > 0, lut, levels)
+    return torch.where(step > 0, lut, _levels(x))
 
 
 def solarize_lut(x: Tensor, threshold: Tensor) -> Tensor:
