@@ -373,6 +373,23 @@ def test_no_command_prints_help_and_exits_2(capfd):
     assert "pretrain" in capfd.readouterr().out
 
 
+def test_resume_accepts_the_image_size_the_run_used_anyway(data, work, capfd):
+    """A run started without --image-size used its model's input size; naming that size on
+    resume changes nothing, so it is accepted; another size is refused."""
+    run = work / "plain"
+    common = ["--no-progress", "--no-download"]
+    assert main(["pretrain", "--data", str(data["cifar10"]), "--model", "micro", "--epochs", "1",
+                 "--train-steps-per-epoch", "1", "--eval-steps-per-epoch", "1",
+                 "--batch-size", "16", "--out", str(run), *common]) == 0
+    capfd.readouterr()
+    assert main(["pretrain", "--resume", str(run), "--image-size", "16", *common]) == 2
+    assert "--image-size 16 differs" in capfd.readouterr().err
+    assert main(["pretrain", "--resume", str(run), "--image-size", "32", "--epochs", "2",
+                 *common]) == 0, capfd.readouterr().err
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("epoch") == 2 and "accuracy" in e for e in events)  # trained on to epoch 2
+
+
 def test_image_size_is_saved_for_resume_and_evaluate(data, work, capfd):
     """A run trained on resized images (--image-size) resumes and evaluates on the same sizes."""
     import numpy as np

@@ -305,6 +305,8 @@ def _check_unchanged(saved: RunConfig, settings: dict[str, Any], run_dir: Path) 
         if SETTINGS[name].role in ("runtime", "data"):
             continue
         was, given = _saved_value(saved, name, run_dir), _given_value(name, value)
+        if name == "image_size" and was is None:
+            was = saved.model.image_size  # the size its images were used at anyway
         if given == was:
             continue
         flag = SETTINGS[name].flag
