@@ -41,10 +41,12 @@ def plot_curves(records: Sequence[dict], path: str | os.PathLike) -> None:
             loss_ax.plot(epochs, [r["ema_ce"] for r in evals], "^-", label="eval (EMA)")
             acc_ax.plot(epochs, [100 * r[key] for r in evals], "^-", color="tab:purple",
                         label="EMA of the weights")
-            acc_ax.legend()
+        # The best point is marked and named in the legend, which matplotlib keeps clear of the
+        # curves (a text label beside the point could cross the title or the frame).
         best = max(evals, key=lambda r: r[key])
-        acc_ax.annotate(f"best {100 * best[key]:.2f}%", (best["epoch"], 100 * best[key]),
-                        textcoords="offset points", xytext=(0, 8), ha="center")
+        acc_ax.plot(best["epoch"], 100 * best[key], "*", color="tab:red", markersize=12,
+                    label=f"best {100 * best[key]:.2f}% (epoch {best['epoch']})")
+        acc_ax.legend(loc="best")
     loss_ax.set(title="cross-entropy", xlabel="epoch", ylabel="loss")
     loss_ax.legend()
     acc_ax.set(title="eval accuracy", xlabel="epoch", ylabel="top-1 accuracy (%)")
