@@ -145,15 +145,15 @@ def brightness_lut(x: Tensor, factor: Tensor) -> Tensor:
     return blend(torch.zeros_like(levels), levels, factor)
 
 
-def contrast_lut(x: Tensor, factor: Tensor) -> Tensor:
-    """Blend with the image's mean gray level (rounded, as Pillow's ImageStat)."""
-    mean = (grayscale(x).flatten(1).double().mean(1) + 0.5).floor().view(-1, 1, 1)
-    levels = _levels(x).expand(len(factor), 1, 256)
-    return blend(mean.expand_as(levels), levels, factor)
-
-
 # Blend ops: images [n,C,H,W] -> the float32 image they blend with (broadcastable to x), the
 # "degenerate" image of Pillow's ImageEnhance; the op is blend(degenerate, x, factor).
+
+def mean_gray(x: Tensor) -> Tensor:
+    """Contrast's: the image's mean gray level, rounded as Pillow's ImageStat, as a constant
+    image [n,1,1,1] (factor 0 is that gray, 1 the image)."""
+    gray_sum = grayscale(x).sum((1, 2, 3), dtype=torch.float64)
+    return (gray_sum / (x.shape[2] * x.shape[3])).add_(0.5).floor_().view(-1, 1, 1, 1)
+
 
 def gray(x: Tensor) -> Tensor:
     """Color's: the grayscale image (factor 0 is gray, 1 the image)."""
@@ -299,7 +299,7 @@ OPS: dict[str, OpSpec] = {
     "posterize": OpSpec("table", posterize_lut,
                         lambda m, s, n: 8 - (m.abs() * s.posterize).round()),
     "brightness": OpSpec("table", brightness_lut, _enhance),
-    "contrast": OpSpec("lut", contrast_lut, _enhance),
+    "contrast": OpSpec("blend", mean_gray, _enhance),
     "color": OpSpec("blend", gray, _enhance),
     "sharpness": OpSpec("blend", smooth, _enhance),
     "rotate": OpSpec("affine", rotate_matrix, lambda m, s, n: m * s.rotate),
