@@ -1,8 +1,9 @@
 """A CPU proxy for the recipe comparison: the seed recipe on seed-mini against the vitlab recipe
 on vitlab-mini, each trained for the same wall-clock budget on the same data, then evaluated.
 
-Each configuration's step time is measured first (3 steps after one warm-up step); its run is
-then that many steps of fit() fill the budget, with its LR schedule spread over exactly those
+Each configuration's step time is measured first (the median of 5 steps after one warm-up step:
+a median, so that a moment of load elsewhere does not shrink its budget); its run is then that
+many steps of fit() fill the budget, with its LR schedule spread over exactly those
 steps (the vitlab recipe's warm-up becomes the first 10% of them: its 10 epochs of 100). Test
 accuracy is measured on the first --eval-images test images. One process, one after the other;
 the machine's noise moves the step counts by ~10%.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -40,10 +42,12 @@ def step_seconds(model_name: str, chosen, dataset, batch: int) -> float:
                                                                     dataset.num_classes))
     batches = loader.epoch(0)
     train_step(model, optimizer, *next(batches), chosen)  # warm-up
-    start = time.perf_counter()
-    for _ in range(3):
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
         train_step(model, optimizer, *next(batches), chosen)
-    return (time.perf_counter() - start) / 3
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:

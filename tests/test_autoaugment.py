@@ -111,8 +111,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize(("space", "bins", "size"), [(aa.WIDE, 31, (16, 16)),
-                                                     (aa.STANDARD, 11, (15, 22))],
-                         ids=["wide-31-square", "standard-11-odd"])
+                                                     (aa.STANDARD, 11, (15, 22)),
+                                                     (aa.WIDE, 3, (2, 5))],
+                         ids=["wide-31-square", "standard-11-odd", "wide-3-tiny"])
 def test_every_op_and_level_equals_the_op_alone(space, bins, size, monkeypatch):
     """apply_ops looks each (op, level) up in a LevelTable, groups images by op and shares the
     lookups and the resampling (or, without grouping, runs every op on every image): every image

@@ -13,6 +13,7 @@ import cli_helpers as h
 from vitlab.cli import main
 from vitlab.data import SeedAugment
 from vitlab.data.augment import MixupCutmix, RandomErasing, VitlabAugment
+from vitlab.errors import ConfigError
 from vitlab.model import EncoderBlock, ViT, ViTConfig, forward_flops, preset
 from vitlab.train.recipe import build_optimizer, lr_factor, recipe
 
@@ -46,6 +47,30 @@ def test_random_erasing_draws_one_rectangle_of_noise_per_chosen_sample(everywher
     noise = out[:, :, changed.any(0)]
     assert abs(noise[noise != 7.0].std().item() - 1.0) < 0.05
     assert torch.equal(RandomErasing(p=0.0)(x[:8], g), x[:8])  # p 0 is the identity
+
+
+def test_random_erasing_forms_draw_the_same_boxes_and_may_work_in_place():
+    x = torch.full((64, 3, 12, 20), 7.0)
+    erased = {}
+    for everywhere in (False, True):
+        out = RandomErasing(p=0.5, noise_everywhere=everywhere)(x, torch.Generator().manual_seed(4))
+        erased[everywhere] = (out != 7.0).all(dim=1)
+    assert torch.equal(erased[False], erased[True]) and erased[False].any()
+    assert (x == 7.0).all()  # the input is left alone unless inplace
+    same = RandomErasing(p=0.5, inplace=True)
+    assert same(x, torch.Generator().manual_seed(4)) is x
+    assert torch.equal((x != 7.0).all(dim=1), erased[False])
+    strided = torch.full((12, 20, 3, 64), 7.0).permute(3, 2, 0, 1)  # not contiguous: copied
+    out = same(strided, torch.Generator().manual_seed(4))
+    assert out is not strided and (strided == 7.0).all()
+    assert torch.equal((out != 7.0).all(dim=1), erased[False])
+    # A box may cover the whole image (scale 1, ratio 1): every pixel and channel is noise.
+    for everywhere in (False, True):
+        whole = RandomErasing(p=1.0, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                              noise_everywhere=everywhere)
+        assert (whole(torch.full((3, 2, 5, 5), 7.0), torch.Generator()) != 7.0).all()
+    with pytest.raises(ConfigError, match="CPU batches"):
+        RandomErasing(noise_everywhere=False)(torch.zeros(2, 3, 4, 4, device="meta"))
 
 
 def test_mixup_and_cutmix_mix_images_and_targets_alike():
@@ -94,6 +119,12 @@ def test_mixup_pairs_odd_batches_by_rolling_half_a_batch():
     partner = torch.tensor([2, 3, 4, 0, 1])  # (i + 5 // 2) mod 5
     torch.testing.assert_close(out, x * lam + x[partner] * (1 - lam))
     torch.testing.assert_close(targets, torch.eye(5) * lam + torch.eye(5)[partner] * (1 - lam))
+    # In place (the transform owns its batch) gives the same batches, CutMix and Mixup alike.
+    for seed in range(6):
+        results = [MixupCutmix(lambda i, y, t, g: (i.clone(), y), 5, inplace=inplace)(
+            x, labels, True, torch.Generator().manual_seed(seed)) for inplace in (False, True)]
+        assert torch.equal(results[0][0], results[1][0])
+        assert torch.equal(results[0][1], results[1][1])
 
 
 def test_stochastic_depth_drops_whole_samples_and_is_free_when_off():

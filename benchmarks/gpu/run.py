@@ -123,6 +123,15 @@ def stage_checks(args: argparse.Namespace) -> dict:
         result["vitlab_augment_repeatable"] &= bool(torch.equal(inputs, again))
         lams.add(round(float(targets[0].max()), 6))
     result["mixup_scalars_vary_with_the_seed"] = len(lams) > 1
+    if device.type == "cuda":  # the augmentation must never wait on the device (warm by now)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            transform(images, labels, True, torch.Generator(device).manual_seed(99))
+            result["vitlab_augment_sync_free"] = True
+        except RuntimeError as error:
+            result["vitlab_augment_sync_free"] = f"no: {error}"[:300]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     return result
 
 

@@ -305,8 +305,10 @@ def _check_unchanged(saved: RunConfig, settings: dict[str, Any], run_dir: Path) 
         if SETTINGS[name].role in ("runtime", "data"):
             continue
         was, given = _saved_value(saved, name, run_dir), _given_value(name, value)
-        if name == "image_size" and was is None:
+        shown = was
+        if name == "image_size" and was is None and given is not None:
             was = saved.model.image_size  # the size its images were used at anyway
+            shown = f"no {SETTINGS[name].flag} (its model's input: {was}x{was})"
         if given == was:
             continue
         flag = SETTINGS[name].flag
@@ -320,7 +322,7 @@ def _check_unchanged(saved: RunConfig, settings: dict[str, Any], run_dir: Path) 
             epochs = given
             continue
         raise ConfigError(f"{flag} {given} differs from the run in {run_dir}, which was "
-                          f"started with {was}; drop {flag} to continue it as saved, or start "
+                          f"started with {shown}; drop {flag} to continue it as saved, or start "
                           "a new run with another --out")
     return epochs
 

@@ -343,7 +343,8 @@ class RandomErasing:
     """Random Erasing (Zhong et al. 2017) on a normalized [B,C,H,W] batch: with probability p a
     sample gets one rectangle of area fraction in `scale` and aspect ratio (log-uniform) in
     `ratio`, filled with standard-normal noise (per pixel and channel). Boxes that would not fit
-    are clipped to the image. All samples at once: box masks from broadcast comparisons."""
+    are clipped to the image. All samples at once, in one of two forms drawing the same boxes
+    (see `noise_everywhere`); `inplace` lets the CPU form write into the batch it is given."""
 
     p: float = 0.25
     scale: tuple[float, float] = (0.02, 1 / 3)
@@ -369,7 +370,11 @@ class RandomErasing:
             return torch.where(inside[:, None], noise, x)
         # On the CPU the boxes' pixel indices are found on the host (NumPy's small-array ops cost
         # a tenth of torch's) and the noise is drawn for them alone.
-        out = x if self.inplace and x.is_contiguous() else x.contiguous().clone()
+        if x.device.type != "cpu":
+            raise ConfigError(f"RandomErasing(noise_everywhere=False) works on CPU batches; "
+                              f"this one is on {x.device}: leave noise_everywhere unset")
+        out = (x if self.inplace and x.is_contiguous()
+               else x.clone(memory_format=torch.contiguous_format))
         erase, top, left, box_h, box_w = self._boxes(u.numpy(), h, w)
         picked = np.flatnonzero(erase)
         if len(picked) == 0:
