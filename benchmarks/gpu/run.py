@@ -8,7 +8,9 @@ what `device_data.py join` rebuilt). Stages:
   env     the card's name, driver, CUDA and torch versions
   checks  the device paths the CPU tests cannot reach: TrivialAugment's sync-free form on the
           device against its grouped form on the CPU (the same images; rotations up to 3% of
-          pixels, as against Pillow), Random Erasing and Mixup/CutMix with a device generator
+          pixels, as against Pillow), Random Erasing and Mixup/CutMix with a device generator,
+          and that a whole vitlab augmentation batch runs with no host sync (CUDA's sync debug
+          mode set to "error")
   bench   `vitlab bench` (vitlab.bench.run_bench, in this process) for seed-mini against the
           tutorial's model in fp32 and bf16 with each compile mode, then vitlab-mini in bf16 with
           the mode that trained seed-mini fastest; that mode is then used by the runs (unless
