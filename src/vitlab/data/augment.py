@@ -422,7 +422,7 @@ def _host_rng(generator: torch.Generator | None) -> random.Random:
     waiting on its device: a CPU generator is drawn from; a device generator's state (its seed
     and offset, which live on the host) seeds it, and is read, not advanced (MixupCutmix, its
     user, comes last in a batch transform, after every draw on the device). The standard
-    library's generator: seeding it costs a third of NumPy's, per batch."""
+    library's generator: seeding it costs less than half of NumPy's, per batch."""
     if generator is None or generator.device.type == "cpu":
         return random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
     return random.Random(generator.get_state().numpy().tobytes())
