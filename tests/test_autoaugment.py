@@ -11,7 +11,7 @@ from vitlab.data.augment import make_augment
 from vitlab.data.pil_reference import apply_one
 from vitlab.errors import ConfigError
 
-FILL = (125, 123, 114)
+FILL = aa.MEAN_FILL
 
 
 def _images() -> np.ndarray:

@@ -386,8 +386,8 @@ def test_resume_accepts_the_image_size_the_run_used_anyway(data, work, capfd):
     assert "--image-size 16 differs" in capfd.readouterr().err
     assert main(["pretrain", "--resume", str(run), "--image-size", "32", "--epochs", "2",
                  *common]) == 0, capfd.readouterr().err
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any(e.get("epoch") == 2 and "accuracy" in e for e in events)  # trained on to epoch 2
+    evals = events(read_metrics(run), "eval")
+    assert any(e["epoch"] == 2 and "accuracy" in e for e in evals)  # trained on to epoch 2
 
 
 def test_image_size_is_saved_for_resume_and_evaluate(data, work, capfd):

@@ -176,7 +176,7 @@ def best_compile_mode(cases: dict) -> str:
 
 
 def stage_run(out: Path, args: argparse.Namespace, recipe: str, compile_mode: str) -> dict:
-    from vitlab.train.checkpoint import read_jsonl
+    from vitlab.train.checkpoint import read_jsonl, selection_key
 
     run_dir = args.work / "runs" / recipe
     if run_dir.exists():
@@ -203,7 +203,7 @@ def stage_run(out: Path, args: argparse.Namespace, recipe: str, compile_mode: st
         records = read_jsonl(metrics)
         evals = [r for r in records if r.get("event") == "eval"]
         finish = [r for r in records if r.get("event") == "finish"]
-        key = "ema_accuracy" if evals and "ema_accuracy" in evals[-1] else "accuracy"
+        key = selection_key(evals)
         result[stage] = {
             "epochs": len(evals),
             "best_accuracy": max((r[key] for r in evals), default=None),

@@ -25,7 +25,7 @@ from vitlab.errors import ConfigError
 from vitlab.model import ViT, ViTConfig, forward_flops, preset
 from vitlab.train import options
 from vitlab.train.engine import autocast, resolve_device, resolve_precision, train_step
-from vitlab.train.recipe import build_optimizer, recipe
+from vitlab.train.recipe import build_optimizer, fused_kernels, recipe
 from vitlab.tutorial import ViTModel
 
 COMPILE_MODES = ("off", *options.COMPILE_MODES)
@@ -121,7 +121,6 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
                          device=target)
     labels = torch.randint(0, num_classes, (batch_size,), device=target)
     seed = recipe("seed")
-    fused = True if target.type == "cuda" else None
     label = "vitlab " + ("bf16" if autocast_dtype is not None else "fp32") + (
         f", compile {compile}" if compile != "off" else "")
 
@@ -134,7 +133,7 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
     candidates[label] = (ours, runnable, autocast_dtype)
 
     def trainer(module, runnable, dtype) -> Callable[[], object]:
-        optimizer = build_optimizer(seed, module.parameters(), fused=fused)
+        optimizer = build_optimizer(seed, module.parameters(), fused=fused_kernels(target))
         return lambda: train_step(runnable, optimizer, images, labels, seed, dtype)
 
     def inferer(runnable, dtype) -> Callable[[], object]:

@@ -96,7 +96,7 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from vitlab.settings import WEIGHT_CHOICES
-    from vitlab.train.options import COMPILE_MODES
+    from vitlab.train.options import COMPILE_MODES, PRECISIONS
 
     parser = _Parser(prog="vitlab", description="Pre-train Vision Transformers on one image "
                      "dataset and fine-tune them on another, fast.")
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="seed-mini", help="model preset (default: seed-mini)")
     b.add_argument("--batch-size", type=_int, default=128)
     b.add_argument("--device", default="auto")
-    b.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+    b.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="vitlab's precision (the tutorial's model always runs fp32; auto: bf16 "
                         "on CUDA)")
     b.add_argument("--compile", choices=["off", *COMPILE_MODES],

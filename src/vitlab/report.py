@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vitlab.io import atomic_write_bytes  # noqa: E402
+from vitlab.train.checkpoint import selection_key  # noqa: E402
 
 
 def _save(figure, path: str | os.PathLike) -> None:
@@ -36,7 +37,7 @@ def plot_curves(records: Sequence[dict], path: str | os.PathLike) -> None:
         acc_ax.plot(epochs, [100 * r["accuracy"] for r in evals], "s-", color="tab:green",
                     label="weights")
         # With an EMA of the weights, its accuracy is the one that picks the best checkpoint.
-        key = "ema_accuracy" if all("ema_accuracy" in r for r in evals) else "accuracy"
+        key = selection_key(evals)
         if key == "ema_accuracy":
             loss_ax.plot(epochs, [r["ema_ce"] for r in evals], "^-", label="eval (EMA)")
             acc_ax.plot(epochs, [100 * r[key] for r in evals], "^-", color="tab:purple",

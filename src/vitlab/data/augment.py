@@ -21,6 +21,7 @@ has nothing left to do.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vitlab.data.autoaugment import RandAugment, TrivialAugmentWide
+from vitlab.data.autoaugment import RandAugment, TrivialAugmentWide, device_constant
 from vitlab.errors import ConfigError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -50,14 +51,6 @@ def reflect101(i: Tensor, n: int) -> Tensor:
 def _randint(high: int, b: int, x: Tensor, g: torch.Generator | None) -> Tensor:
     """b integers uniform over {0..high-1} on x's device."""
     return torch.randint(0, high, (b,), generator=g, device=x.device)
-
-
-def _cached(cache: dict, key: tuple, make: Callable[[], Any]) -> Any:
-    """cache[key], made by make() on first use (small constant index/scale tensors per device)."""
-    value = cache.get(key)
-    if value is None:
-        value = cache[key] = make()
-    return value
 
 
 def gather_pixels(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -82,9 +75,9 @@ class Normalize:
                 f"mean {self.mean} and std {self.std} need one value per channel each"
             )
         # Same float32 arithmetic as albumentations, so results match it bit for bit.
-        self._mean = np.asarray(self.mean, dtype=np.float32) * np.float32(255)
-        self._scale = np.reciprocal(np.asarray(self.std, dtype=np.float32) * np.float32(255))
-        self._consts: dict = {}
+        self._mean = tuple((np.asarray(self.mean, dtype=np.float32) * np.float32(255)).tolist())
+        self._scale = tuple(
+            np.reciprocal(np.asarray(self.std, dtype=np.float32) * np.float32(255)).tolist())
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if x.shape[1] != len(self._mean) and len(self._mean) != 1:
@@ -92,16 +85,12 @@ class Normalize:
                 f"images have {x.shape[1]} channels but mean/std have {len(self._mean)}; "
                 "pass one mean and std per channel"
             )
-        mean, scale = _cached(self._consts, (x.device,), lambda: self._constants(x.device))
+        mean = device_constant(self._mean, torch.float32, x.device).view(-1, 1, 1)
+        scale = device_constant(self._scale, torch.float32, x.device).view(-1, 1, 1)
         # One float32 copy (a new tensor: the input is left alone), then in place: the same
         # float32 arithmetic as albumentations, and only one batch-sized allocation. (Subtracting
         # from the uint8 batch directly is one pass fewer but ~10% slower: a mixed-dtype loop.)
         return x.to(torch.float32, copy=True).sub_(mean).mul_(scale)
-
-    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        mean = torch.from_numpy(self._mean).to(device)[:, None, None]
-        scale = torch.from_numpy(self._scale).to(device)[:, None, None]
-        return mean, scale
 
 
 @dataclass
@@ -150,16 +139,13 @@ class RandomPadCropFlip:
     pad: int = 8
     p: float = 0.5
     train_only = True
-    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         b, h, w, c = x.shape
         oy = _randint(self.pad + 1, b, x, generator)  # the draws of RandomPadCrop ...
         ox = _randint(self.pad + 1, b, x, generator)
         flip = torch.rand(b, generator=generator, device=x.device) < self.p  # ... HorizontalFlip
-        row_table, col_table = _cached(
-            self._tables, (h, w, c, x.device), lambda: self._make_tables(h, w, c, x.device)
-        )
+        row_table, col_table = _crop_flip_tables(self.pad, h, w, c, x.device)
         rows = row_table.index_select(0, oy) + torch.arange(0, b * h, h, device=x.device)[:, None]
         y = x.reshape(b * h, w * c).index_select(0, rows.view(-1)).view(b, 1, h, w * c)
         cols = col_table.index_select(0, ox + flip * (self.pad + 1))  # values: col * C + channel
@@ -167,15 +153,18 @@ class RandomPadCropFlip:
         out = torch.gather(y.expand(b, c, h, w * c), 3, cols.expand(b, c, h, w))
         return out.permute(0, 2, 3, 1)
 
-    def _make_tables(self, h: int, w: int, c: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Source rows per crop offset [pad+1, h]; col*C+channel per (offset, flip) [2(pad+1),C,w]."""
-        offsets = torch.arange(self.pad + 1, device=device)[:, None]
-        top = self.pad // 2
-        rows = reflect101(offsets + torch.arange(h, device=device) - top, h)
-        cols = reflect101(offsets + torch.arange(w, device=device) - top, w)
-        cols = torch.cat([cols, cols.flip(1)])  # flipped crops read their columns right to left
-        chan = torch.arange(c, device=device)[None, :, None]
-        return rows, (cols[:, None, :] * c + chan).contiguous()
+
+@functools.cache  # small index tables, made once per shape and device
+def _crop_flip_tables(pad: int, h: int, w: int, c: int, device: torch.device
+                      ) -> tuple[Tensor, Tensor]:
+    """Source rows per crop offset [pad+1, h]; col*C+channel per (offset, flip) [2(pad+1),C,w]."""
+    offsets = torch.arange(pad + 1, device=device)[:, None]
+    top = pad // 2
+    rows = reflect101(offsets + torch.arange(h, device=device) - top, h)
+    cols = reflect101(offsets + torch.arange(w, device=device) - top, w)
+    cols = torch.cat([cols, cols.flip(1)])  # flipped crops read their columns right to left
+    chan = torch.arange(c, device=device)[None, :, None]
+    return rows, (cols[:, None, :] * c + chan).contiguous()
 
 
 @dataclass
@@ -190,7 +179,6 @@ class CoarseDropout:
     fill: float = 0.0
     inplace: bool = False  # SeedAugment owns its normalized batch, so it skips the copy
     train_only = True
-    _arange: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         b, _, h, w = x.shape
@@ -205,9 +193,7 @@ class CoarseDropout:
         # The hole is size rows of size contiguous values per (sample, channel): fill those
         # B*C*size runs, each a row of a [n - size + 1, size] view with stride (1, 1).
         c = x.shape[1]
-        d = _cached(
-            self._arange, (self.size, x.device), lambda: torch.arange(self.size, device=x.device)
-        )
+        d = device_constant(tuple(range(self.size)), torch.int64, x.device)
         plane = torch.arange(b * c, device=x.device).view(b, c, 1) * (h * w)
         starts = plane + ((y0[:, None] + d) * w + x0[:, None])[:, None, :]
         flat = out.view(-1)
@@ -512,8 +498,7 @@ class VitlabAugment(Compose):
                  cutmix_alpha: float = 1.0, switch_prob: float = 0.5,
                  policy: Callable | None = None) -> None:
         policy = TrivialAugmentWide() if policy is None else policy
-        super().__init__([RandomPadCropFlip(8, 0.5), ToCHW(), policy, Normalize(),
-                          RandomErasing(erase_p, inplace=True)])
+        super().__init__([*PolicyAugment(policy).ops, RandomErasing(erase_p, inplace=True)])
         self.mix = MixupCutmix(super().__call__, num_classes, mixup_alpha, cutmix_alpha,
                                switch_prob, inplace=True)
 

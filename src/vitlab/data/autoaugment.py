@@ -83,7 +83,7 @@ def grayscale(x: Tensor) -> Tensor:
     """Pillow's RGB -> L: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, as int32 [n,1,H,W]."""
     if x.shape[1] != 3:
         raise ConfigError(f"color and contrast need RGB images, got {x.shape[1]} channels")
-    weights = _constant((19595, 38470, 7471), torch.int32, x.device).view(1, 3, 1, 1)
+    weights = device_constant((19595, 38470, 7471), torch.int32, x.device).view(1, 3, 1, 1)
     weighted = (x.to(torch.int32) * weights).sum(1, keepdim=True, dtype=torch.int32)
     return (weighted + 0x8000) >> 16
 
@@ -109,14 +109,14 @@ def _stretch_table(device: torch.device) -> Tensor:
     return torch.cat([stretch_luts(lo.view(1, 1), levels.view(256, 1)) for lo in levels])
 
 
-def auto_contrast_lut(x: Tensor, param: Tensor) -> Tensor:
+def auto_contrast_lut(x: Tensor, param: Tensor | None = None) -> Tensor:
     """Stretch each channel's [lowest, highest] level to [0, 255] (left alone if flat)."""
     lo, hi = torch.aminmax(x.reshape(*x.shape[:2], -1), dim=2)
     rows = (lo.long() * 256 + hi).view(-1)
     return _stretch_table(x.device).index_select(0, rows).view(*x.shape[:2], 256)
 
 
-def equalize_lut(x: Tensor, param: Tensor) -> Tensor:
+def equalize_lut(x: Tensor, param: Tensor | None = None) -> Tensor:
     """Pillow's histogram equalization per channel, in its integer arithmetic."""
     counts = histogram(x)
     before = counts.cumsum(2) - counts  # pixels below each level
@@ -184,7 +184,7 @@ _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # (a, b, c, d, e, f): x' = a x + b y
 
 def _matrix(like: Tensor, **entries: Tensor) -> Tensor:
     """[n,6] float64 matrices on like's device: the identity, with the given entries (a..f)."""
-    m = _constant(_IDENTITY, torch.float64, like.device).expand(len(like), 6).clone()
+    m = device_constant(_IDENTITY, torch.float64, like.device).expand(len(like), 6).clone()
     for name, value in entries.items():
         m[:, "abcdef".index(name)] = value
     return m
@@ -269,7 +269,7 @@ ParamOf = Callable[[Tensor, Space, int], Tensor]  # (signed magnitude, space, im
 @dataclass(frozen=True)
 class OpSpec:
     """One op: its kind and its parameter for signed magnitudes in [-1, 1]. Kinds: "table"
-    (fn(x, p) -> lookup tables from p alone), "lut" (fn(x, p) -> lookup tables from each image's
+    (fn(x, p) -> lookup tables from p alone), "lut" (fn(x) -> lookup tables from each image's
     statistics), "blend" (fn(x) -> the image to blend with by factor p), "affine" (fn(p, h, w) ->
     matrices), "identity".
     """
@@ -425,10 +425,10 @@ def _apply_masked(x: Tensor, op_index: Tensor, keys: Tensor, table: LevelTable, 
         if spec.kind not in ("lut", "blend"):
             continue
         chosen = op_index == k
-        param = table.params.index_select(0, level + k * per_op)
-        if spec.kind == "lut":
-            lut = torch.where(chosen.view(n, 1, 1), spec.fn(x, param), lut)
+        if spec.kind == "lut":  # auto_contrast, equalize: no parameter
+            lut = torch.where(chosen.view(n, 1, 1), spec.fn(x, None), lut)
         else:
+            param = table.params.index_select(0, level + k * per_op)
             images.append((chosen, blend(spec.fn(x), x, param)))
     out = apply_luts(x, lut)  # the identity table for the images of other ops
     for chosen, image in images:
@@ -454,10 +454,9 @@ def _apply_grouped(x: Tensor, op_index: Tensor, keys: Tensor, table: LevelTable,
         lut = table.luts.index_select(0, keys[point]).unsqueeze(1).repeat(1, x.shape[1], 1)
         for k in _POINT:
             rows = slice(start[k], start[k + 1])
-            if OPS[OP_NAMES[k]].kind == "lut" and rows.stop > rows.start:
-                param = table.params.index_select(0, keys[rows])
+            if OPS[OP_NAMES[k]].kind == "lut" and rows.stop > rows.start:  # no parameter
                 lut[rows.start - point.start:rows.stop - point.start] = OPS[OP_NAMES[k]].fn(
-                    xs[rows], param)
+                    xs[rows], None)
         done[point] = apply_luts(xs[point], lut)
     mixed = slice(start[_BLEND[0]], start[_BLEND[-1] + 1])
     if mixed.stop > mixed.start:
@@ -478,13 +477,13 @@ def _apply_grouped(x: Tensor, op_index: Tensor, keys: Tensor, table: LevelTable,
 def _fill_tensor(fill: tuple[int, ...], x: Tensor) -> Tensor:
     if len(fill) != x.shape[1]:
         raise ConfigError(f"fill {fill} needs one value per channel ({x.shape[1]} channels)")
-    return _constant(tuple(fill), torch.uint8, x.device)
+    return device_constant(tuple(fill), torch.uint8, x.device)
 
 
 @functools.cache
-def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small constant tensor, made once per device: making it anew on a GPU every batch would
-    be a blocking host-to-device copy."""
+def device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, made once per device and shared (treat it as read-only): making
+    it anew on a GPU every batch would be a blocking host-to-device copy."""
     return torch.tensor(values, dtype=dtype, device=device)
 
 

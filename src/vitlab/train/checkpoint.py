@@ -184,6 +184,12 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def selection_key(evals: list[dict]) -> str:
+    """The eval field that picks the best checkpoint: the EMA's accuracy when the evaluations
+    carry one (an EMA was kept), else the weights'."""
+    return "ema_accuracy" if evals and all("ema_accuracy" in r for r in evals) else "accuracy"
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():

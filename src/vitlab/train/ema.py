@@ -24,6 +24,7 @@ class WeightEMA:
             raise ConfigError(f"EMA decay {decay} must be between 0 and 1 (exclusive)")
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs: tuple[nn.Module, list, list, list] | None = None  # see _split
 
     def decay_at(self, step: int) -> float:
         """d_t for the update after optimizer step `step` (1-based)."""
@@ -31,16 +32,26 @@ class WeightEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        weight = 1.0 - self.decay_at(step)
-        averaged, current = [], []
-        for ema, live in zip(self._tensors(self.model), self._tensors(model), strict=True):
-            if ema.is_floating_point():
-                averaged.append(ema)
-                current.append(live.detach())
-            else:
-                ema.copy_(live)
+        averaged, current, copied = self._split(model)
+        for ema, live in copied:
+            ema.copy_(live)
         if averaged:
-            torch._foreach_lerp_(averaged, current, weight)
+            torch._foreach_lerp_(averaged, current, 1.0 - self.decay_at(step))
+
+    def _split(self, model: nn.Module) -> tuple[list, list, list]:
+        """The EMA's float tensors, the live model's matching ones, and (ema, live) integer
+        pairs; made once per live model, not every step (parameters and buffers are updated in
+        place, so the lists stay valid)."""
+        if self._pairs is None or self._pairs[0] is not model:
+            averaged, current, copied = [], [], []
+            for ema, live in zip(self._tensors(self.model), self._tensors(model), strict=True):
+                if ema.is_floating_point():
+                    averaged.append(ema)
+                    current.append(live.detach())
+                else:
+                    copied.append((ema, live))
+            self._pairs = (model, averaged, current, copied)
+        return self._pairs[1:]
 
     @staticmethod
     def _tensors(model: nn.Module) -> list[torch.Tensor]:

@@ -29,7 +29,7 @@ from vitlab.errors import CheckpointError, ConfigError, VitlabError
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.ema import WeightEMA
 from vitlab.train.options import TrainOptions
-from vitlab.train.recipe import Recipe, build_optimizer, lr_factor
+from vitlab.train.recipe import Recipe, build_optimizer, fused_kernels, lr_factor
 from vitlab.train.reporting import Reporter, require_tensorboard
 from vitlab.train.runconfig import RunConfig
 
@@ -271,8 +271,7 @@ class CheckpointWriter:
                 f"and its last good checkpoint in {self.run_dir} is kept; start a new run with "
                 "a lower --lr or with --grad-clip (another --out, or --overwrite)")
         progress.epoch_loss_sum = epoch_loss_sum if progress.step_in_epoch else 0.0
-        score = None if last_eval is None else last_eval.get("ema_accuracy",
-                                                             last_eval["accuracy"])
+        score = None if last_eval is None else last_eval[ckpt.selection_key([last_eval])]
         is_best = score is not None and score > progress.best_accuracy
         if is_best:
             progress.best_accuracy = score
@@ -314,7 +313,7 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         if ema is not None:
             ema.load_state_dict(state["ema"])
         for group in optimizer.param_groups:  # this device's kernels, not the saving one's
-            group["fused"] = True if device.type == "cuda" else None
+            group["fused"] = fused_kernels(device)
         progress = Progress(**state["progress"])
         world = distributed.world_size()
         if progress.world_size != world:
@@ -392,7 +391,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
             p.requires_grad_(False)
     # CUDA: the fused optimizer kernels (one launch per step, no host sync).
     optimizer = build_optimizer(recipe, model.named_parameters(),
-                                fused=True if device.type == "cuda" else None)
+                                fused=fused_kernels(device))
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     with contextlib.ExitStack() as held:

@@ -197,6 +197,12 @@ def recipe(name: str, **overrides) -> Recipe:
     return dataclasses.replace(RECIPES[name], **changes)
 
 
+def fused_kernels(device: torch.device) -> bool | None:
+    """The optimizers' `fused` setting on `device`: PyTorch's fused kernels on CUDA (one launch
+    per step, no host sync), the default elsewhere (what CPU runs resume bitwise with)."""
+    return True if device.type == "cuda" else None
+
+
 def build_optimizer(recipe: Recipe, parameters: Iterable[torch.nn.Parameter]
                     | Iterable[tuple[str, torch.nn.Parameter]], fused: bool | None = None
                     ) -> torch.optim.Optimizer:
