@@ -151,25 +151,25 @@ def test_policies_apply_their_documented_draws():
     x = _batch()
     fill = torch.tensor(aa.MEAN_FILL, dtype=torch.uint8)
     trivial = aa.TrivialAugmentWide()
-    g = torch.Generator().manual_seed(5)
-    op_index = torch.randint(0, len(aa.OP_NAMES), (len(x),), generator=g)
-    level = torch.randint(0, 31, (len(x),), generator=g)
-    negative = torch.rand(len(x), generator=g) < 0.5
-    expected = [aa.apply_op(aa.OP_NAMES[k], x[i:i + 1],
-                            aa.OPS[aa.OP_NAMES[k]].param_of(
-                                torch.tensor([(-1 if neg else 1) * lvl / 30],
-                                             dtype=torch.float64), aa.WIDE, 32), fill)
-                for i, (k, lvl, neg) in enumerate(zip(op_index, level, negative, strict=True))]
+    # One integer per image over OP_NAMES x (+0..+30, -0..-30), row-major.
+    pick = torch.randint(0, len(aa.OP_NAMES) * 62, (len(x),),
+                         generator=torch.Generator().manual_seed(5))
+    expected = []
+    for i, d in enumerate(pick.tolist()):
+        k, column = divmod(d, 62)
+        level = column if column < 31 else -(column - 31)
+        param = aa.OPS[aa.OP_NAMES[k]].param_of(torch.tensor([level / 30], dtype=torch.float64),
+                                                aa.WIDE, 32)
+        expected.append(aa.apply_op(aa.OP_NAMES[k], x[i:i + 1], param, fill))
     assert torch.equal(trivial(x, torch.Generator().manual_seed(5)), torch.cat(expected))
 
     rand = aa.RandAugment(num_ops=2, magnitude=9)
     table = aa.level_table(aa.STANDARD, 31, 32, 32, CPU)
     g = torch.Generator().manual_seed(6)
     y = x
-    for _ in range(2):
-        op_index = torch.randint(0, len(aa.OP_NAMES), (len(x),), generator=g)
-        negative = torch.rand(len(x), generator=g) < 0.5
-        y = aa.apply_ops(y, op_index, torch.where(negative, -9, 9), table, fill)
+    for _ in range(2):  # one integer per image and round over OP_NAMES x (+9, -9)
+        pick = torch.randint(0, len(aa.OP_NAMES) * 2, (len(x),), generator=g)
+        y = aa.apply_ops(y, pick // 2, torch.where(pick % 2 == 1, -9, 9), table, fill)
     assert torch.equal(rand(x, torch.Generator().manual_seed(6)), y)
 
 

@@ -76,7 +76,8 @@ def histogram(x: Tensor) -> Tensor:
     flat = x.reshape(n * c, -1).long()
     # A scatter, not torch.bincount: on CUDA bincount reads its input's max back to the host.
     counts = torch.zeros(n * c, 256, dtype=torch.int64, device=x.device)
-    return counts.scatter_add_(1, flat, torch.ones_like(flat)).view(n, c, 256)
+    ones = device_constant((1,), torch.int64, x.device).view(1, 1).expand_as(flat)  # no copy
+    return counts.scatter_add_(1, flat, ones).view(n, c, 256)
 
 
 def grayscale(x: Tensor) -> Tensor:
@@ -146,23 +147,25 @@ def brightness_lut(x: Tensor, factor: Tensor) -> Tensor:
     return blend(torch.zeros_like(levels), levels, factor)
 
 
-# Blend ops: images [n,C,H,W] -> the float32 image they blend with (broadcastable to x), the
+# Blend ops: (images [n,C,H,W], optionally their grayscale(x), which apply_ops computes once for
+# all of a batch's blend images) -> the float32 image they blend with (broadcastable to x), the
 # "degenerate" image of Pillow's ImageEnhance; the op is blend(degenerate, x, factor).
 
-def mean_gray(x: Tensor) -> Tensor:
+def mean_gray(x: Tensor, gray_levels: Tensor | None = None) -> Tensor:
     """Contrast's: the image's mean gray level, rounded as Pillow's ImageStat, as a constant
     image [n,1,1,1] (factor 0 is that gray, 1 the image)."""
-    gray_sum = grayscale(x).sum((1, 2, 3), dtype=torch.float64)
+    gray_levels = grayscale(x) if gray_levels is None else gray_levels
+    gray_sum = gray_levels.sum((1, 2, 3), dtype=torch.float64)
     mean = (gray_sum / (x.shape[2] * x.shape[3])).add_(0.5).floor_()
     return mean.to(torch.float32).view(-1, 1, 1, 1)  # a level: exact in float32
 
 
-def gray(x: Tensor) -> Tensor:
+def gray(x: Tensor, gray_levels: Tensor | None = None) -> Tensor:
     """Color's: the grayscale image (factor 0 is gray, 1 the image)."""
-    return grayscale(x).to(torch.float32)
+    return (grayscale(x) if gray_levels is None else gray_levels).to(torch.float32)
 
 
-def smooth(x: Tensor) -> Tensor:
+def smooth(x: Tensor, gray_levels: Tensor | None = None) -> Tensor:
     """Sharpness's: Pillow's ImageFilter.SMOOTH (3x3, centre 5, divisor 13), the one-pixel border
     kept (factor 0 is smooth, 1 the image, above 1 sharper).
 
@@ -270,7 +273,8 @@ ParamOf = Callable[[Tensor, Space, int], Tensor]  # (signed magnitude, space, im
 class OpSpec:
     """One op: its kind and its parameter for signed magnitudes in [-1, 1]. Kinds: "table"
     (fn(x, p) -> lookup tables from p alone), "lut" (fn(x) -> lookup tables from each image's
-    statistics), "blend" (fn(x) -> the image to blend with by factor p), "affine" (fn(p, h, w) ->
+    statistics), "blend" (fn(x, grayscale(x) or None) -> the image to blend with by factor p),
+    "affine" (fn(p, h, w) ->
     matrices), "identity".
     """
 
@@ -292,7 +296,8 @@ def _unused(m: Tensor, s: Space, n: int) -> Tensor:
 
 
 # Ops whose parameter has no direction (solarize, posterize) use |m|. Ops of a kind are adjacent,
-# so that images sorted by op index are sorted by kind too (apply_ops relies on it).
+# so that images sorted by op index are sorted by kind too, and the "lut" ops come before the
+# "table" ops (apply_ops relies on both).
 OPS: dict[str, OpSpec] = {
     "identity": OpSpec("identity", None, _unused),
     "auto_contrast": OpSpec("lut", auto_contrast_lut, _unused),
@@ -324,6 +329,9 @@ def _run_of(*kinds: str) -> range:
 
 
 _POINT, _BLEND, _AFFINE = _run_of("table", "lut"), _run_of("blend"), _run_of("affine")
+_LUT = _run_of("lut")
+if _LUT[0] != _POINT[0]:
+    raise AssertionError('the "lut" ops must come first among the point ops in OPS')
 
 
 def apply_op(name: str, x: Tensor, param: Tensor, fill: Tensor) -> Tensor:
@@ -406,11 +414,17 @@ def apply_ops(x: Tensor, op_index: Tensor, level: Tensor, table: LevelTable, fil
     host sync per call (for the group sizes). Otherwise (the default on other devices) every op
     runs on every image and each image keeps its own op's result: more arithmetic, no sync, so
     the device never waits on the host. Both give the same images, bit for bit."""
+    return apply_keys(x, table.keys(op_index, level), table, fill, grouped)
+
+
+def apply_keys(x: Tensor, keys: Tensor, table: LevelTable, fill: Tensor,
+               grouped: bool | None = None) -> Tensor:
+    """apply_ops with each image's (op, level) given as its key in `table` (LevelTable.keys)."""
     if x.shape[0] == 0:
         return x.clone()
     if grouped is None:
         grouped = x.device.type == "cpu"
-    keys = table.keys(op_index, level)
+    op_index = keys.div(2 * table.bins - 1, rounding_mode="floor")
     return (_apply_grouped if grouped else _apply_masked)(x, op_index, keys, table, fill)
 
 
@@ -420,6 +434,7 @@ def _apply_masked(x: Tensor, op_index: Tensor, keys: Tensor, table: LevelTable, 
     per_op = 2 * table.bins - 1
     level = keys.remainder(per_op)  # the level's column, the same for every op
     lut = table.luts.index_select(0, keys).view(n, 1, 256).expand(n, c, 256)
+    gray_levels = grayscale(x) if c == 3 else None  # for all blend ops at once
     images = []
     for k, spec in enumerate(OPS.values()):
         if spec.kind not in ("lut", "blend"):
@@ -429,7 +444,7 @@ def _apply_masked(x: Tensor, op_index: Tensor, keys: Tensor, table: LevelTable, 
             lut = torch.where(chosen.view(n, 1, 1), spec.fn(x, None), lut)
         else:
             param = table.params.index_select(0, level + k * per_op)
-            images.append((chosen, blend(spec.fn(x), x, param)))
+            images.append((chosen, blend(spec.fn(x, gray_levels), x, param)))
     out = apply_luts(x, lut)  # the identity table for the images of other ops
     for chosen, image in images:
         out = torch.where(chosen.view(n, 1, 1, 1), image, out)
@@ -446,22 +461,26 @@ def _apply_grouped(x: Tensor, op_index: Tensor, keys: Tensor, table: LevelTable,
     places."""
     counts = torch.bincount(op_index, minlength=len(OP_NAMES)).tolist()  # the one host sync
     start = list(itertools.accumulate([0, *counts]))  # op k's rows: start[k]:start[k + 1]
-    order = torch.argsort(op_index, stable=True)
+    order = torch.argsort(keys, stable=True)
     xs, keys = x.index_select(0, order), keys.index_select(0, order)
     done = torch.empty_like(x)  # in sorted order
-    point = slice(start[_POINT[0]], start[_POINT[-1] + 1])
-    if point.stop > point.start:
-        lut = table.luts.index_select(0, keys[point]).unsqueeze(1).repeat(1, x.shape[1], 1)
-        for k in _POINT:
-            rows = slice(start[k], start[k + 1])
-            if OPS[OP_NAMES[k]].kind == "lut" and rows.stop > rows.start:  # no parameter
-                lut[rows.start - point.start:rows.stop - point.start] = OPS[OP_NAMES[k]].fn(
-                    xs[rows], None)
-        done[point] = apply_luts(xs[point], lut)
+    n_lut = start[_LUT[-1] + 1] - start[_LUT[0]]  # the "lut" ops' images lead the point ops'
+    point = slice(start[_POINT[0]] + n_lut, start[_POINT[-1] + 1])  # the "table" ops' images
+    luts = [OPS[OP_NAMES[k]].fn(xs[start[k]:start[k + 1]], None) for k in _LUT if counts[k]]
+    if point.stop > point.start:  # their tables depend on their keys alone
+        luts.append(table.luts.index_select(0, keys[point]).unsqueeze(1).expand(
+            -1, x.shape[1], 256))
+    point = slice(point.start - n_lut, point.stop)
+    if luts:
+        done[point] = apply_luts(xs[point], torch.cat(luts) if len(luts) > 1 else luts[0])
     mixed = slice(start[_BLEND[0]], start[_BLEND[-1] + 1])
     if mixed.stop > mixed.start:
-        degenerate = [OPS[OP_NAMES[k]].fn(xs[start[k]:start[k + 1]]).expand(
-            counts[k], *x.shape[1:]) for k in _BLEND if counts[k]]
+        gray_levels = grayscale(xs[mixed]) if x.shape[1] == 3 else None  # once for all blends
+        degenerate = [OPS[OP_NAMES[k]].fn(
+            xs[start[k]:start[k + 1]],
+            None if gray_levels is None else gray_levels[start[k] - mixed.start:
+                                                         start[k + 1] - mixed.start],
+        ).expand(counts[k], *x.shape[1:]) for k in _BLEND if counts[k]]
         degenerate = torch.cat(degenerate) if len(degenerate) > 1 else degenerate[0]
         done[mixed] = blend(degenerate, xs[mixed], table.params.index_select(0, keys[mixed]))
     affine = slice(start[_AFFINE[0]], start[_AFFINE[-1] + 1])
@@ -491,41 +510,61 @@ def device_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> 
 MEAN_FILL = (125, 123, 114)
 
 
-def _signed_levels(level: Tensor, generator: torch.Generator | None) -> Tensor:
-    """level, negated with probability 1/2 (one uniform draw per image)."""
-    negative = torch.rand(level.shape, generator=generator, device=level.device) < 0.5
-    return torch.where(negative, -level, level)
+@functools.cache
+def _draw_table(levels: tuple[int, ...], bins: int, device: torch.device) -> Tensor:
+    """The LevelTable key of every (op, level) pair of OPS x levels, row-major: [len(OPS) * L]."""
+    per_op = 2 * bins - 1
+    keys = [k * per_op + bins - 1 + level for k in range(len(OPS)) for level in levels]
+    return torch.tensor(keys, dtype=torch.int64, device=device)
+
+
+def draw_keys(levels: tuple[int, ...], bins: int, b: int, device: torch.device,
+              generator: torch.Generator | None) -> Tensor:
+    """b LevelTable keys, each an (op, level) pair drawn uniformly from OPS x levels (a level
+    listed twice is drawn twice as often), with one integer draw per image."""
+    table = _draw_table(levels, bins, device)
+    pick = torch.randint(0, len(table), (b,), generator=generator, device=device)
+    return table.index_select(0, pick)
+
+
+def _split_keys(keys: Tensor, bins: int) -> tuple[Tensor, Tensor]:
+    """(op indices, signed levels) of LevelTable keys."""
+    per_op = 2 * bins - 1
+    return keys.div(per_op, rounding_mode="floor"), keys.remainder(per_op) - (bins - 1)
 
 
 @dataclass
 class TrivialAugmentWide:
     """TrivialAugment-Wide (Muller & Hutter 2021) on uint8 [B,C,H,W]: per image one op drawn
     uniformly from OP_NAMES and one magnitude uniformly from {0, 1/(bins-1), ..., 1}, negated
-    with probability 1/2. Draws, in order: op index [B], magnitude bin [B], sign [B]."""
+    with probability 1/2. One draw per image: an integer uniform over the op, the magnitude bin
+    and the sign together, OP_NAMES x (+0..+(bins-1), -0..-(bins-1)), row-major."""
 
     bins: int = 31
     space: Space = WIDE
     fill: tuple[int, ...] = MEAN_FILL
     train_only = True
 
+    def levels(self) -> tuple[int, ...]:
+        return (*range(self.bins), *(-m for m in range(self.bins)))
+
     def draw(self, b: int, device: torch.device, generator: torch.Generator | None
              ) -> tuple[Tensor, Tensor]:
         """Op indices [B] and signed levels [B] (magnitude: level / (bins-1)) for b images."""
-        op_index = torch.randint(0, len(OP_NAMES), (b,), generator=generator, device=device)
-        level = torch.randint(0, self.bins, (b,), generator=generator, device=device)
-        return op_index, _signed_levels(level, generator)
+        return _split_keys(draw_keys(self.levels(), self.bins, b, device, generator), self.bins)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        op_index, level = self.draw(x.shape[0], x.device, generator)
         table = level_table(self.space, self.bins, *x.shape[2:], x.device)
-        return apply_ops(x, op_index, level, table, _fill_tensor(self.fill, x))
+        keys = draw_keys(self.levels(), self.bins, x.shape[0], x.device, generator)
+        return apply_keys(x, keys, table, _fill_tensor(self.fill, x))
 
 
 @dataclass
 class RandAugment:
     """RandAugment (Cubuk et al. 2020) on uint8 [B,C,H,W]: `num_ops` rounds, each giving every
     image one op drawn uniformly from OP_NAMES at the fixed `magnitude` (of bins - 1), negated
-    with probability 1/2. Draws per round, in order: op index [B], sign [B]."""
+    with probability 1/2. One draw per image and round: an integer uniform over the op and the
+    sign together, OP_NAMES x (+magnitude, -magnitude), row-major."""
 
     num_ops: int = 2
     magnitude: int = 9
@@ -542,14 +581,14 @@ class RandAugment:
     def draw(self, b: int, device: torch.device, generator: torch.Generator | None
              ) -> tuple[Tensor, Tensor]:
         """One round's op indices [B] and signed levels [B] (+-magnitude)."""
-        op_index = torch.randint(0, len(OP_NAMES), (b,), generator=generator, device=device)
-        level = torch.full((b,), self.magnitude, dtype=torch.int64, device=device)
-        return op_index, _signed_levels(level, generator)
+        keys = draw_keys((self.magnitude, -self.magnitude), self.bins, b, device, generator)
+        return _split_keys(keys, self.bins)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         fill = _fill_tensor(self.fill, x)
         table = level_table(self.space, self.bins, *x.shape[2:], x.device)
         for _ in range(self.num_ops):
-            op_index, level = self.draw(x.shape[0], x.device, generator)
-            x = apply_ops(x, op_index, level, table, fill)
+            keys = draw_keys((self.magnitude, -self.magnitude), self.bins, x.shape[0], x.device,
+                             generator)
+            x = apply_keys(x, keys, table, fill)
         return x
