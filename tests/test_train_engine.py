@@ -21,7 +21,13 @@ from vitlab.errors import CheckpointError, ConfigError
 from vitlab.model import ViT, ViTConfig
 from vitlab.train import Recipe, TrainOptions, evaluate, fit, load_encoder_weights, recipe
 from vitlab.train import checkpoint as ckpt
-from vitlab.train.engine import Interrupted, TrainingDiverged
+from vitlab.train.engine import (
+    Interrupted,
+    TrainingDiverged,
+    compile_optimizer_step,
+    set_lr,
+    train_step,
+)
 from vitlab.train.recipe import build_optimizer, lr_factor
 from vitlab.train.reporting import Reporter
 from vitlab.train.runconfig import RunConfig
@@ -546,17 +552,57 @@ def test_eval_batch_size_changes_no_result(dataset, tmp_path):
 
 
 def test_compiled_training_equals_eager_training(dataset, tmp_path):
-    """--compile (torch.compile's default mode on the CPU) trains the same model: same losses and
-    weights to float32 rounding (the compiled kernels fuse and reorder arithmetic)."""
+    """--compile (torch.compile's default mode on the CPU) compiles the model and the optimizer's
+    step, and trains the same model under a schedule that changes the LR every step: same
+    weights to float32 rounding (the compiled kernels fuse and reorder arithmetic), also when an
+    eager run resumes a compiled run's checkpoint."""
     config = dataclasses.replace(CONFIG, dropout=0.0)
+    scheduled = recipe("vitlab", batch_size=8, warmup_epochs=1)
     runs = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        opts = options(1, train_steps_per_epoch=3, compile=compiled)
-        fit(ViT(config), dataset, RECIPE, opts, tmp_path / str(compiled))
+        opts = options(2, train_steps_per_epoch=3, compile=compiled)
+        fit(ViT(config), dataset, scheduled, opts, tmp_path / str(compiled))
         runs[compiled] = ckpt.load_weights(tmp_path / str(compiled) / ckpt.WEIGHTS)
     for name, tensor in runs[False].items():
         assert torch.allclose(runs[True][name], tensor, atol=1e-5), name
+    # Its checkpoint holds the LRs as tensors; an eager resume takes them as numbers again.
+    torch.manual_seed(0)
+    fit(ViT(config), dataset, scheduled, options(1, train_steps_per_epoch=3, compile=True),
+        tmp_path / "resumed")
+    fit(ViT(config), dataset, scheduled, options(2, train_steps_per_epoch=3), tmp_path / "resumed",
+        resume=True)
+    resumed = ckpt.load_weights(tmp_path / "resumed" / ckpt.WEIGHTS)
+    for name, tensor in runs[False].items():
+        assert torch.allclose(resumed[name], tensor, atol=1e-5), name
+
+
+@pytest.mark.parametrize("name", ["seed", "vitlab"])
+def test_a_compiled_optimizer_step_follows_the_schedule_without_recompiling(name):
+    """compile_optimizer_step turns the LRs into tensors that set_lr updates in place: one
+    compiled step serves every LR of the schedule (once the optimizer has its state: the first
+    step compiles without it, the second with it; a third compilation would raise here), and
+    its steps equal the eager
+    optimizer's (SGD bit for bit; AdamW to float32 rounding)."""
+    rec = recipe(name)
+    models = [tiny_model(), tiny_model()]
+    optimizers = [build_optimizer(rec, m.named_parameters()) for m in models]
+    base_lrs = [group["lr"] for group in optimizers[0].param_groups]
+    step = compile_optimizer_step(optimizers[1])
+    lr = optimizers[1].param_groups[0]["lr"]
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):
+        inputs = torch.randn(4, 3, 32, 32, generator=g)
+        targets = torch.randint(0, len(CLASSES), (4,), generator=g)
+        with torch._dynamo.config.patch(error_on_recompile=i > 1):
+            for model, optimizer, run in zip(models, optimizers, (None, step), strict=True):
+                set_lr(optimizer, base_lrs, 1.0 - i / 8)
+                torch.manual_seed(i)  # the same dropout masks
+                train_step(model, optimizer, inputs, targets, rec, step=run)
+    assert optimizers[1].param_groups[0]["lr"] is lr  # updated in place, never replaced
+    assert lr.item() == pytest.approx(base_lrs[0] * (1.0 - 4 / 8))
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b) if name == "seed" else torch.allclose(a, b, atol=5e-5)
 
 
 def test_resuming_a_finished_run_rewrites_its_weight_files_from_the_trainer_state(dataset,

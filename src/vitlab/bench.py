@@ -3,7 +3,8 @@ code at the same dimensions, measured in the same process.
 
 Each candidate (the tutorial's ViTModel in fp32 eager, as the tutorial runs it; vitlab's ViT at
 the chosen precision and compile mode) gets a training step (forward, cross-entropy, backward, the
-seed recipe's SGD step; the fused optimizer on CUDA, as `fit` uses) and an inference step on one
+seed recipe's SGD step; the fused optimizer on CUDA, and compiled with the model, as `fit` does)
+and an inference step on one
 fixed random batch. After warm-up (compilation included) the candidates are timed in turns, round
 after round, and each reports its median. FLOP/s count the matrix products of `forward_flops`
 (3x for a training step: forward, and backward's two products per weight); the peak they are a
@@ -24,7 +25,13 @@ import torch
 from vitlab.errors import ConfigError
 from vitlab.model import ViT, ViTConfig, forward_flops, preset
 from vitlab.train import options
-from vitlab.train.engine import autocast, resolve_device, resolve_precision, train_step
+from vitlab.train.engine import (
+    autocast,
+    compile_optimizer_step,
+    resolve_device,
+    resolve_precision,
+    train_step,
+)
 from vitlab.train.recipe import build_optimizer, fused_kernels, recipe
 from vitlab.tutorial import ViTModel
 
@@ -125,16 +132,20 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
         f", compile {compile}" if compile != "off" else "")
 
     candidates: dict[str, tuple[torch.nn.Module, torch.nn.Module, torch.dtype | None]] = {}
+    compiled = set()  # the candidates whose optimizer step is compiled too
     if baseline:
         reference = tutorial_model(config).to(target)
         candidates["tutorial"] = (reference, reference, None)
     ours = ViT(config).to(target)
     runnable = ours if compile == "off" else torch.compile(ours, mode=compile)
     candidates[label] = (ours, runnable, autocast_dtype)
+    if compile != "off":
+        compiled.add(label)
 
-    def trainer(module, runnable, dtype) -> Callable[[], object]:
+    def trainer(name, module, runnable, dtype) -> Callable[[], object]:
         optimizer = build_optimizer(seed, module.parameters(), fused=fused_kernels(target))
-        return lambda: train_step(runnable, optimizer, images, labels, seed, dtype)
+        step = compile_optimizer_step(optimizer, compile) if name in compiled else None
+        return lambda: train_step(runnable, optimizer, images, labels, seed, dtype, step=step)
 
     def inferer(runnable, dtype) -> Callable[[], object]:
         def step():
@@ -153,7 +164,8 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
         steps = {}
         for name, (module, run, dtype) in candidates.items():
             module.train(mode == "train")
-            steps[name] = trainer(module, run, dtype) if mode == "train" else inferer(run, dtype)
+            steps[name] = (trainer(name, module, run, dtype) if mode == "train"
+                           else inferer(run, dtype))
         for name, step in steps.items():  # warm-up: compilation and autotuning happen here
             start = time.perf_counter()
             for _ in range(warmup):

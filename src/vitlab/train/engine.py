@@ -13,7 +13,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,16 +219,34 @@ def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:
+    """Each group's LR to its base LR times factor; an LR held as a tensor (see
+    `compile_optimizer_step`) is updated in place, without a host sync."""
     for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-        group["lr"] = base * factor
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(base * factor)
+        else:
+            group["lr"] = base * factor
+
+
+def compile_optimizer_step(optimizer: torch.optim.Optimizer, mode: str = "default"
+                           ) -> Callable[[], object]:
+    """optimizer.step, compiled by torch.compile in `mode`. Its LRs become 0-dim tensors on
+    their parameters' device, which `set_lr` updates in place: a Python float LR would be a
+    constant of the compiled code (a recompilation at every change of the schedule), while a
+    tensor is an input, read afresh by every call and every replay of a captured CUDA graph."""
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+    return torch.compile(optimizer.step, mode=mode)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor,
                targets: Tensor, recipe: Recipe, autocast_dtype: torch.dtype | None = None,
-               loss_scale: float = 1.0) -> Tensor:
+               loss_scale: float = 1.0, step: Callable[[], object] | None = None) -> Tensor:
     """One optimizer step on one batch; returns the (detached) loss, left on the device.
 
-    `loss_scale` weights this process's part of a data-parallel batch (see `_train`).
+    `loss_scale` weights this process's part of a data-parallel batch (see `_train`); `step`
+    replaces optimizer.step (a compiled one, see `compile_optimizer_step`).
     """
     device = inputs.device
     with autocast(device, autocast_dtype):
@@ -239,7 +257,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tenso
     if recipe.grad_clip is not None:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
-    optimizer.step()
+    (step or optimizer.step)()
     return loss.detach()
 
 
@@ -314,6 +332,7 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             ema.load_state_dict(state["ema"])
         for group in optimizer.param_groups:  # this device's kernels, not the saving one's
             group["fused"] = fused_kernels(device)
+            group["lr"] = float(group["lr"])  # a compiled run saves a tensor (set_lr sets it)
         progress = Progress(**state["progress"])
         world = distributed.world_size()
         if progress.world_size != world:
@@ -453,6 +472,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     world = distributed.world_size()
     compiled = (lambda m: torch.compile(m, mode=options.compile_mode)) if options.compile else None
     runnable = compiled(model) if compiled else model  # evaluation's forward
+    # Compiled, the whole step is: the model (forward and backward) and the optimizer's step.
+    step = compile_optimizer_step(optimizer, options.compile_mode) if compiled else None
     trainable = runnable
     if world > 1:  # gradients averaged across processes by PyTorch's DDP
         from torch.nn.parallel import DistributedDataParallel
@@ -489,14 +510,14 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                        lr_factor(recipe, progress.global_step, total_steps, steps_per_epoch))
                 if world == 1:
                     loss = train_step(trainable, optimizer, inputs, targets, recipe,
-                                      autocast_dtype)
+                                      autocast_dtype, step=step)
                     stopping = stop.raised
                 else:
                     # This rank's part of the global batch: its mean loss weighted by its share,
                     # so DDP's average of the gradients is the global batch's mean gradient.
                     share = len(targets) / train_loader.global_batch_size
                     loss = train_step(trainable, optimizer, inputs, targets, recipe,
-                                      autocast_dtype, loss_scale=world * share)
+                                      autocast_dtype, loss_scale=world * share, step=step)
                     loss, stopping = _agree(loss * share, stop, device)
                 bad_loss |= ~torch.isfinite(loss)
                 loss_sum += loss.double()
