@@ -577,6 +577,23 @@ def test_compiled_training_equals_eager_training(dataset, tmp_path):
         assert torch.allclose(resumed[name], tensor, atol=1e-5), name
 
 
+def test_an_eager_resume_drops_the_capturable_flag_of_a_compiled_cuda_run(dataset, tmp_path):
+    """torch.compile sets AdamW's capturable=True on a CUDA run's param groups, and the
+    checkpoint keeps it; an eager step on the CPU refuses that flag, so a resume drops it. The
+    resumed run still equals an uninterrupted one bit for bit."""
+    adamw = recipe("vitlab", batch_size=8, warmup_epochs=1)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    fit(tiny_model(), dataset, adamw, options(2, train_steps_per_epoch=2), straight)
+    fit(tiny_model(), dataset, adamw, options(1, train_steps_per_epoch=2), resumed)
+    state = ckpt.load_trainer_state(resumed / ckpt.TRAINER_STATE)
+    for group in state["optimizer"]["param_groups"]:  # what a compiled CUDA run saves
+        group["capturable"], group["lr"] = True, torch.tensor(group["lr"])
+    ckpt.save_trainer_state(resumed / ckpt.TRAINER_STATE, state)
+    fit(tiny_model(), dataset, adamw, options(2, train_steps_per_epoch=2), resumed, resume=True)
+    a, b = (ckpt.load_weights(d / ckpt.WEIGHTS) for d in (resumed, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("name", ["seed", "vitlab"])
 def test_a_compiled_optimizer_step_follows_the_schedule_without_recompiling(name):
     """compile_optimizer_step turns the LRs into tensors that set_lr updates in place: one
@@ -584,6 +601,7 @@ def test_a_compiled_optimizer_step_follows_the_schedule_without_recompiling(name
     step compiles without it, the second with it; a third compilation would raise here), and
     its steps equal the eager
     optimizer's (SGD bit for bit; AdamW to float32 rounding)."""
+    torch._dynamo.reset()  # no compiled steps of earlier tests: their cache entries count too
     rec = recipe(name)
     models = [tiny_model(), tiny_model()]
     optimizers = [build_optimizer(rec, m.named_parameters()) for m in models]

@@ -332,7 +332,11 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             ema.load_state_dict(state["ema"])
         for group in optimizer.param_groups:  # this device's kernels, not the saving one's
             group["fused"] = fused_kernels(device)
-            group["lr"] = float(group["lr"])  # a compiled run saves a tensor (set_lr sets it)
+            # A compiled run saves its LRs as tensors, and a compiled CUDA run AdamW's
+            # capturable=True (set by torch.compile); eager steps here need neither.
+            group["lr"] = float(group["lr"])
+            if "capturable" in group:
+                group["capturable"] = False
         progress = Progress(**state["progress"])
         world = distributed.world_size()
         if progress.world_size != world:

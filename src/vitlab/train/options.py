@@ -35,7 +35,8 @@ class TrainOptions:
         "auto (CUDA if present), cpu, cuda, cuda:N"))
     precision: str = field(default="auto", metadata=_runtime(
         "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS))
-    compile: bool = field(default=False, metadata=_runtime("torch.compile the model"))
+    compile: bool = field(default=False, metadata=_runtime(
+        "torch.compile the training step: the model and the optimizer's step"))
     compile_mode: str = field(default="default", metadata=_runtime(
         "torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
         choices=COMPILE_MODES))
