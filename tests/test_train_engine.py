@@ -549,23 +549,28 @@ def test_eval_batch_size_changes_no_result(dataset, tmp_path):
         options(1, eval_batch_size=0)
     with pytest.raises(ConfigError, match="needs --compile"):
         options(1, compile_mode="reduce-overhead")
+    with pytest.raises(ConfigError, match="--eager-optimizer needs --compile"):
+        options(1, eager_optimizer=True)
 
 
 def test_compiled_training_equals_eager_training(dataset, tmp_path):
     """--compile (torch.compile's default mode on the CPU) compiles the model and the optimizer's
-    step, and trains the same model under a schedule that changes the LR every step: same
+    step (the model alone with --eager-optimizer), and trains the same model under a schedule
+    that changes the LR every step: same
     weights to float32 rounding (the compiled kernels fuse and reorder arithmetic), also when an
     eager run resumes a compiled run's checkpoint."""
     config = dataclasses.replace(CONFIG, dropout=0.0)
     scheduled = recipe("vitlab", batch_size=8, warmup_epochs=1)
     runs = {}
-    for compiled in (False, True):
+    for how in ("eager", "compiled", "eager optimizer"):
         torch.manual_seed(0)
-        opts = options(2, train_steps_per_epoch=3, compile=compiled)
-        fit(ViT(config), dataset, scheduled, opts, tmp_path / str(compiled))
-        runs[compiled] = ckpt.load_weights(tmp_path / str(compiled) / ckpt.WEIGHTS)
-    for name, tensor in runs[False].items():
-        assert torch.allclose(runs[True][name], tensor, atol=1e-5), name
+        opts = options(2, train_steps_per_epoch=3, compile=how != "eager",
+                       eager_optimizer=how == "eager optimizer")
+        fit(ViT(config), dataset, scheduled, opts, tmp_path / how)
+        runs[how] = ckpt.load_weights(tmp_path / how / ckpt.WEIGHTS)
+    for name, tensor in runs["eager"].items():
+        for how in ("compiled", "eager optimizer"):
+            assert torch.allclose(runs[how][name], tensor, atol=1e-5), (how, name)
     # Its checkpoint holds the LRs as tensors; an eager resume takes them as numbers again.
     torch.manual_seed(0)
     fit(ViT(config), dataset, scheduled, options(1, train_steps_per_epoch=3, compile=True),
@@ -573,7 +578,7 @@ def test_compiled_training_equals_eager_training(dataset, tmp_path):
     fit(ViT(config), dataset, scheduled, options(2, train_steps_per_epoch=3), tmp_path / "resumed",
         resume=True)
     resumed = ckpt.load_weights(tmp_path / "resumed" / ckpt.WEIGHTS)
-    for name, tensor in runs[False].items():
+    for name, tensor in runs["eager"].items():
         assert torch.allclose(resumed[name], tensor, atol=1e-5), name
 
 

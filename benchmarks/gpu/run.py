@@ -12,9 +12,10 @@ what `device_data.py join` rebuilt). Stages:
           and that a whole vitlab augmentation batch runs with no host sync (CUDA's sync debug
           mode set to "error")
   bench   `vitlab bench` (vitlab.bench.run_bench, in this process) for seed-mini against the
-          tutorial's model in fp32 and bf16 with each compile mode, then vitlab-mini in bf16 with
-          the mode that trained seed-mini fastest; that mode is then used by the runs (unless
-          --compile is given)
+          tutorial's model in fp32 and bf16 with each compile mode (compiled: with the optimizer's
+          step compiled too, and eager), then vitlab-mini in bf16 with the mode that trained
+          seed-mini fastest; that mode (and --eager-optimizer where the eager optimizer step
+          was faster) is then used by the runs (unless --compile is given)
   seed    `vitlab run` with the seed recipe: 100 epochs CIFAR-100 + 1 epoch CIFAR-10, timed
   vitlab  the same with --recipe vitlab
 
@@ -146,7 +147,7 @@ def stage_bench(out: Path, args: argparse.Namespace) -> dict:
     cases.append(("vitlab-mini", "bf16", None))  # None: seed-mini's fastest mode, known by then
     for model, precision, mode in cases:
         if mode is None:
-            mode = best_compile_mode(results)
+            mode = best_compile(results)[0]
         name = f"{model}-{precision}-{mode}"
         start = time.perf_counter()
         try:
@@ -163,19 +164,22 @@ def stage_bench(out: Path, args: argparse.Namespace) -> dict:
     return {"cases": results}
 
 
-def best_compile_mode(cases: dict) -> str:
-    """The compile mode of seed-mini's fastest bf16 training step in the bench stage."""
-    best, mode = 0.0, "off"
+def best_compile(cases: dict) -> tuple[str, bool]:
+    """The compile mode of seed-mini's fastest bf16 training step in the bench stage, and whether
+    that step's optimizer was eager (a compiled model's row with an uncompiled optimizer)."""
+    best, mode, eager = 0.0, "off", False
     for precision, candidate in BENCH_CASES:
         entry = cases.get(f"seed-mini-{precision}-{candidate}", {})
         for row in entry.get("rows", []):
             if precision == "bf16" and row["mode"] == "train" and row["model"] != "tutorial" \
                     and row["images_per_s"] > best:
                 best, mode = row["images_per_s"], candidate
-    return mode
+                eager = row["model"].endswith("eager optimizer")
+    return mode, eager
 
 
-def stage_run(out: Path, args: argparse.Namespace, recipe: str, compile_mode: str) -> dict:
+def stage_run(out: Path, args: argparse.Namespace, recipe: str, compile_mode: str,
+              eager_optimizer: bool) -> dict:
     from vitlab.train.checkpoint import read_jsonl, selection_key
 
     run_dir = args.work / "runs" / recipe
@@ -188,13 +192,16 @@ def stage_run(out: Path, args: argparse.Namespace, recipe: str, compile_mode: st
         budget += ["--train-steps-per-epoch", str(args.train_steps)]
     if args.eval_steps is not None:
         budget += ["--eval-steps-per-epoch", str(args.eval_steps)]
-    compiling = ["--compile", "--compile-mode", compile_mode] if compile_mode != "off" else []
+    compiling = (["--compile", "--compile-mode", compile_mode] if compile_mode != "off" else [])
+    if compiling and eager_optimizer:
+        compiling.append("--eager-optimizer")
     command = vitlab("run", "--recipe", recipe, "--pretrain-data", str(args.data / "cifar100"),
                      "--finetune-data", str(args.data / "cifar10"), "--out", str(run_dir),
                      "--device", args.device, "--log-steps", "0", "--no-progress",
                      "--no-download", *compiling, *budget)
     code, seconds = run_logged(command, out / f"run-{recipe}.log", args.stage_timeout)
     result: dict = {"exit": code, "wall_seconds": round(seconds, 1), "compile": compile_mode,
+                    "eager_optimizer": bool(compiling) and eager_optimizer,
                     "command": " ".join(command)}
     for stage in ("pretrain", "finetune"):
         metrics = run_dir / stage / "metrics.jsonl"
@@ -232,6 +239,8 @@ def main() -> None:
     parser.add_argument("--compile", default=None,
                         help="compile mode for the runs (off, default, reduce-overhead, "
                              "max-autotune; default: the bench stage's best, else off)")
+    parser.add_argument("--eager-optimizer", action="store_true",
+                        help="with --compile: the runs leave the optimizer's step uncompiled")
     parser.add_argument("--bench-repeats", type=int, default=5)
     parser.add_argument("--bench-batch-size", type=int, default=128, help="128: the tutorial's")
     parser.add_argument("--epochs", type=int, default=None, help="override (rehearsals)")
@@ -250,7 +259,7 @@ def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     start = time.perf_counter()
     summary: dict = {"command": " ".join(sys.argv), "stages": {}}
-    compile_mode = args.compile
+    compile_mode, eager_optimizer = args.compile, args.eager_optimizer
     for stage in args.stages.split(","):
         elapsed = time.perf_counter() - start
         if args.deadline is not None and elapsed > args.deadline:
@@ -264,9 +273,9 @@ def main() -> None:
         elif stage == "bench":
             result = stage_bench(args.out, args)
             if compile_mode is None:
-                compile_mode = best_compile_mode(result["cases"])
+                compile_mode, eager_optimizer = best_compile(result["cases"])
         elif stage in ("seed", "vitlab"):
-            result = stage_run(args.out, args, stage, compile_mode or "off")
+            result = stage_run(args.out, args, stage, compile_mode or "off", eager_optimizer)
         else:
             raise SystemExit(f"unknown stage {stage!r}; known: env, checks, bench, seed, vitlab")
         summary["stages"][stage] = {"seconds": round(time.perf_counter() - t0, 1), **(

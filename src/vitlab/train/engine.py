@@ -476,8 +476,10 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     world = distributed.world_size()
     compiled = (lambda m: torch.compile(m, mode=options.compile_mode)) if options.compile else None
     runnable = compiled(model) if compiled else model  # evaluation's forward
-    # Compiled, the whole step is: the model (forward and backward) and the optimizer's step.
-    step = compile_optimizer_step(optimizer, options.compile_mode) if compiled else None
+    # Compiled, the whole step is: the model (forward and backward) and the optimizer's step
+    # (unless --eager-optimizer: on CUDA the fused optimizer is one kernel launch already).
+    step = (compile_optimizer_step(optimizer, options.compile_mode)
+            if compiled and not options.eager_optimizer else None)
     trainable = runnable
     if world > 1:  # gradients averaged across processes by PyTorch's DDP
         from torch.nn.parallel import DistributedDataParallel

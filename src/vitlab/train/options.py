@@ -37,6 +37,8 @@ class TrainOptions:
         "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS))
     compile: bool = field(default=False, metadata=_runtime(
         "torch.compile the training step: the model and the optimizer's step"))
+    eager_optimizer: bool = field(default=False, metadata=_runtime(
+        "with --compile, leave the optimizer's step uncompiled (the model alone compiled)"))
     compile_mode: str = field(default="default", metadata=_runtime(
         "torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
         choices=COMPILE_MODES))
@@ -91,13 +93,15 @@ class TrainOptions:
                               f"{', '.join(COMPILE_MODES)}")
         if self.compile_mode != "default" and self.compile is not True:
             raise ConfigError(f"--compile-mode {self.compile_mode} needs --compile")
+        if self.eager_optimizer is True and self.compile is not True:
+            raise ConfigError("--eager-optimizer needs --compile")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; use "
                               f"{', '.join(PRECISIONS)}")
         if not isinstance(self.device, str):
             raise ConfigError(f"--device must be a device name, got {self.device!r}")
-        for name in ("compile", "freeze_encoder", "quiet", "overwrite", "tensorboard",
-                     "resize_on_device"):
+        for name in ("compile", "eager_optimizer", "freeze_encoder", "quiet", "overwrite",
+                     "tensorboard", "resize_on_device"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
