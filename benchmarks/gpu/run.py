@@ -102,13 +102,15 @@ def stage_checks(args: argparse.Namespace) -> dict:
     device = torch.device(args.device if args.device != "auto" else "cuda")
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (280, 3, 32, 32), generator=g, dtype=torch.uint8)
+    bins, side = aa.TrivialAugmentWide().bins, x.shape[-1]
     op_index = torch.arange(280) % len(aa.OP_NAMES)
-    level = torch.randint(-30, 31, (280,), generator=g)
+    level = torch.randint(1 - bins, bins, (280,), generator=g)
     fill = torch.tensor(aa.MEAN_FILL, dtype=torch.uint8)
-    table = aa.level_table(aa.WIDE, 31, 32, 32, torch.device("cpu"))
-    on_cpu = aa.apply_ops(x, op_index, level, table, fill, grouped=True)
+    tables = {d: aa.level_table(aa.WIDE, bins, side, side, d) for d in (torch.device("cpu"),
+                                                                         device)}
+    on_cpu = aa.apply_ops(x, op_index, level, tables[torch.device("cpu")], fill, grouped=True)
     on_device = aa.apply_ops(x.to(device), op_index.to(device), level.to(device),
-                             aa.level_table(aa.WIDE, 31, 32, 32, device), fill.to(device)).cpu()
+                             tables[device], fill.to(device)).cpu()
     differing = (on_device != on_cpu).any(dim=1).flatten(1).double().mean(1)
     per_op = {name: float(differing[op_index == k].max()) for k, name in enumerate(aa.OP_NAMES)}
     result: dict = {"trivialaugment_max_differing_pixel_share": per_op,
@@ -165,6 +167,8 @@ def stage_bench(out: Path, args: argparse.Namespace) -> dict:
 
 
 def best_compile(cases: dict) -> tuple[str, bool]:
+    from vitlab.bench import EAGER_OPTIMIZER
+
     """The compile mode of seed-mini's fastest bf16 training step in the bench stage, and whether
     that step's optimizer was eager (a compiled model's row with an uncompiled optimizer)."""
     best, mode, eager = 0.0, "off", False
@@ -174,7 +178,7 @@ def best_compile(cases: dict) -> tuple[str, bool]:
             if precision == "bf16" and row["mode"] == "train" and row["model"] != "tutorial" \
                     and row["images_per_s"] > best:
                 best, mode = row["images_per_s"], candidate
-                eager = row["model"].endswith("eager optimizer")
+                eager = row["model"].endswith(EAGER_OPTIMIZER)
     return mode, eager
 
 

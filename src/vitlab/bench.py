@@ -36,6 +36,7 @@ from vitlab.train.recipe import build_optimizer, fused_kernels, recipe
 from vitlab.tutorial import ViTModel
 
 COMPILE_MODES = ("off", *options.COMPILE_MODES)
+EAGER_OPTIMIZER = ", eager optimizer"  # the end of a compiled model's eager-optimizer row's label
 
 
 @dataclass
@@ -131,25 +132,23 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
     label = "vitlab " + ("bf16" if autocast_dtype is not None else "fp32") + (
         f", compile {compile}" if compile != "off" else "")
 
-    candidates: dict[str, tuple[torch.nn.Module, torch.nn.Module, torch.dtype | None]] = {}
-    compiled = set()  # the candidates whose optimizer step is compiled too
-    train_only = set()  # candidates that differ from another in their training step alone
+    # name -> (module, its runnable form, autocast dtype, optimizer step compiled, inference row)
+    candidates: dict[str, tuple[torch.nn.Module, torch.nn.Module, torch.dtype | None, bool,
+                                bool]] = {}
     if baseline:
         reference = tutorial_model(config).to(target)
-        candidates["tutorial"] = (reference, reference, None)
+        candidates["tutorial"] = (reference, reference, None, False, True)
     ours = ViT(config).to(target)
     runnable = ours if compile == "off" else torch.compile(ours, mode=compile)
-    candidates[label] = (ours, runnable, autocast_dtype)
+    candidates[label] = (ours, runnable, autocast_dtype, compile != "off", True)
     if compile != "off":
-        compiled.add(label)
         # The same compiled model with an eager optimizer step (`fit --eager-optimizer`): what
         # compiling the optimizer buys (on CUDA the fused one is a single launch already).
-        candidates[f"{label}, eager optimizer"] = (ours, runnable, autocast_dtype)
-        train_only.add(f"{label}, eager optimizer")
+        candidates[label + EAGER_OPTIMIZER] = (ours, runnable, autocast_dtype, False, False)
 
-    def trainer(name, module, runnable, dtype) -> Callable[[], object]:
+    def trainer(module, runnable, dtype, compile_step) -> Callable[[], object]:
         optimizer = build_optimizer(seed, module.parameters(), fused=fused_kernels(target))
-        step = compile_optimizer_step(optimizer, compile) if name in compiled else None
+        step = compile_optimizer_step(optimizer, compile) if compile_step else None
         return lambda: train_step(runnable, optimizer, images, labels, seed, dtype, step=step)
 
     def inferer(runnable, dtype) -> Callable[[], object]:
@@ -161,17 +160,17 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
     flops = {"train": 3 * forward_flops(config) * batch_size,
              "inference": forward_flops(config) * batch_size}
     # Each candidate's FLOP/s are a fraction of the peak of its own dtype (the tutorial: fp32).
-    dtypes = {name: dtype or torch.float32 for name, (_, _, dtype) in candidates.items()}
+    dtypes = {name: dtype or torch.float32 for name, (_, _, dtype, _, _) in candidates.items()}
     peaks = {dtype: matmul_peak(target, dtype) for dtype in set(dtypes.values())}
     rows: list[Row] = []
     compile_seconds = {}
     for mode in ("train", "inference"):
         steps = {}
-        for name, (module, run, dtype) in candidates.items():
-            if mode == "inference" and name in train_only:
+        for name, (module, run, dtype, compile_step, infers) in candidates.items():
+            if mode == "inference" and not infers:
                 continue
             module.train(mode == "train")
-            steps[name] = (trainer(name, module, run, dtype) if mode == "train"
+            steps[name] = (trainer(module, run, dtype, compile_step) if mode == "train"
                            else inferer(run, dtype))
         for name, step in steps.items():  # warm-up: compilation and autotuning happen here
             start = time.perf_counter()

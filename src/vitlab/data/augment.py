@@ -481,12 +481,17 @@ def _cutmix(x: Tensor, shift: int, lam: float, rng: random.Random, inplace: bool
     return out, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
+def _policy_ops(policy: Callable) -> list:
+    """The tutorial's pad-crop-flip, `policy` on the uint8 images, normalize."""
+    return [RandomPadCropFlip(8, 0.5), ToCHW(), policy, Normalize()]
+
+
 class PolicyAugment(Compose):
     """The tutorial's pad-crop-flip, then an augmentation policy on the uint8 images
     (TrivialAugment-Wide or RandAugment), then normalize. Evaluation: normalize only."""
 
     def __init__(self, policy: Callable) -> None:
-        super().__init__([RandomPadCropFlip(8, 0.5), ToCHW(), policy, Normalize()])
+        super().__init__(_policy_ops(policy))
 
 
 class VitlabAugment(Compose):
@@ -498,7 +503,7 @@ class VitlabAugment(Compose):
                  cutmix_alpha: float = 1.0, switch_prob: float = 0.5,
                  policy: Callable | None = None) -> None:
         policy = TrivialAugmentWide() if policy is None else policy
-        super().__init__([*PolicyAugment(policy).ops, RandomErasing(erase_p, inplace=True)])
+        super().__init__([*_policy_ops(policy), RandomErasing(erase_p, inplace=True)])
         self.mix = MixupCutmix(super().__call__, num_classes, mixup_alpha, cutmix_alpha,
                                switch_prob, inplace=True)
 

@@ -355,12 +355,28 @@ def _side(name: str, h: int, w: int) -> int:
 MAX_SOURCE_TABLE_BYTES = 64 * 2**20
 
 
+def level_key(op_index, level, bins: int):
+    """The LevelTable key of op `op_index` at signed level `level` (ints or tensors): op-major,
+    2*bins-1 levels per op."""
+    return op_index * (2 * bins - 1) + level + (bins - 1)
+
+
+def key_op(keys: Tensor, bins: int) -> Tensor:
+    """The op indices of LevelTable keys."""
+    return keys.div(2 * bins - 1, rounding_mode="floor")
+
+
+def split_keys(keys: Tensor, bins: int) -> tuple[Tensor, Tensor]:
+    """(op indices, signed levels) of LevelTable keys: level_key's inverse."""
+    return key_op(keys, bins), keys.remainder(2 * bins - 1) - (bins - 1)
+
+
 @dataclass(frozen=True)
 class LevelTable:
     """Every op at every signed level of a policy, precomputed for one image size and device.
 
     A policy draws integer levels l in -(bins-1)..bins-1 (magnitude l / (bins-1)), so each op has
-    2*bins-1 possible parameters. Keyed by ``op_index * (2*bins-1) + l + bins-1``, the table holds
+    2*bins-1 possible parameters. Keyed by ``level_key(op_index, l, bins)``, the table holds
     each key's parameter, the lookup table of ops whose table depends on the parameter alone
     ("table" ops; the identity for the others), and for the affine ops their matrices and, up to
     MAX_SOURCE_TABLE_BYTES, their source pixels. A batch then looks up what per-image arithmetic
@@ -370,15 +386,12 @@ class LevelTable:
     bins: int
     params: Tensor  # [keys] float64
     luts: Tensor  # [keys, 256] uint8
-    matrices: Tensor  # [affine keys, 6] float64, from key _AFFINE[0] * (2*bins-1) on
+    matrices: Tensor  # [affine keys, 6] float64, from the first affine key on
     sources: Tensor | None  # [affine keys, H*W] int64 (see source_pixels), or None if too big
-
-    def keys(self, op_index: Tensor, level: Tensor) -> Tensor:
-        return op_index * (2 * self.bins - 1) + (level + (self.bins - 1))
 
     def resample(self, x: Tensor, keys: Tensor, fill: Tensor) -> Tensor:
         """Affine ops' images x [n,C,H,W] at their keys [n]."""
-        rows = keys - _AFFINE[0] * (2 * self.bins - 1)
+        rows = keys - level_key(_AFFINE[0], 1 - self.bins, self.bins)  # the first affine key
         sources = (self.sources.index_select(0, rows) if self.sources is not None
                    else source_pixels(self.matrices.index_select(0, rows), *x.shape[2:]))
         return resample(x, sources, fill)
@@ -414,25 +427,34 @@ def apply_ops(x: Tensor, op_index: Tensor, level: Tensor, table: LevelTable, fil
     host sync per call (for the group sizes). Otherwise (the default on other devices) every op
     runs on every image and each image keeps its own op's result: more arithmetic, no sync, so
     the device never waits on the host. Both give the same images, bit for bit."""
-    return apply_keys(x, table.keys(op_index, level), table, fill, grouped)
+    return _apply(x, level_key(op_index, level, table.bins), table, fill, grouped, op_index,
+                  level)
 
 
 def apply_keys(x: Tensor, keys: Tensor, table: LevelTable, fill: Tensor,
                grouped: bool | None = None) -> Tensor:
-    """apply_ops with each image's (op, level) given as its key in `table` (LevelTable.keys)."""
+    """apply_ops with each image's (op, level) given as its key in `table` (level_key)."""
+    return _apply(x, keys, table, fill, grouped)
+
+
+def _apply(x: Tensor, keys: Tensor, table: LevelTable, fill: Tensor, grouped: bool | None,
+           op_index: Tensor | None = None, level: Tensor | None = None) -> Tensor:
+    """The two forms' dispatch; the keys are decoded where the caller did not give them."""
     if x.shape[0] == 0:
         return x.clone()
     if grouped is None:
         grouped = x.device.type == "cpu"
-    op_index = keys.div(2 * table.bins - 1, rounding_mode="floor")
-    return (_apply_grouped if grouped else _apply_masked)(x, op_index, keys, table, fill)
+    if grouped:  # the grouped form needs no levels
+        op_index = key_op(keys, table.bins) if op_index is None else op_index
+        return _apply_grouped(x, op_index, keys, table, fill)
+    if op_index is None or level is None:
+        op_index, level = split_keys(keys, table.bins)
+    return _apply_masked(x, op_index, level, keys, table, fill)
 
 
-def _apply_masked(x: Tensor, op_index: Tensor, keys: Tensor, table: LevelTable, fill: Tensor
-                  ) -> Tensor:
+def _apply_masked(x: Tensor, op_index: Tensor, level: Tensor, keys: Tensor, table: LevelTable,
+                  fill: Tensor) -> Tensor:
     n, c = x.shape[:2]
-    per_op = 2 * table.bins - 1
-    level = keys.remainder(per_op)  # the level's column, the same for every op
     lut = table.luts.index_select(0, keys).view(n, 1, 256).expand(n, c, 256)
     gray_levels = grayscale(x) if c == 3 else None  # for all blend ops at once
     images = []
@@ -443,14 +465,14 @@ def _apply_masked(x: Tensor, op_index: Tensor, keys: Tensor, table: LevelTable, 
         if spec.kind == "lut":  # auto_contrast, equalize: no parameter
             lut = torch.where(chosen.view(n, 1, 1), spec.fn(x, None), lut)
         else:
-            param = table.params.index_select(0, level + k * per_op)
+            param = table.params.index_select(0, level_key(k, level, table.bins))
             images.append((chosen, blend(spec.fn(x, gray_levels), x, param)))
     out = apply_luts(x, lut)  # the identity table for the images of other ops
     for chosen, image in images:
         out = torch.where(chosen.view(n, 1, 1, 1), image, out)
     # Images of other ops resample at an affine op's level 0: the identity.
     affine = (op_index >= _AFFINE[0]) & (op_index <= _AFFINE[-1])
-    identity_key = _AFFINE[0] * per_op + table.bins - 1
+    identity_key = level_key(_AFFINE[0], 0, table.bins)
     return table.resample(out, torch.where(affine, keys, identity_key), fill)
 
 
@@ -464,13 +486,12 @@ def _apply_grouped(x: Tensor, op_index: Tensor, keys: Tensor, table: LevelTable,
     order = torch.argsort(keys, stable=True)
     xs, keys = x.index_select(0, order), keys.index_select(0, order)
     done = torch.empty_like(x)  # in sorted order
-    n_lut = start[_LUT[-1] + 1] - start[_LUT[0]]  # the "lut" ops' images lead the point ops'
-    point = slice(start[_POINT[0]] + n_lut, start[_POINT[-1] + 1])  # the "table" ops' images
+    point = slice(start[_POINT[0]], start[_POINT[-1] + 1])
+    tabled = slice(start[_LUT[-1] + 1], point.stop)  # "table" ops, after the "lut" ops
     luts = [OPS[OP_NAMES[k]].fn(xs[start[k]:start[k + 1]], None) for k in _LUT if counts[k]]
-    if point.stop > point.start:  # their tables depend on their keys alone
-        luts.append(table.luts.index_select(0, keys[point]).unsqueeze(1).expand(
+    if tabled.stop > tabled.start:  # their tables depend on their keys alone
+        luts.append(table.luts.index_select(0, keys[tabled]).unsqueeze(1).expand(
             -1, x.shape[1], 256))
-    point = slice(point.start - n_lut, point.stop)
     if luts:
         done[point] = apply_luts(xs[point], torch.cat(luts) if len(luts) > 1 else luts[0])
     mixed = slice(start[_BLEND[0]], start[_BLEND[-1] + 1])
@@ -513,8 +534,7 @@ MEAN_FILL = (125, 123, 114)
 @functools.cache
 def _draw_table(levels: tuple[int, ...], bins: int, device: torch.device) -> Tensor:
     """The LevelTable key of every (op, level) pair of OPS x levels, row-major: [len(OPS) * L]."""
-    per_op = 2 * bins - 1
-    keys = [k * per_op + bins - 1 + level for k in range(len(OPS)) for level in levels]
+    keys = [level_key(k, level, bins) for k in range(len(OPS)) for level in levels]
     return torch.tensor(keys, dtype=torch.int64, device=device)
 
 
@@ -525,12 +545,6 @@ def draw_keys(levels: tuple[int, ...], bins: int, b: int, device: torch.device,
     table = _draw_table(levels, bins, device)
     pick = torch.randint(0, len(table), (b,), generator=generator, device=device)
     return table.index_select(0, pick)
-
-
-def _split_keys(keys: Tensor, bins: int) -> tuple[Tensor, Tensor]:
-    """(op indices, signed levels) of LevelTable keys."""
-    per_op = 2 * bins - 1
-    return keys.div(per_op, rounding_mode="floor"), keys.remainder(per_op) - (bins - 1)
 
 
 @dataclass
@@ -545,18 +559,25 @@ class TrivialAugmentWide:
     fill: tuple[int, ...] = MEAN_FILL
     train_only = True
 
-    def levels(self) -> tuple[int, ...]:
-        return (*range(self.bins), *(-m for m in range(self.bins)))
+    def keys(self, b: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+        """b images' LevelTable keys, one draw each."""
+        return draw_keys(_both_signs(self.bins), self.bins, b, device, generator)
 
     def draw(self, b: int, device: torch.device, generator: torch.Generator | None
              ) -> tuple[Tensor, Tensor]:
         """Op indices [B] and signed levels [B] (magnitude: level / (bins-1)) for b images."""
-        return _split_keys(draw_keys(self.levels(), self.bins, b, device, generator), self.bins)
+        return split_keys(self.keys(b, device, generator), self.bins)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         table = level_table(self.space, self.bins, *x.shape[2:], x.device)
-        keys = draw_keys(self.levels(), self.bins, x.shape[0], x.device, generator)
+        keys = self.keys(x.shape[0], x.device, generator)
         return apply_keys(x, keys, table, _fill_tensor(self.fill, x))
+
+
+@functools.cache
+def _both_signs(bins: int) -> tuple[int, ...]:
+    """+0..+(bins-1), -0..-(bins-1): TrivialAugment-Wide's levels, 0 under both signs."""
+    return (*range(bins), *(-m for m in range(bins)))
 
 
 @dataclass
@@ -578,17 +599,18 @@ class RandAugment:
             raise ConfigError(
                 f"RandAugment magnitude {self.magnitude} is outside 0..{self.bins - 1}")
 
+    def keys(self, b: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+        """One round's LevelTable keys for b images, one draw each."""
+        return draw_keys((self.magnitude, -self.magnitude), self.bins, b, device, generator)
+
     def draw(self, b: int, device: torch.device, generator: torch.Generator | None
              ) -> tuple[Tensor, Tensor]:
         """One round's op indices [B] and signed levels [B] (+-magnitude)."""
-        keys = draw_keys((self.magnitude, -self.magnitude), self.bins, b, device, generator)
-        return _split_keys(keys, self.bins)
+        return split_keys(self.keys(b, device, generator), self.bins)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         fill = _fill_tensor(self.fill, x)
         table = level_table(self.space, self.bins, *x.shape[2:], x.device)
         for _ in range(self.num_ops):
-            keys = draw_keys((self.magnitude, -self.magnitude), self.bins, x.shape[0], x.device,
-                             generator)
-            x = apply_keys(x, keys, table, fill)
+            x = apply_keys(x, self.keys(x.shape[0], x.device, generator), table, fill)
         return x

@@ -240,6 +240,18 @@ def compile_optimizer_step(optimizer: torch.optim.Optimizer, mode: str = "defaul
     return torch.compile(optimizer.step, mode=mode)
 
 
+def eager_param_groups(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Param groups as an eager step on `device` wants them, whatever run saved them: this
+    device's kernels (`fused`), and without what `compile_optimizer_step` leaves behind (tensor
+    LRs; AdamW's capturable=True, which torch.compile sets for CUDA parameters and an eager CPU
+    step refuses)."""
+    for group in optimizer.param_groups:
+        group["fused"] = fused_kernels(device)
+        group["lr"] = float(group["lr"])
+        if "capturable" in group:
+            group["capturable"] = False
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor,
                targets: Tensor, recipe: Recipe, autocast_dtype: torch.dtype | None = None,
                loss_scale: float = 1.0, step: Callable[[], object] | None = None) -> Tensor:
@@ -330,13 +342,7 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        for group in optimizer.param_groups:  # this device's kernels, not the saving one's
-            group["fused"] = fused_kernels(device)
-            # A compiled run saves its LRs as tensors, and a compiled CUDA run AdamW's
-            # capturable=True (set by torch.compile); eager steps here need neither.
-            group["lr"] = float(group["lr"])
-            if "capturable" in group:
-                group["capturable"] = False
+        eager_param_groups(optimizer, device)
         progress = Progress(**state["progress"])
         world = distributed.world_size()
         if progress.world_size != world:
