@@ -1,5 +1,6 @@
 """The ViT matches the tutorial's ViTModel: parameter counts, outputs, gradients, errors."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.model import (
     PRESETS,
+    Attention,
     ViT,
     ViTConfig,
     _tutorial_key_map,
@@ -220,3 +222,108 @@ def test_independent_init_draws_each_block_separately():
     assert not torch.equal(first.attn.qkv.weight, second.attn.qkv.weight)
     with pytest.raises(ConfigError, match="init must be"):
         preset("seed-mini", 10, init="random")
+
+
+# --- Lee et al. 2021: shifted patch tokens, locality self-attention ------------------------------
+
+def _random_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+
+
+def test_shifted_patch_tokens_equal_a_pixel_loop_reference():
+    config = ViTConfig(image_size=8, patch_size=4, width=6, depth=1, num_heads=2, mlp_dim=8,
+                       num_classes=3, shifted_patches=True)
+    spt = ViT(config).encoder.embedding.proj
+    _random_weights(spt)
+    images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    spt = spt.double()
+    # The paper's order: the image, then shifted left-up, right-up, left-down, right-down by half
+    # a patch (2 px), uncovered pixels zero; each patch flattened row, column, channel.
+    offsets = [(0, 0), (-2, -2), (-2, 2), (2, -2), (2, 2)]  # (down, right)
+    x = images.numpy()
+    stacked = np.zeros((2, 15, 8, 8))
+    for k, (dy, dx) in enumerate(offsets):
+        for y in range(8):
+            for xx in range(8):
+                sy, sx = y - dy, xx - dx
+                if 0 <= sy < 8 and 0 <= sx < 8:
+                    stacked[:, 3 * k:3 * k + 3, y, xx] = x[:, :, sy, sx]
+    rows = []
+    for py in range(2):
+        for px in range(2):
+            patch = stacked[:, :, 4 * py:4 * py + 4, 4 * px:4 * px + 4]  # [B, 15, 4, 4]
+            rows.append(patch.transpose(0, 2, 3, 1).reshape(2, -1))  # row, column, channel
+    flat = torch.from_numpy(np.stack(rows, axis=1))  # [B, 4 patches, 240]
+    normed = F.layer_norm(flat, (240,), spt.norm.weight, spt.norm.bias, eps=1e-5)
+    expected = normed @ spt.linear.weight.T
+    torch.testing.assert_close(spt(images), expected, rtol=0, atol=1e-12)
+
+
+def test_locality_attention_never_attends_a_token_to_itself_and_learns_its_temperature():
+    config = preset("vitlab-mini-sl", 10, depth=2)
+    model = ViT(config)
+    head_dim = config.width // config.num_heads
+    assert model.encoder.blocks[0].attn.temperature.tolist() == [head_dim ** -0.5] * 12
+    _random_weights(model)
+    model.eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits, attentions = model(images, return_attention=True)
+    tokens = config.num_patches + 1
+    for weights in attentions:
+        assert weights.shape == (3, 12, tokens, tokens)
+        assert torch.count_nonzero(weights.diagonal(dim1=-2, dim2=-1)) == 0
+        torch.testing.assert_close(weights.sum(-1), torch.ones(3, 12, tokens))
+    # The fused kernel (SDPA with the mask) and the explicit softmax agree, for every token
+    # and for the CLS token alone.
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), logits, rtol=0, atol=1e-5)
+        full = model.encoder.norm(model.encoder.forward_tokens(images)[:, 0])
+        torch.testing.assert_close(model.encoder(images), full, rtol=0, atol=1e-5)
+    # Each head's temperature scales its scores: a gradient reaches it.
+    model.train()
+    F.cross_entropy(model(images), torch.tensor([0, 1, 2])).backward()
+    grad = model.encoder.blocks[0].attn.temperature.grad
+    assert grad is not None and torch.count_nonzero(grad) == 12
+
+
+def test_locality_attention_matches_a_hand_written_masked_softmax():
+    torch.manual_seed(0)
+    attn = Attention(8, 2, 0.0, locality=True)
+    with torch.no_grad():
+        attn.temperature.copy_(torch.tensor([0.3, 1.7]))
+    x = torch.randn(2, 5, 8)
+    out, weights = attn(x, return_weights=True)
+    q, k, v = (attn.qkv(x).view(2, 5, 3, 2, 4)[:, :, i].transpose(1, 2) for i in range(3))
+    scores = (q @ k.transpose(-2, -1)) * torch.tensor([0.3, 1.7]).view(1, 2, 1, 1)
+    scores = scores - torch.diag(torch.full((5,), float("inf")))
+    expected = scores.softmax(-1)
+    torch.testing.assert_close(weights, expected, rtol=0, atol=1e-6)
+    mixed = (expected @ v).transpose(1, 2).reshape(2, 5, 8)
+    torch.testing.assert_close(out, attn.proj(mixed), rtol=0, atol=1e-6)
+    torch.testing.assert_close(attn(x), out, rtol=0, atol=1e-6)  # through SDPA
+
+
+def test_vitlab_mini_sl_fits_the_recipe_budget_and_leaves_vitlab_mini_alone():
+    from vitlab.model import forward_flops
+    sl, plain = preset("vitlab-mini-sl", 100), preset("vitlab-mini", 100)
+    assert (sl.shifted_patches, sl.locality_attention) == (True, True)
+    assert (plain.shifted_patches, plain.locality_attention) == (False, False)
+    assert ViT(sl).num_parameters() == 2_752_240 <= 3_300_000
+    assert forward_flops(sl) <= 1.25 * forward_flops(preset("seed-mini", 100))
+    # 5 x 3 x 4 x 4 inputs per patch token: the image and its four shifts.
+    assert forward_flops(sl) - forward_flops(plain) == 2 * 64 * 192 * 4 * 48
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"shifted_patches": True, "patch_size": 1}, "patch size of at least 2"),
+     ({"locality_attention": "yes"}, "locality_attention must be true or false"),
+     ({"norm_first": 1}, "norm_first must be true or false")],
+)
+def test_invalid_small_data_options_raise(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        ViTConfig(**{**PRESETS["seed-mini"], "num_classes": 10, **overrides})

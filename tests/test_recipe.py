@@ -164,6 +164,13 @@ def test_weight_decay_groups_and_the_cosine_floor():
         "encoder.blocks.0.norm1.weight", "encoder.blocks.3.attn.qkv.bias", "head.bias"}
     assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    # Lee et al.'s parts: the temperatures and the patch tokens' norm are scales, left undecayed.
+    sl = ViT(preset("vitlab-mini-sl", 10))
+    decay, no_decay = build_optimizer(recipe("vitlab"), sl.named_parameters()).param_groups
+    names = {id(p): n for n, p in sl.named_parameters()}
+    assert {"encoder.blocks.8.attn.temperature", "encoder.embedding.proj.norm.weight"} <= {
+        names[id(p)] for p in no_decay["params"]}
+    assert "encoder.embedding.proj.linear.weight" in {names[id(p)] for p in decay["params"]}
     r = recipe("vitlab")
     assert lr_factor(r, 10**6, 10**6, 100) == pytest.approx(0.01)
     assert lr_factor(r, 0, 10**4, 100) == pytest.approx(1 / 1000)  # 10 warm-up epochs

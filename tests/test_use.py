@@ -203,6 +203,25 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_logits(run, tmp_path, cap
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
+def test_onnx_export_of_shifted_patches_and_locality_attention(tmp_path):
+    import onnxruntime as ort
+
+    from vitlab.export import export_onnx
+    from vitlab.model import preset
+
+    torch.manual_seed(0)
+    model = ViT(preset("vitlab-mini-sl", 10, depth=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    path = export_onnx(model, tmp_path / "sl.onnx", [str(i) for i in range(10)])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.randn(3, 3, 32, 32)
+    (got,) = session.run(["logits"], {"images": images.numpy()})
+    with torch.inference_mode():
+        np.testing.assert_allclose(got, model(images).numpy(), rtol=0, atol=1e-4)
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 def test_bad_inputs_are_one_line_errors(run, pngs, tmp_path, capfd):

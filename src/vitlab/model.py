@@ -24,6 +24,7 @@ __all__ = [
     "PRESETS",
     "EncoderBlock",
     "PatchEmbedding",
+    "ShiftedPatchTokens",
     "ViT",
     "ViTConfig",
     "ViTEncoder",
@@ -52,6 +53,12 @@ class ViTConfig:
     # Stochastic depth: the chance a block's residual branches are dropped for a sample, rising
     # linearly from 0 at the first block to this at the last (timm's drop_path_rate).
     drop_path: float = 0.0
+    # The two small-data changes of Lee et al. 2021 ("Vision Transformer for Small-Size
+    # Datasets"): patches cut from the image and its four diagonal half-patch shifts (shifted
+    # patch tokenization), and attention with a learned per-head temperature in which no token
+    # attends to itself (locality self-attention).
+    shifted_patches: bool = False
+    locality_attention: bool = False
     # "tutorial": the values the tutorial's ViTModel starts from for the same torch seed (xavier
     # QKV, zero attention biases, every block a copy of the first); "independent": each block
     # drawn by its own layers' PyTorch defaults.
@@ -77,6 +84,13 @@ class ViTConfig:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if not isinstance(self.drop_path, float | int) or not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"drop_path must be a number in [0, 1), got {self.drop_path!r}")
+        for name in ("norm_first", "patch_bias", "shifted_patches", "locality_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ViTConfig.{name} must be true or false, got "
+                                  f"{getattr(self, name)!r}")
+        if self.shifted_patches and self.patch_size < 2:
+            raise ConfigError("shifted patches need a patch size of at least 2 (the shift is "
+                              "half a patch)")
         if self.init not in ("tutorial", "independent"):
             raise ConfigError(f"init must be 'tutorial' or 'independent', got {self.init!r}")
 
@@ -122,6 +136,12 @@ PRESETS: dict[str, dict] = {
     # 0.85x seed-mini's matrix-multiply FLOPs), pre-norm, stochastic depth 0.1, no dropout.
     "vitlab-mini": dict(image_size=32, patch_size=4, width=192, depth=9, num_heads=12,
                         mlp_dim=384, dropout=0.0, drop_path=0.1, norm_first=True),
+    # vitlab-mini with Lee et al.'s shifted patch tokenization and locality self-attention
+    # (SL-ViT: 76.9% on CIFAR-100 in 100 epochs in their paper, against 73.8% for vitlab-mini's
+    # plain ViT); 2.75 M parameters, 0.87x seed-mini's FLOPs.
+    "vitlab-mini-sl": dict(image_size=32, patch_size=4, width=192, depth=9, num_heads=12,
+                           mlp_dim=384, dropout=0.0, drop_path=0.1, norm_first=True,
+                           shifted_patches=True, locality_attention=True),
     # A few-minutes-on-a-CPU model for smoke runs and tests; not for accuracy.
     "micro": dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128,
                   dropout=0.1, norm_first=False),
@@ -135,15 +155,51 @@ def preset(name: str, num_classes: int, **overrides) -> ViTConfig:
     return ViTConfig(**{**PRESETS[name], "num_classes": num_classes, **overrides})
 
 
+def shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """[..., H, W] images moved down by dy and right by dx pixels (negative: up, left), the
+    uncovered pixels zero: out[..., y, x] = images[..., y - dy, x - dx]."""
+    h, w = images.shape[-2:]
+    kept = images[..., max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+    return F.pad(kept, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)))
+
+
+class ShiftedPatchTokens(nn.Module):
+    """Shifted patch tokenization (Lee et al. 2021): the image and its four diagonal shifts by
+    half a patch, stacked on channels, cut into patches; each patch flattened (row, column,
+    channel), layer-normed and projected: [B, C, H, W] -> [B, num_patches, width]. Each token
+    then sees a little of its neighbours, which a plain patch projection cannot."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        dim = 5 * config.num_channels * config.patch_size ** 2
+        self.norm = nn.LayerNorm(dim, eps=config.encoder_norm_eps)
+        self.linear = nn.Linear(dim, config.width, bias=config.patch_bias)
+
+    def reset_parameters(self) -> None:
+        self.norm.reset_parameters()
+        self.linear.reset_parameters()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        s, p = self.patch_size // 2, self.patch_size
+        stacked = torch.cat([images, *(shift(images, dy, dx) for dy in (-s, s) for dx in (-s, s))],
+                            dim=1)
+        b, c, h, w = stacked.shape
+        patches = stacked.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        return self.linear(self.norm(patches.reshape(b, (h // p) * (w // p), p * p * c)))
+
+
 class PatchEmbedding(nn.Module):
-    """Image -> [B, 1 + num_patches, width] tokens: conv patches, CLS token, positions, dropout."""
+    """Image -> [B, 1 + num_patches, width] tokens: conv patches (or shifted patch tokens), CLS
+    token, positions, dropout."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.image_size = config.image_size
         self.num_channels = config.num_channels
-        self.proj = nn.Conv2d(config.num_channels, config.width, kernel_size=config.patch_size,
-                              stride=config.patch_size, bias=config.patch_bias)
+        self.proj = (ShiftedPatchTokens(config) if config.shifted_patches else
+                     nn.Conv2d(config.num_channels, config.width, kernel_size=config.patch_size,
+                               stride=config.patch_size, bias=config.patch_bias))
         # Zero-initialised and trainable, as in the tutorial.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
         self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.width))
@@ -156,21 +212,30 @@ class PatchEmbedding(nn.Module):
                 f"the model expects images of shape [B, {expected[0]}, {expected[1]}, "
                 f"{expected[2]}], got {list(images.shape)}"
             )
-        x = self.proj(images).flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, width]
+        x = self.proj(images)
+        if x.ndim == 4:  # the conv's [B, width, h, w] -> [B, h*w, width]
+            x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.dropout(x + self.position_embedding)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection, batch-first."""
+    """Multi-head self-attention with one fused QKV projection, batch-first.
 
-    def __init__(self, width: int, num_heads: int, dropout: float) -> None:
+    `locality`: locality self-attention (Lee et al. 2021): the scores' scale is a learned
+    temperature per head (from 1/sqrt(head dim)) instead of the constant, and no token attends to
+    itself, which sharpens attention towards the other tokens."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float, locality: bool = False
+                 ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.attn_dropout = dropout
         self.scale = (width // num_heads) ** -0.5
+        self.temperature = (nn.Parameter(torch.full((num_heads,), self.scale)) if locality
+                            else None)
 
     def forward(self, x: torch.Tensor, queries: int | None = None,
                 return_weights: bool = False
@@ -194,16 +259,28 @@ class Attention(nn.Module):
             q = q.view(batch, queries, self.num_heads, -1).transpose(1, 2)
             k, v = F.linear(x, kv_weight, kv_bias).view(
                 batch, tokens, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        weights = None
+        weights = mask = None
+        scale = self.scale
+        if self.temperature is not None:  # the learned scale, and query i never sees token i
+            q, scale = q * self.temperature.view(-1, 1, 1).to(q.dtype), 1.0
+            positions = torch.arange(tokens, device=x.device)
+            mask = positions[:queries, None] != positions  # True: may attend
         if return_weights or (self.training and self.attn_dropout > 0
                               and x.device.type == "cpu"):
             # SDPA's CPU kernels have no dropout: it would fall back to the same math as here,
             # with PyTorch's slower mask.
-            weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            scores = (q * scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(dim=-1)
             out = dropout(weights, self.attn_dropout, self.training) @ v
         else:
             dropout_p = self.attn_dropout if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            if mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                     dropout_p=dropout_p, scale=scale)
         out = self.proj(out.transpose(1, 2).reshape(batch, queries, width))
         return (out, weights) if return_weights else out
 
@@ -231,7 +308,8 @@ class EncoderBlock(nn.Module):
         self.norm_first = config.norm_first
         self.drop_path = drop_path
         self.norm1 = nn.LayerNorm(config.width, eps=config.encoder_norm_eps)
-        self.attn = Attention(config.width, config.num_heads, config.dropout)
+        self.attn = Attention(config.width, config.num_heads, config.dropout,
+                              config.locality_attention)
         self.dropout1 = Dropout(config.dropout)
         self.norm2 = nn.LayerNorm(config.width, eps=config.encoder_norm_eps)
         self.mlp = MLP(config.width, config.mlp_dim, config.dropout)
@@ -419,5 +497,6 @@ def forward_flops(config: ViTConfig) -> int:
     patch projection, QKV, attention scores and mixing, output projection, MLP, head."""
     tokens, width = config.num_patches + 1, config.width
     patch = config.num_patches * width * config.num_channels * config.patch_size ** 2
+    patch *= 5 if config.shifted_patches else 1  # the image and its four shifts
     block = tokens * (4 * width * width + 2 * width * config.mlp_dim) + 2 * tokens ** 2 * width
     return 2 * (patch + config.depth * block + width * config.num_classes)

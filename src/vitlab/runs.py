@@ -668,7 +668,9 @@ def model_summary(name: str, num_classes: int = 100) -> list[str]:
     return [f"{name}: {model.num_parameters():,} parameters; "
             f"{config.image_size}x{config.image_size} input, patch {config.patch_size}, "
             f"depth {config.depth}, width {config.width}, {config.num_heads} heads, "
-            f"MLP {config.mlp_dim}, {'pre' if config.norm_first else 'post'}-norm",
+            f"MLP {config.mlp_dim}, {'pre' if config.norm_first else 'post'}-norm"
+            + (", shifted patch tokens" if config.shifted_patches else "")
+            + (", locality self-attention" if config.locality_attention else ""),
             f"FLOPs per image (forward, matrix products): {flops / 1e6:,.1f} M = "
             f"{flops / reference:.2f}x seed-mini's",
             f"forward pass: input {list(images.shape)} -> logits {list(logits.shape)}"]
