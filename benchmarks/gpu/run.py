@@ -1,6 +1,7 @@
 """The prepared GPU session: every measurement the GPU issue asks for, in order, from one command.
 
-    python benchmarks/gpu/run.py --data DATA --out OUT [--stages env,checks,bench,seed,vitlab]
+    python benchmarks/gpu/run.py --data DATA --out OUT
+        [--stages env,checks,bench,seed,vitlab,vitlab-sl]
 
 DATA holds the array folders cifar100/ and cifar10/ (../shared/data here; on the device machine,
 what `device_data.py join` rebuilt). Stages:
@@ -18,11 +19,13 @@ what `device_data.py join` rebuilt). Stages:
           was faster) is then used by the runs (unless --compile is given)
   seed    `vitlab run` with the seed recipe: 100 epochs CIFAR-100 + 1 epoch CIFAR-10, timed
   vitlab  the same with --recipe vitlab
+  vitlab-sl  the same with --recipe vitlab --model vitlab-mini-sl (shifted patch tokens and
+          locality self-attention)
 
 OUT gets at most eight files (what the device tool returns): summary.json (every figure; it is
 rewritten after each stage, so a session cut short still returns what it finished), bench.md,
-curves-<recipe>.png of each pre-training, run-<recipe>.log. Run directories and per-case logs
-stay in --work.
+curves-<run>.png of each pre-training, runs.log (every run's output, one after another). Run
+directories and per-case logs stay in --work.
 --deadline SECONDS skips stages that would start after that much time. Rehearse on the CPU with
 tiny budgets before spending device minutes:
 
@@ -182,11 +185,16 @@ def best_compile(cases: dict) -> tuple[str, bool]:
     return mode, eager
 
 
-def stage_run(out: Path, args: argparse.Namespace, recipe: str, compile_mode: str,
+# The `vitlab run` stages: stage name -> the run's recipe and model.
+RUNS = {"seed": ["--recipe", "seed"], "vitlab": ["--recipe", "vitlab"],
+        "vitlab-sl": ["--recipe", "vitlab", "--model", "vitlab-mini-sl"]}
+
+
+def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
               eager_optimizer: bool) -> dict:
     from vitlab.train.checkpoint import read_jsonl, selection_key
 
-    run_dir = args.work / "runs" / recipe
+    run_dir = args.work / "runs" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)
     budget = []
@@ -199,11 +207,14 @@ def stage_run(out: Path, args: argparse.Namespace, recipe: str, compile_mode: st
     compiling = (["--compile", "--compile-mode", compile_mode] if compile_mode != "off" else [])
     if compiling and eager_optimizer:
         compiling.append("--eager-optimizer")
-    command = vitlab("run", "--recipe", recipe, "--pretrain-data", str(args.data / "cifar100"),
+    command = vitlab("run", *RUNS[name], "--pretrain-data", str(args.data / "cifar100"),
                      "--finetune-data", str(args.data / "cifar10"), "--out", str(run_dir),
                      "--device", args.device, "--log-steps", "0", "--no-progress",
                      "--no-download", *compiling, *budget)
-    code, seconds = run_logged(command, out / f"run-{recipe}.log", args.stage_timeout)
+    log = args.work / f"run-{name}.log"
+    code, seconds = run_logged(command, log, args.stage_timeout)
+    with (out / "runs.log").open("a") as runs:
+        runs.write(f"=== {name}: {' '.join(command)}\n{log.read_text()}\n")
     result: dict = {"exit": code, "wall_seconds": round(seconds, 1), "compile": compile_mode,
                     "eager_optimizer": bool(compiling) and eager_optimizer,
                     "command": " ".join(command)}
@@ -223,7 +234,7 @@ def stage_run(out: Path, args: argparse.Namespace, recipe: str, compile_mode: st
         }
         curves = run_dir / stage / "curves.png"
         if curves.is_file() and stage == "pretrain":
-            shutil.copy(curves, out / f"curves-{recipe}.png")
+            shutil.copy(curves, out / f"curves-{name}.png")
     evaluation = run_dir / "evaluation" / "evaluation.json"
     if evaluation.is_file():
         result["evaluation_accuracy"] = json.loads(evaluation.read_text()).get("accuracy")
@@ -238,7 +249,7 @@ def main() -> None:
                         help="the (at most eight) result files")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vitlab-gpu-work"),
                         help="run directories (default: /tmp/vitlab-gpu-work)")
-    parser.add_argument("--stages", default="env,checks,bench,seed,vitlab")
+    parser.add_argument("--stages", default="env,checks,bench,seed,vitlab,vitlab-sl")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile", default=None,
                         help="compile mode for the runs (off, default, reduce-overhead, "
@@ -278,10 +289,11 @@ def main() -> None:
             result = stage_bench(args.out, args)
             if compile_mode is None:
                 compile_mode, eager_optimizer = best_compile(result["cases"])
-        elif stage in ("seed", "vitlab"):
+        elif stage in RUNS:
             result = stage_run(args.out, args, stage, compile_mode or "off", eager_optimizer)
         else:
-            raise SystemExit(f"unknown stage {stage!r}; known: env, checks, bench, seed, vitlab")
+            raise SystemExit(f"unknown stage {stage!r}; known: env, checks, bench, "
+                             f"{', '.join(RUNS)}")
         summary["stages"][stage] = {"seconds": round(time.perf_counter() - t0, 1), **(
             result if isinstance(result, dict) else {})}
         summary["total_seconds"] = round(time.perf_counter() - start, 1)
