@@ -90,6 +90,19 @@ def test_two_processes_train_the_one_process_run_and_evaluate_exactly(cifar10, t
     assert "Traceback" not in job.stderr and "Traceback" not in single.stderr
 
 
+def test_two_compiled_processes_train_the_one_eager_process_run(cifar10, tmp_path):
+    # --compile under DDP: each rank's model (its graph split at DDP's gradient buckets) and
+    # optimizer step compiled; the weights are the one eager process's.
+    job = run_job(*train_args(cifar10, tmp_path / "ddp", "--dropout", "0", "--compile"),
+                  cwd=tmp_path)
+    h.run_cli(*train_args(cifar10, tmp_path / "one", "--dropout", "0"), cwd=tmp_path)
+    two = h.load_weights(tmp_path / "ddp" / "model.safetensors")
+    one = h.load_weights(tmp_path / "one" / "model.safetensors")
+    diff = max((two[k] - one[k]).abs().max().item() for k in one)
+    assert diff <= 1e-5, diff
+    assert "Traceback" not in job.stderr and "recompile_limit" not in job.stderr
+
+
 def _kill_job(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and its workers (torchrun starts each worker in a session of its own,
     so killing the launcher's process group alone would leave them running)."""
