@@ -1,5 +1,6 @@
 """A CPU proxy for the recipe comparison: the seed recipe on seed-mini against the vitlab recipe
-on vitlab-mini, each trained for the same wall-clock budget on the same data, then evaluated.
+on vitlab-mini (by default; --runs RECIPE:MODEL,... for others), each trained for the same
+wall-clock budget on the same data, then evaluated.
 
 Each configuration's step time is measured first (the median of 5 steps after one warm-up step:
 a median, so that a moment of load elsewhere does not shrink its budget); its run is then that
@@ -9,6 +10,7 @@ accuracy is measured on the first --eval-images test images. One process, one af
 the machine's noise moves the step counts by ~10%.
 
     python benchmarks/recipe_proxy.py --minutes 6
+    python benchmarks/recipe_proxy.py --minutes 4 --runs seed:seed-mini,vitlab:vitlab-mini,vitlab:vitlab-mini-sl
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from vitlab.data import load_dataset
+from vitlab.errors import ConfigError
 from vitlab.model import ViT, preset
 from vitlab.train import TrainOptions, fit, recipe
 from vitlab.train.engine import train_step
@@ -56,11 +59,19 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=6.0, help="training budget per recipe")
     parser.add_argument("--eval-images", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", default="seed:seed-mini,vitlab:vitlab-mini",
+                        help="comma-separated RECIPE:MODEL pairs, trained one after the other")
     args = parser.parse_args()
+    try:
+        runs = [tuple(pair.split(":")) for pair in args.runs.split(",")]
+        for name, model_name in runs:
+            recipe(name), preset(model_name, 10)
+    except (ValueError, ConfigError) as e:
+        raise SystemExit(f"--runs takes RECIPE:MODEL pairs with known names ({e})") from None
     torch.set_num_threads(args.threads)
     dataset = load_dataset(args.data, download=False)
     rows = []
-    for name, model_name in (("seed", "seed-mini"), ("vitlab", "vitlab-mini")):
+    for name, model_name in runs:
         chosen = recipe(name)
         if chosen.schedule == "cosine":  # its warm-up: the same share of this shorter run
             chosen = dataclasses.replace(chosen, warmup_epochs=chosen.warmup_epochs
