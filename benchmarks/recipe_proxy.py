@@ -65,7 +65,8 @@ def main() -> None:
     try:
         runs = [tuple(pair.split(":")) for pair in args.runs.split(",")]
         for name, model_name in runs:
-            recipe(name), preset(model_name, 10)
+            recipe(name)
+            preset(model_name, 10)
     except (ValueError, ConfigError) as e:
         raise SystemExit(f"--runs takes RECIPE:MODEL pairs with known names ({e})") from None
     torch.set_num_threads(args.threads)

@@ -59,13 +59,21 @@ def train_args(data: Path, out: Path, *extra) -> list:
             "--out", out, *extra]
 
 
-def test_two_processes_train_the_one_process_run_and_evaluate_exactly(cifar10, tmp_path):
-    # Dropout off (each rank draws its own masks otherwise); the seed recipe's SGD.
+@pytest.fixture(scope="module")
+def one_process(cifar10, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The one-process run the two-process runs must equal: dropout off (each rank draws its own
+    masks otherwise), the seed recipe's SGD."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    return out, h.run_cli(*train_args(cifar10, out, "--dropout", "0"), cwd=out.parent)
+
+
+def test_two_processes_train_the_one_process_run_and_evaluate_exactly(cifar10, one_process,
+                                                                      tmp_path):
     args = train_args(cifar10, tmp_path / "ddp", "--dropout", "0")
     job = run_job(*args, cwd=tmp_path)
-    single = h.run_cli(*train_args(cifar10, tmp_path / "one", "--dropout", "0"), cwd=tmp_path)
+    one_run, single = one_process
     two = h.load_weights(tmp_path / "ddp" / "model.safetensors")
-    one = h.load_weights(tmp_path / "one" / "model.safetensors")
+    one = h.load_weights(one_run / "model.safetensors")
     diff = max((two[k] - one[k]).abs().max().item() for k in one)
     assert diff <= 1e-5, diff
 
@@ -81,7 +89,7 @@ def test_two_processes_train_the_one_process_run_and_evaluate_exactly(cifar10, t
     # The logged numbers are the one-process run's; the sharded evaluation counted every test
     # sample once: its accuracy is the one-process evaluation of the same weights, exactly.
     ddp_evals = h.events(records, "eval")
-    one_evals = h.events(h.read_metrics(tmp_path / "one"), "eval")
+    one_evals = h.events(h.read_metrics(one_run), "eval")
     assert [e["accuracy"] for e in ddp_evals] == [e["accuracy"] for e in one_evals]
     h.run_cli("evaluate", "--checkpoint", tmp_path / "ddp", "--batch-size", "64",
               "--no-download", cwd=tmp_path)
@@ -90,14 +98,14 @@ def test_two_processes_train_the_one_process_run_and_evaluate_exactly(cifar10, t
     assert "Traceback" not in job.stderr and "Traceback" not in single.stderr
 
 
-def test_two_compiled_processes_train_the_one_eager_process_run(cifar10, tmp_path):
-    # --compile under DDP: each rank's model (its graph split at DDP's gradient buckets) and
-    # optimizer step compiled; the weights are the one eager process's.
+def test_two_compiled_processes_train_the_one_eager_process_run(cifar10, one_process,
+                                                               tmp_path):
+    # --compile under DDP: each rank's DDP-wrapped model and its optimizer step compiled; the
+    # weights are the one eager process's.
     job = run_job(*train_args(cifar10, tmp_path / "ddp", "--dropout", "0", "--compile"),
                   cwd=tmp_path)
-    h.run_cli(*train_args(cifar10, tmp_path / "one", "--dropout", "0"), cwd=tmp_path)
     two = h.load_weights(tmp_path / "ddp" / "model.safetensors")
-    one = h.load_weights(tmp_path / "one" / "model.safetensors")
+    one = h.load_weights(one_process[0] / "model.safetensors")
     diff = max((two[k] - one[k]).abs().max().item() for k in one)
     assert diff <= 1e-5, diff
     assert "Traceback" not in job.stderr and "recompile_limit" not in job.stderr

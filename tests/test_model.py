@@ -233,16 +233,18 @@ def _random_weights(model: torch.nn.Module, seed: int = 0) -> None:
             p.normal_(0.0, 0.05)
 
 
-def test_shifted_patch_tokens_equal_a_pixel_loop_reference():
+@pytest.mark.parametrize("bias", [False, True])
+def test_shifted_patch_tokens_equal_a_pixel_loop_reference(bias):
     config = ViTConfig(image_size=8, patch_size=4, width=6, depth=1, num_heads=2, mlp_dim=8,
-                       num_classes=3, shifted_patches=True)
+                       num_classes=3, shifted_patches=True, patch_bias=bias)
     spt = ViT(config).encoder.embedding.proj
     _random_weights(spt)
     images = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     spt = spt.double()
-    # The paper's order: the image, then shifted left-up, right-up, left-down, right-down by half
-    # a patch (2 px), uncovered pixels zero; each patch flattened row, column, channel.
-    offsets = [(0, 0), (-2, -2), (-2, 2), (2, -2), (2, 2)]  # (down, right)
+    # The authors' order (their x_lu, x_ru, x_lb, x_rb: slices of the image padded by half a
+    # patch): the image, then moved down-right, down-left, up-right, up-left by 2 px, uncovered
+    # pixels zero; each patch flattened row, column, channel.
+    offsets = [(0, 0), (2, 2), (2, -2), (-2, 2), (-2, -2)]  # (down, right)
     x = images.numpy()
     stacked = np.zeros((2, 15, 8, 8))
     for k, (dy, dx) in enumerate(offsets):
@@ -259,6 +261,8 @@ def test_shifted_patch_tokens_equal_a_pixel_loop_reference():
     flat = torch.from_numpy(np.stack(rows, axis=1))  # [B, 4 patches, 240]
     normed = F.layer_norm(flat, (240,), spt.norm.weight, spt.norm.bias, eps=1e-5)
     expected = normed @ spt.linear.weight.T
+    if bias:
+        expected = expected + spt.linear.bias
     torch.testing.assert_close(spt(images), expected, rtol=0, atol=1e-12)
 
 
@@ -268,6 +272,9 @@ def test_locality_attention_never_attends_a_token_to_itself_and_learns_its_tempe
     head_dim = config.width // config.num_heads
     assert model.encoder.blocks[0].attn.temperature.tolist() == [head_dim ** -0.5] * 12
     _random_weights(model)
+    with torch.no_grad():  # temperatures of either side of the initial 0.25
+        for block in model.encoder.blocks:
+            block.attn.temperature.uniform_(0.1, 0.6)
     model.eval()
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -308,14 +315,22 @@ def test_locality_attention_matches_a_hand_written_masked_softmax():
 
 
 def test_vitlab_mini_sl_fits_the_recipe_budget_and_leaves_vitlab_mini_alone():
+    from torch.utils.flop_counter import FlopCounterMode
+
     from vitlab.model import forward_flops
     sl, plain = preset("vitlab-mini-sl", 100), preset("vitlab-mini", 100)
     assert (sl.shifted_patches, sl.locality_attention) == (True, True)
     assert (plain.shifted_patches, plain.locality_attention) == (False, False)
     assert ViT(sl).num_parameters() == 2_752_240 <= 3_300_000
     assert forward_flops(sl) <= 1.25 * forward_flops(preset("seed-mini", 100))
-    # 5 x 3 x 4 x 4 inputs per patch token: the image and its four shifts.
-    assert forward_flops(sl) - forward_flops(plain) == 2 * 64 * 192 * 4 * 48
+    # The formula's extra cost of the shifted patch tokens is what PyTorch counts running both
+    # models (the rest of the two forward passes is the same).
+    counted = []
+    for config in (sl, plain):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            ViT(config).eval()(torch.randn(1, 3, 32, 32))
+        counted.append(counter.get_total_flops())
+    assert counted[0] - counted[1] == forward_flops(sl) - forward_flops(plain) > 0
 
 
 @pytest.mark.parametrize(
@@ -327,3 +342,30 @@ def test_vitlab_mini_sl_fits_the_recipe_budget_and_leaves_vitlab_mini_alone():
 def test_invalid_small_data_options_raise(overrides, message):
     with pytest.raises(ConfigError, match=message):
         ViTConfig(**{**PRESETS["seed-mini"], "num_classes": 10, **overrides})
+
+
+def test_tutorial_weights_do_not_load_into_the_small_data_options():
+    reference = seed_mini_reference(10)
+    for option in ("shifted_patches", "locality_attention"):
+        model = ViT(preset("seed-mini", 10, **{option: True}))
+        with pytest.raises(ConfigError, match="no shifted patch tokens or locality"):
+            load_tutorial_state_dict(model, reference.state_dict())
+
+
+def test_a_compiled_locality_model_equals_the_eager_one():
+    # The masked SDPA call and the shifted tokens through torch.compile: the same logits and
+    # gradients (dynamo reset first, so that earlier tests' compilations cannot leave it eager).
+    torch._dynamo.reset()
+    model = ViT(preset("vitlab-mini-sl", 10, depth=2))
+    _random_weights(model)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    results = []
+    for runnable in (model, torch.compile(model)):
+        model.zero_grad()
+        loss = F.cross_entropy(runnable(images), labels)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-5)
+    for compiled, eager in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)

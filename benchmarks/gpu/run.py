@@ -11,7 +11,8 @@ what `device_data.py join` rebuilt). Stages:
           device against its grouped form on the CPU (the same images; rotations up to 3% of
           pixels, as against Pillow), Random Erasing and Mixup/CutMix with a device generator,
           and that a whole vitlab augmentation batch runs with no host sync (CUDA's sync debug
-          mode set to "error")
+          mode set to "error"); vitlab-mini-sl's masked attention kernel against its explicit
+          softmax in bf16, and its backward pass
   bench   `vitlab bench` (vitlab.bench.run_bench, in this process) for seed-mini against the
           tutorial's model in fp32 and bf16 with each compile mode (compiled: with the optimizer's
           step compiled too, and eager), then vitlab-mini in bf16 with the mode that trained
@@ -57,10 +58,12 @@ def vitlab(*args: str) -> list[str]:
     return [sys.executable, "-m", "vitlab", *args]
 
 
-def run_logged(command: list[str], log: Path, timeout: float | None) -> tuple[int, float]:
-    """Run command with stdout+stderr to log; (exit code, wall seconds)."""
+def run_logged(command: list[str], log: Path, timeout: float | None, mode: str = "w"
+               ) -> tuple[int, float]:
+    """Run command with stdout+stderr to log (mode "a": after what it holds); (exit code, wall
+    seconds)."""
     start = time.perf_counter()
-    with log.open("w") as out:
+    with log.open(mode) as out:
         out.write("$ " + " ".join(command) + "\n")
         out.flush()
         try:
@@ -131,6 +134,7 @@ def stage_checks(args: argparse.Namespace) -> dict:
         result["vitlab_augment_repeatable"] &= bool(torch.equal(inputs, again))
         lams.add(round(float(targets[0].max()), 6))
     result["mixup_scalars_vary_with_the_seed"] = len(lams) > 1
+    result.update(_locality_check(device))
     if device.type == "cuda":  # the augmentation must never wait on the device (warm by now)
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -141,6 +145,31 @@ def stage_checks(args: argparse.Namespace) -> dict:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return result
+
+
+def _locality_check(device) -> dict:
+    """vitlab-mini-sl (2 blocks) on the device in bf16: the masked SDPA kernel's logits against
+    the explicit masked softmax's (the attention-map path), and a backward pass."""
+    import torch
+    import torch.nn.functional as F
+
+    from vitlab.model import ViT, preset
+
+    torch.manual_seed(0)
+    model = ViT(preset("vitlab-mini-sl", 10, depth=2)).to(device)
+    images = torch.randn(128, 3, 32, 32, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+        with torch.no_grad():
+            model.eval()
+            fused = model(images).float()
+            explicit = model(images, return_attention=True)[0].float()
+        model.train()
+        F.cross_entropy(model(images), torch.arange(128, device=device) % 10).backward()
+    gap = float((fused - explicit).abs().max())
+    finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    return {"locality_fused_vs_explicit_max_abs": gap,
+            "locality_ok": gap <= 0.05 * max(1.0, float(explicit.abs().max())) and finite}
 
 
 def stage_bench(out: Path, args: argparse.Namespace) -> dict:
@@ -211,10 +240,8 @@ def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
                      "--finetune-data", str(args.data / "cifar10"), "--out", str(run_dir),
                      "--device", args.device, "--log-steps", "0", "--no-progress",
                      "--no-download", *compiling, *budget)
-    log = args.work / f"run-{name}.log"
-    code, seconds = run_logged(command, log, args.stage_timeout)
-    with (out / "runs.log").open("a") as runs:
-        runs.write(f"=== {name}: {' '.join(command)}\n{log.read_text()}\n")
+    # Straight into OUT: a run that the device call's limit kills still sends back its output.
+    code, seconds = run_logged(command, out / "runs.log", args.stage_timeout, mode="a")
     result: dict = {"exit": code, "wall_seconds": round(seconds, 1), "compile": compile_mode,
                     "eager_optimizer": bool(compiling) and eager_optimizer,
                     "command": " ".join(command)}
@@ -271,6 +298,7 @@ def main() -> None:
             raise SystemExit(f"no {folder}/train.npz in {args.data}: join the device data first")
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    (args.out / "runs.log").unlink(missing_ok=True)  # this invocation's runs only
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     start = time.perf_counter()
     summary: dict = {"command": " ".join(sys.argv), "stages": {}}

@@ -3,7 +3,8 @@
 timm's class-token ViTs without registers (the `vit_tiny/small/base_patch16_224` layout) name
 their tensors `cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1, attn.qkv,
 attn.proj, norm2, mlp.fc1, mlp.fc2}`, `norm` and `head`. A pre-norm vitlab ViT with a patch bias
-(`vit-tiny-16`, `vit-small-16`, or any config with `norm_first` and `patch_bias`) holds the same
+(`vit-tiny-16`, `vit-small-16`, or any config with `norm_first` and `patch_bias`, without shifted
+patch tokens or locality self-attention) holds the same
 tensors under `encoder.`-prefixed names, so the weights map one to one; the position embedding
 is resampled (bicubic over the patch grid, the class token's kept) when the grids differ.
 """
@@ -33,12 +34,12 @@ def _timm_name(ours: str) -> str:
 
 
 def check_timm_layout(config: ViTConfig) -> None:
-    if not (config.norm_first and config.patch_bias):
-        raise ConfigError("timm's VisionTransformer is pre-norm with a patch-projection bias; "
-                          "use a model like vit-tiny-16 or vit-small-16")
     if config.shifted_patches or config.locality_attention:
         raise ConfigError("timm's VisionTransformer has no shifted patch tokens or locality "
                           "self-attention; use a model like vit-tiny-16 or vit-small-16")
+    if not (config.norm_first and config.patch_bias):
+        raise ConfigError("timm's VisionTransformer is pre-norm with a patch-projection bias; "
+                          "use a model like vit-tiny-16 or vit-small-16")
 
 
 def to_timm_state_dict(model: ViT) -> dict[str, torch.Tensor]:

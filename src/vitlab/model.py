@@ -133,12 +133,12 @@ PRESETS: dict[str, dict] = {
                          mlp_dim=1536, dropout=0.0, norm_first=True, **_TIMM_LAYOUT),
     # The vitlab recipe's model: the plain ViT of Lee et al. 2021 ("Vision Transformer for
     # Small-Size Datasets": depth 9, width 192, 12 heads, MLP 384, patch 4; 2.7 M parameters,
-    # 0.85x seed-mini's matrix-multiply FLOPs), pre-norm, stochastic depth 0.1, no dropout.
+    # 0.86x seed-mini's matrix-multiply FLOPs), pre-norm, stochastic depth 0.1, no dropout.
     "vitlab-mini": dict(image_size=32, patch_size=4, width=192, depth=9, num_heads=12,
                         mlp_dim=384, dropout=0.0, drop_path=0.1, norm_first=True),
-    # vitlab-mini with Lee et al.'s shifted patch tokenization and locality self-attention
-    # (SL-ViT: 76.9% on CIFAR-100 in 100 epochs in their paper, against 73.8% for vitlab-mini's
-    # plain ViT); 2.75 M parameters, 0.87x seed-mini's FLOPs.
+    # vitlab-mini with Lee et al.'s shifted patch tokenization and locality self-attention (in
+    # their paper, with their recipe: 76.9% on CIFAR-100 in 100 epochs, against 73.8% for their
+    # plain ViT of vitlab-mini's shape); 2.75 M parameters, 0.87x seed-mini's FLOPs.
     "vitlab-mini-sl": dict(image_size=32, patch_size=4, width=192, depth=9, num_heads=12,
                            mlp_dim=384, dropout=0.0, drop_path=0.1, norm_first=True,
                            shifted_patches=True, locality_attention=True),
@@ -165,9 +165,10 @@ def shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 class ShiftedPatchTokens(nn.Module):
     """Shifted patch tokenization (Lee et al. 2021): the image and its four diagonal shifts by
-    half a patch, stacked on channels, cut into patches; each patch flattened (row, column,
-    channel), layer-normed and projected: [B, C, H, W] -> [B, num_patches, width]. Each token
-    then sees a little of its neighbours, which a plain patch projection cannot."""
+    half a patch (down-right, down-left, up-right, up-left: the order of the authors' code),
+    stacked on channels, cut into patches; each patch flattened (row, column, channel),
+    layer-normed and projected: [B, C, H, W] -> [B, num_patches, width]. Each token then sees a
+    little of its neighbours, which a plain patch projection cannot."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
@@ -182,7 +183,7 @@ class ShiftedPatchTokens(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         s, p = self.patch_size // 2, self.patch_size
-        stacked = torch.cat([images, *(shift(images, dy, dx) for dy in (-s, s) for dx in (-s, s))],
+        stacked = torch.cat([images, *(shift(images, dy, dx) for dy in (s, -s) for dx in (s, -s))],
                             dim=1)
         b, c, h, w = stacked.shape
         patches = stacked.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
@@ -197,6 +198,7 @@ class PatchEmbedding(nn.Module):
         super().__init__()
         self.image_size = config.image_size
         self.num_channels = config.num_channels
+        self.shifted_patches = config.shifted_patches
         self.proj = (ShiftedPatchTokens(config) if config.shifted_patches else
                      nn.Conv2d(config.num_channels, config.width, kernel_size=config.patch_size,
                                stride=config.patch_size, bias=config.patch_bias))
@@ -213,7 +215,7 @@ class PatchEmbedding(nn.Module):
                 f"{expected[2]}], got {list(images.shape)}"
             )
         x = self.proj(images)
-        if x.ndim == 4:  # the conv's [B, width, h, w] -> [B, h*w, width]
+        if not self.shifted_patches:  # the conv's [B, width, h, w] -> [B, h*w, width]
             x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.dropout(x + self.position_embedding)
@@ -243,8 +245,9 @@ class Attention(nn.Module):
         """Attend from the first `queries` tokens (all when None) to every token of `x`.
 
         With `return_weights`, also the attention weights [B, heads, queries, tokens]: the
-        softmax(QK^T / sqrt(d)) the output is made of (computed explicitly, so it costs the
-        fused kernel's speed; off, nothing changes).
+        softmax(QK^T / sqrt(d)) the output is made of (with locality: the head's temperature for
+        1 / sqrt(d), and 0 for each query's own token), computed explicitly, so it costs the
+        fused kernel's speed; off, nothing changes.
         """
         batch, tokens, width = x.shape
         if queries is None:
@@ -309,7 +312,7 @@ class EncoderBlock(nn.Module):
         self.drop_path = drop_path
         self.norm1 = nn.LayerNorm(config.width, eps=config.encoder_norm_eps)
         self.attn = Attention(config.width, config.num_heads, config.dropout,
-                              config.locality_attention)
+                              locality=config.locality_attention)
         self.dropout1 = Dropout(config.dropout)
         self.norm2 = nn.LayerNorm(config.width, eps=config.encoder_norm_eps)
         self.mlp = MLP(config.width, config.mlp_dim, config.dropout)
@@ -405,7 +408,9 @@ class ViT(nn.Module):
         ViTEmbeddings' conv; then one nn.TransformerEncoderLayer: MultiheadAttention (out_proj
         as a Linear, then xavier-uniform in_proj and zero in_proj/out_proj biases), linear1,
         linear2; nn.TransformerEncoder deep-copies that layer into every block; then the head.
-        From the same torch seed this gives the tutorial's initial weights bit for bit.
+        From the same torch seed this gives the tutorial's initial weights bit for bit (a model
+        with shifted patch tokens draws their projection in the conv's place; its temperatures
+        are constants).
         """
         self.encoder.embedding.proj.reset_parameters()
         first = self.encoder.blocks[0]
@@ -469,6 +474,9 @@ def load_tutorial_state_dict(model: ViT, state_dict: dict[str, torch.Tensor]) ->
     The tutorial's fused `in_proj` holds Q, K and V stacked in that order, as does `attn.qkv`,
     so every tensor maps one to one. A missing, extra or mis-shaped key raises `CheckpointError`.
     """
+    if model.config.shifted_patches or model.config.locality_attention:
+        raise ConfigError("the tutorial's ViTModel has no shifted patch tokens or locality "
+                          "self-attention; load its weights into a model without them")
     mapping = _tutorial_key_map(model.config.depth)
     ours = model.state_dict()
     expected = set(mapping.values())
