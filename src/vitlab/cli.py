@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vitlab import __version__
 from vitlab.errors import ConfigError, VitlabError
+from vitlab.model import PRESETS
 
 EXIT_USAGE = 2
 EXIT_PEER_LOST = 1  # another process of a torchrun job failed
@@ -165,12 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("name", nargs="?", help="print this recipe as YAML (for --config)")
 
     i = sub.add_parser("info", help="build a model preset, print its size and run a forward pass")
-    i.add_argument("--model", default="seed-mini")
+    i.add_argument("--model", default="seed-mini", help="model preset (default: seed-mini; "
+                   f"known: {', '.join(sorted(PRESETS))})")
     i.add_argument("--num-classes", type=_int, default=100)
 
     b = sub.add_parser("bench", help="training and inference images/s of a preset against the "
                        "tutorial's model code, FLOP/s and the matmul peak, in one process")
-    b.add_argument("--model", default="seed-mini", help="model preset (default: seed-mini)")
+    b.add_argument("--model", default="seed-mini", help="model preset (default: seed-mini; "
+                   f"known: {', '.join(sorted(PRESETS))})")
     b.add_argument("--batch-size", type=_int, default=128)
     b.add_argument("--device", default="auto")
     b.add_argument("--precision", choices=PRECISIONS, default="fp32",
