@@ -260,9 +260,9 @@ def test_freeze_encoder_trains_the_head_only(dataset, tmp_path):
 class FailingViT(ViT):
     """A ViT whose training forward pass at step `at` does something bad (NaN, or Ctrl-C)."""
 
-    def __init__(self, at: int, action: str) -> None:
+    def __init__(self, at: int, action: str, config: ViTConfig = CONFIG) -> None:
         torch.manual_seed(0)
-        super().__init__(CONFIG)
+        super().__init__(config)
         self.at, self.action, self.calls = at, action, 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -320,6 +320,25 @@ def test_sigint_checkpoint_then_resume_equals_an_uninterrupted_run(dataset, tmp_
 
     for kind in ("train", "eval", "finish"):
         assert logged("b", kind) == logged("a", kind), kind
+
+
+def test_the_vitlab_recipe_on_the_small_data_options_resumes_bitwise(dataset, tmp_path):
+    # Shifted patch tokens, locality attention (temperatures undecayed), stochastic depth, AdamW
+    # under warm-up and cosine, the vitlab augmentation: stopped at step 4 of 6 and resumed.
+    config = dataclasses.replace(CONFIG, shifted_patches=True, locality_attention=True,
+                                 drop_path=0.2, dropout=0.0)
+    scheduled = recipe("vitlab", batch_size=8, warmup_epochs=1)
+    opts = options(2, train_steps_per_epoch=3)
+    fit(FailingViT(0, "none", config), dataset, scheduled, opts, tmp_path / "a")
+    with pytest.raises(Interrupted):
+        fit(FailingViT(4, "sigint", config), dataset, scheduled, opts, tmp_path / "b")
+    fit(FailingViT(0, "none", config), dataset, scheduled, opts, tmp_path / "b", resume=True)
+    a = ckpt.load_weights(tmp_path / "a" / ckpt.WEIGHTS)
+    b = ckpt.load_weights(tmp_path / "b" / ckpt.WEIGHTS)
+    assert "encoder.blocks.0.attn.temperature" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    initial = FailingViT(0, "none", config).encoder.blocks[0].attn.temperature
+    assert not torch.equal(a["encoder.blocks.0.attn.temperature"], initial.detach())  # trained
 
 
 def test_resume_refuses_a_state_of_another_model(dataset, tmp_path):
