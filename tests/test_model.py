@@ -153,7 +153,10 @@ def test_wrong_input_size_raises_clear_error(shape):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [({"image_size": 30}, "multiple of patch size"), ({"num_heads": 7}, "divisible"),
-     ({"depth": 0}, "positive integer"), ({"dropout": 1.0}, "dropout")],
+     ({"depth": 0}, "positive integer"), ({"dropout": 1.0}, "dropout"),
+     ({"shifted_patches": True, "patch_size": 1}, "patch size of at least 2"),
+     ({"locality_attention": "yes"}, "locality_attention must be true or false"),
+     ({"norm_first": 1}, "norm_first must be true or false")],
 )
 def test_invalid_config_raises(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -331,17 +334,6 @@ def test_vitlab_mini_sl_fits_the_recipe_budget_and_leaves_vitlab_mini_alone():
             ViT(config).eval()(torch.randn(1, 3, 32, 32))
         counted.append(counter.get_total_flops())
     assert counted[0] - counted[1] == forward_flops(sl) - forward_flops(plain) > 0
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [({"shifted_patches": True, "patch_size": 1}, "patch size of at least 2"),
-     ({"locality_attention": "yes"}, "locality_attention must be true or false"),
-     ({"norm_first": 1}, "norm_first must be true or false")],
-)
-def test_invalid_small_data_options_raise(overrides, message):
-    with pytest.raises(ConfigError, match=message):
-        ViTConfig(**{**PRESETS["seed-mini"], "num_classes": 10, **overrides})
 
 
 def test_tutorial_weights_do_not_load_into_the_small_data_options():

@@ -199,10 +199,10 @@ def stage_bench(out: Path, args: argparse.Namespace) -> dict:
 
 
 def best_compile(cases: dict) -> tuple[str, bool]:
-    from vitlab.bench import EAGER_OPTIMIZER
-
     """The compile mode of seed-mini's fastest bf16 training step in the bench stage, and whether
     that step's optimizer was eager (a compiled model's row with an uncompiled optimizer)."""
+    from vitlab.bench import EAGER_OPTIMIZER
+
     best, mode, eager = 0.0, "off", False
     for precision, candidate in BENCH_CASES:
         entry = cases.get(f"seed-mini-{precision}-{candidate}", {})
