@@ -190,3 +190,30 @@ def test_a_rank_that_dies_ends_the_job_with_a_non_zero_exit(cifar10, tmp_path):
             _kill_job(proc)
     assert proc.returncode != 0 and took < 90, (proc.returncode, took, stderr[-2000:])
     assert all(not Path(f"/proc/{w}").exists() for w in workers)
+
+
+def test_a_failure_of_any_kind_on_one_rank_is_reported_by_every_rank(tmp_path):
+    """`together`: an unexpected error (not a vitlab or OS error) on rank 1 reaches rank 0 as a
+    one-line error naming it, instead of leaving rank 0 waiting in its next collective."""
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(
+        "import sys\n"
+        "from vitlab import distributed\n"
+        "from vitlab.errors import ConfigError\n"
+        "distributed.setup('cpu')\n"
+        "def step():\n"
+        "    if distributed.rank() == 1:\n"
+        "        raise RuntimeError('boom')\n"
+        "try:\n"
+        "    distributed.together(step)\n"
+        "except ConfigError as e:\n"
+        "    print(f'rank {distributed.rank()} got: {e}', flush=True)\n"
+        "except RuntimeError as e:\n"
+        "    print(f'rank {distributed.rank()} raised: {e}', flush=True)\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script)], cwd=tmp_path, env={**h.cli_env(), "VITLAB_DIST_TIMEOUT": "60"},
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0 got: rank 1 of the job failed: RuntimeError: boom" in proc.stdout, proc.stdout
+    assert "rank 1 raised: boom" in proc.stdout

@@ -11,6 +11,7 @@ times: every resume ends bitwise equal to an uninterrupted run and no file is ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -31,7 +32,7 @@ from vitlab.cli import main
 from vitlab.data import Dataset
 from vitlab.data.arrays import Split
 from vitlab.data.imagefolder import to_rgb8
-from vitlab.errors import DataFormatError
+from vitlab.errors import CheckpointError, DataFormatError
 from vitlab.model import ViT, ViTConfig
 from vitlab.train import TrainOptions, fit, recipe
 from vitlab.train import checkpoint as ckpt
@@ -93,10 +94,18 @@ def test_run_continues_the_stage_that_is_left(data, tmp_path, capfd):
     first = h.load_weights(out / "finetune" / "model.safetensors")
     pre_log = (out / "pretrain" / "log.txt").read_text()
     # The fine-tuning stage is lost (say it failed): the same command redoes only that stage.
+    # And pre-training was killed after its last trainer state, before its weight files: the
+    # stage is kept, with its weight files written again from that state.
+    pre_weights = {name: h.load_weights(out / "pretrain" / name)
+                   for name in ("model.safetensors", "best.safetensors")}
     for leftover in ("finetune", "evaluation"):
         shutil.rmtree(out / leftover)
+    (out / "pretrain" / "model.safetensors").unlink()
+    (out / "pretrain" / "best.safetensors").unlink()
     assert main(argv) == 0, capfd.readouterr().err
     assert (out / "pretrain" / "log.txt").read_text() == pre_log  # not trained again
+    for name, tensors in pre_weights.items():
+        h.assert_same_tensors(h.load_weights(out / "pretrain" / name), tensors)
     h.assert_same_tensors(h.load_weights(out / "finetune" / "model.safetensors"), first)
     # --resume OUT says the same; a finished pipeline is kept, and a changed setting refused.
     assert main(["run", "--resume", str(out), *argv[1:-2]]) == 0
@@ -359,6 +368,62 @@ def test_sigterm_at_every_step_and_inside_checkpoint_writes_then_resume_is_bitwi
         got = ckpt.load_weights(run / ckpt.WEIGHTS)
         assert all(torch.equal(got[k], want[k]) for k in want), (kind, at)
     assert len(points) >= 20
+
+
+class Killed(BaseException):
+    """Raised where a kill (SIGKILL, a power cut) stops the process: nothing after it runs."""
+
+
+def _patch_writes(monkeypatch, write) -> None:
+    monkeypatch.setattr("vitlab.io.atomic_write", write)
+    monkeypatch.setattr("vitlab.train.checkpoint.atomic_write", write)
+
+
+def test_a_kill_before_any_write_leaves_a_run_that_resumes_to_every_file(tmp_path, monkeypatch):
+    """The trainer state is written before the weight files: a kill between them must not leave
+    model, EMA or best weights behind that state once the run is resumed (or, killed before its
+    first trainer state, started again)."""
+    dataset = _tiny_dataset()
+    with_ema = dataclasses.replace(RECIPE, ema_decay=0.9)
+    options = TrainOptions(epochs=3, seed=3, device="cpu", quiet=True, progress=False,
+                           train_steps_per_epoch=4, checkpoint_steps=3)
+    real_write = vitlab.io.atomic_write
+    writes = []
+    _patch_writes(monkeypatch, lambda path, write: (writes.append(Path(path).name),
+                                                     real_write(path, write)))
+    fit(TermAt(), dataset, with_ema, options, tmp_path / "reference")
+    monkeypatch.undo()
+    names = (ckpt.WEIGHTS, ckpt.EMA_WEIGHTS, ckpt.BEST_WEIGHTS)
+    want = {name: ckpt.load_weights(tmp_path / "reference" / name) for name in names}
+    assert {ckpt.TRAINER_STATE, *names} <= set(writes)
+    for at in range(len(writes)):  # killed just before write number `at`
+        run, done = tmp_path / f"kill-{at}", {"n": 0}
+
+        def die_before(path, write, at=at, done=done):
+            if done["n"] == at:
+                raise Killed
+            done["n"] += 1
+            real_write(path, write)
+
+        _patch_writes(monkeypatch, die_before)
+        with pytest.raises(Killed):
+            fit(TermAt(), dataset, with_ema, options, run)
+        monkeypatch.undo()
+        # Resumed, or (no trainer state yet) started again: `fit` was given no RunConfig, so no
+        # config.json marks the files as a vitlab run's, and starting again needs overwrite.
+        resume = (run / ckpt.TRAINER_STATE).exists()
+        try:
+            fit(TermAt(), dataset, with_ema, dataclasses.replace(options, overwrite=not resume),
+                run, resume=resume)
+        except CheckpointError as e:  # killed after the last trainer state
+            assert "already finished" in str(e), (at, writes[at])
+        for name in names:
+            got = ckpt.load_weights(run / name)
+            assert all(torch.equal(got[k], want[name][k]) for k in want[name]), (at, name)
+        steps = [int(line.split("step: ")[1].split(";")[0])
+                 for line in (run / ckpt.LOG).read_text().splitlines()
+                 if line.startswith("vitlab-Train")]
+        assert steps == sorted(set(steps)), (at, steps)  # no step logged twice
 
 
 def test_sigkill_at_random_times_never_tears_a_file(data, tmp_path):

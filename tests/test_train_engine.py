@@ -25,6 +25,7 @@ from vitlab.train.engine import (
     Interrupted,
     TrainingDiverged,
     compile_optimizer_step,
+    resolve_device,
     set_lr,
     train_step,
 )
@@ -350,18 +351,29 @@ def test_resume_refuses_a_state_of_another_model(dataset, tmp_path):
 
 # --- the run directory ------------------------------------------------------------------------
 
-def test_truncate_metrics_keeps_events_up_to_the_checkpoint(tmp_path):
-    path = tmp_path / ckpt.METRICS
+def test_truncate_logs_keeps_events_up_to_the_checkpoint(tmp_path):
+    metrics, log = tmp_path / ckpt.METRICS, tmp_path / ckpt.LOG
+    lines = ["vitlab-Start: step: 1; logging_interval: 0;"]
     for step in range(1, 11):
-        ckpt.append_jsonl(path, {"event": "train", "step": step})
-    ckpt.truncate_metrics(path, 6)
-    assert [r["step"] for r in ckpt.read_jsonl(path)] == [1, 2, 3, 4, 5, 6]
-    with open(path, "a", encoding="utf-8") as f:
-        f.write('{"event": "train", "st')  # torn by a kill
-    assert len(ckpt.read_jsonl(path)) == 6
-    ckpt.truncate_metrics(path, 3)
-    assert path.read_text().splitlines() == [json.dumps({"event": "train", "step": s})
-                                             for s in (1, 2, 3)]
+        ckpt.append_jsonl(metrics, {"event": "train", "step": step})
+        lines.append(f"vitlab-Train: step: {step}; ce: 1.0;")
+    ckpt.append_jsonl(metrics, {"event": "finish", "step": 10})
+    lines.append("vitlab-Finish: step: 10; total_time: 1.0;")
+    log.write_text("".join(line + "\n" for line in lines))
+    ckpt.truncate_logs(tmp_path, 10)  # a finished run continued with more epochs: no finish
+    assert [r["step"] for r in ckpt.read_jsonl(metrics)] == list(range(1, 11))
+    assert log.read_text().splitlines() == lines[:-1]
+    ckpt.truncate_logs(tmp_path, 6)
+    assert [r["step"] for r in ckpt.read_jsonl(metrics)] == [1, 2, 3, 4, 5, 6]
+    assert log.read_text().splitlines() == lines[:7]
+    for path, torn in ((metrics, '{"event": "train", "st'), (log, "vitlab-Train: st")):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(torn)  # torn by a kill
+    assert len(ckpt.read_jsonl(metrics)) == 6
+    ckpt.truncate_logs(tmp_path, 3)
+    assert metrics.read_text().splitlines() == [json.dumps({"event": "train", "step": s})
+                                                for s in (1, 2, 3)]
+    assert log.read_text().splitlines() == lines[:4]
     assert not list(tmp_path.glob(".*.tmp"))
 
 
@@ -484,6 +496,25 @@ def test_overwrite_replaces_an_earlier_run_entirely(tmp_path):
     assert (tmp_path / ckpt_mod.BEST_WEIGHTS).read_text() == "old"  # nothing touched
     ckpt_mod.prepare_fresh_run_dir(tmp_path, overwrite=True)
     assert not any((tmp_path / name).exists() for name in ckpt_mod.RUN_FILES)
+
+
+def test_a_fresh_run_deletes_no_file_that_a_vitlab_run_did_not_write(dataset, tmp_path):
+    """Files named like a run's (config.json, log.txt, evaluation/) but not a vitlab run's stay
+    unless --overwrite is given. (A vitlab run that died before its first checkpoint is replaced
+    without it: tests/test_faults.py.)"""
+    foreign = {"config.json": '{"lr": 3}', "log.txt": "my notes", "evaluation/results.csv": "1,2"}
+    for files in ({"log.txt": "my notes"}, foreign):
+        folder = tmp_path / str(len(files))
+        for name, text in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+        with pytest.raises(CheckpointError, match="which no vitlab run wrote there"):
+            fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=1), folder)
+        assert all((folder / name).read_text() == text for name, text in files.items())
+        fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=1, overwrite=True),
+            folder)
+        assert not (folder / "evaluation").exists()
+        assert "my notes" not in (folder / "log.txt").read_text()
 
 
 def test_augment_none_still_normalizes_like_evaluation():
@@ -693,3 +724,10 @@ def test_with_an_ema_its_accuracy_picks_the_best_checkpoint(tmp_path):
     best = ckpt.load_weights(best_file)
     assert all(torch.equal(best[k], v) for k, v in ema.state_dict().items())
     assert not torch.equal(best["head.weight"], model.state_dict()["head.weight"])
+
+
+def test_a_device_index_under_torchrun_is_refused(monkeypatch):
+    """Every process of a torchrun job would otherwise train on that one GPU."""
+    monkeypatch.setattr("vitlab.distributed.is_distributed", lambda: True)
+    with pytest.raises(ConfigError, match="would put every process on one GPU"):
+        resolve_device("cuda:1")

@@ -127,15 +127,21 @@ def together(step: Callable[[], T]) -> T:
         return step()
     try:
         result, failure = step(), None
-    except (VitlabError, OSError) as e:
+    except Exception as e:  # any failure: the other processes must hear of it
         result, failure = None, e
-    failures = gather_objects(None if failure is None else " ".join(str(failure).split()))
+    failures = gather_objects(None if failure is None else _one_line(failure))
     if failure is not None:
         raise failure
     for where, message in enumerate(failures):
         if message is not None:
             raise ConfigError(f"rank {where} of the job failed: {message}")
     return result
+
+
+def _one_line(error: Exception) -> str:
+    """A failure as one line; errors that are not vitlab's or the OS's also name their type."""
+    text = " ".join(str(error).split())
+    return text if isinstance(error, (VitlabError, OSError)) else f"{type(error).__name__}: {text}"
 
 
 def main_process_first(step: Callable[[], T]) -> T:
@@ -146,8 +152,8 @@ def main_process_first(step: Callable[[], T]) -> T:
     if is_main_process():
         try:
             result = step()
-        except (VitlabError, OSError) as e:
-            broadcast_object(" ".join(str(e).split()))
+        except Exception as e:
+            broadcast_object(_one_line(e))
             raise
         broadcast_object(None)
         return result

@@ -34,7 +34,15 @@ from vitlab.model import ViT, ViTConfig, forward_flops, preset
 from vitlab.predict import PredictionReport
 from vitlab.settings import SETTINGS, check_settings, pick
 from vitlab.train import checkpoint as ckpt
-from vitlab.train.engine import FitResult, evaluate, fit, resolve_device, resolve_precision
+from vitlab.train.engine import (
+    FitResult,
+    evaluate,
+    fit,
+    repair_run_weights,
+    resolve_device,
+    resolve_precision,
+    saved_progress,
+)
 from vitlab.train.options import TrainOptions
 from vitlab.train.recipe import (
     FINETUNE_RECIPES,
@@ -624,11 +632,11 @@ def check_writable(folder: Path) -> None:
 
 
 def _finished(run_dir: Path, saved: RunConfig) -> bool:
-    if not (run_dir / ckpt.TRAINER_STATE).is_file():
+    path = run_dir / ckpt.TRAINER_STATE
+    if not path.is_file():
         return False
-    state = ckpt.load_trainer_state(run_dir / ckpt.TRAINER_STATE, mmap=True)
-    progress = state.get("progress", {})
-    return progress.get("epoch", 0) >= saved.options.epochs
+    progress = saved_progress(ckpt.load_trainer_state(path, mmap=True), path)
+    return progress.epoch >= saved.options.epochs
 
 
 def _start_or_continue(run_dir: Path, kind: str, start: Callable[[], FitResult],
@@ -646,6 +654,10 @@ def _start_or_continue(run_dir: Path, kind: str, start: Callable[[], FitResult],
     finished = distributed.broadcast_object(  # rank 0 decides, for all
         _finished(run_dir, saved) if distributed.is_main_process() else None)
     if finished and _check_unchanged(saved, given, run_dir) == saved.options.epochs:
+        # Kept as it is, but its weight files may be behind its trainer state (a kill between
+        # the two writes): the next stage reads them.
+        distributed.together(  # rank 0 writes; the others wait for it
+            lambda: repair_run_weights(run_dir) if distributed.is_main_process() else None)
         return run_dir, True
     return resume(run_dir, kind=kind, **given).run_dir, False
 

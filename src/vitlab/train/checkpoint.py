@@ -13,15 +13,16 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from vitlab.errors import CheckpointError, RunLockedError
+from vitlab.errors import CheckpointError, RunLockedError, VitlabError
 from vitlab.io import atomic_write, atomic_write_bytes, atomic_write_json
 from vitlab.train.runconfig import RunConfig
 
@@ -58,6 +59,16 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_safetensors_bytes(path.read_bytes())
     except (SafetensorError, ValueError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def weights_step(path: str | os.PathLike) -> int | None:
+    """The training step a weight file was saved at (its metadata), or None if it is missing,
+    unreadable or has none."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return None
 
 
 def save_trainer_state(path: str | os.PathLike, state: dict) -> None:
@@ -125,8 +136,10 @@ def remove_temp_files(run_dir: str | os.PathLike) -> None:
 def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
     """Make `run_dir` ready for a new run: refuse to mix with an earlier run unless `overwrite`.
 
-    A run that died before its first checkpoint left nothing to keep: its files are replaced
-    without --overwrite. Temp files of interrupted atomic writes are removed.
+    A vitlab run that died before its first checkpoint left nothing to keep: its files are
+    replaced without --overwrite. Files of those names that no vitlab run wrote (no vitlab
+    config.json beside them) are never deleted without --overwrite. Temp files of interrupted
+    atomic writes are removed.
     """
     run_dir = Path(run_dir)
     remove_temp_files(run_dir)
@@ -135,12 +148,24 @@ def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
         raise CheckpointError(
             f"{run_dir} already holds a run ({leftovers[0]}); continue it with --resume "
             f"{run_dir}, choose another --out, or pass --overwrite to replace it")
+    if leftovers and not overwrite and not _holds_run_config(run_dir):
+        raise CheckpointError(
+            f"{run_dir} holds {leftovers[0]}, which no vitlab run wrote there; choose another "
+            "--out, or pass --overwrite to replace it")
     for name in leftovers:
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def _holds_run_config(run_dir: Path) -> bool:
+    try:
+        read_run_config(run_dir)
+    except VitlabError:
+        return False
+    return True
 
 
 class RunLock:
@@ -203,9 +228,25 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
-    """Keep the events up to `last_step` (those a resumed run does not repeat), less the finish
-    of a run that is continued with more epochs."""
-    kept = [r for r in read_jsonl(path)
+def truncate_logs(run_dir: str | os.PathLike, last_step: int) -> None:
+    """Keep the events up to `last_step` in metrics.jsonl and log.txt (those a resumed run does
+    not repeat), less the finish of a run that is continued with more epochs. Each event is one
+    line of each file, its step first; a line torn by a kill ends what is kept."""
+    run_dir = Path(run_dir)
+    kept = [r for r in read_jsonl(run_dir / METRICS)
             if r.get("step", 0) <= last_step and r.get("event") != "finish"]
-    atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+    atomic_write(run_dir / METRICS,
+                 lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+    log = run_dir / LOG
+    if log.is_file():
+        lines = []
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            event = _LOG_EVENT.match(line)
+            if event is None:
+                break
+            if int(event["step"]) <= last_step and event["kind"] != "Finish":
+                lines.append(line + "\n")
+        atomic_write(log, lambda f: f.write("".join(lines).encode()))
+
+
+_LOG_EVENT = re.compile(r"vitlab-(?P<kind>\w+): step: (?P<step>\d+);")

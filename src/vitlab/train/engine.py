@@ -75,7 +75,11 @@ class FitResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and distributed.is_distributed():
+    if name.startswith("cuda") and distributed.is_distributed():
+        if name != "cuda":
+            raise ConfigError(f"--device {name} under torchrun would put every process on one "
+                              "GPU; use --device cuda (each process takes its local rank's GPU; "
+                              "CUDA_VISIBLE_DEVICES picks which GPUs)")
         name = f"cuda:{distributed.local_rank()}"  # one GPU per process of a torchrun job
     try:
         device = torch.device(name)
@@ -358,13 +362,37 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     return progress
 
 
-def _rewrite_final_weights(run_dir: Path, model: nn.Module, ema: WeightEMA | None,
-                           progress: Progress) -> None:
-    """The weight files of a finished run, from its trainer state: the process may have died
-    after writing that state (which comes first) and before the weight files."""
-    _write_weight_files(run_dir, model.state_dict(), ema.state_dict() if ema else None, progress,
-                        best=progress.best_accuracy >= 0
-                        and progress.best_step == progress.global_step)
+def _repair_weight_files(run_dir: Path, weights: dict, ema: dict | None, progress: Progress
+                         ) -> None:
+    """Rewrite the weight files of the last save from its trainer state where they are missing or
+    older: the trainer state is written first, so a process that died between the two writes
+    left them behind it (the model's, the EMA's, and the best if that save was the best)."""
+    best = progress.best_accuracy >= 0 and progress.best_step == progress.global_step
+    names = [ckpt.WEIGHTS, *([ckpt.EMA_WEIGHTS] if ema is not None else []),
+             *([ckpt.BEST_WEIGHTS] if best else [])]
+    if any(ckpt.weights_step(run_dir / name) != progress.global_step for name in names):
+        _write_weight_files(run_dir, weights, ema, progress, best)
+
+
+def saved_progress(state: dict, path: Path) -> Progress:
+    """The Progress of a loaded trainer state (read from `path`), or a CheckpointError."""
+    try:
+        return Progress(**state["progress"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a vitlab trainer state (no valid progress: "
+                              f"{str(e).splitlines()[0]})") from None
+
+
+def repair_run_weights(run_dir: Path) -> None:
+    """`_repair_weight_files` for a run directory that is not being trained (a finished stage
+    that `vitlab run` keeps), from its trainer state on disk."""
+    path = run_dir / ckpt.TRAINER_STATE
+    state = ckpt.load_trainer_state(path)
+    progress = saved_progress(state, path)
+    try:
+        _repair_weight_files(run_dir, state["model"], state.get("ema"), progress)
+    except KeyError as e:
+        raise CheckpointError(f"{path} is not a vitlab trainer state (no {e})") from None
 
 
 def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -375,13 +403,14 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         if distributed.is_main_process():
             ckpt.remove_temp_files(run_dir)
         progress = _restore(run_dir, model, optimizer, device, ema)
+        if distributed.is_main_process():
+            _repair_weight_files(run_dir, model.state_dict(),
+                                 ema.state_dict() if ema is not None else None, progress)
         if progress.epoch >= options.epochs:
-            if distributed.is_main_process():
-                _rewrite_final_weights(run_dir, model, ema, progress)
             raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
         if distributed.is_main_process():
-            ckpt.truncate_metrics(run_dir / ckpt.METRICS, progress.global_step)
+            ckpt.truncate_logs(run_dir, progress.global_step)
         return progress
     if distributed.is_main_process():
         ckpt.prepare_fresh_run_dir(run_dir, overwrite=options.overwrite)
