@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from cli_helpers import (
     LINE_PATTERNS,
@@ -161,7 +162,8 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained, data, work, cap
         config = json.loads((run_dir / "config.json").read_text())
         assert config["kind"] == "finetune" and config["model"]["num_classes"] == num_classes
         assert config["init"] == {"from": str(pre.resolve()), "weights": weights,
-                                  "encoder_tensors_copied": len(encoder)}
+                                  "encoder_tensors_copied": len(encoder),
+                                  "step": int(safe_open(pre / weights, "pt").metadata()["step"])}
         state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
         assert state["progress"]["global_step"] == 0
 

@@ -113,6 +113,25 @@ def test_run_continues_the_stage_that_is_left(data, tmp_path, capfd):
     capfd.readouterr()
     assert main([*argv, "--lr", "0.5"]) == 2
     assert "--lr 0.5 differs from the run in" in capfd.readouterr().err
+    # More pre-training epochs would leave the fine-tuning behind: refused before any training.
+    longer = [*argv, "--epochs", "2"]
+    assert main(longer) == 2
+    assert "which this call would train further first" in capfd.readouterr().err
+    assert (out / "pretrain" / "log.txt").read_text() == pre_log
+    # Pre-trained further by hand since: the fine-tuning is stale, refused every time.
+    assert main(["pretrain", "--resume", str(out / "pretrain"), "--epochs", "2",
+                 "--log-steps", "0", "--no-progress"]) == 0
+    for _ in range(2):
+        capfd.readouterr()
+        assert main(longer) == 2
+        assert "at step 3, which has since been trained to step 6" in capfd.readouterr().err
+    # --overwrite redoes both stages; an --out that is a run directory itself is refused.
+    assert main([*longer, "--overwrite"]) == 0, capfd.readouterr().err
+    for stage in ("pretrain", "finetune"):  # started anew, not resumed
+        assert [r["event"] for r in h.read_metrics(out / stage)].count("resume") == 0
+    assert h.events(h.read_metrics(out / "pretrain"), "finish")[-1]["step"] == 6
+    assert main([*argv[:-1], str(out / "pretrain")]) == 2
+    assert "holds a run of its own" in capfd.readouterr().err
 
 
 # --- (2) a closed stdout stops the console lines, never the run --------------------------------

@@ -45,8 +45,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-# Flags whose names are not their setting's (and the setting behind finetune's --epochs).
-_FLAG_NAMES = {"source": ["--from"]}
+# The setting behind finetune's --epochs.
 _COMMAND_FLAGS = {("finetune", "finetune_epochs"): ["--epochs", "--finetune-epochs"],
                   ("finetune", "epochs"): []}  # recipe key only: finetune's --epochs is its own
 _GROUPS = {"run": "what and where", "recipe": "recipe (how to learn)",
@@ -70,7 +69,7 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
                         if f.default not in (None, dataclasses.MISSING)}
     groups = {role: parser.add_argument_group(title) for role, title in _GROUPS.items()}
     for name, setting in for_command(command).items():
-        flags = _COMMAND_FLAGS.get((command, name), _FLAG_NAMES.get(name, [setting.flag]))
+        flags = _COMMAND_FLAGS.get((command, name), [setting.flag])
         if not flags or not setting.cli:
             continue
         help_text = setting.help

@@ -218,7 +218,8 @@ def _pretrained_encoder(source: PathLike, weights: str, model: str | None
         raise ConfigError(f"--model {model} is not the architecture pre-trained in {source} "
                           f"({pretrained.model_preset or 'custom'}); drop --model to fine-tune "
                           "that one")
-    init = EncoderSource(str(Path(source).resolve()), weights_file.name, 0)
+    init = EncoderSource(str(Path(source).resolve()), weights_file.name, 0,
+                         step=ckpt.weights_step(weights_file))
     return base, pretrained.model_preset, init, state
 
 
@@ -573,6 +574,9 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
     settings = check_settings(settings, "run")
     distributed.setup(settings.get("device", "auto"))
     out = Path(out)
+    if distributed.broadcast_object((out / ckpt.CONFIG).is_file()):
+        raise ConfigError(f"{out} holds a run of its own ({ckpt.CONFIG}); vitlab run writes "
+                          "pretrain/, finetune/ and evaluation/ under --out: choose another --out")
     name = settings.get("recipe", "seed")
     model = model or recipe_model(name)
     # The fine-tuning stage takes the recipe's fine-tuning companion (vitlab -> vitlab-finetune);
@@ -598,21 +602,19 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
                           f"{datasets[1].num_classes} classes of {finetune_data}")
     for folder in ("pretrain", "finetune", "evaluation"):
         check_writable(out / folder)
-    pre, pre_kept = _start_or_continue(
-        out / "pretrain", "pretrain",
-        lambda: pretrain(data=pretrain_data, out=out / "pretrain", model=model,
-                         image_size=image_size, **settings),
-        data=pretrain_data, model=model, image_size=image_size, **settings)
-    if not pre_kept and distributed.broadcast_object((out / "finetune" / ckpt.CONFIG).is_file()):
-        raise ConfigError(f"{out / 'finetune'} was fine-tuned from {pre} before this call "
-                          f"trained it further; remove {out / 'finetune'} (or choose another "
-                          "--out) to fine-tune the new encoder")
+    # What each stage will do, decided (and its settings checked) before anything trains.
+    pre_dir, fine_dir = out / "pretrain", out / "finetune"
+    pre_plan = _plan_stage(pre_dir, "pretrain", data=pretrain_data, model=model,
+                           image_size=image_size, **settings)
     head = {"num_classes": num_classes} if num_classes is not None else {}
-    fine, _ = _start_or_continue(
-        out / "finetune", "finetune",
-        lambda: finetune(pre, data=finetune_data, out=out / "finetune", image_size=image_size,
-                         **head, **fine_settings),
-        data=finetune_data, source=pre, image_size=image_size, **head, **fine_settings)
+    fine_plan = _plan_stage(fine_dir, "finetune", data=finetune_data, source=pre_dir,
+                            image_size=image_size, **head, **fine_settings)
+    if fine_plan[0] != "start":
+        _check_fine_tuned_from_current(fine_dir, pre_dir, pre_plan[0])
+    pre = _run_stage(pre_dir, "pretrain", pre_plan, lambda: pretrain(
+        data=pretrain_data, out=pre_dir, model=model, image_size=image_size, **settings))
+    fine = _run_stage(fine_dir, "finetune", fine_plan, lambda: finetune(
+        pre, data=finetune_data, out=fine_dir, image_size=image_size, **head, **fine_settings))
     return evaluate_run(fine, data=finetune_data, out=out / "evaluation",
                         weights="ema" if keeps_ema["finetune"] else "last",
                         device=settings.get("device", "auto"),
@@ -639,27 +641,56 @@ def _finished(run_dir: Path, saved: RunConfig) -> bool:
     return progress.epoch >= saved.options.epochs
 
 
-def _start_or_continue(run_dir: Path, kind: str, start: Callable[[], FitResult],
-                       **settings: Any) -> tuple[Path, bool]:
-    """A stage of `run_pipeline`: started, resumed, or (finished, same settings) kept.
-    Returns the run directory and whether it was kept as it was."""
-    if not distributed.broadcast_object((run_dir / ckpt.CONFIG).is_file()):
-        return start().run_dir, False
+def _plan_stage(run_dir: Path, kind: str, **settings: Any) -> tuple[str, dict[str, Any]]:
+    """What `run_pipeline` does with one stage, and the settings to resume it with: "start" (no
+    run there, or --overwrite), "keep" (finished, with the same settings) or "resume". A changed
+    setting is refused here, before anything trains. A kept stage's weight files are brought up
+    to its trainer state (a kill between the two writes), since the next stage reads them."""
+    if settings.get("overwrite") or not distributed.broadcast_object(
+            (run_dir / ckpt.CONFIG).is_file()):
+        return "start", {}
     saved = ckpt.read_run_config(run_dir)
     if saved.kind != kind:
         raise ConfigError(f"{run_dir} holds a {saved.kind} run, not the {kind} stage of "
                           "vitlab run; choose another --out")
     other_budget = {"pretrain": "finetune_epochs", "finetune": "epochs"}[kind]
     given = {k: v for k, v in check_settings(settings, kind).items() if k != other_budget}
+    epochs = _check_unchanged(saved, given, run_dir)
     finished = distributed.broadcast_object(  # rank 0 decides, for all
         _finished(run_dir, saved) if distributed.is_main_process() else None)
-    if finished and _check_unchanged(saved, given, run_dir) == saved.options.epochs:
-        # Kept as it is, but its weight files may be behind its trainer state (a kill between
-        # the two writes): the next stage reads them.
+    if finished and epochs == saved.options.epochs:
         distributed.together(  # rank 0 writes; the others wait for it
             lambda: repair_run_weights(run_dir) if distributed.is_main_process() else None)
-        return run_dir, True
-    return resume(run_dir, kind=kind, **given).run_dir, False
+        return "keep", given
+    return "resume", given
+
+
+def _run_stage(run_dir: Path, kind: str, plan: tuple[str, dict[str, Any]],
+               start: Callable[[], FitResult]) -> Path:
+    """Carry out `_plan_stage`'s plan; the stage's run directory."""
+    action, given = plan
+    if action == "start":
+        return start().run_dir
+    if action == "keep":
+        return run_dir
+    return resume(run_dir, kind=kind, **given).run_dir
+
+
+def _check_fine_tuned_from_current(fine_dir: Path, pre_dir: Path, pre_action: str) -> None:
+    """Refuse to keep or resume a fine-tuning whose encoder is not the pre-training's weights as
+    this call leaves them: pre-training to train further, or trained further since."""
+    redo = (f"remove {fine_dir} to fine-tune the current encoder (or choose another --out, or "
+            "pass --overwrite to redo both stages)")
+    if pre_action != "keep":
+        raise ConfigError(f"{fine_dir} was fine-tuned from {pre_dir}, which this call would "
+                          f"train further first; {redo}")
+    init = ckpt.read_run_config(fine_dir).init
+    if init is None or init.step is None:  # written before the step was recorded
+        return
+    now = ckpt.weights_step(Path(init.path) / init.weights)
+    if now != init.step:
+        raise ConfigError(f"{fine_dir} was fine-tuned from {init.weights} of {pre_dir} at step "
+                          f"{init.step}, which has since been trained to step {now}; {redo}")
 
 
 def recipe_model(recipe_name: str) -> str:

@@ -41,10 +41,11 @@ class Setting:
     field: str | None = None  # the dataclass field it sets, when not `name`
     commands: tuple[str, ...] = TRAINING_COMMANDS
     cli: bool = True  # False: a keyword argument and config-file key, but no flag (quiet)
+    flag_name: str | None = None  # the flag, when it is not named like the key (--from)
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return self.flag_name or "--" + self.name.replace("_", "-")
 
     def check(self, value: Any, where: str = "") -> Any:
         """`value` as this setting's type, or a one-line ConfigError."""
@@ -117,7 +118,8 @@ def _run_settings() -> list[Setting]:
         Setting("out", "run", str, "run directory"),
         Setting("dropout", "run", float, "dropout probability of the model (default: the "
                 "preset's, or the pre-trained model's)", optional=True),
-        Setting("source", "run", str, "the pre-training run directory", commands=("finetune",)),
+        Setting("source", "run", str, "the pre-training run directory", commands=("finetune",),
+                flag_name="--from"),
         Setting("from_timm", "run", str, "start from timm ViT weights (.safetensors or .pth) "
                 "instead of a vitlab run; needs --model", commands=("finetune",)),
         Setting("weights", "run", str, "which pre-trained weights to start from (ema: the EMA "

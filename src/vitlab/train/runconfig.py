@@ -38,16 +38,21 @@ class EncoderSource:
     path: str  # the pre-training run directory, absolute
     weights: str  # the weight file in it: model.safetensors or best.safetensors
     encoder_tensors_copied: int
+    # The training step that weight file was saved at (None: timm weights, or a run directory
+    # written before vitlab recorded it): `vitlab run` compares it to tell a stale fine-tuning.
+    step: int | None = None
 
     def to_dict(self) -> dict:
         return {"from": self.path, "weights": self.weights,
-                "encoder_tensors_copied": self.encoder_tensors_copied}
+                "encoder_tensors_copied": self.encoder_tensors_copied,
+                **({"step": self.step} if self.step is not None else {})}
 
     @classmethod
     def from_dict(cls, values: dict) -> EncoderSource:
-        _refuse_unknown("init", values, ("from", "weights", "encoder_tensors_copied"))
+        _refuse_unknown("init", values, ("from", "weights", "encoder_tensors_copied", "step"))
         return cls(path=values["from"], weights=values["weights"],
-                   encoder_tensors_copied=values["encoder_tensors_copied"])
+                   encoder_tensors_copied=values["encoder_tensors_copied"],
+                   step=values.get("step"))
 
 
 @dataclass
