@@ -23,6 +23,7 @@ from vitlab.data.arrays import Split
 from vitlab.model import ViT, ViTConfig
 from vitlab.predict import find_images, predict
 from vitlab.runs import load_run
+from vitlab.train import checkpoint as ckpt
 from vitlab.train import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -180,6 +181,14 @@ def test_attention_command_writes_a_png_per_image_and_a_grid(run, pngs, tmp_path
     for name in written:
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 300
+    # Names that collide (a.jpg, a.png, and a-2.png where the third image would go): one each.
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    for name, source in (("a.png", "00.png"), ("a-2.png", "02.png"), ("a.jpg", "01.png")):
+        Image.open(folder / source).convert("RGB").save(clash / name)
+    assert main(["attention", "--checkpoint", str(run), str(clash), "--out", str(tmp_path / "c"),
+                 "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "c").glob("*.attention.png"))) == 3
 
 
 # --- ONNX ----------------------------------------------------------------------------------------
@@ -244,11 +253,19 @@ def test_bad_inputs_are_one_line_errors(run, pngs, tmp_path, capfd):
         (["export", "--checkpoint", run, "--out", tmp_path], "is a folder"),
         (["export", "--checkpoint", tmp_path / "nope", "--out", tmp_path / "m.onnx"],
          "not a directory"),
+        # Never over a file of a run directory, nor in a file named for the other format.
+        (["export", "--checkpoint", run, "--format", "timm", "--out", run / "model.safetensors"],
+         "would replace the model.safetensors of the run in"),
+        (["predict", "--checkpoint", run, folder, "--output", run / "config.json"],
+         "would replace the config.json of the run in"),
+        (["export", "--checkpoint", run, "--format", "onnx", "--out", tmp_path / "m.safetensors"],
+         "is named like a --format timm file; name it m.onnx"),
     ]
     for argv, message in cases:
         capfd.readouterr()
         assert main([str(a) for a in argv]) == 2, argv
         assert message in h.assert_one_error_line(capfd.readouterr().err, argv[0]), argv
+    assert ckpt.load_weights(run / "model.safetensors") and ckpt.read_run_config(run)
 
 
 def test_predict_from_python(run, pngs):

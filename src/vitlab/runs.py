@@ -452,6 +452,7 @@ def _prediction_output(output: PathLike | None) -> Path | None:
         raise ConfigError(f"--output {path}: give a .csv or .json file name")
     if not path.parent.is_dir():
         raise ConfigError(f"--output {path}: the folder {path.parent} does not exist")
+    ckpt.refuse_run_file(path, "--output")
     return path
 
 
@@ -532,7 +533,9 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
             index = start + i
             image, path = images[index], names[index]
             title = f"{classes[best.indices[i]]} ({best.values[i]:.2f})"
-            stem = path.stem if path.stem not in used else f"{path.stem}-{index}"
+            stem = path.stem
+            while stem in used:  # a.png and a.jpg, or a-2.png beside a second a.png
+                stem = f"{path.stem}-{index}" if stem == path.stem else f"{stem}-{index}"
             used.add(stem)
             target = out / f"{stem}.attention.png"
             plot_attention(image, flows[i], heads[i], target, title=f"{path.name}: {title}")

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from vitlab.errors import CheckpointError, RunLockedError, VitlabError
+from vitlab.errors import CheckpointError, ConfigError, RunLockedError, VitlabError
 from vitlab.io import atomic_write, atomic_write_bytes, atomic_write_json
 from vitlab.train.runconfig import RunConfig
 
@@ -158,6 +158,14 @@ def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def refuse_run_file(path: str | os.PathLike, flag: str) -> None:
+    """A command's output file must never replace a file of a vitlab run directory."""
+    path = Path(path)
+    if path.name in (*RUN_FILES, LOCK) and _holds_run_config(path.parent):
+        raise ConfigError(f"{flag} {path} would replace the {path.name} of the run in "
+                          f"{path.parent}; write it elsewhere")
 
 
 def _holds_run_config(run_dir: Path) -> bool:
