@@ -16,7 +16,12 @@ from safetensors.torch import load_file, save_file
 import cli_helpers as h
 from vitlab.cli import main
 from vitlab.errors import CheckpointError, ConfigError
-from vitlab.interop import from_timm_state_dict, resample_position_embedding, to_timm_state_dict
+from vitlab.interop import (
+    from_timm_state_dict,
+    read_weight_file,
+    resample_position_embedding,
+    to_timm_state_dict,
+)
 from vitlab.model import ViT, preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,6 +80,28 @@ def test_wrong_timm_files_are_named_in_one_line():
         to_timm_state_dict(ViT(preset("vitlab-mini-sl", 10)))
     assert "head.weight" not in from_timm_state_dict(
         {k: v for k, v in timm_state.items() if not k.startswith("head.")}, config, head=False)
+
+
+def test_weight_files_nested_as_training_checkpoints_load_and_foreign_files_are_refused(
+        tmp_path):
+    state = to_timm_state_dict(small())
+    for nest in ("state_dict", "model"):  # timm's and DeiT's training checkpoints
+        path = tmp_path / f"{nest}.pth"
+        torch.save({nest: state, "epoch": 3}, path)
+        loaded = read_weight_file(path)
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k])
+                                                      for k in state)
+    (tmp_path / "notes.pth").write_text("hello")
+    torch.save({"weights": state, "recipe": _Pickled()}, tmp_path / "objects.pth")
+    for name, why in (("notes.pth", "not a PyTorch file, or a torn one"),
+                      ("objects.pth", "holds Python objects other than tensors")):
+        with pytest.raises(CheckpointError, match="is not a PyTorch file of plain tensors") as e:
+            read_weight_file(tmp_path / name)
+        assert why in str(e.value) and "weights_only" not in str(e.value)  # never that advice
+
+
+class _Pickled:
+    """A Python object in a weight file: weights_only loading refuses it."""
 
 
 def test_finetune_from_timm_weights_of_another_architecture_is_refused(tmp_path_factory, tmp_path, capfd):

@@ -115,10 +115,13 @@ def read_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a foreign or torn file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path} is not a readable weight file ({reason})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+        raise CheckpointError(f"{path} is not a PyTorch file of plain tensors "
+                              f"({ckpt.load_failure(e)})") from None
+    # Training checkpoints nest the weights: {"state_dict": ...} or {"model": ...} (DeiT, timm).
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")

@@ -85,12 +85,18 @@ def load_trainer_state(path: str | os.PathLike, mmap: bool = False) -> dict:
     try:
         # weights_only: a checkpoint is data, never code.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:  # torch's message is many lines and suggests weights_only=False
-        raise CheckpointError(f"{path} is not a vitlab trainer state: it holds Python objects "
-                              "other than tensors and plain data, which vitlab never loads") from None
     except Exception as e:  # torch raises many kinds for a torn or foreign file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path} is not a readable vitlab trainer state ({reason})") from None
+        raise CheckpointError(f"{path} is not a readable vitlab trainer state "
+                              f"({load_failure(e)})") from None
+
+
+def load_failure(error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words (torch's own message
+    is many lines, and for Python objects advises weights_only=False, which vitlab never uses)."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds Python objects other than tensors and plain data, which vitlab never loads"
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"not a PyTorch file, or a torn one: {type(error).__name__} {first}".strip()
 
 
 def write_run_config(run_dir: str | os.PathLike, config: RunConfig) -> None:
