@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -133,6 +134,20 @@ def test_finetune_learns_and_evaluate_agrees(finetuned, data, work):
     assert len(matrix) == 10 and sum(map(sum, matrix)) == 500
     assert sum(matrix[i][i] for i in range(10)) == round(report["accuracy"] * 500)
     assert report["classes"] == classes
+    # Some of its classes, not a prefix and in another order: matched by name, the same counts.
+    subset = work / "bird-and-airplane"
+    subset.mkdir()
+    with np.load(data["cifar10"] / "test.npz") as z:
+        keep = (z["y"] == 2) | (z["y"] == 0)
+        np.savez(subset / "test.npz", x=z["x"][keep], y=np.where(z["y"][keep] == 2, 0, 1))
+        np.savez(subset / "train.npz", x=z["x"][keep][:1], y=np.zeros(1, np.int64))
+    (subset / "classes.json").write_text(json.dumps(["bird", "airplane"]))
+    run_cli("evaluate", "--checkpoint", "fine", "--data", subset, "--batch-size", str(BATCH),
+            "--out", "subset-eval", cwd=work)
+    part = json.loads((work / "subset-eval" / "evaluation.json").read_text())
+    assert part["classes"][:3] == classes[:3] and part["num_samples"] == int(keep.sum())
+    for row in (0, 2):  # airplane, bird: their rows of the whole test set's matrix
+        assert part["confusion_matrix"][row] == matrix[row]
     assert f"vitlab-Evaluate: accuracy: {evaluation['accuracy']:.4f}; " in proc.stdout
     assert "samples: 500;" in proc.stdout
 
@@ -326,7 +341,7 @@ BAD_INPUTS = {
     "infinite weight decay": (["pretrain", "--data", "{c10}", "--weight-decay", "inf"],
                               "weight decay must be a number"),
     "evaluate on other classes": (["evaluate", "--checkpoint", "{pre}", "--data", "{c10}"],
-                                  "other classes than the model learned"),
+                                  "has classes the model never learned (airplane, automobile"),
     "run with missing fine-tune data": (["run", "--pretrain-data", "{c10}", "--finetune-data",
                                          "{work}/nope", "--model", "micro", "--out",
                                          "{work}/run-nope"], "neither a dataset name"),
@@ -394,7 +409,6 @@ def test_resume_accepts_the_image_size_the_run_used_anyway(data, work, capfd):
 
 def test_image_size_is_saved_for_resume_and_evaluate(data, work, capfd):
     """A run trained on resized images (--image-size) resumes and evaluates on the same sizes."""
-    import numpy as np
 
     small = work / "small16"
     small.mkdir()

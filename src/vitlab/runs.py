@@ -25,6 +25,7 @@ import torch
 
 from vitlab import distributed
 from vitlab.data import BatchLoader, Dataset, SeedAugment, load_dataset
+from vitlab.data.arrays import Split
 from vitlab.data.augment import ResizeBatch
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import is_image_folder
@@ -384,14 +385,23 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     if dataset.num_classes > head:
         raise ConfigError(f"{spec} has {dataset.num_classes} classes but the model predicts "
                           f"{head}")
-    if trained_on and list(dataset.classes) != trained_on[: dataset.num_classes]:
-        raise ConfigError(f"{spec} has other classes than the model learned "
-                          f"({', '.join(trained_on[:3])}, ...); evaluate on that dataset")
+    classes, test = list(dataset.classes), dataset.test
+    if trained_on and classes != trained_on[: len(classes)]:
+        unknown = [c for c in classes if c not in trained_on]
+        if unknown:
+            raise ConfigError(f"{spec} has classes the model never learned "
+                              f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); "
+                              f"evaluate on data of its classes ({', '.join(trained_on[:3])}, "
+                              "...)")
+        # Some of the model's classes, in another order: its class indices, matched by name.
+        index = torch.tensor([trained_on.index(c) for c in classes])
+        classes = trained_on[: int(index.max()) + 1]
+        test = Split(test.images, index[test.labels], classes)
     _check_positive(batch_size=batch_size, **({} if eval_steps is None
                                               else {"eval_steps": eval_steps}))
     target = resolve_device(device)
     model.to(target)
-    test = dataset.test if eval_steps is None else dataset.test.head(eval_steps * batch_size)
+    test = test if eval_steps is None else test.head(eval_steps * batch_size)
     # Under torchrun each rank evaluates its shard and the counts are all-reduced.
     transform = SeedAugment()
     if on_device:
@@ -402,24 +412,23 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     start = time.perf_counter()
     result = evaluate(model, loader, precision=resolve_precision(precision, target),
                       num_classes=head)
-    classes = list(dataset.classes) + [f"(unused {i})" for i in range(dataset.num_classes, head)]
+    shown = len(classes)  # a 100-way head on 10 classes: plot the classes that exist
     report = {"checkpoint": str(weights_file.resolve()), "data": data_spec(spec),
-              "classes": classes, **result}
+              "classes": classes + [f"(unused {i})" for i in range(shown, head)], **result}
     if not distributed.is_main_process():
         return report
     out_dir = Path(out) if out is not None else run_dir / "evaluation"
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "evaluation.json", report)
-    shown = dataset.num_classes  # a 100-way head on 10 classes: plot the classes that exist
     matrix = [row[:shown] for row in result["confusion_matrix"][:shown]]
-    plot_confusion_matrix(matrix, dataset.classes, out_dir / "confusion_matrix.png",
+    plot_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
                           title=f"{Path(spec).name}: accuracy {100 * result['accuracy']:.2f}%")
     if not quiet:
         print(f"vitlab-Evaluate: accuracy: {result['accuracy']:.4f}; ce: {result['ce']:.7g}; "
               f"samples: {result['num_samples']}; eval_time: {time.perf_counter() - start:.1f} "
               "sec;")
         worst = sorted((a, c) for a, c in zip(result["per_class_accuracy"][:shown],
-                                              dataset.classes, strict=True) if a is not None)[:3]
+                                              classes, strict=True) if a is not None)[:3]
         print("lowest per-class accuracy: " + ", ".join(f"{c} {a:.3f}" for a, c in worst))
         print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'confusion_matrix.png'}")
     return report
