@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -434,3 +436,15 @@ def test_image_size_is_saved_for_resume_and_evaluate(data, work, capfd):
     finally:
         torch.set_num_threads(threads)
     assert json.loads((run / "evaluation" / "evaluation.json").read_text())["num_samples"] == 32
+
+
+def test_ctrl_c_while_the_command_starts_ends_in_one_line(work):
+    """Importing PyTorch takes seconds: Ctrl-C then (or later) ends the command in one line."""
+    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "info", "--model", "seed-mini"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env(), cwd=work)
+    time.sleep(0.8)  # past the interpreter's own start, into the imports
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().endswith("interrupted"), stderr

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from vitlab.cli import main
+from vitlab.launch import main
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
 sys.exit(main())
