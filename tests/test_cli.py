@@ -265,6 +265,8 @@ def bad_runs(pretrained, finetuned, work) -> dict[str, Path]:
     runs["code_state"] = base / "code_state"
     shutil.copytree(pre, runs["code_state"])
     torch.save({"model": Path("/a/class/instance")}, runs["code_state"] / "trainer_state.pt")
+    runs["train_only"] = base / "train_only"  # an image folder without its test split
+    (runs["train_only"] / "train" / "cat").mkdir(parents=True)
     return runs
 
 
@@ -351,6 +353,10 @@ BAD_INPUTS = {
     "out dir holds a run": (["pretrain", "--model", "micro", "--data", "{c10}", "--out", "{pre}"],
                             "already holds a run"),
     "seed out of range": (["pretrain", "--data", "{c10}", "--seed", "-1"], "--seed must be"),
+    "out is a file": (["pretrain", "--model", "micro", "--data", "{c10}", "--out",
+                       "{pre}/config.json"], "config.json is a file, not a folder"),
+    "image folder without a test split": (["pretrain", "--model", "micro", "--data",
+                                           "{train_only}"], "has train/ but no test/ or val/"),
     "unusable device": (["pretrain", "--model", "micro", "--data", "{c10}", "--device", "mps",
                          "--out", "{work}/mps"], "cpu or cuda"),
     "evaluate with batch size 0": (["evaluate", "--checkpoint", "{fine}", "--batch-size", "0"],

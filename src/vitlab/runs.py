@@ -141,6 +141,7 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
     settings = check_settings(settings, "pretrain")
     distributed.setup(settings.get("device", "auto"))
     chosen, options = _recipe_and_options(settings, "pretrain")
+    check_writable(Path(out))
     model = model or recipe_model(chosen.name)
     config = preset(model, num_classes=1)  # the name is checked before any data is loaded
     dataset = load_data(data, image_size=image_size, model_image_size=config.image_size,
@@ -176,6 +177,7 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     if source is not None and Path(out).resolve() == Path(source).resolve():
         raise ConfigError(f"--out {out} is the pre-training run it reads (--from); fine-tune "
                           "into another directory")
+    check_writable(Path(out))
     if source is not None:
         base, preset_name, init, encoder = _pretrained_encoder(source, weights, model)
     else:
@@ -636,6 +638,8 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
 
 def check_writable(folder: Path) -> None:
     """Create `folder` and write a file in it, or a one-line error that says what to do."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file, not a folder; choose another --out")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

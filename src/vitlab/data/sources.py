@@ -45,6 +45,9 @@ def spec_kind(spec: str | os.PathLike) -> str:
         return "arrays"
     if is_image_folder(path):
         return "images"
+    if (path / "train").is_dir():  # the most likely slip: an image folder without a test split
+        raise DatasetNotFoundError(f"{name!r} has train/ but no test/ or val/ folder: an image "
+                                   "folder needs both (test/<class>/ like train/<class>/)")
     raise DatasetNotFoundError(
         f"{name!r} is neither a dataset name ({', '.join(SOURCES)}), an array folder "
         "(train.npz, test.npz, classes.json) nor an image folder (train/<class>/, test/<class>/)"
