@@ -404,8 +404,8 @@ def test_a_kill_before_any_write_leaves_a_run_that_resumes_to_every_file(tmp_pat
     first trainer state, started again)."""
     dataset = _tiny_dataset()
     with_ema = dataclasses.replace(RECIPE, ema_decay=0.9)
-    options = TrainOptions(epochs=3, seed=3, device="cpu", quiet=True, progress=False,
-                           train_steps_per_epoch=4, checkpoint_steps=3)
+    options = TrainOptions(epochs=2, seed=3, device="cpu", quiet=True, progress=False,
+                           train_steps_per_epoch=3, checkpoint_steps=2)
     real_write = vitlab.io.atomic_write
     writes = []
     _patch_writes(monkeypatch, lambda path, write: (writes.append(Path(path).name),
