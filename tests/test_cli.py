@@ -3,13 +3,13 @@ small preset, fine-tune from it, evaluate; and every bad input answered in one l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
-import signal
 import subprocess
 import sys
-import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +147,7 @@ def test_finetune_learns_and_evaluate_agrees(finetuned, data, work):
     run_cli("evaluate", "--checkpoint", "fine", "--data", subset, "--batch-size", str(BATCH),
             "--out", "subset-eval", cwd=work)
     part = json.loads((work / "subset-eval" / "evaluation.json").read_text())
-    assert part["classes"][:3] == classes[:3] and part["num_samples"] == int(keep.sum())
+    assert part["classes"] == classes and part["num_samples"] == int(keep.sum())
     for row in (0, 2):  # airplane, bird: their rows of the whole test set's matrix
         assert part["confusion_matrix"][row] == matrix[row]
     assert f"vitlab-Evaluate: accuracy: {evaluation['accuracy']:.4f}; " in proc.stdout
@@ -180,7 +180,9 @@ def test_finetune_starts_from_the_pretrained_encoder(pretrained, data, work, cap
         assert config["kind"] == "finetune" and config["model"]["num_classes"] == num_classes
         assert config["init"] == {"from": str(pre.resolve()), "weights": weights,
                                   "encoder_tensors_copied": len(encoder),
-                                  "step": int(safe_open(pre / weights, "pt").metadata()["step"])}
+                                  "step": int(safe_open(pre / weights, "pt").metadata()["step"]),
+                                  "sha256": hashlib.sha256((pre / weights).read_bytes()
+                                                           ).hexdigest()}
         state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
         assert state["progress"]["global_step"] == 0
 
@@ -444,13 +446,15 @@ def test_image_size_is_saved_for_resume_and_evaluate(data, work, capfd):
     assert json.loads((run / "evaluation" / "evaluation.json").read_text())["num_samples"] == 32
 
 
-def test_ctrl_c_while_the_command_starts_ends_in_one_line(work):
-    """Importing PyTorch takes seconds: Ctrl-C then (or later) ends the command in one line."""
-    proc = subprocess.Popen([sys.executable, "-m", "vitlab", "info", "--model", "seed-mini"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env(), cwd=work)
-    time.sleep(0.8)  # past the interpreter's own start, into the imports
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr and stderr.strip().endswith("interrupted"), stderr
+def test_ctrl_c_while_the_command_starts_ends_in_one_line(monkeypatch, capsys):
+    """Importing PyTorch takes seconds: Ctrl-C in them ends the command in one line, exit 130
+    (the entry point, with the import of the command interrupted)."""
+    from vitlab import launch
+
+    class Interrupting(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "vitlab.cli", Interrupting("vitlab.cli"))
+    assert launch.main() == 130
+    assert capsys.readouterr().err == "vitlab: interrupted\n"

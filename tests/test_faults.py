@@ -124,12 +124,21 @@ def test_run_continues_the_stage_that_is_left(data, tmp_path, capfd):
     for _ in range(2):
         capfd.readouterr()
         assert main(longer) == 2
-        assert "at step 3, which has since been trained to step 6" in capfd.readouterr().err
+        assert "has changed since, trained further or anew (step 3 then, step 6 now)" in \
+            capfd.readouterr().err
     # --overwrite redoes both stages; an --out that is a run directory itself is refused.
     assert main([*longer, "--overwrite"]) == 0, capfd.readouterr().err
     for stage in ("pretrain", "finetune"):  # started anew, not resumed
         assert [r["event"] for r in h.read_metrics(out / stage)].count("resume") == 0
     assert h.events(h.read_metrics(out / "pretrain"), "finish")[-1]["step"] == 6
+    # Pre-trained anew by hand (another seed, the same steps): the fine-tuning is stale too.
+    assert main(["pretrain", "--data", str(data["cifar100"]), *TINY, "--epochs", "2",
+                 "--train-steps-per-epoch", "3", "--seed", "9", "--log-steps", "0",
+                 "--overwrite", "--out", str(out / "pretrain")]) == 0
+    capfd.readouterr()
+    assert main(longer) == 2
+    assert "has changed since, trained further or anew (step 6 then, step 6 now)" in \
+        capfd.readouterr().err
     assert main([*argv[:-1], str(out / "pretrain")]) == 2
     assert "holds a run of its own" in capfd.readouterr().err
 
@@ -428,12 +437,11 @@ def test_a_kill_before_any_write_leaves_a_run_that_resumes_to_every_file(tmp_pat
         with pytest.raises(Killed):
             fit(TermAt(), dataset, with_ema, options, run)
         monkeypatch.undo()
-        # Resumed, or (no trainer state yet) started again: `fit` was given no RunConfig, so no
-        # config.json marks the files as a vitlab run's, and starting again needs overwrite.
-        resume = (run / ckpt.TRAINER_STATE).exists()
+        # Resumed, or (no trainer state yet) started again, without --overwrite: `fit` was given
+        # no RunConfig (no config.json), and its metrics.jsonl marks the files as a run's.
         try:
-            fit(TermAt(), dataset, with_ema, dataclasses.replace(options, overwrite=not resume),
-                run, resume=resume)
+            fit(TermAt(), dataset, with_ema, options, run,
+                resume=(run / ckpt.TRAINER_STATE).exists())
         except CheckpointError as e:  # killed after the last trainer state
             assert "already finished" in str(e), (at, writes[at])
         for name in names:

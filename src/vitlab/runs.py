@@ -141,9 +141,9 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
     settings = check_settings(settings, "pretrain")
     distributed.setup(settings.get("device", "auto"))
     chosen, options = _recipe_and_options(settings, "pretrain")
-    check_writable(Path(out))
     model = model or recipe_model(chosen.name)
     config = preset(model, num_classes=1)  # the name is checked before any data is loaded
+    check_writable(Path(out))
     dataset = load_data(data, image_size=image_size, model_image_size=config.image_size,
                         on_device=options.resize_on_device, **_data_options(settings))
     config = preset(model, num_classes=dataset.num_classes,
@@ -177,7 +177,6 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     if source is not None and Path(out).resolve() == Path(source).resolve():
         raise ConfigError(f"--out {out} is the pre-training run it reads (--from); fine-tune "
                           "into another directory")
-    check_writable(Path(out))
     if source is not None:
         base, preset_name, init, encoder = _pretrained_encoder(source, weights, model)
     else:
@@ -190,6 +189,7 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
         preset_name, init = model, EncoderSource(str(Path(from_timm).resolve()), "timm", 0)
         encoder = _timm_encoder(init, base)
     chosen, options = _recipe_and_options(settings, "finetune")
+    check_writable(Path(out))
     dataset = load_data(data, image_size=image_size, model_image_size=base.image_size,
                         on_device=options.resize_on_device, **_data_options(settings))
     head = num_classes if num_classes is not None else dataset.num_classes
@@ -222,7 +222,8 @@ def _pretrained_encoder(source: PathLike, weights: str, model: str | None
                           f"({pretrained.model_preset or 'custom'}); drop --model to fine-tune "
                           "that one")
     init = EncoderSource(str(Path(source).resolve()), weights_file.name, 0,
-                         step=ckpt.weights_step(weights_file))
+                         step=ckpt.weights_step(weights_file),
+                         sha256=ckpt.file_sha256(weights_file))
     return base, pretrained.model_preset, init, state
 
 
@@ -260,7 +261,13 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
         saved.recipe, **{BUDGET[saved.kind]: epochs}))
     if not ckpt.has_checkpoint(run_dir):
         # It died before its first checkpoint: nothing to continue, so start it over at step 0
-        # with its saved settings (the same model initialisation as when it first started).
+        # with its saved settings (the same model initialisation as when it first started),
+        # from its pre-trained encoder as that is now.
+        init = current.init
+        if init is not None and init.weights != "timm":
+            source = Path(init.path) / init.weights
+            current = dataclasses.replace(current, init=dataclasses.replace(
+                init, step=ckpt.weights_step(source), sha256=ckpt.file_sha256(source)))
         return fit(_initial_model(current), dataset, current.recipe, options, run_dir,
                    run_config=current)
     longer = epochs != saved.options.epochs  # a longer run: config.json says so from now on
@@ -397,8 +404,8 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
                               "...)")
         # Some of the model's classes, in another order: its class indices, matched by name.
         index = torch.tensor([trained_on.index(c) for c in classes])
-        classes = trained_on[: int(index.max()) + 1]
-        test = Split(test.images, index[test.labels], classes)
+        test = Split(test.images, index[test.labels], trained_on)
+        classes = trained_on
     _check_positive(batch_size=batch_size, **({} if eval_steps is None
                                               else {"eval_steps": eval_steps}))
     target = resolve_device(device)
@@ -672,8 +679,8 @@ def _plan_stage(run_dir: Path, kind: str, **settings: Any) -> tuple[str, dict[st
     other_budget = {"pretrain": "finetune_epochs", "finetune": "epochs"}[kind]
     given = {k: v for k, v in check_settings(settings, kind).items() if k != other_budget}
     epochs = _check_unchanged(saved, given, run_dir)
-    finished = distributed.broadcast_object(  # rank 0 decides, for all
-        _finished(run_dir, saved) if distributed.is_main_process() else None)
+    finished = distributed.broadcast_object(distributed.together(  # rank 0 decides, for all
+        lambda: _finished(run_dir, saved) if distributed.is_main_process() else None))
     if finished and epochs == saved.options.epochs:
         distributed.together(  # rank 0 writes; the others wait for it
             lambda: repair_run_weights(run_dir) if distributed.is_main_process() else None)
@@ -701,12 +708,13 @@ def _check_fine_tuned_from_current(fine_dir: Path, pre_dir: Path, pre_action: st
         raise ConfigError(f"{fine_dir} was fine-tuned from {pre_dir}, which this call would "
                           f"train further first; {redo}")
     init = ckpt.read_run_config(fine_dir).init
-    if init is None or init.step is None:  # written before the step was recorded
+    if init is None or init.sha256 is None:  # written before vitlab recorded its source
         return
-    now = ckpt.weights_step(Path(init.path) / init.weights)
-    if now != init.step:
-        raise ConfigError(f"{fine_dir} was fine-tuned from {init.weights} of {pre_dir} at step "
-                          f"{init.step}, which has since been trained to step {now}; {redo}")
+    source = Path(init.path) / init.weights
+    if ckpt.file_sha256(source) != init.sha256:
+        steps = f" (step {init.step} then, step {ckpt.weights_step(source)} now)"
+        raise ConfigError(f"{fine_dir} was fine-tuned from {init.weights} of {pre_dir}, which "
+                          f"has changed since, trained further or anew{steps}; {redo}")
 
 
 def recipe_model(recipe_name: str) -> str:

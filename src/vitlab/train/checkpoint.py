@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -71,6 +72,18 @@ def weights_step(path: str | os.PathLike) -> int | None:
         return None
 
 
+def file_sha256(path: str | os.PathLike) -> str | None:
+    """The SHA-256 of a file's bytes (hex), or None if there is no such file."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def save_trainer_state(path: str | os.PathLike, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -94,7 +107,8 @@ def load_failure(error: Exception) -> str:
     """Why torch.load(weights_only=True) refused a file, in a few words (torch's own message
     is many lines, and for Python objects advises weights_only=False, which vitlab never uses)."""
     if isinstance(error, pickle.UnpicklingError):
-        return "it holds Python objects other than tensors and plain data, which vitlab never loads"
+        return ("it holds Python objects other than tensors and plain data, which vitlab never "
+                "loads, or it is not a PyTorch file")
     first = (str(error).strip().splitlines() or [""])[0]
     return f"not a PyTorch file, or a torn one: {type(error).__name__} {first}".strip()
 
@@ -154,10 +168,10 @@ def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
         raise CheckpointError(
             f"{run_dir} already holds a run ({leftovers[0]}); continue it with --resume "
             f"{run_dir}, choose another --out, or pass --overwrite to replace it")
-    if leftovers and not overwrite and not _holds_run_config(run_dir):
+    if leftovers and not overwrite and not _written_by_vitlab(run_dir):
         raise CheckpointError(
-            f"{run_dir} holds {leftovers[0]}, which no vitlab run wrote there; choose another "
-            "--out, or pass --overwrite to replace it")
+            f"{run_dir} holds {leftovers[0]}, which is not from a vitlab run (that this version "
+            "can read); choose another --out, or pass --overwrite to replace it")
     for name in leftovers:
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
@@ -180,6 +194,16 @@ def _holds_run_config(run_dir: Path) -> bool:
     except VitlabError:
         return False
     return True
+
+
+def _written_by_vitlab(run_dir: Path) -> bool:
+    """A vitlab run's leftovers: its config.json, or (`fit` without a RunConfig writes none) a
+    metrics.jsonl that opens with a run's start event."""
+    if _holds_run_config(run_dir):
+        return True
+    records = read_jsonl(run_dir / METRICS)
+    first = records[0] if records else None
+    return isinstance(first, dict) and first.get("event") == "start" and "step" in first
 
 
 class RunLock:

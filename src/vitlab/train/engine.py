@@ -347,7 +347,7 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         if ema is not None:
             ema.load_state_dict(state["ema"])
         eager_param_groups(optimizer, device)
-        progress = Progress(**state["progress"])
+        progress = saved_progress(state, run_dir / ckpt.TRAINER_STATE)
         world = distributed.world_size()
         if progress.world_size != world:
             how = (f"torchrun --nproc-per-node {progress.world_size} ..."
@@ -385,14 +385,15 @@ def saved_progress(state: dict, path: Path) -> Progress:
 
 def repair_run_weights(run_dir: Path) -> None:
     """`_repair_weight_files` for a run directory that is not being trained (a finished stage
-    that `vitlab run` keeps), from its trainer state on disk."""
+    that `vitlab run` keeps), from its trainer state on disk, holding the run's lock."""
     path = run_dir / ckpt.TRAINER_STATE
-    state = ckpt.load_trainer_state(path)
-    progress = saved_progress(state, path)
-    try:
-        _repair_weight_files(run_dir, state["model"], state.get("ema"), progress)
-    except KeyError as e:
-        raise CheckpointError(f"{path} is not a vitlab trainer state (no {e})") from None
+    with ckpt.RunLock(run_dir):
+        state = ckpt.load_trainer_state(path, mmap=True)  # tensors read only if written
+        progress = saved_progress(state, path)
+        try:
+            _repair_weight_files(run_dir, state["model"], state.get("ema"), progress)
+        except KeyError as e:
+            raise CheckpointError(f"{path} is not a vitlab trainer state (no {e})") from None
 
 
 def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -38,21 +38,25 @@ class EncoderSource:
     path: str  # the pre-training run directory, absolute
     weights: str  # the weight file in it: model.safetensors or best.safetensors
     encoder_tensors_copied: int
-    # The training step that weight file was saved at (None: timm weights, or a run directory
-    # written before vitlab recorded it): `vitlab run` compares it to tell a stale fine-tuning.
+    # The weight file as the fine-tuning started from it (None: timm weights, or a run directory
+    # written before vitlab recorded them): its training step, and its SHA-256, which `vitlab run`
+    # compares to tell a fine-tuning whose pre-training has changed since (trained further, or anew).
     step: int | None = None
+    sha256: str | None = None
 
     def to_dict(self) -> dict:
         return {"from": self.path, "weights": self.weights,
                 "encoder_tensors_copied": self.encoder_tensors_copied,
-                **({"step": self.step} if self.step is not None else {})}
+                **({"step": self.step} if self.step is not None else {}),
+                **({"sha256": self.sha256} if self.sha256 is not None else {})}
 
     @classmethod
     def from_dict(cls, values: dict) -> EncoderSource:
-        _refuse_unknown("init", values, ("from", "weights", "encoder_tensors_copied", "step"))
+        _refuse_unknown("init", values, ("from", "weights", "encoder_tensors_copied", "step",
+                                         "sha256"))
         return cls(path=values["from"], weights=values["weights"],
                    encoder_tensors_copied=values["encoder_tensors_copied"],
-                   step=values.get("step"))
+                   step=values.get("step"), sha256=values.get("sha256"))
 
 
 @dataclass
