@@ -327,6 +327,8 @@ BAD_INPUTS = {
     "resume with fewer epochs": (["pretrain", "--resume", "{pre}", "--epochs", "0"],
                                  "--epochs 0 differs"),
     "resume a run of another kind": (["pretrain", "--resume", "{fine}"], "is a finetune run"),
+    "resume from another pre-training": (["finetune", "--resume", "{fine}", "--from",
+                                          "{work}/else"], "--from {work}/else differs"),
     "resume without trainer state": (["pretrain", "--resume", "{no_state}"],
                                      "nothing to resume"),
     "resume a torn trainer state": (["pretrain", "--resume", "{torn_state}"],

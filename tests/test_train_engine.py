@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitlab import io as vitlab_io
 from vitlab.data import BatchLoader, Dataset, SeedAugment
 from vitlab.data.arrays import Split
 from vitlab.errors import CheckpointError, ConfigError
@@ -25,6 +26,7 @@ from vitlab.train.engine import (
     Interrupted,
     TrainingDiverged,
     compile_optimizer_step,
+    repair_run_weights,
     resolve_device,
     set_lr,
     train_step,
@@ -409,6 +411,24 @@ def test_trainer_state_refuses_code_and_torn_files(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(CheckpointError, match="nothing to resume"):
         ckpt.load_trainer_state(tmp_path / "absent" / ckpt.TRAINER_STATE)
+    # Readable, but not a trainer state: one line, where `vitlab run` looks at a stage too.
+    for state in ([1, 2], {"progress": 3}, {"progress": {"no_such_field": 1}}):
+        ckpt.save_trainer_state(path, state)
+        with pytest.raises(CheckpointError, match="is not a vitlab trainer state"):
+            repair_run_weights(tmp_path)
+
+
+def test_a_file_system_without_modes_still_gets_atomic_writes(tmp_path, monkeypatch):
+    """vfat and some CIFS mounts refuse chmod: the file is written all the same, no fd leaks."""
+    def refuse(fd, mode):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refuse)
+    opened = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    vitlab_io.atomic_write_bytes(tmp_path / "f.bin", b"data")
+    assert (tmp_path / "f.bin").read_bytes() == b"data" and not list(tmp_path.glob(".*.tmp"))
+    if opened is not None:
+        assert len(os.listdir("/proc/self/fd")) == opened
 
 
 def test_read_run_config_errors(tmp_path):
