@@ -116,7 +116,7 @@ def test_run_continues_the_stage_that_is_left(data, tmp_path, capfd):
     # More pre-training epochs would leave the fine-tuning behind: refused before any training.
     longer = [*argv, "--epochs", "2"]
     assert main(longer) == 2
-    assert "which this call would train further first" in capfd.readouterr().err
+    assert "which this call would train (further, or anew) first" in capfd.readouterr().err
     assert (out / "pretrain" / "log.txt").read_text() == pre_log
     # Pre-trained further by hand since: the fine-tuning is stale, refused every time.
     assert main(["pretrain", "--resume", str(out / "pretrain"), "--epochs", "2",

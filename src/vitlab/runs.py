@@ -706,7 +706,7 @@ def _check_fine_tuned_from_current(fine_dir: Path, pre_dir: Path, pre_action: st
             "pass --overwrite to redo both stages)")
     if pre_action != "keep":
         raise ConfigError(f"{fine_dir} was fine-tuned from {pre_dir}, which this call would "
-                          f"train further first; {redo}")
+                          f"train (further, or anew) first; {redo}")
     init = ckpt.read_run_config(fine_dir).init
     if init is None or init.sha256 is None:  # written before vitlab recorded its source
         return
