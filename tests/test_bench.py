@@ -45,6 +45,21 @@ def test_rows_hold_consistent_measurements():
     assert table.count("\n| ") == 5 and "matmul peak" in table  # header row + 4 rows
 
 
+def test_without_a_baseline_the_json_is_strict_and_the_table_says_so():
+    result = run_bench("micro", batch_size=4, device="cpu", repeats=1, iters=1, warmup=1,
+                       baseline=False)
+    text = json.dumps(result)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    rows = json.loads(text, parse_constant=refuse)["rows"]
+    assert [r["speedup"] for r in rows] == [None, None]
+    rows[0]["peak_fraction"] = None  # as when the model outruns the measured matmul peak
+    table = format_table({**result, "rows": rows})
+    assert "| - |" in table and "no fraction given" in table
+
+
 def test_bad_settings_are_errors():
     with pytest.raises(ConfigError, match="unknown compile mode"):
         run_bench("micro", compile="fastest", device="cpu")

@@ -157,6 +157,9 @@ def test_resume_after_the_whole_job_is_killed_is_bitwise_and_sigterm_stops_clean
     interrupts = h.events(h.read_metrics(stopped), "interrupt")
     assert len(interrupts) == 1, stderr[-2000:]
     assert "stopped by SIGTERM at step" in stderr
+    # One line for the job, naming the command that continues it.
+    assert stderr.count("continue with: torchrun --nproc-per-node 2 -m vitlab pretrain "
+                        f"--resume {stopped}") == 1, stderr[-2000:]
     state = torch.load(stopped / "trainer_state.pt", weights_only=True)
     assert state["progress"]["global_step"] == interrupts[0]["step"]
     # ... and the job continues from exactly there.

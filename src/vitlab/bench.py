@@ -46,8 +46,10 @@ class Row:
     images_per_s: float
     step_ms: float
     tflops: float  # achieved, counting forward_flops' matrix products
-    peak_fraction: float  # of the matmul peak measured in this run
-    speedup: float  # images/s over the tutorial's in the same mode (1.0 for the tutorial)
+    # Of the matmul peak measured in this run; None where the model outran that product (e.g.
+    # bf16 on a CPU without bf16 matrix units), which then measured no peak.
+    peak_fraction: float | None
+    speedup: float | None  # images/s over the tutorial's in the same mode; None: no baseline
 
 
 def _sync(device: torch.device) -> None:
@@ -181,10 +183,10 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
         seconds = _timed_rounds(steps, target, iters if mode == "train" else 3 * iters, repeats)
         base = seconds.get("tutorial")
         for name, s in seconds.items():
-            peak = peaks[dtypes[name]]
+            rate, peak = flops[mode] / s, peaks[dtypes[name]]
             rows.append(Row(mode=mode, model=name, images_per_s=batch_size / s, step_ms=1e3 * s,
-                            tflops=flops[mode] / s / 1e12, peak_fraction=flops[mode] / s / peak,
-                            speedup=(base / s) if base else float("nan")))
+                            tflops=rate / 1e12, peak_fraction=rate / peak if rate <= peak else None,
+                            speedup=(base / s) if base else None))
     environment = {
         "device": device_name(target), "torch": torch.__version__,
         "cuda": torch.version.cuda if target.type == "cuda" else None,
@@ -209,9 +211,12 @@ def format_table(result: dict) -> str:
              "| mode | model | images/s | step (ms) | TFLOP/s | of peak | vs tutorial |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        ratio = "" if r["speedup"] != r["speedup"] else f"{r['speedup']:.2f}x"
+        ratio = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        fraction = "-" if r["peak_fraction"] is None else f"{100 * r['peak_fraction']:.1f}%"
         lines.append(f"| {r['mode']} | {r['model']} | {r['images_per_s']:,.0f} | "
-                     f"{r['step_ms']:.2f} | {r['tflops']:.3f} | {100 * r['peak_fraction']:.1f}% "
-                     f"| {ratio} |")
+                     f"{r['step_ms']:.2f} | {r['tflops']:.3f} | {fraction} | {ratio} |")
+    if any(r["peak_fraction"] is None for r in result["rows"]):
+        lines += ["", "-: faster than the matmul product measured as the peak, which is then no "
+                      "peak of this dtype here (no fraction given)"]
     return "\n".join(lines)
 

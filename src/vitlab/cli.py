@@ -297,6 +297,19 @@ def _bench(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1) if args.json else format_table(result))
 
 
+def _launcher() -> str:
+    """How to start vitlab again as this process was: `vitlab`, or the torchrun job's launch
+    (a run trained by N processes resumes with N)."""
+    from vitlab import distributed
+
+    world = distributed.world_size()
+    if world == 1:
+        return "vitlab"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = f"--nnodes {world // local} <its rendezvous options> " if local < world else ""
+    return f"torchrun {nodes}--nproc-per-node {local} -m vitlab"
+
+
 def _rank_tag() -> str:
     """' (rank N)' in a torchrun job's messages, so each process's line says whose it is."""
     from vitlab import distributed
@@ -339,9 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vitlab {args.command}: error{_rank_tag()}: {message}", file=sys.stderr)
         return EXIT_USAGE
     except Interrupted as e:
-        again = (f"vitlab run --resume {e.run_dir.parent}" if args.command == "run"
-                 else f"vitlab {args.command} --resume {e.run_dir}")
-        print(f"vitlab {args.command}: {e}; continue with: {again}", file=sys.stderr)
+        from vitlab import distributed
+
+        again = (f"{_launcher()} run --resume {e.run_dir.parent}" if args.command == "run"
+                 else f"{_launcher()} {args.command} --resume {e.run_dir}")
+        if distributed.is_main_process():  # one line for the job, not one a rank
+            print(f"vitlab {args.command}: {e}; continue with: {again}", file=sys.stderr)
         return EXIT_SIGNAL.get(e.signum, 128 + e.signum)
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)

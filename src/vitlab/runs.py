@@ -78,7 +78,13 @@ def load_data(spec: PathLike, *, image_size: int | None = None,
     `on_device` (--resize-on-device): arrays and named datasets stay at their stored size; each
     batch is resized on the device instead (see vitlab.data.augment.ResizeBatch).
     """
+    if image_size is not None and image_size < 1:
+        raise ConfigError(f"--image-size must be at least 1, got {image_size}")
     if on_device and not is_image_folder(Path(spec)):
+        if image_size is not None and image_size != model_image_size:
+            raise ConfigError(f"--image-size {image_size} with --resize-on-device: each batch "
+                              f"is resized to the model's {model_image_size}x{model_image_size} "
+                              "input; drop --image-size")
         image_size = None
     elif (image_size is not None and model_image_size is not None
             and image_size != model_image_size):
