@@ -113,19 +113,20 @@ def test_run_continues_the_stage_that_is_left(data, tmp_path, capfd):
     capfd.readouterr()
     assert main([*argv, "--lr", "0.5"]) == 2
     assert "--lr 0.5 differs from the run in" in capfd.readouterr().err
+    def refused(command: list[str], message: str) -> None:
+        capfd.readouterr()
+        assert main(command) == 2
+        assert message in capfd.readouterr().err
+
     # More pre-training epochs would leave the fine-tuning behind: refused before any training.
     longer = [*argv, "--epochs", "2"]
-    assert main(longer) == 2
-    assert "which this call would train (further, or anew) first" in capfd.readouterr().err
+    refused(longer, "which this call would train (further, or anew) first")
     assert (out / "pretrain" / "log.txt").read_text() == pre_log
     # Pre-trained further by hand since: the fine-tuning is stale, refused every time.
     assert main(["pretrain", "--resume", str(out / "pretrain"), "--epochs", "2",
                  "--log-steps", "0", "--no-progress"]) == 0
     for _ in range(2):
-        capfd.readouterr()
-        assert main(longer) == 2
-        assert "has changed since, trained further or anew (step 3 then, step 6 now)" in \
-            capfd.readouterr().err
+        refused(longer, "has changed since, trained further or anew (step 3 then, step 6 now)")
     # --overwrite redoes both stages; an --out that is a run directory itself is refused.
     assert main([*longer, "--overwrite"]) == 0, capfd.readouterr().err
     for stage in ("pretrain", "finetune"):  # started anew, not resumed
@@ -135,12 +136,8 @@ def test_run_continues_the_stage_that_is_left(data, tmp_path, capfd):
     assert main(["pretrain", "--data", str(data["cifar100"]), *TINY, "--epochs", "2",
                  "--train-steps-per-epoch", "3", "--seed", "9", "--log-steps", "0",
                  "--overwrite", "--out", str(out / "pretrain")]) == 0
-    capfd.readouterr()
-    assert main(longer) == 2
-    assert "has changed since, trained further or anew (step 6 then, step 6 now)" in \
-        capfd.readouterr().err
-    assert main([*argv[:-1], str(out / "pretrain")]) == 2
-    assert "holds a run of its own" in capfd.readouterr().err
+    refused(longer, "has changed since, trained further or anew (step 6 then, step 6 now)")
+    refused([*argv[:-1], str(out / "pretrain")], "holds a run of its own")
 
 
 # --- (2) a closed stdout stops the console lines, never the run --------------------------------
