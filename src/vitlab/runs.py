@@ -707,7 +707,7 @@ def _run_stage(run_dir: Path, kind: str, plan: tuple[str, dict[str, Any]],
 
 def _check_fine_tuned_from_current(fine_dir: Path, pre_dir: Path, pre_action: str) -> None:
     """Refuse to keep or resume a fine-tuning whose encoder is not the pre-training's weights as
-    this call leaves them: pre-training to train further, or trained further since."""
+    this call leaves them: pre-training it would train first, or that has changed since."""
     redo = (f"remove {fine_dir} to fine-tune the current encoder (or choose another --out, or "
             "pass --overwrite to redo both stages)")
     if pre_action != "keep":
