@@ -228,9 +228,13 @@ def _pretrained_encoder(source: PathLike, weights: str, model: str | None
                           f"({pretrained.model_preset or 'custom'}); drop --model to fine-tune "
                           "that one")
     init = EncoderSource(str(Path(source).resolve()), weights_file.name, 0,
-                         step=ckpt.weights_step(weights_file),
-                         sha256=ckpt.file_sha256(weights_file))
+                         **_weights_identity(weights_file))
     return base, pretrained.model_preset, init, state
+
+
+def _weights_identity(path: Path) -> dict[str, Any]:
+    """What a fine-tuning run records of the weight file it starts from (EncoderSource)."""
+    return {"step": ckpt.weights_step(path), "sha256": ckpt.file_sha256(path)}
 
 
 def _timm_encoder(init: EncoderSource, config: ViTConfig) -> dict[str, torch.Tensor]:
@@ -271,9 +275,8 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
         # from its pre-trained encoder as that is now.
         init = current.init
         if init is not None and init.weights != "timm":
-            source = Path(init.path) / init.weights
             current = dataclasses.replace(current, init=dataclasses.replace(
-                init, step=ckpt.weights_step(source), sha256=ckpt.file_sha256(source)))
+                init, **_weights_identity(Path(init.path) / init.weights)))
         return fit(_initial_model(current), dataset, current.recipe, options, run_dir,
                    run_config=current)
     longer = epochs != saved.options.epochs  # a longer run: config.json says so from now on
@@ -559,7 +562,7 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
             title = f"{classes[best.indices[i]]} ({best.values[i]:.2f})"
             stem = path.stem
             while stem in used:  # a.png and a.jpg, or a-2.png beside a second a.png
-                stem = f"{path.stem}-{index}" if stem == path.stem else f"{stem}-{index}"
+                stem = f"{stem}-{index}"
             used.add(stem)
             target = out / f"{stem}.attention.png"
             plot_attention(image, flows[i], heads[i], target, title=f"{path.name}: {title}")
@@ -685,13 +688,19 @@ def _plan_stage(run_dir: Path, kind: str, **settings: Any) -> tuple[str, dict[st
     other_budget = {"pretrain": "finetune_epochs", "finetune": "epochs"}[kind]
     given = {k: v for k, v in check_settings(settings, kind).items() if k != other_budget}
     epochs = _check_unchanged(saved, given, run_dir)
-    finished = distributed.broadcast_object(distributed.together(  # rank 0 decides, for all
-        lambda: _finished(run_dir, saved) if distributed.is_main_process() else None))
-    if finished and epochs == saved.options.epochs:
-        distributed.together(  # rank 0 writes; the others wait for it
-            lambda: repair_run_weights(run_dir) if distributed.is_main_process() else None)
-        return "keep", given
-    return "resume", given
+    kept = distributed.broadcast_object(distributed.together(  # rank 0 decides, for all
+        lambda: _keep_if_finished(run_dir, saved, epochs) if distributed.is_main_process()
+        else None))
+    return ("keep" if kept else "resume"), given
+
+
+def _keep_if_finished(run_dir: Path, saved: RunConfig, epochs: int) -> bool:
+    """Whether a stage is finished for `epochs`, its weight files then brought up to its
+    trainer state (rank 0's part of `_plan_stage`)."""
+    if epochs != saved.options.epochs or not _finished(run_dir, saved):
+        return False
+    repair_run_weights(run_dir)
+    return True
 
 
 def _run_stage(run_dir: Path, kind: str, plan: tuple[str, dict[str, Any]],
