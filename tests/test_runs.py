@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +294,37 @@ def test_tensorboard_event_files_or_a_clear_error(data_root, tmp_path, capfd, mo
     assert main([*argv, "--out", str(tmp_path / "none")]) == 2
     line = assert_one_error_line(capfd.readouterr().err, "pretrain")
     assert "pip install 'vitlab[tensorboard]'" in line
+
+
+def test_tensorboard_shows_each_step_once_after_a_kill_between_checkpoints(data_root, tmp_path,
+                                                                           capfd):
+    """A process killed after logging steps past its last checkpoint: the resumed run logs those
+    steps again, and TensorBoard must show each once, with the resumed run's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, saved = tmp_path / "run", tmp_path / "saved"
+    argv = ["pretrain", *LEGACY_FLAGS, "--data-root", str(data_root), "--tensorboard",
+            "--out", str(run)]
+    assert main([*argv, "--epochs", "1"]) == 0, capfd.readouterr().err
+    shutil.copytree(run, saved)  # the run as its checkpoint at step 4 left it
+    time.sleep(1.1)  # event file names carry the second they were opened
+    assert main([*argv, "--epochs", "2", "--resume", str(run)]) == 0, capfd.readouterr().err
+    # The kill: everything but the event files goes back to the step-4 checkpoint.
+    shutil.rmtree(saved / "tensorboard")
+    shutil.copytree(run / "tensorboard", saved / "tensorboard")
+    shutil.rmtree(run)
+    saved.rename(run)
+    time.sleep(1.1)
+    assert main([*argv, "--epochs", "2", "--resume", str(run)]) == 0, capfd.readouterr().err
+
+    accumulator = EventAccumulator(str(run / "tensorboard"))
+    accumulator.Reload()
+    logged = [r for r in ckpt.read_jsonl(run / ckpt.METRICS) if r["event"] in ("train", "eval")]
+    for kind, key in (("train", "ce"), ("eval", "accuracy")):
+        shown = [(e.step, e.value) for e in accumulator.Scalars(f"{kind}/{key}")]
+        expected = [(r["step"], r[key]) for r in logged if r["event"] == kind and key in r]
+        assert [step for step, _ in shown] == [step for step, _ in expected]
+        assert [v for _, v in shown] == pytest.approx([v for _, v in expected])
 
 
 def test_load_run_errors(legacy_run, tmp_path):

@@ -496,7 +496,8 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
         held.enter_context(ckpt.RunLock(run_dir))
     progress = _begin(run_dir, model, optimizer, device, options, resume, ema)
     reporter = held.enter_context(contextlib.closing(
-        Reporter(run_dir, quiet=options.quiet, tensorboard=options.tensorboard)))
+        Reporter(run_dir, quiet=options.quiet, tensorboard=options.tensorboard,
+                 resumed_at=progress.global_step if resume else None)))
     if run_config is not None and distributed.is_main_process():
         ckpt.write_run_config(run_dir, run_config)
     return train_loader, eval_loader, progress, reporter

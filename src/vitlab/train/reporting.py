@@ -22,15 +22,19 @@ TENSORBOARD_DIR = "tensorboard"
 class Reporter:
     """Console lines in the tutorial's shape, mirrored to log.txt and metrics.jsonl."""
 
-    def __init__(self, run_dir: str | Path, quiet: bool = False, tensorboard: bool = False
-                 ) -> None:
+    def __init__(self, run_dir: str | Path, quiet: bool = False, tensorboard: bool = False,
+                 resumed_at: int | None = None) -> None:
+        """resumed_at: the last step a resumed run had saved; TensorBoard then hides what a
+        killed process logged after it, which the resumed run logs again."""
         self.run_dir = Path(run_dir)
         self.quiet = quiet
         self.is_main = distributed.is_main_process()
         self.bar = None  # a tqdm bar to print around, when one is shown
         self._tensorboard = None
         if tensorboard and self.is_main:
-            self._tensorboard = open_tensorboard(self.run_dir / TENSORBOARD_DIR)
+            self._tensorboard = open_tensorboard(
+                self.run_dir / TENSORBOARD_DIR,
+                purge_step=None if resumed_at is None else resumed_at + 1)
 
     def event(self, kind: str, **fields) -> None:
         if not self.is_main:
@@ -93,8 +97,10 @@ def require_tensorboard() -> type:
     return SummaryWriter
 
 
-def open_tensorboard(log_dir: Path):
-    return require_tensorboard()(log_dir=str(log_dir))
+def open_tensorboard(log_dir: Path, purge_step: int | None = None):
+    """A SummaryWriter; with purge_step, TensorBoard drops the directory's earlier events at that
+    step and after (event files are append-only: a resume cannot cut them as it cuts the logs)."""
+    return require_tensorboard()(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def _fmt(key: str, value) -> str:
