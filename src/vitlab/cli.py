@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-baseline", action="store_true",
                    help="skip the tutorial's model (vitlab's rows only)")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.command_parsers = sub.choices  # main() names a command's unknown flags by it
     return parser
 
 
@@ -333,7 +334,10 @@ def _lost_a_peer(error: RuntimeError) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's parser, which argparse leaves to the top one
+        parser_of = parser.command_parsers[args.command] if args.command else parser
+        parser_of.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
