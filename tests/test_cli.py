@@ -353,7 +353,7 @@ BAD_INPUTS = {
                                   "has classes the model never learned (airplane, automobile"),
     "run with missing fine-tune data": (["run", "--pretrain-data", "{c10}", "--finetune-data",
                                          "{work}/nope", "--model", "micro", "--out",
-                                         "{work}/run-nope"], "neither a dataset name"),
+                                         "{work}/run-nope"], "/nope' does not exist, and is not a dataset name"),
     "resume a finished run": (["pretrain", "--resume", "{pre}"], "already finished"),
     "out dir holds a run": (["pretrain", "--model", "micro", "--data", "{c10}", "--out", "{pre}"],
                             "already holds a run"),

@@ -52,10 +52,45 @@ def test_pickle_that_imports_is_refused_without_running(monkeypatch, tmp_path):
     members = cifar_members(hundred=False)
     members["data_batch_3"] = evil
     _place(monkeypatch, tmp_path, "cifar10", make_tar(members, "cifar-10-batches-py"))
-    with pytest.raises(UnsafeDataError):
+    with pytest.raises(UnsafeDataError, match="data_batch_3: refused to unpickle"):
         load_dataset("cifar10", root=tmp_path)
     assert not marker.exists()
     _no_cache(tmp_path, "cifar10")
+
+
+def test_a_batch_repickled_by_python3_at_protocol_2_loads(monkeypatch, tmp_path):
+    """Protocol 2 writes bytes as _codecs.encode(text, 'latin1'): admitted for latin1 alone."""
+    members = cifar_members(hundred=False)
+    expected = pickle.loads(members["data_batch_2"])
+    members["data_batch_2"] = pickle.dumps(expected, protocol=2)
+    assert b"_codecs" in members["data_batch_2"]
+    _place(monkeypatch, tmp_path, "cifar10", make_tar(members, "cifar-10-batches-py"))
+    ds = load_dataset("cifar10", root=tmp_path)
+    n = len(expected[b"labels"])
+    got = ds.train.images[n:2 * n].permute(0, 3, 1, 2).reshape(n, -1).numpy()
+    assert np.array_equal(got, expected[b"data"])
+    assert ds.train.labels[n:2 * n].tolist() == expected[b"labels"]
+    for other in ("rot13", "utf-8", "zlib_codec"):
+        class Encoded:
+            def __reduce__(self, other=other):
+                return (__import__("_codecs").encode, ("abc", other))
+        with pytest.raises(UnsafeDataError, match="only protocol 2's latin1"):
+            safe_unpickle(pickle.dumps(Encoded(), protocol=2), "x")
+
+
+def test_repeated_class_names_are_refused_before_any_cache(monkeypatch, tmp_path):
+    members = cifar_members(hundred=False)
+    names = [f"class{i}".encode() for i in range(10)]
+    names[3] = names[0]
+    members["batches.meta"] = pickle.dumps({b"label_names": names})
+    _place(monkeypatch, tmp_path, "cifar10", make_tar(members, "cifar-10-batches-py"))
+    with pytest.raises(DataFormatError, match="batches.meta: its class names are not distinct"):
+        load_dataset("cifar10", root=tmp_path)
+    _no_cache(tmp_path, "cifar10")
+    assert not (tmp_path / "cifar10").exists()
+    members["batches.meta"] = pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]})
+    _place(monkeypatch, tmp_path, "cifar10", make_tar(members, "cifar-10-batches-py"))
+    assert load_dataset("cifar10", root=tmp_path).classes[3] == "c3"  # fixed: it loads
 
 
 def test_pickle_of_wrong_content(monkeypatch, tmp_path):

@@ -93,9 +93,19 @@ def test_array_folder_grayscale(tmp_path):
     assert load_dataset(tmp_path, image_size=4).train.images.shape == (12, 4, 4, 1)
 
 
-def test_unknown_spec(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match="neither a dataset name"):
+def test_unknown_spec(tmp_path, monkeypatch, caplog):
+    with pytest.raises(DatasetNotFoundError, match="nowhere' does not exist, and is not a "
+                                                   "dataset name"):
         load_dataset(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="neither a dataset name"):
+        load_dataset(tmp_path / "empty")
+    # A folder named like a dataset: the name wins, and the warning says how to get the folder.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cifar10").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="download=False"):
+        load_dataset("cifar10", root=tmp_path / "root", download=False)
+    assert "write ./cifar10 for the folder" in caplog.text
 
 
 def _png(path: Path, size=(10, 10), color=(10, 20, 30), mode="RGB") -> None:
@@ -127,6 +137,61 @@ def test_image_folder_decodes_and_caches(monkeypatch, tmp_path):
     assert np.array_equal(
         load_dataset(src, root=root).train.images.numpy(), ds.train.images.numpy()
     )
+
+
+def test_image_folder_layouts(tmp_path, caplog):
+    """Subfolders of a class folder count (as torchvision's ImageFolder); images outside any
+    class folder are named; a broken link is an error; class names are NFC."""
+    src = tmp_path / "imgs"
+    _png(src / "train" / "caf\u00e9" / "a.png", color=(1, 1, 1))
+    _png(src / "train" / "caf\u00e9" / "more" / "deeper" / "b.png", color=(2, 2, 2))
+    _png(src / "train" / "caf\u00e9" / ".hidden" / "c.png", color=(3, 3, 3))
+    _png(src / "train" / "dog" / "d.png", color=(4, 4, 4))
+    _png(src / "train" / "stray.png")
+    _png(src / "test" / "cafe\u0301" / "e.png", color=(5, 5, 5))  # the same name, decomposed
+    ds = load_dataset(src, root=tmp_path / "root")
+    assert ds.classes == ["caf\u00e9", "dog"]
+    assert ds.train.images[:, 0, 0, 0].tolist() == [1, 2, 4]
+    assert ds.train.labels.tolist() == [0, 0, 1] and ds.test.labels.tolist() == [0]
+    assert "skipped 1 image(s) lying in" in caplog.text and "stray.png" in caplog.text
+    (src / "train" / "dog" / "gone.png").symlink_to(tmp_path / "nothing.png")
+    with pytest.raises(DataFormatError, match="gone.png: a broken link"):
+        load_dataset(src, root=tmp_path / "root")
+
+
+def test_image_folder_cache_follows_files_replaced_with_their_times_kept(tmp_path):
+    """cp -p / rsync -a / tar keep a file's size and modification time: the cache must still
+    see that the images changed, and a folder's superseded caches go."""
+    import os
+
+    src, root = tmp_path / "imgs", tmp_path / "root"
+    _png(src / "train" / "a" / "1.png", color=(10, 0, 0))
+    _png(src / "test" / "a" / "2.png", color=(20, 0, 0))
+    _png(tmp_path / "other.png", color=(30, 0, 0))
+    assert load_dataset(src, root=root).test.images[0, 0, 0, 0] == 20
+    target = src / "test" / "a" / "2.png"
+    times = target.stat()
+    (tmp_path / "other.png").replace(target)
+    os.utime(target, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert target.stat().st_size == times.st_size  # same size, same mtime: only ctime differs
+    assert load_dataset(src, root=root).test.images[0, 0, 0, 0] == 30
+    assert len(list((root / "imagefolders").iterdir())) == 1  # the stale cache was deleted
+    load_dataset(src, root=root, image_size=4)  # another size: its own cache, both kept
+    assert len(list((root / "imagefolders").iterdir())) == 2
+
+
+def test_32_bit_integer_tiff_is_refused_16_bit_scaled(tmp_path):
+    src = tmp_path / "imgs"
+    (src / "train" / "a").mkdir(parents=True)
+    (src / "test" / "a").mkdir(parents=True)
+    values = np.full((4, 4), 200, np.uint16)
+    Image.fromarray(values).save(src / "train" / "a" / "16.tif")  # 16-bit: 200 / 65535 -> 1
+    Image.fromarray(values).save(src / "test" / "a" / "16.png")
+    ds = load_dataset(src, root=tmp_path / "root")
+    assert ds.train.images[0, 0, 0].tolist() == [1, 1, 1]
+    Image.fromarray(values.astype(np.int32)).save(src / "train" / "a" / "32.tif")
+    with pytest.raises(DataFormatError, match="32.tif: 32-bit integer pixels"):
+        load_dataset(src, root=tmp_path / "root")
 
 
 def test_image_folder_sizes(tmp_path):

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     e.add_argument("--image-size", type=_int, default=None,
                    help="resize the images to this size (default: as the run was trained)")
-    e.add_argument("--data-root", default=None, help="where named datasets are cached")
+    e.add_argument("--data-root", default=None,
+                   help="where named datasets and decoded image folders are cached")
     e.add_argument("--no-download", action="store_true", help="never download")
 
     p = sub.add_parser("predict", help="classify image files with a trained run")

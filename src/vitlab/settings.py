@@ -132,8 +132,8 @@ def _run_settings() -> list[Setting]:
         Setting("image_size", "run", int, "resize the dataset's images to this size (default: "
                 "image folders are resized to the model's size, other datasets must fit)",
                 optional=True),
-        Setting("data_root", "data", str, "where named datasets are cached (default: "
-                "$VITLAB_DATA, ~/.cache/vitlab)"),
+        Setting("data_root", "data", str, "where named datasets and decoded image folders are "
+                "cached (default: $VITLAB_DATA, ~/.cache/vitlab)"),
         Setting("no_download", "data", bool, "never download; fail with instructions instead"),
     ]
 

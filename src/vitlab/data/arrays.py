@@ -107,14 +107,19 @@ def _read_classes(path: Path) -> list[str]:
         raise DataFormatError(
             f"{path}: unreadable class list ({e}); write a JSON list of names"
         ) from e
+    check_classes(classes, f"{path}: must be a JSON list of distinct class-name strings")
+    return classes
+
+
+def check_classes(classes: object, message: str) -> None:
+    """Raise DataFormatError(message) unless classes is a non-empty list of distinct strings."""
     if (
         not isinstance(classes, list)
         or not classes
         or not all(isinstance(c, str) for c in classes)
         or len(set(classes)) != len(classes)
     ):
-        raise DataFormatError(f"{path}: must be a JSON list of distinct class-name strings")
-    return classes
+        raise DataFormatError(message)
 
 
 def _read_npz(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,6 +159,7 @@ def write_array_folder(
     path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]
 ) -> None:
     """Write an array folder atomically: each file is renamed into place, classes.json last."""
+    check_classes(classes, f"{path}: class names {classes!r:.200} are not distinct strings")
     path.mkdir(parents=True, exist_ok=True)
     (path / "classes.json").unlink(missing_ok=True)  # marks the folder incomplete while rewriting
     for s in SPLITS:

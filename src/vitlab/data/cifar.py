@@ -12,6 +12,7 @@ import numpy as np
 from vitlab.data.arrays import (
     Dataset,
     check_arrays,
+    check_classes,
     is_array_folder,
     read_array_folder,
     write_array_folder,
@@ -128,7 +129,13 @@ def _parse_names(data: bytes, src: Source, member: str) -> list[str]:
         isinstance(n, bytes | str) for n in names
     ):
         raise DataFormatError(f"{member}: needs a list of class names {src.names_key.decode()!r}")
-    return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
+    try:
+        names = [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{member}: a class name is not UTF-8 ({e})") from None
+    check_classes(names, f"{member}: its class names are not distinct ({len(names)} names, "
+                  f"{len(set(names))} different); use the official file")
+    return names
 
 
 def parse_cifar(read: Callable[[str], bytes], src: Source, where: str):

@@ -1,15 +1,19 @@
 """Image folders: ``train/<class>/*.png`` and ``test/<class>/`` (or ``val/``), decoded once.
 
 The decoded arrays are cached as an array folder under ``<root>/imagefolders/<key>/``; the key hashes
-the folder's absolute path, the image size and every file's name, size and mtime, so editing the
-folder makes a fresh cache instead of serving stale images.
+the folder's absolute path, the image size and every file's name, size, modification and change
+times, so editing the folder makes a fresh cache instead of serving stale images (and the cache
+of the folder's previous state at that size is deleted).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from PIL import Image, ImageOps
 
 from vitlab.data.arrays import Dataset, is_array_folder, read_array_folder, write_array_folder
 from vitlab.errors import DataFormatError
+from vitlab.io import atomic_write_json
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 log = logging.getLogger("vitlab.data")
@@ -28,30 +33,54 @@ def is_image_folder(path: Path) -> bool:
     return (path / "train").is_dir() and ((path / "test").is_dir() or (path / "val").is_dir())
 
 
+def _class_files(folder: Path) -> list[Path]:
+    """Every file under a class folder, subfolders included (as torchvision's ImageFolder),
+    hidden ones (.DS_Store, ._x.jpg) left out; a broken link is an error, not a skip."""
+    files = []
+    for parent, subdirs, names in os.walk(folder, followlinks=True):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(names):
+            f = Path(parent) / name
+            if name.startswith("."):
+                continue
+            if not f.exists():
+                raise DataFormatError(f"{f}: a broken link; fix or delete it")
+            if f.is_file():
+                files.append(f)
+    return files
+
+
 def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
-    dirs = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    # Class names in NFC: macOS writes folder names decomposed (NFD), other systems composed,
+    # so that one class copied between them keeps one name.
+    dirs = {unicodedata.normalize("NFC", d.name): d for d in sorted(folder.iterdir())
+            if d.is_dir() and not d.name.startswith(".")}
     if not dirs:
         raise DataFormatError(f"{folder}: no class folders; put images in {folder}/<class>/")
-    classes = classes or dirs
+    stray = [f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS]
+    if stray:
+        log.warning("vitlab: skipped %d image(s) lying in %s itself, outside any class folder, "
+                    "e.g. %s", len(stray), folder, sorted(stray)[0].name)
+    classes = classes or sorted(dirs)
     files: list[Path] = []
     labels: list[int] = []
-    for d in dirs:
-        if d not in classes:
+    for name, d in sorted(dirs.items()):
+        if name not in classes:
             raise DataFormatError(
-                f"{folder / d}: class {d!r} is not in the train split; add it there"
+                f"{d}: class {name!r} is not in the train split; add it there"
             )
-        entries = [f for f in (folder / d).iterdir() if f.is_file() and not f.name.startswith(".")]
-        found = sorted(f for f in entries if f.suffix.lower() in EXTENSIONS)
-        skipped = sorted(f for f in entries if f.suffix.lower() not in EXTENSIONS)
+        entries = _class_files(d)
+        found = [f for f in entries if f.suffix.lower() in EXTENSIONS]
+        skipped = [f for f in entries if f.suffix.lower() not in EXTENSIONS]
         if skipped:
             log.warning("vitlab: skipped %d file(s) in %s that are not images vitlab reads (%s), "
-                        "e.g. %s", len(skipped), folder / d, "/".join(EXTENSIONS), skipped[0].name)
+                        "e.g. %s", len(skipped), d, "/".join(EXTENSIONS), skipped[0].name)
         if not found:
             raise DataFormatError(
-                f"{folder / d}: empty class folder; add {'/'.join(EXTENSIONS)} images or remove it"
+                f"{d}: empty class folder; add {'/'.join(EXTENSIONS)} images or remove it"
             )
         files += found
-        labels += [classes.index(d)] * len(found)
+        labels += [classes.index(name)] * len(found)
     return files, labels, classes
 
 
@@ -64,6 +93,10 @@ def to_rgb8(im: Image.Image, where: str = "image") -> Image.Image:
     - palette and grayscale: expanded to RGB (a palette's transparency counts as alpha);
     - alpha: composited over black (a transparent pixel is black whatever colour it stores).
     """
+    bits = getattr(im, "tag_v2", {}).get(258)  # a TIFF's bits per sample
+    if im.mode == "I" and bits and max(bits) > 16:
+        raise DataFormatError(f"{where}: 32-bit integer pixels (mode I); convert it to an 8- or "
+                              "16-bit image")
     im = ImageOps.exif_transpose(im)
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(im, dtype=np.int64)
@@ -109,16 +142,37 @@ def _decode_all(files: list[Path], size: int | None, where: Path) -> np.ndarray:
 def _cache_key(path: Path, size: int | None, files: list[Path]) -> str:
     h = hashlib.sha256(f"{path.resolve()}|{size}|decoder {DECODER_VERSION}".encode())
     for f in files:
+        # The change time too: a copy that keeps modification times (cp -p, rsync -a, tar) can
+        # replace a file by another of its size, but sets the change time to now.
         st = f.stat()
-        h.update(f"|{f.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(f"|{f.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode())
     return h.hexdigest()[:20]
+
+
+SOURCE_FILE = "source.json"  # in each cache: the image folder and size it was decoded for
+
+
+def _drop_older_caches(caches: Path, keep: Path, source: dict) -> None:
+    """Delete the caches of earlier states of the same folder at the same image size: each edit
+    of a folder makes a new cache, as big as its decoded images. Caches of other folders or
+    sizes, and anything without vitlab's source.json, are left alone."""
+    for entry in caches.iterdir():
+        if entry == keep or not entry.is_dir():
+            continue
+        try:
+            recorded = json.loads((entry / SOURCE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if recorded == source:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset:
     test_dir = path / "test" if (path / "test").is_dir() else path / "val"
     train_files, train_labels, classes = _list_split(path / "train", None)
     test_files, test_labels, _ = _list_split(test_dir, classes)
-    cache = root / "imagefolders" / _cache_key(path, image_size, train_files + test_files)
+    caches = root / "imagefolders"
+    cache = caches / _cache_key(path, image_size, train_files + test_files)
     if not is_array_folder(cache):
         x_train = _decode_all(train_files, image_size, path / "train")
         x_test = _decode_all(test_files, image_size, test_dir)
@@ -129,4 +183,7 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
             "test": (x_test, np.asarray(test_labels, dtype=np.int64)),
         }
         write_array_folder(cache, splits, classes)
+        source = {"folder": str(path.resolve()), "image_size": image_size}
+        atomic_write_json(cache / SOURCE_FILE, source)
+        _drop_older_caches(caches, cache, source)
     return read_array_folder(cache, str(path))

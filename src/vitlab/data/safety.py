@@ -26,7 +26,17 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy._core.multiarray", "scalar"): _SCALAR,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
+    # Python 3 writes bytes at protocol 2 as _codecs.encode(text, "latin1"): admitted for that
+    # encoding alone (a batch re-pickled with numpy arrays of bytes, say).
+    ("_codecs", "encode"): lambda text, encoding="utf-8": _latin1_bytes(text, encoding),
 }
+
+
+def _latin1_bytes(text: object, encoding: str) -> bytes:
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafeDataError(f"refused to unpickle _codecs.encode with {encoding!r}: only "
+                              "protocol 2's latin1 bytes are admitted")
+    return text.encode("latin-1")
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -46,8 +56,8 @@ def safe_unpickle(data: bytes, where: str) -> Any:
     """Unpickle CIFAR's python format (encoding='bytes', like the official loader)."""
     try:
         return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except UnsafeDataError:
-        raise
+    except UnsafeDataError as e:
+        raise UnsafeDataError(f"{where}: {e}") from None
     except Exception as e:  # any malformed pickle: the opcodes themselves cannot run code here
         raise DataFormatError(
             f"{where}: not a readable CIFAR pickle ({e}); delete it and retry"

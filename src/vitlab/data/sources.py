@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from vitlab.data.imagefolder import is_image_folder, load_image_folder
 from vitlab.errors import ConfigError, DatasetNotFoundError
 
 ROOT_ENV = "VITLAB_DATA"
+log = logging.getLogger("vitlab.data")
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
@@ -45,6 +47,9 @@ def spec_kind(spec: str | os.PathLike) -> str:
         return "arrays"
     if is_image_folder(path):
         return "images"
+    if not path.exists():
+        raise DatasetNotFoundError(f"{name!r} does not exist, and is not a dataset name "
+                                   f"({', '.join(SOURCES)})")
     if (path / "train").is_dir():  # the most likely slip: an image folder without a test split
         raise DatasetNotFoundError(f"{name!r} has train/ but no test/ or val/ folder: an image "
                                    "folder needs both (test/<class>/ like train/<class>/)")
@@ -72,6 +77,9 @@ def load_dataset(
     name = os.fspath(spec)
     kind = spec_kind(name)
     if kind == "name":
+        if Path(name).is_dir():
+            log.warning("vitlab: %r is read as the dataset of that name, not as the folder "
+                        "./%s; write ./%s for the folder", name, name, name)
         ds = load_named(name.lower(), base, download)
     elif kind == "arrays":
         ds = read_array_folder(Path(name).expanduser())
