@@ -150,6 +150,20 @@ def test_finetune_learns_and_evaluate_agrees(finetuned, data, work):
     assert part["classes"] == classes and part["num_samples"] == int(keep.sum())
     for row in (0, 2):  # airplane, bird: their rows of the whole test set's matrix
         assert part["confusion_matrix"][row] == matrix[row]
+    # The model's first classes (a prefix): still every class it may predict, by its name.
+    prefix = work / "airplane-and-automobile"
+    prefix.mkdir()
+    with np.load(data["cifar10"] / "test.npz") as z:
+        keep = z["y"] < 2
+        np.savez(prefix / "test.npz", x=z["x"][keep], y=z["y"][keep])
+        np.savez(prefix / "train.npz", x=z["x"][keep][:1], y=np.zeros(1, np.int64))
+    (prefix / "classes.json").write_text(json.dumps(classes[:2]))
+    run_cli("evaluate", "--checkpoint", "fine", "--data", prefix, "--batch-size", str(BATCH),
+            "--out", "prefix-eval", cwd=work)
+    part = json.loads((work / "prefix-eval" / "evaluation.json").read_text())
+    assert part["classes"] == classes and part["num_samples"] == int(keep.sum())
+    assert part["confusion_matrix"][:2] == matrix[:2] and not any(map(any, part[
+        "confusion_matrix"][2:]))
     assert f"vitlab-Evaluate: accuracy: {evaluation['accuracy']:.4f}; " in proc.stdout
     assert "samples: 500;" in proc.stdout
 

@@ -404,16 +404,18 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
         raise ConfigError(f"{spec} has {dataset.num_classes} classes but the model predicts "
                           f"{head}")
     classes, test = list(dataset.classes), dataset.test
-    if trained_on and classes != trained_on[: len(classes)]:
+    if trained_on:
         unknown = [c for c in classes if c not in trained_on]
         if unknown:
             raise ConfigError(f"{spec} has classes the model never learned "
                               f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); "
                               f"evaluate on data of its classes ({', '.join(trained_on[:3])}, "
                               "...)")
-        # Some of the model's classes, in another order: its class indices, matched by name.
-        index = torch.tensor([trained_on.index(c) for c in classes])
-        test = Split(test.images, index[test.labels], trained_on)
+        # Some or all of the model's classes, in any order: its class indices, matched by name;
+        # the report has a row and a column for every class the model knows (it may predict any).
+        if classes != trained_on[: len(classes)]:
+            index = torch.tensor([trained_on.index(c) for c in classes])
+            test = Split(test.images, index[test.labels], trained_on)
         classes = trained_on
     _check_positive(batch_size=batch_size, **({} if eval_steps is None
                                               else {"eval_steps": eval_steps}))
