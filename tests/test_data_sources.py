@@ -64,6 +64,15 @@ def test_hand_placed_zip_archive(monkeypatch, tmp_path):
 def test_hand_extracted_folder(tmp_path):
     for name, data in cifar_members(hundred=False).items():
         write_file(tmp_path / "ciFAIR-10" / name, data)
+    folder = tmp_path / "ciFAIR-10"
+    (folder / "data_batch_2").rename(tmp_path / "elsewhere")
+    (folder / "data_batch_2").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DataFormatError, match="data_batch_2 is a link"):
+        load_dataset("cifair10", root=tmp_path, download=False)
+    (folder / "data_batch_2").unlink()
+    with pytest.raises(DataFormatError, match="data_batch_2 is missing"):
+        load_dataset("cifair10", root=tmp_path, download=False)
+    (tmp_path / "elsewhere").rename(folder / "data_batch_2")
     ds = load_dataset("cifair10", root=tmp_path, download=False)
     assert (len(ds.train), len(ds.test)) == (100, 20)
     assert (tmp_path / "cifair10" / "classes.json").is_file()
@@ -154,6 +163,9 @@ def test_image_folder_layouts(tmp_path, caplog):
     assert ds.train.images[:, 0, 0, 0].tolist() == [1, 2, 4]
     assert ds.train.labels.tolist() == [0, 0, 1] and ds.test.labels.tolist() == [0]
     assert "skipped 1 image(s) lying in" in caplog.text and "stray.png" in caplog.text
+    _png(src / "val" / "dog" / "f.png")
+    assert load_dataset(src, root=tmp_path / "root").test.labels.tolist() == [0]
+    assert "has both test/ and val/; vitlab evaluates on test/" in caplog.text
     (src / "train" / "dog" / "gone.png").symlink_to(tmp_path / "nothing.png")
     with pytest.raises(DataFormatError, match="gone.png: a broken link"):
         load_dataset(src, root=tmp_path / "root")

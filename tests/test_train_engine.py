@@ -241,6 +241,15 @@ def test_without_train_steps_an_epoch_is_one_pass(dataset, tmp_path):
     assert fit(tiny_model(), dataset, RECIPE, options(1), tmp_path).global_step == 3
 
 
+def test_one_class_is_refused_before_any_file(tmp_path):
+    split = make_split(8, 0)
+    one = Split(split.images, torch.zeros_like(split.labels), ["only"])
+    with pytest.raises(ConfigError, match="has one class \\(only\\); a classifier learns from "
+                                          "at least 2"):
+        fit(tiny_model(), Dataset("single", one, one), RECIPE, options(1), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_zero_epochs_saves_the_initial_weights(dataset, tmp_path):
     model = tiny_model()
     initial = {k: v.clone() for k, v in model.state_dict().items()}

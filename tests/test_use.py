@@ -273,3 +273,12 @@ def test_predict_from_python(run, pngs):
     model, config, classes = load_run(run)
     top = predict(model, x[:5], classes, top_k=2)
     assert len(top) == 5 and all(len(c) == 2 and p[0] >= p[1] for c, p in top)
+
+
+def test_a_class_name_the_font_lacks_is_one_warning_line(tmp_path, caplog, recwarn):
+    from vitlab.report import plot_confusion_matrix
+
+    plot_confusion_matrix([[1, 0], [0, 1]], ["\u9752", "\u8d64"], tmp_path / "c.png", title="t")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert "c.png shows 2 character(s) its font lacks" in caplog.text
+    assert not [w for w in recwarn if "missing from font" in str(w.message)]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
+import warnings
 from collections.abc import Sequence
 
 import matplotlib
@@ -15,12 +17,24 @@ import numpy as np  # noqa: E402
 from vitlab.io import atomic_write_bytes  # noqa: E402
 from vitlab.train.checkpoint import selection_key  # noqa: E402
 
+log = logging.getLogger("vitlab")
+
 
 def _save(figure, path: str | os.PathLike) -> None:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
+    # matplotlib warns once per missing character, naming its own source line; one line instead.
+    missing = sorted({str(w.message) for w in caught if "missing from font" in str(w.message)})
+    if missing:
+        log.warning("vitlab: %s shows %d character(s) its font lacks as boxes (class names in "
+                    "another script?); the JSON/text outputs have them", path, len(missing))
+    for w in caught:
+        if "missing from font" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def plot_curves(records: Sequence[dict], path: str | os.PathLike) -> None:

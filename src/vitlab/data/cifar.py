@@ -155,7 +155,10 @@ def _from_archive(path: Path, src: Source):
 def _from_folder(path: Path, src: Source):
     def read(member: str) -> bytes:
         f = path / member
-        if not f.is_file() or f.is_symlink():
+        if f.is_symlink():
+            raise DataFormatError(f"{f} is a link; vitlab reads the extracted archive's own "
+                                  "files: copy the file there, or re-extract the archive")
+        if not f.is_file():
             raise DataFormatError(
                 f"{f} is missing; re-extract the official archive into {path.parent}"
             )

@@ -169,6 +169,9 @@ def _drop_older_caches(caches: Path, keep: Path, source: dict) -> None:
 
 def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset:
     test_dir = path / "test" if (path / "test").is_dir() else path / "val"
+    if test_dir.name == "test" and (path / "val").is_dir():
+        log.warning("vitlab: %s has both test/ and val/; vitlab evaluates on test/ and leaves "
+                    "val/ unused", path)
     train_files, train_labels, classes = _list_split(path / "train", None)
     test_files, test_labels, _ = _list_split(test_dir, classes)
     caches = root / "imagefolders"

@@ -441,6 +441,9 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     checkpoint on Ctrl-C or SIGTERM, `TrainingDiverged` on a NaN/inf loss.
     """
     run_dir = Path(run_dir)
+    if dataset.num_classes < 2:  # every prediction right, the loss 0: nothing to learn
+        raise ConfigError(f"{dataset.name} has one class ({dataset.classes[0]}); a classifier "
+                          "learns from at least 2")
     distributed.setup(options.device)
     device = resolve_device(options.device)
     autocast_dtype = resolve_precision(options.precision, device)
