@@ -440,6 +440,18 @@ def test_a_file_system_without_modes_still_gets_atomic_writes(tmp_path, monkeypa
         assert len(os.listdir("/proc/self/fd")) == opened
 
 
+def test_a_failed_atomic_write_names_the_file_asked_for(tmp_path):
+    """Not the temp file beside it: that name means nothing to the user."""
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(IsADirectoryError) as caught:
+        vitlab_io.atomic_write_bytes(tmp_path / "folder.json", b"{}")
+    assert caught.value.filename == str(tmp_path / "folder.json")
+    with pytest.raises(FileNotFoundError) as caught:
+        vitlab_io.atomic_write_bytes(tmp_path / "no" / "f.json", b"{}")
+    assert caught.value.filename == str(tmp_path / "no" / "f.json")
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
 def test_read_run_config_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):
         ckpt.read_run_config(tmp_path / "nope")

@@ -22,7 +22,7 @@ from vitlab.data import BatchLoader, SeedAugment
 from vitlab.data.arrays import Split
 from vitlab.model import ViT, ViTConfig
 from vitlab.predict import find_images, predict
-from vitlab.runs import load_run
+from vitlab.runs import load_run, predict_images
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import evaluate
 
@@ -80,7 +80,30 @@ def test_predicting_png_files_equals_the_model_on_the_same_pixels(run, pngs, tmp
     assert hits / N_IMAGES == evaluate(model, loader)["accuracy"]
 
 
-def test_images_as_users_have_them_and_a_file_that_is_not_one(run, pngs, tmp_path, capfd):
+def broken_png(path: Path, pixels: np.ndarray) -> None:
+    """A PNG whose image data goes on in a chunk of a garbage type: Pillow raises SyntaxError."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    data = buffer.getvalue()
+    start = data.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", data[start:start + 4])
+    body = data[start + 8:start + 8 + length]
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload)
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    half = len(body) // 2
+    path.write_bytes(data[:start] + chunk(b"IDAT", body[:half])
+                     + chunk(b"\xbd\xd7b\x85", body[half:]) + data[start + 12 + length:])
+
+
+def test_images_as_users_have_them_and_a_file_that_is_not_one(run, pngs, tmp_path, capfd,
+                                                               caplog):
     folder, x, _ = pngs
     mixed = tmp_path / "mixed"
     (mixed / "deeper").mkdir(parents=True)
@@ -91,20 +114,36 @@ def test_images_as_users_have_them_and_a_file_that_is_not_one(run, pngs, tmp_pat
     Image.fromarray(x[3]).convert("P").save(mixed / "deeper" / "palette.gif")
     Image.fromarray(x[4][..., 0].astype(np.uint16) * 257).save(mixed / "sixteen.png")
     (mixed / "notes.png").write_text("not an image")
+    broken_png(mixed / "torn.png", x[5])
+    Image.fromarray(x[6]).save(mixed / "no-extension", format="PNG")
+    linked = tmp_path / "linked"  # a linked subfolder is followed
+    linked.mkdir()
+    Image.fromarray(x[7]).save(linked / "via-link.png")
+    (mixed / "deeper" / "link").symlink_to(linked, target_is_directory=True)
+    (mixed / "deeper" / "loop").symlink_to(mixed, target_is_directory=True)  # read once
     out = tmp_path / "p.csv"
     capfd.readouterr()
     code = main(["predict", "--checkpoint", str(run), str(mixed), str(folder / "0*.png"),
                  "--output", str(out), "--device", "cpu"])
     captured = capfd.readouterr()
-    assert code == 1  # one file skipped
+    assert code == 1  # files skipped
+    assert (f"vitlab: left out 1 file(s) in {mixed} without an image extension (.png/.jpg/"
+            ".jpeg/.webp/.bmp/.gif/.tif/.tiff), e.g. no-extension; name a file to try it"
+            in caplog.text)
     assert captured.err.strip().splitlines() == [
-        f"vitlab predict: skipped {(mixed / 'notes.png').resolve()}: not an image vitlab can "
-        f"read (cannot identify image file '{(mixed / 'notes.png').resolve()}')"]
+        f"vitlab predict: skipped {mixed / 'notes.png'}: not an image vitlab can "
+        f"read (cannot identify image file '{mixed / 'notes.png'}')",
+        f"vitlab predict: skipped {mixed / 'torn.png'}: not an image vitlab can read (broken "
+        "PNG file (chunk b'\\xbd\\xd7b\\x85'))"]
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     names = sorted(Path(r["path"]).name for r in rows)
     assert names == sorted(["big.jpg", "gray.png", "alpha.png", "palette.gif", "sixteen.png",
-                            *(f"{i:02d}.png" for i in range(10))])
+                            "via-link.png", *(f"{i:02d}.png" for i in range(10))])
+    # A file named by a link is reported under the name given, once with its target.
+    (tmp_path / "alias.png").symlink_to(folder / "00.png")
+    report = predict_images(run, [tmp_path / "alias.png", folder / "00.png"], device="cpu")
+    assert [Path(p.path).name for p in report.predictions] == ["alias.png"]
     assert all(0 <= float(r["probability_1"]) <= 1 for r in rows)
     # Nothing readable: exit 2; an empty folder and a missing path are reported, not fatal.
     (tmp_path / "empty").mkdir()
@@ -189,6 +228,13 @@ def test_attention_command_writes_a_png_per_image_and_a_grid(run, pngs, tmp_path
     assert main(["attention", "--checkpoint", str(run), str(clash), "--out", str(tmp_path / "c"),
                  "--device", "cpu"]) == 0
     assert len(list((tmp_path / "c").glob("*.attention.png"))) == 3
+    # Maps written into the input folder are not read back as inputs by the next run.
+    for _ in range(2):
+        assert main(["attention", "--checkpoint", str(run), str(clash), "--out", str(clash),
+                     "--device", "cpu"]) == 0
+    assert sorted(p.name for p in clash.iterdir()) == sorted([
+        "a.png", "a-2.png", "a.jpg", "a-2.attention.png", "a.attention.png",
+        "a-2-2.attention.png", "attention_grid.png"])
 
 
 # --- ONNX ----------------------------------------------------------------------------------------
@@ -260,7 +306,21 @@ def test_bad_inputs_are_one_line_errors(run, pngs, tmp_path, capfd):
          "would replace the config.json of the run in"),
         (["export", "--checkpoint", run, "--format", "onnx", "--out", tmp_path / "m.safetensors"],
          "is named like a --format timm file; name it m.onnx"),
+        # Nor over its evaluation; and an unusable output is found before the work.
+        (["export", "--checkpoint", run, "--out", run / "evaluation" / "evaluation.json"],
+         "would replace a file of the evaluation of the run in"),
+        (["predict", "--checkpoint", run, folder, "--output",
+          run / "evaluation" / "evaluation.json"],
+         "would replace a file of the evaluation of the run in"),
+        (["predict", "--checkpoint", run, folder, "--output", tmp_path / "dir.json"],
+         "is a folder; give a .csv or .json file name"),
+        (["evaluate", "--checkpoint", run, "--out", tmp_path / "afile", "--no-download"],
+         "is a file, not a folder; choose another --out"),
     ]
+    (tmp_path / "dir.json").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (run / "evaluation").mkdir(exist_ok=True)
+    (run / "evaluation" / "evaluation.json").write_text("{}")
     for argv, message in cases:
         capfd.readouterr()
         assert main([str(a) for a in argv]) == 2, argv

@@ -9,6 +9,7 @@ the model's device. A file that cannot be read is reported and skipped, never fa
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from vitlab.data.augment import SeedAugment
-from vitlab.data.imagefolder import EXTENSIONS, to_rgb8
+from vitlab.data.imagefolder import EXTENSIONS, decode_image, walk_files
 from vitlab.errors import DataFormatError
 from vitlab.model import ViT
+
+log = logging.getLogger("vitlab")
 
 
 @dataclass
@@ -38,16 +40,24 @@ class PredictionReport:
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Image files named by `inputs` (files, folders searched recursively for image files, or
-    glob patterns), in order without repeats; and the inputs that matched nothing."""
+    """Image files named by `inputs` (files, folders searched recursively for image files,
+    linked subfolders included, or glob patterns), in order without repeats (a file named twice,
+    or by a link, counts once, under the name first given); and the inputs that matched nothing.
+    Files a folder holds without an image extension are left out, with a warning."""
     found: list[Path] = []
     missing: list[tuple[str, str]] = []
     for item in inputs:
         text = os.fspath(item)
         path = Path(text).expanduser()
         if path.is_dir():
-            matches = sorted(p for p in path.rglob("*")
-                             if p.is_file() and p.suffix.lower() in EXTENSIONS)
+            files, broken = walk_files(path)
+            missing += [(str(f), "a broken link") for f in broken]
+            matches = [p for p in files if p.suffix.lower() in EXTENSIONS]
+            others = [p for p in files if p.suffix.lower() not in EXTENSIONS]
+            if others:  # a note, as the training reader gives, not a failed input
+                log.warning("vitlab: left out %d file(s) in %s without an image extension "
+                            "(%s), e.g. %s; name a file to try it", len(others), text,
+                            "/".join(EXTENSIONS), others[0].name)
             if not matches:
                 missing.append((text, f"no image files ({'/'.join(EXTENSIONS)}) in the folder"))
         elif path.is_file():
@@ -61,19 +71,19 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[t
             matches = []
             missing.append((text, "no such file or folder"))
         found += matches
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    return unique, missing
+    unique: dict[Path, Path] = {}
+    for p in found:
+        unique.setdefault(p.resolve(), Path(os.path.abspath(p)))
+    return list(unique.values()), missing
 
 
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     """uint8 [size, size, 3]: decoded as the training image folders are, resized bicubic."""
     try:
-        with Image.open(path) as image:
-            image = to_rgb8(image, str(path))
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(image, dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return decode_image(path, size)
+    except DataFormatError:
+        raise
+    except Exception as e:  # Pillow's decoders raise many kinds (SyntaxError for a bad chunk)
         raise DataFormatError(f"{path}: not an image vitlab can read ({e})") from None
 
 

@@ -392,6 +392,9 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     saved = ckpt.read_run_config(run_dir)
     weights_file = run_dir / ckpt.WEIGHT_FILES[SETTINGS["weights"].check(weights)]
     model, config, trained_on = load_run(run_dir, weights, device="cpu")
+    out_dir = Path(out) if out is not None else run_dir / "evaluation"
+    if distributed.is_main_process():
+        check_writable(out_dir)  # before the work, not after it
     spec = os.fspath(data) if data is not None else saved.data
     if image_size is None and data_spec(spec) == saved.data:
         image_size = saved.image_size
@@ -437,8 +440,6 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
               "classes": classes + [f"(unused {i})" for i in range(shown, head)], **result}
     if not distributed.is_main_process():
         return report
-    out_dir = Path(out) if out is not None else run_dir / "evaluation"
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "evaluation.json", report)
     matrix = [row[:shown] for row in result["confusion_matrix"][:shown]]
     plot_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
@@ -481,7 +482,10 @@ def _prediction_output(output: PathLike | None) -> Path | None:
         raise ConfigError(f"--output {path}: give a .csv or .json file name")
     if not path.parent.is_dir():
         raise ConfigError(f"--output {path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"--output {path} is a folder; give a .csv or .json file name")
     ckpt.refuse_run_file(path, "--output")
+    check_writable(path.parent, "--output")  # before the work, not after it
     return path
 
 
@@ -545,6 +549,10 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
     out = Path(out)
     check_writable(out)
     paths, skipped = find_images(inputs)
+    # A folder searched again after a first run (or an --out inside it) holds this command's
+    # own PNGs: outputs, not inputs.
+    paths = [p for p in paths if p.parent.resolve() != out.resolve()
+             or not (p.name.endswith(".attention.png") or p.name == "attention_grid.png")]
     names, images, unreadable = load_images(paths, config.model.image_size)
     skipped += unreadable
     written, rollouts, titles = [], [], []
@@ -557,7 +565,7 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
         logits, attentions = attention_weights(model, inputs_)
         flows = as_grid(rollout(attentions)).float().cpu().numpy()
         heads = as_grid(last_layer_cls(attentions)).float().cpu().numpy()
-        best = logits.softmax(dim=1)[:, : len(classes)].max(dim=1)
+        best = logits[:, : len(classes)].softmax(dim=1).max(dim=1)  # as `predict` gives it
         for i in range(len(batch)):
             index = start + i
             image, path = images[index], names[index]
@@ -654,16 +662,16 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
                         **data_options)
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, flag: str = "--out") -> None:
     """Create `folder` and write a file in it, or a one-line error that says what to do."""
     if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{folder} is a file, not a folder; choose another --out")
+        raise ConfigError(f"{folder} is a file, not a folder; choose another {flag}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise ConfigError(f"cannot write to {folder} ({e.strerror or e}); choose another --out "
+        raise ConfigError(f"cannot write to {folder} ({e.strerror or e}); choose another {flag} "
                           "or fix its permissions") from None
 
 

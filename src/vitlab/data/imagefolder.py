@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import unicodedata
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,21 +34,25 @@ def is_image_folder(path: Path) -> bool:
     return (path / "train").is_dir() and ((path / "test").is_dir() or (path / "val").is_dir())
 
 
-def _class_files(folder: Path) -> list[Path]:
-    """Every file under a class folder, subfolders included (as torchvision's ImageFolder),
-    hidden ones (.DS_Store, ._x.jpg) left out; a broken link is an error, not a skip."""
-    files = []
+def walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files, broken links) under `folder`, sorted, subfolders included and linked ones
+    followed (each real folder once, so a link loop ends), hidden files and folders (.DS_Store,
+    ._x.jpg, .git) left out."""
+    files, broken, seen = [], [], set()
     for parent, subdirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:
+            subdirs[:] = []
+            continue
+        seen.add(real)
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(names):
+        for name in sorted(n for n in names if not n.startswith(".")):
             f = Path(parent) / name
-            if name.startswith("."):
-                continue
-            if not f.exists():
-                raise DataFormatError(f"{f}: a broken link; fix or delete it")
             if f.is_file():
                 files.append(f)
-    return files
+            elif not f.exists():
+                broken.append(f)
+    return files, broken
 
 
 def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
@@ -69,7 +74,10 @@ def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[Path], li
             raise DataFormatError(
                 f"{d}: class {name!r} is not in the train split; add it there"
             )
-        entries = _class_files(d)
+        # Subfolders count, as in torchvision's ImageFolder; a broken link is an error, not a skip.
+        entries, broken = walk_files(d)
+        if broken:
+            raise DataFormatError(f"{broken[0]}: a broken link; fix or delete it")
         found = [f for f in entries if f.suffix.lower() in EXTENSIONS]
         skipped = [f for f in entries if f.suffix.lower() not in EXTENSIONS]
         if skipped:
@@ -116,14 +124,25 @@ def to_rgb8(im: Image.Image, where: str = "image") -> Image.Image:
     return im.convert("RGB")
 
 
-def _decode(path: Path, size: int | None) -> np.ndarray:
-    try:
+def decode_image(path: Path | str, size: int | None) -> np.ndarray:
+    """uint8 [H, W, 3] of an image file (`to_rgb8`), resized bicubic to size x size if given.
+    Images above Pillow's decompression-bomb warning size (89 MP) are decoded without its
+    warning: the user's own files; twice that size is still refused."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             im = to_rgb8(im, str(path))
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BICUBIC)
             return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+
+
+def _decode(path: Path, size: int | None) -> np.ndarray:
+    try:
+        return decode_image(path, size)
+    except DataFormatError:
+        raise
+    except Exception as e:  # Pillow's decoders raise many kinds (SyntaxError for a bad chunk)
         raise DataFormatError(f"{path}: unreadable image ({e}); fix or delete it") from e
 
 

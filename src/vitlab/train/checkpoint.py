@@ -181,11 +181,18 @@ def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
 
 
 def refuse_run_file(path: str | os.PathLike, flag: str) -> None:
-    """A command's output file must never replace a file of a vitlab run directory."""
+    """A command's output file must never replace a file of a vitlab run directory: one of its
+    own files (written yet or not), or one of its evaluation/ (a run's, or a `vitlab run`
+    pipeline's)."""
     path = Path(path)
     if path.name in (*RUN_FILES, LOCK) and _holds_run_config(path.parent):
         raise ConfigError(f"{flag} {path} would replace the {path.name} of the run in "
                           f"{path.parent}; write it elsewhere")
+    owner = path.absolute().parent.parent
+    if path.exists() and path.parent.name == "evaluation" and (
+            _holds_run_config(owner) or _holds_run_config(owner / "pretrain")):
+        raise ConfigError(f"{flag} {path} would replace a file of the evaluation of the run in "
+                          f"{owner}; write it elsewhere")
 
 
 def _holds_run_config(run_dir: Path) -> bool:
