@@ -62,6 +62,7 @@ def test_a_batch_repickled_by_python3_at_protocol_2_loads(monkeypatch, tmp_path)
     """Protocol 2 writes bytes as _codecs.encode(text, 'latin1'): admitted for latin1 alone."""
     members = cifar_members(hundred=False)
     expected = pickle.loads(members["data_batch_2"])
+    expected[b"batch_label"], expected[b"empty"] = b"training batch 2 of 5", b""
     members["data_batch_2"] = pickle.dumps(expected, protocol=2)
     assert b"_codecs" in members["data_batch_2"]
     _place(monkeypatch, tmp_path, "cifar10", make_tar(members, "cifar-10-batches-py"))
@@ -76,6 +77,12 @@ def test_a_batch_repickled_by_python3_at_protocol_2_loads(monkeypatch, tmp_path)
                 return (__import__("_codecs").encode, ("abc", other))
         with pytest.raises(UnsafeDataError, match="only protocol 2's latin1"):
             safe_unpickle(pickle.dumps(Encoded(), protocol=2), "x")
+
+    class Allocation:
+        def __reduce__(self):
+            return (bytes, (10**12,))
+    with pytest.raises(DataFormatError, match="not a readable CIFAR pickle"):
+        safe_unpickle(pickle.dumps(Allocation(), protocol=2), "x")  # bytes(n): refused
 
 
 def test_repeated_class_names_are_refused_before_any_cache(monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,10 @@ def test_image_folder_layouts(tmp_path, caplog):
     _png(src / "val" / "dog" / "f.png")
     assert load_dataset(src, root=tmp_path / "root").test.labels.tolist() == [0]
     assert "has both test/ and val/; vitlab evaluates on test/" in caplog.text
+    _png(src / "train" / "cafe\u0301" / "g.png")  # beside its composed twin: which is it?
+    with pytest.raises(DataFormatError, match="two class folders are both named 'caf\u00e9'"):
+        load_dataset(src, root=tmp_path / "root")
+    shutil.rmtree(src / "train" / "cafe\u0301")
     (src / "train" / "dog" / "gone.png").symlink_to(tmp_path / "nothing.png")
     with pytest.raises(DataFormatError, match="gone.png: a broken link"):
         load_dataset(src, root=tmp_path / "root")

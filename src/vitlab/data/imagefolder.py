@@ -58,8 +58,13 @@ def walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
 def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
     # Class names in NFC: macOS writes folder names decomposed (NFD), other systems composed,
     # so that one class copied between them keeps one name.
-    dirs = {unicodedata.normalize("NFC", d.name): d for d in sorted(folder.iterdir())
-            if d.is_dir() and not d.name.startswith(".")}
+    found_dirs = [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    dirs = {unicodedata.normalize("NFC", d.name): d for d in found_dirs}
+    if len(dirs) < len(found_dirs):
+        twice = next(n for n in dirs if sum(unicodedata.normalize("NFC", d.name) == n
+                                            for d in found_dirs) > 1)
+        raise DataFormatError(f"{folder}: two class folders are both named {twice!r} (one in "
+                              "composed, one in decomposed Unicode); merge them")
     if not dirs:
         raise DataFormatError(f"{folder}: no class folders; put images in {folder}/<class>/")
     stray = [f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS]

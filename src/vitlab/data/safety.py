@@ -26,9 +26,10 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy._core.multiarray", "scalar"): _SCALAR,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    # Python 3 writes bytes at protocol 2 as _codecs.encode(text, "latin1"): admitted for that
-    # encoding alone (a batch re-pickled with numpy arrays of bytes, say).
+    # Python 3 writes bytes at protocol 2 as _codecs.encode(text, "latin1"), admitted for that
+    # encoding alone, and b"" as bytes(), admitted without arguments (bytes(n) would allocate n).
     ("_codecs", "encode"): lambda text, encoding="utf-8": _latin1_bytes(text, encoding),
+    ("__builtin__", "bytes"): lambda: b"",  # the name protocol 2 writes (Python 2's module)
 }
 
 
