@@ -342,3 +342,27 @@ def test_a_class_name_the_font_lacks_is_one_warning_line(tmp_path, caplog, recwa
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert "c.png shows 2 character(s) its font lacks" in caplog.text
     assert not [w for w in recwarn if "missing from font" in str(w.message)]
+
+
+def test_attention_titles_give_predicts_probability_for_a_head_wider_than_the_classes(
+        run, pngs, tmp_path, monkeypatch):
+    """A 12-way head on 10 named classes (as --num-classes gives): both commands spread the
+    probability over the 10 named classes."""
+    from vitlab.runs import attention_maps
+
+    folder, _, _ = pngs
+    wide = tmp_path / "wide"
+    shutil.copytree(run, wide)
+    config = json.loads((wide / "config.json").read_text())
+    config["model"]["num_classes"] = 12
+    (wide / "config.json").write_text(json.dumps(config))
+    weights = ckpt.load_weights(run / "model.safetensors")
+    weights["head.weight"] = torch.cat([weights["head.weight"], weights["head.weight"][:2]])
+    weights["head.bias"] = torch.cat([weights["head.bias"], weights["head.bias"][:2] + 3.0])
+    ckpt.save_weights(wide / "model.safetensors", weights)
+    (top,) = predict_images(wide, [folder / "00.png"], top_k=1, device="cpu").predictions
+    titles = []
+    monkeypatch.setattr("vitlab.report.plot_attention",
+                        lambda image, flow, heads, target, title: titles.append(title))
+    attention_maps(wide, [folder / "00.png"], tmp_path / "maps", device="cpu")
+    assert titles == [f"00.png: {top.classes[0]} ({top.probabilities[0]:.2f})"]
