@@ -109,7 +109,8 @@ def main() -> None:
         took = time.perf_counter() - start
         steps = result.global_step
         rows.append((name, model_name, model.num_parameters(), seconds, steps,
-                     min(steps * chosen.batch_size, epochs * len(dataset.train)), took,
+                     steps * chosen.batch_size if args.epochs is None
+                     else epochs * len(dataset.train), took,
                      result.best_accuracy, result.last_eval["accuracy"],
                      result.last_eval["num_samples"]))
         print(f"{name}:{model_name} done in {took:.0f} s", flush=True)

@@ -289,6 +289,9 @@ def bad_runs(pretrained, finetuned, work) -> dict[str, Path]:
 BAD_INPUTS = {
     "unknown flag": (["pretrain", "--bogus"],
                      "pretrain: error: unrecognized arguments: --bogus (see vitlab pretrain --help)"),
+    "unknown flag before the command": (["--bogus", "pretrain"],
+                                        "vitlab: error: unrecognized arguments: --bogus (see "
+                                        "vitlab --help)"),
     "negative epochs": (["pretrain", "--epochs", "-1", "--model", "micro", "--data", "{c10}"],
                         "epochs must be >= 0"),
     "zero batch": (["pretrain", "--batch-size", "0"], "batch size"),

@@ -116,6 +116,12 @@ def test_unknown_spec(tmp_path, monkeypatch, caplog):
     with pytest.raises(DatasetNotFoundError, match="download=False"):
         load_dataset("cifar10", root=tmp_path / "root", download=False)
     assert "write ./cifar10 for the folder" in caplog.text
+    caplog.clear()  # run from inside the data root, ./cifar10 is the name's own cache: no warning
+    (tmp_path / "root" / "cifar10").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "root")
+    with pytest.raises(DatasetNotFoundError, match="download=False"):
+        load_dataset("cifar10", root=tmp_path / "root", download=False)
+    assert "write ./cifar10" not in caplog.text
 
 
 def _png(path: Path, size=(10, 10), color=(10, 20, 30), mode="RGB") -> None:
@@ -171,6 +177,10 @@ def test_image_folder_layouts(tmp_path, caplog):
     with pytest.raises(DataFormatError, match="two class folders are both named 'caf\u00e9'"):
         load_dataset(src, root=tmp_path / "root")
     shutil.rmtree(src / "train" / "cafe\u0301")
+    # A link back up (to train/, or to /) would take in the other classes, or everything.
+    (src / "train" / "dog" / "up").symlink_to(src / "train", target_is_directory=True)
+    (src / "train" / "dog" / "root").symlink_to("/", target_is_directory=True)
+    assert load_dataset(src, root=tmp_path / "root").train.labels.tolist() == [0, 0, 1]
     (src / "train" / "dog" / "gone.png").symlink_to(tmp_path / "nothing.png")
     with pytest.raises(DataFormatError, match="gone.png: a broken link"):
         load_dataset(src, root=tmp_path / "root")

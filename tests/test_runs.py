@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from cli_helpers import SHARED_DATA, assert_one_error_line, assert_same_tensors, load_weights
 from vitlab.cli import main
-from vitlab.data import BatchLoader, Dataset, SeedAugment
+from vitlab.data import BatchLoader, Dataset, SeedAugment, arrays
 from vitlab.data.arrays import Split
 from vitlab.data.augment import AUGMENTATIONS
 from vitlab.errors import CheckpointError, ConfigError
@@ -356,3 +356,17 @@ def test_the_ema_is_what_fine_tuning_transfers_in_the_pipeline(data_root, tmp_pa
     for name, tensor in averaged.items():
         if name.startswith("encoder.") or name in ("cls_token", "position_embedding"):
             assert torch.equal(start[name], tensor), name
+
+
+def test_the_pipeline_refuses_one_class_data_before_pretraining(data_root, tmp_path):
+    single = tmp_path / "single"
+    with np.load(data_root / "cifar10" / "train.npz") as z:
+        x = z["x"][:8]
+    arrays.write_array_folder(single, {s: (x, np.zeros(8, np.int64)) for s in arrays.SPLITS},
+                              ["cat"])
+    out = tmp_path / "tutorial"
+    with pytest.raises(ConfigError, match="has one class \\(cat\\); a classifier learns from"):
+        run_pipeline(pretrain_data="cifar10", finetune_data=str(single), out=out, model="micro",
+                     epochs=1, train_steps_per_epoch=2, batch_size=8, device="cpu",
+                     no_progress=True, quiet=True, no_download=True, data_root=str(data_root))
+    assert not (out / "pretrain").exists()

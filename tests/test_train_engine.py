@@ -452,6 +452,19 @@ def test_a_failed_atomic_write_names_the_file_asked_for(tmp_path):
     assert not list(tmp_path.rglob(".*.tmp"))
 
 
+def test_an_output_never_replaces_a_run_evaluation_given_relative(tmp_path, monkeypatch,
+                                                                 dataset):
+    fit(tiny_model(), dataset, RECIPE, options(0), tmp_path / "run",
+        RunConfig(kind="pretrain", model=CONFIG, recipe=RECIPE, data="tiny", classes=CLASSES,
+                  options=options(0)))
+    (tmp_path / "run" / "evaluation").mkdir()
+    (tmp_path / "run" / "evaluation" / "evaluation.json").write_text("{}")
+    monkeypatch.chdir(tmp_path / "run" / "evaluation")
+    with pytest.raises(ConfigError, match="would replace a file of the evaluation of the run"):
+        ckpt.refuse_run_file("evaluation.json", "--output")
+    ckpt.refuse_run_file("other.json", "--output")  # a new file beside it is fine
+
+
 def test_read_run_config_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):
         ckpt.read_run_config(tmp_path / "nope")

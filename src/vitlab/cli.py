@@ -336,8 +336,11 @@ def _lost_a_peer(error: RuntimeError) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # named by the command's parser, which argparse leaves to the top one
-        parser_of = parser.command_parsers[args.command] if args.command else parser
+    if unknown:  # named by the command's parser (argparse leaves it to the top one)
+        tokens = list(sys.argv[1:] if argv is None else argv)
+        after_command = args.command is not None and unknown[0] in tokens[
+            tokens.index(args.command) + 1:]
+        parser_of = parser.command_parsers[args.command] if after_command else parser
         parser_of.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()

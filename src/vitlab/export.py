@@ -28,17 +28,13 @@ _SUFFIXES = {".onnx": "onnx", ".safetensors": "timm"}  # a file named for the ot
 
 
 def _check_target(path: Path, suffix: str) -> None:
-    from vitlab.train.checkpoint import refuse_run_file
+    from vitlab.train.checkpoint import check_output_file
 
-    if path.is_dir():
-        raise ConfigError(f"{path} is a folder; give the file's name, e.g. {path}/model{suffix}")
-    if not path.parent.is_dir():
-        raise ConfigError(f"cannot write {path}: the folder {path.parent} does not exist")
     named_for = _SUFFIXES.get(path.suffix.lower())
     if named_for is not None and path.suffix.lower() != suffix:
         raise ConfigError(f"{path} is named like a --format {named_for} file; name it "
                           f"{path.with_suffix(suffix).name}")
-    refuse_run_file(path, "--out")
+    check_output_file(path, "--out", f"give the file's name, e.g. {path}/model{suffix}")
 
 
 def export_timm(model: ViT, path: str | os.PathLike, class_names: Sequence[str]) -> Path:

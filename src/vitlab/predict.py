@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vitlab.data.augment import SeedAugment
-from vitlab.data.imagefolder import EXTENSIONS, decode_image, walk_files
+from vitlab.data.imagefolder import EXTENSIONS, read_image, walk_files
 from vitlab.errors import DataFormatError
 from vitlab.model import ViT
 
@@ -50,8 +50,8 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[t
         text = os.fspath(item)
         path = Path(text).expanduser()
         if path.is_dir():
-            files, broken = walk_files(path)
-            missing += [(str(f), "a broken link") for f in broken]
+            files, problems = walk_files(path)
+            missing += [(str(f), why) for f, why in problems]
             matches = [p for p in files if p.suffix.lower() in EXTENSIONS]
             others = [p for p in files if p.suffix.lower() not in EXTENSIONS]
             if others:  # a note, as the training reader gives, not a failed input
@@ -73,18 +73,13 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[t
         found += matches
     unique: dict[Path, Path] = {}
     for p in found:
-        unique.setdefault(p.resolve(), Path(os.path.abspath(p)))
+        unique.setdefault(p.resolve(), p.absolute())  # not abspath(): a/link/.. need not be a/
     return list(unique.values()), missing
 
 
 def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
     """uint8 [size, size, 3]: decoded as the training image folders are, resized bicubic."""
-    try:
-        return decode_image(path, size)
-    except DataFormatError:
-        raise
-    except Exception as e:  # Pillow's decoders raise many kinds (SyntaxError for a bad chunk)
-        raise DataFormatError(f"{path}: not an image vitlab can read ({e})") from None
+    return read_image(path, size, what="not an image vitlab can read", advice="")
 
 
 def load_images(paths: Sequence[Path], size: int

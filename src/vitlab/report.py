@@ -20,21 +20,30 @@ from vitlab.train.checkpoint import selection_key  # noqa: E402
 log = logging.getLogger("vitlab")
 
 
+# Each missing glyph is a warning on every save (counted below), not once per process.
+warnings.filterwarnings("always", message=".*missing from font")
+
+
 def _save(figure, path: str | os.PathLike) -> None:
     buffer = io.BytesIO()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    missing, show = [], warnings.showwarning
+
+    def count_glyphs(message, category, filename, lineno, file=None, line=None):
+        if "missing from font" in str(message):
+            missing.append(str(message))
+        else:  # any other warning as Python would show it
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = count_glyphs
+    try:
         figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    finally:
+        warnings.showwarning = show
+        plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
-    # matplotlib warns once per missing character, naming its own source line; one line instead.
-    missing = sorted({str(w.message) for w in caught if "missing from font" in str(w.message)})
-    if missing:
+    if missing:  # matplotlib warns per character, naming its own source line; one line instead
         log.warning("vitlab: %s shows %d character(s) its font lacks as boxes (class names in "
-                    "another script?); the JSON/text outputs have them", path, len(missing))
-    for w in caught:
-        if "missing from font" not in str(w.message):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                    "another script?); the JSON/text outputs have them", path, len(set(missing)))
 
 
 def plot_curves(records: Sequence[dict], path: str | os.PathLike) -> None:

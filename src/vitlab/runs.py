@@ -16,6 +16,7 @@ import dataclasses
 import os
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from vitlab.settings import SETTINGS, check_settings, pick
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.engine import (
     FitResult,
+    check_learnable,
     evaluate,
     fit,
     repair_run_weights,
@@ -408,6 +410,10 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
                           f"{head}")
     classes, test = list(dataset.classes), dataset.test
     if trained_on:
+        # By name in NFC: a run trained before image folders' names were normalized may hold
+        # a macOS folder's decomposed names.
+        classes = [unicodedata.normalize("NFC", c) for c in classes]
+        trained_on = [unicodedata.normalize("NFC", c) for c in trained_on]
         unknown = [c for c in classes if c not in trained_on]
         if unknown:
             raise ConfigError(f"{spec} has classes the model never learned "
@@ -480,12 +486,7 @@ def _prediction_output(output: PathLike | None) -> Path | None:
     path = Path(output)
     if path.suffix.lower() not in (".csv", ".json"):
         raise ConfigError(f"--output {path}: give a .csv or .json file name")
-    if not path.parent.is_dir():
-        raise ConfigError(f"--output {path}: the folder {path.parent} does not exist")
-    if path.is_dir():
-        raise ConfigError(f"--output {path} is a folder; give a .csv or .json file name")
-    ckpt.refuse_run_file(path, "--output")
-    check_writable(path.parent, "--output")  # before the work, not after it
+    ckpt.check_output_file(path, "--output", "give a .csv or .json file name")
     return path
 
 
@@ -637,6 +638,7 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
                 for spec in (pretrain_data, finetune_data)]
     for dataset, spec in zip(datasets, (pretrain_data, finetune_data), strict=True):
         check_fits(dataset, config, spec, on_device)
+        check_learnable(dataset)
     if num_classes is not None and num_classes < datasets[1].num_classes:
         raise ConfigError(f"--num-classes {num_classes} is smaller than the "
                           f"{datasets[1].num_classes} classes of {finetune_data}")
@@ -662,16 +664,16 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
                         **data_options)
 
 
-def check_writable(folder: Path, flag: str = "--out") -> None:
+def check_writable(folder: Path) -> None:
     """Create `folder` and write a file in it, or a one-line error that says what to do."""
     if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{folder} is a file, not a folder; choose another {flag}")
+        raise ConfigError(f"{folder} is a file, not a folder; choose another --out")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise ConfigError(f"cannot write to {folder} ({e.strerror or e}); choose another {flag} "
+        raise ConfigError(f"cannot write to {folder} ({e.strerror or e}); choose another --out "
                           "or fix its permissions") from None
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -34,14 +35,22 @@ def is_image_folder(path: Path) -> bool:
     return (path / "train").is_dir() and ((path / "test").is_dir() or (path / "val").is_dir())
 
 
-def walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(files, broken links) under `folder`, sorted, subfolders included and linked ones
-    followed (each real folder once, so a link loop ends), hidden files and folders (.DS_Store,
-    ._x.jpg, .git) left out."""
-    files, broken, seen = [], [], set()
-    for parent, subdirs, names in os.walk(folder, followlinks=True):
+def walk_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(files, problems) under `folder`, sorted, subfolders included and linked ones followed,
+    hidden files and folders (.DS_Store, ._x.jpg, .git) left out. Each real folder is read once
+    and a link back to the folder or above it is not followed (a loop, or a class folder that
+    would take in its siblings); problems are (path, why): a broken link, an unreadable folder."""
+    root = os.path.realpath(folder)
+    files: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    seen: set[str] = set()
+
+    def unreadable(error: OSError) -> None:
+        problems.append((Path(error.filename), f"an unreadable folder ({error.strerror})"))
+
+    for parent, subdirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(parent)
-        if real in seen:
+        if real in seen or (real != root and os.path.commonpath([real, root]) == real):
             subdirs[:] = []
             continue
         seen.add(real)
@@ -51,8 +60,8 @@ def walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
             if f.is_file():
                 files.append(f)
             elif not f.exists():
-                broken.append(f)
-    return files, broken
+                problems.append((f, "a broken link"))
+    return files, problems
 
 
 def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
@@ -80,9 +89,9 @@ def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[Path], li
                 f"{d}: class {name!r} is not in the train split; add it there"
             )
         # Subfolders count, as in torchvision's ImageFolder; a broken link is an error, not a skip.
-        entries, broken = walk_files(d)
-        if broken:
-            raise DataFormatError(f"{broken[0]}: a broken link; fix or delete it")
+        entries, problems = walk_files(d)
+        if problems:
+            raise DataFormatError(f"{problems[0][0]}: {problems[0][1]}; fix or delete it")
         found = [f for f in entries if f.suffix.lower() in EXTENSIONS]
         skipped = [f for f in entries if f.suffix.lower() not in EXTENSIONS]
         if skipped:
@@ -142,13 +151,19 @@ def decode_image(path: Path | str, size: int | None) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8)
 
 
-def _decode(path: Path, size: int | None) -> np.ndarray:
+def read_image(path: Path | str, size: int | None, what: str = "unreadable image",
+               advice: str = "; fix or delete it") -> np.ndarray:
+    """decode_image, any failure a one-line DataFormatError: "{path}: {what} (why){advice}"."""
     try:
         return decode_image(path, size)
     except DataFormatError:
         raise
     except Exception as e:  # Pillow's decoders raise many kinds (SyntaxError for a bad chunk)
-        raise DataFormatError(f"{path}: unreadable image ({e}); fix or delete it") from e
+        raise DataFormatError(f"{path}: {what} ({e}){advice}") from None
+
+
+def _decode(path: Path, size: int | None) -> np.ndarray:
+    return read_image(path, size)
 
 
 def _decode_all(files: list[Path], size: int | None, where: Path) -> np.ndarray:
@@ -177,9 +192,9 @@ SOURCE_FILE = "source.json"  # in each cache: the image folder and size it was d
 
 
 def _drop_older_caches(caches: Path, keep: Path, source: dict) -> None:
-    """Delete the caches of earlier states of the same folder at the same image size: each edit
-    of a folder makes a new cache, as big as its decoded images. Caches of other folders or
-    sizes, and anything without vitlab's source.json, are left alone."""
+    """Delete the caches of earlier states of the same folder at the same image size, made on
+    this host: each edit of a folder makes a new cache, as big as its decoded images. Caches of
+    other folders, sizes or hosts, and anything without vitlab's source.json, are left alone."""
     for entry in caches.iterdir():
         if entry == keep or not entry.is_dir():
             continue
@@ -210,7 +225,10 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
             "test": (x_test, np.asarray(test_labels, dtype=np.int64)),
         }
         write_array_folder(cache, splits, classes)
-        source = {"folder": str(path.resolve()), "image_size": image_size}
+        # The host too: node-local copies of a folder (their own change times, so their own
+        # caches) under one shared data root must not delete each other's cache.
+        source = {"folder": str(path.resolve()), "image_size": image_size,
+                  "host": socket.gethostname()}
         atomic_write_json(cache / SOURCE_FILE, source)
         _drop_older_caches(caches, cache, source)
     return read_array_folder(cache, str(path))

@@ -77,7 +77,7 @@ def load_dataset(
     name = os.fspath(spec)
     kind = spec_kind(name)
     if kind == "name":
-        if Path(name).is_dir():
+        if Path(name).is_dir() and Path(name).resolve() != (base / name.lower()).resolve():
             log.warning("vitlab: %r is read as the dataset of that name, not as the folder "
                         "./%s; write ./%s for the folder", name, name, name)
         ds = load_named(name.lower(), base, download)

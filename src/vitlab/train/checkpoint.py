@@ -16,6 +16,7 @@ import os
 import pickle
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -180,6 +181,23 @@ def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
             path.unlink()
 
 
+def check_output_file(path: Path, flag: str, how_to_name: str) -> None:
+    """A file a command is about to write, checked before its work: not a folder (how_to_name
+    says what to give instead), in a folder that exists and takes files, never a run's own file
+    (`refuse_run_file`)."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; {how_to_name}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag} {path}: the folder {path.parent} does not exist")
+    refuse_run_file(path, flag)
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write to {path.parent} ({e.strerror or e}); choose another "
+                          f"{flag} or fix its permissions") from None
+
+
 def refuse_run_file(path: str | os.PathLike, flag: str) -> None:
     """A command's output file must never replace a file of a vitlab run directory: one of its
     own files (written yet or not), or one of its evaluation/ (a run's, or a `vitlab run`
@@ -188,8 +206,9 @@ def refuse_run_file(path: str | os.PathLike, flag: str) -> None:
     if path.name in (*RUN_FILES, LOCK) and _holds_run_config(path.parent):
         raise ConfigError(f"{flag} {path} would replace the {path.name} of the run in "
                           f"{path.parent}; write it elsewhere")
-    owner = path.absolute().parent.parent
-    if path.exists() and path.parent.name == "evaluation" and (
+    folder = path.absolute().parent
+    owner = folder.parent
+    if path.exists() and folder.name == "evaluation" and (
             _holds_run_config(owner) or _holds_run_config(owner / "pretrain")):
         raise ConfigError(f"{flag} {path} would replace a file of the evaluation of the run in "
                           f"{owner}; write it elsewhere")

@@ -430,6 +430,14 @@ def _head_size(model: nn.Module, dataset: Dataset) -> int:
     return getattr(config, "num_classes", dataset.num_classes)
 
 
+def check_learnable(dataset: Dataset) -> None:
+    """A dataset a classifier can learn from: two classes at least (with one, every prediction
+    is right and the loss 0)."""
+    if dataset.num_classes < 2:
+        raise ConfigError(f"{dataset.name} has one class ({dataset.classes[0]}); a classifier "
+                          "learns from at least 2")
+
+
 def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOptions,
         run_dir: str | Path, run_config: RunConfig | None = None, resume: bool = False
         ) -> FitResult:
@@ -441,9 +449,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     checkpoint on Ctrl-C or SIGTERM, `TrainingDiverged` on a NaN/inf loss.
     """
     run_dir = Path(run_dir)
-    if dataset.num_classes < 2:  # every prediction right, the loss 0: nothing to learn
-        raise ConfigError(f"{dataset.name} has one class ({dataset.classes[0]}); a classifier "
-                          "learns from at least 2")
+    check_learnable(dataset)
     distributed.setup(options.device)
     device = resolve_device(options.device)
     autocast_dtype = resolve_precision(options.precision, device)
