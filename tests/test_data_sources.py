@@ -186,6 +186,26 @@ def test_image_folder_layouts(tmp_path, caplog):
         load_dataset(src, root=tmp_path / "root")
 
 
+def test_an_unreadable_class_subfolder_is_named_not_taken_for_empty(tmp_path, monkeypatch):
+    import os
+
+    src = tmp_path / "imgs"
+    _png(src / "train" / "a" / "1.png")
+    _png(src / "train" / "a" / "locked" / "2.png")
+    _png(src / "test" / "a" / "3.png")
+    scandir = os.scandir
+
+    def refusing(path="."):  # as root, chmod cannot take the permission away: pretend
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(DataFormatError, match="locked: an unreadable folder \\(Permission "
+                                              "denied\\); fix or delete it"):
+        load_dataset(src, root=tmp_path / "root")
+
+
 def test_image_folder_cache_follows_files_replaced_with_their_times_kept(tmp_path):
     """cp -p / rsync -a / tar keep a file's size and modification time: the cache must still
     see that the images changed, and a folder's superseded caches go."""
