@@ -225,3 +225,14 @@ def test_bad_policy_settings_are_clear_errors():
         aa.TrivialAugmentWide()(x, torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError, match="RGB"):
         aa.apply_op("color", x, torch.ones(2, dtype=torch.float64), torch.zeros(1, dtype=torch.uint8))
+
+
+def test_both_histogram_forms_count_every_level():
+    """The CPU's bincount and the scatter-add (the default off the CPU) against NumPy."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (5, 3, 7, 9), generator=g, dtype=torch.uint8)
+    x[0, 1] = 255  # a flat channel at the top level
+    expected = np.stack([[np.bincount(x[i, c].numpy().ravel(), minlength=256) for c in range(3)]
+                         for i in range(5)])
+    for scatter in (False, True):
+        assert np.array_equal(aa.histogram(x, scatter=scatter).numpy(), expected)

@@ -70,9 +70,15 @@ def apply_luts(x: Tensor, lut: Tensor) -> Tensor:
     return torch.gather(lut.to(torch.uint8).expand(n, c, 256), 2, flat).view(x.shape)
 
 
-def histogram(x: Tensor) -> Tensor:
-    """Per image and channel histograms [n,C,256] (int64) of uint8 images [n,C,H,W]."""
+def histogram(x: Tensor, scatter: bool | None = None) -> Tensor:
+    """Per image and channel histograms [n,C,256] (int64) of uint8 images [n,C,H,W]: one
+    bincount of the levels offset per image and channel, or (`scatter`, the default off the
+    CPU) a scatter-add, which never waits on the host."""
     n, c = x.shape[:2]
+    if not (x.device.type != "cpu" if scatter is None else scatter):
+        offsets = torch.arange(0, n * c * 256, 256, dtype=torch.int32).view(n, c, 1, 1)
+        return torch.bincount((x.int() + offsets).view(-1), minlength=n * c * 256).view(
+            n, c, 256)
     flat = x.reshape(n * c, -1).long()
     # A scatter, not torch.bincount: on CUDA bincount reads its input's max back to the host.
     counts = torch.zeros(n * c, 256, dtype=torch.int64, device=x.device)
