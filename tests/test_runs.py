@@ -370,3 +370,25 @@ def test_the_pipeline_refuses_one_class_data_before_pretraining(data_root, tmp_p
                      epochs=1, train_steps_per_epoch=2, batch_size=8, device="cpu",
                      no_progress=True, quiet=True, no_download=True, data_root=str(data_root))
     assert not (out / "pretrain").exists()
+
+
+def test_run_with_a_recipe_file_fine_tunes_with_the_companion_recipe(data_root, tmp_path, capfd):
+    """`vitlab recipes vitlab` lists every value of the recipe: in `vitlab run --config`, those
+    equal to the recipe's own are no change, so the fine-tuning keeps vitlab-finetune's; a value
+    edited in the file applies to both stages."""
+    assert main(["recipes", "vitlab"]) == 0
+    text = capfd.readouterr().out.replace("label-smoothing: 0.1", "label-smoothing: 0.2")
+    (tmp_path / "vitlab.yaml").write_text(text)
+    flags = ["--model", "micro", "--epochs", "1", "--finetune-epochs", "1",
+             "--train-steps-per-epoch", "2", "--batch-size", "8", "--device", "cpu",
+             "--no-progress", "--no-download", "--data-root", str(data_root)]
+    for name, given in (("file", ["--config", str(tmp_path / "vitlab.yaml")]),
+                        ("flags", ["--recipe", "vitlab", "--label-smoothing", "0.2"])):
+        out = tmp_path / name
+        assert main(["run", *given, "--pretrain-data", "cifar10", "--finetune-data", "cifar10",
+                     "--out", str(out), *flags]) == 0, capfd.readouterr().err
+        fine = ckpt.read_run_config(out / "finetune").recipe
+        companion = recipe("vitlab-finetune")
+        assert fine.name == "vitlab-finetune" and fine.label_smoothing == 0.2
+        assert (fine.lr, fine.warmup_epochs, fine.augment) == (
+            companion.lr, companion.warmup_epochs, companion.augment), name

@@ -621,9 +621,15 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
     name = settings.get("recipe", "seed")
     model = model or recipe_model(name)
     # The fine-tuning stage takes the recipe's fine-tuning companion (vitlab -> vitlab-finetune);
-    # other settings given apply to both stages.
-    fine_settings = {**settings, **({"recipe": FINETUNE_RECIPES[name]}
-                                    if name in FINETUNE_RECIPES else {})}
+    # other settings given apply to both stages. A recipe value equal to the named recipe's own
+    # is no change (a file from `vitlab recipes vitlab` lists them all): the companion keeps its.
+    fine_settings = dict(settings)
+    if name in FINETUNE_RECIPES:
+        named = recipe(name)
+        fine_settings = {key: value for key, value in settings.items()
+                         if SETTINGS[key].role != "recipe" or key == "recipe"
+                         or value != getattr(named, SETTINGS[key].field or key)}
+        fine_settings["recipe"] = FINETUNE_RECIPES[name]
     keeps_ema = {}
     for kind, stage in (("pretrain", settings), ("finetune", fine_settings)):
         stage_recipe, options = _recipe_and_options(stage, kind)  # both stages' settings valid
