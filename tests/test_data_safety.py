@@ -83,6 +83,14 @@ def test_a_batch_repickled_by_python3_at_protocol_2_loads(monkeypatch, tmp_path)
             return (bytes, (10**12,))
     with pytest.raises(DataFormatError, match="not a readable CIFAR pickle"):
         safe_unpickle(pickle.dumps(Allocation(), protocol=2), "x")  # bytes(n): refused
+    # One remembered 10 kB string encoded 1,000 times: 10 MB from a pickle of ~16 kB. The
+    # opcodes: remember _codecs.encode and (text, "latin1") as 0 and 1, then 1,000 calls.
+    text = b"x" * 10_000
+    amplified = (b"\x80\x02c_codecs\nencode\nq\x000X" + len(text).to_bytes(4, "little") + text
+                 + b"X\x06\x00\x00\x00latin1\x86q\x010(" + b"h\x00h\x01R" * 1000 + b"l.")
+    assert len(pickle.loads(amplified)) == 1000  # what plain pickle would build
+    with pytest.raises(UnsafeDataError, match="encode to more bytes than the file holds"):
+        safe_unpickle(amplified, "x")
 
 
 def test_repeated_class_names_are_refused_before_any_cache(monkeypatch, tmp_path):

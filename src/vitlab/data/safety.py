@@ -26,24 +26,25 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy._core.multiarray", "scalar"): _SCALAR,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    # Python 3 writes bytes at protocol 2 as _codecs.encode(text, "latin1"), admitted for that
-    # encoding alone, and b"" as bytes(), admitted without arguments (bytes(n) would allocate n).
-    ("_codecs", "encode"): lambda text, encoding="utf-8": _latin1_bytes(text, encoding),
+    # b"" at protocol 2 is bytes(), admitted without arguments (bytes(n) would allocate n).
     ("__builtin__", "bytes"): lambda: b"",  # the name protocol 2 writes (Python 2's module)
 }
 
 
-def _latin1_bytes(text: object, encoding: str) -> bytes:
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise UnsafeDataError(f"refused to unpickle _codecs.encode with {encoding!r}: only "
-                              "protocol 2's latin1 bytes are admitted")
-    return text.encode("latin-1")
-
-
 class RestrictedUnpickler(pickle.Unpickler):
-    """Admits plain containers, numbers, strings, bytes and numpy arrays - nothing else."""
+    """Admits plain containers, numbers, strings, bytes and numpy arrays - nothing else.
+
+    Python 3 writes bytes at protocol 2 as _codecs.encode(text, "latin1"): admitted for that
+    encoding alone, and for no more bytes in all than the pickle holds (a pickle that encoded
+    one remembered string again and again could allocate many times its own size)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data), encoding="bytes")
+        self._encodable = len(data)
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return self._latin1_bytes
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
@@ -52,11 +53,21 @@ class RestrictedUnpickler(pickle.Unpickler):
                 "the file is not a genuine CIFAR batch, delete it"
             ) from None
 
+    def _latin1_bytes(self, text: object, encoding: str = "utf-8") -> bytes:
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise UnsafeDataError(f"refused to unpickle _codecs.encode with {encoding!r}: only "
+                                  "protocol 2's latin1 bytes are admitted")
+        self._encodable -= len(text)
+        if self._encodable < 0:
+            raise UnsafeDataError("refused to unpickle: its strings encode to more bytes than "
+                                  "the file holds (one string used again and again)")
+        return text.encode("latin-1")
+
 
 def safe_unpickle(data: bytes, where: str) -> Any:
     """Unpickle CIFAR's python format (encoding='bytes', like the official loader)."""
     try:
-        return RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+        return RestrictedUnpickler(data).load()
     except UnsafeDataError as e:
         raise UnsafeDataError(f"{where}: {e}") from None
     except Exception as e:  # any malformed pickle: the opcodes themselves cannot run code here
