@@ -392,3 +392,61 @@ def test_run_with_a_recipe_file_fine_tunes_with_the_companion_recipe(data_root, 
         assert fine.name == "vitlab-finetune" and fine.label_smoothing == 0.2
         assert (fine.lr, fine.warmup_epochs, fine.augment) == (
             companion.lr, companion.warmup_epochs, companion.augment), name
+
+
+def test_vitlab_run_called_again_keeps_what_its_stages_were_trained_with(data_root, tmp_path,
+                                                                         capfd):
+    """A second call checks only what it names, uses the data and model the stages were started
+    with, evaluates and transfers the EMA a kept stage has, and finds foreign files up front."""
+    flags = ["--model", "micro", "--epochs", "1", "--finetune-epochs", "1",
+             "--train-steps-per-epoch", "2", "--batch-size", "8", "--device", "cpu",
+             "--no-progress", "--no-download", "--data-root", str(data_root)]
+    data = ["--pretrain-data", "cifar10", "--finetune-data", "cifar10"]
+    out = tmp_path / "tutorial"
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = main(["run", *argv])
+        return code, capfd.readouterr().err
+
+    assert run(*data, *flags, "--ema-decay", "0.5", "--image-size", "32", "--out",
+               str(out)) == (0, "")
+    first = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert first["checkpoint"].endswith(ckpt.EMA_WEIGHTS)
+    # Without --ema-decay and --image-size: both stages kept, the same evaluation.
+    assert run(*data, *flags, "--out", str(out)) == (0, "")
+    assert json.loads((out / "evaluation" / "evaluation.json").read_text()) == first
+    # The data and model of the saved stages, without naming them; a moved OUT goes on.
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    shutil.rmtree(moved / "finetune")  # fine-tuned again (its data named), from the kept EMA
+    code, err = run("--resume", str(moved), "--finetune-data", "cifar10", "--no-download",
+                    "--data-root", str(data_root), "--device", "cpu", "--no-progress",
+                    "--finetune-epochs", "1", "--train-steps-per-epoch", "2", "--batch-size", "8")
+    assert (code, err) == (0, ""), err
+    assert ckpt.read_run_config(moved / "finetune").init.weights == ckpt.EMA_WEIGHTS
+    # --resume of nothing, or with --overwrite: refused, nothing trained.
+    code, err = run("--resume", str(tmp_path / "typo"), *flags)
+    assert code == 2 and "--resume" in err and "is not a directory" in err
+    code, err = run("--resume", str(out), "--overwrite", *flags)
+    assert code == 2 and "give one of them" in err
+    assert not (tmp_path / "typo").exists()
+    # Foreign files in the second stage or the evaluation: refused before pre-training.
+    for folder, name in (("finetune", "log.txt"), ("evaluation", "evaluation.json")):
+        other = tmp_path / f"foreign-{folder}"
+        (other / folder).mkdir(parents=True)
+        (other / folder / name).write_text("my notes")
+        code, err = run(*data, *flags, "--out", str(other))
+        assert code == 2 and (other / folder / name).read_text() == "my notes", err
+        assert not (other / "pretrain" / ckpt.WEIGHTS).exists()
+
+
+def test_an_explicit_finetune_budget_reaches_the_vitlab_companion(data_root, tmp_path, capfd):
+    flags = ["--recipe", "vitlab", "--model", "micro", "--epochs", "1",
+             "--train-steps-per-epoch", "2", "--batch-size", "8", "--device", "cpu",
+             "--no-progress", "--no-download", "--data-root", str(data_root),
+             "--pretrain-data", "cifar10", "--finetune-data", "cifar10", "--out",
+             str(tmp_path / "t")]
+    assert main(["run", *flags, "--finetune-epochs", "2"]) == 0, capfd.readouterr().err
+    capfd.readouterr()
+    assert main(["run", *flags, "--finetune-epochs", "1"]) == 2  # vitlab's own value, but given
+    assert "--finetune-epochs 1 differs from the run in" in capfd.readouterr().err

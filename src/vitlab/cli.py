@@ -203,6 +203,12 @@ def _train(args: argparse.Namespace) -> None:
     resume_dir = getattr(args, "resume", None)
     if command == "run":
         if resume_dir is not None:
+            if not Path(resume_dir).is_dir():
+                raise ConfigError(f"--resume {resume_dir} is not a directory; give the --out of "
+                                  "the vitlab run to continue")
+            if given.get("overwrite"):
+                raise ConfigError("--resume continues a pipeline and --overwrite redoes it; "
+                                  "give one of them")
             if "out" in given and Path(given["out"]).resolve() != Path(resume_dir).resolve():
                 raise ConfigError(f"--out {given['out']} and --resume {resume_dir} name two "
                                   "pipelines; give one of them")

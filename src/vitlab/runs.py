@@ -13,6 +13,7 @@ arguments named like the flags (`lr=0.01`, `batch_size=128`, `train_steps_per_ep
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -601,7 +602,8 @@ def export_run(run_dir: PathLike, out: PathLike, *, format: str = "onnx",
     return export_onnx(model, out, classes)
 
 
-def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLike = "cifair10",
+def run_pipeline(*, pretrain_data: PathLike | None = None,
+                 finetune_data: PathLike | None = None,
                  out: PathLike = "runs/tutorial", model: str | None = None,
                  num_classes: int | None = None, image_size: int | None = None,
                  **settings: Any) -> dict:
@@ -610,7 +612,9 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
 
     Everything that can fail (settings, both datasets, their fit to the model, the output
     directories) is checked before pre-training starts. Called again on the same `out`, it
-    continues: a finished stage is kept (its settings must match), an unfinished one resumes.
+    continues: a finished stage is kept (its settings must match), an unfinished one resumes;
+    the data and model it was started with are used unless given (default: cifair100 ->
+    cifair10, the recipe's model).
     """
     settings = check_settings(settings, "run")
     distributed.setup(settings.get("device", "auto"))
@@ -618,22 +622,33 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
     if distributed.broadcast_object((out / ckpt.CONFIG).is_file()):
         raise ConfigError(f"{out} holds a run of its own ({ckpt.CONFIG}); vitlab run writes "
                           "pretrain/, finetune/ and evaluation/ under --out: choose another --out")
+    pre_dir, fine_dir = out / "pretrain", out / "finetune"
+    saved = {kind: _saved_stage(folder, settings) for kind, folder in
+             (("pretrain", pre_dir), ("finetune", fine_dir))}
+    pretrain_data = pretrain_data or (saved["pretrain"].data if saved["pretrain"] else "cifair100")
+    finetune_data = finetune_data or (saved["finetune"].data if saved["finetune"] else "cifair10")
     name = settings.get("recipe", "seed")
-    model = model or recipe_model(name)
+    # What this call names is checked against kept stages; a default it never gave is not.
+    named_model = {"model": model} if model is not None else {}
+    named_size = {"image_size": image_size} if image_size is not None else {}
+    model = model or (saved["pretrain"].model_preset if saved["pretrain"] and saved[
+        "pretrain"].model_preset else recipe_model(name))
     # The fine-tuning stage takes the recipe's fine-tuning companion (vitlab -> vitlab-finetune);
     # other settings given apply to both stages. A recipe value equal to the named recipe's own
     # is no change (a file from `vitlab recipes vitlab` lists them all): the companion keeps its.
+    # The epoch budgets always reach it: each stage reads its own.
     fine_settings = dict(settings)
     if name in FINETUNE_RECIPES:
         named = recipe(name)
         fine_settings = {key: value for key, value in settings.items()
-                         if SETTINGS[key].role != "recipe" or key == "recipe"
+                         if SETTINGS[key].role != "recipe" or key in _PIPELINE_KEEPS
                          or value != getattr(named, SETTINGS[key].field or key)}
         fine_settings["recipe"] = FINETUNE_RECIPES[name]
     keeps_ema = {}
     for kind, stage in (("pretrain", settings), ("finetune", fine_settings)):
         stage_recipe, options = _recipe_and_options(stage, kind)  # both stages' settings valid
-        keeps_ema[kind] = stage_recipe.ema_decay > 0
+        # A stage already there keeps (and is evaluated with) what it was trained with.
+        keeps_ema[kind] = (saved[kind].recipe if saved[kind] else stage_recipe).ema_decay > 0
     if keeps_ema["pretrain"]:
         fine_settings["weights"] = "ema"  # transfer the averaged encoder, as it was kept
     config = preset(model, num_classes=1)
@@ -651,14 +666,20 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
     for folder in ("pretrain", "finetune", "evaluation"):
         check_writable(out / folder)
     # What each stage will do, decided (and its settings checked) before anything trains.
-    pre_dir, fine_dir = out / "pretrain", out / "finetune"
-    pre_plan = _plan_stage(pre_dir, "pretrain", data=pretrain_data, model=model,
-                           image_size=image_size, **settings)
+    pre_plan = _plan_stage(pre_dir, "pretrain", data=pretrain_data, **named_model, **named_size,
+                           **settings)
     head = {"num_classes": num_classes} if num_classes is not None else {}
-    fine_plan = _plan_stage(fine_dir, "finetune", data=finetune_data, source=pre_dir,
-                            image_size=image_size, **head, **fine_settings)
+    # Its encoder source is OUT/pretrain by construction, checked by identity below (not by
+    # path: a copied or moved OUT continues).
+    fine_plan = _plan_stage(fine_dir, "finetune", data=finetune_data, **named_size, **head,
+                            **fine_settings)
     if fine_plan[0] != "start":
         _check_fine_tuned_from_current(fine_dir, pre_dir, pre_plan[0])
+    if distributed.is_main_process():  # files no vitlab run wrote, refused now, not later
+        for folder, (action, _) in ((pre_dir, pre_plan), (fine_dir, fine_plan)):
+            if action == "start":
+                ckpt.check_fresh_run_dir(folder, settings.get("overwrite", False))
+        _check_evaluation_dir(out / "evaluation", settings.get("overwrite", False))
     pre = _run_stage(pre_dir, "pretrain", pre_plan, lambda: pretrain(
         data=pretrain_data, out=pre_dir, model=model, image_size=image_size, **settings))
     fine = _run_stage(fine_dir, "finetune", fine_plan, lambda: finetune(
@@ -667,7 +688,35 @@ def run_pipeline(*, pretrain_data: PathLike = "cifair100", finetune_data: PathLi
                         weights="ema" if keeps_ema["finetune"] else "last",
                         device=settings.get("device", "auto"),
                         precision=settings.get("precision", "auto"), image_size=image_size,
-                        **data_options)
+                        quiet=settings.get("quiet", False), **data_options)
+
+
+def _check_evaluation_dir(folder: Path, overwrite: bool) -> None:
+    """The pipeline's evaluation.json is replaced only when vitlab wrote it (or --overwrite)."""
+    path = folder / "evaluation.json"
+    if overwrite or not path.exists():
+        return
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        ours = isinstance(report, dict) and {"checkpoint", "accuracy"} <= report.keys()
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise ConfigError(f"{path} is not a vitlab evaluation; choose another --out, or pass "
+                          "--overwrite to replace it")
+
+
+# Recipe settings that reach vitlab run's fine-tuning stage even when equal to the recipe's own.
+_PIPELINE_KEEPS = ("recipe", "epochs", "finetune_epochs")
+
+
+def _saved_stage(run_dir: Path, settings: dict[str, Any]) -> RunConfig | None:
+    """The RunConfig of a stage that a pipeline call would keep or resume (None if it would
+    start it: none there, or --overwrite)."""
+    if settings.get("overwrite") or not distributed.broadcast_object(
+            (run_dir / ckpt.CONFIG).is_file()):
+        return None
+    return ckpt.read_run_config(run_dir)
 
 
 def check_writable(folder: Path) -> None:
@@ -696,10 +745,9 @@ def _plan_stage(run_dir: Path, kind: str, **settings: Any) -> tuple[str, dict[st
     run there, or --overwrite), "keep" (finished, with the same settings) or "resume". A changed
     setting is refused here, before anything trains. A kept stage's weight files are brought up
     to its trainer state (a kill between the two writes), since the next stage reads them."""
-    if settings.get("overwrite") or not distributed.broadcast_object(
-            (run_dir / ckpt.CONFIG).is_file()):
+    saved = _saved_stage(run_dir, settings)
+    if saved is None:
         return "start", {}
-    saved = ckpt.read_run_config(run_dir)
     if saved.kind != kind:
         raise ConfigError(f"{run_dir} holds a {saved.kind} run, not the {kind} stage of "
                           "vitlab run; choose another --out")
@@ -743,7 +791,7 @@ def _check_fine_tuned_from_current(fine_dir: Path, pre_dir: Path, pre_action: st
     init = ckpt.read_run_config(fine_dir).init
     if init is None or init.sha256 is None:  # written before vitlab recorded its source
         return
-    source = Path(init.path) / init.weights
+    source = pre_dir / init.weights
     if ckpt.file_sha256(source) != init.sha256:
         steps = f" (step {init.step} then, step {ckpt.weights_step(source)} now)"
         raise ConfigError(f"{fine_dir} was fine-tuned from {init.weights} of {pre_dir}, which "

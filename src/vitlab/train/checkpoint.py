@@ -164,6 +164,18 @@ def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
     """
     run_dir = Path(run_dir)
     remove_temp_files(run_dir)
+    for name in check_fresh_run_dir(run_dir, overwrite):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def check_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> list[str]:
+    """The leftovers a new run in `run_dir` would replace, or the error `prepare_fresh_run_dir`
+    gives for them; deletes nothing (`vitlab run` checks its second stage before the first)."""
+    run_dir = Path(run_dir)
     leftovers = [name for name in (*RUN_FILES, *RUN_DIRS) if (run_dir / name).exists()]
     if leftovers and not overwrite and has_checkpoint(run_dir):
         raise CheckpointError(
@@ -173,12 +185,7 @@ def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
         raise CheckpointError(
             f"{run_dir} holds {leftovers[0]}, which is not from a vitlab run (that this version "
             "can read); choose another --out, or pass --overwrite to replace it")
-    for name in leftovers:
-        path = run_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    return leftovers
 
 
 def check_output_file(path: Path, flag: str, how_to_name: str) -> None:
