@@ -396,8 +396,8 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     weights_file = run_dir / ckpt.WEIGHT_FILES[SETTINGS["weights"].check(weights)]
     model, config, trained_on = load_run(run_dir, weights, device="cpu")
     out_dir = Path(out) if out is not None else run_dir / "evaluation"
-    if distributed.is_main_process():
-        check_writable(out_dir)  # before the work, not after it
+    distributed.together(  # before the work, not after it; rank 0 writes, every rank hears
+        lambda: check_writable(out_dir) if distributed.is_main_process() else None)
     spec = os.fspath(data) if data is not None else saved.data
     if image_size is None and data_spec(spec) == saved.data:
         image_size = saved.image_size
@@ -675,11 +675,16 @@ def run_pipeline(*, pretrain_data: PathLike | None = None,
                             **fine_settings)
     if fine_plan[0] != "start":
         _check_fine_tuned_from_current(fine_dir, pre_dir, pre_plan[0])
-    if distributed.is_main_process():  # files no vitlab run wrote, refused now, not later
+    overwrite = settings.get("overwrite", False)
+
+    def check_leftovers() -> None:  # files no vitlab run wrote: refused now, not later
         for folder, (action, _) in ((pre_dir, pre_plan), (fine_dir, fine_plan)):
             if action == "start":
-                ckpt.check_fresh_run_dir(folder, settings.get("overwrite", False))
-        _check_evaluation_dir(out / "evaluation", settings.get("overwrite", False))
+                ckpt.check_fresh_run_dir(folder, overwrite)
+        _check_evaluation_dir(out / "evaluation", overwrite)
+
+    # Rank 0 looks; a refusal there reaches every process (none is left waiting).
+    distributed.together(lambda: check_leftovers() if distributed.is_main_process() else None)
     pre = _run_stage(pre_dir, "pretrain", pre_plan, lambda: pretrain(
         data=pretrain_data, out=pre_dir, model=model, image_size=image_size, **settings))
     fine = _run_stage(fine_dir, "finetune", fine_plan, lambda: finetune(
