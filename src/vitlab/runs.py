@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 import unicodedata
 from collections.abc import Callable
@@ -631,8 +630,8 @@ def run_pipeline(*, pretrain_data: PathLike | None = None,
     # What this call names is checked against kept stages; a default it never gave is not.
     named_model = {"model": model} if model is not None else {}
     named_size = {"image_size": image_size} if image_size is not None else {}
-    model = model or (saved["pretrain"].model_preset if saved["pretrain"] and saved[
-        "pretrain"].model_preset else recipe_model(name))
+    saved_model = saved["pretrain"].model_preset if saved["pretrain"] else None
+    model = model or saved_model or recipe_model(name)
     # The fine-tuning stage takes the recipe's fine-tuning companion (vitlab -> vitlab-finetune);
     # other settings given apply to both stages. A recipe value equal to the named recipe's own
     # is no change (a file from `vitlab recipes vitlab` lists them all): the companion keeps its.
@@ -666,15 +665,15 @@ def run_pipeline(*, pretrain_data: PathLike | None = None,
     for folder in ("pretrain", "finetune", "evaluation"):
         check_writable(out / folder)
     # What each stage will do, decided (and its settings checked) before anything trains.
-    pre_plan = _plan_stage(pre_dir, "pretrain", data=pretrain_data, **named_model, **named_size,
-                           **settings)
+    pre_plan = _plan_stage(pre_dir, "pretrain", saved["pretrain"], data=pretrain_data,
+                           **named_model, **named_size, **settings)
     head = {"num_classes": num_classes} if num_classes is not None else {}
     # Its encoder source is OUT/pretrain by construction, checked by identity below (not by
     # path: a copied or moved OUT continues).
-    fine_plan = _plan_stage(fine_dir, "finetune", data=finetune_data, **named_size, **head,
-                            **fine_settings)
+    fine_plan = _plan_stage(fine_dir, "finetune", saved["finetune"], data=finetune_data,
+                            **named_size, **head, **fine_settings)
     if fine_plan[0] != "start":
-        _check_fine_tuned_from_current(fine_dir, pre_dir, pre_plan[0])
+        _check_fine_tuned_from_current(fine_dir, saved["finetune"], pre_dir, pre_plan[0])
     overwrite = settings.get("overwrite", False)
 
     def check_leftovers() -> None:  # files no vitlab run wrote: refused now, not later
@@ -730,11 +729,10 @@ def check_writable(folder: Path) -> None:
         raise ConfigError(f"{folder} is a file, not a folder; choose another --out")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
     except OSError as e:
         raise ConfigError(f"cannot write to {folder} ({e.strerror or e}); choose another --out "
                           "or fix its permissions") from None
+    ckpt.check_takes_files(folder, "--out")
 
 
 def _finished(run_dir: Path, saved: RunConfig) -> bool:
@@ -745,12 +743,13 @@ def _finished(run_dir: Path, saved: RunConfig) -> bool:
     return progress.epoch >= saved.options.epochs
 
 
-def _plan_stage(run_dir: Path, kind: str, **settings: Any) -> tuple[str, dict[str, Any]]:
-    """What `run_pipeline` does with one stage, and the settings to resume it with: "start" (no
-    run there, or --overwrite), "keep" (finished, with the same settings) or "resume". A changed
-    setting is refused here, before anything trains. A kept stage's weight files are brought up
-    to its trainer state (a kill between the two writes), since the next stage reads them."""
-    saved = _saved_stage(run_dir, settings)
+def _plan_stage(run_dir: Path, kind: str, saved: RunConfig | None, **settings: Any
+                ) -> tuple[str, dict[str, Any]]:
+    """What `run_pipeline` does with one stage (`saved`: its `_saved_stage`), and the settings
+    to resume it with: "start" (no run there, or --overwrite), "keep" (finished, with the same
+    settings) or "resume". A changed setting is refused here, before anything trains. A kept
+    stage's weight files are brought up to its trainer state (a kill between the two writes),
+    since the next stage reads them."""
     if saved is None:
         return "start", {}
     if saved.kind != kind:
@@ -785,7 +784,8 @@ def _run_stage(run_dir: Path, kind: str, plan: tuple[str, dict[str, Any]],
     return resume(run_dir, kind=kind, **given).run_dir
 
 
-def _check_fine_tuned_from_current(fine_dir: Path, pre_dir: Path, pre_action: str) -> None:
+def _check_fine_tuned_from_current(fine_dir: Path, fine: RunConfig, pre_dir: Path,
+                                   pre_action: str) -> None:
     """Refuse to keep or resume a fine-tuning whose encoder is not the pre-training's weights as
     this call leaves them: pre-training it would train first, or that has changed since."""
     redo = (f"remove {fine_dir} to fine-tune the current encoder (or choose another --out, or "
@@ -793,7 +793,7 @@ def _check_fine_tuned_from_current(fine_dir: Path, pre_dir: Path, pre_action: st
     if pre_action != "keep":
         raise ConfigError(f"{fine_dir} was fine-tuned from {pre_dir}, which this call would "
                           f"train (further, or anew) first; {redo}")
-    init = ckpt.read_run_config(fine_dir).init
+    init = fine.init
     if init is None or init.sha256 is None:  # written before vitlab recorded its source
         return
     source = pre_dir / init.weights

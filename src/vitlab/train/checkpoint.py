@@ -197,12 +197,17 @@ def check_output_file(path: Path, flag: str, how_to_name: str) -> None:
     if not path.parent.is_dir():
         raise ConfigError(f"{flag} {path}: the folder {path.parent} does not exist")
     refuse_run_file(path, flag)
+    check_takes_files(path.parent, flag)
+
+
+def check_takes_files(folder: Path, flag: str) -> None:
+    """Write (and drop) a temp file in `folder`, or a one-line error naming `flag`."""
     try:
-        with tempfile.TemporaryFile(dir=path.parent):
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise ConfigError(f"cannot write to {path.parent} ({e.strerror or e}); choose another "
-                          f"{flag} or fix its permissions") from None
+        raise ConfigError(f"cannot write to {folder} ({e.strerror or e}); choose another {flag} "
+                          "or fix its permissions") from None
 
 
 def refuse_run_file(path: str | os.PathLike, flag: str) -> None:
