@@ -23,6 +23,7 @@ from vitlab.model import ViT, ViTConfig
 from vitlab.train import Recipe, TrainOptions, evaluate, fit, load_encoder_weights, recipe
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.engine import (
+    CurvesPlotter,
     Interrupted,
     TrainingDiverged,
     compile_optimizer_step,
@@ -31,6 +32,7 @@ from vitlab.train.engine import (
     set_lr,
     train_step,
 )
+from vitlab.train.options import COMPILE_PAYS_AFTER_STEPS
 from vitlab.train.recipe import build_optimizer, lr_factor
 from vitlab.train.reporting import Reporter
 from vitlab.train.runconfig import RunConfig
@@ -652,9 +654,50 @@ def test_eval_batch_size_changes_no_result(dataset, tmp_path):
     with pytest.raises(ConfigError, match="eval-batch-size must be at least 1"):
         options(1, eval_batch_size=0)
     with pytest.raises(ConfigError, match="needs --compile"):
-        options(1, compile_mode="reduce-overhead")
+        options(1, compile=False, compile_mode="reduce-overhead")
     with pytest.raises(ConfigError, match="--eager-optimizer needs --compile"):
-        options(1, eager_optimizer=True)
+        options(1, compile=False, eager_optimizer=True)
+
+
+def test_curves_are_redrawn_in_at_most_their_share_of_the_time(tmp_path, monkeypatch):
+    """A drawing that took 0.5 s waits for 10 s (1 / 0.05 of it) before the next, except after
+    the last epoch (or a stop), which is always drawn."""
+    now, drawn = [0.0], []
+
+    def plot_curves(records, path):
+        assert path == tmp_path / ckpt.CURVES
+        drawn.append(now[0])
+        now[0] += 0.5
+
+    monkeypatch.setattr("vitlab.report.plot_curves", plot_curves)
+    curves = CurvesPlotter(tmp_path, share=0.05, clock=lambda: now[0])
+    for _ in range(12):  # epochs 2 s apart
+        curves.draw()
+        now[0] += 2.0
+    curves.draw(final=True)
+    assert drawn == [0.0, 10.5, 21.0, 25.5]
+
+
+@pytest.mark.parametrize("given, device, steps, world, plan", [
+    # Unset: the measured rule, on one CUDA GPU from COMPILE_PAYS_AFTER_STEPS steps.
+    ({}, "cuda", 39_100, 1, ("reduce-overhead", True)),
+    ({}, "cuda", 2500, 1, ("reduce-overhead", True)),
+    ({}, "cuda", 2499, 1, (None, False)),
+    ({}, "cuda", 157, 1, (None, False)),          # the tutorial's 1-epoch fine-tune
+    ({}, "cuda", 39_100, 2, (None, False)),       # DDP: not measured, eager unless asked
+    ({}, "cpu", 39_100, 1, (None, False)),
+    ({"compile": False}, "cuda", 39_100, 1, (None, False)),
+    # Asked for: compiled whatever the budget; the mode and optimizer step per device.
+    ({"compile": True}, "cuda", 10, 1, ("reduce-overhead", True)),
+    ({"compile": True}, "cuda", 10, 2, ("default", True)),
+    ({"compile": True}, "cpu", 10, 1, ("default", False)),
+    ({"compile_mode": "max-autotune"}, "cpu", 10, 1, ("max-autotune", False)),
+    ({"eager_optimizer": True}, "cpu", 10, 1, ("default", True)),
+    ({"compile": True, "eager_optimizer": False}, "cuda", 10, 1, ("reduce-overhead", False)),
+])
+def test_compile_plan(given, device, steps, world, plan):
+    assert COMPILE_PAYS_AFTER_STEPS == 2500
+    assert options(1, **given).compile_plan(device, steps, world) == plan
 
 
 def test_compiled_training_equals_eager_training(dataset, tmp_path):

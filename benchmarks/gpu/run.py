@@ -16,8 +16,9 @@ what `device_data.py join` rebuilt). Stages:
   bench   `vitlab bench` (vitlab.bench.run_bench, in this process) for seed-mini against the
           tutorial's model in fp32 and bf16 with each compile mode (compiled: with the optimizer's
           step compiled too, and eager), then vitlab-mini in bf16 with the mode that trained
-          seed-mini fastest; that mode (and --eager-optimizer where the eager optimizer step
-          was faster) is then used by the runs (unless --compile is given)
+          seed-mini fastest (summary.json's bench "best")
+  The runs compile as vitlab does by default (--compile off|auto|MODE overrides it: auto is
+  vitlab's per-device rule, TrainOptions.compile_plan, set from this script's first GPU session)
   seed    `vitlab run` with the seed recipe: 100 epochs CIFAR-100 + 1 epoch CIFAR-10, timed
   vitlab  the same with --recipe vitlab
   vitlab-sl  the same with --recipe vitlab --model vitlab-mini-sl (shifted patch tokens and
@@ -233,8 +234,9 @@ def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
         budget += ["--train-steps-per-epoch", str(args.train_steps)]
     if args.eval_steps is not None:
         budget += ["--eval-steps-per-epoch", str(args.eval_steps)]
-    compiling = (["--compile", "--compile-mode", compile_mode] if compile_mode != "off" else [])
-    if compiling and eager_optimizer:
+    compiling = {"off": ["--no-compile"], "auto": []}.get(
+        compile_mode, ["--compile", "--compile-mode", compile_mode])
+    if compile_mode not in ("off", "auto") and eager_optimizer:
         compiling.append("--eager-optimizer")
     command = vitlab("run", *RUNS[name], "--pretrain-data", str(args.data / "cifar100"),
                      "--finetune-data", str(args.data / "cifar10"), "--out", str(run_dir),
@@ -243,7 +245,7 @@ def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
     # Straight into OUT: a run that the device call's limit kills still sends back its output.
     code, seconds = run_logged(command, out / "runs.log", args.stage_timeout, mode="a")
     result: dict = {"exit": code, "wall_seconds": round(seconds, 1), "compile": compile_mode,
-                    "eager_optimizer": bool(compiling) and eager_optimizer,
+                    "eager_optimizer": compile_mode not in ("off", "auto") and eager_optimizer,
                     "command": " ".join(command)}
     for stage in ("pretrain", "finetune"):
         metrics = run_dir / stage / "metrics.jsonl"
@@ -278,9 +280,9 @@ def main() -> None:
                         help="run directories (default: /tmp/vitlab-gpu-work)")
     parser.add_argument("--stages", default="env,checks,bench,seed,vitlab,vitlab-sl")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--compile", default=None,
-                        help="compile mode for the runs (off, default, reduce-overhead, "
-                             "max-autotune; default: the bench stage's best, else off)")
+    parser.add_argument("--compile", default="auto",
+                        choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
+                        help="how the runs compile (auto: vitlab's default, per device)")
     parser.add_argument("--eager-optimizer", action="store_true",
                         help="with --compile: the runs leave the optimizer's step uncompiled")
     parser.add_argument("--bench-repeats", type=int, default=5)
@@ -315,10 +317,10 @@ def main() -> None:
             result = stage_checks(args)
         elif stage == "bench":
             result = stage_bench(args.out, args)
-            if compile_mode is None:
-                compile_mode, eager_optimizer = best_compile(result["cases"])
+            result["best"] = dict(zip(("compile", "eager_optimizer"),
+                                      best_compile(result["cases"]), strict=True))
         elif stage in RUNS:
-            result = stage_run(args.out, args, stage, compile_mode or "off", eager_optimizer)
+            result = stage_run(args.out, args, stage, compile_mode, eager_optimizer)
         else:
             raise SystemExit(f"unknown stage {stage!r}; known: env, checks, bench, "
                              f"{', '.join(RUNS)}")

@@ -82,8 +82,8 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
             help_text += f" (default: {default}" + (", the seed recipe's)"
                                                     if setting.role == "recipe" else ")")
         kwargs: dict = {"dest": name, "help": help_text, "default": argparse.SUPPRESS}
-        if setting.type is bool:
-            kwargs["action"] = "store_true"
+        if setting.type is bool:  # an optional one (None: decided later) also has --no-FLAG
+            kwargs["action"] = argparse.BooleanOptionalAction if setting.optional else "store_true"
         else:
             # Integer flags are sizes and counts (bounded, so a typo is not a 10^20 tensor);
             # a seed is any 63-bit number.

@@ -16,7 +16,15 @@ from vitlab.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16")
 # torch.compile modes; reduce-overhead also captures CUDA graphs (CUDA only).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+# Without --compile/--no-compile, a fit on one CUDA GPU compiles (reduce-overhead, eager optimizer
+# step) when it runs at least this many steps. Measured on an H200 (benchmarks/gpu/run.py):
+# seed-mini's first compiled epoch took 32.5 s longer than the next ones, and a compiled step
+# saves ~15 ms against an eager bf16 one (4.1 ms in the loop, 19.0 ms eager in `vitlab bench`),
+# so compiling pays from ~2,200 steps: the tutorial's 100 epochs (39,100 steps) compile, its
+# 1-epoch fine-tune (157 steps) runs eager. On the CPU it was not measured: compiling is opt-in.
+COMPILE_PAYS_AFTER_STEPS = 2500
 MAX_SEED = 2**63 - 1
+_PER_DEVICE = ("compile", "eager_optimizer")  # None: decided per device (compile_plan)
 
 
 def _saved(help: str, **extra) -> dict:
@@ -35,13 +43,16 @@ class TrainOptions:
         "auto (CUDA if present), cpu, cuda, cuda:N"))
     precision: str = field(default="auto", metadata=_runtime(
         "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS))
-    compile: bool = field(default=False, metadata=_runtime(
-        "torch.compile the training step: the model and the optimizer's step"))
-    eager_optimizer: bool = field(default=False, metadata=_runtime(
-        "with --compile, leave the optimizer's step uncompiled (the model alone compiled)"))
-    compile_mode: str = field(default="default", metadata=_runtime(
-        "torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
-        choices=COMPILE_MODES))
+    compile: bool | None = field(default=None, metadata=_runtime(
+        "torch.compile the training step, the model and the optimizer's step (default: as "
+        f"measured, on one CUDA GPU for a fit of {COMPILE_PAYS_AFTER_STEPS:,} steps or more, "
+        "else eager)"))
+    eager_optimizer: bool | None = field(default=None, metadata=_runtime(
+        "with --compile, leave the optimizer's step uncompiled, the model alone compiled "
+        "(default: on CUDA, where it measured faster)"))
+    compile_mode: str | None = field(default=None, metadata=_runtime(
+        "torch.compile mode with --compile (default: reduce-overhead, CUDA graphs, on one CUDA "
+        "GPU; default elsewhere)", choices=COMPILE_MODES))
     train_steps_per_epoch: int | None = field(default=None, metadata=_saved(
         "exactly N batches per epoch (cut short or extended)"))
     eval_steps_per_epoch: int | None = field(default=None, metadata=_saved(
@@ -88,12 +99,12 @@ class TrainOptions:
                                      else "a whole epoch)"))
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"--seed must be in 0..2**63-1, got {self.seed}")
-        if self.compile_mode not in COMPILE_MODES:
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"unknown compile mode {self.compile_mode!r}; use "
                               f"{', '.join(COMPILE_MODES)}")
-        if self.compile_mode != "default" and self.compile is not True:
+        if self.compile_mode is not None and self.compile is False:
             raise ConfigError(f"--compile-mode {self.compile_mode} needs --compile")
-        if self.eager_optimizer is True and self.compile is not True:
+        if self.eager_optimizer is True and self.compile is False:
             raise ConfigError("--eager-optimizer needs --compile")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; use "
@@ -102,8 +113,26 @@ class TrainOptions:
             raise ConfigError(f"--device must be a device name, got {self.device!r}")
         for name in ("compile", "eager_optimizer", "freeze_encoder", "quiet", "overwrite",
                      "tensorboard", "resize_on_device"):
-            if not isinstance(getattr(self, name), bool):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name in _PER_DEVICE):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def compile_plan(self, device_type: str, steps: int, world_size: int = 1
+                     ) -> tuple[str | None, bool]:
+        """(the torch.compile mode, or None for an eager step; whether the optimizer's step
+        stays eager) for a fit of `steps` steps. --compile-mode or --eager-optimizer imply
+        --compile; with none of the three, COMPILE_PAYS_AFTER_STEPS decides on one CUDA GPU
+        (under DDP compiling was not measured: eager unless asked)."""
+        cuda = device_type == "cuda"
+        asked = self.compile if self.compile is not None else (
+            self.compile_mode is not None or self.eager_optimizer is True or None)
+        if asked is None:
+            asked = cuda and world_size == 1 and steps >= COMPILE_PAYS_AFTER_STEPS
+        if not asked:
+            return None, False
+        # CUDA graphs were measured on one GPU; under DDP torch.compile's own default mode.
+        mode = self.compile_mode or ("reduce-overhead" if cuda and world_size == 1 else "default")
+        return mode, self.eager_optimizer if self.eager_optimizer is not None else cuda
 
     def saved(self) -> dict:
         """The fields that are part of the run (config.json's "options"), seed apart."""
