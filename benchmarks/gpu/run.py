@@ -1,7 +1,7 @@
 """The prepared GPU session: every measurement the GPU issue asks for, in order, from one command.
 
     python benchmarks/gpu/run.py --data DATA --out OUT
-        [--stages env,checks,bench,seed,vitlab,vitlab-sl]
+        [--stages env,checks,bench,seed,vitlab,vitlab-sl,vitlab-seed-mini]
 
 DATA holds the array folders cifar100/ and cifar10/ (../shared/data here; on the device machine,
 what `device_data.py join` rebuilt). Stages:
@@ -23,6 +23,7 @@ what `device_data.py join` rebuilt). Stages:
   vitlab  the same with --recipe vitlab
   vitlab-sl  the same with --recipe vitlab --model vitlab-mini-sl (shifted patch tokens and
           locality self-attention)
+  vitlab-seed-mini  the same with --recipe vitlab --model seed-mini (the tutorial's model)
 
 OUT gets at most eight files (what the device tool returns): summary.json (every figure; it is
 rewritten after each stage, so a session cut short still returns what it finished), bench.md,
@@ -217,7 +218,8 @@ def best_compile(cases: dict) -> tuple[str, bool]:
 
 # The `vitlab run` stages: stage name -> the run's recipe and model.
 RUNS = {"seed": ["--recipe", "seed"], "vitlab": ["--recipe", "vitlab"],
-        "vitlab-sl": ["--recipe", "vitlab", "--model", "vitlab-mini-sl"]}
+        "vitlab-sl": ["--recipe", "vitlab", "--model", "vitlab-mini-sl"],
+        "vitlab-seed-mini": ["--recipe", "vitlab", "--model", "seed-mini"]}
 
 
 def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
