@@ -1,7 +1,7 @@
 """The prepared GPU session: every measurement the GPU issue asks for, in order, from one command.
 
     python benchmarks/gpu/run.py --data DATA --out OUT
-        [--stages env,checks,bench,seed,vitlab,vitlab-sl,vitlab-seed-mini]
+        [--stages env,checks,bench,breakdown,seed,vitlab,vitlab-sl,vitlab-seed-mini]
 
 DATA holds the array folders cifar100/ and cifar10/ (../shared/data here; on the device machine,
 what `device_data.py join` rebuilt). Stages:
@@ -19,6 +19,8 @@ what `device_data.py join` rebuilt). Stages:
           seed-mini fastest (summary.json's bench "best")
   The runs compile as vitlab does by default (--compile off|auto|MODE overrides it: auto is
   vitlab's per-device rule, TrainOptions.compile_plan, set from this script's first GPU session)
+  breakdown  benchmarks/step_breakdown.py: where seed-mini's step time goes in fit's loop (the
+          step alone, the batch alone, both; wall and host time), compiled as the runs are
   seed    `vitlab run` with the seed recipe: 100 epochs CIFAR-100 + 1 epoch CIFAR-10, timed
   vitlab  the same with --recipe vitlab
   vitlab-sl  the same with --recipe vitlab --model vitlab-mini-sl (shifted patch tokens and
@@ -200,6 +202,15 @@ def stage_bench(out: Path, args: argparse.Namespace) -> dict:
     return {"cases": results}
 
 
+def stage_breakdown(args: argparse.Namespace) -> dict:
+    """benchmarks/step_breakdown.py in this process: the step, the batch, and both."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from step_breakdown import breakdown
+
+    return breakdown(args.data / "cifar100", args.device, args.compile,
+                     steps=args.train_steps or 50, repeats=args.bench_repeats)
+
+
 def best_compile(cases: dict) -> tuple[str, bool]:
     """The compile mode of seed-mini's fastest bf16 training step in the bench stage, and whether
     that step's optimizer was eager (a compiled model's row with an uncompiled optimizer)."""
@@ -321,10 +332,12 @@ def main() -> None:
             result = stage_bench(args.out, args)
             result["best"] = dict(zip(("compile", "eager_optimizer"),
                                       best_compile(result["cases"]), strict=True))
+        elif stage == "breakdown":
+            result = stage_breakdown(args)
         elif stage in RUNS:
             result = stage_run(args.out, args, stage, compile_mode, eager_optimizer)
         else:
-            raise SystemExit(f"unknown stage {stage!r}; known: env, checks, bench, "
+            raise SystemExit(f"unknown stage {stage!r}; known: env, checks, bench, breakdown, "
                              f"{', '.join(RUNS)}")
         summary["stages"][stage] = {"seconds": round(time.perf_counter() - t0, 1), **(
             result if isinstance(result, dict) else {})}
