@@ -9,6 +9,7 @@ import math
 import os
 import re
 import signal
+import time
 
 import pytest
 import torch
@@ -661,7 +662,7 @@ def test_eval_batch_size_changes_no_result(dataset, tmp_path):
 
 def test_curves_are_redrawn_in_at_most_their_share_of_the_time(tmp_path, monkeypatch):
     """A drawing that took 0.5 s waits for 10 s (1 / 0.05 of it) before the next, except after
-    the last epoch (or a stop), which is always drawn."""
+    the last epoch, which is always drawn; leaving the plotter draws what is pending."""
     now, drawn = [0.0], []
 
     def plot_curves(records, path):
@@ -670,12 +671,81 @@ def test_curves_are_redrawn_in_at_most_their_share_of_the_time(tmp_path, monkeyp
         now[0] += 0.5
 
     monkeypatch.setattr("vitlab.report.plot_curves", plot_curves)
-    curves = CurvesPlotter(tmp_path, share=0.05, clock=lambda: now[0])
-    for _ in range(12):  # epochs 2 s apart
-        curves.draw()
+    with CurvesPlotter(tmp_path, share=0.05, clock=lambda: now[0]) as curves:
+        for _ in range(12):  # epochs 2 s apart
+            curves.epoch_done()
+            now[0] += 2.0
+        curves.epoch_done(final=True)
+    assert drawn == [0.0, 10.5, 21.0, 25.5]  # nothing pending after the last: no more drawing
+    with CurvesPlotter(tmp_path, share=0.05, clock=lambda: now[0]) as curves:
+        curves.epoch_done()
         now[0] += 2.0
-    curves.draw(final=True)
-    assert drawn == [0.0, 10.5, 21.0, 25.5]
+        curves.epoch_done()  # throttled, so drawn on leaving
+    assert drawn[4:] == [26.0, 28.5]
+    with CurvesPlotter(tmp_path, enabled=False, pending=True) as curves:  # not the main process
+        curves.epoch_done(final=True)
+    assert len(drawn) == 6
+
+
+def drawings(monkeypatch, cost: float = 0.5) -> list[int]:
+    """plot_curves replaced by one that takes `cost` s (so the next waits 20 times as long) and
+    records the last epoch it drew."""
+    drawn: list[int] = []
+
+    def plot_curves(records, path):
+        time.sleep(cost)
+        drawn.append(max((r["epoch"] for r in records if r["event"] == "eval"), default=0))
+
+    monkeypatch.setattr("vitlab.report.plot_curves", plot_curves)
+    return drawn
+
+
+def test_curves_hold_every_finished_epoch_however_the_fit_ends(dataset, tmp_path, monkeypatch):
+    drawn = drawings(monkeypatch)
+    opts = options(4, train_steps_per_epoch=2)
+    fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "a")
+    assert drawn == [1, 4]  # epochs 2 and 3 came sooner than 20 drawings' time
+    drawn.clear()
+    with pytest.raises(TrainingDiverged):  # at step 5, in epoch 3
+        fit(FailingViT(at=5, action="nan"), dataset, RECIPE, opts, tmp_path / "b")
+    assert drawn == [1, 2]
+    drawn.clear()
+    # A resumed process draws what the one before it left undrawn, even if stopped at once.
+    (tmp_path / "b" / ckpt.CURVES).unlink(missing_ok=True)
+    with pytest.raises(Interrupted):
+        fit(FailingViT(at=1, action="sigint"), dataset, RECIPE, opts, tmp_path / "b",
+            resume=True)
+    assert drawn == [2]
+
+
+def test_fit_compiles_as_its_options_plan(dataset, tmp_path, monkeypatch):
+    """The CPU default is eager; --compile-mode alone compiles (the model and the optimizer's
+    step); a resumed fit plans for the steps it has left."""
+    modes: list[str] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or fn)
+    fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=2), tmp_path / "a")
+    assert modes == []
+    fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=2,
+                                               compile_mode="max-autotune"), tmp_path / "b")
+    assert modes == ["max-autotune", "max-autotune"]
+    planned: list[tuple] = []
+    plan = TrainOptions.compile_plan
+    monkeypatch.setattr(TrainOptions, "compile_plan", lambda self, *args: planned.append(args)
+                        or plan(self, *args))
+    fit(tiny_model(), dataset, RECIPE, options(3, train_steps_per_epoch=2), tmp_path / "a",
+        resume=True)
+    assert planned == [("cpu", 4, 1)]
+
+
+def test_compile_flags_parse():
+    from vitlab.cli import build_parser
+
+    parse = build_parser().parse_args
+    args = parse(["pretrain", "--data", "x", "--no-compile", "--no-eager-optimizer"])
+    assert (args.compile, args.eager_optimizer) == (False, False)
+    args = parse(["pretrain", "--data", "x", "--compile", "--eager-optimizer"])
+    assert (args.compile, args.eager_optimizer) == (True, True)
+    assert not hasattr(parse(["pretrain", "--data", "x"]), "compile")  # absent: per device
 
 
 @pytest.mark.parametrize("given, device, steps, world, plan", [
@@ -694,6 +764,9 @@ def test_curves_are_redrawn_in_at_most_their_share_of_the_time(tmp_path, monkeyp
     ({"compile_mode": "max-autotune"}, "cpu", 10, 1, ("max-autotune", False)),
     ({"eager_optimizer": True}, "cpu", 10, 1, ("default", True)),
     ({"compile": True, "eager_optimizer": False}, "cuda", 10, 1, ("reduce-overhead", False)),
+    ({"eager_optimizer": False}, "cuda", 39_100, 1, ("reduce-overhead", False)),
+    ({"compile_mode": "default"}, "cuda", 10, 1, ("default", True)),
+    ({"compile": False, "compile_mode": "default"}, "cuda", 39_100, 1, (None, False)),
 ])
 def test_compile_plan(given, device, steps, world, plan):
     assert COMPILE_PAYS_AFTER_STEPS == 2500

@@ -70,10 +70,17 @@ def run_logged(command: list[str], log: Path, timeout: float | None, mode: str =
     with log.open(mode) as out:
         out.write("$ " + " ".join(command) + "\n")
         out.flush()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         try:
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
+            code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            # SIGTERM first: vitlab saves a resumable checkpoint and draws its curves.
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             code = 124
     return code, time.perf_counter() - start
 
@@ -258,7 +265,9 @@ def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
     # Straight into OUT: a run that the device call's limit kills still sends back its output.
     code, seconds = run_logged(command, out / "runs.log", args.stage_timeout, mode="a")
     result: dict = {"exit": code, "wall_seconds": round(seconds, 1), "compile": compile_mode,
-                    "eager_optimizer": compile_mode not in ("off", "auto") and eager_optimizer,
+                    # auto: vitlab's rule decides per stage (TrainOptions.compile_plan)
+                    "eager_optimizer": (None if compile_mode == "auto"
+                                        else compile_mode != "off" and eager_optimizer),
                     "command": " ".join(command)}
     for stage in ("pretrain", "finetune"):
         metrics = run_dir / stage / "metrics.jsonl"
@@ -308,6 +317,8 @@ def main() -> None:
     parser.add_argument("--stage-timeout", type=float, default=None,
                         help="stop a stage's command after this many seconds")
     args = parser.parse_args()
+    if args.eager_optimizer and args.compile in ("auto", "off"):
+        parser.error(f"--eager-optimizer needs a compile mode, not --compile {args.compile}")
     for folder in ("cifar100", "cifar10"):
         if not (args.data / folder / "train.npz").is_file():
             raise SystemExit(f"no {folder}/train.npz in {args.data}: join the device data first")

@@ -548,9 +548,10 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     show_bar = reporter.is_main and (sys.stdout.isatty() if options.progress is None
                                      else options.progress)
     last_eval: dict = {}
-    curves = CurvesPlotter(run_dir)
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
-    with _StopSignals() as stop:
+    with (_StopSignals() as stop,
+          CurvesPlotter(run_dir, pending=resume and progress.epoch > 0,
+                        enabled=reporter.is_main) as curves):
         while progress.epoch < options.epochs:
             epoch_start = time.perf_counter()
             window_start, window_steps = time.perf_counter(), 0
@@ -600,8 +601,6 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                 if stopping:
                     if progress.step_in_epoch >= steps_per_epoch:
                         break  # finish the epoch's bookkeeping below, then stop
-                    if reporter.is_main and curves.drawn_at is not None:
-                        curves.draw(final=True)  # every finished epoch in it
                     _stop(reporter, progress, progress.epoch + 1, run_dir, stop.received)
             reporter.close_bar()
             _check_finite(bad_loss, None, progress, run_dir)
@@ -622,8 +621,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
             progress.step_in_epoch = 0
             writer.save(last_eval)
             stopping = stop.raised if world == 1 else _agree(None, stop, device)[1]
-            if reporter.is_main:
-                curves.draw(final=stopping or progress.epoch == options.epochs)
+            curves.epoch_done(final=progress.epoch == options.epochs)
             if stopping and progress.epoch < options.epochs:
                 _stop(reporter, progress, progress.epoch, run_dir, stop.received)
     reporter.event("Finish", step=progress.global_step, total_time=writer.elapsed(),
@@ -672,24 +670,46 @@ def _check_finite(bad_loss: torch.Tensor, loss: torch.Tensor | None, progress: P
 
 class CurvesPlotter:
     """curves.png, redrawn from metrics.jsonl after an epoch, in at most `share` of the wall
-    time: a plot takes 0.2-0.5 s (matplotlib) and a tutorial epoch 1.6 s on an H200, where
-    drawing every epoch cost a fifth of the run. So it is redrawn once the time since the last
-    drawing is `1 / share` times that drawing's; always after the first and the last epoch,
-    and when the run stops."""
+    time: a plot takes 0.3-0.5 s (matplotlib, on this project's CPU) and a tutorial epoch 1.7 s
+    on an H200. So an epoch's drawing waits until the time since the last drawing is
+    `1 / share` times that drawing's; the first and the last epoch's are always drawn, and
+    leaving the `with` block draws what is still pending, however the fit ends (a stop, a
+    divergence, an error). A resumed fit starts pending: the process before it may have died
+    behind. Only the main process draws (`enabled`)."""
 
-    def __init__(self, run_dir: Path, share: float = 0.05,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, run_dir: Path, share: float = 0.05, pending: bool = False,
+                 enabled: bool = True, clock: Callable[[], float] = time.perf_counter) -> None:
         self.path, self.share, self.clock = run_dir / ckpt.CURVES, share, clock
+        self.enabled = enabled
+        self.pending = pending  # an epoch finished since the last drawing
         self.drawn_at: float | None = None  # when the last drawing ended
         self.cost = 0.0  # how long it took
 
-    def draw(self, final: bool = False) -> None:
-        start = self.clock()
-        if (not final and self.drawn_at is not None
-                and start - self.drawn_at < self.cost / self.share):
-            return
-        from vitlab.report import plot_curves
+    def __enter__(self) -> CurvesPlotter:
+        return self
 
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.flush()
+        else:  # the error is what the user must see, not a failed drawing after it
+            with contextlib.suppress(Exception):
+                self.flush()
+
+    def epoch_done(self, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        self.pending = True
+        if (final or self.drawn_at is None
+                or self.clock() - self.drawn_at >= self.cost / self.share):
+            self.flush()
+
+    def flush(self) -> None:
+        if not (self.enabled and self.pending):
+            return
+        from vitlab.report import plot_curves  # imported before timing: matplotlib takes seconds
+
+        start = self.clock()
         plot_curves(ckpt.read_jsonl(self.path.parent / ckpt.METRICS), self.path)
         self.drawn_at = self.clock()
         self.cost = self.drawn_at - start
+        self.pending = False

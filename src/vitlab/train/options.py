@@ -17,11 +17,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # torch.compile modes; reduce-overhead also captures CUDA graphs (CUDA only).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Without --compile/--no-compile, a fit on one CUDA GPU compiles (reduce-overhead, eager optimizer
-# step) when it runs at least this many steps. Measured on an H200 (benchmarks/gpu/run.py):
-# seed-mini's first compiled epoch took 32.5 s longer than the next ones, and a compiled step
-# saves ~15 ms against an eager bf16 one (4.1 ms in the loop, 19.0 ms eager in `vitlab bench`),
-# so compiling pays from ~2,200 steps: the tutorial's 100 epochs (39,100 steps) compile, its
-# 1-epoch fine-tune (157 steps) runs eager. On the CPU it was not measured: compiling is opt-in.
+# step) when it runs at least this many steps. Measured for seed-mini (bf16, batch 128) on an
+# H200 (benchmarks/gpu/results/2026-11-27-h200): its first compiled epoch took 32.4 s longer
+# than the next ones, and a compiled step saves ~15 ms against an eager bf16 one (4.3 ms in the
+# loop, 19.0 ms eager in `vitlab bench`), so compiling pays from ~2,200 steps: the tutorial's
+# 100 epochs (39,100 steps) compile, its 1-epoch fine-tune (157 steps) runs eager. Other models
+# and batch sizes follow the same rule unmeasured. On the CPU compiling is opt-in (unmeasured).
 COMPILE_PAYS_AFTER_STEPS = 2500
 MAX_SEED = 2**63 - 1
 _PER_DEVICE = ("compile", "eager_optimizer")  # None: decided per device (compile_plan)
@@ -44,15 +45,15 @@ class TrainOptions:
     precision: str = field(default="auto", metadata=_runtime(
         "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS))
     compile: bool | None = field(default=None, metadata=_runtime(
-        "torch.compile the training step, the model and the optimizer's step (default: as "
-        f"measured, on one CUDA GPU for a fit of {COMPILE_PAYS_AFTER_STEPS:,} steps or more, "
-        "else eager)"))
+        "torch.compile the training step: the model, and the optimizer's step unless "
+        f"--eager-optimizer (default: on one CUDA GPU for a fit of {COMPILE_PAYS_AFTER_STEPS:,} "
+        "steps or more, as measured for seed-mini; else eager)"))
     eager_optimizer: bool | None = field(default=None, metadata=_runtime(
-        "with --compile, leave the optimizer's step uncompiled, the model alone compiled "
-        "(default: on CUDA, where it measured faster)"))
+        "leave the optimizer's step uncompiled, the model alone compiled; implies --compile "
+        "(default: on CUDA, where it measured faster; compiled on the CPU)"))
     compile_mode: str | None = field(default=None, metadata=_runtime(
-        "torch.compile mode with --compile (default: reduce-overhead, CUDA graphs, on one CUDA "
-        "GPU; default elsewhere)", choices=COMPILE_MODES))
+        "torch.compile mode; implies --compile (default: reduce-overhead, CUDA graphs, on one "
+        "CUDA GPU; torch's default mode elsewhere)", choices=COMPILE_MODES))
     train_steps_per_epoch: int | None = field(default=None, metadata=_saved(
         "exactly N batches per epoch (cut short or extended)"))
     eval_steps_per_epoch: int | None = field(default=None, metadata=_saved(
@@ -102,10 +103,13 @@ class TrainOptions:
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"unknown compile mode {self.compile_mode!r}; use "
                               f"{', '.join(COMPILE_MODES)}")
-        if self.compile_mode is not None and self.compile is False:
-            raise ConfigError(f"--compile-mode {self.compile_mode} needs --compile")
-        if self.eager_optimizer is True and self.compile is False:
-            raise ConfigError("--eager-optimizer needs --compile")
+        # (compile: false with compile_mode: default were the defaults once: still accepted)
+        if self.compile is False and self.compile_mode not in (None, "default"):
+            raise ConfigError(f"--compile-mode {self.compile_mode} needs --compile, and "
+                              "compiling is off (--no-compile)")
+        if self.compile is False and self.eager_optimizer is True:
+            raise ConfigError("--eager-optimizer needs --compile, and compiling is off "
+                              "(--no-compile)")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; use "
                               f"{', '.join(PRECISIONS)}")
