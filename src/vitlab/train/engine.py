@@ -537,12 +537,14 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     model.train()
     if options.freeze_encoder:
         model.encoder.eval()  # a linear probe reads fixed features: no dropout in them
+    compiling = {"compile": mode} if mode else {}  # why the first epoch takes longer
     if resume:
-        reporter.event("Resume", step=progress.global_step, epoch=progress.epoch + 1)
+        reporter.event("Resume", step=progress.global_step, epoch=progress.epoch + 1,
+                       **compiling)
     else:
         reporter.event("Start", step=1, logging_interval=options.log_steps,
                        num_device=distributed.world_size(), device=str(device),
-                       params=sum(p.numel() for p in model.parameters()))
+                       params=sum(p.numel() for p in model.parameters()), **compiling)
     if options.epochs == 0:
         writer.save()  # the initial weights, e.g. a transferred encoder with a new head
     show_bar = reporter.is_main and (sys.stdout.isatty() if options.progress is None
