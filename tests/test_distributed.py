@@ -220,3 +220,23 @@ def test_a_failure_of_any_kind_on_one_rank_is_reported_by_every_rank(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 got: rank 1 of the job failed: RuntimeError: boom" in proc.stdout, proc.stdout
     assert "rank 1 raised: boom" in proc.stdout
+
+
+
+def test_vitlab_run_refuses_a_foreign_stage_file_on_every_rank_before_training(
+        tmp_path_factory, tmp_path):
+    """`vitlab run` checks its stage folders on rank 0 before pre-training (`together`): a
+    weight file no vitlab run wrote, in OUT/finetune, ends the whole job at once with the
+    one-line refusal on every rank, the file kept and nothing trained (no rank left waiting)."""
+    slices = h.data_slices(tmp_path_factory)
+    out = tmp_path / "pipeline"
+    (out / "finetune").mkdir(parents=True)
+    (out / "finetune" / "model.safetensors").write_text("not mine")
+    proc = run_job("run", "--model", "micro", "--pretrain-data", slices["cifar100"],
+                   "--finetune-data", slices["cifar10"], "--out", out, "--epochs", "1",
+                   "--train-steps-per-epoch", "2", "--batch-size", "64", "--device", "cpu",
+                   "--no-progress", "--no-download", cwd=tmp_path, expect=1)
+    refusal = f"{out / 'finetune'} holds model.safetensors, which is not from a vitlab run"
+    assert proc.stderr.count(refusal) == 2, proc.stderr[-3000:]
+    assert (out / "finetune" / "model.safetensors").read_text() == "not mine"
+    assert not (out / "pretrain" / "metrics.jsonl").exists()

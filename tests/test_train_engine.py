@@ -544,10 +544,12 @@ def test_log_lines_keep_the_tutorials_shape(tmp_path, capsys):
     assert records[2]["accuracy"] == 0.74261 and records[1]["steps/sec"] == 17.7213
 
 
-def test_overwrite_replaces_an_earlier_run_entirely(tmp_path):
+def test_overwrite_replaces_an_earlier_run_entirely(dataset, tmp_path):
     ckpt_mod = ckpt
+    fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=1), tmp_path)
     for name in ckpt_mod.RUN_FILES:
-        (tmp_path / name).write_text("old")
+        if name != ckpt_mod.CONFIG and name != ckpt_mod.METRICS:  # still a vitlab run's
+            (tmp_path / name).write_text("old")
     with pytest.raises(CheckpointError, match="already holds a run"):
         ckpt_mod.prepare_fresh_run_dir(tmp_path, overwrite=False)
     assert (tmp_path / ckpt_mod.BEST_WEIGHTS).read_text() == "old"  # nothing touched
@@ -560,8 +562,10 @@ def test_a_fresh_run_deletes_no_file_that_a_vitlab_run_did_not_write(dataset, tm
     unless --overwrite is given. (A vitlab run that died before its first checkpoint is replaced
     without it: tests/test_faults.py.)"""
     foreign = {"config.json": '{"lr": 3}', "log.txt": "my notes", "evaluation/results.csv": "1,2"}
-    for files in ({"log.txt": "my notes"}, foreign):
-        folder = tmp_path / str(len(files))
+    # A weight file too: not a run to continue with --resume, as "already holds a run" would say.
+    weights = {"model.safetensors": "not mine"}
+    for case, files in enumerate(({"log.txt": "my notes"}, foreign, weights)):
+        folder = tmp_path / str(case)
         for name, text in files.items():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text(text)

@@ -177,14 +177,15 @@ def check_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> list[str
     gives for them; deletes nothing (`vitlab run` checks its second stage before the first)."""
     run_dir = Path(run_dir)
     leftovers = [name for name in (*RUN_FILES, *RUN_DIRS) if (run_dir / name).exists()]
+    if leftovers and not overwrite and not _written_by_vitlab(run_dir):
+        # First: a weight file no vitlab run wrote is no run to continue with --resume.
+        raise CheckpointError(
+            f"{run_dir} holds {leftovers[0]}, which is not from a vitlab run (that this version "
+            "can read); choose another --out, or pass --overwrite to replace it")
     if leftovers and not overwrite and has_checkpoint(run_dir):
         raise CheckpointError(
             f"{run_dir} already holds a run ({leftovers[0]}); continue it with --resume "
             f"{run_dir}, choose another --out, or pass --overwrite to replace it")
-    if leftovers and not overwrite and not _written_by_vitlab(run_dir):
-        raise CheckpointError(
-            f"{run_dir} holds {leftovers[0]}, which is not from a vitlab run (that this version "
-            "can read); choose another --out, or pass --overwrite to replace it")
     return leftovers
 
 
