@@ -29,6 +29,7 @@ from cli_helpers import (
     start_cli,
 )
 from vitlab.cli import main
+from vitlab.errors import ConfigError
 
 PRE_STEPS, FINE_STEPS, BATCH = 30, 80, 64
 RUN_FILES = ("config.json", "model.safetensors", "best.safetensors", "trainer_state.pt",
@@ -483,3 +484,24 @@ def test_ctrl_c_while_the_command_starts_ends_in_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "vitlab.cli", Interrupting("vitlab.cli"))
     assert launch.main() == 130
     assert capsys.readouterr().err == "vitlab: interrupted\n"
+
+
+def test_config_file_keys_meet_the_flags_as_the_flags_mean(monkeypatch, tmp_path):
+    """A compile flag (which implies --compile) overrides a file's `compile: false`; `epochs`
+    in a finetune file, which finetune would not use, is refused (its budget is
+    finetune-epochs)."""
+    from vitlab import cli, runs
+
+    given = {}
+    monkeypatch.setattr(runs, "pretrain", lambda **kw: given.update(kw))
+    config = tmp_path / "c.yaml"
+    config.write_text("compile: false\nlr: 0.002\n")
+    parse = cli.build_parser().parse_args
+    cli._train(parse(["pretrain", "--config", str(config), "--compile-mode", "max-autotune"]))
+    assert "compile" not in given and given["compile_mode"] == "max-autotune"
+    given.clear()
+    cli._train(parse(["pretrain", "--config", str(config)]))
+    assert given["compile"] is False and given["lr"] == 0.002
+    config.write_text("epochs: 2\n")
+    with pytest.raises(ConfigError, match="finetune does not use; its budget is finetune-epochs"):
+        cli._train(parse(["finetune", "--config", str(config)]))

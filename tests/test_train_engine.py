@@ -658,8 +658,9 @@ def test_eval_batch_size_changes_no_result(dataset, tmp_path):
     assert evals[0][0]["ce"] == pytest.approx(evals[1][0]["ce"], rel=1e-6)
     with pytest.raises(ConfigError, match="eval-batch-size must be at least 1"):
         options(1, eval_batch_size=0)
-    with pytest.raises(ConfigError, match="needs --compile"):
-        options(1, compile=False, compile_mode="reduce-overhead")
+    for mode in ("reduce-overhead", "default"):
+        with pytest.raises(ConfigError, match="needs --compile"):
+            options(1, compile=False, compile_mode=mode)
     with pytest.raises(ConfigError, match="--eager-optimizer needs --compile"):
         options(1, compile=False, eager_optimizer=True)
 
@@ -772,7 +773,6 @@ def test_compile_flags_parse():
     ({"compile": True, "eager_optimizer": False}, "cuda", 10, 1, ("reduce-overhead", False)),
     ({"eager_optimizer": False}, "cuda", 39_100, 1, ("reduce-overhead", False)),
     ({"compile_mode": "default"}, "cuda", 10, 1, ("default", True)),
-    ({"compile": False, "compile_mode": "default"}, "cuda", 39_100, 1, (None, False)),
 ])
 def test_compile_plan(given, device, steps, world, plan):
     assert COMPILE_PAYS_AFTER_STEPS == 2500

@@ -199,7 +199,15 @@ def _train(args: argparse.Namespace) -> None:
     command = args.command
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
     if args.config is not None:
-        given = {**read_config_file(args.config, command), **given}
+        from_file = read_config_file(args.config, command)
+        if command == "finetune" and "epochs" in from_file and "finetune_epochs" not in from_file:
+            raise ConfigError(f"{args.config}: epochs is the recipe's pre-training budget, which "
+                              "finetune does not use; its budget is finetune-epochs (the "
+                              "--epochs flag of finetune)")
+        if from_file.get("compile") is False and "compile" not in given and (
+                given.get("compile_mode") is not None or given.get("eager_optimizer")):
+            del from_file["compile"]  # the flag, which implies --compile, overrides the file
+        given = {**from_file, **given}
     resume_dir = getattr(args, "resume", None)
     if command == "run":
         if resume_dir is not None:

@@ -103,8 +103,7 @@ class TrainOptions:
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"unknown compile mode {self.compile_mode!r}; use "
                               f"{', '.join(COMPILE_MODES)}")
-        # (compile: false with compile_mode: default were the defaults once: still accepted)
-        if self.compile is False and self.compile_mode not in (None, "default"):
+        if self.compile is False and self.compile_mode is not None:
             raise ConfigError(f"--compile-mode {self.compile_mode} needs --compile, and "
                               "compiling is off (--no-compile)")
         if self.compile is False and self.eager_optimizer is True:
