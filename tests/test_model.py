@@ -336,6 +336,31 @@ def test_vitlab_mini_sl_fits_the_recipe_budget_and_leaves_vitlab_mini_alone():
     assert counted[0] - counted[1] == forward_flops(sl) - forward_flops(plain) > 0
 
 
+@pytest.mark.parametrize("name", ["seed-mini", "vitlab-mini", "vitlab-mini-sl", "micro"])
+def test_forward_flops_are_the_matrix_products_each_model_runs(name):
+    """forward_flops against PyTorch's own count of one forward pass. The tutorial's ViTModel
+    (training mode: attention through counted matrix products) runs every token through every
+    block. vitlab's ViT runs its last block for the CLS token alone; PyTorch does not count its
+    SDPA kernel, so the attention's scores and mixing (the tutorial-checked term: 2 T^2 width a
+    block, one row of it in the last) are added."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitlab.bench import tutorial_model
+    from vitlab.model import forward_flops
+
+    def counted(model: torch.nn.Module) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+        return counter.get_total_flops()
+
+    config = preset(name, 100)
+    tokens, width = config.num_patches + 1, config.width
+    if not config.norm_first:  # the tutorial's architectures (dropout on: the counted path)
+        assert counted(tutorial_model(config).train()) == forward_flops(config, False)
+    attention = 2 * (2 * tokens ** 2 * width * (config.depth - 1) + 2 * tokens * width)
+    assert counted(ViT(config).eval()) + attention == forward_flops(config)
+
+
 def test_tutorial_weights_do_not_load_into_the_small_data_options():
     reference = seed_mini_reference(10)
     for option in ("shifted_patches", "locality_attention"):

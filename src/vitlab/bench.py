@@ -7,7 +7,8 @@ seed recipe's SGD step; the fused optimizer on CUDA, and compiled with the model
 and an inference step on one fixed random batch; a compiled model also gets a training row with
 an eager optimizer step (`--eager-optimizer`), to show what compiling the optimizer buys. After
 warm-up (compilation included) the candidates are timed in turns, round after round, and each
-reports its median. FLOP/s count the matrix products of `forward_flops` (3x for a training step:
+reports its median. FLOP/s count the matrix products of `forward_flops`, each model's own (the
+tutorial's runs every token through its last block, vitlab's the CLS token) (3x for a training step:
 forward, and backward's two products per weight); the peak they are a fraction of is a large
 square matrix multiply in the candidate's dtype (fp32 for the tutorial), timed in the same run.
 """
@@ -159,8 +160,11 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
                 return runnable(images)
         return step
 
-    flops = {"train": 3 * forward_flops(config) * batch_size,
-             "inference": forward_flops(config) * batch_size}
+    # Each model's own count: the tutorial's runs every token through its last block.
+    per_image = {name: forward_flops(config, cls_only_last_block=name != "tutorial")
+                 for name in candidates}
+    flops = {(mode, name): (3 if mode == "train" else 1) * count * batch_size
+             for mode in ("train", "inference") for name, count in per_image.items()}
     # Each candidate's FLOP/s are a fraction of the peak of its own dtype (the tutorial: fp32).
     dtypes = {name: dtype or torch.float32 for name, (_, _, dtype, _, _) in candidates.items()}
     peaks = {dtype: matmul_peak(target, dtype) for dtype in set(dtypes.values())}
@@ -183,7 +187,7 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
         seconds = _timed_rounds(steps, target, iters if mode == "train" else 3 * iters, repeats)
         base = seconds.get("tutorial")
         for name, s in seconds.items():
-            rate, peak = flops[mode] / s, peaks[dtypes[name]]
+            rate, peak = flops[mode, name] / s, peaks[dtypes[name]]
             rows.append(Row(mode=mode, model=name, images_per_s=batch_size / s, step_ms=1e3 * s,
                             tflops=rate / 1e12, peak_fraction=rate / peak if rate <= peak else None,
                             speedup=(base / s) if base else None))
@@ -194,6 +198,7 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
         "batch_size": batch_size, "precision": "bf16" if autocast_dtype else "fp32",
         "compile": compile, "repeats": repeats, "iters": iters,
         "forward_gflops_per_image": forward_flops(config) / 1e9,
+        "tutorial_forward_gflops_per_image": forward_flops(config, cls_only_last_block=False) / 1e9,
         "matmul_peak_tflops": {str(d).removeprefix("torch."): p / 1e12 for d, p in peaks.items()},
         "warmup_seconds": compile_seconds,
     }

@@ -500,11 +500,17 @@ def load_tutorial_state_dict(model: ViT, state_dict: dict[str, torch.Tensor]) ->
     model.load_state_dict(converted, strict=True)
 
 
-def forward_flops(config: ViTConfig) -> int:
+def forward_flops(config: ViTConfig, cls_only_last_block: bool = True) -> int:
     """Multiply-add FLOPs (2 per MAC) of one image's forward pass through every matrix product:
-    patch projection, QKV, attention scores and mixing, output projection, MLP, head."""
-    tokens, width = config.num_patches + 1, config.width
+    patch projection, QKV, attention scores and mixing, output projection, MLP, head.
+
+    vitlab's ViT runs its last block for the CLS token alone (its query, attention row, output
+    projection and MLP; the keys and values of every token); the tutorial's ViTModel
+    (`cls_only_last_block=False`) runs every token through every block."""
+    tokens, width, mlp = config.num_patches + 1, config.width, config.mlp_dim
     patch = config.num_patches * width * config.num_channels * config.patch_size ** 2
     patch *= 5 if config.shifted_patches else 1  # the image and its four shifts
-    block = tokens * (4 * width * width + 2 * width * config.mlp_dim) + 2 * tokens ** 2 * width
-    return 2 * (patch + config.depth * block + width * config.num_classes)
+    block = tokens * (4 * width * width + 2 * width * mlp) + 2 * tokens ** 2 * width
+    last = (tokens * 2 * width * width + 2 * width * width + 2 * tokens * width + 2 * width * mlp
+            if cls_only_last_block else block)
+    return 2 * (patch + (config.depth - 1) * block + last + width * config.num_classes)
