@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -297,6 +299,10 @@ def test_bad_inputs_are_one_line_errors(run, pngs, tmp_path, capfd):
         (["export", "--checkpoint", run, "--out", tmp_path / "no" / "such" / "m.onnx"],
          "does not exist"),
         (["export", "--checkpoint", run, "--out", tmp_path], "is a folder"),
+        (["export", "--checkpoint", run, "--out", f"{tmp_path / 'newdir'}/"],
+         "names a folder (it ends in a separator)"),
+        (["export", "--checkpoint", run, "--out", tmp_path / "fifo.onnx"],
+         "is not a regular file (a device, pipe or socket)"),
         (["export", "--checkpoint", tmp_path / "nope", "--out", tmp_path / "m.onnx"],
          "not a directory"),
         # Never over a file of a run directory, nor in a file named for the other format.
@@ -319,6 +325,7 @@ def test_bad_inputs_are_one_line_errors(run, pngs, tmp_path, capfd):
     ]
     (tmp_path / "dir.json").mkdir()
     (tmp_path / "afile").write_text("x")
+    os.mkfifo(tmp_path / "fifo.onnx")
     (run / "evaluation").mkdir(exist_ok=True)
     (run / "evaluation" / "evaluation.json").write_text("{}")
     for argv, message in cases:
@@ -326,6 +333,8 @@ def test_bad_inputs_are_one_line_errors(run, pngs, tmp_path, capfd):
         assert main([str(a) for a in argv]) == 2, argv
         assert message in h.assert_one_error_line(capfd.readouterr().err, argv[0]), argv
     assert ckpt.load_weights(run / "model.safetensors") and ckpt.read_run_config(run)
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo.onnx").st_mode)
+    assert not (tmp_path / "newdir").exists()
 
 
 def test_predict_from_python(run, pngs):

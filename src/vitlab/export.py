@@ -27,14 +27,16 @@ OPSET = 18
 _SUFFIXES = {".onnx": "onnx", ".safetensors": "timm"}  # a file named for the other format
 
 
-def _check_target(path: Path, suffix: str) -> None:
+def _check_target(given: str | os.PathLike, suffix: str) -> Path:
     from vitlab.train.checkpoint import check_output_file
 
+    path = Path(given)
     named_for = _SUFFIXES.get(path.suffix.lower())
     if named_for is not None and path.suffix.lower() != suffix:
         raise ConfigError(f"{path} is named like a --format {named_for} file; name it "
                           f"{path.with_suffix(suffix).name}")
-    check_output_file(path, "--out", f"give the file's name, e.g. {path}/model{suffix}")
+    check_output_file(given, "--out", f"give the file's name, e.g. {path}/model{suffix}")
+    return path
 
 
 def export_timm(model: ViT, path: str | os.PathLike, class_names: Sequence[str]) -> Path:
@@ -43,8 +45,7 @@ def export_timm(model: ViT, path: str | os.PathLike, class_names: Sequence[str])
     from vitlab.interop import to_timm_state_dict
     from vitlab.train.checkpoint import save_weights
 
-    path = Path(path)
-    _check_target(path, ".safetensors")
+    path = _check_target(path, ".safetensors")
     save_weights(path, to_timm_state_dict(model), {"vitlab.class_names": json.dumps(
         list(class_names)), "format": "pt"})
     return path
@@ -63,8 +64,7 @@ def export_onnx(model: ViT, path: str | os.PathLike, class_names: Sequence[str],
                 opset: int = OPSET) -> Path:
     """Write `model` as an ONNX file at `path` (atomically); returns the path."""
     onnx = require_onnx()
-    path = Path(path)
-    _check_target(path, ".onnx")
+    path = _check_target(path, ".onnx")
     config = model.config
     model = model.eval().cpu()
     example = torch.zeros(2, config.num_channels, config.image_size, config.image_size)

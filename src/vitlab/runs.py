@@ -486,7 +486,7 @@ def _prediction_output(output: PathLike | None) -> Path | None:
     path = Path(output)
     if path.suffix.lower() not in (".csv", ".json"):
         raise ConfigError(f"--output {path}: give a .csv or .json file name")
-    ckpt.check_output_file(path, "--output", "give a .csv or .json file name")
+    ckpt.check_output_file(output, "--output", "give a .csv or .json file name")
     return path
 
 

@@ -189,12 +189,20 @@ def check_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> list[str
     return leftovers
 
 
-def check_output_file(path: Path, flag: str, how_to_name: str) -> None:
-    """A file a command is about to write, checked before its work: not a folder (how_to_name
-    says what to give instead), in a folder that exists and takes files, never a run's own file
-    (`refuse_run_file`)."""
+def check_output_file(given: str | os.PathLike, flag: str, how_to_name: str) -> None:
+    """A file a command is about to write, checked before its work: not a folder, nor a name
+    ending in a separator (how_to_name says what to give instead), nor a device, pipe or
+    socket (a write would replace it, /dev/null included); in a folder that exists and takes
+    files; never a run's own file (`refuse_run_file`)."""
+    path = Path(given)
     if path.is_dir():
-        raise ConfigError(f"{flag} {path} is a folder; {how_to_name}")
+        raise ConfigError(f"{flag} {given} is a folder; {how_to_name}")
+    if str(given).endswith(("/", os.sep)):
+        raise ConfigError(f"{flag} {given} names a folder (it ends in a separator); "
+                          f"{how_to_name}")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{flag} {given} is not a regular file (a device, pipe or socket), "
+                          "which writing would replace; give a file name")
     if not path.parent.is_dir():
         raise ConfigError(f"{flag} {path}: the folder {path.parent} does not exist")
     refuse_run_file(path, flag)
