@@ -505,3 +505,8 @@ def test_config_file_keys_meet_the_flags_as_the_flags_mean(monkeypatch, tmp_path
     config.write_text("epochs: 2\n")
     with pytest.raises(ConfigError, match="finetune does not use; its budget is finetune-epochs"):
         cli._train(parse(["finetune", "--config", str(config)]))
+    # Numbers as YAML 1.2 and Python write them (YAML 1.1 reads 1e-3 as a string).
+    config.write_text("lr: 1e-3\nweight-decay: 5E-2\nrecipe: seed\n")
+    given.clear()
+    cli._train(parse(["pretrain", "--config", str(config)]))
+    assert (given["lr"], given["weight_decay"]) == (0.001, 0.05)

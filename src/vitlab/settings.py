@@ -10,7 +10,9 @@ field or a registry entry is one edit: the parser, the config files and the resu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Collection, Iterable
@@ -176,7 +178,7 @@ def read_config_file(path: str | Path, command: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path} ({getattr(e, 'strerror', e)})") from None
     try:
-        values = yaml.safe_load(text)
+        values = yaml.load(text, Loader=_config_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
@@ -187,6 +189,22 @@ def read_config_file(path: str | Path, command: str) -> dict[str, Any]:
         raise ConfigError(f"{path} must hold a mapping of setting names to values, like "
                           "'lr: 0.01'")
     return check_settings(values, command, where=f"{path}: ")
+
+
+@functools.cache
+def _config_loader() -> type:
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and Python, and timm's configs) do:
+    `1e-3` is a float, where YAML 1.1 needs `1.0e-3` and reads `1e-3` as a string."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"),
+        list("-+0123456789."))
+    return Loader
 
 
 def recipe_as_yaml(recipe: Recipe, description: str = "") -> str:
