@@ -80,12 +80,21 @@ def tutorial_model(config: ViTConfig) -> ViTModel:
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
-    """FLOP/s of a square matrix multiply (4096 on CUDA, 1024 on the CPU), median of repeats."""
+    """FLOP/s of a square matrix multiply (4096 on CUDA, 1024 on the CPU), median of repeats.
+    Where one product takes over 0.1 s (bf16 on a CPU without bf16 units: 47 s for the
+    default repeats), the matrix is halved until it does not (down to 128)."""
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)  # also the warm-up
+        _sync(device)
+        if time.perf_counter() - start <= 0.1 or n <= 128:
+            break
+        n //= 2
     iters = 20 if device.type == "cuda" else 3
-    torch.mm(a, b)
     samples = []
     for _ in range(repeats):
         _sync(device)
@@ -167,7 +176,7 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
              for mode in ("train", "inference") for name, count in per_image.items()}
     # Each candidate's FLOP/s are a fraction of the peak of its own dtype (the tutorial: fp32).
     dtypes = {name: dtype or torch.float32 for name, (_, _, dtype, _, _) in candidates.items()}
-    peaks = {dtype: matmul_peak(target, dtype) for dtype in set(dtypes.values())}
+    peaks = {dtype: matmul_peak(target, dtype, repeats) for dtype in set(dtypes.values())}
     rows: list[Row] = []
     compile_seconds = {}
     for mode in ("train", "inference"):
@@ -208,7 +217,7 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
 def format_table(result: dict) -> str:
     """The result as a Markdown table with a header line saying what was measured where."""
     env = result["environment"]
-    peaks = ", ".join(f"{p:.2f} TFLOP/s {dtype}" for dtype, p in
+    peaks = ", ".join(f"{p:.3g} TFLOP/s {dtype}" for dtype, p in
                       sorted(env["matmul_peak_tflops"].items()))
     lines = [f"{env['model']} ({env['parameters']:,} params), batch {env['batch_size']}, "
              f"{env['device']}, torch {env['torch']}; median of {env['repeats']} interleaved "
