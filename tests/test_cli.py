@@ -296,7 +296,7 @@ BAD_INPUTS = {
     "negative epochs": (["pretrain", "--epochs", "-1", "--model", "micro", "--data", "{c10}"],
                         "epochs must be >= 0"),
     "zero batch": (["pretrain", "--batch-size", "0"], "batch size"),
-    "nan lr": (["pretrain", "--lr", "nan"], "lr must be a positive number"),
+    "nan lr": (["pretrain", "--lr", "nan"], "lr must be a finite number > 0"),
     "zero steps": (["pretrain", "--train-steps-per-epoch", "0", "--model", "micro"],
                    "--train-steps-per-epoch must be at least 1"),
     "unknown model": (["pretrain", "--model", "vit-huge-99", "--data", "{c10}"],

@@ -306,7 +306,7 @@ def test_a_16_bit_png_folder_trains_on_its_real_brightness(tmp_path, caplog):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--schedule", "cosine", "--warmup-epochs", "1e308"], "warm-up epochs must be a number in"),
     (["--epochs", "2000000000"], "epochs must be at most"),
-    (["--lr", "inf"], "lr must be a positive number"),
+    (["--lr", "inf"], "lr must be a finite number > 0"),
     (["--grad-clip", "inf"], "gradient clipping norm must be a number > 0"),
 ])
 def test_numbers_that_overflow_are_one_line_errors(data, tmp_path, capfd, flags, message):

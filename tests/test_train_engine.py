@@ -733,8 +733,12 @@ def test_fit_compiles_as_its_options_plan(dataset, tmp_path, monkeypatch):
     fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=2,
                                                compile_mode="max-autotune"), tmp_path / "b")
     assert modes == ["max-autotune", "max-autotune"]
-    starts = [ckpt.read_jsonl(tmp_path / run / ckpt.METRICS)[0] for run in ("a", "b")]
+    fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=2, compile=True,
+                                               eager_optimizer=True), tmp_path / "c")
+    assert modes == ["max-autotune", "max-autotune", "default"]  # the model alone
+    starts = [ckpt.read_jsonl(tmp_path / run / ckpt.METRICS)[0] for run in ("a", "b", "c")]
     assert "compile" not in starts[0] and starts[1]["compile"] == "max-autotune"
+    assert starts[2]["compile"] == "default (eager optimizer)"
     planned: list[tuple] = []
     plan = TrainOptions.compile_plan
     monkeypatch.setattr(TrainOptions, "compile_plan", lambda self, *args: planned.append(args)

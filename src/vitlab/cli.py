@@ -288,8 +288,9 @@ def _recipes(args: argparse.Namespace) -> None:
     from vitlab.train.recipe import RECIPE_DESCRIPTIONS, recipe
 
     if args.name is None:
+        width = max(map(len, RECIPE_DESCRIPTIONS))
         for name in sorted(RECIPE_DESCRIPTIONS):
-            print(f"{name:10s} {RECIPE_DESCRIPTIONS[name]}")
+            print(f"{name:{width}s}  {RECIPE_DESCRIPTIONS[name]}")
         print("print one as a config file: vitlab recipes NAME > my.yaml; "
               "then: vitlab pretrain --config my.yaml")
         return

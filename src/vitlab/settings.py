@@ -75,7 +75,7 @@ class Setting:
         if self.choices is not None:
             known = self.choices()
             if value not in known:
-                what = {"recipe": "recipe", "model": "model preset"}.get(self.name, self.name)
+                what = {"recipe": "recipe", "model": "model preset"}.get(self.name, self.flag)
                 raise ConfigError(f"{where}unknown {what} {value!r}; known: {', '.join(known)}")
         return value
 
@@ -217,7 +217,9 @@ def recipe_as_yaml(recipe: Recipe, description: str = "") -> str:
             values[name.replace("_", "-")] = getattr(recipe, setting.field or name)
     header = f"# vitlab recipe {recipe.name!r}" + (f": {description}" if description else "")
     body = yaml.safe_dump(values, sort_keys=False, default_flow_style=False)
-    return f"{header}\n# copy, edit, then: vitlab pretrain --config FILE (flags override it)\n{body}"
+    command = "finetune" if recipe.name.endswith("finetune") else "pretrain"
+    return (f"{header}\n# copy, edit, then: vitlab {command} --config FILE (flags override it)\n"
+            f"{body}")
 
 
 def pick(values: dict[str, Any], roles: Iterable[str]) -> dict[str, Any]:

@@ -204,7 +204,8 @@ def check_output_file(given: str | os.PathLike, flag: str, how_to_name: str) -> 
         raise ConfigError(f"{flag} {given} is not a regular file (a device, pipe or socket), "
                           "which writing would replace; give a file name")
     if not path.parent.is_dir():
-        raise ConfigError(f"{flag} {path}: the folder {path.parent} does not exist")
+        what = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise ConfigError(f"{flag} {path}: the folder {path.parent} {what}")
     refuse_run_file(path, flag)
     check_takes_files(path.parent, flag)
 

@@ -537,7 +537,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     model.train()
     if options.freeze_encoder:
         model.encoder.eval()  # a linear probe reads fixed features: no dropout in them
-    compiling = {"compile": mode} if mode else {}  # why the first epoch takes longer
+    compiling = ({"compile": f"{mode} (eager optimizer)" if eager_optimizer else mode}
+                 if mode else {})  # why the first epoch takes longer
     if resume:
         reporter.event("Resume", step=progress.global_step, epoch=progress.epoch + 1,
                        **compiling)

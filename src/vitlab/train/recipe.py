@@ -121,7 +121,7 @@ class Recipe:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
         checks = [
-            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr must be a finite number > 0"),
             (0 <= self.weight_decay < math.inf, "weight decay must be a number >= 0"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (0 <= self.warmup_epochs <= MAX_EPOCHS,
