@@ -75,7 +75,8 @@ class Setting:
         if self.choices is not None:
             known = self.choices()
             if value not in known:
-                what = {"recipe": "recipe", "model": "model preset"}.get(self.name, self.flag)
+                what = {"recipe": "recipe", "model": "model preset"}.get(
+                    self.name, self.name.replace("_", "-"))
                 raise ConfigError(f"{where}unknown {what} {value!r}; known: {', '.join(known)}")
         return value
 
