@@ -1,7 +1,7 @@
 """Where a training step's time goes: the step alone, the batch alone, and both, as `fit` runs them.
 
 seed-mini, the seed recipe, batch 128, on one device, compiled as `fit` compiles a 100-epoch run
-there (`TrainOptions.compile_plan`; --compile off|MODE overrides it). Three cases, interleaved,
+there (`TrainOptions.compile_plan`; --compile off|MODE overrides it). Four cases, interleaved,
 medians of --repeats rounds of --steps steps each:
 
   step         the training step (forward, backward, optimizer) on one fixed batch

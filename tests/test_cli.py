@@ -502,6 +502,11 @@ def test_config_file_keys_meet_the_flags_as_the_flags_mean(monkeypatch, tmp_path
     given.clear()
     cli._train(parse(["pretrain", "--config", str(config)]))
     assert given["compile"] is False and given["lr"] == 0.002
+    config.write_text("compile-mode: max-autotune\neager-optimizer: true\n")
+    given.clear()
+    cli._train(parse(["pretrain", "--config", str(config), "--no-compile"]))
+    assert given["compile"] is False and "compile_mode" not in given
+    assert "eager_optimizer" not in given
     config.write_text("epochs: 2\n")
     with pytest.raises(ConfigError, match="finetune does not use; its budget is finetune-epochs"):
         cli._train(parse(["finetune", "--config", str(config)]))

@@ -84,6 +84,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> f
     Where one product takes over 0.1 s (bf16 on a CPU without bf16 units: 47 s for the
     default repeats), the matrix is halved until it does not (down to 128)."""
     n = 4096 if device.type == "cuda" else 1024
+    small = torch.randn(256, 256, device=device, dtype=dtype)
+    torch.mm(small, small)  # library start-up (cuBLAS) kept out of the size probe below
     while True:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)

@@ -207,6 +207,9 @@ def _train(args: argparse.Namespace) -> None:
         if from_file.get("compile") is False and "compile" not in given and (
                 given.get("compile_mode") is not None or given.get("eager_optimizer")):
             del from_file["compile"]  # the flag, which implies --compile, overrides the file
+        if given.get("compile") is False:  # --no-compile overrides the file's compile details
+            for key in ("compile_mode", "eager_optimizer"):
+                from_file.pop(key, None)
         given = {**from_file, **given}
     resume_dir = getattr(args, "resume", None)
     if command == "run":

@@ -10,6 +10,7 @@ field or a registry entry is one edit: the parser, the config files and the resu
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import os
 import re
@@ -71,7 +72,9 @@ class Setting:
         elif isinstance(value, os.PathLike):
             value = os.fspath(value)
         elif not isinstance(value, str):
-            raise ConfigError(f"{label} must be a string, got {value!r}")
+            quote = (" (quote it in a config file: YAML reads it as a number or date)"
+                     if isinstance(value, int | float | datetime.date) else "")
+            raise ConfigError(f"{label} must be a string, got {value!r}{quote}")
         if self.choices is not None:
             known = self.choices()
             if value not in known:

@@ -96,7 +96,8 @@ class RunConfig:
         """Parse a config.json; `runtime` sets the options' runtime fields (device, ...)."""
         if not isinstance(values, dict) or values.get("format") != RUN_FORMAT:
             raise CheckpointError(f"{where} was not written by vitlab (it has no 'format': "
-                                  f"'{RUN_FORMAT}'): that folder is not a vitlab run directory")
+                                  f"'{RUN_FORMAT}'): that folder is not a vitlab run directory (as an "
+                                  "--out: choose another, or pass --overwrite)")
         for key, kind in (("kind", str), ("model", dict), ("data", str), ("options", dict),
                           ("seed", int), ("recipe", dict)):
             if not isinstance(values.get(key), kind):
