@@ -8,8 +8,8 @@ and an inference step on one fixed random batch; a compiled model also gets a tr
 an eager optimizer step (`--eager-optimizer`), to show what compiling the optimizer buys. After
 warm-up (compilation included) the candidates are timed in turns, round after round, and each
 reports its median. FLOP/s count the matrix products of `forward_flops`, each model's own (the
-tutorial's runs every token through its last block, vitlab's the CLS token) (3x for a training step:
-forward, and backward's two products per weight); the peak they are a fraction of is a large
+tutorial's last block runs every token, vitlab's the CLS token alone), 3x for a training step
+(forward, and backward's two products per weight); the peak they are a fraction of is a large
 square matrix multiply in the candidate's dtype (fp32 for the tutorial), timed in the same run.
 """
 

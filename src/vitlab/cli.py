@@ -204,12 +204,7 @@ def _train(args: argparse.Namespace) -> None:
             raise ConfigError(f"{args.config}: epochs is the recipe's pre-training budget, which "
                               "finetune does not use; its budget is finetune-epochs (the "
                               "--epochs flag of finetune)")
-        if from_file.get("compile") is False and "compile" not in given and (
-                given.get("compile_mode") is not None or given.get("eager_optimizer")):
-            del from_file["compile"]  # the flag, which implies --compile, overrides the file
-        if given.get("compile") is False:  # --no-compile overrides the file's compile details
-            for key in ("compile_mode", "eager_optimizer"):
-                from_file.pop(key, None)
+        _drop_overridden_compile_keys(from_file, given)
         given = {**from_file, **given}
     resume_dir = getattr(args, "resume", None)
     if command == "run":
@@ -231,6 +226,18 @@ def _train(args: argparse.Namespace) -> None:
         runs.pretrain(**given)
     elif command == "finetune":
         runs.finetune(given.pop("source", None), **given)
+
+
+def _drop_overridden_compile_keys(from_file: dict, given: dict) -> None:
+    """Compile settings of the file that the command line's contradict: --compile-mode and
+    --eager-optimizer imply --compile (over the file's `compile: false`), and --no-compile
+    turns off the file's compile mode and optimizer choice."""
+    implies_compile = given.get("compile_mode") is not None or given.get("eager_optimizer")
+    if from_file.get("compile") is False and "compile" not in given and implies_compile:
+        del from_file["compile"]
+    if given.get("compile") is False:
+        for key in ("compile_mode", "eager_optimizer"):
+            from_file.pop(key, None)
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -118,7 +118,7 @@ class TrainOptions:
                      "tensorboard", "resize_on_device"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in _PER_DEVICE):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
 
     def compile_plan(self, device_type: str, steps: int, world_size: int = 1
                      ) -> tuple[str | None, bool]:
