@@ -8,7 +8,9 @@ is checked bit for bit against the NumPy pipeline fed the same random draws, in 
 vitlab row's per-sample side is what a torchvision/timm pipeline does per image: NumPy
 pad-crop-flip, one TrivialAugment-Wide op through Pillow (vitlab.data.pil_reference, the
 definitions the batched ops are tested against), normalize, Random Erasing with NumPy noise; then
-Mixup/CutMix on the stacked batch.
+Mixup/CutMix on the stacked batch. The seed and vitlab rows come twice: batch by batch, and with
+the loader augmenting 8 batches per call, as training does by default (--augment-chunk, 1,024
+images; Mixup/CutMix still mix each batch within itself).
 
 Timing is interleaved so that load from other processes hits both sides alike: after a warm-up,
 each of --rounds rounds times NumPy then vitlab for each mode; the table gives the median img/s
@@ -39,15 +41,15 @@ from vitlab.data import numpy_reference as ref
 from vitlab.data.augment import VitlabAugment
 from vitlab.data.autoaugment import MEAN_FILL, OP_NAMES, OPS, WIDE
 from vitlab.data.pil_reference import apply_one
+from vitlab.train.options import TrainOptions
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
 
 
-def vitlab_batches(split, batch_size: int, train: bool) -> Iterator[tuple]:
-    """BatchLoader + SeedAugment batches, epoch after epoch."""
-    loader = BatchLoader(
-        split, batch_size, augment=SeedAugment(), train=train, shuffle=train, seed=0
-    )
+def vitlab_batches(split, batch_size: int, train: bool, chunk: int = 1) -> Iterator[tuple]:
+    """BatchLoader + SeedAugment batches, `chunk` batches augmented per call, epoch after epoch."""
+    loader = BatchLoader(split, batch_size, augment=SeedAugment(), train=train, shuffle=train,
+                         seed=0, chunk_batches=chunk)
     for epoch in itertools.count():
         yield from loader.epoch(epoch)
 
@@ -69,10 +71,10 @@ def numpy_batches(
             yield np.stack(xs), labels[idx]
 
 
-def vitlab_recipe_batches(split, batch_size: int) -> Iterator[tuple]:
+def vitlab_recipe_batches(split, batch_size: int, chunk: int = 1) -> Iterator[tuple]:
     """BatchLoader + VitlabAugment (pad-crop-flip, TrivialAugment-Wide, erasing, mixup/cutmix)."""
     loader = BatchLoader(split, batch_size, augment=VitlabAugment(len(split.classes)), train=True,
-                         shuffle=True, seed=0)
+                         shuffle=True, seed=0, chunk_batches=chunk)
     for epoch in itertools.count():
         yield from loader.epoch(epoch)
 
@@ -184,16 +186,19 @@ def main() -> None:
     for train in (True, False):
         check_same_output(ds.train.images, train)
 
+    # Training augments --augment-chunk images per call (whole batches): 1,024 by default.
+    chunk = TrainOptions(epochs=1).augment_chunk_batches(args.batch_size, (3, 32, 32))
     rows = []
-    for mode in ("train", "eval", "vitlab"):
+    for mode in ("train", "train-chunked", "eval", "vitlab", "vitlab-chunked"):
         train = mode != "eval"
-        if mode == "vitlab":
+        k = chunk if mode.endswith("-chunked") else 1
+        if mode.startswith("vitlab"):
             slow_it = per_sample_vitlab_batches(images, labels, args.batch_size,
                                                 ds.num_classes)
-            fast_it = vitlab_recipe_batches(ds.train, args.batch_size)
+            fast_it = vitlab_recipe_batches(ds.train, args.batch_size, k)
         else:
             slow_it = numpy_batches(images, labels, args.batch_size, train)
-            fast_it = vitlab_batches(ds.train, args.batch_size, train)
+            fast_it = vitlab_batches(ds.train, args.batch_size, train, k)
         images_per_s(slow_it, 2, 0.0)  # warm-up, not timed
         images_per_s(fast_it, 10, 0.0)
         slow, fast = [], []
@@ -201,9 +206,13 @@ def main() -> None:
             slow.append(images_per_s(slow_it, args.numpy_steps, args.seconds))
             fast.append(images_per_s(fast_it, args.steps, args.seconds))
         ratios = [f / s for f, s in zip(fast, slow, strict=True)]
-        mode = {"train": "seed train (pad+crop+flip+dropout)", "eval": "eval (normalize+CHW)",
+        chunked = f", {chunk} batches per call (training's default)"
+        mode = {"train": "seed train (pad+crop+flip+dropout), batch by batch",
+                "train-chunked": "seed train" + chunked,
+                "eval": "eval (normalize+CHW)",
                 "vitlab": "vitlab recipe train (pad+crop+flip, TrivialAugment-Wide, erasing, "
-                          "mixup/cutmix; per-sample side: Pillow)"}[mode]
+                          "mixup/cutmix; per-sample side: Pillow), batch by batch",
+                "vitlab-chunked": "vitlab recipe train" + chunked}[mode]
         med_slow, med_fast = statistics.median(slow), statistics.median(fast)
         rows.append(
             f"| {mode} | {med_slow:,.0f} | {med_fast:,.0f} | **{med_fast / med_slow:.1f}x** "

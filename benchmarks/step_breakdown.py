@@ -1,15 +1,18 @@
 """Where a training step's time goes: the step alone, the batch alone, and both, as `fit` runs them.
 
 seed-mini, the seed recipe, batch 128, on one device, compiled as `fit` compiles a 100-epoch run
-there (`TrainOptions.compile_plan`; --compile off|MODE overrides it). Four cases, interleaved,
+there (`TrainOptions.compile_plan`; --compile off|MODE overrides it). Six cases, interleaved,
 medians of --repeats rounds of --steps steps each:
 
   step         the training step (forward, backward, optimizer) on one fixed batch
-  batch        the loader's next batch: the gather from the device-resident split and SeedAugment
+  batch        the loader's next batch: the gather from the device-resident split and SeedAugment,
+               which augments 8 batches a call as fit does (--augment-chunk, 1,024 images), so
+               this is an eighth of a call on average
+  batch, one per call   the same, one batch a call (fit before --augment-chunk)
   batch+step   both, as in fit's loop (without its per-step bookkeeping)
   vitlab batch the loader's next batch with the vitlab recipe's augmentation instead (TrivialAugment-
                Wide, Random Erasing, Mixup/CutMix: ~500 operator calls a batch in a CPU profile,
-               against SeedAugment's ~100)
+               against SeedAugment's ~100), 8 batches a call, and one per call
 
 Each case is timed twice: the wall time per step with the device synchronised at both ends of a
 round, and the host time, what the Python thread spent issuing the work. On a GPU a host time
@@ -27,7 +30,7 @@ import itertools
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -54,9 +57,17 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     target = resolve_device(device)
     seed = recipe("seed")
     dataset = load_dataset(str(data), download=False)
-    loader = BatchLoader(dataset.train, seed.batch_size, device=target,
-                         augment=make_augment(seed.augment, len(dataset.classes)), train=True,
-                         shuffle=True, seed=0)
+    # fit augments --augment-chunk images per call (8 batches of 128 by default)
+    chunk = TrainOptions(epochs=100).augment_chunk_batches(seed.batch_size, (3, 32, 32))
+
+    def endless(augment: str, chunk_batches: int) -> Iterator[tuple]:
+        loader = BatchLoader(dataset.train, seed.batch_size, device=target,
+                             augment=make_augment(augment, len(dataset.classes)), train=True,
+                             shuffle=True, seed=0, chunk_batches=chunk_batches)
+        return itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
+
+    batches, single = endless(seed.augment, chunk), endless(seed.augment, 1)
+    steps = -(-steps // chunk) * chunk  # whole chunks a round: each round pays its share
     if compile == "auto":
         mode, eager_optimizer = TrainOptions(epochs=100).compile_plan(target.type, TUTORIAL_STEPS)
     else:
@@ -68,12 +79,7 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     optimizer_step = (compile_optimizer_step(optimizer, mode)
                       if mode and not eager_optimizer else None)
     precision = resolve_precision("auto", target)
-    batches = itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
-    vitlab_loader = BatchLoader(dataset.train, seed.batch_size, device=target,
-                                augment=make_augment("vitlab", len(dataset.classes)), train=True,
-                                shuffle=True, seed=0)
-    vitlab_batches = itertools.chain.from_iterable(
-        vitlab_loader.epoch(e) for e in itertools.count())
+    vitlab_batches, vitlab_single = endless("vitlab", chunk), endless("vitlab", 1)
     fixed = next(batches)
     model.train()
 
@@ -83,8 +89,10 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     cases: dict[str, Callable[[], object]] = {
         "step": lambda: step(fixed),
         "batch": lambda: next(batches),
+        "batch, one per call": lambda: next(single),
         "batch+step": lambda: step(next(batches)),
         "vitlab batch": lambda: next(vitlab_batches),
+        "vitlab batch, one per call": lambda: next(vitlab_single),
     }
 
     def sync() -> None:
@@ -113,6 +121,7 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
         "device": torch.cuda.get_device_name(target) if target.type == "cuda" else "cpu",
         "torch": torch.__version__, "compile": mode or "off",
         "eager_optimizer": bool(mode) and eager_optimizer, "batch_size": seed.batch_size,
+        "augment_chunk_batches": chunk,
         "steps": steps, "repeats": repeats, "warmup_seconds": round(warmup_seconds, 1),
         "cases": {name: {"wall_ms": round(statistics.median(w for w, _ in r), 3),
                          "host_ms": round(statistics.median(h for _, h in r), 3)}

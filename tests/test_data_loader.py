@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vitlab.data import BatchLoader, SeedAugment, Split
+from vitlab.data.augment import VitlabAugment
 from vitlab.data.loader import mix_seed
 from vitlab.errors import ConfigError
 
@@ -134,3 +135,72 @@ def test_each_batch_is_the_augment_of_its_indices_with_its_own_seed():
     # batches already yielded are not changed by later ones (no shared buffers)
     again = list(loader.epoch(1))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
+
+
+
+def _random_split(n: int) -> Split:
+    """Random images, image i labelled i (so a batch's labels are its indices)."""
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(n))
+    return Split(images, torch.arange(n), ["c"] * n)
+
+
+@pytest.mark.parametrize("chunk", [2, 3, 9, 20])
+def test_chunked_batches_are_their_chunk_augmented_at_once_with_its_first_steps_seed(chunk):
+    split, aug = _random_split(100), SeedAugment()
+    loader = BatchLoader(split, 16, augment=aug, seed=7, steps_per_epoch=9, chunk_batches=chunk)
+    batches = list(loader.epoch(1))
+    per_batch = list(BatchLoader(split, 16, augment=aug, seed=7, steps_per_epoch=9).epoch(1))
+    # the same samples in the same batches: the order does not depend on the chunk
+    assert [len(y) for _, y in batches] == [16] * 6 + [4, 16, 16]  # into a second pass
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, per_batch, strict=True))
+    # each chunk augmented in one call, seeded by (seed, epoch, its first step)
+    for first in range(0, 9, chunk):
+        part = batches[first:first + chunk]
+        gen = torch.Generator().manual_seed(mix_seed(7, 1, first))
+        expected = aug.apply(split.images[torch.cat([y for _, y in part])], True, gen)
+        assert torch.equal(torch.cat([x for x, _ in part]), expected)
+    # other draws than batch by batch (a run's augment-chunk is part of the run)
+    assert not torch.equal(batches[0][0], per_batch[0][0])
+
+
+@pytest.mark.parametrize("start", [1, 3, 4, 5, 8])
+def test_resume_inside_a_chunk_is_bitwise_identical(start):
+    split = _random_split(100)
+    loader = BatchLoader(split, 16, augment=VitlabAugment(100), seed=5, steps_per_epoch=9,
+                         chunk_batches=4)
+    full = list(loader.epoch(2))
+    resumed = list(loader.epoch(2, start_step=start))
+    assert len(resumed) == 9 - start
+    for (xa, ya), (xb, yb) in zip(full[start:], resumed, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_chunks_apply_to_augmented_training_only():
+    split = _random_split(40)
+    assert BatchLoader(split, 8, augment=SeedAugment(), chunk_batches=3).chunk_batches == 3
+    assert BatchLoader(split, 8, chunk_batches=3).chunk_batches == 1  # nothing to augment
+    evaluation = BatchLoader(split, 8, augment=SeedAugment(), train=False, shuffle=False,
+                             chunk_batches=3)
+    assert evaluation.chunk_batches == 1
+    with pytest.raises(ConfigError, match="chunk_batches"):
+        BatchLoader(split, 8, chunk_batches=0)
+
+
+def test_chunked_mixup_cutmix_mixes_within_each_batch():
+    """Soft targets of a chunked batch name only labels of that batch, each row sums to 1, and
+    the data-parallel part of every batch is its own slice."""
+    split = _random_split(96)
+    loader = BatchLoader(split, 16, augment=VitlabAugment(96), seed=1, chunk_batches=6)
+    seen = 0
+    for epoch in range(4):
+        for _, targets in loader.epoch(epoch):
+            assert targets.shape[1] == 96
+            torch.testing.assert_close(targets.sum(1), torch.ones(len(targets)))
+            seen += 1
+    assert seen == 24
+    parts = [list(BatchLoader(split, 16, augment=VitlabAugment(96), seed=1, chunk_batches=6,
+                              batch_part=(r, 2)).epoch(0)) for r in range(2)]
+    whole = list(loader.epoch(0))
+    for (x0, t0), (x1, t1), (x, t) in zip(*parts, whole, strict=True):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([t0, t1]), t)

@@ -127,6 +127,34 @@ def test_mixup_pairs_odd_batches_by_rolling_half_a_batch():
         assert torch.equal(results[0][1], results[1][1])
 
 
+def test_mixup_cutmix_of_a_chunk_mixes_each_batch_within_itself():
+    """Batches transformed together (`batches`, the loader's --augment-chunk): one image pass,
+    then each batch mixed with its own partners (rolled by half of itself) and scalars, each
+    equal to what MixupCutmix does to that batch's transformed images alone."""
+    x = torch.randn(15, 3, 8, 8)
+    labels = torch.arange(15)
+    sizes = [6, 6, 3]
+    for seed in range(12):
+        mix = MixupCutmix(lambda i, y, t, g: (i.clone(), y), 15)
+        out = mix.batches(x, labels, sizes, True, torch.Generator().manual_seed(seed))
+        for (xb, tb), idx in zip(out, torch.arange(15).split(sizes), strict=True):
+            assert tb.shape == (len(idx), 15)
+            assert set(tb.nonzero()[:, 1].tolist()) <= set(idx.tolist())  # its own labels only
+            shift = len(idx) // 2
+            lam = tb[0, idx[0]].item()
+            one_hot = torch.eye(15)[idx]
+            torch.testing.assert_close(tb, one_hot * lam + one_hot.roll(-shift, 0) * (1 - lam))
+            mixed = torch.allclose(xb, x[idx] * lam + x[idx].roll(-shift, 0) * (1 - lam))
+            changed = (xb != x[idx]).any(1)
+            assert mixed or changed.any() or lam == 1.0  # Mixup, or CutMix's box (maybe empty)
+    # One batch is one call: the same draws as __call__.
+    g = [torch.Generator().manual_seed(3) for _ in range(2)]
+    mix = MixupCutmix(lambda i, y, t, g: (i.clone(), y), 15)
+    (xa, ta), = mix.batches(x, labels, [15], True, g[0])
+    xb, tb = mix(x, labels, True, g[1])
+    assert torch.equal(xa, xb) and torch.equal(ta, tb)
+
+
 def test_stochastic_depth_drops_whole_samples_and_is_free_when_off():
     config = ViTConfig(image_size=32, patch_size=8, width=16, depth=5, num_heads=2, mlp_dim=32,
                        num_classes=3, drop_path=0.2)

@@ -911,3 +911,25 @@ def test_a_device_index_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setattr("vitlab.distributed.is_distributed", lambda: True)
     with pytest.raises(ConfigError, match="would put every process on one GPU"):
         resolve_device("cuda:1")
+
+
+@pytest.mark.parametrize("chunk, batch, shape, batches", [
+    (1024, 128, (3, 32, 32), 8),      # the default at the tutorial's batch
+    (1024, 1000, (3, 32, 32), 1),     # whole batches, one at least
+    (1024, 2048, (3, 32, 32), 1),
+    (0, 128, (3, 32, 32), 1),         # batch by batch
+    (1024, 128, (3, 224, 224), 3),    # 445 images of 224 px fit in 256 MiB of float32
+    (100_000, 128, (3, 32, 32), 170),  # 21,845 images of 32 px fit
+])
+def test_augment_chunk_batches(chunk, batch, shape, batches):
+    assert options(1, augment_chunk=chunk).augment_chunk_batches(batch, shape) == batches
+
+
+def test_augment_chunk_is_part_of_the_run_and_old_runs_augmented_batch_by_batch():
+    assert options(1).augment_chunk == 1024 and "augment_chunk" in options(1).saved()
+    assert TrainOptions.from_saved({"epochs": 1}, seed=0).augment_chunk == 0
+    assert TrainOptions.from_saved({"epochs": 1, "augment_chunk": 512}, seed=0).augment_chunk \
+        == 512
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="augment-chunk"):
+            options(1, augment_chunk=bad)

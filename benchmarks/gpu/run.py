@@ -20,8 +20,9 @@ what `device_data.py join` rebuilt). Stages:
   The runs compile as vitlab does by default (--compile off|auto|MODE overrides it: auto is
   vitlab's per-device rule, TrainOptions.compile_plan, set from this script's first GPU session)
   breakdown  benchmarks/step_breakdown.py: where seed-mini's step time goes in fit's loop (the
-          step alone, the batch alone, both, and a vitlab-recipe batch; wall and host time),
-          compiled as the runs are
+          step alone, the batch alone, both, and a vitlab-recipe batch; wall and host time;
+          batches 8 per augmentation call as fit makes them, and one per call), compiled as the
+          runs are
   seed    `vitlab run` with the seed recipe: 100 epochs CIFAR-100 + 1 epoch CIFAR-10, timed
   vitlab  the same with --recipe vitlab
   vitlab-sl  the same with --recipe vitlab --model vitlab-mini-sl (shifted patch tokens and
@@ -211,7 +212,8 @@ def stage_bench(out: Path, args: argparse.Namespace) -> dict:
 
 
 def stage_breakdown(args: argparse.Namespace) -> dict:
-    """benchmarks/step_breakdown.py in this process: the step, the batch, both, a vitlab batch."""
+    """benchmarks/step_breakdown.py in this process: the step, the batch, both, a vitlab batch
+    (batches 8 per augmentation call, and one per call)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from step_breakdown import breakdown
 

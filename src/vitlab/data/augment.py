@@ -228,6 +228,21 @@ class BatchTransform(Protocol):
                  generator: torch.Generator | None) -> tuple[Tensor, Tensor]: ...
 
 
+def transform_batches(transform: BatchTransform, images: Tensor, labels: Tensor,
+                      sizes: list[int], train: bool = True,
+                      generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor]]:
+    """Several batches (concatenated; `sizes` in order) transformed in one call: per-image ops
+    run once over all of them, and a transform that works per batch (Mixup/CutMix pair samples
+    within a batch) says so with a `batches` method of this signature. One size is one call of
+    `transform`, the same draws from `generator`."""
+    if hasattr(transform, "batches"):
+        return transform.batches(images, labels, sizes, train, generator)
+    inputs, targets = transform(images, labels, train, generator)
+    if len(sizes) == 1:
+        return [(inputs, targets)]
+    return list(zip(inputs.split(sizes), targets.split(sizes), strict=True))
+
+
 @dataclass
 class Compose:
     """Image ops in order, as a batch transform that leaves the labels alone; ops marked
@@ -316,12 +331,20 @@ class ResizeBatch:
 
     def __call__(self, images: Tensor, labels: Tensor, train: bool = True,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        inputs, targets = self.transform(images, labels, train, generator)
-        if tuple(inputs.shape[-2:]) != (self.size, self.size):
-            inputs = torch.nn.functional.interpolate(
-                inputs, size=(self.size, self.size), mode="bicubic", align_corners=False,
-                antialias=True)
-        return inputs, targets
+        return self.batches(images, labels, [len(labels)], train, generator)[0]
+
+    def batches(self, images: Tensor, labels: Tensor, sizes: list[int], train: bool = True,
+                generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Several batches in one call (see `transform_batches`), each resized alone."""
+        return [(self._resize(inputs), targets) for inputs, targets in transform_batches(
+            self.transform, images, labels, sizes, train, generator)]
+
+    def _resize(self, inputs: Tensor) -> Tensor:
+        if tuple(inputs.shape[-2:]) == (self.size, self.size):
+            return inputs
+        return torch.nn.functional.interpolate(
+            inputs, size=(self.size, self.size), mode="bicubic", align_corners=False,
+            antialias=True)
 
 
 @dataclass
@@ -438,16 +461,27 @@ class MixupCutmix:
 
     def __call__(self, images: Tensor, labels: Tensor, train: bool = True,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return self.batches(images, labels, [len(labels)], train, generator)[0]
+
+    def batches(self, images: Tensor, labels: Tensor, sizes: list[int], train: bool = True,
+                generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Several batches, concatenated, in one call (see `transform_batches`): the image ops
+        run once on all of them, then each batch is mixed within itself, its scalars drawn in
+        batch order from one host stream."""
         x, labels = self.transform(images, labels, train, generator)
         if not train:
-            return x, labels
+            return list(zip(x.split(sizes), labels.split(sizes), strict=True))
         rng = _host_rng(generator)
+        one_hot = torch.zeros(len(labels), self.num_classes, dtype=x.dtype, device=x.device)
+        one_hot.scatter_(1, labels.view(-1, 1), 1.0)
+        return [self._mix(xb, tb, rng)
+                for xb, tb in zip(x.split(sizes), one_hot.split(sizes), strict=True)]
+
+    def _mix(self, x: Tensor, one_hot: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
         mix, switch = rng.random(), rng.random()
         cutmix = switch < self.switch_prob
         alpha = self.cutmix_alpha if cutmix else self.mixup_alpha
         lam = rng.betavariate(alpha, alpha)
-        one_hot = torch.zeros(len(labels), self.num_classes, dtype=x.dtype, device=x.device)
-        one_hot.scatter_(1, labels.view(-1, 1), 1.0)
         if mix >= self.prob:
             return x, one_hot
         shift = len(x) // 2
@@ -510,6 +544,10 @@ class VitlabAugment(Compose):
     def __call__(self, images: Tensor, labels: Tensor, train: bool = True,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         return self.mix(images, labels, train, generator)
+
+    def batches(self, images: Tensor, labels: Tensor, sizes: list[int], train: bool = True,
+                generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor]]:
+        return self.mix.batches(images, labels, sizes, train, generator)
 
 
 # name -> factory(num_classes) of a training batch transform: `--augment NAME`. A factory gets the

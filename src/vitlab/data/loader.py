@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from vitlab.data.arrays import Split
-from vitlab.data.augment import BatchTransform
+from vitlab.data.augment import BatchTransform, transform_batches
 from vitlab.errors import ConfigError
 
 _MASK64 = (1 << 64) - 1
@@ -35,9 +35,13 @@ class BatchLoader:
     and targets the labels.
 
     The split is moved to ``device`` once. Each epoch's order comes from a generator seeded with
-    (seed, epoch) and each batch's augmentation from one seeded with (seed, epoch, step), so every
-    batch is a pure function of (seed, epoch, step, rank, world_size) and resuming at
-    (epoch, start_step) reproduces an uninterrupted run bit for bit.
+    (seed, epoch). Training batches are augmented ``chunk_batches`` at a time, in one call (fewer,
+    larger tensor ops: on the CPU half the time per image at 1,024 images a call, on a GPU fewer
+    kernel launches per step), from a generator seeded with (seed, epoch, the chunk's first step),
+    so every batch is a pure function of (seed, epoch, step, chunk_batches, rank, world_size) and
+    resuming at (epoch, start_step) reproduces an uninterrupted run bit for bit: a resume inside a
+    chunk augments the whole chunk again and skips its first batches. One batch a chunk is the
+    per-batch stream of earlier versions.
 
     The last partial batch is kept (50,000 / 128 -> 391 steps). ``steps_per_epoch`` gives exactly
     that many batches: cut short, or continued into further passes with fresh permutations
@@ -69,11 +73,15 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         batch_part: tuple[int, int] = (0, 1),
+        chunk_batches: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ConfigError(f"steps_per_epoch must be at least 1 or None, got {steps_per_epoch}")
+        if isinstance(chunk_batches, bool) or not isinstance(chunk_batches, int) \
+                or chunk_batches < 1:
+            raise ConfigError(f"chunk_batches must be an integer >= 1, got {chunk_batches!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in 0..world_size-1, got rank {rank} of {world_size}")
         if len(split) < 1:
@@ -104,6 +112,7 @@ class BatchLoader:
             raise ConfigError(f"a batch of {smallest} samples cannot be split across {parts} "
                               "processes; use fewer processes or another batch size")
         self.batch_part = batch_part
+        self.chunk_batches = chunk_batches if train and augment is not None else 1
         self.global_batch_size = 0
 
     @property
@@ -126,25 +135,33 @@ class BatchLoader:
         order = None
         if self.shuffle:
             order = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-        # One generator, reseeded per step: the same stream as a fresh one, without the allocation.
+        # One generator, reseeded per chunk: the same stream as a fresh one, without the allocation.
         gen = torch.Generator(self.device) if self.augment is not None else None
         current, batches = -1, ()
-        for step in range(start_step, len(self)):
-            pass_no, b = divmod(step, self._batches_per_pass)
-            while current < pass_no:  # skipped passes still draw their permutation
-                batches = self._pass_indices(order).split(self.batch_size)
-                current += 1
-            idx = batches[b]
+        steps, k = len(self), self.chunk_batches
+        for first in range(start_step - start_step % k, steps, k):
+            chunk = []
+            for step in range(first, min(first + k, steps)):
+                pass_no, b = divmod(step, self._batches_per_pass)
+                while current < pass_no:  # skipped passes still draw their permutation
+                    batches = self._pass_indices(order).split(self.batch_size)
+                    current += 1
+                chunk.append(batches[b])
+            idx = torch.cat(chunk) if len(chunk) > 1 else chunk[0]
             images = self.images.index_select(0, idx)
             labels = self.labels.index_select(0, idx)
+            sizes = [len(c) for c in chunk]
             if gen is None:
-                inputs, targets = images.permute(0, 3, 1, 2).float().div_(255), labels
+                out = [(images.permute(0, 3, 1, 2).float().div_(255), labels)]
             else:
-                inputs, targets = self.augment(
-                    images, labels, self.train, gen.manual_seed(mix_seed(self.seed, epoch, step))
-                )
-            self.global_batch_size = len(idx)
-            part, parts = self.batch_part
-            if parts > 1:
-                inputs, targets = inputs.tensor_split(parts)[part], targets.tensor_split(parts)[part]
-            yield inputs, targets
+                out = transform_batches(self.augment, images, labels, sizes, self.train,
+                                        gen.manual_seed(mix_seed(self.seed, epoch, first)))
+            for step, size, (inputs, targets) in zip(range(first, steps), sizes, out, strict=False):
+                if step < start_step:
+                    continue
+                self.global_batch_size = size
+                part, parts = self.batch_part
+                if parts > 1:
+                    inputs = inputs.tensor_split(parts)[part]
+                    targets = targets.tensor_split(parts)[part]
+                yield inputs, targets

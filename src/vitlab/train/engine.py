@@ -474,6 +474,11 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
                       train_loader, eval_loader, autocast_dtype, total_steps, resume)
 
 
+def _input_shape(model: nn.Module) -> tuple[int, int, int]:
+    config = model.config
+    return config.num_channels, config.image_size, config.image_size
+
+
 def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOptions,
              run_dir: Path, run_config: RunConfig | None, resume: bool,
              optimizer: torch.optim.Optimizer, device: torch.device,
@@ -487,7 +492,8 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
     train_loader = BatchLoader(
         dataset.train, recipe.batch_size, device=device, augment=augment, train=True,
         shuffle=True, seed=options.seed, steps_per_epoch=options.train_steps_per_epoch,
-        batch_part=(distributed.rank(), distributed.world_size()))
+        batch_part=(distributed.rank(), distributed.world_size()),
+        chunk_batches=options.augment_chunk_batches(recipe.batch_size, _input_shape(model)))
     # Evaluation: the first N batches' samples with --eval-steps-per-epoch (never one twice),
     # sharded across ranks (each sample on one rank, the counts all-reduced).
     test = dataset.test

@@ -9,6 +9,7 @@ The budget (`epochs`) comes from the recipe (`epochs` or `finetune_epochs`) and 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from vitlab.errors import ConfigError
@@ -25,6 +26,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # and batch sizes follow the same rule unmeasured. On the CPU compiling is opt-in (unmeasured).
 COMPILE_PAYS_AFTER_STEPS = 2500
 MAX_SEED = 2**63 - 1
+# --augment-chunk's memory bound: a 224 px model's inputs at 1,024 images would take 588 MiB.
+AUGMENT_CHUNK_MIB = 256
 _PER_DEVICE = ("compile", "eager_optimizer")  # None: decided per device (compile_plan)
 
 
@@ -68,6 +71,10 @@ class TrainOptions:
         "also save a resumable checkpoint every N steps (0: at epoch ends only)"))
     progress: bool | None = field(default=None, metadata=_runtime(
         "no progress bar (default: one when stdout is a terminal)", flag="no-progress"))
+    augment_chunk: int = field(default=1024, metadata=_saved(
+        "augment this many training images per call, in whole batches (at least one; at most "
+        f"{AUGMENT_CHUNK_MIB} MiB of float32 inputs): fewer, larger tensor ops; it changes the "
+        "random draws (0: batch by batch, as runs before this option)"))
     resize_on_device: bool = field(default=False, metadata=_saved(
         "keep the dataset at its stored size and resize each batch on the device (bicubic) to "
         "the model's input, e.g. 32 px CIFAR for a 224 px model"))
@@ -83,13 +90,13 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "seed", "log_steps", "checkpoint_steps", "train_steps_per_epoch",
-                     "eval_steps_per_epoch", "eval_batch_size"):
+                     "eval_steps_per_epoch", "eval_batch_size", "augment_chunk"):
             value = getattr(self, name)
             if value is None and (name.endswith("_per_epoch") or name == "eval_batch_size"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"--{_flag(name)} must be an integer, got {value!r}")
-        for name in ("epochs", "log_steps", "checkpoint_steps"):
+        for name in ("epochs", "log_steps", "checkpoint_steps", "augment_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("train_steps_per_epoch", "eval_steps_per_epoch", "eval_batch_size"):
@@ -137,6 +144,12 @@ class TrainOptions:
         mode = self.compile_mode or ("reduce-overhead" if cuda and world_size == 1 else "default")
         return mode, self.eager_optimizer if self.eager_optimizer is not None else cuda
 
+    def augment_chunk_batches(self, batch_size: int, input_shape: tuple[int, ...]) -> int:
+        """Training batches augmented per call: --augment-chunk images in whole batches, within
+        AUGMENT_CHUNK_MIB of float32 inputs of `input_shape` (C, H, W) each; one at least."""
+        fit = AUGMENT_CHUNK_MIB * 2**20 // (4 * math.prod(input_shape))
+        return max(1, min(self.augment_chunk, fit) // batch_size)
+
     def saved(self) -> dict:
         """The fields that are part of the run (config.json's "options"), seed apart."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -151,6 +164,8 @@ class TrainOptions:
             raise ConfigError(f"unknown saved options: {', '.join(unknown)}")
         if "epochs" not in values:
             raise ConfigError("the saved options have no 'epochs'")
+        # Runs saved before --augment-chunk existed augmented batch by batch.
+        values = {"augment_chunk": 0, **values}
         return cls(**values, seed=seed, **runtime)
 
 
