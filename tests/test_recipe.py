@@ -12,7 +12,8 @@ import torch
 import cli_helpers as h
 from vitlab.cli import main
 from vitlab.data import SeedAugment
-from vitlab.data.augment import MixupCutmix, RandomErasing, VitlabAugment
+from vitlab.data.augment import MixupCutmix, PolicyAugment, RandomErasing, VitlabAugment
+from vitlab.data.autoaugment import TrivialAugmentWide
 from vitlab.errors import ConfigError
 from vitlab.model import EncoderBlock, ViT, ViTConfig, forward_flops, preset
 from vitlab.train.recipe import build_optimizer, lr_factor, recipe
@@ -212,22 +213,32 @@ def test_the_vitlab_recipe_and_preset(tmp_path_factory, tmp_path, capfd):
     assert "augment: vitlab" in capfd.readouterr().out
     data = h.data_slices(tmp_path_factory)
     out = tmp_path / "pipe"
-    assert main(["run", "--recipe", "vitlab", "--pretrain-data", str(data["cifar100"]),
-                 "--finetune-data", str(data["cifar10"]), "--epochs", "1",
-                 "--train-steps-per-epoch", "2", "--batch-size", "32", "--out", str(out),
-                 "--no-download", "--no-progress", "--log-steps", "0"]) == 0
+    # The vitlab augmentation's strengths reach the stage that uses them: not vitlab-finetune's
+    # seed augmentation.
+    argv = ["run", "--recipe", "vitlab", "--pretrain-data", str(data["cifar100"]),
+            "--finetune-data", str(data["cifar10"]), "--epochs", "1",
+            "--train-steps-per-epoch", "2", "--batch-size", "32", "--out", str(out),
+            "--no-download", "--no-progress", "--log-steps", "0", "--mix-prob", "0.5",
+            "--erase-prob", "0"]
+    assert main(argv) == 0
     pre = json.loads((out / "pretrain" / "config.json").read_text())
     fine = json.loads((out / "finetune" / "config.json").read_text())
     assert pre["model_preset"] == "vitlab-mini" and pre["recipe"]["name"] == "vitlab"
     assert pre["recipe"]["augment"] == "vitlab" and pre["model"]["drop_path"] == 0.1
+    assert (pre["recipe"]["mix_prob"], pre["recipe"]["erase_prob"]) == (0.5, 0.0)
     assert fine["recipe"]["name"] == "vitlab-finetune" and fine["recipe"]["batch_size"] == 32
+    assert (fine["recipe"]["mix_prob"], fine["recipe"]["erase_prob"]) == (1.0, 0.25)
+    assert pre["options"]["augment_chunk"] == 1024
     # The same command again keeps both finished stages.
     log = (out / "pretrain" / "log.txt").read_text()
-    assert main(["run", "--recipe", "vitlab", "--pretrain-data", str(data["cifar100"]),
-                 "--finetune-data", str(data["cifar10"]), "--epochs", "1",
-                 "--train-steps-per-epoch", "2", "--batch-size", "32", "--out", str(out),
-                 "--no-download", "--no-progress", "--log-steps", "0"]) == 0
+    assert main(argv) == 0
     assert (out / "pretrain" / "log.txt").read_text() == log
+    # The seed recipe's augmentation has none of them: refused in one line, naming the flag.
+    capfd.readouterr()
+    assert main(["pretrain", "--data", str(data["cifar10"]), "--mix-prob", "0.5", "--out",
+                 str(tmp_path / "seed"), "--no-download"]) == 2
+    line = h.assert_one_error_line(capfd.readouterr().err, "pretrain")
+    assert "--mix-prob applies to --augment vitlab" in line and not (tmp_path / "seed").exists()
 
 
 def test_vitlab_augment_trains_on_soft_targets():
@@ -237,3 +248,53 @@ def test_vitlab_augment_trains_on_soft_targets():
     assert x.shape == (8, 3, 32, 32) and targets.shape == (8, 10)
     x, targets = augment(images, torch.arange(8), False, torch.Generator())
     assert torch.equal(x, SeedAugment().apply(images, False)) and targets.dtype == torch.int64
+
+
+def test_vitlab_augment_strengths():
+    """erase-prob, mix-prob, the alphas and cutmix-prob: 0 turns each part off; without erasing
+    and mixing the vitlab augmentation is pad-crop-flip + TrivialAugment-Wide + normalize."""
+    images = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8)
+    labels = torch.arange(16) % 10
+    plain = PolicyAugment(TrivialAugmentWide())
+    off = VitlabAugment(10, erase_p=0.0, mix_prob=0.0)
+    for seed in range(4):
+        x, targets = off(images, labels, True, torch.Generator().manual_seed(seed))
+        expected, _ = plain(images, labels, True, torch.Generator().manual_seed(seed))
+        assert torch.equal(x, expected) and torch.equal(targets, torch.eye(10)[labels])
+
+    def kinds(**strengths) -> set[str]:
+        seen = set()
+        for seed in range(40):
+            mix = MixupCutmix(lambda i, y, t, g: (SeedAugment().apply(i, False), y), 10,
+                              **strengths)
+            x, targets = mix(images, labels, True, torch.Generator().manual_seed(seed))
+            base = SeedAugment().apply(images, False)
+            partner = base.roll(-8, 0)  # sample i's partner: (i + 8) mod 16
+            if torch.equal(x, base):
+                seen.add("none")
+            elif torch.equal(x, torch.where(x == partner, partner, base)):
+                seen.add("cutmix")  # each pixel its own or its partner's: a pasted box
+            else:
+                seen.add("mixup")
+        return seen
+
+    assert kinds() == {"mixup", "cutmix"}
+    assert kinds(mixup_alpha=0.0) <= {"cutmix", "none"} and "cutmix" in kinds(mixup_alpha=0.0)
+    assert kinds(cutmix_alpha=0.0) == {"mixup"}
+    assert kinds(switch_prob=1.0) <= {"cutmix", "none"}
+    assert kinds(mixup_alpha=0.0, cutmix_alpha=0.0) == {"none"}
+    assert kinds(prob=0.0) == {"none"}
+    half = sum(MixupCutmix(lambda i, y, t, g: (SeedAugment().apply(i, False), y), 10,
+                           prob=0.5)(images, labels, True, torch.Generator().manual_seed(seed)
+                                     )[1].max() < 1 for seed in range(400))
+    assert 170 < half < 230  # half the batches mixed (3 sd; a mixed batch has no one-hot row)
+    # Recipe checks: ranges, and only the vitlab augmentation takes them.
+    assert recipe("vitlab", mix_prob=0.5).augment_settings()["mix_prob"] == 0.5
+    assert recipe("seed").augment_settings() == {}
+    for bad in ({"mix_prob": 1.5}, {"erase_prob": -0.1}, {"mixup_alpha": -1.0},
+                {"cutmix_prob": 2.0}, {"cutmix_alpha": float("inf")}):
+        with pytest.raises(ConfigError):
+            recipe("vitlab", **bad)
+    with pytest.raises(ConfigError, match="--erase-prob applies to --augment vitlab"):
+        recipe("seed", erase_prob=0.0)
+    assert recipe("seed", erase_prob=0.25).augment == "seed"  # its default: no change

@@ -1,7 +1,8 @@
 """The prepared GPU session: every measurement the GPU issue asks for, in order, from one command.
 
     python benchmarks/gpu/run.py --data DATA --out OUT
-        [--stages env,checks,bench,breakdown,seed,vitlab,vitlab-sl,vitlab-seed-mini]
+        [--stages env,checks,bench,breakdown,seed,vitlab,vitlab-sl,vitlab-seed-mini,
+         vitlab-halfmix]
 
 DATA holds the array folders cifar100/ and cifar10/ (../shared/data here; on the device machine,
 what `device_data.py join` rebuilt). Stages:
@@ -28,6 +29,8 @@ what `device_data.py join` rebuilt). Stages:
   vitlab-sl  the same with --recipe vitlab --model vitlab-mini-sl (shifted patch tokens and
           locality self-attention)
   vitlab-seed-mini  the same with --recipe vitlab --model seed-mini (the tutorial's model)
+  vitlab-halfmix  the same with --recipe vitlab --mix-prob 0.5 --mixup-alpha 1 (Lee et al.'s
+          mixing: half the batches, alpha 1; lighter regularization for 100 passes)
 
 OUT gets at most eight files (what the device tool returns): summary.json (every figure; it is
 rewritten after each stage, so a session cut short still returns what it finished), bench.md,
@@ -240,7 +243,8 @@ def best_compile(cases: dict) -> tuple[str, bool]:
 # The `vitlab run` stages: stage name -> the run's recipe and model.
 RUNS = {"seed": ["--recipe", "seed"], "vitlab": ["--recipe", "vitlab"],
         "vitlab-sl": ["--recipe", "vitlab", "--model", "vitlab-mini-sl"],
-        "vitlab-seed-mini": ["--recipe", "vitlab", "--model", "seed-mini"]}
+        "vitlab-seed-mini": ["--recipe", "vitlab", "--model", "seed-mini"],
+        "vitlab-halfmix": ["--recipe", "vitlab", "--mix-prob", "0.5", "--mixup-alpha", "1"]}
 
 
 def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,

@@ -62,9 +62,8 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
     """One flag per setting of `command`, grouped by role; absent flags stay absent."""
     from vitlab.settings import for_command
     from vitlab.train.options import TrainOptions
-    from vitlab.train.recipe import RECIPES
+    from vitlab.train.recipe import AUGMENT_SETTINGS, RECIPES
 
-    seed = RECIPES["seed"]
     options_defaults = {f.name: f.default for f in dataclasses.fields(TrainOptions)
                         if f.default not in (None, dataclasses.MISSING)}
     groups = {role: parser.add_argument_group(title) for role, title in _GROUPS.items()}
@@ -74,12 +73,14 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
             continue
         help_text = setting.help
         default = _DEFAULTS.get(command, {}).get(name)
+        # A recipe flag's default is the seed recipe's; the vitlab augmentation's, the vitlab one's.
+        source = "vitlab" if (setting.field or name) in AUGMENT_SETTINGS else "seed"
         if setting.role == "recipe" and setting.name != "recipe":
-            default = getattr(seed, setting.field or name)
+            default = getattr(RECIPES[source], setting.field or name)
         elif setting.role in ("saved", "runtime") and setting.type is not bool:
             default = options_defaults.get(name)
         if default is not None:
-            help_text += f" (default: {default}" + (", the seed recipe's)"
+            help_text += f" (default: {default}" + (f", the {source} recipe's)"
                                                     if setting.role == "recipe" else ")")
         kwargs: dict = {"dest": name, "help": help_text, "default": argparse.SUPPRESS}
         if setting.type is bool:  # an optional one (None: decided later) also has --no-FLAG

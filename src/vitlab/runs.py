@@ -48,6 +48,8 @@ from vitlab.train.engine import (
 )
 from vitlab.train.options import TrainOptions
 from vitlab.train.recipe import (
+    AUGMENT_SETTINGS,
+    AUGMENT_SETTINGS_USED_BY,
     FINETUNE_RECIPES,
     RECIPE_MODELS,
     SCHEDULES_USING_TOTAL,
@@ -643,6 +645,11 @@ def run_pipeline(*, pretrain_data: PathLike | None = None,
                          if SETTINGS[key].role != "recipe" or key in _PIPELINE_KEEPS
                          or value != getattr(named, SETTINGS[key].field or key)}
         fine_settings["recipe"] = FINETUNE_RECIPES[name]
+    # The vitlab augmentation's strengths reach a stage whose augmentation is it (the seed recipe
+    # refuses them in the pre-training stage's check below).
+    if fine_settings.get("augment", recipe(fine_settings.get("recipe", "seed")).augment) \
+            not in AUGMENT_SETTINGS_USED_BY:
+        fine_settings = {k: v for k, v in fine_settings.items() if k not in AUGMENT_SETTINGS}
     keeps_ema = {}
     for kind, stage in (("pretrain", settings), ("finetune", fine_settings)):
         stage_recipe, options = _recipe_and_options(stage, kind)  # both stages' settings valid

@@ -446,7 +446,8 @@ class MixupCutmix:
 
     With probability `switch_prob` the batch is CutMixed (a box of area 1 - lam taken from the
     partner, lam ~ Beta(cutmix_alpha), then corrected to the box's clipped area), otherwise
-    Mixuped (lam ~ Beta(mixup_alpha)); `prob` is the chance a batch is mixed at all. These
+    Mixuped (lam ~ Beta(mixup_alpha)); an alpha of 0 turns its method off (both: no mixing);
+    `prob` is the chance a batch is mixed at all (timm's mixup_prob). These
     per-batch scalars are drawn on the host (see `_host_rng`), so a GPU batch never waits for
     them. Evaluation (train=False) passes through unchanged with class-index targets.
     """
@@ -479,11 +480,12 @@ class MixupCutmix:
 
     def _mix(self, x: Tensor, one_hot: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
         mix, switch = rng.random(), rng.random()
-        cutmix = switch < self.switch_prob
+        # an alpha of 0 turns its method off: the other one mixes every mixed batch
+        cutmix = self.mixup_alpha <= 0 or (self.cutmix_alpha > 0 and switch < self.switch_prob)
         alpha = self.cutmix_alpha if cutmix else self.mixup_alpha
-        lam = rng.betavariate(alpha, alpha)
-        if mix >= self.prob:
+        if mix >= self.prob or alpha <= 0:
             return x, one_hot
+        lam = rng.betavariate(alpha, alpha)
         shift = len(x) // 2
         if cutmix:
             x, lam = _cutmix(x, shift, lam, rng, self.inplace)
@@ -534,12 +536,12 @@ class VitlabAugment(Compose):
     Evaluation: normalize only."""
 
     def __init__(self, num_classes: int, erase_p: float = 0.25, mixup_alpha: float = 0.8,
-                 cutmix_alpha: float = 1.0, switch_prob: float = 0.5,
+                 cutmix_alpha: float = 1.0, switch_prob: float = 0.5, mix_prob: float = 1.0,
                  policy: Callable | None = None) -> None:
         policy = TrivialAugmentWide() if policy is None else policy
         super().__init__([*_policy_ops(policy), RandomErasing(erase_p, inplace=True)])
         self.mix = MixupCutmix(super().__call__, num_classes, mixup_alpha, cutmix_alpha,
-                               switch_prob, inplace=True)
+                               switch_prob, mix_prob, inplace=True)
 
     def __call__(self, images: Tensor, labels: Tensor, train: bool = True,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -552,17 +554,18 @@ class VitlabAugment(Compose):
 
 # name -> factory(num_classes) of a training batch transform: `--augment NAME`. A factory gets the
 # number of classes because transforms that make soft targets (mixup, cutmix) need it.
-AUGMENTATIONS: dict[str, Callable[[int], BatchTransform]] = {
+AUGMENTATIONS: dict[str, Callable[..., BatchTransform]] = {
     "seed": lambda num_classes: SeedAugment(),
     "none": lambda num_classes: NormalizeOnly(),
-    "vitlab": lambda num_classes: VitlabAugment(num_classes),
+    "vitlab": lambda num_classes, **settings: VitlabAugment(num_classes, **settings),
     "trivialaugment": lambda num_classes: PolicyAugment(TrivialAugmentWide()),
     "randaugment": lambda num_classes: PolicyAugment(RandAugment()),
 }
 
 
-def make_augment(name: str, num_classes: int) -> BatchTransform:
-    """The registered batch transform `name` for a dataset of `num_classes` classes."""
+def make_augment(name: str, num_classes: int, **settings: float) -> BatchTransform:
+    """The registered batch transform `name` for a dataset of `num_classes` classes; `settings`
+    are its factory's keywords (the vitlab augmentation's probabilities and alphas)."""
     if name not in AUGMENTATIONS:
         raise ConfigError(f"unknown augmentation {name!r}; known: {', '.join(AUGMENTATIONS)}")
-    return AUGMENTATIONS[name](num_classes)
+    return AUGMENTATIONS[name](num_classes, **settings)

@@ -485,7 +485,8 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
              held: contextlib.ExitStack, ema: WeightEMA | None
              ) -> tuple[BatchLoader, BatchLoader, Progress, Reporter]:
     """The loaders, the run directory (locked, prepared or restored) and its Reporter."""
-    augment, evaluation = make_augment(recipe.augment, _head_size(model, dataset)), SeedAugment()
+    augment = make_augment(recipe.augment, _head_size(model, dataset), **recipe.augment_settings())
+    evaluation = SeedAugment()
     if options.resize_on_device:
         augment = ResizeBatch(augment, model.config.image_size)
         evaluation = ResizeBatch(evaluation, model.config.image_size)

@@ -101,6 +101,18 @@ class Recipe:
         "the cosine schedule ends at this fraction of the base LR"))
     augment: str = field(default="seed", metadata=_setting(
         "training batch transform", choices=AUGMENTATIONS))
+    # The vitlab augmentation's strength (timm's --reprob, --mixup, --cutmix, --mixup-prob and
+    # --mixup-switch-prob); other augmentations refuse values other than these defaults.
+    erase_prob: float = field(default=0.25, metadata=_setting(
+        "Random Erasing's chance per image (--augment vitlab)"))
+    mixup_alpha: float = field(default=0.8, metadata=_setting(
+        "Mixup's lam ~ Beta(alpha, alpha) (--augment vitlab; 0: no Mixup)"))
+    cutmix_alpha: float = field(default=1.0, metadata=_setting(
+        "CutMix's lam ~ Beta(alpha, alpha) (--augment vitlab; 0: no CutMix)"))
+    mix_prob: float = field(default=1.0, metadata=_setting(
+        "chance a training batch is mixed, by Mixup or CutMix (--augment vitlab)"))
+    cutmix_prob: float = field(default=0.5, metadata=_setting(
+        "chance a mixed batch is CutMixed rather than Mixuped (--augment vitlab)"))
     ema_decay: float = field(default=0.0, metadata=_setting(
         "keep an exponential moving average of the weights with this decay (e.g. 0.9998; 0: "
         "off); it is evaluated every epoch and saved as the best model"))
@@ -112,7 +124,7 @@ class Recipe:
             if value not in registry:
                 raise ConfigError(f"unknown {what} {value!r}; known: {', '.join(registry)}")
         for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing",
-                     "min_lr_ratio", "ema_decay"):
+                     "min_lr_ratio", "ema_decay", *AUGMENT_SETTINGS):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -138,9 +150,30 @@ class Recipe:
                                         and 0 < self.grad_clip < math.inf),
              "gradient clipping norm must be a number > 0"),
         ]
+        for name in ("erase_prob", "mix_prob", "cutmix_prob"):
+            checks.append((0 <= getattr(self, name) <= 1, f"{_flag(name)} must be in [0, 1]"))
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            checks.append((0 <= getattr(self, name) < math.inf,
+                           f"{_flag(name)} must be a number >= 0 (0 turns it off)"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.augment not in AUGMENT_SETTINGS_USED_BY:
+            changed = [name for name in AUGMENT_SETTINGS
+                       if getattr(self, name) != _AUGMENT_DEFAULTS[name]]
+            if changed:
+                raise ConfigError(
+                    f"--{_flag(changed[0])} applies to --augment "
+                    f"{' or '.join(AUGMENT_SETTINGS_USED_BY)}, and this recipe's augmentation "
+                    f"is {self.augment!r}; drop --{_flag(changed[0])} or choose --augment vitlab")
+
+    def augment_settings(self) -> dict[str, float]:
+        """The keywords of the augmentation's factory (make_augment) this recipe sets."""
+        if self.augment not in AUGMENT_SETTINGS_USED_BY:
+            return {}
+        return {"erase_p": self.erase_prob, "mixup_alpha": self.mixup_alpha,
+                "cutmix_alpha": self.cutmix_alpha, "mix_prob": self.mix_prob,
+                "switch_prob": self.cutmix_prob}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -153,6 +186,16 @@ class Recipe:
             raise ConfigError(f"unknown recipe fields: {', '.join(unknown)}; known: "
                               f"{', '.join(sorted(known))}")
         return cls(**values)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+AUGMENT_SETTINGS = ("erase_prob", "mixup_alpha", "cutmix_alpha", "mix_prob", "cutmix_prob")
+AUGMENT_SETTINGS_USED_BY = ("vitlab",)
+_AUGMENT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Recipe)
+                     if f.name in AUGMENT_SETTINGS}
 
 
 RECIPES: dict[str, Recipe] = {
