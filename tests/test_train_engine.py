@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from vitlab import io as vitlab_io
@@ -933,3 +934,61 @@ def test_augment_chunk_is_part_of_the_run_and_old_runs_augmented_batch_by_batch(
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="augment-chunk"):
             options(1, augment_chunk=bad)
+
+
+def test_a_background_checkpoint_is_the_state_at_save_time_and_its_errors_surface(
+        tmp_path, monkeypatch):
+    """save(wait=False) writes a host copy on a thread while training changes the weights in
+    place: the files equal a synchronous save made at the same moment; a failed write is raised
+    by the next save, wait(), or leaving the writer's block."""
+    from vitlab.train.engine import CheckpointWriter, Progress
+
+    model = tiny_model()
+    optimizer = build_optimizer(RECIPE, model.parameters())
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # momentum buffers in the optimizer state
+    sync = CheckpointWriter(tmp_path / "sync", model, optimizer, Progress(), torch.device("cpu"))
+    (tmp_path / "sync").mkdir()
+    sync.save({"accuracy": 0.5})
+    (tmp_path / "async").mkdir()
+    with CheckpointWriter(tmp_path / "async", model, optimizer, Progress(),
+                          torch.device("cpu")) as background:
+        background.save({"accuracy": 0.5}, wait=False)
+        with torch.no_grad():  # training goes on
+            for p in model.parameters():
+                p.add_(1.0)
+            for state in optimizer.state.values():
+                state["momentum_buffer"].add_(1.0)
+    for name in (ckpt.WEIGHTS, ckpt.BEST_WEIGHTS):
+        files = [tmp_path / d / name for d in ("sync", "async")]
+        weights = [ckpt.load_weights(f) for f in files]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
+        metadata = []
+        for f in files:
+            with safe_open(f, "pt") as opened:
+                metadata.append(opened.metadata())
+        assert metadata[0] == metadata[1] and metadata[0]["step"] == "0"
+    states = [ckpt.load_trainer_state(tmp_path / d / ckpt.TRAINER_STATE) for d in ("sync", "async")]
+    assert all(torch.equal(v, states[1]["model"][k]) for k, v in states[0]["model"].items())
+    for a, b in zip(states[0]["optimizer"]["state"].values(),
+                    states[1]["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert {k: v for k, v in states[0]["progress"].items() if k != "elapsed"} == \
+        {k: v for k, v in states[1]["progress"].items() if k != "elapsed"}
+
+    def disk_full(path, state):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_trainer_state", disk_full)
+    writer = CheckpointWriter(tmp_path / "async", model, optimizer, Progress(),
+                              torch.device("cpu"))
+    writer.save(wait=False)
+    with pytest.raises(OSError, match="No space left"):
+        writer.wait()
+    writer.wait()  # raised once
+    with pytest.raises(OSError, match="No space left"), writer:
+        writer.save(wait=False)
+    writer.save(wait=False)
+    with pytest.raises(OSError, match="No space left"):
+        writer.save()  # the next save raises the one before
