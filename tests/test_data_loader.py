@@ -185,6 +185,17 @@ def test_chunks_apply_to_augmented_training_only():
     assert evaluation.chunk_batches == 1
     with pytest.raises(ConfigError, match="chunk_batches"):
         BatchLoader(split, 8, chunk_batches=0)
+    # A transform that does not say it may take several batches gets one per call, as before.
+    calls = []
+
+    def per_batch(images, labels, train, generator):
+        calls.append(len(labels))
+        return images.float(), labels
+
+    loader = BatchLoader(split, 8, augment=per_batch, chunk_batches=3, seed=2)
+    assert loader.chunk_batches == 1
+    list(loader.epoch(0))
+    assert calls == [8] * 5
 
 
 def test_chunked_mixup_cutmix_mixes_within_each_batch():
@@ -192,11 +203,14 @@ def test_chunked_mixup_cutmix_mixes_within_each_batch():
     the data-parallel part of every batch is its own slice."""
     split = _random_split(96)
     loader = BatchLoader(split, 16, augment=VitlabAugment(96), seed=1, chunk_batches=6)
+    plain = BatchLoader(split, 16, seed=1)  # the same batches' indices (= labels), unaugmented
     seen = 0
     for epoch in range(4):
-        for _, targets in loader.epoch(epoch):
-            assert targets.shape[1] == 96
+        for (_, targets), (_, indices) in zip(loader.epoch(epoch), plain.epoch(epoch),
+                                              strict=True):
+            assert targets.shape == (16, 96)
             torch.testing.assert_close(targets.sum(1), torch.ones(len(targets)))
+            assert set(targets.nonzero()[:, 1].tolist()) <= set(indices.tolist())
             seen += 1
     assert seen == 24
     parts = [list(BatchLoader(split, 16, augment=VitlabAugment(96), seed=1, chunk_batches=6,

@@ -402,6 +402,9 @@ class Killed(BaseException):
 def _patch_writes(monkeypatch, write) -> None:
     monkeypatch.setattr("vitlab.io.atomic_write", write)
     monkeypatch.setattr("vitlab.train.checkpoint.atomic_write", write)
+    # Every save written at once, on this thread, so a kill before write k stops the run there,
+    # in the same order every time (a kill during a background write: the SIGKILL tests).
+    monkeypatch.setattr("vitlab.train.engine.CheckpointWriter.background", False)
 
 
 def test_a_kill_before_any_write_leaves_a_run_that_resumes_to_every_file(tmp_path, monkeypatch):

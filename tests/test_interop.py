@@ -76,8 +76,9 @@ def test_wrong_timm_files_are_named_in_one_line():
         assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="pre-norm with a patch-projection bias"):
         to_timm_state_dict(ViT(preset("micro", 10)))
-    with pytest.raises(ConfigError, match="no shifted patch tokens or locality self-attention"):
-        to_timm_state_dict(ViT(preset("vitlab-mini-sl", 10)))
+    for name in ("vitlab-mini-sl", "vitlab-mini-conv"):
+        with pytest.raises(ConfigError, match="no shifted patch tokens, locality self-attention"):
+            to_timm_state_dict(ViT(preset(name, 10)))
     assert "head.weight" not in from_timm_state_dict(
         {k: v for k, v in timm_state.items() if not k.startswith("head.")}, config, head=False)
 

@@ -336,7 +336,8 @@ def test_vitlab_mini_sl_fits_the_recipe_budget_and_leaves_vitlab_mini_alone():
     assert counted[0] - counted[1] == forward_flops(sl) - forward_flops(plain) > 0
 
 
-@pytest.mark.parametrize("name", ["seed-mini", "vitlab-mini", "vitlab-mini-sl", "micro"])
+@pytest.mark.parametrize("name", ["seed-mini", "vitlab-mini", "vitlab-mini-sl", "vitlab-mini-conv",
+                                  "micro"])
 def test_forward_flops_are_the_matrix_products_each_model_runs(name):
     """forward_flops against PyTorch's own count of one forward pass. The tutorial's ViTModel
     (training mode: attention through counted matrix products) runs every token through every
@@ -363,9 +364,9 @@ def test_forward_flops_are_the_matrix_products_each_model_runs(name):
 
 def test_tutorial_weights_do_not_load_into_the_small_data_options():
     reference = seed_mini_reference(10)
-    for option in ("shifted_patches", "locality_attention"):
+    for option in ("shifted_patches", "locality_attention", "conv_stem"):
         model = ViT(preset("seed-mini", 10, **{option: True}))
-        with pytest.raises(ConfigError, match="no shifted patch tokens or locality"):
+        with pytest.raises(ConfigError, match="no shifted patch tokens, locality"):
             load_tutorial_state_dict(model, reference.state_dict())
 
 
@@ -386,3 +387,58 @@ def test_a_compiled_locality_model_equals_the_eager_one():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-5)
     for compiled, eager in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+# --- conv stem -------------------------------------------------------------------------------
+
+def test_conv_stem_is_its_convolutions_on_the_patch_grid():
+    """vitlab-mini-conv's stem against the same weights through torch's functional ops: 3x3 convs
+    3 -> 48 (stride 1) -> 96 -> 192 (stride 2), each a LayerNorm over each pixel's channels +
+    GELU, then the 1x1 conv; its tokens row by row on the 8x8 patch grid."""
+    from vitlab.model import ConvStem, forward_flops
+
+    assert ViT(preset("vitlab-mini-conv", 100)).num_parameters() == 2_951_764 <= 3_300_000
+    config = preset("vitlab-mini-conv", 10)
+    assert forward_flops(config) <= 1.25 * forward_flops(preset("seed-mini", 10))
+    stem = ConvStem(config)
+    convs = [m for m in stem.convs if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == \
+        [(3, 48, 1), (48, 96, 2), (96, 192, 2)]
+    with torch.no_grad():
+        for p in stem.parameters():
+            p.normal_(0.0, 0.2)
+        images = torch.randn(2, 3, 32, 32)
+        x = images
+        norms = [m for m in stem.convs if isinstance(m, torch.nn.LayerNorm)]
+        for conv, norm in zip(convs, norms, strict=True):
+            x = F.conv2d(x, conv.weight, stride=conv.stride, padding=1)
+            mean = x.mean(1, keepdim=True)
+            var = x.var(1, keepdim=True, unbiased=False)
+            x = (x - mean) / torch.sqrt(var + 1e-5) * norm.weight.view(-1, 1, 1) \
+                + norm.bias.view(-1, 1, 1)
+            x = F.gelu(x)
+        x = F.conv2d(x, stem.proj.weight)  # [2, 192, 8, 8]
+        tokens = stem(images)
+    assert tokens.shape == (2, 64, 192)
+    torch.testing.assert_close(tokens, x.flatten(2).transpose(1, 2), rtol=0, atol=1e-5)
+    assert torch.equal(tokens[:, 8 * 3 + 5], stem(images)[:, 29])  # token r*8+c: row 3, col 5
+    # A pixel reaches past its own patch (4x4) to the neighbouring tokens, and no further: the
+    # receptive field of the 3x3 convs (stride 1, 2, 2) around pixel (3, 3).
+    model = ViT(config).eval()
+    with torch.no_grad():
+        base = model.encoder.embedding.proj(images)
+        nudged = images.clone()
+        nudged[:, :, 3, 3] += 1.0  # the last pixel of patch (0, 0)
+        changed = (model.encoder.embedding.proj(nudged) - base).abs().sum((0, 2)) > 0
+    grid = changed.view(8, 8)
+    assert grid[:2, :2].all() and not grid[2:].any() and not grid[:, 2:].any()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"patch_size": 8, "width": 12, "num_heads": 2}, "power of 2 .* dividing the width"),
+    ({"patch_size": 1}, "power of 2"),
+    ({"shifted_patches": True}, "not both"),
+])
+def test_conv_stem_refuses_what_it_cannot_build(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        preset("vitlab-mini-conv", 10, **overrides)

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 
 import pytest
@@ -338,11 +339,14 @@ def test_sigint_checkpoint_then_resume_equals_an_uninterrupted_run(dataset, tmp_
         assert logged("b", kind) == logged("a", kind), kind
 
 
-def test_the_vitlab_recipe_on_the_small_data_options_resumes_bitwise(dataset, tmp_path):
-    # Shifted patch tokens, locality attention (temperatures undecayed), stochastic depth, AdamW
-    # under warm-up and cosine, the vitlab augmentation: stopped at step 4 of 6 and resumed.
-    config = dataclasses.replace(CONFIG, shifted_patches=True, locality_attention=True,
-                                 drop_path=0.2, dropout=0.0)
+@pytest.mark.parametrize("option", [{"shifted_patches": True, "locality_attention": True},
+                                    {"conv_stem": True, "locality_attention": True}],
+                         ids=["shifted-patches", "conv-stem"])
+def test_the_vitlab_recipe_on_the_small_data_options_resumes_bitwise(dataset, tmp_path, option):
+    # Shifted patch tokens or a conv stem, locality attention (temperatures undecayed),
+    # stochastic depth, AdamW under warm-up and cosine, the vitlab augmentation: stopped at step
+    # 4 of 6 and resumed.
+    config = dataclasses.replace(CONFIG, **option, drop_path=0.2, dropout=0.0)
     scheduled = recipe("vitlab", batch_size=8, warmup_epochs=1)
     opts = options(2, train_steps_per_epoch=3)
     fit(FailingViT(0, "none", config), dataset, scheduled, opts, tmp_path / "a")
@@ -937,7 +941,7 @@ def test_augment_chunk_is_part_of_the_run_and_old_runs_augmented_batch_by_batch(
 
 
 def test_a_background_checkpoint_is_the_state_at_save_time_and_its_errors_surface(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, capfd):
     """save(wait=False) writes a host copy on a thread while training changes the weights in
     place: the files equal a synchronous save made at the same moment; a failed write is raised
     by the next save, wait(), or leaving the writer's block."""
@@ -951,6 +955,14 @@ def test_a_background_checkpoint_is_the_state_at_save_time_and_its_errors_surfac
     (tmp_path / "sync").mkdir()
     sync.save({"accuracy": 0.5})
     (tmp_path / "async").mkdir()
+    changed = threading.Event()
+    real_save = ckpt.save_trainer_state
+
+    def after_the_change(path, state):  # the write starts only once training has moved on
+        assert changed.wait(10)
+        real_save(path, state)
+
+    monkeypatch.setattr(ckpt, "save_trainer_state", after_the_change)
     with CheckpointWriter(tmp_path / "async", model, optimizer, Progress(),
                           torch.device("cpu")) as background:
         background.save({"accuracy": 0.5}, wait=False)
@@ -959,6 +971,7 @@ def test_a_background_checkpoint_is_the_state_at_save_time_and_its_errors_surfac
                 p.add_(1.0)
             for state in optimizer.state.values():
                 state["momentum_buffer"].add_(1.0)
+        changed.set()
     for name in (ckpt.WEIGHTS, ckpt.BEST_WEIGHTS):
         files = [tmp_path / d / name for d in ("sync", "async")]
         weights = [ckpt.load_weights(f) for f in files]
@@ -992,3 +1005,8 @@ def test_a_background_checkpoint_is_the_state_at_save_time_and_its_errors_surfac
     writer.save(wait=False)
     with pytest.raises(OSError, match="No space left"):
         writer.save()  # the next save raises the one before
+    # An error already on its way out of the block stays the one raised; the write's is printed.
+    with pytest.raises(KeyboardInterrupt), writer:
+        writer.save(wait=False)
+        raise KeyboardInterrupt
+    assert "the last checkpoint write in" in capfd.readouterr().err

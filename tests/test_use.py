@@ -260,14 +260,16 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_logits(run, tmp_path, cap
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
-def test_onnx_export_of_shifted_patches_and_locality_attention(tmp_path):
+@pytest.mark.parametrize("name", ["vitlab-mini-sl", "vitlab-mini-conv"])
+def test_onnx_export_of_the_small_data_options(tmp_path, name):
+    """Shifted patches and locality attention; the conv stem (GroupNorm, GELU)."""
     import onnxruntime as ort
 
     from vitlab.export import export_onnx
     from vitlab.model import preset
 
     torch.manual_seed(0)
-    model = ViT(preset("vitlab-mini-sl", 10, depth=2)).eval()
+    model = ViT(preset(name, 10, depth=2)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.05)

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu/run.py --data DATA --out OUT
         [--stages env,checks,bench,breakdown,seed,vitlab,vitlab-sl,vitlab-seed-mini,
-         vitlab-halfmix]
+         vitlab-halfmix,vitlab-conv]
 
 DATA holds the array folders cifar100/ and cifar10/ (../shared/data here; on the device machine,
 what `device_data.py join` rebuilt). Stages:
@@ -31,6 +31,7 @@ what `device_data.py join` rebuilt). Stages:
   vitlab-seed-mini  the same with --recipe vitlab --model seed-mini (the tutorial's model)
   vitlab-halfmix  the same with --recipe vitlab --mix-prob 0.5 --mixup-alpha 1 (Lee et al.'s
           mixing: half the batches, alpha 1; lighter regularization for 100 passes)
+  vitlab-conv  the same with --recipe vitlab --model vitlab-mini-conv (a conv stem)
 
 OUT gets at most eight files (what the device tool returns): summary.json (every figure; it is
 rewritten after each stage, so a session cut short still returns what it finished), bench.md,
@@ -244,7 +245,8 @@ def best_compile(cases: dict) -> tuple[str, bool]:
 RUNS = {"seed": ["--recipe", "seed"], "vitlab": ["--recipe", "vitlab"],
         "vitlab-sl": ["--recipe", "vitlab", "--model", "vitlab-mini-sl"],
         "vitlab-seed-mini": ["--recipe", "vitlab", "--model", "seed-mini"],
-        "vitlab-halfmix": ["--recipe", "vitlab", "--mix-prob", "0.5", "--mixup-alpha", "1"]}
+        "vitlab-halfmix": ["--recipe", "vitlab", "--mix-prob", "0.5", "--mixup-alpha", "1"],
+        "vitlab-conv": ["--recipe", "vitlab", "--model", "vitlab-mini-conv"]}
 
 
 def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,

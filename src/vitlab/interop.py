@@ -34,9 +34,10 @@ def _timm_name(ours: str) -> str:
 
 
 def check_timm_layout(config: ViTConfig) -> None:
-    if config.shifted_patches or config.locality_attention:
-        raise ConfigError("timm's VisionTransformer has no shifted patch tokens or locality "
-                          "self-attention; use a model like vit-tiny-16 or vit-small-16")
+    if config.shifted_patches or config.locality_attention or config.conv_stem:
+        raise ConfigError("timm's VisionTransformer has no shifted patch tokens, locality "
+                          "self-attention or conv stem; use a model like vit-tiny-16 or "
+                          "vit-small-16")
     if not (config.norm_first and config.patch_bias):
         raise ConfigError("timm's VisionTransformer is pre-norm with a patch-projection bias; "
                           "use a model like vit-tiny-16 or vit-small-16")

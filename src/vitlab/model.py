@@ -59,6 +59,9 @@ class ViTConfig:
     # attends to itself (locality self-attention).
     shifted_patches: bool = False
     locality_attention: bool = False
+    # A small convolutional stem in the patch projection's place (ConvStem; after Xiao et al.
+    # 2021, "Early Convolutions Help Transformers See Better"): tokens on the same patch grid.
+    conv_stem: bool = False
     # "tutorial": the values the tutorial's ViTModel starts from for the same torch seed (xavier
     # QKV, zero attention biases, every block a copy of the first); "independent": each block
     # drawn by its own layers' PyTorch defaults.
@@ -84,13 +87,22 @@ class ViTConfig:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if not isinstance(self.drop_path, float | int) or not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"drop_path must be a number in [0, 1), got {self.drop_path!r}")
-        for name in ("norm_first", "patch_bias", "shifted_patches", "locality_attention"):
+        for name in ("norm_first", "patch_bias", "shifted_patches", "locality_attention",
+                     "conv_stem"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ViTConfig.{name} must be true or false, got "
                                   f"{getattr(self, name)!r}")
         if self.shifted_patches and self.patch_size < 2:
             raise ConfigError("shifted patches need a patch size of at least 2 (the shift is "
                               "half a patch)")
+        if self.conv_stem:
+            p = self.patch_size
+            if self.shifted_patches:
+                raise ConfigError("a model has shifted patch tokens or a conv stem, not both")
+            if p < 2 or p & (p - 1) or self.width % p:
+                raise ConfigError(f"a conv stem needs a patch size that is a power of 2 (one "
+                                  f"stride-2 conv per halving) dividing the width, got patch "
+                                  f"{p} and width {self.width}")
         if self.init not in ("tutorial", "independent"):
             raise ConfigError(f"init must be 'tutorial' or 'independent', got {self.init!r}")
 
@@ -142,6 +154,9 @@ PRESETS: dict[str, dict] = {
     # their paper, with their recipe: 76.9% on CIFAR-100 in 100 epochs, against 73.8% for their
     # plain ViT of vitlab-mini's shape); 2.75 M parameters, 0.87x seed-mini's FLOPs.
     "vitlab-mini-sl": dict(_VITLAB_MINI, shifted_patches=True, locality_attention=True),
+    # vitlab-mini with a conv stem (3x3 convs 3 -> 48 -> 96 -> 192 channels, the last two of
+    # stride 2, then a 1x1 conv to the tokens): 2.95 M parameters, 1.03x seed-mini's FLOPs.
+    "vitlab-mini-conv": dict(_VITLAB_MINI, conv_stem=True),
     # A few-minutes-on-a-CPU model for smoke runs and tests; not for accuracy.
     "micro": dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128,
                   dropout=0.1, norm_first=False),
@@ -190,6 +205,45 @@ class ShiftedPatchTokens(nn.Module):
         return self.linear(self.norm(patches.reshape(b, (h // p) * (w // p), p * p * c)))
 
 
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of a [B, C, H, W] map (ConvNeXt's
+    channels-first LayerNorm): per sample and position, so no running statistics to sync across
+    processes or to average in an EMA, and no pixel's value reaching another's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvStem(nn.Module):
+    """Convolutions instead of the patch projection: a 3x3 conv to width/p channels at full
+    resolution, then log2(p) 3x3 convs of stride 2 each doubling the channels, each followed by
+    a `ChannelNorm` and GELU; a 1x1 conv then gives the width: [B, C, H, W] ->
+    [B, num_patches, width] on the patch grid. Each token then sees a little past its patch's
+    borders, the locality a small dataset does not teach a ViT fast (Xiao et al. 2021)."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        channels = [config.width // config.patch_size]
+        while channels[-1] < config.width:
+            channels.append(2 * channels[-1])
+        layers: list[nn.Module] = []
+        inputs = [config.num_channels, *channels[:-1]]
+        for i, (c_in, c_out) in enumerate(zip(inputs, channels, strict=True)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1,
+                                 bias=False),
+                       ChannelNorm(c_out, eps=config.encoder_norm_eps), nn.GELU()]
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(config.width, config.width, 1, bias=config.patch_bias)
+
+    def reset_parameters(self) -> None:
+        for module in (*self.convs, self.proj):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.convs(images)).flatten(2).transpose(1, 2)
+
+
 class PatchEmbedding(nn.Module):
     """Image -> [B, 1 + num_patches, width] tokens: conv patches (or shifted patch tokens), CLS
     token, positions, dropout."""
@@ -198,8 +252,9 @@ class PatchEmbedding(nn.Module):
         super().__init__()
         self.image_size = config.image_size
         self.num_channels = config.num_channels
-        self.shifted_patches = config.shifted_patches
+        self.tokens_out = config.shifted_patches or config.conv_stem  # [B, T, width] already
         self.proj = (ShiftedPatchTokens(config) if config.shifted_patches else
+                     ConvStem(config) if config.conv_stem else
                      nn.Conv2d(config.num_channels, config.width, kernel_size=config.patch_size,
                                stride=config.patch_size, bias=config.patch_bias))
         # Zero-initialised and trainable, as in the tutorial.
@@ -215,7 +270,7 @@ class PatchEmbedding(nn.Module):
                 f"{expected[2]}], got {list(images.shape)}"
             )
         x = self.proj(images)
-        if not self.shifted_patches:  # the conv's [B, width, h, w] -> [B, h*w, width]
+        if not self.tokens_out:  # the conv's [B, width, h, w] -> [B, h*w, width]
             x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.dropout(x + self.position_embedding)
@@ -474,9 +529,11 @@ def load_tutorial_state_dict(model: ViT, state_dict: dict[str, torch.Tensor]) ->
     The tutorial's fused `in_proj` holds Q, K and V stacked in that order, as does `attn.qkv`,
     so every tensor maps one to one. A missing, extra or mis-shaped key raises `CheckpointError`.
     """
-    if model.config.shifted_patches or model.config.locality_attention:
-        raise ConfigError("the tutorial's ViTModel has no shifted patch tokens or locality "
-                          "self-attention; load its weights into a model without them")
+    config = model.config
+    if config.shifted_patches or config.locality_attention or config.conv_stem:
+        raise ConfigError("the tutorial's ViTModel has no shifted patch tokens, locality "
+                          "self-attention or conv stem; load its weights into a model without "
+                          "them")
     mapping = _tutorial_key_map(model.config.depth)
     ours = model.state_dict()
     expected = set(mapping.values())
@@ -508,8 +565,18 @@ def forward_flops(config: ViTConfig, cls_only_last_block: bool = True) -> int:
     projection and MLP; the keys and values of every token); the tutorial's ViTModel
     (`cls_only_last_block=False`) runs every token through every block."""
     tokens, width, mlp = config.num_patches + 1, config.width, config.mlp_dim
-    patch = config.num_patches * width * config.num_channels * config.patch_size ** 2
-    patch *= 5 if config.shifted_patches else 1  # the image and its four shifts
+    if config.conv_stem:  # 3x3 convs, the first at full resolution, then the 1x1 projection
+        side, c_in, c_out = config.image_size, config.num_channels, width // config.patch_size
+        patch = 0
+        while True:
+            patch += side * side * 9 * c_in * c_out
+            if c_out == width:
+                break
+            side, c_in, c_out = side // 2, c_out, 2 * c_out
+        patch += config.num_patches * width * width
+    else:
+        patch = config.num_patches * width * config.num_channels * config.patch_size ** 2
+        patch *= 5 if config.shifted_patches else 1  # the image and its four shifts
     block = tokens * (4 * width * width + 2 * width * mlp) + 2 * tokens ** 2 * width
     last = (tokens * 2 * width * width + 2 * width * width + 2 * tokens * width + 2 * width * mlp
             if cls_only_last_block else block)

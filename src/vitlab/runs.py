@@ -830,7 +830,8 @@ def model_summary(name: str, num_classes: int = 100) -> list[str]:
             f"depth {config.depth}, width {config.width}, {config.num_heads} heads, "
             f"MLP {config.mlp_dim}, {'pre' if config.norm_first else 'post'}-norm"
             + (", shifted patch tokens" if config.shifted_patches else "")
-            + (", locality self-attention" if config.locality_attention else ""),
+            + (", locality self-attention" if config.locality_attention else "")
+            + (", conv stem" if config.conv_stem else ""),
             f"FLOPs per image (forward, matrix products): {flops / 1e6:,.1f} M = "
             f"{flops / reference:.2f}x seed-mini's",
             f"forward pass: input {list(images.shape)} -> logits {list(logits.shape)}"]

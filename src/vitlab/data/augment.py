@@ -222,10 +222,25 @@ class BatchTransform(Protocol):
     [B, num_classes] (mixup, cutmix). ``train=False`` is the evaluation transform, which must
     return class indices. Randomness comes from ``generator`` only, so a batch is a pure function
     of its seed.
+
+    The loader augments several batches in one call (``--augment-chunk``) only for a transform
+    that says it may (`chunkable`): a `Compose` of per-image ops, or one with a
+    ``batches(images, labels, sizes, train, generator) -> [(inputs, targets), ...]`` method that
+    keeps what it does per batch within each batch (as `MixupCutmix` does). Any other transform
+    gets one batch per call.
     """
 
     def __call__(self, images: Tensor, labels: Tensor, train: bool,
                  generator: torch.Generator | None) -> tuple[Tensor, Tensor]: ...
+
+
+def chunkable(transform: BatchTransform) -> bool:
+    """Whether `transform` may be given several batches at once (see `BatchTransform`); the
+    wrappers here (ResizeBatch, MixupCutmix) if what they wrap may."""
+    inner = getattr(transform, "transform", None)
+    if isinstance(transform, ResizeBatch | MixupCutmix) and inner is not None:
+        return chunkable(getattr(inner, "__self__", inner))  # a bound Compose.__call__ too
+    return isinstance(transform, Compose) or hasattr(transform, "batches")
 
 
 def transform_batches(transform: BatchTransform, images: Tensor, labels: Tensor,
@@ -237,6 +252,8 @@ def transform_batches(transform: BatchTransform, images: Tensor, labels: Tensor,
     `transform`, the same draws from `generator`."""
     if hasattr(transform, "batches"):
         return transform.batches(images, labels, sizes, train, generator)
+    if len(sizes) > 1 and not chunkable(transform):
+        raise ValueError(f"{transform!r} works on one batch per call (see BatchTransform)")
     inputs, targets = transform(images, labels, train, generator)
     if len(sizes) == 1:
         return [(inputs, targets)]

@@ -286,10 +286,15 @@ class CheckpointWriter:
     the EMA weights; ema.safetensors holds the latest EMA.
 
     `save(wait=False)` copies the state to host memory and writes it on a background thread
-    while training goes on (serializing and fsyncing took ~0.27 s an epoch for seed-mini on the
-    2-core development machine, a whole epoch's worth of GPU steps); the next save, `wait()` and
-    leaving the writer's `with` block wait for it and raise its error, if any. Until it lands,
-    the checkpoint on disk is the one before: a run killed meanwhile resumes from that one."""
+    while training goes on (serializing and fsyncing took ~0.26 s a save for seed-mini on the
+    2-core development machine's disk, ~15% of a tutorial epoch on an H200); the next save and
+    `wait()` wait for it and raise its error, if any, and so does leaving the writer's `with`
+    block unless another error is already on its way out (then the write's failure is reported
+    on stderr, not raised over it). Until it lands, the checkpoint on disk is the one before: a
+    run killed meanwhile resumes from that one. `background = False` writes every save at once.
+    """
+
+    background = True
 
     def __init__(self, run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  progress: Progress, device: torch.device, ema: WeightEMA | None = None) -> None:
@@ -306,17 +311,22 @@ class CheckpointWriter:
     def __enter__(self) -> CheckpointWriter:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.wait()
+    def __exit__(self, exc_type: type | None, *exc_info: object) -> None:
+        failure = self.wait(raise_failure=exc_type is None)
+        if failure is not None:  # the error on its way out stays the one reported
+            print(f"vitlab: the last checkpoint write in {self.run_dir} also failed: {failure}",
+                  file=sys.stderr)
 
-    def wait(self) -> None:
-        """Block until the background write (if any) is on disk; raise its error."""
+    def wait(self, raise_failure: bool = True) -> BaseException | None:
+        """Block until the background write (if any) is on disk; raise its error (or, with
+        raise_failure=False, return it)."""
         if self._pending is not None:
             self._pending.join()
             self._pending = None
         failure, self._failure = self._failure, None
-        if failure is not None:
+        if failure is not None and raise_failure:
             raise failure
+        return failure
 
     def elapsed(self) -> float:
         return self.progress.elapsed + time.perf_counter() - self.started
@@ -339,6 +349,7 @@ class CheckpointWriter:
         rngs = distributed.gather_objects(_rng_state(self.device))  # every rank's dropout stream
         if not distributed.is_main_process():
             return
+        self.wait()  # one write at a time, in order, and one host copy at a time
         # A copy in host memory: training goes on changing the live tensors in place.
         state = _host_copy({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -346,8 +357,7 @@ class CheckpointWriter:
             "progress": vars(progress) | {"elapsed": self.elapsed()},
             "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {})})
         meta = _weights_meta(progress)
-        self.wait()  # one write at a time, in order
-        if wait:
+        if wait or not self.background:
             self._write(state, meta, is_best)
             return
         self._pending = threading.Thread(target=self._write_in_background,
@@ -374,7 +384,7 @@ def _host_copy(value: object) -> object:
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
         return {k: _host_copy(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if type(value) in (list, tuple):
         return type(value)(_host_copy(v) for v in value)
     return value
 
@@ -690,8 +700,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                               if k in ("accuracy", "ce", "ema_accuracy", "ema_ce")})
             progress.epoch += 1
             progress.step_in_epoch = 0
-            # written while the next epoch trains; the last one before fit returns
-            writer.save(last_eval, wait=progress.epoch == options.epochs)
+            # written while the next epoch trains; the last one, or a stop's, before fit returns
+            writer.save(last_eval, wait=progress.epoch == options.epochs or stop.raised)
             stopping = stop.raised if world == 1 else _agree(None, stop, device)[1]
             curves.epoch_done(final=progress.epoch == options.epochs)
             if stopping and progress.epoch < options.epochs:
@@ -729,7 +739,8 @@ def _check_finite(bad_loss: torch.Tensor, loss: torch.Tensor | None,
                   writer: CheckpointWriter) -> None:
     if bad_loss.item():
         progress, run_dir = writer.progress, writer.run_dir
-        writer.wait()  # a checkpoint being written is a good one: say it is kept
+        # A checkpoint being written is a good one: wait for it, to say what is kept.
+        failure = writer.wait(raise_failure=False)
         value = "non-finite" if loss is None else f"{loss.item()}"
         if (run_dir / ckpt.TRAINER_STATE).exists():
             kept = (f"its last good checkpoint in {run_dir} is kept; start a new run with a "
@@ -737,9 +748,10 @@ def _check_finite(bad_loss: torch.Tensor, loss: torch.Tensor | None,
         else:
             kept = ("no checkpoint had been saved yet; run the command again with a lower --lr "
                     "or with --grad-clip (the same --out: there is nothing to lose)")
+        also = "" if failure is None else f" (its last checkpoint write failed: {failure})"
         raise TrainingDiverged(
             f"the loss became {value} by step {progress.global_step}; the run stopped and "
-            f"{kept}")
+            f"{kept}{also}")
 
 
 class CurvesPlotter:
