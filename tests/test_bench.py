@@ -47,6 +47,26 @@ def test_rows_hold_consistent_measurements():
     assert table.count("\n| ") == 5 and "matmul peak" in table  # header row + 4 rows
 
 
+def test_the_baseline_is_credited_with_its_own_patch_convs_flops(monkeypatch):
+    """A model with a conv stem is measured against the tutorial's model of its dimensions,
+    which has a plain patch conv: each row's FLOP/s counts its own model's work."""
+    import dataclasses
+
+    from vitlab import model as model_module
+
+    monkeypatch.setitem(model_module.PRESETS, "micro-conv",
+                        {**model_module.PRESETS["micro"], "conv_stem": True})
+    result = run_bench("micro-conv", batch_size=4, device="cpu", repeats=1, iters=1, warmup=1)
+    config = preset("micro-conv", 100)
+    plain = dataclasses.replace(config, conv_stem=False)
+    assert forward_flops(config) > forward_flops(plain)
+    for r in result["rows"]:
+        count = (forward_flops(plain, cls_only_last_block=False) if r["model"] == "tutorial"
+                 else forward_flops(config))
+        per_step = (3 if r["mode"] == "train" else 1) * 4 * count
+        assert r["tflops"] == pytest.approx(per_step / (r["step_ms"] / 1e3) / 1e12)
+
+
 def test_without_a_baseline_the_json_is_strict_and_the_table_says_so():
     result = run_bench("micro", batch_size=4, device="cpu", repeats=1, iters=1, warmup=1,
                        baseline=False)

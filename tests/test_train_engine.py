@@ -340,7 +340,8 @@ def test_sigint_checkpoint_then_resume_equals_an_uninterrupted_run(dataset, tmp_
 
 
 @pytest.mark.parametrize("option", [{"shifted_patches": True, "locality_attention": True},
-                                    {"conv_stem": True, "locality_attention": True}],
+                                    {"conv_stem": True, "locality_attention": True,
+                                     "patch_size": 4}],  # width / patch: 8 channels
                          ids=["shifted-patches", "conv-stem"])
 def test_the_vitlab_recipe_on_the_small_data_options_resumes_bitwise(dataset, tmp_path, option):
     # Shifted patch tokens or a conv stem, locality attention (temperatures undecayed),
@@ -1010,3 +1011,28 @@ def test_a_background_checkpoint_is_the_state_at_save_time_and_its_errors_surfac
         writer.save(wait=False)
         raise KeyboardInterrupt
     assert "the last checkpoint write in" in capfd.readouterr().err
+
+
+def test_a_stop_after_a_failed_background_save_raises_the_failure(dataset, tmp_path,
+                                                                  monkeypatch):
+    """A stop that arrives after an epoch-end checkpoint went to the background (its signal
+    landing just after the save began) waits for that write before it reports a resumable
+    checkpoint: a failed write is the error, not 'interrupted, resume with ...'."""
+    from vitlab.train import engine
+
+    checks = {"n": 0}
+
+    def raised(self) -> bool:  # SIGTERM lands after the first epoch's save has begun
+        checks["n"] += 1
+        if checks["n"] == 4:  # steps 1 and 2, the save's own check, then the loop's
+            self.received = signal.SIGTERM
+        return self.received is not None
+
+    def disk_full(path, state):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine._StopSignals, "raised", property(raised))
+    monkeypatch.setattr(ckpt, "save_trainer_state", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        fit(tiny_model(), dataset, RECIPE, options(3, train_steps_per_epoch=2), tmp_path / "r")
+    assert checks["n"] == 4

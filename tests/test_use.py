@@ -262,7 +262,7 @@ def test_onnx_export_runs_in_onnxruntime_with_the_same_logits(run, tmp_path, cap
 
 @pytest.mark.parametrize("name", ["vitlab-mini-sl", "vitlab-mini-conv"])
 def test_onnx_export_of_the_small_data_options(tmp_path, name):
-    """Shifted patches and locality attention; the conv stem (GroupNorm, GELU)."""
+    """Shifted patches and locality attention; the conv stem (per-pixel channel norm, GELU)."""
     import onnxruntime as ort
 
     from vitlab.export import export_onnx
@@ -273,7 +273,7 @@ def test_onnx_export_of_the_small_data_options(tmp_path, name):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.05)
-    path = export_onnx(model, tmp_path / "sl.onnx", [str(i) for i in range(10)])
+    path = export_onnx(model, tmp_path / f"{name}.onnx", [str(i) for i in range(10)])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.randn(3, 3, 32, 32)
     (got,) = session.run(["logits"], {"images": images.numpy()})

@@ -33,9 +33,10 @@ what `device_data.py join` rebuilt). Stages:
           mixing: half the batches, alpha 1; lighter regularization for 100 passes)
   vitlab-conv  the same with --recipe vitlab --model vitlab-mini-conv (a conv stem)
 
-OUT gets at most eight files (what the device tool returns): summary.json (every figure; it is
-rewritten after each stage, so a session cut short still returns what it finished), bench.md,
-curves-<run>.png of each pre-training, runs.log (every run's output, one after another). Run
+OUT gets summary.json (every figure; it is rewritten after each stage, so a session cut short
+still returns what it finished), bench.md, curves-<run>.png of each pre-training, runs.log (every
+run's output, one after another); the device tool returns at most eight files a call, so one
+call runs at most five run stages (with gpu-log.txt beside them: four). Run
 directories and per-case logs stay in --work.
 --deadline SECONDS skips stages that would start after that much time. Rehearse on the CPU with
 tiny budgets before spending device minutes:

@@ -15,6 +15,7 @@ square matrix multiply in the candidate's dtype (fp32 for the tutorial), timed i
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import statistics
 import time
@@ -171,9 +172,11 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
                 return runnable(images)
         return step
 
-    # Each model's own count: the tutorial's runs every token through its last block.
-    per_image = {name: forward_flops(config, cls_only_last_block=name != "tutorial")
-                 for name in candidates}
+    # Each model's own count: the tutorial's runs every token through its last block, from a
+    # plain patch conv (tutorial_model has neither shifted patches nor a conv stem).
+    plain = dataclasses.replace(config, shifted_patches=False, conv_stem=False)
+    per_image = {name: forward_flops(plain, cls_only_last_block=False) if name == "tutorial"
+                 else forward_flops(config) for name in candidates}
     flops = {(mode, name): (3 if mode == "train" else 1) * count * batch_size
              for mode in ("train", "inference") for name, count in per_image.items()}
     # Each candidate's FLOP/s are a fraction of the peak of its own dtype (the tutorial: fp32).

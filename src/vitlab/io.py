@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -37,9 +38,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read once: reading it means setting it, and two threads reading it at
+    once (the background checkpoint writer and the training thread) could leave it at 0."""
+    global _UMASK
+    with _UMASK_LOCK:
+        if _UMASK is None:
+            _UMASK = os.umask(0)
+            os.umask(_UMASK)
+        return _UMASK
+
+
+_UMASK: int | None = None
+_UMASK_LOCK = threading.Lock()
 
 
 def _fsync_dir(folder: Path) -> None:

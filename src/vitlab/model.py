@@ -99,10 +99,13 @@ class ViTConfig:
             p = self.patch_size
             if self.shifted_patches:
                 raise ConfigError("a model has shifted patch tokens or a conv stem, not both")
-            if p < 2 or p & (p - 1) or self.width % p:
+            if p < 2 or p & (p - 1) or self.width % p or self.width // p < 8:
+                # Its first conv has width/p channels, each pixel's norm over them: one channel
+                # would normalize every image to the same constant.
                 raise ConfigError(f"a conv stem needs a patch size that is a power of 2 (one "
-                                  f"stride-2 conv per halving) dividing the width, got patch "
-                                  f"{p} and width {self.width}")
+                                  f"stride-2 conv per halving) with width / patch >= 8 (its "
+                                  f"first conv's channels), got patch {p} and width "
+                                  f"{self.width}")
         if self.init not in ("tutorial", "independent"):
             raise ConfigError(f"init must be 'tutorial' or 'independent', got {self.init!r}")
 
@@ -245,8 +248,8 @@ class ConvStem(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-    """Image -> [B, 1 + num_patches, width] tokens: conv patches (or shifted patch tokens), CLS
-    token, positions, dropout."""
+    """Image -> [B, 1 + num_patches, width] tokens: conv patches (or shifted patch tokens, or a
+    conv stem), CLS token, positions, dropout."""
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
@@ -464,8 +467,8 @@ class ViT(nn.Module):
         as a Linear, then xavier-uniform in_proj and zero in_proj/out_proj biases), linear1,
         linear2; nn.TransformerEncoder deep-copies that layer into every block; then the head.
         From the same torch seed this gives the tutorial's initial weights bit for bit (a model
-        with shifted patch tokens draws their projection in the conv's place; its temperatures
-        are constants).
+        with shifted patch tokens or a conv stem draws those in the patch conv's place; locality
+        attention's temperatures are constants).
         """
         self.encoder.embedding.proj.reset_parameters()
         first = self.encoder.blocks[0]

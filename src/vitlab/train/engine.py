@@ -705,6 +705,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
             stopping = stop.raised if world == 1 else _agree(None, stop, device)[1]
             curves.epoch_done(final=progress.epoch == options.epochs)
             if stopping and progress.epoch < options.epochs:
+                writer.wait()  # the checkpoint the stop's message says to resume from
                 _stop(reporter, progress, progress.epoch, run_dir, stop.received)
     reporter.event("Finish", step=progress.global_step, total_time=writer.elapsed(),
                    best_accuracy=progress.best_accuracy)
