@@ -217,6 +217,16 @@ class ChannelNorm(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def conv_stem_layers(config: ViTConfig) -> list[tuple[int, int, int]]:
+    """The conv stem's 3x3 convs as (in channels, out channels, output side): width/p channels
+    at full resolution, then one stride-2 conv per halving, each doubling them up to the width."""
+    layers = [(config.num_channels, config.width // config.patch_size, config.image_size)]
+    while layers[-1][1] < config.width:
+        _, c, side = layers[-1]
+        layers.append((c, 2 * c, side // 2))
+    return layers
+
+
 class ConvStem(nn.Module):
     """Convolutions instead of the patch projection: a 3x3 conv to width/p channels at full
     resolution, then log2(p) 3x3 convs of stride 2 each doubling the channels, each followed by
@@ -226,12 +236,8 @@ class ConvStem(nn.Module):
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
-        channels = [config.width // config.patch_size]
-        while channels[-1] < config.width:
-            channels.append(2 * channels[-1])
         layers: list[nn.Module] = []
-        inputs = [config.num_channels, *channels[:-1]]
-        for i, (c_in, c_out) in enumerate(zip(inputs, channels, strict=True)):
+        for i, (c_in, c_out, _) in enumerate(conv_stem_layers(config)):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1,
                                  bias=False),
                        ChannelNorm(c_out, eps=config.encoder_norm_eps), nn.GELU()]
@@ -568,14 +574,9 @@ def forward_flops(config: ViTConfig, cls_only_last_block: bool = True) -> int:
     projection and MLP; the keys and values of every token); the tutorial's ViTModel
     (`cls_only_last_block=False`) runs every token through every block."""
     tokens, width, mlp = config.num_patches + 1, config.width, config.mlp_dim
-    if config.conv_stem:  # 3x3 convs, the first at full resolution, then the 1x1 projection
-        side, c_in, c_out = config.image_size, config.num_channels, width // config.patch_size
-        patch = 0
-        while True:
-            patch += side * side * 9 * c_in * c_out
-            if c_out == width:
-                break
-            side, c_in, c_out = side // 2, c_out, 2 * c_out
+    if config.conv_stem:  # its 3x3 convs, then the 1x1 projection
+        patch = sum(side * side * 9 * c_in * c_out
+                    for c_in, c_out, side in conv_stem_layers(config))
         patch += config.num_patches * width * width
     else:
         patch = config.num_patches * width * config.num_channels * config.patch_size ** 2

@@ -95,14 +95,14 @@ class TrainOptions:
             if value is None and (name.endswith("_per_epoch") or name == "eval_batch_size"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"--{_flag(name)} must be an integer, got {value!r}")
+                raise ConfigError(f"--{flag(name)} must be an integer, got {value!r}")
         for name in ("epochs", "log_steps", "checkpoint_steps", "augment_chunk"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("train_steps_per_epoch", "eval_steps_per_epoch", "eval_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"--{_flag(name)} must be at least 1 (omit it for "
+                raise ConfigError(f"--{flag(name)} must be at least 1 (omit it for "
                                   + ("the default)" if name == "eval_batch_size"
                                      else "a whole epoch)"))
         if not 0 <= self.seed <= MAX_SEED:
@@ -169,5 +169,6 @@ class TrainOptions:
         return cls(**values, seed=seed, **runtime)
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """A setting's command-line name: its field name with dashes."""
     return name.replace("_", "-")

@@ -19,6 +19,7 @@ import torch
 
 from vitlab.data.augment import AUGMENTATIONS
 from vitlab.errors import ConfigError
+from vitlab.train.options import flag
 
 MAX_EPOCHS = 1_000_000  # more is a typo; it also keeps step counts far from any overflow
 
@@ -151,10 +152,10 @@ class Recipe:
              "gradient clipping norm must be a number > 0"),
         ]
         for name in ("erase_prob", "mix_prob", "cutmix_prob"):
-            checks.append((0 <= getattr(self, name) <= 1, f"{_flag(name)} must be in [0, 1]"))
+            checks.append((0 <= getattr(self, name) <= 1, f"{flag(name)} must be in [0, 1]"))
         for name in ("mixup_alpha", "cutmix_alpha"):
             checks.append((0 <= getattr(self, name) < math.inf,
-                           f"{_flag(name)} must be a number >= 0 (0 turns it off)"))
+                           f"{flag(name)} must be a number >= 0 (0 turns it off)"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -163,9 +164,9 @@ class Recipe:
                        if getattr(self, name) != _AUGMENT_DEFAULTS[name]]
             if changed:
                 raise ConfigError(
-                    f"--{_flag(changed[0])} applies to --augment "
+                    f"--{flag(changed[0])} applies to --augment "
                     f"{' or '.join(AUGMENT_SETTINGS_USED_BY)}, and this recipe's augmentation "
-                    f"is {self.augment!r}; drop --{_flag(changed[0])} or choose --augment vitlab")
+                    f"is {self.augment!r}; drop --{flag(changed[0])} or choose --augment vitlab")
 
     def augment_settings(self) -> dict[str, float]:
         """The keywords of the augmentation's factory (make_augment) this recipe sets."""
@@ -186,10 +187,6 @@ class Recipe:
             raise ConfigError(f"unknown recipe fields: {', '.join(unknown)}; known: "
                               f"{', '.join(sorted(known))}")
         return cls(**values)
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 AUGMENT_SETTINGS = ("erase_prob", "mixup_alpha", "cutmix_alpha", "mix_prob", "cutmix_prob")
