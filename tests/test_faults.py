@@ -254,6 +254,29 @@ def test_a_nan_before_the_first_checkpoint_says_to_run_again(data, tmp_path, cap
     assert main([*argv[:-4], "--lr", "0.001", "--out", str(out)]) == 0  # it works from there
 
 
+
+def test_out_of_memory_is_one_line_and_a_smaller_batch_runs_in_the_same_folder(data, tmp_path):
+    # The process may map 3 GiB: a batch of all 2,000 images (attention alone 270 MB a layer)
+    # cannot be allocated, as on a GPU too small for the batch.
+    import resource
+
+    def three_gib() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    out = tmp_path / "run"
+    argv = h.cli_command("pretrain", "--data", data["cifar10"], "--out", out, "--epochs", "1",
+                         "--no-download", "--no-progress", "--batch-size", "2000")
+    proc = subprocess.run(argv, env=h.cli_env(), capture_output=True, text=True, timeout=120,
+                          preexec_fn=three_gib)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = h.assert_one_error_line(proc.stderr, "pretrain")
+    assert "out of memory (DefaultCPUAllocator: can't allocate memory" in line
+    assert "try a smaller --batch-size" in line
+    # No checkpoint was saved, so the same folder takes the smaller batch without --overwrite.
+    assert main(["pretrain", "--data", str(data["cifar10"]), "--out", str(out), *TINY,
+                 "--epochs", "1", "--train-steps-per-epoch", "2",
+                 "--eval-steps-per-epoch", "1"]) == 0
+
 # --- (5) images as users have them -------------------------------------------------------------
 
 def test_image_modes_decode_to_defined_8_bit_rgb(tmp_path):

@@ -931,6 +931,12 @@ def test_augment_chunk_batches(chunk, batch, shape, batches):
     assert options(1, augment_chunk=chunk).augment_chunk_batches(batch, shape) == batches
 
 
+def test_augment_chunk_counts_the_stored_images_when_resized_on_the_device():
+    # 224 px images shrunk to a 32 px model: the transform runs at 224 px, 436 of whose float32
+    # images (with their 32 px outputs) fit in 256 MiB: 3 batches of 128, not 8.
+    assert options(1).augment_chunk_batches(128, (3, 32, 32), (3, 224, 224)) == 3
+
+
 def test_augment_chunk_is_part_of_the_run_and_old_runs_augmented_batch_by_batch():
     assert options(1).augment_chunk == 1024 and "augment_chunk" in options(1).saved()
     assert TrainOptions.from_saved({"epochs": 1}, seed=0).augment_chunk == 0

@@ -4,7 +4,7 @@ Training flags are derived from the settings schema (`vitlab.settings`), so each
 config-file key (`--config FILE.yaml`; flags given on the command line win) and a keyword argument
 of the matching `vitlab.runs` function.
 
-Exit codes: 0 done; 2 bad input (one line on stderr); 130 Ctrl-C and 143 SIGTERM during training,
+Exit codes: 0 done; 2 bad input or out of memory (one line on stderr); 130 Ctrl-C and 143 SIGTERM during training,
 after saving a resumable checkpoint; 1 when another process of a torchrun job failed, or when
 `predict` / `attention` skipped some inputs (2 when none could be read).
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -359,6 +360,22 @@ def _lost_a_peer(error: RuntimeError) -> bool:
         "gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """The device's (or the host's) allocator refused: PyTorch's OOM error on CUDA, its
+    CPU allocator's RuntimeError, or Python's own MemoryError."""
+    import torch
+
+    return (isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError))
+            or "can't allocate memory" in str(error))
+
+
+def _memory_advice(command: str) -> str:
+    if command in ("pretrain", "finetune", "run"):
+        return ("a smaller --batch-size (a new run: a run resumes with its own), "
+                "--eval-batch-size or --augment-chunk")
+    return "a smaller --batch-size" if command in ("evaluate", "predict", "bench") else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -399,8 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`vitlab ... | head`): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except RuntimeError as e:
-        if not _lost_a_peer(e):
+    except (MemoryError, RuntimeError) as e:
+        if _out_of_memory(e):
+            first = (str(e).strip().splitlines() or ["no message"])[0]
+            first = re.sub(r"^\[enforce fail at [^]]*\]\s*(err == 0\.\s*)?", "", first)[:200]
+            advice = _memory_advice(args.command)
+            print(f"vitlab {args.command}: error{_rank_tag()}: out of memory ({first})"
+                  + (f"; try {advice}" if advice else ""), file=sys.stderr)
+            return EXIT_USAGE
+        if not isinstance(e, RuntimeError) or not _lost_a_peer(e):
             raise
         first = (str(e).strip().splitlines() or ["no message"])[0][:200]
         print(f"vitlab {args.command}: error{_rank_tag()}: another process of the torchrun job "

@@ -556,14 +556,16 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
     """The loaders, the run directory (locked, prepared or restored) and its Reporter."""
     augment = make_augment(recipe.augment, _head_size(model, dataset), **recipe.augment_settings())
     evaluation = SeedAugment()
+    image_shapes = [_input_shape(model)]
     if options.resize_on_device:
         augment = ResizeBatch(augment, model.config.image_size)
         evaluation = ResizeBatch(evaluation, model.config.image_size)
+        image_shapes.append((dataset.num_channels, *dataset.image_size))
     train_loader = BatchLoader(
         dataset.train, recipe.batch_size, device=device, augment=augment, train=True,
         shuffle=True, seed=options.seed, steps_per_epoch=options.train_steps_per_epoch,
         batch_part=(distributed.rank(), distributed.world_size()),
-        chunk_batches=options.augment_chunk_batches(recipe.batch_size, _input_shape(model)))
+        chunk_batches=options.augment_chunk_batches(recipe.batch_size, *image_shapes))
     # Evaluation: the first N batches' samples with --eval-steps-per-epoch (never one twice),
     # sharded across ranks (each sample on one rank, the counts all-reduced).
     test = dataset.test
