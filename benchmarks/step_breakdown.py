@@ -14,6 +14,12 @@ medians of --repeats rounds of --steps steps each:
                Wide, Random Erasing, Mixup/CutMix: ~500 operator calls a batch in a CPU profile,
                against SeedAugment's ~100), 8 batches a call, and one per call
 
+On CUDA, `step` and `batch+step` are then profiled (torch.profiler, --profile-steps steps each):
+the kernels a step runs, their count and their summed time, and the costliest of them. Kernel
+time close to the step's wall time means the GPU is busy and a faster step needs fewer or faster
+kernels; far below it, the step waits on launches or the host. (`--profile` profiles on the CPU
+too, to rehearse it; there the "kernels" are nested operator calls and their times overlap.)
+
 Each case is timed twice: the wall time per step with the device synchronised at both ends of a
 round, and the host time, what the Python thread spent issuing the work. On a GPU a host time
 close to the wall time means the loop is bound by issuing kernels, not by running them. On an
@@ -51,8 +57,44 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar1
 TUTORIAL_STEPS = 39_100  # 100 epochs of 391 steps: the budget the compile plan is asked about
 
 
+def kernel_profile(body: Callable[[], object], steps: int, sync: Callable[[], None],
+                   device_type: str) -> dict:
+    """`body` run `steps` times under torch.profiler: per step, the device's kernels (count and
+    summed time) and the 12 costliest by name (a CUDA graph's replay included, where the
+    profiler sees inside it: `kernels_per_step` 0 says it did not)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device_type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            body()
+        sync()
+        wall = time.perf_counter() - start
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == kind:
+            count_and_us = kernels.setdefault(event.name, [0, 0.0])
+            count_and_us[0] += 1
+            count_and_us[1] += event.time_range.elapsed_us()
+    costliest = sorted(kernels.items(), key=lambda item: -item[1][1])[:12]
+    return {
+        "steps": steps, "profiled_wall_ms": round(1000 * wall / steps, 3),
+        "kernels_per_step": round(sum(n for n, _ in kernels.values()) / steps, 1),
+        "kernel_ms_per_step": round(sum(us for _, us in kernels.values()) / 1000 / steps, 3),
+        "costliest": [{"name": name[:160], "per_step": round(n / steps, 2),
+                       "ms_per_step": round(us / 1000 / steps, 4)}
+                      for name, (n, us) in costliest],
+    }
+
+
 def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", steps: int = 50,
-              repeats: int = 5, warmup: int = 5) -> dict:
+              repeats: int = 5, warmup: int = 5, profile_steps: int = 16,
+              profile: bool | None = None) -> dict:
     """Per-case medians in ms per step: {"cases": {name: {"wall_ms", "host_ms"}}, ...}."""
     target = resolve_device(device)
     seed = recipe("seed")
@@ -60,14 +102,20 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     # fit augments --augment-chunk images per call (8 batches of 128 by default)
     chunk = TrainOptions(epochs=100).augment_chunk_batches(seed.batch_size, (3, 32, 32))
 
+    # Epochs of whole chunks, rounds and warm-up of whole chunks: every round starts on a
+    # chunk's first batch and pays for exactly its chunks (a 391-batch epoch's short last chunk
+    # would otherwise land in some rounds and not others).
+    per_epoch = max(1, len(dataset.train) // seed.batch_size // chunk) * chunk
+
     def endless(augment: str, chunk_batches: int) -> Iterator[tuple]:
         loader = BatchLoader(dataset.train, seed.batch_size, device=target,
                              augment=make_augment(augment, len(dataset.classes)), train=True,
-                             shuffle=True, seed=0, chunk_batches=chunk_batches)
+                             shuffle=True, seed=0, chunk_batches=chunk_batches,
+                             steps_per_epoch=per_epoch)
         return itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
 
     batches, single = endless(seed.augment, chunk), endless(seed.augment, 1)
-    steps = -(-steps // chunk) * chunk  # whole chunks a round: each round pays its share
+    steps, warmup = (-(-n // chunk) * chunk for n in (steps, warmup))
     if compile == "auto":
         mode, eager_optimizer = TrainOptions(epochs=100).compile_plan(target.type, TUTORIAL_STEPS)
     else:
@@ -80,7 +128,7 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
                       if mode and not eager_optimizer else None)
     precision = resolve_precision("auto", target)
     vitlab_batches, vitlab_single = endless("vitlab", chunk), endless("vitlab", 1)
-    fixed = next(batches)
+    fixed = next(single)
     model.train()
 
     def step(inputs_targets: tuple) -> None:
@@ -117,6 +165,15 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     for _ in range(repeats):
         for name, body in cases.items():
             rounds[name].append(timed(body, steps))
+    profiles: dict[str, object] = {}
+    if profile if profile is not None else target.type == "cuda":
+        for name in ("step", "batch+step"):
+            try:  # the timings above stand on their own: a profiler failure is reported, not fatal
+                profiles[name] = kernel_profile(cases[name], -(-profile_steps // chunk) * chunk,
+                                                sync, target.type)
+            except Exception as error:  # noqa: BLE001 - recorded in the result, and printed
+                profiles[name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+                print(f"step_breakdown: profiling {name!r} failed: {profiles[name]['error']}")
     return {
         "device": torch.cuda.get_device_name(target) if target.type == "cuda" else "cpu",
         "torch": torch.__version__, "compile": mode or "off",
@@ -126,6 +183,7 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
         "cases": {name: {"wall_ms": round(statistics.median(w for w, _ in r), 3),
                          "host_ms": round(statistics.median(h for _, h in r), 3)}
                   for name, r in rounds.items()},
+        "profiles": profiles,
     }
 
 
@@ -137,8 +195,12 @@ def main() -> None:
                         choices=("auto", "off", "default", "reduce-overhead", "max-autotune"))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile-steps", type=int, default=16)
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                        help="profile the step's kernels (default: on CUDA only)")
     args = parser.parse_args()
-    result = breakdown(args.data, args.device, args.compile, args.steps, args.repeats)
+    result = breakdown(args.data, args.device, args.compile, args.steps, args.repeats,
+                       profile_steps=args.profile_steps, profile=args.profile)
     print(json.dumps(result, indent=1))
 
 

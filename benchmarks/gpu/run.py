@@ -23,7 +23,8 @@ what `device_data.py join` rebuilt). Stages:
   breakdown  benchmarks/step_breakdown.py: where seed-mini's step time goes in fit's loop (the
           step alone, the batch alone, both, and a vitlab-recipe batch; wall and host time;
           batches 8 per augmentation call as fit makes them, and one per call), compiled as the
-          runs are
+          runs are; then a kernel profile of the step and of batch+step (kernels a step, their
+          summed time, the costliest)
   seed    `vitlab run` with the seed recipe: 100 epochs CIFAR-100 + 1 epoch CIFAR-10, timed
   vitlab  the same with --recipe vitlab
   vitlab-sl  the same with --recipe vitlab --model vitlab-mini-sl (shifted patch tokens and
