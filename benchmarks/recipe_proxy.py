@@ -17,6 +17,11 @@ warm-up its recipe's share), the regime where a recipe's regularization shows, a
     python benchmarks/recipe_proxy.py --minutes 6
     python benchmarks/recipe_proxy.py --epochs 40 --train-images 1280
     python benchmarks/recipe_proxy.py --minutes 4 --runs seed:seed-mini,vitlab:vitlab-mini,vitlab:vitlab-mini-sl
+    python benchmarks/recipe_proxy.py --epochs 20 --train-images 2560 \
+        --runs vitlab:vitlab-mini,vitlab:vitlab-mini:mix_prob=0.5:mixup_alpha=1
+
+A run is RECIPE:MODEL, then any recipe settings as :FIELD=VALUE (the recipe's field names, as
+`vitlab recipes NAME` prints them).
 """
 
 from __future__ import annotations
@@ -74,15 +79,14 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", default="seed:seed-mini,vitlab:vitlab-mini",
-                        help="comma-separated RECIPE:MODEL pairs, trained one after the other")
+                        help="comma-separated RECIPE:MODEL[:FIELD=VALUE...], trained one after "
+                             "the other")
     args = parser.parse_args()
     try:
-        runs = [tuple(pair.split(":")) for pair in args.runs.split(",")]
-        for name, model_name in runs:
-            recipe(name)
-            preset(model_name, 10)
-    except (ValueError, ConfigError) as e:
-        raise SystemExit(f"--runs takes RECIPE:MODEL pairs with known names ({e})") from None
+        runs = [_parse_run(text) for text in args.runs.split(",")]
+    except (ValueError, TypeError, AttributeError, ConfigError) as e:
+        raise SystemExit(f"--runs takes RECIPE:MODEL[:FIELD=VALUE...] with known names and "
+                         f"recipe fields ({e})") from None
     torch.set_num_threads(args.threads)
     if (args.epochs is None) != (args.train_images is None):
         raise SystemExit("--epochs and --train-images go together")
@@ -90,8 +94,7 @@ def main() -> None:
     if args.train_images is not None:
         dataset = _subset(dataset, args.train_images)
     rows = []
-    for name, model_name in runs:
-        chosen = recipe(name)
+    for name, model_name, chosen in runs:
         epochs = 1 if args.epochs is None else args.epochs
         if chosen.schedule == "cosine":  # its warm-up: the same share of this shorter run
             chosen = dataclasses.replace(chosen, warmup_epochs=chosen.warmup_epochs
@@ -124,6 +127,20 @@ def main() -> None:
     for (name, model_name, params, seconds, steps, seen, took, best, last, evaluated) in rows:
         print(f"| {name} | {model_name} | {params:,} | {seconds:.2f} | {steps} | {seen:,} | "
               f"{took:.0f} | {100 * best:.2f}% | {100 * last:.2f}% (of {evaluated:,}) |")
+
+
+def _parse_run(text: str) -> tuple[str, str, object]:
+    """'RECIPE:MODEL[:FIELD=VALUE...]' -> (label, model name, the recipe with those settings)."""
+    name, model_name, *settings = text.split(":")
+    chosen = recipe(name)
+    preset(model_name, 10)
+    changes = {}
+    for setting in settings:
+        field, _, value = setting.partition("=")
+        current = getattr(chosen, field)  # AttributeError for an unknown field
+        changes[field] = type(current)(value) if current is not None else float(value)
+    label = ", ".join([name, *settings]) if settings else name
+    return label, model_name, dataclasses.replace(chosen, **changes)
 
 
 def _subset(dataset: Dataset, n: int) -> Dataset:
