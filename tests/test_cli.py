@@ -349,9 +349,19 @@ BAD_INPUTS = {
     "resume from another pre-training": (["finetune", "--resume", "{fine}", "--from",
                                           "{work}/else"], "--from {work}/else differs"),
     "resume without trainer state": (["pretrain", "--resume", "{no_state}"],
-                                     "nothing to resume"),
+                                     "nothing to resume there (its weights can still be "
+                                     "evaluated or fine-tuned)"),
     "resume a torn trainer state": (["pretrain", "--resume", "{torn_state}"],
                                     "not a readable vitlab trainer state"),
+    "resume a torn trainer state, what to do": (["pretrain", "--resume", "{torn_state}"],
+                                                "; restore it from a copy, or start the run "
+                                                "anew with --overwrite"),
+    "evaluate weights a resume writes again": (["evaluate", "--checkpoint", "{no_best}",
+                                                "--weights", "best"],
+                                               "no weight file at {no_best}/best.safetensors; "
+                                               "the run's trainer_state.pt is there: resuming "
+                                               "the run (--resume {no_best}) writes its weight "
+                                               "files again"),
     "resume a trainer state holding objects": (["pretrain", "--resume", "{code_state}"],
                                                "holds Python objects"),
     "resume a state that does not fit the config": (["pretrain", "--resume", "{wider}"],
@@ -391,6 +401,16 @@ BAD_INPUTS = {
                                    "--batch-size must be at least 1"),
     "resume with --overwrite": (["pretrain", "--resume", "{pre}", "--overwrite"],
                                 "drop --overwrite"),
+    # An empty name would mean the current folder (a run's files among the user's own).
+    "empty --out": (["pretrain", "--model", "micro", "--data", "{c10}", "--out", ""],
+                    "--out is empty"),
+    "empty run data": (["run", "--pretrain-data", "", "--out", "{work}/empty-data"],
+                       "--pretrain-data is empty"),
+    "empty evaluate --out": (["evaluate", "--checkpoint", "{fine}", "--out", ""],
+                             "argument --out: is empty; name a file or folder"),
+    "empty export --out": (["export", "--checkpoint", "{fine}", "--out", " "],
+                           "argument --out: is empty"),
+    "abbreviated flag": (["pretrain", "--ep", "1"], "unrecognized arguments: --ep 1"),
 }
 
 

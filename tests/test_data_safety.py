@@ -247,6 +247,22 @@ def test_npz_with_pickled_objects_is_not_unpickled(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("write, match", [
+    (lambda path: np.save(path.open("wb"), np.zeros((2, 4, 4, 3), np.uint8)),  # noqa: SIM115
+     "holds one .npy array, not an npz archive; save the images and labels with numpy.savez"),
+    (lambda path: path.write_bytes(b"x,y\n1,2\n"),
+     "not an npz file \\(a zip archive of .npy arrays\\)"),
+    (lambda path: path.write_bytes(b""), "not an npz file"),
+], ids=["npy", "text", "empty"])
+def test_a_file_that_is_no_npz_is_named_for_what_it_is(tmp_path, write, match):
+    # numpy's own message for such bytes speaks of pickles and allow_pickle: misleading advice
+    folder = _folder(tmp_path, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
+    write(folder / "train.npz")
+    with pytest.raises(DataFormatError, match=match) as error:
+        load_dataset(folder)
+    assert "pickle" not in str(error.value)
+
+
 @pytest.mark.parametrize("classes", ['{"a": 1}', '["a", "a"]', "[]", "not json"])
 def test_bad_class_list(tmp_path, classes):
     folder = _folder(tmp_path, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))

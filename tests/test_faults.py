@@ -113,6 +113,14 @@ def test_run_continues_the_stage_that_is_left(data, tmp_path, capfd):
     capfd.readouterr()
     assert main([*argv, "--lr", "0.5"]) == 2
     assert "--lr 0.5 differs from the run in" in capfd.readouterr().err
+    # Other data is named by the flag this command takes; `run` has no --data (nor abbreviations).
+    assert main([*argv, "--finetune-data", str(data["cifar100"])]) == 2
+    assert f"--finetune-data {data['cifar100']} differs from the run in" in capfd.readouterr().err
+    with pytest.raises(SystemExit) as parsed:  # argparse's own exit
+        main([*argv, "--data", str(data["cifar10"])])
+    assert parsed.value.code == 2
+    assert "unrecognized arguments: --data" in capfd.readouterr().err
+
     def refused(command: list[str], message: str) -> None:
         capfd.readouterr()
         assert main(command) == 2
@@ -255,6 +263,14 @@ def test_a_nan_before_the_first_checkpoint_says_to_run_again(data, tmp_path, cap
 
 
 
+def test_a_run_folder_that_cannot_be_written_is_one_line_saying_what_to_do(tmp_path):
+    # (as a read-only mount would be: here a file stands where the folder's parent should be)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(CheckpointError, match="cannot write to .*file/run \\(.*\\); a run trains "
+                                              "in its own folder: copy it somewhere writable"):
+        ckpt.RunLock(tmp_path / "file" / "run").__enter__()
+
+
 def test_out_of_memory_is_one_line_and_a_smaller_batch_runs_in_the_same_folder(data, tmp_path):
     # The process may map 3 GiB: a batch of all 2,000 images (attention alone 270 MB a layer)
     # cannot be allocated, as on a GPU too small for the batch.
@@ -278,6 +294,36 @@ def test_out_of_memory_is_one_line_and_a_smaller_batch_runs_in_the_same_folder(d
                  "--eval-steps-per-epoch", "1"]) == 0
 
 # --- (5) images as users have them -------------------------------------------------------------
+
+def test_names_that_are_not_utf8_train_predict_draw_and_evaluate(tmp_path, monkeypatch):
+    """Latin-1 names (an old archive's 'café'): Python keeps their bytes as lone surrogates,
+    which UTF-8 text and matplotlib refuse; every command still works."""
+    monkeypatch.setenv("VITLAB_DATA", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    root = os.fsencode(tmp_path / "imgs")
+    for split in (b"train", b"test"):
+        for cls in (b"caf\xe9", b"dog"):
+            folder = os.path.join(root, split, cls)
+            os.makedirs(folder)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    os.path.join(folder, b"im\xe9%d.png" % i))
+    data, run = os.fsdecode(root), tmp_path / "run"
+    assert main(["pretrain", "--data", data, "--out", str(run), "--model", "micro",
+                 "--batch-size", "4", "--epochs", "1", "--train-steps-per-epoch", "2",
+                 "--no-progress", "--no-download", "--log-steps", "0"]) == 0
+    test = os.path.join(data, "test")
+    csv_path = tmp_path / "p.csv"
+    assert main(["predict", "--checkpoint", str(run), test, "--output", str(csv_path)]) == 0
+    # The CSV holds each path as the file system's bytes: it names the file.
+    rows = csv_path.read_bytes().splitlines()[1:]
+    assert len(rows) == 8 and all(os.path.isfile(row.split(b",")[0]) for row in rows)
+    assert main(["attention", "--checkpoint", str(run), test, "--out",
+                 str(tmp_path / "maps")]) == 0
+    assert (tmp_path / "maps" / "attention_grid.png").is_file()
+    assert main(["evaluate", "--checkpoint", str(run), "--out", str(tmp_path / "ev")]) == 0
+    assert (tmp_path / "ev" / "confusion_matrix.png").is_file()
+
 
 def test_image_modes_decode_to_defined_8_bit_rgb(tmp_path):
     gray16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)

@@ -192,6 +192,9 @@ def test_a_yaml_config_run_equals_the_same_run_given_as_flags(data_root, tmp_pat
     ("- lr\n- 0.1\n", "must hold a mapping"),
     ("lr: [0.1\n", "is not valid YAML at line"),
     ("source: x\n", "unknown setting 'source' for pretrain"),
+    # a key given twice would silently be the last one
+    ("lr: 1e-3\nepochs: 2\nlr: 0.1\n", "is not valid YAML at line 3 ('lr' is given twice"),
+    ("warmup-epochs: 1\nwarmup_epochs: 2\n", "'warmup_epochs' is given twice; keep one"),
 ])
 def test_bad_config_files_are_one_line_errors(tmp_path, capfd, text, message):
     path = tmp_path / "bad.yaml"
@@ -357,6 +360,50 @@ def test_the_ema_is_what_fine_tuning_transfers_in_the_pipeline(data_root, tmp_pa
     for name, tensor in averaged.items():
         if name.startswith("encoder.") or name in ("cls_token", "position_embedding"):
             assert torch.equal(start[name], tensor), name
+
+
+@pytest.mark.parametrize("edit, message", [
+    # the same images and meaning, classes.json reversed with the labels: by index, the head's
+    # outputs would now train on other classes than config.json names
+    (lambda x, y, names: (x, len(names) - 1 - y, names[::-1]),
+     "it names 10 classes where the run has 10, and from class #1 on they differ \\(truck, "
+     "ship, horse, \\.\\.\\. against the run's airplane, automobile, bird, \\.\\.\\.\\)"),
+    (lambda x, y, names: (x[y < 5], y[y < 5], names[:5]),  # classes removed
+     "it names 5 classes where the run has 10, and from class #6 on they differ \\(none "
+     "against the run's dog, frog, horse, \\.\\.\\.\\)"),
+], ids=["reordered", "removed"])
+def test_a_resume_on_data_whose_classes_changed_is_refused(data_root, tmp_path, edit, message):
+    folder = tmp_path / "data"
+    shutil.copytree(data_root / "cifar10", folder)
+    run = tmp_path / "run"
+    pretrain(data=str(folder), out=run, model="micro", epochs=1, train_steps_per_epoch=1,
+             batch_size=8, device="cpu", no_progress=True, quiet=True, no_download=True)
+    names = json.loads((folder / "classes.json").read_text())
+    splits = {}
+    for split in arrays.SPLITS:
+        with np.load(folder / f"{split}.npz") as z:
+            x, y, changed = edit(z["x"], z["y"], names)
+        splits[split] = (x, y)
+    shutil.rmtree(folder)
+    arrays.write_array_folder(folder, splits, changed)
+    state = (run / ckpt.TRAINER_STATE).read_bytes()
+    with pytest.raises(ConfigError, match=f"{folder} has changed since the run in {run} started: "
+                                          f"{message}.*resume on the data it trained on"):
+        resume(run, epochs=2, device="cpu", no_progress=True, quiet=True, no_download=True)
+    assert (run / ckpt.TRAINER_STATE).read_bytes() == state  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("shape", [(8, 32, 32), (8, 32, 32, 4)], ids=["gray", "rgba"])
+def test_arrays_of_other_channel_counts_are_refused_with_the_fix(data_root, tmp_path, shape):
+    folder = tmp_path / "arrays"
+    x, y = np.zeros(shape, np.uint8), np.arange(8) % 2
+    arrays.write_array_folder(folder, {s: (x, y) for s in arrays.SPLITS}, ["a", "b"])
+    channels = 1 if len(shape) == 3 else 4
+    with pytest.raises(ConfigError, match=f"has {channels}-channel images but the model takes 3; "
+                                          "store them as RGB .*numpy.repeat"):
+        pretrain(data=str(folder), out=tmp_path / "run", model="micro", epochs=1,
+                 device="cpu", no_progress=True, quiet=True, no_download=True)
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_pipeline_refuses_one_class_data_before_pretraining(data_root, tmp_path):

@@ -255,6 +255,15 @@ def test_one_class_is_refused_before_any_file(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_labels_of_one_class_among_several_names_are_refused(tmp_path):
+    split = make_split(8, 0)
+    one = Split(split.images, torch.full_like(split.labels, 2), ["a", "b", "c"])
+    with pytest.raises(ConfigError, match="training images are all of one class \\(c\\) of the "
+                                          "3 it names; a classifier learns from at least 2"):
+        fit(tiny_model(), Dataset("used", one, one), RECIPE, options(1), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_zero_epochs_saves_the_initial_weights(dataset, tmp_path):
     model = tiny_model()
     initial = {k: v.clone() for k, v in model.state_dict().items()}

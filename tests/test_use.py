@@ -281,6 +281,29 @@ def test_onnx_export_of_the_small_data_options(tmp_path, name):
         np.testing.assert_allclose(got, model(images).numpy(), rtol=0, atol=1e-4)
 
 
+def test_an_export_has_one_output_per_class_name(tmp_path):
+    """A head wider than the run's classes (finetune --num-classes) is cut to them, as predict
+    reads it: ONNX and timm alike, so logits and names line up."""
+    import onnxruntime as ort
+
+    from vitlab.export import export_onnx, export_timm
+    from vitlab.model import preset
+
+    torch.manual_seed(0)
+    model = ViT(preset("vit-tiny-16", 12, depth=1, image_size=32)).eval()
+    names = [f"c{i}" for i in range(10)]
+    session = ort.InferenceSession(str(export_onnx(model, tmp_path / "m.onnx", names)),
+                                   providers=["CPUExecutionProvider"])
+    images = torch.randn(3, 3, 32, 32)
+    (got,) = session.run(["logits"], {"images": images.numpy()})
+    with torch.inference_mode():
+        np.testing.assert_allclose(got, model(images)[:, :10].numpy(), rtol=0, atol=1e-4)
+    weights = ckpt.load_weights(export_timm(model, tmp_path / "m.safetensors", names))
+    assert weights["head.weight"].shape == (10, model.config.width)
+    assert torch.equal(weights["head.bias"], model.head.bias[:10].detach())
+    assert model.config.num_classes == 12  # the model itself is left as it was
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 def test_bad_inputs_are_one_line_errors(run, pngs, tmp_path, capfd):

@@ -39,8 +39,23 @@ def _int(text: str) -> int:
 _int.__name__ = "int"  # argparse names the type in its "invalid int value" message
 
 
+def _path(text: str) -> str:
+    """A file or folder name; an empty one (`--out ""`, an unset shell variable) would mean the
+    current folder, which nobody asks for that way."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; name a file or folder")
+    return text
+
+
+_path.__name__ = "path"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (not a usage block) and exits 2."""
+    """argparse that reports a bad flag in one line (not a usage block) and exits 2, and takes
+    flags only as spelled: no abbreviations (`vitlab run --data` would be its --data-root)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -109,58 +124,59 @@ def build_parser() -> argparse.ArgumentParser:
              "run": "the whole tutorial: pretrain, fine-tune, evaluate"}
     for command, help_text in helps.items():
         p = sub.add_parser(command, help=help_text)
-        p.add_argument("--config", metavar="FILE.yaml", default=None,
+        p.add_argument("--config", type=_path, metavar="FILE.yaml", default=None,
                        help="settings from a YAML file (keys named like the flags; flags given "
                             "here override it; see `vitlab recipes`)")
         if command != "run":
-            p.add_argument("--resume", metavar="RUN_DIR", default=None,
+            p.add_argument("--resume", type=_path, metavar="RUN_DIR", default=None,
                            help="continue the run in RUN_DIR (the command that started it may "
                                 "be repeated; a changed setting is refused)")
         else:
-            p.add_argument("--resume", metavar="OUT", default=None,
+            p.add_argument("--resume", type=_path, metavar="OUT", default=None,
                            help="continue the pipeline in OUT (the same as running it again "
                                 "with --out OUT): finished stages are kept, the rest resumed")
         _add_settings(p, command)
 
     e = sub.add_parser("evaluate", help="accuracy, cross-entropy, per-class accuracy, confusion")
-    e.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    e.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR")
     e.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
-    e.add_argument("--data", default=None, help="default: the run's own dataset")
-    e.add_argument("--out", default=None, help="default: RUN_DIR/evaluation")
+    e.add_argument("--data", type=_path, default=None, help="default: the run's own dataset")
+    e.add_argument("--out", type=_path, default=None, help="default: RUN_DIR/evaluation")
     e.add_argument("--batch-size", type=_int, default=256)
     e.add_argument("--eval-steps", type=_int, default=None, help="evaluate N batches only")
     e.add_argument("--device", default="auto")
     e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     e.add_argument("--image-size", type=_int, default=None,
                    help="resize the images to this size (default: as the run was trained)")
-    e.add_argument("--data-root", default=None,
+    e.add_argument("--data-root", type=_path, default=None,
                    help="where named datasets and decoded image folders are cached")
     e.add_argument("--no-download", action="store_true", help="never download")
 
     p = sub.add_parser("predict", help="classify image files with a trained run")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
-    p.add_argument("images", nargs="+", metavar="IMAGES",
+    p.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR")
+    p.add_argument("images", nargs="+", metavar="IMAGES", type=_path,
                    help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
     p.add_argument("--top-k", type=_int, default=5, help="classes shown per image")
     p.add_argument("--batch-size", type=_int, default=256)
     p.add_argument("--device", default="auto")
-    p.add_argument("--output", metavar="FILE", default=None,
+    p.add_argument("--output", type=_path, metavar="FILE", default=None,
                    help="also write the predictions to FILE (.csv or .json)")
 
     a = sub.add_parser("attention", help="attention-map PNGs (rollout and last-layer heads)")
-    a.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
-    a.add_argument("images", nargs="+", metavar="IMAGES",
+    a.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR")
+    a.add_argument("images", nargs="+", metavar="IMAGES", type=_path,
                    help="image files, folders (searched recursively) or glob patterns")
-    a.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG files")
+    a.add_argument("--out", type=_path, required=True, metavar="DIR",
+                   help="folder for the PNG files")
     a.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
     a.add_argument("--device", default="auto")
 
     x = sub.add_parser("export", help="export a trained run: ONNX, or timm's weight layout")
-    x.add_argument("--checkpoint", required=True, metavar="RUN_DIR")
+    x.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR")
     x.add_argument("--format", choices=["onnx", "timm"], default="onnx",
                    help="onnx, or timm (safetensors with timm's VisionTransformer names)")
-    x.add_argument("--out", required=True, metavar="FILE",
+    x.add_argument("--out", type=_path, required=True, metavar="FILE",
                    help="e.g. model.onnx, or vit.safetensors for --format timm")
     x.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
 

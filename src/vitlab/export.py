@@ -2,18 +2,22 @@
 safetensors file in timm's layout.
 
 The exported graph takes normalized float images [batch, 3, H, W] ("images") and returns logits
-[batch, num_classes] ("logits"). Its metadata holds what a user needs to feed it and read it:
+[batch, num_classes] ("logits"), one per class name (a head made wider is cut to them, as
+`predict` reads it). Its metadata holds what a user needs to feed it and read it:
 the class names (JSON), the image size and the normalization mean/std.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from vitlab.data.augment import CIFAR_MEAN, CIFAR_STD
 from vitlab.errors import ConfigError
@@ -39,6 +43,24 @@ def _check_target(given: str | os.PathLike, suffix: str) -> Path:
     return path
 
 
+def head_for(model: ViT, class_names: Sequence[str]) -> ViT:
+    """`model` with one output per class name: a head made wider than the data's classes
+    (`finetune --num-classes N`) has outputs that no name reads, which `predict` drops as well;
+    an export drops them too, so its logits and its class names line up."""
+    if model.config.num_classes == len(class_names):
+        return model
+    if model.config.num_classes < len(class_names):
+        raise ConfigError(f"the model has {model.config.num_classes} outputs for "
+                          f"{len(class_names)} class names")
+    narrow = copy.deepcopy(model)
+    narrow.config = dataclasses.replace(model.config, num_classes=len(class_names))
+    narrow.head = nn.Linear(model.config.width, len(class_names))
+    with torch.no_grad():
+        narrow.head.weight.copy_(model.head.weight[: len(class_names)])
+        narrow.head.bias.copy_(model.head.bias[: len(class_names)])
+    return narrow
+
+
 def export_timm(model: ViT, path: str | os.PathLike, class_names: Sequence[str]) -> Path:
     """The weights under timm's VisionTransformer names, as safetensors (class names in its
     metadata): `timm.create_model("vit_tiny_patch16_224", num_classes=N)` loads them."""
@@ -46,6 +68,7 @@ def export_timm(model: ViT, path: str | os.PathLike, class_names: Sequence[str])
     from vitlab.train.checkpoint import save_weights
 
     path = _check_target(path, ".safetensors")
+    model = head_for(model, class_names)
     save_weights(path, to_timm_state_dict(model), {"vitlab.class_names": json.dumps(
         list(class_names)), "format": "pt"})
     return path
@@ -65,8 +88,8 @@ def export_onnx(model: ViT, path: str | os.PathLike, class_names: Sequence[str],
     """Write `model` as an ONNX file at `path` (atomically); returns the path."""
     onnx = require_onnx()
     path = _check_target(path, ".onnx")
+    model = head_for(model.eval().cpu(), class_names)
     config = model.config
-    model = model.eval().cpu()
     example = torch.zeros(2, config.num_channels, config.image_size, config.image_size)
     import io
     import warnings

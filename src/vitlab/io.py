@@ -72,3 +72,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+
+
+def display_name(name: str) -> str:
+    """A file name as text to show: bytes that were not UTF-8 (Python keeps them as lone
+    surrogates, e.g. a Latin-1 'café' from an old archive) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

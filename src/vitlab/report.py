@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vitlab.io import atomic_write_bytes  # noqa: E402
+from vitlab.io import atomic_write_bytes, display_name  # noqa: E402
 from vitlab.train.checkpoint import selection_key  # noqa: E402
 
 log = logging.getLogger("vitlab")
@@ -83,6 +83,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
                           path: str | os.PathLike, title: str = "confusion matrix") -> None:
     """Row-normalised confusion matrix (rows: true class); counts written in when it is small."""
     counts = np.asarray(matrix, dtype=np.int64)
+    classes, title = [display_name(c) for c in classes], display_name(title)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     n = len(classes)
     size = min(max(4.0, 0.45 * n), 24.0)
@@ -129,7 +130,7 @@ def plot_attention(image: np.ndarray, rollout_map: np.ndarray, head_maps: np.nda
     columns = 2 + heads
     figure, axes = plt.subplots(1, columns, figsize=(1.9 * columns, 2.3))
     axes[0].imshow(image, interpolation="nearest")
-    axes[0].set_title(title or "image", fontsize=8)
+    axes[0].set_title(display_name(title) or "image", fontsize=8)
     axes[0].axis("off")
     _overlay(axes[1], image, rollout_map, "attention rollout")
     for h in range(heads):
@@ -151,6 +152,6 @@ def plot_attention_grid(images: Sequence[np.ndarray], rollout_maps: Sequence[np.
                                                         strict=True)):
         r, c = divmod(i, columns)
         axes[2 * r, c].imshow(image, interpolation="nearest")
-        axes[2 * r, c].set_title(title, fontsize=8)
+        axes[2 * r, c].set_title(display_name(title), fontsize=8)
         _overlay(axes[2 * r + 1, c], image, rollout_map, "rollout")
     _save(figure, path)

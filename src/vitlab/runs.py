@@ -12,6 +12,7 @@ arguments named like the flags (`lr=0.01`, `batch_size=128`, `train_steps_per_ep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -114,8 +115,11 @@ def check_fits(dataset: Dataset, config: ViTConfig, spec: PathLike, on_device: b
             f"{config.image_size}x{config.image_size}; pass --image-size {config.image_size} "
             "to resize them, or choose a model of that size")
     if dataset.num_channels != config.num_channels:
-        raise ConfigError(f"{spec} has {dataset.num_channels}-channel images but the model "
-                          f"takes {config.num_channels}")
+        raise ConfigError(
+            f"{spec} has {dataset.num_channels}-channel images but the model takes "
+            f"{config.num_channels}; store them as RGB (grayscale x of [N,H,W]: "
+            "numpy.repeat(x[..., None], 3, axis=-1); RGBA: x[..., :3]), as image folders are "
+            "decoded")
 
 
 def _recipe_and_options(settings: dict[str, Any], kind: str) -> tuple[Recipe, TrainOptions]:
@@ -153,7 +157,7 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
     chosen, options = _recipe_and_options(settings, "pretrain")
     model = model or recipe_model(chosen.name)
     config = preset(model, num_classes=1)  # the name is checked before any data is loaded
-    check_writable(Path(out))
+    check_writable(out)
     dataset = load_data(data, image_size=image_size, model_image_size=config.image_size,
                         on_device=options.resize_on_device, **_data_options(settings))
     config = preset(model, num_classes=dataset.num_classes,
@@ -199,7 +203,7 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
         preset_name, init = model, EncoderSource(str(Path(from_timm).resolve()), "timm", 0)
         encoder = _timm_encoder(init, base)
     chosen, options = _recipe_and_options(settings, "finetune")
-    check_writable(Path(out))
+    check_writable(out)
     dataset = load_data(data, image_size=image_size, model_image_size=base.image_size,
                         on_device=options.resize_on_device, **_data_options(settings))
     head = num_classes if num_classes is not None else dataset.num_classes
@@ -271,6 +275,7 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
                         model_image_size=saved.model.image_size,
                         on_device=options.resize_on_device, **_data_options(settings))
     check_fits(dataset, saved.model, saved.data, options.resize_on_device)
+    _check_same_classes(dataset, saved, run_dir)
     current = dataclasses.replace(saved, options=options, recipe=dataclasses.replace(
         saved.recipe, **{BUDGET[saved.kind]: epochs}))
     if not ckpt.has_checkpoint(run_dir):
@@ -286,6 +291,29 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
     longer = epochs != saved.options.epochs  # a longer run: config.json says so from now on
     return fit(ViT(saved.model), dataset, saved.recipe, options, run_dir,
                run_config=current if longer else None, resume=True)
+
+
+def _check_same_classes(dataset: Dataset, saved: RunConfig, run_dir: Path) -> None:
+    """The data a run resumes on names the classes it trained on, in the same order: a folder
+    edited since (a class added, removed or renamed, classes.json reordered) would train the
+    head's outputs on other classes than config.json names."""
+    def nfc(names: list[str]) -> list[str]:  # image folders' names, as macOS may store them
+        return [unicodedata.normalize("NFC", name) for name in names]
+
+    now, then = nfc(list(dataset.classes)), nfc(list(saved.classes))
+    if now != then:
+        at = next((i for i, (a, b) in enumerate(zip(now, then, strict=False)) if a != b),
+                  min(len(now), len(then)))
+        raise ConfigError(
+            f"{saved.data} has changed since the run in {run_dir} started: it names {len(now)} "
+            f"classes where the run has {len(then)}, and from class #{at + 1} on they differ "
+            f"({_names_from(now, at)} against the run's {_names_from(then, at)}); resume on "
+            "the data it trained on, or start a new run")
+
+
+def _names_from(names: list[str], at: int) -> str:
+    """A few names from the first difference on, for a one-line message."""
+    return (", ".join(names[at : at + 3]) or "none") + (", ..." if len(names) > at + 3 else "")
 
 
 def _initial_model(config: RunConfig) -> ViT:
@@ -327,8 +355,11 @@ def _given_value(name: str, value: Any) -> Any:
     return value
 
 
-def _check_unchanged(saved: RunConfig, settings: dict[str, Any], run_dir: Path) -> int:
-    """Refuse a setting that differs from the saved run; return the epochs to train to."""
+def _check_unchanged(saved: RunConfig, settings: dict[str, Any], run_dir: Path,
+                     flags: dict[str, str] | None = None) -> int:
+    """Refuse a setting that differs from the saved run; return the epochs to train to.
+    `flags` names a setting as the command took it where its flag is another (`vitlab run`'s
+    --pretrain-data for a stage's data)."""
     epochs = saved.options.epochs
     if settings.get("overwrite"):
         raise ConfigError("--overwrite starts a new run and --resume continues one; drop "
@@ -343,7 +374,7 @@ def _check_unchanged(saved: RunConfig, settings: dict[str, Any], run_dir: Path) 
             shown = f"no {SETTINGS[name].flag} (its model's input: {was}x{was})"
         if given == was:
             continue
-        flag = SETTINGS[name].flag
+        flag = (flags or {}).get(name, SETTINGS[name].flag)
         if name == BUDGET[saved.kind] and given > was:
             if saved.recipe.schedule in SCHEDULES_USING_TOTAL:
                 raise ConfigError(
@@ -448,6 +479,7 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
               "classes": classes + [f"(unused {i})" for i in range(shown, head)], **result}
     if not distributed.is_main_process():
         return report
+    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "evaluation.json", report)
     matrix = [row[:shown] for row in result["confusion_matrix"][:shown]]
     plot_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
@@ -534,7 +566,8 @@ def write_predictions(report: PredictionReport, path: Path) -> None:
                                                                       p.probabilities),
                                                           strict=True) for v in pair])
         text = buffer.getvalue()
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # A path that is not UTF-8 is written as the file system's bytes, so it names the file.
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
@@ -549,8 +582,8 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
 
     _check_positive(batch_size=batch_size)
     model, config, classes = _model_for_images(run_dir, weights, device)
-    out = Path(out)
     check_writable(out)
+    out = Path(out)
     paths, skipped = find_images(inputs)
     # A folder searched again after a first run (or an --out inside it) holds this command's
     # own PNGs: outputs, not inputs.
@@ -559,6 +592,7 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
     names, images, unreadable = load_images(paths, config.model.image_size)
     skipped += unreadable
     written, rollouts, titles = [], [], []
+    out.mkdir(parents=True, exist_ok=True)
     transform = SeedAugment()
     used: set[str] = set()
     device_of_model = next(model.parameters()).device
@@ -619,6 +653,9 @@ def run_pipeline(*, pretrain_data: PathLike | None = None,
     """
     settings = check_settings(settings, "run")
     distributed.setup(settings.get("device", "auto"))
+    for flag, value in (("--out", out), ("--pretrain-data", pretrain_data),
+                        ("--finetune-data", finetune_data)):
+        _check_named(value, flag)
     out = Path(out)
     if distributed.broadcast_object((out / ckpt.CONFIG).is_file()):
         raise ConfigError(f"{out} holds a run of its own ({ckpt.CONFIG}); vitlab run writes "
@@ -730,16 +767,33 @@ def _saved_stage(run_dir: Path, settings: dict[str, Any]) -> RunConfig | None:
     return ckpt.read_run_config(run_dir)
 
 
-def check_writable(folder: Path) -> None:
-    """Create `folder` and write a file in it, or a one-line error that says what to do."""
+def _check_named(value: PathLike | None, flag: str) -> None:
+    """An empty name given (`--out ""`, an unset shell variable) is refused: as a Path it would
+    be the current folder, and as data the default dataset."""
+    if value is not None and not os.fspath(value).strip():
+        raise ConfigError(f"{flag} is empty; name a file or folder")
+
+
+def check_writable(folder: PathLike) -> None:
+    """`folder` can be made and take files, or a one-line error that says what to do. The
+    folders made to find out are removed again: a command refused later (its data, its
+    settings) leaves no empty --out behind; the writer makes them when it writes."""
+    _check_named(folder, "--out")
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder} is a file, not a folder; choose another --out")
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot write to {folder} ({e.strerror or e}); choose another --out "
                           "or fix its permissions") from None
-    ckpt.check_takes_files(folder, "--out")
+    try:
+        ckpt.check_takes_files(folder, "--out")
+    finally:
+        for path in made:
+            with contextlib.suppress(OSError):  # something else wrote there meanwhile: kept
+                path.rmdir()
 
 
 def _finished(run_dir: Path, saved: RunConfig) -> bool:
@@ -764,7 +818,7 @@ def _plan_stage(run_dir: Path, kind: str, saved: RunConfig | None, **settings: A
                           "vitlab run; choose another --out")
     other_budget = {"pretrain": "finetune_epochs", "finetune": "epochs"}[kind]
     given = {k: v for k, v in check_settings(settings, kind).items() if k != other_budget}
-    epochs = _check_unchanged(saved, given, run_dir)
+    epochs = _check_unchanged(saved, given, run_dir, {"data": f"--{kind}-data"})
     kept = distributed.broadcast_object(distributed.together(  # rank 0 decides, for all
         lambda: _keep_if_finished(run_dir, saved, epochs) if distributed.is_main_process()
         else None))

@@ -75,6 +75,8 @@ class Setting:
             quote = (" (quote it in a config file: YAML reads it as a number or date)"
                      if isinstance(value, int | float | datetime.date) else "")
             raise ConfigError(f"{label} must be a string, got {value!r}{quote}")
+        if isinstance(value, str) and not value.strip():  # `--out ""`: the current folder
+            raise ConfigError(f"{label} is empty; give a value")
         if self.choices is not None:
             known = self.choices()
             if value not in known:
@@ -168,6 +170,8 @@ def check_settings(values: dict[str, Any], command: str, where: str = "") -> dic
         if name not in known:
             raise ConfigError(f"{where}unknown setting {key!r} for {command}; known: "
                               f"{', '.join(sorted(s.replace('_', '-') for s in known))}")
+        if name in checked:  # warmup-epochs and warmup_epochs in one file
+            raise ConfigError(f"{where}{key!r} is given twice; keep one")
         checked[name] = known[name].check(value, where)
     return checked
 
@@ -186,7 +190,9 @@ def read_config_file(path: str | Path, command: str) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path} is not valid YAML{at}") from None
+        problem = getattr(e, "problem", None)
+        raise ConfigError(f"{path} is not valid YAML{at}" + (f" ({problem})" if problem else "")
+                          ) from None
     if values is None:
         return {}
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
@@ -202,7 +208,15 @@ def _config_loader() -> type:
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):  # a key given twice: refused, not
+            seen = set()                                  # silently the last one
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice; keep one", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",

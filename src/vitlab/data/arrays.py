@@ -122,8 +122,22 @@ def check_classes(classes: object, message: str) -> None:
         raise DataFormatError(message)
 
 
+def _check_npz_magic(path: Path) -> None:
+    """An npz is a zip archive of .npy arrays: anything else is named for what it is, before
+    numpy's own message (which, for any other bytes, talks of pickles) can mislead."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise DataFormatError(f"{path}: holds one .npy array, not an npz archive; save the "
+                              "images and labels with numpy.savez(path, x=images, y=labels)")
+    if not head.startswith(b"PK"):
+        raise DataFormatError(f"{path}: not an npz file (a zip archive of .npy arrays); "
+                              "re-create it with numpy.savez(path, x=images, y=labels)")
+
+
 def _read_npz(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     try:
+        _check_npz_magic(path)
         # allow_pickle=False: an npz holding object arrays is refused, never unpickled
         with np.load(path, allow_pickle=False) as z:
             if "x" not in z.files or "y" not in z.files:

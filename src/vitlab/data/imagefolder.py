@@ -179,12 +179,14 @@ def _decode_all(files: list[Path], size: int | None, where: Path) -> np.ndarray:
 
 
 def _cache_key(path: Path, size: int | None, files: list[Path]) -> str:
-    h = hashlib.sha256(f"{path.resolve()}|{size}|decoder {DECODER_VERSION}".encode())
+    # Names as the file system's bytes: a name that is not UTF-8 hashes as what it is.
+    h = hashlib.sha256(os.fsencode(path.resolve()) + f"|{size}|decoder {DECODER_VERSION}".encode())
     for f in files:
         # The change time too: a copy that keeps modification times (cp -p, rsync -a, tar) can
         # replace a file by another of its size, but sets the change time to now.
         st = f.stat()
-        h.update(f"|{f.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode())
+        h.update(b"|" + os.fsencode(f.relative_to(path))
+                 + f"|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}".encode())
     return h.hexdigest()[:20]
 
 

@@ -56,6 +56,10 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         why = (" (a run keeps an EMA of its weights only when trained with --ema-decay)"
                if path.name == EMA_WEIGHTS else "")
+        if not why and path.name in (WEIGHTS, BEST_WEIGHTS) and (
+                path.parent / TRAINER_STATE).is_file():
+            why = (f"; the run's {TRAINER_STATE} is there: resuming the run (--resume "
+                   f"{path.parent}) writes its weight files again")
         raise CheckpointError(f"no weight file at {path}{why}")
     try:
         return load_safetensors_bytes(path.read_bytes())
@@ -95,13 +99,16 @@ def load_trainer_state(path: str | os.PathLike, mmap: bool = False) -> dict:
     """The trainer state; `mmap` maps its tensors instead of reading them (to look at progress)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no {TRAINER_STATE} in {path.parent}: nothing to resume there")
+        raise CheckpointError(
+            f"no {TRAINER_STATE} in {path.parent}: nothing to resume there (its weights can "
+            "still be evaluated or fine-tuned); to train it again, start it anew with --overwrite")
     try:
         # weights_only: a checkpoint is data, never code.
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many kinds for a torn or foreign file
         raise CheckpointError(f"{path} is not a readable vitlab trainer state "
-                              f"({load_failure(e)})") from None
+                              f"({load_failure(e)}); restore it from a copy, or start the run "
+                              "anew with --overwrite") from None
 
 
 def load_failure(error: Exception) -> str:
@@ -132,7 +139,8 @@ def read_run_config(run_dir: str | os.PathLike, **runtime) -> RunConfig:
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from a copy, or "
+                              "start the run anew with --overwrite") from None
     return RunConfig.from_dict(values, where=str(path), **runtime)
 
 
@@ -266,8 +274,14 @@ class RunLock:
     def __enter__(self) -> RunLock:
         if fcntl is None:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only copy of a run: it trains where it is, or nowhere
+            raise CheckpointError(
+                f"cannot write to {self.path.parent} ({e.strerror or e}); a run trains in its "
+                "own folder: copy it somewhere writable and continue the copy, or fix its "
+                "permissions") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -505,6 +505,11 @@ def check_learnable(dataset: Dataset) -> None:
     if dataset.num_classes < 2:
         raise ConfigError(f"{dataset.name} has one class ({dataset.classes[0]}); a classifier "
                           "learns from at least 2")
+    used = torch.unique(dataset.train.labels)
+    if len(used) < 2:  # an array folder may name classes its labels never use
+        raise ConfigError(f"{dataset.name}'s training images are all of one class "
+                          f"({dataset.classes[int(used[0])]}) of the {dataset.num_classes} it "
+                          "names; a classifier learns from at least 2")
 
 
 def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOptions,
