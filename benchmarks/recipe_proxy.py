@@ -134,11 +134,14 @@ def _parse_run(text: str) -> tuple[str, str, object]:
     name, model_name, *settings = text.split(":")
     chosen = recipe(name)
     preset(model_name, 10)
+    import yaml
+
     changes = {}
     for setting in settings:
         field, _, value = setting.partition("=")
-        current = getattr(chosen, field)  # AttributeError for an unknown field
-        changes[field] = type(current)(value) if current is not None else float(value)
+        getattr(chosen, field)  # AttributeError for an unknown field
+        # As a config file reads it (true, null, 0.5); the recipe checks type and range.
+        changes[field] = yaml.safe_load(value)
     label = ", ".join([name, *settings]) if settings else name
     return label, model_name, dataclasses.replace(chosen, **changes)
 

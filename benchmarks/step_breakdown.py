@@ -166,7 +166,8 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
         for name, body in cases.items():
             rounds[name].append(timed(body, steps))
     profiles: dict[str, object] = {}
-    if profile if profile is not None else target.type == "cuda":
+    profiling = target.type == "cuda" if profile is None else profile
+    if profiling:
         for name in ("step", "batch+step"):
             try:  # the timings above stand on their own: a profiler failure is reported, not fatal
                 profiles[name] = kernel_profile(cases[name], -(-profile_steps // chunk) * chunk,

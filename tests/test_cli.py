@@ -273,6 +273,9 @@ def bad_runs(pretrained, finetuned, work) -> dict[str, Path]:
     runs["no_state"] = base / "no_state"
     shutil.copytree(pre, runs["no_state"])
     (runs["no_state"] / "trainer_state.pt").unlink()
+    runs["no_model"] = base / "no_model"
+    shutil.copytree(pre, runs["no_model"])
+    (runs["no_model"] / "model.safetensors").unlink()
     runs["no_best"] = base / "no_best"
     shutil.copytree(pre, runs["no_best"])
     (runs["no_best"] / "best.safetensors").unlink()
@@ -356,12 +359,10 @@ BAD_INPUTS = {
     "resume a torn trainer state, what to do": (["pretrain", "--resume", "{torn_state}"],
                                                 "; restore it from a copy, or start the run "
                                                 "anew with --overwrite"),
-    "evaluate weights a resume writes again": (["evaluate", "--checkpoint", "{no_best}",
-                                                "--weights", "best"],
-                                               "no weight file at {no_best}/best.safetensors; "
+    "evaluate weights a resume writes again": (["evaluate", "--checkpoint", "{no_model}"],
+                                               "no weight file at {no_model}/model.safetensors; "
                                                "the run's trainer_state.pt is there: resuming "
-                                               "the run (--resume {no_best}) writes its weight "
-                                               "files again"),
+                                               "the run (--resume {no_model}) writes it again"),
     "resume a trainer state holding objects": (["pretrain", "--resume", "{code_state}"],
                                                "holds Python objects"),
     "resume a state that does not fit the config": (["pretrain", "--resume", "{wider}"],

@@ -281,7 +281,8 @@ def test_out_of_memory_is_one_line_and_a_smaller_batch_runs_in_the_same_folder(d
 
     out = tmp_path / "run"
     argv = h.cli_command("pretrain", "--data", data["cifar10"], "--out", out, "--epochs", "1",
-                         "--no-download", "--no-progress", "--batch-size", "2000")
+                         "--no-download", "--no-progress", "--batch-size", "2000",
+                         "--device", "cpu")
     proc = subprocess.run(argv, env=h.cli_env(), capture_output=True, text=True, timeout=120,
                           preexec_fn=three_gib)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -323,6 +324,14 @@ def test_names_that_are_not_utf8_train_predict_draw_and_evaluate(tmp_path, monke
     assert (tmp_path / "maps" / "attention_grid.png").is_file()
     assert main(["evaluate", "--checkpoint", str(run), "--out", str(tmp_path / "ev")]) == 0
     assert (tmp_path / "ev" / "confusion_matrix.png").is_file()
+    # The console, as a UTF-8 locale's strict stdout (pytest's capture would hide it): the names
+    # are printed as the file system holds them.
+    for command in (["predict", "--checkpoint", run, test],
+                    ["evaluate", "--checkpoint", run, "--out", tmp_path / "ev2"]):
+        proc = subprocess.run(h.cli_command(*command), env={**h.cli_env(),
+                              "PYTHONIOENCODING": "utf-8"}, capture_output=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+        assert b"caf\xe9" in proc.stdout and b"Traceback" not in proc.stderr
 
 
 def test_image_modes_decode_to_defined_8_bit_rgb(tmp_path):

@@ -195,6 +195,7 @@ def test_a_yaml_config_run_equals_the_same_run_given_as_flags(data_root, tmp_pat
     # a key given twice would silently be the last one
     ("lr: 1e-3\nepochs: 2\nlr: 0.1\n", "is not valid YAML at line 3 ('lr' is given twice"),
     ("warmup-epochs: 1\nwarmup_epochs: 2\n", "'warmup_epochs' is given twice; keep one"),
+    ("? [a, b]\n: 1\n", "is not valid YAML at line 1 (found unhashable key)"),
 ])
 def test_bad_config_files_are_one_line_errors(tmp_path, capfd, text, message):
     path = tmp_path / "bad.yaml"
@@ -203,6 +204,14 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capfd, text, message):
     assert main(["pretrain", "--config", str(path), "--model", "micro"]) == 2
     line = assert_one_error_line(capfd.readouterr().err, "pretrain")
     assert message in line and str(path) in line
+
+
+def test_a_config_key_may_override_one_merged_in(tmp_path):
+    from vitlab.settings import read_config_file
+
+    path = tmp_path / "merged.yaml"
+    path.write_text("<<: {lr: 0.1, epochs: 3}\nlr: 0.2\n")
+    assert read_config_file(path, "pretrain") == {"lr": 0.2, "epochs": 3}
 
 
 def test_recipes_print_as_config_files_that_load_back(tmp_path, data_root):

@@ -940,10 +940,31 @@ def test_augment_chunk_batches(chunk, batch, shape, batches):
     assert options(1, augment_chunk=chunk).augment_chunk_batches(batch, shape) == batches
 
 
-def test_augment_chunk_counts_the_stored_images_when_resized_on_the_device():
+def test_augment_chunk_counts_the_stored_images_when_resized_on_the_device(monkeypatch,
+                                                                           tmp_path):
     # 224 px images shrunk to a 32 px model: the transform runs at 224 px, 436 of whose float32
     # images (with their 32 px outputs) fit in 256 MiB: 3 batches of 128, not 8.
     assert options(1).augment_chunk_batches(128, (3, 32, 32), (3, 224, 224)) == 3
+    # And fit hands the loader that count: 64 px images for a 32 px model, batches of 8, with
+    # 1 MiB allowed: 17 images (2 batches) with the stored size counted, 85 (10) without.
+    import vitlab.train.engine as engine
+    import vitlab.train.options as train_options
+
+    monkeypatch.setattr(train_options, "AUGMENT_CHUNK_MIB", 1)
+    made = []
+
+    class Recording(engine.BatchLoader):
+        def __init__(self, *args, **kwargs) -> None:
+            made.append(kwargs.get("chunk_batches", 1))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "BatchLoader", Recording)
+    big = make_split(16, 0)
+    big = Split(big.images.repeat_interleave(2, 1).repeat_interleave(2, 2), big.labels,
+                big.classes)
+    fit(tiny_model(), Dataset("big", big, big), RECIPE,
+        options(1, train_steps_per_epoch=1, resize_on_device=True), tmp_path / "run")
+    assert made[0] == 2
 
 
 def test_augment_chunk_is_part_of_the_run_and_old_runs_augmented_batch_by_batch():

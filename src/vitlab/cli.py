@@ -387,8 +387,8 @@ def _out_of_memory(error: BaseException) -> bool:
 
 def _memory_advice(command: str) -> str:
     if command in ("pretrain", "finetune", "run"):
-        return ("a smaller --batch-size (a new run: a run resumes with its own), "
-                "--eval-batch-size or --augment-chunk")
+        return ("a smaller --batch-size or --augment-chunk (a new run: a run resumes with its "
+                "own), or --eval-batch-size")
     return "a smaller --batch-size" if command in ("evaluate", "predict", "bench") else ""
 
 
@@ -455,5 +455,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from vitlab.launch import print_names_as_stored
+
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    print_names_as_stored()
     sys.exit(main())

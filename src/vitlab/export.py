@@ -54,7 +54,8 @@ def head_for(model: ViT, class_names: Sequence[str]) -> ViT:
                           f"{len(class_names)} class names")
     narrow = copy.deepcopy(model)
     narrow.config = dataclasses.replace(model.config, num_classes=len(class_names))
-    narrow.head = nn.Linear(model.config.width, len(class_names))
+    narrow.head = nn.Linear(model.config.width, len(class_names),
+                            device=model.head.weight.device, dtype=model.head.weight.dtype)
     with torch.no_grad():
         narrow.head.weight.copy_(model.head.weight[: len(class_names)])
         narrow.head.bias.copy_(model.head.bias[: len(class_names)])

@@ -3,10 +3,20 @@ command in one line like Ctrl-C later does (exit 130), not with a traceback of t
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 
+def print_names_as_stored() -> None:
+    """Print file names as the file system holds them, as `ls` does: a name that is not UTF-8
+    (Python keeps its bytes as lone surrogates) would otherwise end the command with a
+    UnicodeEncodeError under a UTF-8 locale's strict stdout (stderr already escapes them)."""
+    with contextlib.suppress(AttributeError, ValueError):  # not a text stream of a file
+        sys.stdout.reconfigure(errors="surrogateescape")
+
+
 def main() -> int:
+    print_names_as_stored()
     try:
         from vitlab.cli import main as run_command
     except KeyboardInterrupt:

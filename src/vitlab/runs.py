@@ -301,7 +301,7 @@ def _check_same_classes(dataset: Dataset, saved: RunConfig, run_dir: Path) -> No
         return [unicodedata.normalize("NFC", name) for name in names]
 
     now, then = nfc(list(dataset.classes)), nfc(list(saved.classes))
-    if now != then:
+    if then and now != then:  # (a config.json without classes: nothing to compare)
         at = next((i for i, (a, b) in enumerate(zip(now, then, strict=False)) if a != b),
                   min(len(now), len(then)))
         raise ConfigError(
@@ -428,8 +428,7 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     weights_file = run_dir / ckpt.WEIGHT_FILES[SETTINGS["weights"].check(weights)]
     model, config, trained_on = load_run(run_dir, weights, device="cpu")
     out_dir = Path(out) if out is not None else run_dir / "evaluation"
-    distributed.together(  # before the work, not after it; rank 0 writes, every rank hears
-        lambda: check_writable(out_dir) if distributed.is_main_process() else None)
+    check_writable(out_dir)  # before the work, not after it
     spec = os.fspath(data) if data is not None else saved.data
     if image_size is None and data_spec(spec) == saved.data:
         image_size = saved.image_size
@@ -777,19 +776,24 @@ def _check_named(value: PathLike | None, flag: str) -> None:
 def check_writable(folder: PathLike) -> None:
     """`folder` can be made and take files, or a one-line error that says what to do. The
     folders made to find out are removed again: a command refused later (its data, its
-    settings) leaves no empty --out behind; the writer makes them when it writes."""
+    settings) leaves no empty --out behind; the writer makes them when it writes. Under
+    torchrun rank 0 looks (a rank removing what another is probing would fail it), and every
+    rank hears its verdict."""
     _check_named(folder, "--out")
-    folder = Path(folder)
+    distributed.together(
+        lambda: _probe_writable(Path(folder)) if distributed.is_main_process() else None)
+
+
+def _probe_writable(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder} is a file, not a folder; choose another --out")
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        ckpt.check_takes_files(folder, "--out")
     except OSError as e:
         raise ConfigError(f"cannot write to {folder} ({e.strerror or e}); choose another --out "
                           "or fix its permissions") from None
-    try:
-        ckpt.check_takes_files(folder, "--out")
     finally:
         for path in made:
             with contextlib.suppress(OSError):  # something else wrote there meanwhile: kept

@@ -16,7 +16,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,10 +208,16 @@ def _config_loader() -> type:
     import yaml
 
     class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):  # a key given twice: refused, not
-            seen = set()                                  # silently the last one
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+            """A key given twice is refused, not silently read as its last value (a key that
+            overrides one merged in with `<<: *defaults` is no repeat)."""
+            seen = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, Hashable):
+                    break  # PyYAML's own error for it, below
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"{key!r} is given twice; keep one", key_node.start_mark)

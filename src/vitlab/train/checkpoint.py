@@ -56,10 +56,10 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         why = (" (a run keeps an EMA of its weights only when trained with --ema-decay)"
                if path.name == EMA_WEIGHTS else "")
-        if not why and path.name in (WEIGHTS, BEST_WEIGHTS) and (
-                path.parent / TRAINER_STATE).is_file():
+        if path.name == WEIGHTS and (path.parent / TRAINER_STATE).is_file():
+            # (the best weights are rewritten only when the last save was the best)
             why = (f"; the run's {TRAINER_STATE} is there: resuming the run (--resume "
-                   f"{path.parent}) writes its weight files again")
+                   f"{path.parent}) writes it again")
         raise CheckpointError(f"no weight file at {path}{why}")
     try:
         return load_safetensors_bytes(path.read_bytes())

@@ -144,12 +144,14 @@ class TrainOptions:
         mode = self.compile_mode or ("reduce-overhead" if cuda and world_size == 1 else "default")
         return mode, self.eager_optimizer if self.eager_optimizer is not None else cuda
 
-    def augment_chunk_batches(self, batch_size: int, *image_shapes: tuple[int, ...]) -> int:
+    def augment_chunk_batches(self, batch_size: int, image_shape: tuple[int, ...],
+                              *more_shapes: tuple[int, ...]) -> int:
         """Training batches augmented per call: --augment-chunk images in whole batches, within
-        AUGMENT_CHUNK_MIB of float32 values, an image holding one of each of `image_shapes`
-        (C, H, W): the model's input, and the stored size too where batches are resized on the
-        device (the transform runs at the stored size); one batch at least."""
-        fit = AUGMENT_CHUNK_MIB * 2**20 // (4 * sum(math.prod(s) for s in image_shapes))
+        AUGMENT_CHUNK_MIB of float32 values, an image holding one of each shape (C, H, W): the
+        model's input, and the stored size too where batches are resized on the device (the
+        transform runs at the stored size); one batch at least."""
+        values = sum(math.prod(shape) for shape in (image_shape, *more_shapes))
+        fit = AUGMENT_CHUNK_MIB * 2**20 // (4 * values)
         return max(1, min(self.augment_chunk, fit) // batch_size)
 
     def saved(self) -> dict:
