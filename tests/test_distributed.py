@@ -97,6 +97,26 @@ def test_two_processes_train_the_one_process_run_and_evaluate_exactly(cifar10, o
     assert report["num_samples"] == 500 and report["accuracy"] == ddp_evals[-1]["accuracy"]
     assert "Traceback" not in job.stderr and "Traceback" not in single.stderr
 
+    # Fewer test images than ranks: rank 1's shard is empty and adds nothing; the one image is
+    # counted once, as one process counts it.
+    few = ["evaluate", "--checkpoint", tmp_path / "ddp", "--eval-steps", "1", "--batch-size", "1",
+           "--device", "cpu", "--no-download", "--out"]
+    run_job(*few, tmp_path / "two", cwd=tmp_path)
+    h.run_cli(*few, tmp_path / "one", cwd=tmp_path)
+    reports = [json.loads((tmp_path / n / "evaluation.json").read_text()) for n in ("two", "one")]
+    assert reports[0]["num_samples"] == 1 and reports[0]["accuracy"] == reports[1]["accuracy"]
+
+
+def test_a_timeout_that_is_not_a_positive_number_is_one_line(monkeypatch):
+    from vitlab import distributed
+    from vitlab.errors import ConfigError
+
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
+    for value in ("nan", "inf", "0", "-1", "abc"):
+        monkeypatch.setenv("VITLAB_DIST_TIMEOUT", value)
+        with pytest.raises(ConfigError, match="must be a positive number of seconds, got"):
+            distributed.setup("cpu")
+
 
 def test_two_compiled_processes_train_the_one_eager_process_run(cifar10, one_process,
                                                                tmp_path):

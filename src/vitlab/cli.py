@@ -443,9 +443,11 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, RuntimeError) or not _lost_a_peer(e):
             raise
         first = (str(e).strip().splitlines() or ["no message"])[0][:200]
+        again = ("continue it with the same torchrun command and --resume RUN_DIR"
+                 if args.command in ("pretrain", "finetune", "run")
+                 else "see the other processes' lines, then run it again")
         print(f"vitlab {args.command}: error{_rank_tag()}: another process of the torchrun job "
-              f"failed or was stopped ({first}); the job stops; continue it with the same "
-              "torchrun command and --resume RUN_DIR", file=sys.stderr)
+              f"failed or was stopped ({first}); the job stops; {again}", file=sys.stderr)
         return EXIT_PEER_LOST
     except OSError as e:  # a full disk, a read-only folder: the user's to fix, not a bug
         print(f"vitlab {args.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "),

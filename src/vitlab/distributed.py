@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import math
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -69,7 +70,10 @@ def setup(device: str = "auto") -> None:
     try:
         timeout = float(os.environ.get(TIMEOUT_ENV, "300"))
     except ValueError:
-        raise ConfigError(f"${TIMEOUT_ENV} must be a number of seconds") from None
+        timeout = math.nan
+    if not 0 < timeout < 1e9:  # nan, inf, 0 and negatives fail later, and less clearly
+        raise ConfigError(f"${TIMEOUT_ENV} must be a positive number of seconds, got "
+                          f"{os.environ[TIMEOUT_ENV]!r}")
     dist.init_process_group("nccl" if on_cuda else "gloo",
                             timeout=datetime.timedelta(seconds=timeout))
     atexit.register(shutdown)
