@@ -4,9 +4,10 @@ Training flags are derived from the settings schema (`vitlab.settings`), so each
 config-file key (`--config FILE.yaml`; flags given on the command line win) and a keyword argument
 of the matching `vitlab.runs` function.
 
-Exit codes: 0 done; 2 bad input or out of memory (one line on stderr); 130 Ctrl-C and 143 SIGTERM during training,
-after saving a resumable checkpoint; 1 when another process of a torchrun job failed, or when
-`predict` / `attention` skipped some inputs (2 when none could be read).
+Exit codes: 0 done; 2 bad input or out of memory (one line on stderr); 130 Ctrl-C and 143
+SIGTERM during training, after saving a resumable checkpoint; 1 when another process of a
+torchrun job failed, or when `predict` / `attention` skipped some inputs (2 when none could be
+read).
 """
 
 from __future__ import annotations
