@@ -115,7 +115,10 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
         return itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
 
     batches, single = endless(seed.augment, chunk), endless(seed.augment, 1)
-    steps, warmup = (-(-n // chunk) * chunk for n in (steps, warmup))
+    def whole_chunks(n: int) -> int:
+        return -(-n // chunk) * chunk
+
+    steps, warmup = whole_chunks(steps), whole_chunks(warmup)
     if compile == "auto":
         mode, eager_optimizer = TrainOptions(epochs=100).compile_plan(target.type, TUTORIAL_STEPS)
     else:
@@ -170,7 +173,7 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     if profiling:
         for name in ("step", "batch+step"):
             try:  # the timings above stand on their own: a profiler failure is reported, not fatal
-                profiles[name] = kernel_profile(cases[name], -(-profile_steps // chunk) * chunk,
+                profiles[name] = kernel_profile(cases[name], whole_chunks(profile_steps),
                                                 sync, target.type)
             except Exception as error:  # noqa: BLE001 - recorded in the result, and printed
                 profiles[name] = {"error": f"{type(error).__name__}: {error}"[:300]}

@@ -377,6 +377,11 @@ def _lost_a_peer(error: RuntimeError) -> bool:
         "gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
+def _first_line(error: BaseException) -> str:
+    """An error's first line: PyTorch's messages go on for many."""
+    return (str(error).strip().splitlines() or ["no message"])[0]
+
+
 def _out_of_memory(error: BaseException) -> bool:
     """The device's (or the host's) allocator refused: PyTorch's OOM error on CUDA, its
     CPU allocator's RuntimeError, or Python's own MemoryError."""
@@ -435,15 +440,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (MemoryError, RuntimeError) as e:
         if _out_of_memory(e):
-            first = (str(e).strip().splitlines() or ["no message"])[0]
-            first = re.sub(r"^\[enforce fail at [^]]*\]\s*(err == 0\.\s*)?", "", first)[:200]
+            first = re.sub(r"^\[enforce fail at [^]]*\]\s*(err == 0\.\s*)?", "",
+                           _first_line(e))[:200]
             advice = _memory_advice(args.command)
             print(f"vitlab {args.command}: error{_rank_tag()}: out of memory ({first})"
                   + (f"; try {advice}" if advice else ""), file=sys.stderr)
             return EXIT_USAGE
         if not isinstance(e, RuntimeError) or not _lost_a_peer(e):
             raise
-        first = (str(e).strip().splitlines() or ["no message"])[0][:200]
+        first = _first_line(e)[:200]
         again = ("continue it with the same torchrun command and --resume RUN_DIR"
                  if args.command in ("pretrain", "finetune", "run")
                  else "see the other processes' lines, then run it again")

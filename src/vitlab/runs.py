@@ -293,14 +293,17 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
                run_config=current if longer else None, resume=True)
 
 
+def _nfc(names: list[str]) -> list[str]:
+    """Class names compared in NFC: a run trained before image folders' names were normalized
+    may hold a macOS folder's decomposed names."""
+    return [unicodedata.normalize("NFC", name) for name in names]
+
+
 def _check_same_classes(dataset: Dataset, saved: RunConfig, run_dir: Path) -> None:
     """The data a run resumes on names the classes it trained on, in the same order: a folder
     edited since (a class added, removed or renamed, classes.json reordered) would train the
     head's outputs on other classes than config.json names."""
-    def nfc(names: list[str]) -> list[str]:  # image folders' names, as macOS may store them
-        return [unicodedata.normalize("NFC", name) for name in names]
-
-    now, then = nfc(list(dataset.classes)), nfc(list(saved.classes))
+    now, then = _nfc(list(dataset.classes)), _nfc(list(saved.classes))
     if then and now != then:  # (a config.json without classes: nothing to compare)
         at = next((i for i, (a, b) in enumerate(zip(now, then, strict=False)) if a != b),
                   min(len(now), len(then)))
@@ -442,10 +445,7 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
                           f"{head}")
     classes, test = list(dataset.classes), dataset.test
     if trained_on:
-        # By name in NFC: a run trained before image folders' names were normalized may hold
-        # a macOS folder's decomposed names.
-        classes = [unicodedata.normalize("NFC", c) for c in classes]
-        trained_on = [unicodedata.normalize("NFC", c) for c in trained_on]
+        classes, trained_on = _nfc(classes), _nfc(trained_on)  # by name
         unknown = [c for c in classes if c not in trained_on]
         if unknown:
             raise ConfigError(f"{spec} has classes the model never learned "
