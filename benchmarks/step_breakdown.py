@@ -32,6 +32,7 @@ says which part of the rest is the batch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import statistics
@@ -45,6 +46,7 @@ from vitlab.data import BatchLoader, load_dataset
 from vitlab.data.augment import make_augment
 from vitlab.model import ViT, preset
 from vitlab.train import TrainOptions, recipe
+from vitlab.train.capture import CallAgain, CapturedStep
 from vitlab.train.engine import (
     compile_optimizer_step,
     resolve_device,
@@ -94,7 +96,7 @@ def kernel_profile(body: Callable[[], object], steps: int, sync: Callable[[], No
 
 def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", steps: int = 50,
               repeats: int = 5, warmup: int = 5, profile_steps: int = 16,
-              profile: bool | None = None) -> dict:
+              profile: bool | None = None, capture: bool = True) -> dict:
     """Per-case medians in ms per step: {"cases": {name: {"wall_ms", "host_ms"}}, ...}."""
     target = resolve_device(device)
     seed = recipe("seed")
@@ -124,27 +126,48 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     else:
         mode = None if compile == "off" else compile
         eager_optimizer = target.type == "cuda"
-    model = ViT(preset("seed-mini", len(dataset.classes))).to(target)
-    optimizer = build_optimizer(seed, model.named_parameters(), fused=fused_kernels(target))
-    runnable = torch.compile(model, mode=mode) if mode else model
-    optimizer_step = (compile_optimizer_step(optimizer, mode)
-                      if mode and not eager_optimizer else None)
     precision = resolve_precision("auto", target)
+    config = preset("seed-mini", len(dataset.classes))
+    initial = ViT(config).state_dict()
+    # Off CUDA the captured cases run with CallAgain (a rehearsal: the same code, no recording).
+    graphs = None if target.type == "cuda" else CallAgain()
+
+    def training(mode: str | None, eager_opt: bool, capture: bool) -> Callable[[tuple], object]:
+        """A training step on a fresh seed-mini (the same initial weights for every case)."""
+        model = ViT(config).to(target)
+        model.load_state_dict(initial)
+        model.train()
+        optimizer = build_optimizer(seed, model.named_parameters(), fused=fused_kernels(target))
+        runnable = torch.compile(model, mode=mode) if mode else model
+        if capture:
+            captured = CapturedStep(lambda inputs, targets: train_step(
+                runnable, optimizer, inputs, targets, seed, precision), model, optimizer,
+                graphs=graphs)
+            return lambda batch: captured(*batch)
+        optimizer_step = (compile_optimizer_step(optimizer, mode)
+                          if mode and not eager_opt else None)
+        return lambda batch: train_step(runnable, optimizer, *batch, seed, precision,
+                                        step=optimizer_step)
+
     vitlab_batches, vitlab_single = endless("vitlab", chunk), endless("vitlab", 1)
     fixed = next(single)
-    model.train()
-
-    def step(inputs_targets: tuple) -> None:
-        train_step(runnable, optimizer, *inputs_targets, seed, precision, step=optimizer_step)
-
+    planned = training(mode, eager_optimizer, capture=False)
     cases: dict[str, Callable[[], object]] = {
-        "step": lambda: step(fixed),
+        "step": lambda: planned(fixed),
         "batch": lambda: next(batches),
         "batch, one per call": lambda: next(single),
-        "batch+step": lambda: step(next(batches)),
+        "batch+step": lambda: planned(next(batches)),
         "vitlab batch": lambda: next(vitlab_batches),
         "vitlab batch, one per call": lambda: next(vitlab_single),
     }
+    if capture:
+        compiled_captured = training("default", True, capture=True)
+        eager_captured = training(None, True, capture=True)
+        cases |= {
+            "step, captured": lambda: compiled_captured(fixed),
+            "batch+step, captured": lambda: compiled_captured(next(batches)),
+            "step, captured eager": lambda: eager_captured(fixed),
+        }
 
     def sync() -> None:
         if target.type == "cuda":
@@ -161,8 +184,16 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
         return 1000 * (time.perf_counter() - start) / n, 1000 * host / n
 
     warm_start = time.perf_counter()
-    for body in cases.values():  # compilation and CUDA graph capture happen here
-        timed(body, warmup)
+    failures: dict[str, str] = {}
+    for name, body in list(cases.items()):  # compilation and CUDA graph capture happen here
+        try:
+            timed(body, warmup)
+        except Exception as error:  # noqa: BLE001 - a captured case's failure is the finding
+            if "captured" not in name:
+                raise
+            failures[name] = f"{type(error).__name__}: {error}"[:300]
+            print(f"step_breakdown: {name!r} failed: {failures[name]}")
+            del cases[name]
     warmup_seconds = time.perf_counter() - warm_start
     rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
     for _ in range(repeats):
@@ -171,7 +202,9 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     profiles: dict[str, object] = {}
     profiling = target.type == "cuda" if profile is None else profile
     if profiling:
-        for name in ("step", "batch+step"):
+        for name in ("step", "batch+step", "step, captured"):
+            if name not in cases:
+                continue
             try:  # the timings above stand on their own: a profiler failure is reported, not fatal
                 profiles[name] = kernel_profile(cases[name], whole_chunks(profile_steps),
                                                 sync, target.type)
@@ -188,7 +221,45 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
                          "host_ms": round(statistics.median(h for _, h in r), 3)}
                   for name, r in rounds.items()},
         "profiles": profiles,
+        "failures": failures,
+        "capture_check": capture_check(target, config, initial, fixed, graphs) if capture else {},
     }
+
+
+def capture_check(target: torch.device, config, initial: dict, batch: tuple,
+                  graphs: CallAgain | None) -> dict:
+    """The captured step against the same step uncaptured, without dropout (the only random
+    draw of the seed recipe's step): 6 steps on `batch`, the 4th on its first 80 images (a
+    second captured shape), eager and compiled. The largest differences of the losses and of
+    the weights after."""
+    seed = recipe("seed")
+    precision = resolve_precision("auto", target)
+    quiet = dataclasses.replace(config, dropout=0.0)
+    shapes = [batch] * 3 + [(batch[0][:80], batch[1][:80])] + [batch] * 2
+    result: dict[str, object] = {}
+    for mode in (None, "default"):
+        runs = []
+        for capture in (False, True):
+            model = ViT(quiet).to(target)
+            model.load_state_dict(initial)
+            model.train()
+            optimizer = build_optimizer(seed, model.named_parameters(),
+                                        fused=fused_kernels(target))
+            runnable = torch.compile(model, mode=mode) if mode else model
+
+            def step(inputs, targets, runnable=runnable, optimizer=optimizer):
+                return train_step(runnable, optimizer, inputs, targets, seed, precision)
+            run = CapturedStep(step, model, optimizer, graphs=graphs) if capture else step
+            losses = torch.stack([run(*b).float() for b in shapes])
+            runs.append((losses, [p.detach().float() for p in model.parameters()]))
+        (loss_a, params_a), (loss_b, params_b) = runs
+        result[mode or "eager"] = {
+            "max_loss_difference": (loss_a - loss_b).abs().max().item(),
+            "max_weight_difference": max((a - b).abs().max().item()
+                                         for a, b in zip(params_a, params_b, strict=True)),
+            "losses": [round(v, 6) for v in loss_b.tolist()],
+        }
+    return result
 
 
 def main() -> None:
@@ -202,9 +273,13 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=16)
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="profile the step's kernels (default: on CUDA only)")
+    parser.add_argument("--capture", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the step captured whole as one CUDA graph "
+                             "(--capture-step; off CUDA a rehearsal with CallAgain)")
     args = parser.parse_args()
     result = breakdown(args.data, args.device, args.compile, args.steps, args.repeats,
-                       profile_steps=args.profile_steps, profile=args.profile)
+                       profile_steps=args.profile_steps, profile=args.profile,
+                       capture=args.capture)
     print(json.dumps(result, indent=1))
 
 

@@ -28,6 +28,7 @@ from vitlab.data.augment import ResizeBatch, make_augment
 from vitlab.data.loader import mix_seed
 from vitlab.errors import CheckpointError, ConfigError, VitlabError
 from vitlab.train import checkpoint as ckpt
+from vitlab.train.capture import CapturedStep
 from vitlab.train.ema import WeightEMA
 from vitlab.train.options import TrainOptions
 from vitlab.train.recipe import Recipe, build_optimizer, fused_kernels, lr_factor
@@ -527,6 +528,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     distributed.setup(options.device)
     device = resolve_device(options.device)
     autocast_dtype = resolve_precision(options.precision, device)
+    options.captures(device.type, distributed.world_size())  # refused before anything is written
     model.to(device)
     if options.freeze_encoder:
         for p in model.encoder.parameters():
@@ -605,12 +607,18 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     world = distributed.world_size()
     mode, eager_optimizer = options.compile_plan(device.type, total_steps - progress.global_step,
                                                  world)
+    capture = options.captures(device.type, world)
     compiled = (lambda m: torch.compile(m, mode=mode)) if mode else None
     runnable = compiled(model) if compiled else model  # evaluation's forward
     # Compiled, the whole step is: the model (forward and backward) and the optimizer's step
-    # (unless eager_optimizer: on CUDA the fused optimizer is one kernel launch already).
-    step = compile_optimizer_step(optimizer, mode) if compiled and not eager_optimizer else None
+    # (unless eager_optimizer: on CUDA the fused optimizer is one kernel launch already; a
+    # captured step records it as it runs eagerly).
+    step = (compile_optimizer_step(optimizer, mode)
+            if compiled and not eager_optimizer and not capture else None)
     trainable = runnable
+    captured = CapturedStep(lambda inputs, targets: train_step(
+        runnable, optimizer, inputs, targets, recipe, autocast_dtype), model, optimizer
+                            ) if capture else None
     if world > 1:  # gradients averaged across processes by PyTorch's DDP
         from torch.nn.parallel import DistributedDataParallel
 
@@ -622,6 +630,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
         model.encoder.eval()  # a linear probe reads fixed features: no dropout in them
     compiling = ({"compile": f"{mode} (eager optimizer)" if eager_optimizer else mode}
                  if mode else {})  # why the first epoch takes longer
+    if capture:
+        compiling["capture"] = "one CUDA graph per batch shape"
     if resume:
         reporter.event("Resume", step=progress.global_step, epoch=progress.epoch + 1,
                        **compiling)
@@ -651,7 +661,10 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
             for inputs, targets in batches:
                 set_lr(optimizer, base_lrs,
                        lr_factor(recipe, progress.global_step, total_steps, steps_per_epoch))
-                if world == 1:
+                if captured is not None:
+                    loss = captured(inputs, targets)
+                    stopping = stop.raised
+                elif world == 1:
                     loss = train_step(trainable, optimizer, inputs, targets, recipe,
                                       autocast_dtype, step=step)
                     stopping = stop.raised

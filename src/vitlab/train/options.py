@@ -28,7 +28,7 @@ COMPILE_PAYS_AFTER_STEPS = 2500
 MAX_SEED = 2**63 - 1
 # --augment-chunk's memory bound: a 224 px model's inputs at 1,024 images would take 588 MiB.
 AUGMENT_CHUNK_MIB = 256
-_PER_DEVICE = ("compile", "eager_optimizer")  # None: decided per device (compile_plan)
+_PER_DEVICE = ("compile", "eager_optimizer", "capture_step")  # None: decided per device
 
 
 def _saved(help: str, **extra) -> dict:
@@ -57,6 +57,11 @@ class TrainOptions:
     compile_mode: str | None = field(default=None, metadata=_runtime(
         "torch.compile mode; implies --compile (default: reduce-overhead, CUDA graphs, on one "
         "CUDA GPU; torch's default mode elsewhere)", choices=COMPILE_MODES))
+    capture_step: bool | None = field(default=None, metadata=_runtime(
+        "record the whole training step (forward, loss, backward, optimizer) as one CUDA graph "
+        "and replay it for every batch: the host issues a step as two copies and one replay "
+        "(one CUDA GPU; a compiled model in torch's default mode, which records no graphs of "
+        "its own) (default: off)"))
     train_steps_per_epoch: int | None = field(default=None, metadata=_saved(
         "exactly N batches per epoch (cut short or extended)"))
     eval_steps_per_epoch: int | None = field(default=None, metadata=_saved(
@@ -121,8 +126,12 @@ class TrainOptions:
                               f"{', '.join(PRECISIONS)}")
         if not isinstance(self.device, str):
             raise ConfigError(f"--device must be a device name, got {self.device!r}")
-        for name in ("compile", "eager_optimizer", "freeze_encoder", "quiet", "overwrite",
-                     "tensorboard", "resize_on_device"):
+        if self.capture_step and self.compile_mode not in (None, "default"):
+            raise ConfigError(f"--capture-step records the whole step as one CUDA graph itself: "
+                              f"use --compile-mode default, not {self.compile_mode} (which "
+                              "records CUDA graphs of its own)")
+        for name in ("compile", "eager_optimizer", "capture_step", "freeze_encoder", "quiet",
+                     "overwrite", "tensorboard", "resize_on_device"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in _PER_DEVICE):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")
@@ -140,9 +149,24 @@ class TrainOptions:
             asked = cuda and world_size == 1 and steps >= COMPILE_PAYS_AFTER_STEPS
         if not asked:
             return None, False
-        # CUDA graphs were measured on one GPU; under DDP torch.compile's own default mode.
-        mode = self.compile_mode or ("reduce-overhead" if cuda and world_size == 1 else "default")
+        # CUDA graphs were measured on one GPU; under DDP torch.compile's own default mode;
+        # a captured step records its own graph.
+        graphs = cuda and world_size == 1 and not self.captures(device_type, world_size)
+        mode = self.compile_mode or ("reduce-overhead" if graphs else "default")
         return mode, self.eager_optimizer if self.eager_optimizer is not None else cuda
+
+    def captures(self, device_type: str, world_size: int = 1) -> bool:
+        """Whether fit records its whole step as one CUDA graph (--capture-step; default off).
+        Asked for where it cannot run (the CPU, several processes), a clear error."""
+        if not self.capture_step:
+            return False
+        if device_type != "cuda":
+            raise ConfigError(f"--capture-step records CUDA graphs: it needs a CUDA device, "
+                              f"not {device_type}")
+        if world_size > 1:
+            raise ConfigError("--capture-step runs on one process; under torchrun leave it "
+                              "off (DDP's gradient all-reduce is not captured)")
+        return True
 
     def augment_chunk_batches(self, batch_size: int, image_shape: tuple[int, ...],
                               *more_shapes: tuple[int, ...]) -> int:

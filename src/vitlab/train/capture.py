@@ -1,0 +1,145 @@
+"""The whole training step as one CUDA graph, replayed for every batch (`--capture-step`).
+
+Why: on an H200 the tutorial's step (seed-mini, batch 128, bf16, the model compiled with CUDA
+graphs, the optimizer eager) took 2.8 ms while its kernels ran for 2.1 ms, and the Python thread
+was busy for all of the 2.8 ms (`benchmarks/step_breakdown.py`, results/2026-11-27-h200-2): the
+host (autograd's engine, the loss, the optimizer's step) set the pace. Captured whole, a step
+costs the host two copies and one replay.
+
+How: `torch.cuda.graph` records the kernels of one call of the step, and a replay runs them again
+on the same memory. So:
+- the batch is copied into buffers the graph reads; one graph per batch shape (an epoch's short
+  last batch gets its own);
+- the learning rates are tensors the graph reads, which `set_lr` updates in place;
+- the optimizer's state must exist before the capture: a first step creates it, and recorded,
+  that creation would be replayed at every step. So warm-up steps run first, on a side stream
+  (they also let torch.compile compile and cuBLAS set up), and then the parameters and the
+  optimizer's state are put back as they were, the state the warm-up created set to zero. Zeroed
+  state is what a first step starts from for AdamW (moments and step count 0) and for SGD without
+  dampening (the momentum buffer becomes the gradient). The first replay is the run's next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vitlab.errors import ConfigError
+
+Step = Callable[[Tensor, Tensor], Tensor]  # (inputs, targets) -> the step's loss
+
+
+class CudaGraphs:
+    """Warm-up and capture with torch.cuda's graphs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def warm_up(self, body: Callable[[], object], steps: int) -> None:
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(steps):
+                body()
+        current.wait_stream(side)
+
+    def capture(self, body: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = body()
+
+        def replay() -> Tensor:
+            graph.replay()
+            return out
+        return replay
+
+
+class CallAgain:
+    """CudaGraphs' stand-in off CUDA, for tests and CPU rehearsals: a "replay" runs the step
+    again in Python. It checks the warm-up's restore and the batch buffers, not the recording."""
+
+    def warm_up(self, body: Callable[[], object], steps: int) -> None:
+        for _ in range(steps):
+            body()
+
+    def capture(self, body: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        return body
+
+
+@dataclass
+class _Captured:
+    inputs: Tensor
+    targets: Tensor
+    replay: Callable[[], Tensor]
+
+
+class CapturedStep:
+    """`step(inputs, targets)`, each batch shape captured once and replayed after.
+
+    `step` must do the whole step on `model`'s parameters with `optimizer` (zero the gradients,
+    forward, backward, optimizer step) and return the loss. Calls return this batch's loss, a
+    tensor of its own. `graphs` replaces torch.cuda's graphs (tests on the CPU).
+    """
+
+    def __init__(self, step: Step, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 warmup_steps: int = 3, graphs: CudaGraphs | CallAgain | None = None) -> None:
+        device = next(model.parameters()).device
+        if graphs is None and device.type != "cuda":
+            raise ConfigError(f"--capture-step records CUDA graphs: it needs a CUDA device, "
+                              f"and the model is on {device}")
+        for group in optimizer.param_groups:
+            if group.get("momentum") and group.get("dampening"):
+                raise ConfigError("--capture-step cannot start SGD's momentum with dampening "
+                                  "from a zeroed buffer; leave dampening at 0")
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+            if device.type == "cuda" and "capturable" in group:
+                group["capturable"] = True  # Adam(W): its step count on the device
+        self.step, self.model, self.optimizer = step, model, optimizer
+        self.warmup_steps = warmup_steps
+        self.graphs = graphs or CudaGraphs(device)
+        self._captured: dict[tuple, _Captured] = {}
+
+    def __call__(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        key = (tuple(inputs.shape), inputs.dtype, tuple(targets.shape), targets.dtype)
+        captured = self._captured.get(key)
+        if captured is None:
+            captured = self._captured[key] = self._capture(inputs, targets)
+        captured.inputs.copy_(inputs)
+        captured.targets.copy_(targets)
+        return captured.replay().clone()  # the next replay overwrites the graph's own
+
+    def _capture(self, inputs: Tensor, targets: Tensor) -> _Captured:
+        static_inputs, static_targets = inputs.clone(), targets.clone()
+        saved = _snapshot(self.model, self.optimizer)
+        self.graphs.warm_up(lambda: self.step(static_inputs, static_targets), self.warmup_steps)
+        _restore(self.model, self.optimizer, saved)
+        replay = self.graphs.capture(lambda: self.step(static_inputs, static_targets))
+        return _Captured(static_inputs, static_targets, replay)
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list, dict]:
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in entries.items()}
+             for p, entries in optimizer.state.items()}
+    return params, state
+
+
+@torch.no_grad()
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer,
+             saved: tuple[list, dict]) -> None:
+    """Parameters and optimizer state back to `saved`, in place (the graph will hold these
+    tensors' addresses); state created since is zeroed."""
+    params, state = saved
+    for p, before in zip(model.parameters(), params, strict=True):
+        p.copy_(before)
+    for p, entries in optimizer.state.items():
+        before = state.get(p, {})
+        for key, value in entries.items():
+            if isinstance(value, Tensor):
+                value.copy_(before[key]) if key in before else value.zero_()
+            elif key in before:
+                entries[key] = before[key]
