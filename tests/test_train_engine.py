@@ -35,7 +35,7 @@ from vitlab.train.engine import (
     set_lr,
     train_step,
 )
-from vitlab.train.options import COMPILE_PAYS_AFTER_STEPS
+from vitlab.train.options import COMPILE_PAYS_AFTER_STEPS, COMPILE_PAYS_CAPTURED_AFTER_STEPS
 from vitlab.train.recipe import build_optimizer, lr_factor
 from vitlab.train.reporting import Reporter
 from vitlab.train.runconfig import RunConfig
@@ -775,27 +775,59 @@ def test_compile_flags_parse():
 
 
 @pytest.mark.parametrize("given, device, steps, world, plan", [
-    # Unset: the measured rule, on one CUDA GPU from COMPILE_PAYS_AFTER_STEPS steps.
-    ({}, "cuda", 39_100, 1, ("reduce-overhead", True)),
-    ({}, "cuda", 2500, 1, ("reduce-overhead", True)),
-    ({}, "cuda", 2499, 1, (None, False)),
+    # Unset: the measured rule on one CUDA GPU, where the step is captured by default: compiled
+    # (torch's default mode: the captured step is the CUDA graph) from 10,000 steps.
+    ({}, "cuda", 39_100, 1, ("default", True)),
+    ({}, "cuda", 10_000, 1, ("default", True)),
+    ({}, "cuda", 9_999, 1, (None, False)),
     ({}, "cuda", 157, 1, (None, False)),          # the tutorial's 1-epoch fine-tune
     ({}, "cuda", 39_100, 2, (None, False)),       # DDP: not measured, eager unless asked
     ({}, "cpu", 39_100, 1, (None, False)),
     ({"compile": False}, "cuda", 39_100, 1, (None, False)),
+    # Uncaptured, the step compiles from 2,500 steps, with reduce-overhead's CUDA graphs.
+    ({"capture_step": False}, "cuda", 2500, 1, ("reduce-overhead", True)),
+    ({"capture_step": False}, "cuda", 2499, 1, (None, False)),
+    ({"compile_mode": "reduce-overhead"}, "cuda", 10, 1, ("reduce-overhead", True)),
     # Asked for: compiled whatever the budget; the mode and optimizer step per device.
-    ({"compile": True}, "cuda", 10, 1, ("reduce-overhead", True)),
+    ({"compile": True}, "cuda", 10, 1, ("default", True)),
+    ({"compile": True, "capture_step": False}, "cuda", 10, 1, ("reduce-overhead", True)),
     ({"compile": True}, "cuda", 10, 2, ("default", True)),
     ({"compile": True}, "cpu", 10, 1, ("default", False)),
     ({"compile_mode": "max-autotune"}, "cpu", 10, 1, ("max-autotune", False)),
     ({"eager_optimizer": True}, "cpu", 10, 1, ("default", True)),
-    ({"compile": True, "eager_optimizer": False}, "cuda", 10, 1, ("reduce-overhead", False)),
-    ({"eager_optimizer": False}, "cuda", 39_100, 1, ("reduce-overhead", False)),
+    ({"compile": True, "eager_optimizer": False}, "cuda", 10, 1, ("default", False)),
+    ({"eager_optimizer": False}, "cuda", 39_100, 1, ("default", False)),
     ({"compile_mode": "default"}, "cuda", 10, 1, ("default", True)),
 ])
 def test_compile_plan(given, device, steps, world, plan):
-    assert COMPILE_PAYS_AFTER_STEPS == 2500
+    assert (COMPILE_PAYS_AFTER_STEPS, COMPILE_PAYS_CAPTURED_AFTER_STEPS) == (2500, 10_000)
     assert options(1, **given).compile_plan(device, steps, world) == plan
+
+
+@pytest.mark.parametrize("given, device, world, captures", [
+    ({}, "cuda", 1, True),
+    ({}, "cuda", 2, False),
+    ({}, "cpu", 1, False),
+    ({"compile_mode": "reduce-overhead"}, "cuda", 1, False),  # its own CUDA graphs
+    ({"compile_mode": "max-autotune"}, "cuda", 1, False),
+    ({"compile_mode": "default"}, "cuda", 1, True),
+    ({"capture_step": False}, "cuda", 1, False),
+    ({"capture_step": True}, "cuda", 1, True),
+    ({"capture_step": True}, "cpu", 1, "needs a CUDA device"),
+    ({"capture_step": True}, "cuda", 2, "one process"),
+])
+def test_capture_plan(given, device, world, captures):
+    if isinstance(captures, bool):
+        assert options(1, **given).captures(device, world) is captures
+    else:
+        with pytest.raises(ConfigError, match=captures):
+            options(1, **given).captures(device, world)
+
+
+def test_capture_step_refuses_a_compile_mode_with_graphs_of_its_own():
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ConfigError, match="--compile-mode default, not " + mode):
+            options(1, capture_step=True, compile_mode=mode)
 
 
 def test_compiled_training_equals_eager_training(dataset, tmp_path):

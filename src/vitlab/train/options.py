@@ -25,6 +25,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # 100 epochs (39,100 steps) compile, its 1-epoch fine-tune (157 steps) runs eager. Other models
 # and batch sizes follow the same rule unmeasured. On the CPU compiling is opt-in (unmeasured).
 COMPILE_PAYS_AFTER_STEPS = 2500
+# With the step captured as one CUDA graph (--capture-step, the default on one CUDA GPU) an eager
+# step is no longer launch-bound: on the same H200 seed-mini's captured step took 3.48 ms eager
+# and 2.22 ms compiled (benchmarks/gpu/results/2026-11-27-h200-2), 1.25 ms saved a step against
+# ~9-21 s of compiling (the estimates that session gives), so compiling pays from ~7,000-17,000
+# steps: the tutorial's 100 epochs compile; a 20-epoch run (7,820 steps) does not.
+COMPILE_PAYS_CAPTURED_AFTER_STEPS = 10_000
 MAX_SEED = 2**63 - 1
 # --augment-chunk's memory bound: a 224 px model's inputs at 1,024 images would take 588 MiB.
 AUGMENT_CHUNK_MIB = 256
@@ -49,8 +55,9 @@ class TrainOptions:
         "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS))
     compile: bool | None = field(default=None, metadata=_runtime(
         "torch.compile the training step: the model, and the optimizer's step unless "
-        f"--eager-optimizer (default: on one CUDA GPU for a fit of {COMPILE_PAYS_AFTER_STEPS:,} "
-        "steps or more, as measured for seed-mini; else eager)"))
+        "--eager-optimizer (default: on one CUDA GPU for a fit of "
+        f"{COMPILE_PAYS_CAPTURED_AFTER_STEPS:,} steps or more with the step captured, "
+        f"{COMPILE_PAYS_AFTER_STEPS:,} without, as measured for seed-mini; else eager)"))
     eager_optimizer: bool | None = field(default=None, metadata=_runtime(
         "leave the optimizer's step uncompiled, the model alone compiled; implies --compile "
         "(default: on CUDA, where it measured faster; compiled on the CPU)"))
@@ -61,7 +68,7 @@ class TrainOptions:
         "record the whole training step (forward, loss, backward, optimizer) as one CUDA graph "
         "and replay it for every batch: the host issues a step as two copies and one replay "
         "(one CUDA GPU; a compiled model in torch's default mode, which records no graphs of "
-        "its own) (default: off)"))
+        "its own) (default: on one CUDA GPU unless --compile-mode asks for graphs of its own)"))
     train_steps_per_epoch: int | None = field(default=None, metadata=_saved(
         "exactly N batches per epoch (cut short or extended)"))
     eval_steps_per_epoch: int | None = field(default=None, metadata=_saved(
@@ -140,13 +147,16 @@ class TrainOptions:
                      ) -> tuple[str | None, bool]:
         """(the torch.compile mode, or None for an eager step; whether the optimizer's step
         stays eager) for a fit of `steps` steps. --compile-mode or --eager-optimizer imply
-        --compile; with none of the three, COMPILE_PAYS_AFTER_STEPS decides on one CUDA GPU
-        (under DDP compiling was not measured: eager unless asked)."""
+        --compile; with none of the three, COMPILE_PAYS_CAPTURED_AFTER_STEPS (a captured step)
+        or COMPILE_PAYS_AFTER_STEPS decides on one CUDA GPU (under DDP compiling was not
+        measured: eager unless asked)."""
         cuda = device_type == "cuda"
         asked = self.compile if self.compile is not None else (
             self.compile_mode is not None or self.eager_optimizer is True or None)
         if asked is None:
-            asked = cuda and world_size == 1 and steps >= COMPILE_PAYS_AFTER_STEPS
+            pays_after = (COMPILE_PAYS_CAPTURED_AFTER_STEPS if self.captures(device_type, world_size)
+                          else COMPILE_PAYS_AFTER_STEPS)
+            asked = cuda and world_size == 1 and steps >= pays_after
         if not asked:
             return None, False
         # CUDA graphs were measured on one GPU; under DDP torch.compile's own default mode;
@@ -156,8 +166,13 @@ class TrainOptions:
         return mode, self.eager_optimizer if self.eager_optimizer is not None else cuda
 
     def captures(self, device_type: str, world_size: int = 1) -> bool:
-        """Whether fit records its whole step as one CUDA graph (--capture-step; default off).
-        Asked for where it cannot run (the CPU, several processes), a clear error."""
+        """Whether fit records its whole step as one CUDA graph (--capture-step). Unset: on one
+        CUDA GPU, unless a compile mode that records graphs of its own was asked for (measured:
+        benchmarks/gpu/results/2026-11-27-h200-2). Asked for where it cannot run (the CPU,
+        several processes), a clear error."""
+        if self.capture_step is None:
+            return (device_type == "cuda" and world_size == 1
+                    and self.compile_mode in (None, "default"))
         if not self.capture_step:
             return False
         if device_type != "cuda":

@@ -1,0 +1,125 @@
+"""The captured training step (`--capture-step`), on the CPU with CallAgain standing in for CUDA
+graphs: the warm-up leaves no trace (parameters and optimizer state put back, created state
+zeroed), so a captured run equals an uncaptured one bitwise; the batch buffers, the second batch
+shape and the LR as a tensor work; what cannot be captured is refused. (Recording and replaying
+for real needs CUDA: benchmarks/step_breakdown.py checks that on a GPU.)"""
+
+import copy
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+from test_train_engine import CONFIG, dataset, options  # noqa: F401 - dataset is a fixture
+from vitlab.errors import ConfigError
+from vitlab.model import ViT
+from vitlab.train import TrainOptions, engine, fit, recipe
+from vitlab.train import checkpoint as ckpt
+from vitlab.train.capture import CallAgain, CapturedStep
+from vitlab.train.engine import set_lr, train_step
+from vitlab.train.recipe import build_optimizer, lr_factor
+
+QUIET = dataclasses.replace(CONFIG, dropout=0.0)  # no random draw in the step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def batches(n: int, size: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 32, 32, generator=g),
+             torch.randint(0, QUIET.num_classes, (size,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("seed", {"lr": 0.05}),                               # SGD with momentum, constant LR
+    ("vitlab", {"grad_clip": 1.0, "warmup_epochs": 1.0}),  # AdamW, clipping, warm-up + cosine
+])
+def test_captured_steps_equal_uncaptured_ones_bitwise(name, overrides):
+    chosen = recipe(name, batch_size=8, **overrides)
+    data = batches(7)
+    data[3] = (data[3][0][:5], data[3][1][:5])  # an epoch's short last batch: a second shape
+    runs = []
+    for capture in (False, True):
+        torch.manual_seed(0)
+        model = ViT(QUIET)
+        optimizer = build_optimizer(chosen, model.named_parameters())
+        base_lrs = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:  # as captured: AdamW rounds a tensor LR otherwise
+            group["lr"] = torch.tensor(group["lr"])
+
+        def step(inputs, targets, model=model, optimizer=optimizer):
+            return train_step(model, optimizer, inputs, targets, chosen)
+        run = CapturedStep(step, model, optimizer, graphs=CallAgain()) if capture else step
+        losses = []
+        for i, batch in enumerate(data):
+            set_lr(optimizer, base_lrs, lr_factor(chosen, i, len(data), 2))
+            losses.append(run(*batch))
+        runs.append((torch.stack(losses), model.state_dict(), optimizer.state_dict()["state"]))
+    (losses, weights, state), (captured_losses, captured_weights, captured_state) = runs
+    assert torch.equal(losses, captured_losses)
+    for key in weights:
+        assert torch.equal(weights[key], captured_weights[key]), key
+    for index, entries in state.items():
+        for key, value in entries.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(captured_state[index][key]))
+
+
+def test_a_capture_restores_existing_state_and_keeps_the_callers_tensors():
+    """Captured mid-run (a resumed run's first step), the warm-up's changes to the existing
+    momentum are undone in place; the returned loss is the caller's, not the graph's buffer."""
+    chosen = recipe("seed", batch_size=8, lr=0.05)
+    torch.manual_seed(0)
+    model = ViT(QUIET)
+    optimizer = build_optimizer(chosen, model.named_parameters())
+    first, second = batches(2)
+    train_step(model, optimizer, *first, chosen)  # momentum exists before the capture
+    reference = ViT(QUIET)
+    reference.load_state_dict(model.state_dict())
+    reference_optimizer = build_optimizer(chosen, reference.named_parameters())
+    # (a deep copy: load_state_dict would share the momentum tensors)
+    reference_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    captured = CapturedStep(lambda i, t: train_step(model, optimizer, i, t, chosen), model,
+                            optimizer, graphs=CallAgain())
+    loss = captured(*second)
+    expected = train_step(reference, reference_optimizer, *second, chosen)
+    assert torch.equal(loss, expected)
+    assert all(optimizer.state[p]["momentum_buffer"] is b
+               for p, b in zip(model.parameters(), buffers, strict=True))
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+    again = captured(*second)
+    assert not torch.equal(loss, again)  # the first loss was not overwritten by the replay
+
+
+def test_capture_refuses_what_it_cannot_record():
+    model = ViT(QUIET)
+    optimizer = build_optimizer(recipe("seed"), model.named_parameters())
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        CapturedStep(lambda i, t: i.sum(), model, optimizer)  # no graphs given, on the CPU
+    damped = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    with pytest.raises(ConfigError, match="dampening"):
+        CapturedStep(lambda i, t: i.sum(), model, damped, graphs=CallAgain())
+
+
+def test_fit_with_a_captured_step_equals_fit_without(dataset, tmp_path, monkeypatch):  # noqa: F811
+    """fit's wiring: with the capture on (CallAgain on the CPU), the run's weights, metrics and
+    resumable state are those of the uncaptured run, and its Start line says so."""
+    torch.manual_seed(0)
+    fit(ViT(QUIET), dataset, recipe("seed", batch_size=8, lr=0.05), options(2),
+        tmp_path / "plain")
+    monkeypatch.setattr(TrainOptions, "captures", lambda self, device_type, world_size=1: True)
+    monkeypatch.setattr(engine, "CapturedStep", functools.partial(CapturedStep,
+                                                                  graphs=CallAgain()))
+    torch.manual_seed(0)
+    fit(ViT(QUIET), dataset, recipe("seed", batch_size=8, lr=0.05), options(2),
+        tmp_path / "captured")
+    plain, captured = (ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("plain", "captured"))
+    for key in plain:
+        assert torch.equal(plain[key], captured[key]), key
+    start = ckpt.read_jsonl(tmp_path / "captured" / ckpt.METRICS)[0]
+    assert start["capture"] == "one CUDA graph per batch shape"
+    evals = [[r["accuracy"] for r in ckpt.read_jsonl(tmp_path / run / ckpt.METRICS)
+              if r["event"] == "eval"] for run in ("plain", "captured")]
+    assert evals[0] == evals[1] and len(evals[0]) == 2
