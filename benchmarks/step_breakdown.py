@@ -1,8 +1,10 @@
 """Where a training step's time goes: the step alone, the batch alone, and both, as `fit` runs them.
 
-seed-mini, the seed recipe, batch 128, on one device, compiled as `fit` compiles a 100-epoch run
-there (`TrainOptions.compile_plan`; --compile off|MODE overrides it). Six cases, interleaved,
-medians of --repeats rounds of --steps steps each:
+seed-mini, the seed recipe, batch 128, on one device, compiled and captured as `fit` runs a
+100-epoch run there (`TrainOptions.compile_plan` and `captures`: on one CUDA GPU the whole step
+captured as one CUDA graph, the model compiled in torch's default mode; --compile off|MODE
+overrides the compile mode, and a mode with CUDA graphs of its own turns the capture off). Six
+cases, interleaved, medians of --repeats rounds of --steps steps each:
 
   step         the training step (forward, backward, optimizer) on one fixed batch
   batch        the loader's next batch: the gather from the device-resident split and SeedAugment,
@@ -14,7 +16,13 @@ medians of --repeats rounds of --steps steps each:
                Wide, Random Erasing, Mixup/CutMix: ~500 operator calls a batch in a CPU profile,
                against SeedAugment's ~100), 8 batches a call, and one per call
 
-On CUDA, `step` and `batch+step` are then profiled (torch.profiler, --profile-steps steps each):
+With --compare (the default), three more: the step and batch+step as `fit` ran them before the
+capture (reduce-overhead's CUDA graphs of the model, the optimizer's step eager: "step, uncaptured
+reduce-overhead"), and the step captured without compiling ("step, captured eager"); then the
+captured step is checked against the uncaptured one (`capture_check`). Off CUDA the captured cases
+run with CallAgain, a rehearsal of the code without recording.
+
+On CUDA, `step` and `batch+step` (and the uncaptured step) are then profiled (torch.profiler, --profile-steps steps each):
 the kernels a step runs, their count and their summed time, and the costliest of them. Kernel
 time close to the step's wall time means the GPU is busy and a faster step needs fewer or faster
 kernels; far below it, the step waits on launches or the host. (`--profile` profiles on the CPU
@@ -23,8 +31,8 @@ too, to rehearse it; there the "kernels" are nested operator calls and their tim
 Each case is timed twice: the wall time per step with the device synchronised at both ends of a
 round, and the host time, what the Python thread spent issuing the work. On a GPU a host time
 close to the wall time means the loop is bound by issuing kernels, not by running them. On an
-H200 fit's epochs took 4.3 ms a step against `vitlab bench`'s 3.2 ms for the step alone: this
-says which part of the rest is the batch.
+H200 this said that the uncaptured step was bound by the host (results/2026-11-27-h200-2), and
+the captured step came from it.
 
     python benchmarks/step_breakdown.py --device cuda [--data ../shared/data/cifar100]
 """
@@ -96,7 +104,7 @@ def kernel_profile(body: Callable[[], object], steps: int, sync: Callable[[], No
 
 def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", steps: int = 50,
               repeats: int = 5, warmup: int = 5, profile_steps: int = 16,
-              profile: bool | None = None, capture: bool = True) -> dict:
+              profile: bool | None = None, compare: bool = True) -> dict:
     """Per-case medians in ms per step: {"cases": {name: {"wall_ms", "host_ms"}}, ...}."""
     target = resolve_device(device)
     seed = recipe("seed")
@@ -121,11 +129,10 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
         return -(-n // chunk) * chunk
 
     steps, warmup = whole_chunks(steps), whole_chunks(warmup)
-    if compile == "auto":
-        mode, eager_optimizer = TrainOptions(epochs=100).compile_plan(target.type, TUTORIAL_STEPS)
-    else:
-        mode = None if compile == "off" else compile
-        eager_optimizer = target.type == "cuda"
+    plan = TrainOptions(epochs=100, compile_mode=None if compile in ("auto", "off") else compile,
+                        compile=False if compile == "off" else None)
+    mode, eager_optimizer = plan.compile_plan(target.type, TUTORIAL_STEPS)
+    capture = plan.captures(target.type)
     precision = resolve_precision("auto", target)
     config = preset("seed-mini", len(dataset.classes))
     initial = ViT(config).state_dict()
@@ -151,7 +158,7 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
 
     vitlab_batches, vitlab_single = endless("vitlab", chunk), endless("vitlab", 1)
     fixed = next(single)
-    planned = training(mode, eager_optimizer, capture=False)
+    planned = training(mode, eager_optimizer, capture)
     cases: dict[str, Callable[[], object]] = {
         "step": lambda: planned(fixed),
         "batch": lambda: next(batches),
@@ -160,12 +167,12 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
         "vitlab batch": lambda: next(vitlab_batches),
         "vitlab batch, one per call": lambda: next(vitlab_single),
     }
-    if capture:
-        compiled_captured = training("default", True, capture=True)
+    if compare:
+        before = training("reduce-overhead" if target.type == "cuda" else mode, True, False)
         eager_captured = training(None, True, capture=True)
         cases |= {
-            "step, captured": lambda: compiled_captured(fixed),
-            "batch+step, captured": lambda: compiled_captured(next(batches)),
+            "step, uncaptured reduce-overhead": lambda: before(fixed),
+            "batch+step, uncaptured reduce-overhead": lambda: before(next(batches)),
             "step, captured eager": lambda: eager_captured(fixed),
         }
 
@@ -188,8 +195,8 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     for name, body in list(cases.items()):  # compilation and CUDA graph capture happen here
         try:
             timed(body, warmup)
-        except Exception as error:  # noqa: BLE001 - a captured case's failure is the finding
-            if "captured" not in name:
+        except Exception as error:  # noqa: BLE001 - a step's failure is a finding: go on
+            if "step" not in name:
                 raise
             failures[name] = f"{type(error).__name__}: {error}"[:300]
             print(f"step_breakdown: {name!r} failed: {failures[name]}")
@@ -202,7 +209,7 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     profiles: dict[str, object] = {}
     profiling = target.type == "cuda" if profile is None else profile
     if profiling:
-        for name in ("step", "batch+step", "step, captured"):
+        for name in ("step", "batch+step", "step, uncaptured reduce-overhead"):
             if name not in cases:
                 continue
             try:  # the timings above stand on their own: a profiler failure is reported, not fatal
@@ -222,7 +229,8 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
                   for name, r in rounds.items()},
         "profiles": profiles,
         "failures": failures,
-        "capture_check": capture_check(target, config, initial, fixed, graphs) if capture else {},
+        "captured": capture,
+        "capture_check": capture_check(target, config, initial, fixed, graphs) if compare else {},
     }
 
 
@@ -273,13 +281,13 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=16)
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="profile the step's kernels (default: on CUDA only)")
-    parser.add_argument("--capture", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time the step captured whole as one CUDA graph "
-                             "(--capture-step; off CUDA a rehearsal with CallAgain)")
+    parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the step as fit ran it before the capture, and the "
+                             "captured step uncompiled; check the capture against it")
     args = parser.parse_args()
     result = breakdown(args.data, args.device, args.compile, args.steps, args.repeats,
                        profile_steps=args.profile_steps, profile=args.profile,
-                       capture=args.capture)
+                       compare=args.compare)
     print(json.dumps(result, indent=1))
 
 

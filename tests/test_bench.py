@@ -98,3 +98,29 @@ def test_bench_command_prints_json_and_refuses_bad_input(tmp_path):
     assert {r["model"] for r in result["rows"]} == {"tutorial", "vitlab fp32"}
     bad = run_cli("bench", "--model", "nope", "--device", "cpu", cwd=tmp_path, expect=2)
     assert "unknown model preset" in assert_one_error_line(bad.stderr, "bench")
+
+
+def test_a_captured_row_measures_fits_captured_step(monkeypatch):
+    """On CUDA a training row times the step captured whole (fit's default there); on the CPU
+    it is asked for, and CallAgain stands in for the graphs. Refused where it cannot run."""
+    import functools
+
+    from vitlab import bench
+    from vitlab.train.capture import CallAgain, CapturedStep
+
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        run_bench("micro", batch_size=4, device="cpu", repeats=1, iters=1, warmup=1,
+                  baseline=False, capture=True)
+    with pytest.raises(ConfigError, match="compile mode reduce-overhead records graphs too"):
+        run_bench("micro", batch_size=4, device="cpu", compile="reduce-overhead", capture=True)
+    monkeypatch.setattr(bench, "CapturedStep", functools.partial(CapturedStep,
+                                                                 graphs=CallAgain()))
+    rows = run_bench("micro", batch_size=4, device="cpu", repeats=1, iters=1, warmup=1,
+                     baseline=False, capture=True)["rows"]
+    assert [(r["mode"], r["model"]) for r in rows] == [
+        ("train", "vitlab fp32"), ("train", "vitlab fp32, captured step"),
+        ("inference", "vitlab fp32")]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    default = run_bench("micro", batch_size=4, device="cpu", repeats=1, iters=1, warmup=1,
+                        baseline=False)["rows"]
+    assert len(default) == 2  # on the CPU, no captured row unless asked

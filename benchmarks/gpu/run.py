@@ -18,13 +18,15 @@ what `device_data.py join` rebuilt). Stages:
           tutorial's model in fp32 and bf16 with each compile mode (compiled: with the optimizer's
           step compiled too, and eager), then vitlab-mini in bf16 with the mode that trained
           seed-mini fastest (summary.json's bench "best")
-  The runs compile as vitlab does by default (--compile off|auto|MODE overrides it: auto is
-  vitlab's per-device rule, TrainOptions.compile_plan, set from this script's first GPU session)
+  The runs compile and capture as vitlab does by default (--compile off|auto|MODE overrides the
+  compile mode: auto is vitlab's per-device rule, TrainOptions.compile_plan and captures, set from
+  this script's first two GPU sessions; reduce-overhead and max-autotune turn the capture off)
   breakdown  benchmarks/step_breakdown.py: where seed-mini's step time goes in fit's loop (the
           step alone, the batch alone, both, and a vitlab-recipe batch; wall and host time;
-          batches 8 per augmentation call as fit makes them, and one per call), compiled as the
-          runs are; then a kernel profile of the step and of batch+step (kernels a step, their
-          summed time, the costliest)
+          batches 8 per augmentation call as fit makes them, and one per call), compiled and
+          captured as the runs are, beside the uncaptured reduce-overhead step and the captured
+          eager one; then a kernel profile of the steps (kernels a step, their summed time, the
+          costliest) and a check of the captured step against the uncaptured one
   seed    `vitlab run` with the seed recipe: 100 epochs CIFAR-100 + 1 epoch CIFAR-10, timed
   vitlab  the same with --recipe vitlab
   vitlab-sl  the same with --recipe vitlab --model vitlab-mini-sl (shifted patch tokens and

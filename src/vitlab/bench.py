@@ -5,7 +5,9 @@ Each candidate (the tutorial's ViTModel in fp32 eager, as the tutorial runs it; 
 the chosen precision and compile mode) gets a training step (forward, cross-entropy, backward, the
 seed recipe's SGD step; the fused optimizer on CUDA, and compiled with the model, as `fit` does)
 and an inference step on one fixed random batch; a compiled model also gets a training row with
-an eager optimizer step (`--eager-optimizer`), to show what compiling the optimizer buys. After
+an eager optimizer step (`--eager-optimizer`), to show what compiling the optimizer buys, and on
+CUDA (compile mode off or default) a training row with the whole step captured as one CUDA graph
+(`--capture-step`, fit's default on one CUDA GPU). After
 warm-up (compilation included) the candidates are timed in turns, round after round, and each
 reports its median. FLOP/s count the matrix products of `forward_flops`, each model's own (the
 tutorial's last block runs every token, vitlab's the CLS token alone), 3x for a training step
@@ -27,6 +29,7 @@ import torch
 from vitlab.errors import ConfigError
 from vitlab.model import ViT, ViTConfig, forward_flops, preset
 from vitlab.train import options
+from vitlab.train.capture import CapturedStep
 from vitlab.train.engine import (
     autocast,
     compile_optimizer_step,
@@ -39,6 +42,7 @@ from vitlab.tutorial import ViTModel
 
 COMPILE_MODES = ("off", *options.COMPILE_MODES)
 EAGER_OPTIMIZER = ", eager optimizer"  # the end of a compiled model's eager-optimizer row's label
+CAPTURED = ", captured step"  # the end of the captured training row's label
 
 
 @dataclass
@@ -127,8 +131,11 @@ def _timed_rounds(steps: dict[str, Callable[[], object]], device: torch.device, 
 def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = "auto",
               precision: str = "fp32", compile: str = "off", num_classes: int = 100,
               repeats: int = 5, iters: int | None = None, warmup: int = 3,
-              baseline: bool = True) -> dict:
-    """Measure; returns {"environment": ..., "rows": [Row as dict, ...]} (see the module doc)."""
+              baseline: bool = True, capture: bool | None = None) -> dict:
+    """Measure; returns {"environment": ..., "rows": [Row as dict, ...]} (see the module doc).
+
+    `capture`: also a training row with the whole step captured as one CUDA graph (`fit
+    --capture-step`); None: on CUDA, where the compile mode records no graphs of its own."""
     if compile not in COMPILE_MODES:
         raise ConfigError(f"unknown compile mode {compile!r}; known: {', '.join(COMPILE_MODES)}")
     for name, value in (("batch size", batch_size), ("repeats", repeats), ("warm-up", warmup + 1),
@@ -147,6 +154,12 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
     label = "vitlab " + ("bf16" if autocast_dtype is not None else "fp32") + (
         f", compile {compile}" if compile != "off" else "")
 
+    if capture is None:
+        capture = target.type == "cuda" and compile in ("off", "default")
+    elif capture and compile not in ("off", "default"):
+        raise ConfigError(f"a captured step records its own CUDA graph: compile mode {compile} "
+                          "records graphs too; use off or default")
+
     # name -> (module, its runnable form, autocast dtype, optimizer step compiled, inference row)
     candidates: dict[str, tuple[torch.nn.Module, torch.nn.Module, torch.dtype | None, bool,
                                 bool]] = {}
@@ -160,9 +173,15 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
         # The same compiled model with an eager optimizer step (`fit --eager-optimizer`): what
         # compiling the optimizer buys (on CUDA the fused one is a single launch already).
         candidates[label + EAGER_OPTIMIZER] = (ours, runnable, autocast_dtype, False, False)
+    if capture:  # the step fit takes by default on one CUDA GPU (its optimizer step eager)
+        candidates[label + CAPTURED] = (ours, runnable, autocast_dtype, False, False)
 
-    def trainer(module, runnable, dtype, compile_step) -> Callable[[], object]:
+    def trainer(name, module, runnable, dtype, compile_step) -> Callable[[], object]:
         optimizer = build_optimizer(seed, module.parameters(), fused=fused_kernels(target))
+        if name.endswith(CAPTURED):
+            captured = CapturedStep(lambda inputs, targets: train_step(
+                runnable, optimizer, inputs, targets, seed, dtype), module, optimizer)
+            return lambda: captured(images, labels)
         step = compile_optimizer_step(optimizer, compile) if compile_step else None
         return lambda: train_step(runnable, optimizer, images, labels, seed, dtype, step=step)
 
@@ -191,7 +210,7 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
             if mode == "inference" and not infers:
                 continue
             module.train(mode == "train")
-            steps[name] = (trainer(module, run, dtype, compile_step) if mode == "train"
+            steps[name] = (trainer(name, module, run, dtype, compile_step) if mode == "train"
                            else inferer(run, dtype))
         for name, step in steps.items():  # warm-up: compilation and autotuning happen here
             start = time.perf_counter()

@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", choices=["off", *COMPILE_MODES],
                    default="off", help="torch.compile mode for vitlab's model (reduce-overhead: "
                                        "CUDA graphs)")
+    b.add_argument("--capture-step", action=argparse.BooleanOptionalAction, default=None,
+                   help="also a training row with the whole step captured as one CUDA graph, "
+                        "as fit trains by default on one CUDA GPU (default: on CUDA with "
+                        "--compile off or default)")
     b.add_argument("--repeats", type=_int, default=5, help="interleaved timing rounds")
     b.add_argument("--iters", type=_int, default=None,
                    help="steps per timed sample (default: 20 on CUDA, 2 on the CPU)")
@@ -339,7 +343,8 @@ def _bench(args: argparse.Namespace) -> None:
 
     result = run_bench(args.model, batch_size=args.batch_size, device=args.device,
                        precision=args.precision, compile=args.compile, repeats=args.repeats,
-                       iters=args.iters, baseline=not args.no_baseline)
+                       iters=args.iters, baseline=not args.no_baseline,
+                       capture=args.capture_step)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
 
 

@@ -17,13 +17,14 @@ from vitlab.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16")
 # torch.compile modes; reduce-overhead also captures CUDA graphs (CUDA only).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-# Without --compile/--no-compile, a fit on one CUDA GPU compiles (reduce-overhead, eager optimizer
-# step) when it runs at least this many steps. Measured for seed-mini (bf16, batch 128) on an
-# H200 (benchmarks/gpu/results/2026-11-27-h200): its first compiled epoch took 32.4 s longer
-# than the next ones, and a compiled step saves ~15 ms against an eager bf16 one (4.3 ms in the
-# loop, 19.0 ms eager in `vitlab bench`), so compiling pays from ~2,200 steps: the tutorial's
-# 100 epochs (39,100 steps) compile, its 1-epoch fine-tune (157 steps) runs eager. Other models
-# and batch sizes follow the same rule unmeasured. On the CPU compiling is opt-in (unmeasured).
+# Uncaptured (--no-capture-step) and without --compile/--no-compile, a fit on one CUDA GPU
+# compiles (reduce-overhead, eager optimizer step) when it runs at least this many steps. Measured
+# for seed-mini (bf16, batch 128) on an H200 (benchmarks/gpu/results/2026-11-27-h200): its first
+# compiled epoch took 32.4 s longer than the next ones, and a compiled step saves ~15 ms against
+# an eager bf16 one (4.3 ms in the loop, 19.0 ms eager in `vitlab bench`), so compiling pays from
+# ~2,200 steps: the tutorial's 100 epochs (39,100 steps) compile, its 1-epoch fine-tune (157
+# steps) runs eager. Other models and batch sizes follow the same rule unmeasured. On the CPU
+# compiling is opt-in (unmeasured).
 COMPILE_PAYS_AFTER_STEPS = 2500
 # With the step captured as one CUDA graph (--capture-step, the default on one CUDA GPU) an eager
 # step is no longer launch-bound: on the same H200 seed-mini's captured step took 3.48 ms eager
@@ -62,8 +63,8 @@ class TrainOptions:
         "leave the optimizer's step uncompiled, the model alone compiled; implies --compile "
         "(default: on CUDA, where it measured faster; compiled on the CPU)"))
     compile_mode: str | None = field(default=None, metadata=_runtime(
-        "torch.compile mode; implies --compile (default: reduce-overhead, CUDA graphs, on one "
-        "CUDA GPU; torch's default mode elsewhere)", choices=COMPILE_MODES))
+        "torch.compile mode; implies --compile (default: torch's default mode; reduce-overhead, "
+        "CUDA graphs, on one CUDA GPU with --no-capture-step)", choices=COMPILE_MODES))
     capture_step: bool | None = field(default=None, metadata=_runtime(
         "record the whole training step (forward, loss, backward, optimizer) as one CUDA graph "
         "and replay it for every batch: the host issues a step as two copies and one replay "
