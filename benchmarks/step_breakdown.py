@@ -16,9 +16,11 @@ cases, interleaved, medians of --repeats rounds of --steps steps each:
                Wide, Random Erasing, Mixup/CutMix: ~500 operator calls a batch in a CPU profile,
                against SeedAugment's ~100), 8 batches a call, and one per call
 
-With --compare (the default), three more: the step and batch+step as `fit` ran them before the
+With --compare (the default), more: the step and batch+step as `fit` ran them before the
 capture (reduce-overhead's CUDA graphs of the model, the optimizer's step eager: "step, uncaptured
-reduce-overhead"), and the step captured without compiling ("step, captured eager"); then the
+reduce-overhead"), the step captured without compiling ("step, captured eager"), and on CUDA the
+planned step with each other SDPA kernel alone allowed while it compiles (flash, efficient, math:
+fit lets PyTorch choose; on an H200 it chose cuDNN's, the step's costliest kernels); then the
 captured step is checked against the uncaptured one (`capture_check`). Off CUDA the captured cases
 run with CallAgain, a rehearsal of the code without recording.
 
@@ -40,6 +42,7 @@ the captured step came from it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -49,6 +52,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitlab.data import BatchLoader, load_dataset
 from vitlab.data.augment import make_augment
@@ -59,9 +63,10 @@ from vitlab.train.engine import (
     compile_optimizer_step,
     resolve_device,
     resolve_precision,
+    set_lr,
     train_step,
 )
-from vitlab.train.recipe import build_optimizer, fused_kernels
+from vitlab.train.recipe import build_optimizer, fused_kernels, lr_factor
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
 TUTORIAL_STEPS = 39_100  # 100 epochs of 391 steps: the budget the compile plan is asked about
@@ -139,17 +144,20 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     # Off CUDA the captured cases run with CallAgain (a rehearsal: the same code, no recording).
     graphs = None if target.type == "cuda" else CallAgain()
 
-    def training(mode: str | None, eager_opt: bool, capture: bool) -> Callable[[tuple], object]:
-        """A training step on a fresh seed-mini (the same initial weights for every case)."""
+    def training(mode: str | None, eager_opt: bool, capture: bool,
+                 attention: SDPBackend | None = None) -> Callable[[tuple], object]:
+        """A training step on a fresh seed-mini (the same initial weights for every case);
+        `attention`: the one SDPA kernel allowed while it compiles and is captured."""
         model = ViT(config).to(target)
         model.load_state_dict(initial)
         model.train()
         optimizer = build_optimizer(seed, model.named_parameters(), fused=fused_kernels(target))
         runnable = torch.compile(model, mode=mode) if mode else model
         if capture:
-            captured = CapturedStep(lambda inputs, targets: train_step(
-                runnable, optimizer, inputs, targets, seed, precision), model, optimizer,
-                graphs=graphs)
+            def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+                with sdpa_kernel(attention) if attention else contextlib.nullcontext():
+                    return train_step(runnable, optimizer, inputs, targets, seed, precision)
+            captured = CapturedStep(step, model, optimizer, graphs=graphs)
             return lambda batch: captured(*batch)
         optimizer_step = (compile_optimizer_step(optimizer, mode)
                           if mode and not eager_opt else None)
@@ -175,6 +183,11 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
             "batch+step, uncaptured reduce-overhead": lambda: before(next(batches)),
             "step, captured eager": lambda: eager_captured(fixed),
         }
+        if target.type == "cuda":  # which SDPA kernel suits 65 tokens of 32 channels a head
+            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                            SDPBackend.MATH):
+                variant = training(mode, True, capture, attention=backend)
+                cases[f"step, SDPA {backend.name.lower()}"] = lambda v=variant: v(fixed)
 
     def sync() -> None:
         if target.type == "cuda":
@@ -236,32 +249,51 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
 
 def capture_check(target: torch.device, config, initial: dict, batch: tuple,
                   graphs: CallAgain | None) -> dict:
-    """The captured step against the same step uncaptured, without dropout (the only random
-    draw of the seed recipe's step): 6 steps on `batch`, the 4th on its first 80 images (a
-    second captured shape), eager and compiled. The largest differences of the losses and of
-    the weights after."""
-    seed = recipe("seed")
+    """The captured step against the same step uncaptured, from the same weights and random
+    state: 6 steps on `batch`, the 4th on its first 80 images (a second captured shape), the LR
+    set every step as fit sets it. Four cases: the seed recipe eager and compiled without
+    dropout, eager with dropout (the warm-up must give back the random draws it took), and the
+    vitlab recipe (AdamW with capturable state, warm-up + cosine LR, clipping, label smoothing)
+    on soft targets, eager, without dropout. The largest differences of the losses and of the
+    weights after."""
     precision = resolve_precision("auto", target)
-    quiet = dataclasses.replace(config, dropout=0.0)
-    shapes = [batch] * 3 + [(batch[0][:80], batch[1][:80])] + [batch] * 2
+    classes = config.num_classes
+    soft = 0.7 * torch.nn.functional.one_hot(batch[1], classes).float() + 0.3 / classes
+    cases = {  # name: (recipe, compile mode, dropout, targets)
+        "seed, eager": ("seed", None, 0.0, batch[1]),
+        "seed, compiled": ("seed", "default", 0.0, batch[1]),
+        "seed, eager, dropout 0.1": ("seed", None, 0.1, batch[1]),
+        "vitlab recipe, eager, soft targets": ("vitlab", None, 0.0, soft),
+    }
     result: dict[str, object] = {}
-    for mode in (None, "default"):
+    for name, (recipe_name, mode, dropout, targets) in cases.items():
+        chosen = recipe(recipe_name, batch_size=len(targets),
+                        grad_clip=1.0 if recipe_name == "vitlab" else None)
+        shapes = [(batch[0], targets)] * 3 + [(batch[0][:80], targets[:80])] + [
+            (batch[0], targets)] * 2
         runs = []
         for capture in (False, True):
-            model = ViT(quiet).to(target)
+            model = ViT(dataclasses.replace(config, dropout=dropout)).to(target)
             model.load_state_dict(initial)
             model.train()
-            optimizer = build_optimizer(seed, model.named_parameters(),
+            optimizer = build_optimizer(chosen, model.named_parameters(),
                                         fused=fused_kernels(target))
+            base_lrs = [group["lr"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:  # as captured: a tensor LR rounds otherwise
+                group["lr"] = torch.tensor(float(group["lr"]), device=target)
             runnable = torch.compile(model, mode=mode) if mode else model
 
-            def step(inputs, targets, runnable=runnable, optimizer=optimizer):
-                return train_step(runnable, optimizer, inputs, targets, seed, precision)
+            def step(inputs, labels, runnable=runnable, optimizer=optimizer, chosen=chosen):
+                return train_step(runnable, optimizer, inputs, labels, chosen, precision)
             run = CapturedStep(step, model, optimizer, graphs=graphs) if capture else step
-            losses = torch.stack([run(*b).float() for b in shapes])
-            runs.append((losses, [p.detach().float() for p in model.parameters()]))
+            torch.manual_seed(1)  # the same random draws for both
+            losses = []
+            for i, b in enumerate(shapes):
+                set_lr(optimizer, base_lrs, lr_factor(chosen, i, len(shapes), 2))
+                losses.append(run(*b).float())
+            runs.append((torch.stack(losses), [p.detach().float() for p in model.parameters()]))
         (loss_a, params_a), (loss_b, params_b) = runs
-        result[mode or "eager"] = {
+        result[name] = {
             "max_loss_difference": (loss_a - loss_b).abs().max().item(),
             "max_weight_difference": max((a - b).abs().max().item()
                                          for a, b in zip(params_a, params_b, strict=True)),

@@ -1,5 +1,20 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
+
+# Fixtures written on one machine are compared bitwise on another (a run saved by vitlab 0.1.0,
+# continued today): the CPU kernels are pinned to AVX2, in this process and the CLI subprocesses
+# the tests start. The development machines so far had AVX2 alone, or AVX-512 too, whose
+# kernels round differently. Set before torch is imported; a caller's own choice wins.
+# torch.compile's generated kernels follow ATEN_CPU_CAPABILITY too, and its on-disk cache does
+# not tell them apart: the tests keep their own cache, per user and capability.
+for _name, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+                      ("MKL_ENABLE_INSTRUCTIONS", "AVX2")):
+    os.environ.setdefault(_name, _value)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"vitlab-tests-inductor-{getattr(os, 'getuid', lambda: 0)()}-"
+    f"{os.environ['ATEN_CPU_CAPABILITY']}"))
 
 # tests/ holds reference implementations (the tutorial's model) imported by several tests.
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,7 +1,8 @@
 """The captured training step (`--capture-step`), on the CPU with CallAgain standing in for CUDA
-graphs: the warm-up leaves no trace (parameters and optimizer state put back, created state
-zeroed), so a captured run equals an uncaptured one bitwise; the batch buffers, the second batch
-shape and the LR as a tensor work; what cannot be captured is refused. (Recording and replaying
+graphs: the warm-up leaves no trace (parameters, optimizer state and random generators put back,
+created state zeroed), so a captured run equals an uncaptured one bitwise, dropout included; the
+batch buffers, the second batch shape and the LR as a tensor work; what cannot be captured is
+refused. (Recording and replaying
 for real needs CUDA: benchmarks/step_breakdown.py checks that on a GPU.)"""
 
 import copy
@@ -20,9 +21,23 @@ from vitlab.train.capture import CallAgain, CapturedStep
 from vitlab.train.engine import set_lr, train_step
 from vitlab.train.recipe import build_optimizer, lr_factor
 
-QUIET = dataclasses.replace(CONFIG, dropout=0.0)  # no random draw in the step
+QUIET = dataclasses.replace(CONFIG, dropout=0.0)  # for a reference that draws at another time
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class OneBuffer(CallAgain):
+    """Like a CUDA graph, every replay writes its loss into the same tensor."""
+
+    def capture(self, body):
+        out = None
+
+        def replay():
+            nonlocal out
+            loss = body()
+            out = loss.clone() if out is None else out.copy_(loss)
+            return out
+        return replay
 
 
 def batches(n: int, size: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -42,7 +57,7 @@ def test_captured_steps_equal_uncaptured_ones_bitwise(name, overrides):
     runs = []
     for capture in (False, True):
         torch.manual_seed(0)
-        model = ViT(QUIET)
+        model = ViT(CONFIG)
         optimizer = build_optimizer(chosen, model.named_parameters())
         base_lrs = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:  # as captured: AdamW rounds a tensor LR otherwise
@@ -67,7 +82,8 @@ def test_captured_steps_equal_uncaptured_ones_bitwise(name, overrides):
 
 def test_a_capture_restores_existing_state_and_keeps_the_callers_tensors():
     """Captured mid-run (a resumed run's first step), the warm-up's changes to the existing
-    momentum are undone in place; the returned loss is the caller's, not the graph's buffer."""
+    momentum are undone in place; the returned loss is the caller's, not the graph's buffer,
+    which the next replay overwrites."""
     chosen = recipe("seed", batch_size=8, lr=0.05)
     torch.manual_seed(0)
     model = ViT(QUIET)
@@ -81,7 +97,7 @@ def test_a_capture_restores_existing_state_and_keeps_the_callers_tensors():
     reference_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
     captured = CapturedStep(lambda i, t: train_step(model, optimizer, i, t, chosen), model,
-                            optimizer, graphs=CallAgain())
+                            optimizer, graphs=OneBuffer())
     loss = captured(*second)
     expected = train_step(reference, reference_optimizer, *second, chosen)
     assert torch.equal(loss, expected)
@@ -89,8 +105,9 @@ def test_a_capture_restores_existing_state_and_keeps_the_callers_tensors():
                for p, b in zip(model.parameters(), buffers, strict=True))
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q)
-    again = captured(*second)
-    assert not torch.equal(loss, again)  # the first loss was not overwritten by the replay
+    kept = loss.clone()
+    captured(*second)
+    assert torch.equal(loss, kept)  # the graph's buffer was overwritten, the caller's loss not
 
 
 def test_capture_refuses_what_it_cannot_record():
@@ -107,13 +124,13 @@ def test_fit_with_a_captured_step_equals_fit_without(dataset, tmp_path, monkeypa
     """fit's wiring: with the capture on (CallAgain on the CPU), the run's weights, metrics and
     resumable state are those of the uncaptured run, and its Start line says so."""
     torch.manual_seed(0)
-    fit(ViT(QUIET), dataset, recipe("seed", batch_size=8, lr=0.05), options(2),
+    fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8, lr=0.05), options(2),
         tmp_path / "plain")
     monkeypatch.setattr(TrainOptions, "captures", lambda self, device_type, world_size=1: True)
     monkeypatch.setattr(engine, "CapturedStep", functools.partial(CapturedStep,
                                                                   graphs=CallAgain()))
     torch.manual_seed(0)
-    fit(ViT(QUIET), dataset, recipe("seed", batch_size=8, lr=0.05), options(2),
+    fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8, lr=0.05), options(2),
         tmp_path / "captured")
     plain, captured = (ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("plain", "captured"))
     for key in plain:

@@ -795,8 +795,10 @@ def test_compile_flags_parse():
     ({"compile": True}, "cpu", 10, 1, ("default", False)),
     ({"compile_mode": "max-autotune"}, "cpu", 10, 1, ("max-autotune", False)),
     ({"eager_optimizer": True}, "cpu", 10, 1, ("default", True)),
-    ({"compile": True, "eager_optimizer": False}, "cuda", 10, 1, ("default", False)),
-    ({"eager_optimizer": False}, "cuda", 39_100, 1, ("default", False)),
+    # A compiled optimizer step asked for: uncaptured (a captured step records it eagerly).
+    ({"compile": True, "eager_optimizer": False}, "cuda", 10, 1, ("reduce-overhead", False)),
+    ({"eager_optimizer": False}, "cuda", 39_100, 1, ("reduce-overhead", False)),
+    ({"eager_optimizer": True}, "cuda", 10, 1, ("default", True)),
     ({"compile_mode": "default"}, "cuda", 10, 1, ("default", True)),
 ])
 def test_compile_plan(given, device, steps, world, plan):
@@ -811,6 +813,7 @@ def test_compile_plan(given, device, steps, world, plan):
     ({"compile_mode": "reduce-overhead"}, "cuda", 1, False),  # its own CUDA graphs
     ({"compile_mode": "max-autotune"}, "cuda", 1, False),
     ({"compile_mode": "default"}, "cuda", 1, True),
+    ({"eager_optimizer": False}, "cuda", 1, False),  # a compiled optimizer step
     ({"capture_step": False}, "cuda", 1, False),
     ({"capture_step": True}, "cuda", 1, True),
     ({"capture_step": True}, "cpu", 1, "needs a CUDA device"),
@@ -824,10 +827,12 @@ def test_capture_plan(given, device, world, captures):
             options(1, **given).captures(device, world)
 
 
-def test_capture_step_refuses_a_compile_mode_with_graphs_of_its_own():
+def test_capture_step_refuses_what_it_would_override():
     for mode in ("reduce-overhead", "max-autotune"):
         with pytest.raises(ConfigError, match="--compile-mode default, not " + mode):
             options(1, capture_step=True, compile_mode=mode)
+    with pytest.raises(ConfigError, match="leave out --no-eager-optimizer"):
+        options(1, capture_step=True, eager_optimizer=False)
 
 
 def test_compiled_training_equals_eager_training(dataset, tmp_path):

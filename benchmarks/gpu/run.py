@@ -253,6 +253,26 @@ RUNS = {"seed": ["--recipe", "seed"], "vitlab": ["--recipe", "vitlab"],
         "vitlab-conv": ["--recipe", "vitlab", "--model", "vitlab-mini-conv"]}
 
 
+def timeline(records: list[dict]) -> dict:
+    """Where a fit's time went, from its metrics.jsonl's time stamps (seconds, summed over the
+    epochs): the first epoch's training (compiling and capturing), the other epochs', the
+    evaluations (from an epoch's Train record to its Eval record), and the rest between an
+    Eval record and the next epoch's start (the checkpoint, curves.png)."""
+    ends = [r for r in records if r.get("event") == "train" and "epoch_time" in r]
+    evals = {r["epoch"]: r["time"] for r in records if r.get("event") == "eval" and "epoch" in r}
+    result = {"first_epoch": ends[0]["epoch_time"] if ends else None,
+              "other_epochs": sum(r["epoch_time"] for r in ends[1:]),
+              "evaluation": 0.0, "between": 0.0}
+    for i, end in enumerate(ends):
+        evaluated = evals.get(end["epoch"])
+        if evaluated is None:
+            continue
+        result["evaluation"] += evaluated - end["time"]
+        if i + 1 < len(ends):
+            result["between"] += ends[i + 1]["time"] - ends[i + 1]["epoch_time"] - evaluated
+    return {k: None if v is None else round(v, 1) for k, v in result.items()}
+
+
 def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
               eager_optimizer: bool) -> dict:
     from vitlab.train.checkpoint import read_jsonl, selection_key
@@ -295,6 +315,7 @@ def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
             "best_accuracy": max((r[key] for r in evals), default=None),
             "final_accuracy": evals[-1][key] if evals else None,
             "train_seconds": finish[-1].get("total_time") if finish else None,
+            "timeline": timeline(records),
         }
         curves = run_dir / stage / "curves.png"
         if curves.is_file() and stage == "pretrain":

@@ -398,8 +398,9 @@ def _out_of_memory(error: BaseException) -> bool:
 
 def _memory_advice(command: str) -> str:
     if command in ("pretrain", "finetune", "run"):
+        # A captured step's graph keeps its activations' memory between steps (CUDA).
         return ("a smaller --batch-size or --augment-chunk (a new run: a run resumes with its "
-                "own), or --eval-batch-size")
+                "own), or --eval-batch-size, or --no-capture-step")
     return "a smaller --batch-size" if command in ("evaluate", "predict", "bench") else ""
 
 

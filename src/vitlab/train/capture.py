@@ -13,47 +13,60 @@ on the same memory. So:
 - the learning rates are tensors the graph reads, which `set_lr` updates in place;
 - the optimizer's state must exist before the capture: a first step creates it, and recorded,
   that creation would be replayed at every step. So warm-up steps run first, on a side stream
-  (they also let torch.compile compile and cuBLAS set up), and then the parameters and the
-  optimizer's state are put back as they were, the state the warm-up created set to zero. Zeroed
-  state is what a first step starts from for AdamW (moments and step count 0) and for SGD without
-  dampening (the momentum buffer becomes the gradient). The first replay is the run's next step.
+  (they also let torch.compile compile and cuBLAS set up), and then the parameters, the
+  optimizer's state and the random generators are put back as they were, the state the warm-up
+  created set to zero. Zeroed state is what a first step starts from for AdamW (moments and step
+  count 0) and for SGD without dampening (the momentum buffer becomes the gradient). The first
+  replay is the run's next step, with the random draws (dropout) it would have had.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from vitlab.errors import ConfigError
+from vitlab.errors import ConfigError, VitlabError
 
 Step = Callable[[Tensor, Tensor], Tensor]  # (inputs, targets) -> the step's loss
 
 
+class CaptureError(VitlabError):
+    """The step could not be recorded as a CUDA graph."""
+
+
 class CudaGraphs:
-    """Warm-up and capture with torch.cuda's graphs."""
+    """Warm-up and capture with torch.cuda's graphs, on `device` whatever the current device is
+    (cuda:1 in a single process). Every shape's graph shares one memory pool: nothing lives in
+    it from one step to the next (the loss is copied out, the gradients rewritten first), so
+    the short last batch's graph reuses the full batch's memory."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.stream = torch.cuda.Stream(device)  # warm-up and capture: off the current stream
+        self.pool = torch.cuda.graph_pool_handle()
 
     def warm_up(self, body: Callable[[], object], steps: int) -> None:
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(steps):
-                body()
-        current.wait_stream(side)
+        with torch.cuda.device(self.device):
+            current = torch.cuda.current_stream()
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                for _ in range(steps):
+                    body()
+            current.wait_stream(self.stream)
 
     def capture(self, body: Callable[[], Tensor]) -> Callable[[], Tensor]:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.device(self.device), torch.cuda.graph(graph, pool=self.pool,
+                                                              stream=self.stream):
             out = body()
 
         def replay() -> Tensor:
-            graph.replay()
+            with torch.cuda.device(self.device):
+                graph.replay()
             return out
         return replay
 
@@ -98,7 +111,7 @@ class CapturedStep:
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
             if device.type == "cuda" and "capturable" in group:
                 group["capturable"] = True  # Adam(W): its step count on the device
-        self.step, self.model, self.optimizer = step, model, optimizer
+        self.step, self.model, self.optimizer, self.device = step, model, optimizer, device
         self.warmup_steps = warmup_steps
         self.graphs = graphs or CudaGraphs(device)
         self._captured: dict[tuple, _Captured] = {}
@@ -115,10 +128,40 @@ class CapturedStep:
     def _capture(self, inputs: Tensor, targets: Tensor) -> _Captured:
         static_inputs, static_targets = inputs.clone(), targets.clone()
         saved = _snapshot(self.model, self.optimizer)
-        self.graphs.warm_up(lambda: self.step(static_inputs, static_targets), self.warmup_steps)
+        rng = _rng_states(self.device)
+        with warnings.catch_warnings():  # AdamW's capturable=True, run uncaptured on purpose
+            warnings.filterwarnings("ignore", message=".*capturable=True")
+            self.graphs.warm_up(lambda: self.step(static_inputs, static_targets),
+                                self.warmup_steps)
+        # The warm-up leaves no trace: weights, optimizer state and random draws as before.
         _restore(self.model, self.optimizer, saved)
-        replay = self.graphs.capture(lambda: self.step(static_inputs, static_targets))
+        _set_rng_states(self.device, rng)
+        try:
+            replay = self.graphs.capture(lambda: self.step(static_inputs, static_targets))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as error:  # the step ran uncaptured: recording it is what failed
+            first = (str(error).strip() or type(error).__name__).splitlines()[0]
+            raise CaptureError(f"recording the training step as a CUDA graph failed ({first}); "
+                               "train without it: --no-capture-step") from error
         return _Captured(static_inputs, static_targets, replay)
+
+    def close(self) -> None:
+        """Free the graphs and their memory (fit is done): the gradients point into it."""
+        self._captured.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _rng_states(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_states(device: torch.device, states: tuple) -> None:
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list, dict]:

@@ -727,6 +727,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
             if stopping and progress.epoch < options.epochs:
                 writer.wait()  # the checkpoint the stop's message says to resume from
                 _stop(reporter, progress, progress.epoch, run_dir, stop.received)
+    if captured is not None:
+        captured.close()
     reporter.event("Finish", step=progress.global_step, total_time=writer.elapsed(),
                    best_accuracy=progress.best_accuracy)
     distributed.barrier()  # every file written before any process goes on (to a next stage)

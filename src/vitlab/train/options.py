@@ -138,6 +138,9 @@ class TrainOptions:
             raise ConfigError(f"--capture-step records the whole step as one CUDA graph itself: "
                               f"use --compile-mode default, not {self.compile_mode} (which "
                               "records CUDA graphs of its own)")
+        if self.capture_step and self.eager_optimizer is False:
+            raise ConfigError("--capture-step records the optimizer's step as it runs, eagerly: "
+                              "leave out --no-eager-optimizer (or use --no-capture-step)")
         for name in ("compile", "eager_optimizer", "capture_step", "freeze_encoder", "quiet",
                      "overwrite", "tensorboard", "resize_on_device"):
             value = getattr(self, name)
@@ -162,17 +165,21 @@ class TrainOptions:
             return None, False
         # CUDA graphs were measured on one GPU; under DDP torch.compile's own default mode;
         # a captured step records its own graph.
-        graphs = cuda and world_size == 1 and not self.captures(device_type, world_size)
+        captured = self.captures(device_type, world_size)
+        graphs = cuda and world_size == 1 and not captured
         mode = self.compile_mode or ("reduce-overhead" if graphs else "default")
-        return mode, self.eager_optimizer if self.eager_optimizer is not None else cuda
+        # A captured step records the optimizer's step as it runs: eagerly.
+        return mode, captured or (self.eager_optimizer if self.eager_optimizer is not None
+                                  else cuda)
 
     def captures(self, device_type: str, world_size: int = 1) -> bool:
         """Whether fit records its whole step as one CUDA graph (--capture-step). Unset: on one
-        CUDA GPU, unless a compile mode that records graphs of its own was asked for (measured:
-        benchmarks/gpu/results/2026-11-27-h200-2). Asked for where it cannot run (the CPU,
-        several processes), a clear error."""
-        if self.capture_step is None:
-            return (device_type == "cuda" and world_size == 1
+        CUDA GPU, unless a compile mode that records graphs of its own or a compiled optimizer
+        step (--no-eager-optimizer) was asked for (measured: benchmarks/gpu/results/
+        2026-11-27-h200-2). Asked for where it cannot run (the CPU, several processes), a clear
+        error."""
+        if self.capture_step is None:  # off where asked for graphs or a compiled optimizer step
+            return (device_type == "cuda" and world_size == 1 and self.eager_optimizer is not False
                     and self.compile_mode in (None, "default"))
         if not self.capture_step:
             return False
