@@ -140,3 +140,10 @@ def test_fit_with_a_captured_step_equals_fit_without(dataset, tmp_path, monkeypa
     evals = [[r["accuracy"] for r in ckpt.read_jsonl(tmp_path / run / ckpt.METRICS)
               if r["event"] == "eval"] for run in ("plain", "captured")]
     assert evals[0] == evals[1] and len(evals[0]) == 2
+
+
+def test_fit_refuses_a_capture_on_the_cpu_before_writing_anything(dataset, tmp_path):  # noqa: F811
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8), options(1, capture_step=True),
+            tmp_path / "run")
+    assert not (tmp_path / "run").exists()

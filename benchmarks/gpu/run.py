@@ -229,20 +229,22 @@ def stage_breakdown(args: argparse.Namespace) -> dict:
                      steps=args.train_steps or 50, repeats=args.bench_repeats)
 
 
-def best_compile(cases: dict) -> tuple[str, bool]:
-    """The compile mode of seed-mini's fastest bf16 training step in the bench stage, and whether
-    that step's optimizer was eager (a compiled model's row with an uncompiled optimizer)."""
-    from vitlab.bench import EAGER_OPTIMIZER
+def best_compile(cases: dict) -> tuple[str, bool, bool]:
+    """The compile mode of seed-mini's fastest bf16 training step in the bench stage, whether
+    that step's optimizer was eager (a compiled model's row with an uncompiled optimizer), and
+    whether the step was captured whole (`--capture-step`, which records the optimizer eager)."""
+    from vitlab.bench import CAPTURED, EAGER_OPTIMIZER
 
-    best, mode, eager = 0.0, "off", False
+    best, mode, eager, captured = 0.0, "off", False, False
     for precision, candidate in BENCH_CASES:
         entry = cases.get(f"seed-mini-{precision}-{candidate}", {})
         for row in entry.get("rows", []):
             if precision == "bf16" and row["mode"] == "train" and row["model"] != "tutorial" \
                     and row["images_per_s"] > best:
                 best, mode = row["images_per_s"], candidate
-                eager = row["model"].endswith(EAGER_OPTIMIZER)
-    return mode, eager
+                captured = row["model"].endswith(CAPTURED)
+                eager = captured or row["model"].endswith(EAGER_OPTIMIZER)
+    return mode, eager, captured
 
 
 # The `vitlab run` stages: stage name -> the run's recipe and model.
@@ -375,7 +377,7 @@ def main() -> None:
             result = stage_checks(args)
         elif stage == "bench":
             result = stage_bench(args.out, args)
-            result["best"] = dict(zip(("compile", "eager_optimizer"),
+            result["best"] = dict(zip(("compile", "eager_optimizer", "capture_step"),
                                       best_compile(result["cases"]), strict=True))
         elif stage == "breakdown":
             result = stage_breakdown(args)

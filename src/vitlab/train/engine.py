@@ -616,9 +616,10 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     step = (compile_optimizer_step(optimizer, mode)
             if compiled and not eager_optimizer and not capture else None)
     trainable = runnable
-    captured = CapturedStep(lambda inputs, targets: train_step(
-        runnable, optimizer, inputs, targets, recipe, autocast_dtype), model, optimizer
-                            ) if capture else None
+    captured = None
+    if capture:  # one process: the model is `runnable`, never DDP's
+        captured = CapturedStep(lambda inputs, targets: train_step(
+            runnable, optimizer, inputs, targets, recipe, autocast_dtype), model, optimizer)
     if world > 1:  # gradients averaged across processes by PyTorch's DDP
         from torch.nn.parallel import DistributedDataParallel
 

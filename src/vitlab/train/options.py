@@ -69,7 +69,8 @@ class TrainOptions:
         "record the whole training step (forward, loss, backward, optimizer) as one CUDA graph "
         "and replay it for every batch: the host issues a step as two copies and one replay "
         "(one CUDA GPU; a compiled model in torch's default mode, which records no graphs of "
-        "its own) (default: on one CUDA GPU unless --compile-mode asks for graphs of its own)"))
+        "its own) (default: on one CUDA GPU, unless --compile-mode asks for graphs of its own or "
+        "--no-eager-optimizer for a compiled optimizer step)"))
     train_steps_per_epoch: int | None = field(default=None, metadata=_saved(
         "exactly N batches per epoch (cut short or extended)"))
     eval_steps_per_epoch: int | None = field(default=None, metadata=_saved(
