@@ -300,15 +300,13 @@ def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
     # Straight into OUT: a run that the device call's limit kills still sends back its output.
     code, seconds = run_logged(command, out / "runs.log", args.stage_timeout, mode="a")
     result: dict = {"exit": code, "wall_seconds": round(seconds, 1), "compile": compile_mode,
-                    # auto: vitlab's rule decides per stage (TrainOptions.compile_plan)
-                    "eager_optimizer": (None if compile_mode == "auto"
-                                        else compile_mode != "off" and eager_optimizer),
                     "command": " ".join(command)}
     for stage in ("pretrain", "finetune"):
         metrics = run_dir / stage / "metrics.jsonl"
         if not metrics.is_file():
             continue
         records = read_jsonl(metrics)
+        start = next((r for r in records if r.get("event") == "start"), {})
         evals = [r for r in records if r.get("event") == "eval"]
         finish = [r for r in records if r.get("event") == "finish"]
         key = selection_key(evals)
@@ -318,6 +316,8 @@ def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
             "final_accuracy": evals[-1][key] if evals else None,
             "train_seconds": finish[-1].get("total_time") if finish else None,
             "timeline": timeline(records),
+            # how vitlab ran it, as its Start line says (auto: vitlab's per-device rule)
+            "compiled": start.get("compile"), "captured": start.get("capture"),
         }
         curves = run_dir / stage / "curves.png"
         if curves.is_file() and stage == "pretrain":
@@ -371,21 +371,25 @@ def main() -> None:
             summary["stages"][stage] = {"skipped": f"deadline ({elapsed:.0f} s elapsed)"}
             continue
         t0 = time.perf_counter()
-        if stage == "env":
-            result = stage_env(args.out, args.device)
-        elif stage == "checks":
-            result = stage_checks(args)
-        elif stage == "bench":
-            result = stage_bench(args.out, args)
-            result["best"] = dict(zip(("compile", "eager_optimizer", "capture_step"),
-                                      best_compile(result["cases"]), strict=True))
-        elif stage == "breakdown":
-            result = stage_breakdown(args)
-        elif stage in RUNS:
-            result = stage_run(args.out, args, stage, compile_mode, eager_optimizer)
-        else:
+        if stage not in ("env", "checks", "bench", "breakdown", *RUNS):
             raise SystemExit(f"unknown stage {stage!r}; known: env, checks, bench, breakdown, "
                              f"{', '.join(RUNS)}")
+        try:  # a stage that fails on the card is a finding: the next stages still run
+            if stage == "env":
+                result = stage_env(args.out, args.device)
+            elif stage == "checks":
+                result = stage_checks(args)
+            elif stage == "bench":
+                result = stage_bench(args.out, args)
+                result["best"] = dict(zip(("compile", "eager_optimizer", "capture_step"),
+                                          best_compile(result["cases"]), strict=True))
+            elif stage == "breakdown":
+                result = stage_breakdown(args)
+            else:
+                result = stage_run(args.out, args, stage, compile_mode, eager_optimizer)
+        except Exception as error:  # noqa: BLE001 - recorded in summary.json, and printed
+            result = {"error": f"{type(error).__name__}: {error}"[:500]}
+            print(f"{stage}: failed: {result['error']}", flush=True)
         summary["stages"][stage] = {"seconds": round(time.perf_counter() - t0, 1), **(
             result if isinstance(result, dict) else {})}
         summary["total_seconds"] = round(time.perf_counter() - start, 1)

@@ -396,11 +396,11 @@ def _out_of_memory(error: BaseException) -> bool:
             or "can't allocate memory" in str(error))
 
 
-def _memory_advice(command: str) -> str:
+def _memory_advice(command: str, cuda: bool = False) -> str:
     if command in ("pretrain", "finetune", "run"):
-        # A captured step's graph keeps its activations' memory between steps (CUDA).
+        # A captured step's graph keeps its activations' memory between steps (CUDA only).
         return ("a smaller --batch-size or --augment-chunk (a new run: a run resumes with its "
-                "own), or --eval-batch-size, or --no-capture-step")
+                "own), or --eval-batch-size" + (", or --no-capture-step" if cuda else ""))
     return "a smaller --batch-size" if command in ("evaluate", "predict", "bench") else ""
 
 
@@ -448,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         if _out_of_memory(e):
             first = re.sub(r"^\[enforce fail at [^]]*\]\s*(err == 0\.\s*)?", "",
                            _first_line(e))[:200]
-            advice = _memory_advice(args.command)
+            import torch
+
+            advice = _memory_advice(args.command, isinstance(e, torch.cuda.OutOfMemoryError))
             print(f"vitlab {args.command}: error{_rank_tag()}: out of memory ({first})"
                   + (f"; try {advice}" if advice else ""), file=sys.stderr)
             return EXIT_USAGE

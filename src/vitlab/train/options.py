@@ -27,10 +27,11 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # compiling is opt-in (unmeasured).
 COMPILE_PAYS_AFTER_STEPS = 2500
 # With the step captured as one CUDA graph (--capture-step, the default on one CUDA GPU) an eager
-# step is no longer launch-bound: on the same H200 seed-mini's captured step took 3.48 ms eager
-# and 2.22 ms compiled (benchmarks/gpu/results/2026-11-27-h200-2), 1.25 ms saved a step against
-# ~9-21 s of compiling (the estimates that session gives), so compiling pays from ~7,000-17,000
-# steps: the tutorial's 100 epochs compile; a 20-epoch run (7,820 steps) does not.
+# step is no longer launch-bound: on an H200 seed-mini's captured step took 3.48 ms eager and
+# 2.22 ms compiled (benchmarks/gpu/results/2026-11-27-h200-2), 1.25 ms saved a step. Its compile
+# was not timed alone; at reduce-overhead's ~21 s (22.8 s for the uncaptured first epoch against
+# 1.4 s) it would pay from ~17,000 steps, and 10,000 is a rounded guess below that, to measure.
+# The tutorial's 100 epochs compile; a 20-epoch run (7,820 steps) does not.
 COMPILE_PAYS_CAPTURED_AFTER_STEPS = 10_000
 MAX_SEED = 2**63 - 1
 # --augment-chunk's memory bound: a 224 px model's inputs at 1,024 images would take 588 MiB.
@@ -64,7 +65,8 @@ class TrainOptions:
         "(default: on CUDA, where it measured faster; compiled on the CPU)"))
     compile_mode: str | None = field(default=None, metadata=_runtime(
         "torch.compile mode; implies --compile (default: torch's default mode; reduce-overhead, "
-        "CUDA graphs, on one CUDA GPU with --no-capture-step)", choices=COMPILE_MODES))
+        "CUDA graphs, on one CUDA GPU when the step is not captured: --no-capture-step or "
+        "--no-eager-optimizer)", choices=COMPILE_MODES))
     capture_step: bool | None = field(default=None, metadata=_runtime(
         "record the whole training step (forward, loss, backward, optimizer) as one CUDA graph "
         "and replay it for every batch: the host issues a step as two copies and one replay "

@@ -1,0 +1,43 @@
+"""benchmarks/gpu/run.py's bookkeeping, which a GPU session has no time to debug: a run's
+timeline from its metrics.jsonl, and the bench's fastest mode when the captured row wins."""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))
+_pythonpath = os.environ.get("PYTHONPATH")
+from run import best_compile, timeline  # noqa: E402 - it sets PYTHONPATH for its runs
+
+if _pythonpath is None:  # the CLI subprocesses of other tests run the installed vitlab
+    os.environ.pop("PYTHONPATH", None)
+else:
+    os.environ["PYTHONPATH"] = _pythonpath
+
+
+def test_a_runs_timeline_splits_training_evaluation_and_the_rest():
+    records = [{"event": "start", "time": 100.0}]
+    end = 100.0
+    for epoch, (train, evaluation, rest) in enumerate([(20.0, 0.5, 0.25), (1.5, 0.5, 0.25),
+                                                      (1.5, 0.5, 0.0)], start=1):
+        end += train
+        records.append({"event": "train", "epoch": epoch, "epoch_time": train, "time": end})
+        end += evaluation
+        records.append({"event": "eval", "epoch": epoch, "accuracy": 0.5, "time": end})
+        end += rest
+    records.append({"event": "train", "step": 7, "ce": 1.0, "time": end})  # a step line
+    assert timeline(records) == {"first_epoch": 20.0, "other_epochs": 3.0, "evaluation": 1.5,
+                                 "between": 0.5}
+
+
+def test_the_fastest_bench_row_names_its_mode_and_whether_it_was_captured():
+    def case(*rows):
+        return {"rows": [{"mode": "train", "model": model, "images_per_s": rate}
+                         for model, rate in rows]}
+    cases = {"seed-mini-bf16-default": case(("tutorial", 9e9), ("vitlab bf16, compile default", 10),
+                                            ("vitlab bf16, compile default, captured step", 50)),
+             "seed-mini-bf16-reduce-overhead": case(
+                 ("vitlab bf16, compile reduce-overhead, eager optimizer", 40))}
+    assert best_compile(cases) == ("default", True, True)
+    cases["seed-mini-bf16-reduce-overhead"]["rows"][0]["images_per_s"] = 60
+    assert best_compile(cases) == ("reduce-overhead", True, False)
