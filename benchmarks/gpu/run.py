@@ -2,7 +2,7 @@
 
     python benchmarks/gpu/run.py --data DATA --out OUT
         [--stages env,checks,bench,breakdown,seed,vitlab,vitlab-sl,vitlab-seed-mini,
-         vitlab-halfmix,vitlab-conv]
+         vitlab-halfmix,vitlab-conv,vitlab-light]
 
 DATA holds the array folders cifar100/ and cifar10/ (../shared/data here; on the device machine,
 what `device_data.py join` rebuilt). Stages:
@@ -35,6 +35,8 @@ what `device_data.py join` rebuilt). Stages:
   vitlab-halfmix  the same with --recipe vitlab --mix-prob 0.5 --mixup-alpha 1 (Lee et al.'s
           mixing: half the batches, alpha 1; lighter regularization for 100 passes)
   vitlab-conv  the same with --recipe vitlab --model vitlab-mini-conv (a conv stem)
+  vitlab-light  vitlab-halfmix without Random Erasing (--erase-prob 0): lighter still, since
+          the full vitlab run under-fits at 100 epochs
 
 OUT gets summary.json (every figure; it is rewritten after each stage, so a session cut short
 still returns what it finished), bench.md, curves-<run>.png of each pre-training, runs.log (every
@@ -252,6 +254,8 @@ RUNS = {"seed": ["--recipe", "seed"], "vitlab": ["--recipe", "vitlab"],
         "vitlab-sl": ["--recipe", "vitlab", "--model", "vitlab-mini-sl"],
         "vitlab-seed-mini": ["--recipe", "vitlab", "--model", "seed-mini"],
         "vitlab-halfmix": ["--recipe", "vitlab", "--mix-prob", "0.5", "--mixup-alpha", "1"],
+        "vitlab-light": ["--recipe", "vitlab", "--mix-prob", "0.5", "--mixup-alpha", "1",
+                         "--erase-prob", "0"],
         "vitlab-conv": ["--recipe", "vitlab", "--model", "vitlab-mini-conv"]}
 
 
