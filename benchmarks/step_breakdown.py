@@ -66,7 +66,7 @@ from vitlab.train.engine import (
     set_lr,
     train_step,
 )
-from vitlab.train.recipe import build_optimizer, fused_kernels, lr_factor
+from vitlab.train.recipe import build_optimizer, fused_kernels, lr_factor, lrs_as_tensors
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
 # The cases --compare adds (a failure of theirs is recorded, not fatal), and the SDPA variants'.
@@ -302,8 +302,7 @@ def capture_check(target: torch.device, config, initial: dict, batch: tuple,
             optimizer = build_optimizer(chosen, model.named_parameters(),
                                         fused=fused_kernels(target))
             base_lrs = [group["lr"] for group in optimizer.param_groups]
-            for group in optimizer.param_groups:  # as captured: a tensor LR rounds otherwise
-                group["lr"] = torch.tensor(float(group["lr"]), device=target)
+            lrs_as_tensors(optimizer)  # as captured: a tensor LR rounds otherwise
             runnable = torch.compile(model, mode=mode) if mode else model
 
             def step(inputs, labels, runnable=runnable, optimizer=optimizer, chosen=chosen):

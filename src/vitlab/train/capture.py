@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from vitlab.errors import ConfigError, VitlabError
+from vitlab.train.recipe import lrs_as_tensors
 
 Step = Callable[[Tensor, Tensor], Tensor]  # (inputs, targets) -> the step's loss
 
@@ -104,11 +105,12 @@ class CapturedStep:
         if graphs is None and device.type != "cuda":
             raise ConfigError(f"--capture-step records CUDA graphs: it needs a CUDA device, "
                               f"and the model is on {device}")
+        if any(group.get("momentum") and group.get("dampening")
+               for group in optimizer.param_groups):
+            raise ConfigError("--capture-step cannot start SGD's momentum with dampening "
+                              "from a zeroed buffer; leave dampening at 0")
+        lrs_as_tensors(optimizer)
         for group in optimizer.param_groups:
-            if group.get("momentum") and group.get("dampening"):
-                raise ConfigError("--capture-step cannot start SGD's momentum with dampening "
-                                  "from a zeroed buffer; leave dampening at 0")
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
             if device.type == "cuda" and "capturable" in group:
                 group["capturable"] = True  # Adam(W): its step count on the device
         self.step, self.model, self.optimizer, self.device = step, model, optimizer, device

@@ -31,7 +31,13 @@ from vitlab.train import checkpoint as ckpt
 from vitlab.train.capture import CapturedStep
 from vitlab.train.ema import WeightEMA
 from vitlab.train.options import TrainOptions
-from vitlab.train.recipe import Recipe, build_optimizer, fused_kernels, lr_factor
+from vitlab.train.recipe import (
+    Recipe,
+    build_optimizer,
+    fused_kernels,
+    lr_factor,
+    lrs_as_tensors,
+)
 from vitlab.train.reporting import Reporter, require_tensorboard
 from vitlab.train.runconfig import RunConfig
 
@@ -240,9 +246,7 @@ def compile_optimizer_step(optimizer: torch.optim.Optimizer, mode: str = "defaul
     their parameters' device, which `set_lr` updates in place: a Python float LR would be a
     constant of the compiled code (a recompilation at every change of the schedule), while a
     tensor is an input, read afresh by every call and every replay of a captured CUDA graph."""
-    for group in optimizer.param_groups:
-        device = group["params"][0].device
-        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+    lrs_as_tensors(optimizer)
     return torch.compile(optimizer.step, mode=mode)
 
 

@@ -160,15 +160,14 @@ class TrainOptions:
         cuda = device_type == "cuda"
         asked = self.compile if self.compile is not None else (
             self.compile_mode is not None or self.eager_optimizer is True or None)
+        captured = self.captures(device_type, world_size)
         if asked is None:
-            pays_after = (COMPILE_PAYS_CAPTURED_AFTER_STEPS if self.captures(device_type, world_size)
-                          else COMPILE_PAYS_AFTER_STEPS)
+            pays_after = COMPILE_PAYS_CAPTURED_AFTER_STEPS if captured else COMPILE_PAYS_AFTER_STEPS
             asked = cuda and world_size == 1 and steps >= pays_after
         if not asked:
             return None, False
         # CUDA graphs were measured on one GPU; under DDP torch.compile's own default mode;
         # a captured step records its own graph.
-        captured = self.captures(device_type, world_size)
         graphs = cuda and world_size == 1 and not captured
         mode = self.compile_mode or ("reduce-overhead" if graphs else "default")
         # A captured step records the optimizer's step as it runs: eagerly.

@@ -238,6 +238,15 @@ def recipe(name: str, **overrides) -> Recipe:
     return dataclasses.replace(RECIPES[name], **changes)
 
 
+def lrs_as_tensors(optimizer: torch.optim.Optimizer) -> None:
+    """Each group's LR as a 0-dim float32 tensor on its parameters' device: an input that a
+    compiled optimizer step or a recorded CUDA graph reads afresh at every call (a Python float
+    would be a constant of it), and that `set_lr` updates in place."""
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
 def fused_kernels(device: torch.device) -> bool | None:
     """The optimizers' `fused` setting on `device`: PyTorch's fused kernels on CUDA (one launch
     per step, no host sync), the default elsewhere (what CPU runs resume bitwise with)."""
