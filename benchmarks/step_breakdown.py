@@ -47,6 +47,7 @@ import dataclasses
 import itertools
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,6 +110,11 @@ def kernel_profile(body: Callable[[], object], steps: int, sync: Callable[[], No
                        "ms_per_step": round(us / 1000 / steps, 4)}
                       for name, (n, us) in costliest],
     }
+
+
+def say(message: str) -> None:
+    """A progress line on stderr: where a run that dies (a GPU fault) stopped."""
+    print(f"step_breakdown: {message}", file=sys.stderr, flush=True)
 
 
 def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", steps: int = 50,
@@ -218,6 +224,7 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     for i, name in enumerate(order):  # compilation and CUDA graph capture happen here
         if sdpa and (name in sdpa or i == len(sdpa)):
             torch._dynamo.reset()
+        say(f"warming up {name!r} (compiling, capturing)")
         try:
             timed(cases[name], warmup)
         except Exception as error:  # noqa: BLE001 - a compared case's failure is a finding
@@ -228,6 +235,7 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
             del cases[name]
     warmup_seconds = time.perf_counter() - warm_start
     rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
+    say(f"timing {len(cases)} cases, {repeats} rounds")
     for _ in range(repeats):
         for name, body in cases.items():
             rounds[name].append(timed(body, steps))
@@ -238,6 +246,7 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
         for name in ("step", "batch+step", COMPARED[0], *sdpa):
             if name not in cases:
                 continue
+            say(f"profiling {name!r}")
             try:  # the timings above stand on their own: a profiler failure is reported, not fatal
                 profiles[name] = kernel_profile(cases[name], whole_chunks(profile_steps),
                                                 sync, target.type)
@@ -290,6 +299,7 @@ def capture_check(target: torch.device, config, initial: dict, batch: tuple,
     }
     result: dict[str, object] = {}
     for name, (recipe_name, mode, dropout, targets) in cases.items():
+        say(f"capture check: {name}")
         chosen = recipe(recipe_name, batch_size=len(targets),
                         grad_clip=1.0 if recipe_name == "vitlab" else None)
         shapes = [(batch[0], targets)] * 3 + [(batch[0][:80], targets[:80])] + [
@@ -338,11 +348,16 @@ def main() -> None:
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the step as fit ran it before the capture, and the "
                              "captured step uncompiled; check the capture against it")
+    parser.add_argument("--json-out", type=Path, default=None,
+                        help="write the result there (default: print it)")
     args = parser.parse_args()
     result = breakdown(args.data, args.device, args.compile, args.steps, args.repeats,
                        profile_steps=args.profile_steps, profile=args.profile,
                        compare=args.compare)
-    print(json.dumps(result, indent=1))
+    if args.json_out is None:
+        print(json.dumps(result, indent=1))
+    else:
+        args.json_out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -147,3 +147,54 @@ def test_fit_refuses_a_capture_on_the_cpu_before_writing_anything(dataset, tmp_p
         fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8), options(1, capture_step=True),
             tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_other_batch_sizes_are_recorded_from_the_other_step():
+    """The short last batch's graph comes from `other_step` (fit: the uncompiled model), warm-up
+    included; every full batch from `step`."""
+    model = ViT(QUIET)
+    optimizer = build_optimizer(recipe("seed", batch_size=8), model.named_parameters())
+    calls = []
+
+    def recorded(name):
+        def step(inputs, targets):
+            calls.append((name, len(inputs)))
+            return inputs.sum()
+        return step
+    run = CapturedStep(recorded("step"), model, optimizer, warmup_steps=2, graphs=CallAgain(),
+                       batch_size=8, other_step=recorded("other"))
+    for inputs, targets in batches(2) + batches(1, size=5) + batches(1):
+        run(inputs, targets)
+    # each shape: its 2 warm-up steps, then a call per replay (CallAgain records nothing)
+    assert calls == [("step", 8)] * 4 + [("other", 5)] * 3 + [("step", 8)]
+    with pytest.raises(ValueError, match="go together"):
+        CapturedStep(recorded("step"), model, optimizer, graphs=CallAgain(), batch_size=8)
+
+
+def test_a_compiled_captured_fit_compiles_the_full_batch_only(dataset, tmp_path,  # noqa: F811
+                                                              monkeypatch):
+    """fit, captured and compiled: the compiled model runs the full training batches; the short
+    last batch and the evaluation run the model itself (a fresh machine compiles each shape,
+    the results folder 2026-11-27-h200-3). A stand-in for torch.compile records what it ran."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, model, mode=None):
+            super().__init__()
+            self.model = model
+
+        def forward(self, inputs):
+            seen.append((len(inputs), self.model.training))
+            return self.model(inputs)
+    monkeypatch.setattr(TrainOptions, "captures", lambda self, device_type, world_size=1: True)
+    monkeypatch.setattr(engine, "CapturedStep", functools.partial(CapturedStep,
+                                                                  graphs=CallAgain()))
+    monkeypatch.setattr(torch, "compile", Recorder)
+    torch.manual_seed(0)
+    fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8, lr=0.05), options(2, compile=True),
+        tmp_path / "run")
+    # 20 images: batches of 8, 8 and 4 (the 4 recorded from the other step); the 13 test
+    # images are evaluated by the model itself
+    assert seen and set(seen) == {(8, True)}
+    start = ckpt.read_jsonl(tmp_path / "run" / ckpt.METRICS)[0]
+    assert start["compile"].startswith("default") and start["capture"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))
 _pythonpath = os.environ.get("PYTHONPATH")
-from run import best_compile, timeline  # noqa: E402 - it sets PYTHONPATH for its runs
+from run import around_fits, best_compile, timeline  # noqa: E402 - it sets PYTHONPATH for its runs
 
 if _pythonpath is None:  # the CLI subprocesses of other tests run the installed vitlab
     os.environ.pop("PYTHONPATH", None)
@@ -28,6 +28,17 @@ def test_a_runs_timeline_splits_training_evaluation_and_the_rest():
     records.append({"event": "train", "step": 7, "ce": 1.0, "time": end})  # a step line
     assert timeline(records) == {"first_epoch": 20.0, "other_epochs": 3.0, "evaluation": 1.5,
                                  "between": 0.5}
+
+
+def test_a_runs_time_outside_its_fits_is_split_where_the_fits_start_and_finish():
+    pretrain = [{"event": "start", "time": 107.0}, {"event": "eval", "time": 150.0},
+                {"event": "finish", "time": 180.5}]
+    finetune = [{"event": "start", "time": 184.0}, {"event": "finish", "time": 186.0}]
+    assert around_fits(100.0, 190.0, pretrain, finetune) == {
+        "before_pretrain": 7.0, "between_fits": 3.5, "after_finetune": 4.0}
+    # a run killed in pre-training: what cannot be known is None
+    assert around_fits(100.0, 190.0, pretrain[:2], []) == {
+        "before_pretrain": 7.0, "between_fits": None, "after_finetune": None}
 
 
 def test_the_fastest_bench_row_names_its_mode_and_whether_it_was_captured():

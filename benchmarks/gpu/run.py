@@ -222,13 +222,23 @@ def stage_bench(out: Path, args: argparse.Namespace) -> dict:
 
 
 def stage_breakdown(args: argparse.Namespace) -> dict:
-    """benchmarks/step_breakdown.py in this process: the step, the batch, both, a vitlab batch
-    (batches 8 per augmentation call, and one per call)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from step_breakdown import breakdown
-
-    return breakdown(args.data / "cifar100", args.device, args.compile,
-                     steps=args.train_steps or 50, repeats=args.bench_repeats)
+    """benchmarks/step_breakdown.py in a process of its own, its progress lines appended to
+    runs.log: in the third GPU session it died silently twice, in-process, taking the script
+    with it; now its exit code (a signal's number, negative) and where it stopped come back,
+    and Python's fault handler prints a crash's stack."""
+    script = Path(__file__).resolve().parents[1] / "step_breakdown.py"
+    result_file = args.work / "breakdown.json"
+    result_file.unlink(missing_ok=True)
+    command = [sys.executable, "-X", "faulthandler", str(script), "--data",
+               str(args.data / "cifar100"), "--device", args.device, "--compile", args.compile,
+               "--steps", str(args.train_steps or 50), "--repeats", str(args.bench_repeats),
+               "--json-out", str(result_file)]
+    code, seconds = run_logged(command, args.out / "runs.log", args.stage_timeout, mode="a")
+    if code != 0 or not result_file.is_file():
+        tail = (args.out / "runs.log").read_text().splitlines()[-15:]
+        return {"error": f"step_breakdown.py exited with {code} after {seconds:.0f} s",
+                "log_tail": tail}
+    return json.loads(result_file.read_text())
 
 
 def best_compile(cases: dict) -> tuple[str, bool, bool]:
@@ -279,6 +289,22 @@ def timeline(records: list[dict]) -> dict:
     return {k: None if v is None else round(v, 1) for k, v in result.items()}
 
 
+def around_fits(launched: float, exited: float, pretrain: list[dict], finetune: list[dict]
+                ) -> dict:
+    """A run's seconds outside its two fits, from the time stamps of their metrics.jsonl
+    records: before pre-training's Start (the interpreter, imports, loading the data, building
+    the model), between pre-training's Finish and fine-tuning's Start (the transfer, loading
+    CIFAR-10), and after fine-tuning's Finish (the final evaluation, the report)."""
+    def stamp(records: list[dict], event: str) -> float | None:
+        return next((r["time"] for r in records if r.get("event") == event), None)
+    points = [launched, stamp(pretrain, "start"), stamp(pretrain, "finish"),
+              stamp(finetune, "start"), stamp(finetune, "finish"), exited]
+    names = ("before_pretrain", None, "between_fits", None, "after_finetune")
+    return {name: None if points[i] is None or points[i + 1] is None
+            else round(points[i + 1] - points[i], 1)
+            for i, name in enumerate(names) if name}
+
+
 def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
               eager_optimizer: bool) -> dict:
     from vitlab.train.checkpoint import read_jsonl, selection_key
@@ -302,14 +328,18 @@ def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
                      "--device", args.device, "--log-steps", "0", "--no-progress",
                      "--no-download", *compiling, *budget)
     # Straight into OUT: a run that the device call's limit kills still sends back its output.
+    launched = time.time()
     code, seconds = run_logged(command, out / "runs.log", args.stage_timeout, mode="a")
     result: dict = {"exit": code, "wall_seconds": round(seconds, 1), "compile": compile_mode,
                     "command": " ".join(command)}
-    for stage in ("pretrain", "finetune"):
-        metrics = run_dir / stage / "metrics.jsonl"
-        if not metrics.is_file():
+    fits = {stage: read_jsonl(run_dir / stage / "metrics.jsonl")
+            if (run_dir / stage / "metrics.jsonl").is_file() else []
+            for stage in ("pretrain", "finetune")}
+    result["around_fits"] = around_fits(launched, launched + seconds, fits["pretrain"],
+                                        fits["finetune"])
+    for stage, records in fits.items():
+        if not records:
             continue
-        records = read_jsonl(metrics)
         start = next((r for r in records if r.get("event") == "start"), {})
         evals = [r for r in records if r.get("event") == "eval"]
         finish = [r for r in records if r.get("event") == "finish"]

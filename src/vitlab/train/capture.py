@@ -9,7 +9,8 @@ costs the host two copies and one replay.
 How: `torch.cuda.graph` records the kernels of one call of the step, and a replay runs them again
 on the same memory. So:
 - the batch is copied into buffers the graph reads; one graph per batch shape (an epoch's short
-  last batch gets its own);
+  last batch gets its own, recorded from `other_step` where one is given: fit gives it the
+  uncompiled model, so that torch.compile compiles one shape, not a second, dynamic one);
 - the learning rates are tensors the graph reads, which `set_lr` updates in place;
 - the optimizer's state must exist before the capture: a first step creates it, and recorded,
   that creation would be replayed at every step. So warm-up steps run first, on a side stream
@@ -96,11 +97,16 @@ class CapturedStep:
 
     `step` must do the whole step on `model`'s parameters with `optimizer` (zero the gradients,
     forward, backward, optimizer step) and return the loss. Calls return this batch's loss, a
-    tensor of its own. `graphs` replaces torch.cuda's graphs (tests on the CPU).
+    tensor of its own. `other_step`, with `batch_size`, records every batch of another size
+    (the same step on the same parameters, another way: fit's uncompiled model). `graphs`
+    replaces torch.cuda's graphs (tests on the CPU).
     """
 
     def __init__(self, step: Step, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 warmup_steps: int = 3, graphs: CudaGraphs | CallAgain | None = None) -> None:
+                 warmup_steps: int = 3, graphs: CudaGraphs | CallAgain | None = None, *,
+                 batch_size: int | None = None, other_step: Step | None = None) -> None:
+        if (other_step is None) != (batch_size is None):
+            raise ValueError("other_step and batch_size go together")
         device = next(model.parameters()).device
         if graphs is None and device.type != "cuda":
             raise ConfigError(f"--capture-step records CUDA graphs: it needs a CUDA device, "
@@ -114,6 +120,7 @@ class CapturedStep:
             if device.type == "cuda" and "capturable" in group:
                 group["capturable"] = True  # Adam(W): its step count on the device
         self.step, self.model, self.optimizer, self.device = step, model, optimizer, device
+        self.batch_size, self.other_step = batch_size, other_step
         self.warmup_steps = warmup_steps
         self.graphs = graphs or CudaGraphs(device)
         self._captured: dict[tuple, _Captured] = {}
@@ -128,18 +135,21 @@ class CapturedStep:
         return captured.replay().clone()  # the next replay overwrites the graph's own
 
     def _capture(self, inputs: Tensor, targets: Tensor) -> _Captured:
+        step = self.step
+        if self.other_step is not None and len(inputs) != self.batch_size:
+            step = self.other_step
         static_inputs, static_targets = inputs.clone(), targets.clone()
         saved = _snapshot(self.model, self.optimizer)
         rng = _rng_states(self.device)
         with warnings.catch_warnings():  # AdamW's capturable=True, run uncaptured on purpose
             warnings.filterwarnings("ignore", message=".*capturable=True")
-            self.graphs.warm_up(lambda: self.step(static_inputs, static_targets),
+            self.graphs.warm_up(lambda: step(static_inputs, static_targets),
                                 self.warmup_steps)
         # The warm-up leaves no trace: weights, optimizer state and random draws as before.
         _restore(self.model, self.optimizer, saved)
         _set_rng_states(self.device, rng)
         try:
-            replay = self.graphs.capture(lambda: self.step(static_inputs, static_targets))
+            replay = self.graphs.capture(lambda: step(static_inputs, static_targets))
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as error:  # the step ran uncaptured: recording it is what failed

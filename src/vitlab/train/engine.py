@@ -613,7 +613,14 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                                                  world)
     capture = options.captures(device.type, world)
     compiled = (lambda m: torch.compile(m, mode=mode)) if mode else None
-    runnable = compiled(model) if compiled else model  # evaluation's forward
+    runnable = compiled(model) if compiled else model
+    # A captured step compiles one shape only: the full batch. On a fresh H200 the tutorial's
+    # first epoch took 54.5 s against 0.9 s for the next ones, and its evaluations 19.0 s
+    # against 5.8 s where the compiler's cache was warm (benchmarks/gpu/results/
+    # 2026-11-27-h200-3): compiling the short last batch (a second, dynamic shape) and the
+    # evaluation's graphs costs more there than their ~1,100 batches a run save. So those run
+    # the uncompiled model: the short batch in a graph of its own, the evaluation eagerly.
+    evaluated = model if capture else runnable
     # Compiled, the whole step is: the model (forward and backward) and the optimizer's step
     # (unless eager_optimizer: on CUDA the fused optimizer is one kernel launch already; a
     # captured step records it as it runs eagerly).
@@ -622,8 +629,13 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     trainable = runnable
     captured = None
     if capture:  # one process: the model is `runnable`, never DDP's
-        captured = CapturedStep(lambda inputs, targets: train_step(
-            runnable, optimizer, inputs, targets, recipe, autocast_dtype), model, optimizer)
+        def eager_step(inputs: Tensor, targets: Tensor) -> Tensor:
+            return train_step(model, optimizer, inputs, targets, recipe, autocast_dtype)
+
+        captured = CapturedStep(
+            lambda inputs, targets: train_step(runnable, optimizer, inputs, targets, recipe,
+                                               autocast_dtype), model, optimizer,
+            **({"batch_size": recipe.batch_size, "other_step": eager_step} if compiled else {}))
     if world > 1:  # gradients averaged across processes by PyTorch's DDP
         from torch.nn.parallel import DistributedDataParallel
 
@@ -713,7 +725,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
             reporter.event("Train", step=progress.global_step, epoch=progress.epoch + 1,
                            epoch_time=time.perf_counter() - epoch_start,
                            ce_mean=loss_sum.item() / max(progress.step_in_epoch, 1))
-            last_eval = evaluate(runnable, eval_loader, precision=autocast_dtype)
+            last_eval = evaluate(evaluated, eval_loader, precision=autocast_dtype)
             if writer.ema is not None:
                 averaged = evaluate(writer.ema.model, eval_loader, precision=autocast_dtype)
                 last_eval |= {"ema_accuracy": averaged["accuracy"], "ema_ce": averaged["ce"]}

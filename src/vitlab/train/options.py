@@ -28,10 +28,13 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 COMPILE_PAYS_AFTER_STEPS = 2500
 # With the step captured as one CUDA graph (--capture-step, the default on one CUDA GPU) an eager
 # step is no longer launch-bound: on an H200 seed-mini's captured step took 3.48 ms eager and
-# 2.22 ms compiled (benchmarks/gpu/results/2026-11-27-h200-2), 1.25 ms saved a step. Its compile
-# was not timed alone; at reduce-overhead's ~21 s (22.8 s for the uncaptured first epoch against
-# 1.4 s) it would pay from ~17,000 steps, and 10,000 is a rounded guess below that, to measure.
-# The tutorial's 100 epochs compile; a 20-epoch run (7,820 steps) does not.
+# 2.22 ms compiled (benchmarks/gpu/results/2026-11-27-h200-2), 1.25 ms saved a step. On a
+# fresh H200 (an empty compiler cache) the tutorial's first captured epoch then took 54.5 s
+# against 0.9 s, compiling the full and the short batch; with a warm cache the same model's
+# took 6.3 s (results/2026-11-27-h200-3). fit now compiles the full batch only; if that halves
+# the cold cost, compiling pays from ~21,000 steps on a fresh machine and from ~4,000 with a
+# warm cache. 10,000 is a guess between the two, still to measure. The tutorial's 100 epochs
+# (39,100 steps) compile; a 20-epoch run (7,820 steps) does not.
 COMPILE_PAYS_CAPTURED_AFTER_STEPS = 10_000
 MAX_SEED = 2**63 - 1
 # --augment-chunk's memory bound: a 224 px model's inputs at 1,024 images would take 588 MiB.
