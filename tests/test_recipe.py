@@ -218,14 +218,15 @@ def test_the_vitlab_recipe_and_preset(tmp_path_factory, tmp_path, capfd):
     argv = ["run", "--recipe", "vitlab", "--pretrain-data", str(data["cifar100"]),
             "--finetune-data", str(data["cifar10"]), "--epochs", "1",
             "--train-steps-per-epoch", "2", "--batch-size", "32", "--out", str(out),
-            "--no-download", "--no-progress", "--log-steps", "0", "--mix-prob", "0.5",
+            "--no-download", "--no-progress", "--log-steps", "0", "--mix-prob", "0.25",
             "--erase-prob", "0"]
     assert main(argv) == 0
     pre = json.loads((out / "pretrain" / "config.json").read_text())
     fine = json.loads((out / "finetune" / "config.json").read_text())
+    assert recipe("vitlab").mix_prob == 0.5 and recipe("vitlab").mixup_alpha == 1.0  # Lee et al.
     assert pre["model_preset"] == "vitlab-mini" and pre["recipe"]["name"] == "vitlab"
     assert pre["recipe"]["augment"] == "vitlab" and pre["model"]["drop_path"] == 0.1
-    assert (pre["recipe"]["mix_prob"], pre["recipe"]["erase_prob"]) == (0.5, 0.0)
+    assert (pre["recipe"]["mix_prob"], pre["recipe"]["erase_prob"]) == (0.25, 0.0)
     assert fine["recipe"]["name"] == "vitlab-finetune" and fine["recipe"]["batch_size"] == 32
     assert (fine["recipe"]["mix_prob"], fine["recipe"]["erase_prob"]) == (1.0, 0.25)
     assert pre["options"]["augment_chunk"] == 1024

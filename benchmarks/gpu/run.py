@@ -2,7 +2,7 @@
 
     python benchmarks/gpu/run.py --data DATA --out OUT
         [--stages env,checks,bench,breakdown,seed,vitlab,vitlab-sl,vitlab-seed-mini,
-         vitlab-halfmix,vitlab-conv,vitlab-light]
+         vitlab-fullmix,vitlab-conv,vitlab-light]
 
 DATA holds the array folders cifar100/ and cifar10/ (../shared/data here; on the device machine,
 what `device_data.py join` rebuilt). Stages:
@@ -32,11 +32,11 @@ what `device_data.py join` rebuilt). Stages:
   vitlab-sl  the same with --recipe vitlab --model vitlab-mini-sl (shifted patch tokens and
           locality self-attention)
   vitlab-seed-mini  the same with --recipe vitlab --model seed-mini (the tutorial's model)
-  vitlab-halfmix  the same with --recipe vitlab --mix-prob 0.5 --mixup-alpha 1 (Lee et al.'s
-          mixing: half the batches, alpha 1; lighter regularization for 100 passes)
+  vitlab-fullmix  the same with --recipe vitlab --mix-prob 1 --mixup-alpha 0.8 (the recipe's
+          mixing before the third GPU session: every batch, timm's alphas)
   vitlab-conv  the same with --recipe vitlab --model vitlab-mini-conv (a conv stem)
-  vitlab-light  vitlab-halfmix without Random Erasing (--erase-prob 0): lighter still, since
-          the full vitlab run under-fits at 100 epochs
+  vitlab-light  the same with --recipe vitlab --erase-prob 0 (no Random Erasing): lighter
+          still, since the vitlab run under-fits at 100 epochs
 
 OUT gets summary.json (every figure; it is rewritten after each stage, so a session cut short
 still returns what it finished), bench.md, curves-<run>.png of each pre-training, runs.log (every
@@ -263,9 +263,8 @@ def best_compile(cases: dict) -> tuple[str, bool, bool]:
 RUNS = {"seed": ["--recipe", "seed"], "vitlab": ["--recipe", "vitlab"],
         "vitlab-sl": ["--recipe", "vitlab", "--model", "vitlab-mini-sl"],
         "vitlab-seed-mini": ["--recipe", "vitlab", "--model", "seed-mini"],
-        "vitlab-halfmix": ["--recipe", "vitlab", "--mix-prob", "0.5", "--mixup-alpha", "1"],
-        "vitlab-light": ["--recipe", "vitlab", "--mix-prob", "0.5", "--mixup-alpha", "1",
-                         "--erase-prob", "0"],
+        "vitlab-fullmix": ["--recipe", "vitlab", "--mix-prob", "1", "--mixup-alpha", "0.8"],
+        "vitlab-light": ["--recipe", "vitlab", "--erase-prob", "0"],
         "vitlab-conv": ["--recipe", "vitlab", "--model", "vitlab-mini-conv"]}
 
 
