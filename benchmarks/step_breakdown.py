@@ -18,11 +18,14 @@ cases, interleaved, medians of --repeats rounds of --steps steps each:
 
 With --compare (the default), more: the step and batch+step as `fit` ran them before the
 capture (reduce-overhead's CUDA graphs of the model, the optimizer's step eager: "step, uncaptured
-reduce-overhead"), the step captured without compiling ("step, captured eager"), and on CUDA the
-planned step with each other SDPA kernel alone allowed while it compiles (flash, efficient, math:
-fit lets PyTorch choose; on an H200 it chose cuDNN's, the step's costliest kernels); then the
-captured step is checked against the uncaptured one (`capture_check`). Off CUDA the captured cases
-run with CallAgain, a rehearsal of the code without recording.
+reduce-overhead"), and the step captured without compiling ("step, captured eager"); then the
+captured step is checked against the uncaptured one (`capture_check`). With --sdpa (the
+default), on CUDA, the planned step with each other SDPA kernel alone allowed while it compiles
+(flash, efficient, math: fit lets PyTorch choose; on an H200 it chose cuDNN's, the step's
+costliest kernels). Off CUDA the captured cases run with CallAgain, a rehearsal of the code
+without recording. benchmarks/gpu/run.py runs the script twice, in processes of their own:
+--no-sdpa (its `breakdown` stage), then --no-compare (`breakdown-sdpa`), since in the third GPU
+session the script died without output, twice, after ~20-30 s, when the SDPA cases came first.
 
 On CUDA, `step` and `batch+step` (and the uncaptured step) are then profiled (torch.profiler, --profile-steps steps each):
 the kernels a step runs, their count and their summed time, and the costliest of them. Kernel
@@ -119,7 +122,7 @@ def say(message: str) -> None:
 
 def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", steps: int = 50,
               repeats: int = 5, warmup: int = 5, profile_steps: int = 16,
-              profile: bool | None = None, compare: bool = True) -> dict:
+              profile: bool | None = None, compare: bool = True, sdpa: bool = True) -> dict:
     """Per-case medians in ms per step: {"cases": {name: {"wall_ms", "host_ms"}}, ...}."""
     target = resolve_device(device)
     seed = recipe("seed")
@@ -194,11 +197,11 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
             COMPARED[1]: lambda: before(next(batches)),
             COMPARED[2]: lambda: eager_captured(fixed),
         }
-        if target.type == "cuda" and capture:  # which SDPA kernel suits 65 tokens, 32 a head
-            for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                            SDPBackend.MATH):
-                variant = training(mode, True, capture, attention=backend)
-                cases[f"{SDPA_CASE} {backend.name.lower()}"] = lambda v=variant: v(fixed)
+    if sdpa and target.type == "cuda" and capture:  # which SDPA kernel suits 65 tokens, 32 a head
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH):
+            variant = training(mode, True, capture, attention=backend)
+            cases[f"{SDPA_CASE} {backend.name.lower()}"] = lambda v=variant: v(fixed)
 
     def sync() -> None:
         if target.type == "cuda":
@@ -348,12 +351,14 @@ def main() -> None:
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the step as fit ran it before the capture, and the "
                              "captured step uncompiled; check the capture against it")
+    parser.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the captured step with each SDPA kernel alone (CUDA)")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="write the result there (default: print it)")
     args = parser.parse_args()
     result = breakdown(args.data, args.device, args.compile, args.steps, args.repeats,
                        profile_steps=args.profile_steps, profile=args.profile,
-                       compare=args.compare)
+                       compare=args.compare, sdpa=args.sdpa)
     if args.json_out is None:
         print(json.dumps(result, indent=1))
     else:

@@ -1,12 +1,14 @@
 """benchmarks/gpu/run.py's bookkeeping, which a GPU session has no time to debug: a run's
 timeline from its metrics.jsonl, and the bench's fastest mode when the captured row wins."""
 
+import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"))
 _pythonpath = os.environ.get("PYTHONPATH")
+import run  # noqa: E402
 from run import around_fits, best_compile, timeline  # noqa: E402 - it sets PYTHONPATH for its runs
 
 if _pythonpath is None:  # the CLI subprocesses of other tests run the installed vitlab
@@ -52,3 +54,23 @@ def test_the_fastest_bench_row_names_its_mode_and_whether_it_was_captured():
     assert best_compile(cases) == ("default", True, True)
     cases["seed-mini-bf16-reduce-overhead"]["rows"][0]["images_per_s"] = 60
     assert best_compile(cases) == ("reduce-overhead", True, False)
+
+
+def test_a_breakdown_that_dies_is_recorded_with_its_exit_and_last_lines(tmp_path, monkeypatch):
+    """The third GPU session lost the whole script to a silent death in the breakdown: now it
+    runs apart, and its exit (a signal's, negative) and where it stopped come back."""
+    commands = []
+
+    def died(command, log, timeout, mode="w"):
+        commands.append(command)
+        log.write_text("step_breakdown: warming up 'step' (compiling, capturing)\n")
+        return -11, 21.0
+    monkeypatch.setattr(run, "run_logged", died)
+    args = argparse.Namespace(data=tmp_path, device="cuda", compile="auto", train_steps=None,
+                              bench_repeats=5, work=tmp_path, out=tmp_path, stage_timeout=None)
+    result = run.stage_breakdown(args, sdpa=False)
+    assert result["error"] == "step_breakdown.py exited with -11 after 21 s"
+    assert result["log_tail"] == ["step_breakdown: warming up 'step' (compiling, capturing)"]
+    assert "-X" in commands[0] and "--no-sdpa" in commands[0]
+    run.stage_breakdown(args, sdpa=True)
+    assert "--no-compare" in commands[1] and "--no-sdpa" not in commands[1]

@@ -1,7 +1,7 @@
 """The prepared GPU session: every measurement the GPU issue asks for, in order, from one command.
 
     python benchmarks/gpu/run.py --data DATA --out OUT
-        [--stages env,checks,bench,breakdown,seed,vitlab,vitlab-sl,vitlab-seed-mini,
+        [--stages env,checks,bench,breakdown,breakdown-sdpa,seed,vitlab,vitlab-sl,vitlab-seed-mini,
          vitlab-fullmix,vitlab-conv,vitlab-light]
 
 DATA holds the array folders cifar100/ and cifar10/ (../shared/data here; on the device machine,
@@ -27,6 +27,8 @@ what `device_data.py join` rebuilt). Stages:
           captured as the runs are, beside the uncaptured reduce-overhead step and the captured
           eager one; then a kernel profile of the steps (kernels a step, their summed time, the
           costliest) and a check of the captured step against the uncaptured one
+  breakdown-sdpa  the same script timing and profiling the captured step with each SDPA kernel
+          alone (flash, efficient, math)
   seed    `vitlab run` with the seed recipe: 100 epochs CIFAR-100 + 1 epoch CIFAR-10, timed
   vitlab  the same with --recipe vitlab
   vitlab-sl  the same with --recipe vitlab --model vitlab-mini-sl (shifted patch tokens and
@@ -221,18 +223,20 @@ def stage_bench(out: Path, args: argparse.Namespace) -> dict:
     return {"cases": results}
 
 
-def stage_breakdown(args: argparse.Namespace) -> dict:
+def stage_breakdown(args: argparse.Namespace, sdpa: bool) -> dict:
     """benchmarks/step_breakdown.py in a process of its own, its progress lines appended to
     runs.log: in the third GPU session it died silently twice, in-process, taking the script
     with it; now its exit code (a signal's number, negative) and where it stopped come back,
-    and Python's fault handler prints a crash's stack."""
+    and Python's fault handler prints a crash's stack. `sdpa`: only the step with each SDPA
+    kernel alone (their own stage, since they were the breakdown's first, untried, cases when
+    it died), else the rest."""
     script = Path(__file__).resolve().parents[1] / "step_breakdown.py"
     result_file = args.work / "breakdown.json"
     result_file.unlink(missing_ok=True)
     command = [sys.executable, "-X", "faulthandler", str(script), "--data",
                str(args.data / "cifar100"), "--device", args.device, "--compile", args.compile,
                "--steps", str(args.train_steps or 50), "--repeats", str(args.bench_repeats),
-               "--json-out", str(result_file)]
+               "--json-out", str(result_file), *(["--no-compare"] if sdpa else ["--no-sdpa"])]
     code, seconds = run_logged(command, args.out / "runs.log", args.stage_timeout, mode="a")
     if code != 0 or not result_file.is_file():
         tail = (args.out / "runs.log").read_text().splitlines()[-15:]
@@ -404,9 +408,9 @@ def main() -> None:
             summary["stages"][stage] = {"skipped": f"deadline ({elapsed:.0f} s elapsed)"}
             continue
         t0 = time.perf_counter()
-        if stage not in ("env", "checks", "bench", "breakdown", *RUNS):
+        if stage not in ("env", "checks", "bench", "breakdown", "breakdown-sdpa", *RUNS):
             raise SystemExit(f"unknown stage {stage!r}; known: env, checks, bench, breakdown, "
-                             f"{', '.join(RUNS)}")
+                             f"breakdown-sdpa, {', '.join(RUNS)}")
         try:  # a stage that fails on the card is a finding: the next stages still run
             if stage == "env":
                 result = stage_env(args.out, args.device)
@@ -416,8 +420,8 @@ def main() -> None:
                 result = stage_bench(args.out, args)
                 result["best"] = dict(zip(("compile", "eager_optimizer", "capture_step"),
                                           best_compile(result["cases"]), strict=True))
-            elif stage == "breakdown":
-                result = stage_breakdown(args)
+            elif stage in ("breakdown", "breakdown-sdpa"):
+                result = stage_breakdown(args, sdpa=stage == "breakdown-sdpa")
             else:
                 result = stage_run(args.out, args, stage, compile_mode, eager_optimizer)
         except Exception as error:  # noqa: BLE001 - recorded in summary.json, and printed

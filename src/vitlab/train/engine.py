@@ -796,14 +796,16 @@ def _check_finite(bad_loss: torch.Tensor, loss: torch.Tensor | None,
 
 class CurvesPlotter:
     """curves.png, redrawn from metrics.jsonl after an epoch, in at most `share` of the wall
-    time: a plot takes 0.3-0.5 s (matplotlib, on this project's CPU) and a tutorial epoch 1.7 s
-    on an H200. So an epoch's drawing waits until the time since the last drawing is
-    `1 / share` times that drawing's; the first and the last epoch's are always drawn, and
+    time: a plot of 100 epochs takes ~0.2 s (matplotlib, on this project's CPU) and a tutorial
+    epoch 0.9 s on an H200, where a 5% share cost 7.7 s of a 193 s run (the time between its
+    epochs, results/2026-11-27-h200-3). So an epoch's drawing waits until the time since the
+    last drawing is `1 / share` times that drawing's (~20 s at 1%: enough to watch a run by);
+    the first and the last epoch's are always drawn, and
     leaving the `with` block draws what is still pending, however the fit ends (a stop, a
     divergence, an error). A resumed fit starts pending: the process before it may have died
     behind. Only the main process draws (`enabled`)."""
 
-    def __init__(self, run_dir: Path, share: float = 0.05, pending: bool = False,
+    def __init__(self, run_dir: Path, share: float = 0.01, pending: bool = False,
                  enabled: bool = True, clock: Callable[[], float] = time.perf_counter) -> None:
         self.path, self.share, self.clock = run_dir / ckpt.CURVES, share, clock
         self.enabled = enabled
