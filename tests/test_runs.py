@@ -185,8 +185,13 @@ def test_a_yaml_config_run_equals_the_same_run_given_as_flags(data_root, tmp_pat
 
 @pytest.mark.parametrize(("text", "message"), [
     ("lrr: 0.1\n", "unknown setting 'lrr' for pretrain"),
-    ("lr: fast\n", "--lr must be a number, got 'fast'"),
-    ("batch-size: 12.5\n", "--batch-size must be an integer"),
+    ("lr: fast\n", "bad.yaml: lr must be a number, got 'fast'"),
+    ("batch-size: 12.5\n", "bad.yaml: batch-size must be an integer"),
+    # out of range: named as the file's key too, not as a flag the command line never had
+    ("lr: -1\n", "bad.yaml: lr must be a finite number > 0"),
+    ("warmup-epochs: -3\n", "bad.yaml: warmup-epochs must be a number in [0, 1,000,000]"),
+    ("seed: -1\n", "bad.yaml: seed must be in 0..2**63-1, got -1"),
+    ("mix-prob: 2\n", "bad.yaml: mix-prob must be in [0, 1]"),
     ("optimizer: adam\n", "unknown optimizer 'adam'; known: sgd, adamw"),
     ("no-download: 1\n", "must be true or false"),
     ("- lr\n- 0.1\n", "must hold a mapping"),
@@ -204,6 +209,20 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capfd, text, message):
     assert main(["pretrain", "--config", str(path), "--model", "micro"]) == 2
     line = assert_one_error_line(capfd.readouterr().err, "pretrain")
     assert message in line and str(path) in line
+
+
+def test_a_bad_value_is_named_where_it_was_given(tmp_path, capfd):
+    """A flag given over a config file's key is the flag's error; a file's value, the file's."""
+    bad, good = tmp_path / "bad.yaml", tmp_path / "good.yaml"
+    bad.write_text("lr: -1\n")
+    good.write_text("momentum: 0.5\n")
+    capfd.readouterr()
+    for path, flags, message in (
+            (bad, ["--lr", "-2"], "vitlab pretrain: error: --lr must be a finite"),
+            (good, ["--momentum", "2"], "vitlab pretrain: error: --momentum must be in [0, 1)"),
+            (bad, [], f"vitlab pretrain: error: {bad}: lr must be a finite")):
+        assert main(["pretrain", "--config", str(path), "--model", "micro", *flags]) == 2
+        assert assert_one_error_line(capfd.readouterr().err, "pretrain").startswith(message)
 
 
 def test_a_config_key_may_override_one_merged_in(tmp_path):

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from vitlab import __version__
-from vitlab.errors import ConfigError, VitlabError
+from vitlab.errors import ConfigError, SettingError, VitlabError
 from vitlab.model import PRESETS
 
 EXIT_USAGE = 2
@@ -216,13 +216,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from vitlab.settings import SETTINGS
+
+    command = args.command
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    from_file: dict = {}
+    try:
+        _train_with(args, given, from_file)
+    except SettingError as e:  # named where it was given: the file's key, or the flag
+        on_command_line = given.get(e.setting) is not None
+        if args.config is not None and e.setting in from_file and not on_command_line:
+            raise ConfigError(f"{args.config}: {e.setting.replace('_', '-')} {e.requirement}"
+                              ) from None
+        flags = _COMMAND_FLAGS.get((command, e.setting)) or [
+            SETTINGS[e.setting].flag if e.setting in SETTINGS else None]
+        if flags[0] is None:
+            raise
+        raise ConfigError(f"{flags[0]} {e.requirement}") from None
+
+
+def _train_with(args: argparse.Namespace, given: dict, from_file: dict) -> None:
+    """_train's work; `from_file` receives the config file's settings."""
     from vitlab import runs
     from vitlab.settings import read_config_file
 
     command = args.command
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
     if args.config is not None:
-        from_file = read_config_file(args.config, command)
+        from_file.update(read_config_file(args.config, command))
         if command == "finetune" and "epochs" in from_file and "finetune_epochs" not in from_file:
             raise ConfigError(f"{args.config}: epochs is the recipe's pre-training budget, which "
                               "finetune does not use; its budget is finetune-epochs (the "

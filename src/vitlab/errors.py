@@ -9,6 +9,15 @@ class ConfigError(VitlabError):
     """An invalid model, recipe or command-line configuration."""
 
 
+class SettingError(ConfigError):
+    """One setting's value out of its range: the setting (a field name) and what it must be, so
+    that the command line can name it where the user gave it (a config file's key)."""
+
+    def __init__(self, setting: str, requirement: str, label: str | None = None) -> None:
+        self.setting, self.requirement = setting, requirement
+        super().__init__(f"{label or setting.replace('_', '-')} {requirement}")
+
+
 class CheckpointError(VitlabError):
     """A missing, foreign, corrupted or incompatible checkpoint or weight file."""
 

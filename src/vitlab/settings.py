@@ -51,8 +51,9 @@ class Setting:
         return self.flag_name or "--" + self.name.replace("_", "-")
 
     def check(self, value: Any, where: str = "") -> Any:
-        """`value` as this setting's type, or a one-line ConfigError."""
-        label = f"{where}{self.flag}"
+        """`value` as this setting's type, or a one-line ConfigError. `where` names the config
+        file it came from: the error then names the file's key, not the flag."""
+        label = f"{where}{self.name.replace('_', '-')}" if where else self.flag
         if value is None:
             if self.optional:
                 return None

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from vitlab.errors import ConfigError
+from vitlab.errors import ConfigError, SettingError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # torch.compile modes; reduce-overhead also captures CUDA graphs (CUDA only).
@@ -117,15 +117,16 @@ class TrainOptions:
                 raise ConfigError(f"--{flag(name)} must be an integer, got {value!r}")
         for name in ("epochs", "log_steps", "checkpoint_steps", "augment_chunk"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
+                raise SettingError(name, f"must be >= 0, got {getattr(self, name)}",
+                                   f"--{flag(name)}")
         for name in ("train_steps_per_epoch", "eval_steps_per_epoch", "eval_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"--{flag(name)} must be at least 1 (omit it for "
-                                  + ("the default)" if name == "eval_batch_size"
-                                     else "a whole epoch)"))
+                raise SettingError(name, "must be at least 1 (omit it for " + (
+                    "the default)" if name == "eval_batch_size" else "a whole epoch)"),
+                    f"--{flag(name)}")
         if not 0 <= self.seed <= MAX_SEED:
-            raise ConfigError(f"--seed must be in 0..2**63-1, got {self.seed}")
+            raise SettingError("seed", f"must be in 0..2**63-1, got {self.seed}", "--seed")
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"unknown compile mode {self.compile_mode!r}; use "
                               f"{', '.join(COMPILE_MODES)}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vitlab.data.augment import AUGMENTATIONS
-from vitlab.errors import ConfigError
+from vitlab.errors import ConfigError, SettingError
 from vitlab.train.options import flag
 
 MAX_EPOCHS = 1_000_000  # more is a typo; it also keeps step counts far from any overflow
@@ -133,32 +133,32 @@ class Recipe:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
-        checks = [
-            (self.lr > 0 and math.isfinite(self.lr), "lr must be a finite number > 0"),
-            (0 <= self.weight_decay < math.inf, "weight decay must be a number >= 0"),
-            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-            (0 <= self.warmup_epochs <= MAX_EPOCHS,
-             f"warm-up epochs must be a number in [0, {MAX_EPOCHS:,}]"),
-            (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
-            (self.batch_size >= 1, "batch size must be at least 1"),
-            (self.epochs >= 0 and self.finetune_epochs >= 0, "epochs must be >= 0"),
-            (max(self.epochs, self.finetune_epochs) <= MAX_EPOCHS,
-             f"epochs must be at most {MAX_EPOCHS:,}"),
-            (0 <= self.min_lr_ratio < 1, "min LR ratio must be in [0, 1)"),
-            (0 <= self.ema_decay < 1, "EMA decay must be in [0, 1) (0 turns the EMA off)"),
-            (isinstance(self.decay_exempt, bool), "decay_exempt must be true or false"),
-            (self.grad_clip is None or (isinstance(self.grad_clip, int | float)
-                                        and 0 < self.grad_clip < math.inf),
-             "gradient clipping norm must be a number > 0"),
+        checks = [  # (setting, holds, what it must be)
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a finite number > 0"),
+            ("weight_decay", 0 <= self.weight_decay < math.inf, "must be a number >= 0"),
+            ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
+            ("warmup_epochs", 0 <= self.warmup_epochs <= MAX_EPOCHS,
+             f"must be a number in [0, {MAX_EPOCHS:,}]"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("batch_size", self.batch_size >= 1, "must be at least 1"),
+            ("epochs", 0 <= self.epochs <= MAX_EPOCHS, f"must be in 0..{MAX_EPOCHS:,}"),
+            ("finetune_epochs", 0 <= self.finetune_epochs <= MAX_EPOCHS,
+             f"must be in 0..{MAX_EPOCHS:,}"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio < 1, "must be in [0, 1)"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1) (0 turns the EMA off)"),
+            ("decay_exempt", isinstance(self.decay_exempt, bool), "must be true or false"),
+            ("grad_clip", self.grad_clip is None or (isinstance(self.grad_clip, int | float)
+                                                     and 0 < self.grad_clip < math.inf),
+             "must be a number > 0 (the largest gradient norm)"),
         ]
         for name in ("erase_prob", "mix_prob", "cutmix_prob"):
-            checks.append((0 <= getattr(self, name) <= 1, f"{flag(name)} must be in [0, 1]"))
+            checks.append((name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]"))
         for name in ("mixup_alpha", "cutmix_alpha"):
-            checks.append((0 <= getattr(self, name) < math.inf,
-                           f"{flag(name)} must be a number >= 0 (0 turns it off)"))
-        for ok, message in checks:
+            checks.append((name, 0 <= getattr(self, name) < math.inf,
+                           "must be a number >= 0 (0 turns it off)"))
+        for name, ok, requirement in checks:
             if not ok:
-                raise ConfigError(message)
+                raise SettingError(name, requirement)
         if self.augment not in AUGMENT_SETTINGS_USED_BY:
             changed = [name for name in AUGMENT_SETTINGS
                        if getattr(self, name) != _AUGMENT_DEFAULTS[name]]
