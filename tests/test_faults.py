@@ -113,6 +113,12 @@ def test_run_continues_the_stage_that_is_left(data, tmp_path, capfd):
     capfd.readouterr()
     assert main([*argv, "--lr", "0.5"]) == 2
     assert "--lr 0.5 differs from the run in" in capfd.readouterr().err
+    # ... and where a config file gave it, the file and its key are named, not a flag.
+    config = tmp_path / "changed.yaml"
+    config.write_text("lr: 0.5\n")
+    assert main([*argv, "--config", str(config)]) == 2
+    assert (f"{config}: lr 0.5 differs from the run in {out / 'pretrain'}, which was started "
+            f"with 0.01; remove lr from {config} to continue" in capfd.readouterr().err)
     # Other data is named by the flag this command takes; `run` has no --data (nor abbreviations).
     assert main([*argv, "--finetune-data", str(data["cifar100"])]) == 2
     assert f"--finetune-data {data['cifar100']} differs from the run in" in capfd.readouterr().err

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from vitlab import __version__
-from vitlab.errors import ConfigError, SettingError, VitlabError
+from vitlab.errors import ConfigError, SettingDiffers, SettingError, VitlabError
 from vitlab.model import PRESETS
 
 EXIT_USAGE = 2
@@ -223,11 +223,16 @@ def _train(args: argparse.Namespace) -> None:
     from_file: dict = {}
     try:
         _train_with(args, given, from_file)
-    except SettingError as e:  # named where it was given: the file's key, or the flag
-        on_command_line = given.get(e.setting) is not None
-        if args.config is not None and e.setting in from_file and not on_command_line:
-            raise ConfigError(f"{args.config}: {e.setting.replace('_', '-')} {e.requirement}"
-                              ) from None
+    except (SettingError, SettingDiffers) as e:  # named where it was given: a file's key, a flag
+        key = e.setting.replace("_", "-")
+        if (args.config is not None and e.setting in from_file
+                and given.get(e.setting) is None):
+            raise ConfigError(
+                f"{args.config}: {key} {e.requirement}" if isinstance(e, SettingError)
+                else e.render(f"{args.config}: {key}", f"remove {key} from {args.config}")
+            ) from None
+        if isinstance(e, SettingDiffers):
+            raise
         flags = _COMMAND_FLAGS.get((command, e.setting)) or [
             SETTINGS[e.setting].flag if e.setting in SETTINGS else None]
         if flags[0] is None:

@@ -18,6 +18,21 @@ class SettingError(ConfigError):
         super().__init__(f"{label or setting.replace('_', '-')} {requirement}")
 
 
+class SettingDiffers(ConfigError):
+    """A resumed run given a setting that differs from the one it was started with."""
+
+    def __init__(self, setting: str, label: str, given: object, was: object,
+                 run_dir: object) -> None:
+        self.setting, self.given, self.was, self.run_dir = setting, given, was, run_dir
+        super().__init__(self.render(label, f"drop {label}"))
+
+    def render(self, label: str, remedy: str) -> str:
+        """The message, naming the setting as `label` and saying how to leave it out."""
+        return (f"{label} {self.given} differs from the run in {self.run_dir}, which was "
+                f"started with {self.was}; {remedy} to continue it as saved, or start a new run "
+                "with another --out")
+
+
 class CheckpointError(VitlabError):
     """A missing, foreign, corrupted or incompatible checkpoint or weight file."""
 

@@ -31,7 +31,7 @@ from vitlab.data.arrays import Split
 from vitlab.data.augment import ResizeBatch
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import is_image_folder
-from vitlab.errors import CheckpointError, ConfigError
+from vitlab.errors import CheckpointError, ConfigError, SettingDiffers
 from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import ViT, ViTConfig, forward_flops, preset
 from vitlab.predict import PredictionReport
@@ -387,9 +387,7 @@ def _check_unchanged(saved: RunConfig, settings: dict[str, Any], run_dir: Path,
                     f"with another --out")
             epochs = given
             continue
-        raise ConfigError(f"{flag} {given} differs from the run in {run_dir}, which was "
-                          f"started with {shown}; drop {flag} to continue it as saved, or start "
-                          "a new run with another --out")
+        raise SettingDiffers(name, flag, given, shown, run_dir)
     return epochs
 
 
