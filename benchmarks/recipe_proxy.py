@@ -18,7 +18,7 @@ warm-up its recipe's share), the regime where a recipe's regularization shows, a
     python benchmarks/recipe_proxy.py --epochs 40 --train-images 1280
     python benchmarks/recipe_proxy.py --minutes 4 --runs seed:seed-mini,vitlab:vitlab-mini,vitlab:vitlab-mini-sl
     python benchmarks/recipe_proxy.py --epochs 20 --train-images 2560 \
-        --runs vitlab:vitlab-mini,vitlab:vitlab-mini:mix_prob=0.5:mixup_alpha=1
+        --runs vitlab:vitlab-mini,vitlab:vitlab-mini:mix_prob=1:mixup_alpha=0.8
 
 A run is RECIPE:MODEL, then any recipe settings as :FIELD=VALUE (the recipe's field names, as
 `vitlab recipes NAME` prints them).

@@ -222,16 +222,16 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     # The SDPA variants first, each traced afresh: torch.compile reuses one ViT's graph for
     # another of the same shape, with the attention kernel it traced. They are captured (only
     # replayed later); the cases warmed up after the last reset compile anew.
-    sdpa = [name for name in cases if name.startswith(SDPA_CASE)]
-    order = sdpa + [name for name in cases if name not in sdpa]
+    variants = [name for name in cases if name.startswith(SDPA_CASE)]
+    order = variants + [name for name in cases if name not in variants]
     for i, name in enumerate(order):  # compilation and CUDA graph capture happen here
-        if sdpa and (name in sdpa or i == len(sdpa)):
+        if variants and (name in variants or i == len(variants)):
             torch._dynamo.reset()
         say(f"warming up {name!r} (compiling, capturing)")
         try:
             timed(cases[name], warmup)
         except Exception as error:  # noqa: BLE001 - a compared case's failure is a finding
-            if name not in COMPARED and name not in sdpa:
+            if name not in COMPARED and name not in variants:
                 raise
             failures[name] = f"{type(error).__name__}: {error}"[:300]
             print(f"step_breakdown: {name!r} failed: {failures[name]}")
@@ -246,7 +246,7 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     profiling = target.type == "cuda" if profile is None else profile
     if profiling:
         # (the SDPA variants' too: their costliest kernels name the attention kernel they run)
-        for name in ("step", "batch+step", COMPARED[0], *sdpa):
+        for name in ("step", "batch+step", COMPARED[0], *variants):
             if name not in cases:
                 continue
             say(f"profiling {name!r}")
@@ -285,7 +285,8 @@ def checked(check: Callable[[], dict]) -> dict:
 def capture_check(target: torch.device, config, initial: dict, batch: tuple,
                   graphs: CallAgain | None) -> dict:
     """The captured step against the same step uncaptured, from the same weights and random
-    state: 6 steps on `batch`, the 4th on its first 80 images (a second captured shape), the LR
+    state: 6 steps on `batch`, the 4th on its first 80 images (a second captured shape, which
+    a compiled case records from the uncompiled model, as fit does), the LR
     set every step as fit sets it. Four cases: the seed recipe eager and compiled without
     dropout, eager with dropout (the warm-up must give back the random draws it took), and the
     vitlab recipe (AdamW with capturable state, warm-up + cosine LR, clipping, label smoothing)
@@ -320,7 +321,12 @@ def capture_check(target: torch.device, config, initial: dict, batch: tuple,
 
             def step(inputs, labels, runnable=runnable, optimizer=optimizer, chosen=chosen):
                 return train_step(runnable, optimizer, inputs, labels, chosen, precision)
-            run = CapturedStep(step, model, optimizer, graphs=graphs) if capture else step
+
+            def eager(inputs, labels, model=model, optimizer=optimizer, chosen=chosen):
+                return train_step(model, optimizer, inputs, labels, chosen, precision)
+            # as fit records it: compiled, the 80-image batch from the uncompiled model
+            others = {"batch_size": len(targets), "other_step": eager} if mode else {}
+            run = CapturedStep(step, model, optimizer, graphs=graphs, **others) if capture else step
             torch.manual_seed(1)  # the same random draws for both
             losses = []
             for i, b in enumerate(shapes):

@@ -198,3 +198,11 @@ def test_a_compiled_captured_fit_compiles_the_full_batch_only(dataset, tmp_path,
     assert seen and set(seen) == {(8, True)}
     start = ckpt.read_jsonl(tmp_path / "run" / ckpt.METRICS)[0]
     assert start["compile"].startswith("default") and start["capture"]
+    # Every batch trained the one model: the stand-in being transparent, the weights are those
+    # of the same captured fit uncompiled.
+    torch.manual_seed(0)
+    fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8, lr=0.05), options(2, compile=False),
+        tmp_path / "plain")
+    compiled, plain = (ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("run", "plain"))
+    for key in plain:
+        assert torch.equal(compiled[key], plain[key]), key

@@ -62,6 +62,7 @@ def test_a_breakdown_that_dies_is_recorded_with_its_exit_and_last_lines(tmp_path
     commands = []
 
     def died(command, log, timeout, mode="w"):
+        assert mode == "a"  # after the runs' output in runs.log, not over it
         commands.append(command)
         log.write_text("step_breakdown: warming up 'step' (compiling, capturing)\n")
         return -11, 21.0
@@ -74,3 +75,13 @@ def test_a_breakdown_that_dies_is_recorded_with_its_exit_and_last_lines(tmp_path
     assert "-X" in commands[0] and "--no-sdpa" in commands[0]
     run.stage_breakdown(args, sdpa=True)
     assert "--no-compare" in commands[1] and "--no-sdpa" not in commands[1]
+
+
+def test_a_breakdown_that_finishes_returns_its_json(tmp_path, monkeypatch):
+    def finished(command, log, timeout, mode="w"):
+        Path(command[command.index("--json-out") + 1]).write_text('{"cases": {"step": 1}}')
+        return 0, 30.0
+    monkeypatch.setattr(run, "run_logged", finished)
+    args = argparse.Namespace(data=tmp_path, device="cuda", compile="auto", train_steps=None,
+                              bench_repeats=5, work=tmp_path, out=tmp_path, stage_timeout=None)
+    assert run.stage_breakdown(args, sdpa=False) == {"cases": {"step": 1}}

@@ -290,7 +290,13 @@ def test_vitlab_augment_strengths():
                                      )[1].max() < 1 for seed in range(400))
     assert 170 < half < 230  # half the batches mixed (3 sd; a mixed batch has no one-hot row)
     # Recipe checks: ranges, and only the vitlab augmentation takes them.
-    assert recipe("vitlab", mix_prob=0.5).augment_settings()["mix_prob"] == 0.5
+    assert recipe("vitlab", mix_prob=0.25).augment_settings()["mix_prob"] == 0.25
+    # The vitlab recipe's own mixing does not follow it to another augmentation; a changed
+    # value is still refused there.
+    other = recipe("vitlab", augment="seed")
+    assert (other.mix_prob, other.mixup_alpha, other.augment_settings()) == (1.0, 0.8, {})
+    with pytest.raises(ConfigError, match="--mix-prob applies to --augment vitlab"):
+        recipe("vitlab", augment="trivialaugment", mix_prob=0.25)
     assert recipe("seed").augment_settings() == {}
     for bad in ({"mix_prob": 1.5}, {"erase_prob": -0.1}, {"mixup_alpha": -1.0},
                 {"cutmix_prob": 2.0}, {"cutmix_alpha": float("inf")}):

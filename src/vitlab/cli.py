@@ -94,11 +94,15 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
         source = "vitlab" if (setting.field or name) in AUGMENT_SETTINGS else "seed"
         if setting.role == "recipe" and setting.name != "recipe":
             default = getattr(RECIPES[source], setting.field or name)
+            if source == "vitlab" and default != getattr(RECIPES["seed"], setting.field or name):
+                default = f"{default} with the vitlab recipe, " + (
+                    f"{getattr(RECIPES['seed'], setting.field or name)} with another")
         elif setting.role in ("saved", "runtime") and setting.type is not bool:
             default = options_defaults.get(name)
         if default is not None:
-            help_text += f" (default: {default}" + (f", the {source} recipe's)"
-                                                    if setting.role == "recipe" else ")")
+            help_text += f" (default: {default}" + (
+                f", the {source} recipe's)" if setting.role == "recipe"
+                and " with " not in str(default) else ")")
         kwargs: dict = {"dest": name, "help": help_text, "default": argparse.SUPPRESS}
         if setting.type is bool:  # an optional one (None: decided later) also has --no-FLAG
             kwargs["action"] = argparse.BooleanOptionalAction if setting.optional else "store_true"

@@ -615,11 +615,12 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     compiled = (lambda m: torch.compile(m, mode=mode)) if mode else None
     runnable = compiled(model) if compiled else model
     # A captured step compiles one shape only: the full batch. On a fresh H200 the tutorial's
-    # first epoch took 54.5 s against 0.9 s for the next ones, and its evaluations 19.0 s
-    # against 5.8 s where the compiler's cache was warm (benchmarks/gpu/results/
-    # 2026-11-27-h200-3): compiling the short last batch (a second, dynamic shape) and the
-    # evaluation's graphs costs more there than their ~1,100 batches a run save. So those run
-    # the uncompiled model: the short batch in a graph of its own, the evaluation eagerly.
+    # first epoch took 54.5 s against 0.9 s for the next ones, and its evaluations 19.0 s,
+    # against 5.8 s in a later run on that machine, likely from the compiler's cache
+    # (benchmarks/gpu/results/2026-11-27-h200-3): compiling the short last batch (a second,
+    # dynamic shape) and the evaluation's graphs likely costs more there than their ~1,100
+    # batches a run save (the split was not measured). So those run the uncompiled model: the
+    # short batch in a graph of its own, the evaluation eagerly.
     evaluated = model if capture else runnable
     # Compiled, the whole step is: the model (forward and backward) and the optimizer's step
     # (unless eager_optimizer: on CUDA the fused optimizer is one kernel launch already; a
@@ -797,11 +798,11 @@ def _check_finite(bad_loss: torch.Tensor, loss: torch.Tensor | None,
 class CurvesPlotter:
     """curves.png, redrawn from metrics.jsonl after an epoch, in at most `share` of the wall
     time: a plot of 100 epochs takes ~0.2 s (matplotlib, on this project's CPU) and a tutorial
-    epoch 0.9 s on an H200, where a 5% share cost 7.7 s of a 193 s run (the time between its
-    epochs, results/2026-11-27-h200-3). So an epoch's drawing waits until the time since the
-    last drawing is `1 / share` times that drawing's (~20 s at 1%: enough to watch a run by);
-    the first and the last epoch's are always drawn, and
-    leaving the `with` block draws what is still pending, however the fit ends (a stop, a
+    epoch 0.9 s on an H200, where with a 5% share the time between epochs (drawing and
+    checkpoints) was 7.7 s of a 193 s run (results/2026-11-27-h200-3). So an epoch's drawing
+    waits until the time since the last drawing is `1 / share` times that drawing's (~20 s at
+    1%: enough to watch a run by); the first and the last epoch's are always drawn, and leaving
+    the `with` block draws what is still pending, however the fit ends (a stop, a
     divergence, an error). A resumed fit starts pending: the process before it may have died
     behind. Only the main process draws (`enabled`)."""
 

@@ -30,8 +30,9 @@ COMPILE_PAYS_AFTER_STEPS = 2500
 # step is no longer launch-bound: on an H200 seed-mini's captured step took 3.48 ms eager and
 # 2.22 ms compiled (benchmarks/gpu/results/2026-11-27-h200-2), 1.25 ms saved a step. On a
 # fresh H200 (an empty compiler cache) the tutorial's first captured epoch then took 54.5 s
-# against 0.9 s, compiling the full and the short batch; with a warm cache the same model's
-# took 6.3 s (results/2026-11-27-h200-3). fit now compiles the full batch only; if that halves
+# against 0.9 s, compiling the full and the short batch; in a later run on that machine
+# (likely a warm compiler cache; another recipe) the same model's took 6.3 s
+# (results/2026-11-27-h200-3). fit now compiles the full batch only; if that halves
 # the cold cost, compiling pays from ~21,000 steps on a fresh machine and from ~4,000 with a
 # warm cache. 10,000 is a guess between the two, still to measure. The tutorial's 100 epochs
 # (39,100 steps) compile; a 20-epoch run (7,820 steps) does not.

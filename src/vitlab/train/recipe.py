@@ -228,7 +228,10 @@ FINETUNE_RECIPES: dict[str, str] = {"vitlab": "vitlab-finetune"}
 
 
 def recipe(name: str, **overrides) -> Recipe:
-    """A named recipe with fields replaced by the non-None `overrides`."""
+    """A named recipe with fields replaced by the non-None `overrides`. Another augmentation
+    than the vitlab one takes the vitlab augmentation's settings back to their defaults, where
+    they are the named recipe's own (the vitlab recipe's mixing is not asked for with
+    `--augment seed`; a value the user changed still is, and is refused)."""
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
     changes = {k: v for k, v in overrides.items() if v is not None}
@@ -236,7 +239,13 @@ def recipe(name: str, **overrides) -> Recipe:
     unknown = sorted(set(changes) - known)
     if unknown:
         raise ConfigError(f"unknown recipe fields: {', '.join(unknown)}")
-    return dataclasses.replace(RECIPES[name], **changes)
+    base = RECIPES[name]
+    if changes.get("augment", base.augment) not in AUGMENT_SETTINGS_USED_BY:
+        for setting in AUGMENT_SETTINGS:
+            own = getattr(base, setting)
+            if changes.get(setting, own) == own:
+                changes[setting] = _AUGMENT_DEFAULTS[setting]
+    return dataclasses.replace(base, **changes)
 
 
 def lrs_as_tensors(optimizer: torch.optim.Optimizer) -> None:
