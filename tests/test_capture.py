@@ -167,6 +167,9 @@ def test_other_batch_sizes_are_recorded_from_the_other_step():
         run(inputs, targets)
     # each shape: its 2 warm-up steps, then a call per replay (CallAgain records nothing)
     assert calls == [("step", 8)] * 4 + [("other", 5)] * 3 + [("step", 8)]
+    shapes = run.take_recorded()  # what each new shape cost, handed out once
+    assert [(r["batch_size"], r["other_step"]) for r in shapes] == [(8, False), (5, True)]
+    assert all(r["seconds"] > 0 for r in shapes) and run.take_recorded() == []
     with pytest.raises(ValueError, match="go together"):
         CapturedStep(recorded("step"), model, optimizer, graphs=CallAgain(), batch_size=8)
 
@@ -196,8 +199,13 @@ def test_a_compiled_captured_fit_compiles_the_full_batch_only(dataset, tmp_path,
     # 20 images: batches of 8, 8 and 4 (the 4 recorded from the other step); the 13 test
     # images are evaluated by the model itself
     assert seen and set(seen) == {(8, True)}
-    start = ckpt.read_jsonl(tmp_path / "run" / ckpt.METRICS)[0]
-    assert start["compile"].startswith("default") and start["capture"]
+    records = ckpt.read_jsonl(tmp_path / "run" / ckpt.METRICS)
+    assert records[0]["compile"].startswith("default") and records[0]["capture"]
+    # Each shape's recording is logged once, at its first step: what the first epoch pays for.
+    captures = [r for r in records if r["event"] == "capture"]
+    assert [(r["step"], r["batch_size"], r["model"]) for r in captures] == [
+        (1, 8, "compiled"), (3, 4, "uncompiled")]
+    assert all(r["capture_time"] > 0 for r in captures)
     # Every batch trained the one model: the stand-in being transparent, the weights are those
     # of the same captured fit uncompiled.
     torch.manual_seed(0)

@@ -28,8 +28,11 @@ def test_a_runs_timeline_splits_training_evaluation_and_the_rest():
         records.append({"event": "eval", "epoch": epoch, "accuracy": 0.5, "time": end})
         end += rest
     records.append({"event": "train", "step": 7, "ce": 1.0, "time": end})  # a step line
+    records.insert(1, {"event": "capture", "step": 1, "batch_size": 128, "model": "compiled",
+                       "capture_time": 17.26, "time": 117.3})
     assert timeline(records) == {"first_epoch": 20.0, "other_epochs": 3.0, "evaluation": 1.5,
-                                 "between": 0.5}
+                                 "between": 0.5, "captures": [
+                                     {"batch_size": 128, "model": "compiled", "seconds": 17.3}]}
 
 
 def test_a_runs_time_outside_its_fits_is_split_where_the_fits_start_and_finish():

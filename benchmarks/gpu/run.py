@@ -277,7 +277,8 @@ def timeline(records: list[dict]) -> dict:
     """Where a fit's time went, from its metrics.jsonl's time stamps (seconds, summed over the
     epochs): the first epoch's training (compiling and capturing), the other epochs', the
     evaluations (from an epoch's Train record to its Eval record), and the rest between an
-    Eval record and the next epoch's start (the checkpoint, curves.png)."""
+    Eval record and the next epoch's start (the checkpoint, curves.png); and what recording
+    each batch shape took (warm-up, compiling where it compiles, recording: Capture records)."""
     ends = [r for r in records if r.get("event") == "train" and "epoch_time" in r]
     evals = {r["epoch"]: r["time"] for r in records if r.get("event") == "eval" and "epoch" in r}
     result = {"first_epoch": ends[0]["epoch_time"] if ends else None,
@@ -290,7 +291,11 @@ def timeline(records: list[dict]) -> dict:
         result["evaluation"] += evaluated - end["time"]
         if i + 1 < len(ends):
             result["between"] += ends[i + 1]["time"] - ends[i + 1]["epoch_time"] - evaluated
-    return {k: None if v is None else round(v, 1) for k, v in result.items()}
+    rounded = {k: None if v is None else round(v, 1) for k, v in result.items()}
+    rounded["captures"] = [{"batch_size": r["batch_size"], "model": r["model"],
+                            "seconds": round(r["capture_time"], 1)}
+                           for r in records if r.get("event") == "capture"]
+    return rounded
 
 
 def around_fits(launched: float, exited: float, pretrain: list[dict], finetune: list[dict]

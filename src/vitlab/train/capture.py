@@ -23,6 +23,7 @@ on the same memory. So:
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ class CudaGraphs:
                     body()
             current.wait_stream(self.stream)
 
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
     def capture(self, body: Callable[[], Tensor]) -> Callable[[], Tensor]:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(self.device), torch.cuda.graph(graph, pool=self.pool,
@@ -84,6 +88,9 @@ class CallAgain:
     def capture(self, body: Callable[[], Tensor]) -> Callable[[], Tensor]:
         return body
 
+    def sync(self) -> None:
+        pass
+
 
 @dataclass
 class _Captured:
@@ -99,7 +106,9 @@ class CapturedStep:
     forward, backward, optimizer step) and return the loss. Calls return this batch's loss, a
     tensor of its own. `other_step`, with `batch_size`, records every batch of another size
     (the same step on the same parameters, another way: fit's uncompiled model). `graphs`
-    replaces torch.cuda's graphs (tests on the CPU).
+    replaces torch.cuda's graphs (tests on the CPU). `recorded` lists each new shape's batch
+    size, whether `other_step` recorded it, and the seconds its warm-up (compiling, where the
+    step compiles) and recording took, until `take_recorded` hands them out.
     """
 
     def __init__(self, step: Step, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -124,6 +133,7 @@ class CapturedStep:
         self.warmup_steps = warmup_steps
         self.graphs = graphs or CudaGraphs(device)
         self._captured: dict[tuple, _Captured] = {}
+        self.recorded: list[dict] = []
 
     def __call__(self, inputs: Tensor, targets: Tensor) -> Tensor:
         key = (tuple(inputs.shape), inputs.dtype, tuple(targets.shape), targets.dtype)
@@ -134,10 +144,15 @@ class CapturedStep:
         captured.targets.copy_(targets)
         return captured.replay().clone()  # the next replay overwrites the graph's own
 
+    def take_recorded(self) -> list[dict]:
+        """The shapes recorded since the last call (see the class)."""
+        recorded, self.recorded = self.recorded, []
+        return recorded
+
     def _capture(self, inputs: Tensor, targets: Tensor) -> _Captured:
-        step = self.step
-        if self.other_step is not None and len(inputs) != self.batch_size:
-            step = self.other_step
+        start = time.perf_counter()
+        other = self.other_step is not None and len(inputs) != self.batch_size
+        step = self.other_step if other else self.step
         static_inputs, static_targets = inputs.clone(), targets.clone()
         saved = _snapshot(self.model, self.optimizer)
         rng = _rng_states(self.device)
@@ -156,6 +171,9 @@ class CapturedStep:
             first = (str(error).strip() or type(error).__name__).splitlines()[0]
             raise CaptureError(f"recording the training step as a CUDA graph failed ({first}); "
                                "train without it: --no-capture-step") from error
+        self.graphs.sync()  # once a shape: the warm-up's kernels counted in its time
+        self.recorded.append({"batch_size": len(inputs), "other_step": other,
+                              "seconds": time.perf_counter() - start})
         return _Captured(static_inputs, static_targets, replay)
 
     def close(self) -> None:

@@ -682,6 +682,11 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                 if captured is not None:
                     loss = captured(inputs, targets)
                     stopping = stop.raised
+                    for shape in captured.take_recorded():  # what the first epoch pays for
+                        reporter.event("Capture", step=progress.global_step + 1,
+                                       batch_size=shape["batch_size"],
+                                       model="uncompiled" if shape["other_step"] or not compiled
+                                       else "compiled", capture_time=shape["seconds"])
                 elif world == 1:
                     loss = train_step(trainable, optimizer, inputs, targets, recipe,
                                       autocast_dtype, step=step)
