@@ -135,8 +135,10 @@ def test_fit_with_a_captured_step_equals_fit_without(dataset, tmp_path, monkeypa
     plain, captured = (ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("plain", "captured"))
     for key in plain:
         assert torch.equal(plain[key], captured[key]), key
-    start = ckpt.read_jsonl(tmp_path / "captured" / ckpt.METRICS)[0]
-    assert start["capture"] == "one CUDA graph per batch shape"
+    records = ckpt.read_jsonl(tmp_path / "captured" / ckpt.METRICS)
+    assert records[0]["capture"] == "one CUDA graph per batch shape"
+    assert [(r["batch_size"], r["model"]) for r in records if r["event"] == "capture"] == [
+        (8, "uncompiled"), (4, "uncompiled")]  # 20 images: 8, 8, 4; nothing compiled
     evals = [[r["accuracy"] for r in ckpt.read_jsonl(tmp_path / run / ckpt.METRICS)
               if r["event"] == "eval"] for run in ("plain", "captured")]
     assert evals[0] == evals[1] and len(evals[0]) == 2

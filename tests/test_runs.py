@@ -225,6 +225,25 @@ def test_a_bad_value_is_named_where_it_was_given(tmp_path, capfd):
         assert assert_one_error_line(capfd.readouterr().err, "pretrain").startswith(message)
 
 
+def test_finetunes_epochs_flag_is_named_as_finetune_takes_it(legacy_run, capfd):
+    assert main(["finetune", "--from", str(legacy_run), "--epochs", "-1"]) == 2
+    assert "error: --epochs must be in 0..1,000,000" in assert_one_error_line(
+        capfd.readouterr().err, "finetune")
+
+
+def test_the_vitlab_recipe_with_another_augmentation_leaves_its_mixing(data_root, tmp_path):
+    """--recipe vitlab --augment seed: the mixing the user never gave is not refused, and not
+    kept (it would mean nothing without the vitlab augmentation); a changed value is refused."""
+    from vitlab.runs import pretrain
+    common = {"data": "cifar10", "data_root": data_root, "model": "micro", "epochs": 0,
+              "device": "cpu", "quiet": True}
+    pretrain(recipe="vitlab", augment="seed", out=tmp_path / "seed", **common)
+    saved = json.loads((tmp_path / "seed" / "config.json").read_text())["recipe"]
+    assert (saved["augment"], saved["mix_prob"], saved["mixup_alpha"]) == ("seed", 1.0, 0.8)
+    with pytest.raises(ConfigError, match="--mix-prob applies to --augment vitlab"):
+        pretrain(recipe="vitlab", augment="seed", mix_prob=0.25, out=tmp_path / "x", **common)
+
+
 def test_a_config_key_may_override_one_merged_in(tmp_path):
     from vitlab.settings import read_config_file
 

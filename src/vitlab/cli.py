@@ -235,13 +235,12 @@ def _train(args: argparse.Namespace) -> None:
                 f"{args.config}: {key} {e.requirement}" if isinstance(e, SettingError)
                 else e.render(f"{args.config}: {key}", f"remove {key} from {args.config}")
             ) from None
-        if isinstance(e, SettingDiffers):
+        flags = _COMMAND_FLAGS.get((command, e.setting), [
+            SETTINGS[e.setting].flag if e.setting in SETTINGS else None])
+        if not flags or flags[0] is None:
             raise
-        flags = _COMMAND_FLAGS.get((command, e.setting)) or [
-            SETTINGS[e.setting].flag if e.setting in SETTINGS else None]
-        if flags[0] is None:
-            raise
-        raise ConfigError(f"{flags[0]} {e.requirement}") from None
+        raise ConfigError(f"{flags[0]} {e.requirement}" if isinstance(e, SettingError)
+                          else e.render(flags[0], f"drop {flags[0]}")) from None
 
 
 def _train_with(args: argparse.Namespace, given: dict, from_file: dict) -> None:

@@ -15,7 +15,7 @@ class SettingError(ConfigError):
 
     def __init__(self, setting: str, requirement: str, label: str | None = None) -> None:
         self.setting, self.requirement = setting, requirement
-        super().__init__(f"{label or setting.replace('_', '-')} {requirement}")
+        super().__init__(f"{label or '--' + setting.replace('_', '-')} {requirement}")
 
 
 class SettingDiffers(ConfigError):

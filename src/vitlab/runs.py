@@ -57,6 +57,7 @@ from vitlab.train.recipe import (
     SCHEDULES_WITH_WARMUP,
     Recipe,
     recipe,
+    replaced,
 )
 from vitlab.train.runconfig import EncoderSource, RunConfig
 from vitlab.train.transfer import load_encoder_weights
@@ -126,7 +127,7 @@ def _recipe_and_options(settings: dict[str, Any], kind: str) -> tuple[Recipe, Tr
     """The recipe (named, then overridden) and the options a new run of `kind` trains with."""
     overrides = pick(settings, {"recipe"})
     # Every given value replaces the named recipe's, None too (grad_clip: null = no clipping).
-    chosen = dataclasses.replace(recipe(overrides.pop("name", "seed")), **overrides)
+    chosen = replaced(recipe(overrides.pop("name", "seed")), overrides)
     if chosen.warmup_epochs > 0 and chosen.schedule not in SCHEDULES_WITH_WARMUP:
         raise ConfigError(f"--warmup-epochs has no effect with --schedule {chosen.schedule}; "
                           f"use --schedule {' or '.join(sorted(SCHEDULES_WITH_WARMUP))}, or "
@@ -387,7 +388,8 @@ def _check_unchanged(saved: RunConfig, settings: dict[str, Any], run_dir: Path,
                     f"with another --out")
             epochs = given
             continue
-        raise SettingDiffers(name, flag, given, shown, run_dir)
+        key = flag.lstrip("-").replace("-", "_") if name in (flags or {}) else name
+        raise SettingDiffers(key, flag, given, shown, run_dir)
     return epochs
 
 

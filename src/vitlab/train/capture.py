@@ -150,6 +150,7 @@ class CapturedStep:
         return recorded
 
     def _capture(self, inputs: Tensor, targets: Tensor) -> _Captured:
+        self.graphs.sync()  # the replays still queued are not this shape's cost
         start = time.perf_counter()
         other = self.other_step is not None and len(inputs) != self.batch_size
         step = self.other_step if other else self.step

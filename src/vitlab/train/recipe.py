@@ -239,7 +239,14 @@ def recipe(name: str, **overrides) -> Recipe:
     unknown = sorted(set(changes) - known)
     if unknown:
         raise ConfigError(f"unknown recipe fields: {', '.join(unknown)}")
-    base = RECIPES[name]
+    return replaced(RECIPES[name], changes)
+
+
+def replaced(base: Recipe, changes: dict) -> Recipe:
+    """`base` with `changes` (None values too): dataclasses.replace, except that another
+    augmentation than the vitlab one sets the vitlab augmentation's settings that are `base`'s
+    own back to their defaults (recipe's docstring)."""
+    changes = dict(changes)
     if changes.get("augment", base.augment) not in AUGMENT_SETTINGS_USED_BY:
         for setting in AUGMENT_SETTINGS:
             own = getattr(base, setting)
