@@ -305,3 +305,14 @@ def test_vitlab_augment_strengths():
     with pytest.raises(ConfigError, match="--erase-prob applies to --augment vitlab"):
         recipe("seed", erase_prob=0.0)
     assert recipe("seed", erase_prob=0.25).augment == "seed"  # its default: no change
+
+
+def test_help_gives_each_recipe_settings_default_and_whose_it_is():
+    from vitlab.cli import build_parser
+
+    text = " ".join(build_parser().command_parsers["pretrain"].format_help().split())
+    assert "(default: 0.01, the seed recipe's)" in text  # --lr
+    # The vitlab augmentation's settings: the vitlab recipe's own where it differs.
+    assert "(default: 0.5 with the vitlab recipe, 1.0 with another)" in text  # --mix-prob
+    assert "(default: 1.0 with the vitlab recipe, 0.8 with another)" in text  # --mixup-alpha
+    assert "(default: 0.25, the vitlab recipe's)" in text  # --erase-prob: the same for all
