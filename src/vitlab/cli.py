@@ -65,6 +65,15 @@ class _Parser(argparse.ArgumentParser):
 # The setting behind finetune's --epochs.
 _COMMAND_FLAGS = {("finetune", "finetune_epochs"): ["--epochs", "--finetune-epochs"],
                   ("finetune", "epochs"): []}  # recipe key only: finetune's --epochs is its own
+
+
+def _command_flags(command: str, name: str) -> list[str]:
+    """The flags by which `command` takes setting `name` (none: it has no flag there)."""
+    from vitlab.settings import SETTINGS
+
+    return _COMMAND_FLAGS.get((command, name), [SETTINGS[name].flag] if name in SETTINGS else [])
+
+
 _GROUPS = {"run": "what and where", "recipe": "recipe (how to learn)",
            "saved": "run options (fixed for the run's life)",
            "runtime": "runtime (may change on --resume)", "data": "data loading"}
@@ -85,7 +94,7 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
                         if f.default not in (None, dataclasses.MISSING)}
     groups = {role: parser.add_argument_group(title) for role, title in _GROUPS.items()}
     for name, setting in for_command(command).items():
-        flags = _COMMAND_FLAGS.get((command, name), [setting.flag])
+        flags = _command_flags(command, name)
         if not flags or not setting.cli:
             continue
         help_text = setting.help
@@ -220,8 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from vitlab.settings import SETTINGS
-
     command = args.command
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
     from_file: dict = {}
@@ -235,9 +242,8 @@ def _train(args: argparse.Namespace) -> None:
                 f"{args.config}: {key} {e.requirement}" if isinstance(e, SettingError)
                 else e.render(f"{args.config}: {key}", f"remove {key} from {args.config}")
             ) from None
-        flags = _COMMAND_FLAGS.get((command, e.setting), [
-            SETTINGS[e.setting].flag if e.setting in SETTINGS else None])
-        if not flags or flags[0] is None:
+        flags = _command_flags(command, e.setting)
+        if not flags:
             raise
         raise ConfigError(f"{flags[0]} {e.requirement}" if isinstance(e, SettingError)
                           else e.render(flags[0], f"drop {flags[0]}")) from None

@@ -630,13 +630,12 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     trainable = runnable
     captured = None
     if capture:  # one process: the model is `runnable`, never DDP's
-        def eager_step(inputs: Tensor, targets: Tensor) -> Tensor:
-            return train_step(model, optimizer, inputs, targets, recipe, autocast_dtype)
+        def step_of(module: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+            return lambda inputs, targets: train_step(module, optimizer, inputs, targets,
+                                                      recipe, autocast_dtype)
 
-        captured = CapturedStep(
-            lambda inputs, targets: train_step(runnable, optimizer, inputs, targets, recipe,
-                                               autocast_dtype), model, optimizer,
-            **({"batch_size": recipe.batch_size, "other_step": eager_step} if compiled else {}))
+        captured = CapturedStep(step_of(runnable), model, optimizer, **(
+            {"batch_size": recipe.batch_size, "other_step": step_of(model)} if compiled else {}))
     if world > 1:  # gradients averaged across processes by PyTorch's DDP
         from torch.nn.parallel import DistributedDataParallel
 
@@ -682,7 +681,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                 if captured is not None:
                     loss = captured(inputs, targets)
                     stopping = stop.raised
-                    for shape in captured.take_recorded():  # what the first epoch pays for
+                    # a new shape's recording: what the first epoch pays for (rarely any)
+                    for shape in captured.take_recorded() if captured.recorded else ():
                         reporter.event("Capture", step=progress.global_step + 1,
                                        batch_size=shape["batch_size"],
                                        model="uncompiled" if shape["other_step"] or not compiled
