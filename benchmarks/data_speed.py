@@ -18,6 +18,7 @@ per side, the ratio of the medians, and the range of the per-round ratios.
 
     python benchmarks/data_speed.py [--data ../shared/data/cifar100] [--threads 2] [--rounds 25]
         [--seconds 0.15]
+    python benchmarks/data_speed.py --per-call 128,512,1024,2048   # the augmentations alone
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 
 from vitlab.data import BatchLoader, SeedAugment, load_dataset
 from vitlab.data import numpy_reference as ref
-from vitlab.data.augment import VitlabAugment
+from vitlab.data.augment import VitlabAugment, transform_batches
 from vitlab.data.autoaugment import MEAN_FILL, OP_NAMES, OPS, WIDE
 from vitlab.data.pil_reference import apply_one
 from vitlab.train.options import TrainOptions
@@ -72,7 +73,8 @@ def numpy_batches(
 
 
 def vitlab_recipe_batches(split, batch_size: int, chunk: int = 1) -> Iterator[tuple]:
-    """BatchLoader + VitlabAugment (pad-crop-flip, TrivialAugment-Wide, erasing, mixup/cutmix)."""
+    """BatchLoader + VitlabAugment (pad-crop-flip, TrivialAugment-Wide, erasing, mixup/cutmix on
+    half the batches: its defaults, the recipe's)."""
     loader = BatchLoader(split, batch_size, augment=VitlabAugment(len(split.classes)), train=True,
                          shuffle=True, seed=0, chunk_batches=chunk)
     for epoch in itertools.count():
@@ -122,6 +124,9 @@ def per_sample_vitlab_batches(images: np.ndarray, labels: np.ndarray, batch_size
                 xs.append(_erase_one(np.ascontiguousarray(chw), rng))
             batch = np.stack(xs)
             one_hot = np.eye(num_classes, dtype=np.float32)[labels[idx]]
+            if rng.random() >= 0.5:  # the recipe mixes half the batches (its mix_prob)
+                yield batch, one_hot
+                continue
             shift = len(batch) // 2  # sample i's partner: (i + shift) mod B
             lam = rng.beta(1.0, 1.0)
             if rng.random() < 0.5:  # cutmix: the partner's box
@@ -134,6 +139,31 @@ def per_sample_vitlab_batches(images: np.ndarray, labels: np.ndarray, batch_size
             else:
                 batch = batch * lam + np.roll(batch, -shift, axis=0) * (1 - lam)
             yield batch, one_hot * lam + np.roll(one_hot, -shift, axis=0) * (1 - lam)
+
+
+def per_call_probe(split, per_call: list[int], total: int = 4096, repeats: int = 7) -> None:
+    """The augmentations alone, no loader: `total` images augmented N at a time (whole batches
+    of 128, as the loader's chunks are), the median of `repeats` passes, per 128 images."""
+    images, labels = split.images[:total], split.labels[:total]
+    transforms = {"VitlabAugment": VitlabAugment(len(split.classes)), "SeedAugment": SeedAugment()}
+    print(f"command: python {shlex.join(sys.argv)}")
+    print(f"ms per 128 images, {total:,} images a pass, median of {repeats} passes, "
+          f"{torch.get_num_threads()} threads")
+    print("| images per call | " + " | ".join(transforms) + " |")
+    print("|---:|" + "---:|" * len(transforms))
+    for n in per_call:
+        cells = []
+        for transform in transforms.values():
+            generator = torch.Generator().manual_seed(0)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for i in range(0, total - n + 1, n):
+                    transform_batches(transform, images[i:i + n], labels[i:i + n],
+                                      [128] * (n // 128), True, generator)
+                times.append(time.perf_counter() - start)
+            cells.append(f"{1000 * statistics.median(times) / (total // n * n // 128):.2f}")
+        print(f"| {n:,} | " + " | ".join(cells) + " |")
 
 
 def images_per_s(batches: Iterator[tuple], steps: int, min_s: float, max_s: float = 2.0) -> float:
@@ -177,8 +207,16 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=2, help="torch CPU threads (the target is 2 cores)"
     )
+    ap.add_argument(
+        "--per-call", default=None, metavar="N,N,...",
+        help="instead of the table: ms per 128 images of VitlabAugment and SeedAugment alone "
+             "when a call augments N images (e.g. 128,512,1024,2048)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.per_call:
+        per_call_probe(load_dataset(args.data).train, [int(n) for n in args.per_call.split(",")])
+        return
     t0 = time.perf_counter()
     load_before = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     ds = load_dataset(args.data)

@@ -56,8 +56,8 @@ def step_seconds(model_name: str, chosen, dataset, batch: int) -> float:
     torch.manual_seed(0)
     model = ViT(preset(model_name, dataset.num_classes)).train()
     optimizer = build_optimizer(chosen, model.named_parameters())
-    loader = BatchLoader(dataset.train, batch, augment=make_augment(chosen.augment,
-                                                                    dataset.num_classes))
+    loader = BatchLoader(dataset.train, batch, augment=make_augment(
+        chosen.augment, dataset.num_classes, **chosen.augment_settings()))
     batches = (batch for epoch in itertools.count() for batch in loader.epoch(epoch))
     train_step(model, optimizer, *next(batches), chosen)  # warm-up
     times = []

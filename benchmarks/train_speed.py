@@ -1,9 +1,12 @@
 """Does the data path slow training down? `fit()` steps/sec against a model-only training step.
 
-Both train vitlab's seed-mini with the seed recipe (SGD, batch 128) in this process, with the same
-threads. The model-only step reuses one pre-made batch; `fit()` draws real batches from the
-device-resident split and augments them (SeedAugment) every step. Repeats are interleaved;
-medians reported. fit()'s rate is the one its own log line reports (steps 2..N of an epoch).
+Three rows, each vitlab's seed-mini at batch 128 in this process, with the same threads: a
+model-only step (the seed recipe's SGD on one pre-made batch), `fit()` with the seed recipe
+(real batches from the device-resident split, SeedAugment every step), and `fit()` with the
+vitlab recipe's step and augmentation as the recipe is today (AdamW, TrivialAugment-Wide,
+erasing, Mixup/CutMix on half the batches) on the same model, so that the last two compare the
+recipes' step costs. Repeats are interleaved; medians reported. fit()'s rate is the one its own
+log line reports (steps 2..N of an epoch).
 
     python benchmarks/train_speed.py [--data ../shared/data/cifar100] [--steps 12] [--repeats 5]
 """

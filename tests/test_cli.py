@@ -232,6 +232,22 @@ def test_console_script_version_and_help():
         assert command in usage
 
 
+def test_info_prints_the_parameters_and_flops_the_recipe_issue_caps(tmp_path):
+    """`vitlab info` (a real subprocess) prints a preset's parameter count and its forward FLOPs
+    against seed-mini's: the two figures --recipe vitlab's model is held to (<= 3.3 M, <= 1.25x)."""
+    from vitlab.model import ViT, forward_flops, preset
+
+    out = run_cli("info", "--model", "vitlab-mini", cwd=tmp_path).stdout.splitlines()
+    config = preset("vitlab-mini", 100)
+    ratio = forward_flops(config) / forward_flops(preset("seed-mini", 100))
+    assert out[0].startswith(f"vitlab-mini: {ViT(config).num_parameters():,} parameters; ")
+    assert out[0].startswith("vitlab-mini: 2,714,788 parameters; 32x32 input, patch 4, depth 9")
+    assert out[1] == (f"FLOPs per image (forward, matrix products): "
+                      f"{forward_flops(config) / 1e6:.1f} M = {ratio:.2f}x seed-mini's")
+    assert out[1].endswith("= 0.90x seed-mini's")
+    assert out[2] == "forward pass: input [2, 3, 32, 32] -> logits [2, 100]"
+
+
 # --- bad input: one line on stderr, exit code 2, no traceback -------------------------------
 
 def run_main(argv: list[str], capfd) -> tuple[int, str]:

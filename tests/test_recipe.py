@@ -111,6 +111,54 @@ def test_mixup_and_cutmix_mix_images_and_targets_alike():
     assert torch.equal(x, plain) and torch.equal(targets, labels)
 
 
+def _mixed(mix: MixupCutmix, images: torch.Tensor, seeds: range) -> list[tuple[str, float]]:
+    """Each seed's batch: which mixing it got ("none", "mixup", "cutmix") and its lam."""
+    labels = torch.arange(len(images))
+    drawn = []
+    for seed in seeds:
+        x, targets = mix(images, labels, True, torch.Generator().manual_seed(seed))
+        lam = targets[0, 0].item()
+        changed = (x != images).any(dim=1)[0]
+        kind = "none" if not changed.any() else "mixup" if changed.all() else "cutmix"
+        drawn.append((kind, lam))
+    return drawn
+
+
+def test_mixing_draws_follow_the_recipes_settings():
+    """The vitlab recipe's mixing (mix-prob 0.5, cutmix-prob 0.5, both alphas 1): about half
+    the batches pass unmixed and the rest split evenly; Mixup's lam ~ Beta(1, 1) = U(0, 1)
+    (mean 1/2, variance 1/12: Beta(0.8, 0.8)'s is 0.096); CutMix's pasted area has the mean
+    that a box of area 1 - lam, lam ~ U(0, 1), centred on a uniform pixel and clipped to the
+    image has (computed here exactly over the centres)."""
+    keep = lambda i, y, t, g: (i.clone(), y)  # noqa: E731
+    images = torch.randn(2, 1, 32, 32)
+    settings = recipe("vitlab").augment_settings()
+    kinds = [k for k, _ in _mixed(MixupCutmix(keep, 2, settings["mixup_alpha"],
+                                              settings["cutmix_alpha"],
+                                              settings["switch_prob"], settings["mix_prob"]),
+                                  images, range(1200))]
+    # Binomial counts: 600 +- 17 and 300 +- 15 (4 sd bounds). A near-empty CutMix box (lam
+    # drawn above 1 - 1/256) pastes nothing and counts as "none": ~1 in the 1,200.
+    assert 530 < kinds.count("none") < 670
+    assert 240 < kinds.count("mixup") < 360 and 240 < kinds.count("cutmix") < 360
+    lams = torch.tensor([lam for _, lam in _mixed(MixupCutmix(keep, 2, 1.0, 1.0, 0.0, 1.0),
+                                                  images, range(3000))], dtype=torch.float64)
+    assert abs(lams.mean().item() - 0.5) < 0.022  # sd 0.0053
+    assert abs(lams.var().item() - 1 / 12) < 0.006  # sd 0.0014
+    cut = [(k, lam) for k, lam in _mixed(MixupCutmix(keep, 2, 1.0, 1.0, 1.0, 1.0), images,
+                                         range(3000))]
+    assert {k for k, _ in cut} <= {"cutmix", "none"}
+    area = 1 - torch.tensor([lam for _, lam in cut], dtype=torch.float64).mean().item()
+    side, grid = 32, (torch.arange(20000, dtype=torch.float64) + 0.5) / 20000  # lam midpoints
+    half = ((side * (1 - grid).sqrt()).floor() // 2).long()
+    centre = torch.arange(side)
+    extent = ((centre[None] + half[:, None]).clamp(max=side)
+              - (centre[None] - half[:, None]).clamp(min=0)).double().mean(1)
+    expected = (extent ** 2).mean().item() / side ** 2
+    assert 0.2 < expected < 0.4  # clipping pastes less than the 0.5 drawn on average
+    assert abs(area - expected) < 0.015  # sd ~0.004
+
+
 def test_mixup_pairs_odd_batches_by_rolling_half_a_batch():
     x = torch.randn(5, 3, 4, 4)
     labels = torch.tensor([0, 1, 2, 3, 4])
@@ -249,6 +297,18 @@ def test_vitlab_augment_trains_on_soft_targets():
     assert x.shape == (8, 3, 32, 32) and targets.shape == (8, 10)
     x, targets = augment(images, torch.arange(8), False, torch.Generator())
     assert torch.equal(x, SeedAugment().apply(images, False)) and targets.dtype == torch.int64
+
+
+def test_the_vitlab_augmentation_defaults_are_the_recipes():
+    """VitlabAugment built bare (as the speed benchmarks build it) mixes as the recipe does."""
+    augment = VitlabAugment(10)
+    mix = augment.mix
+    built = {"erase_p": augment.ops[-1].p, "mixup_alpha": mix.mixup_alpha,
+             "cutmix_alpha": mix.cutmix_alpha, "mix_prob": mix.prob,
+             "switch_prob": mix.switch_prob}
+    assert built == recipe("vitlab").augment_settings()
+    assert built == {"erase_p": 0.25, "mixup_alpha": 1.0, "cutmix_alpha": 1.0, "mix_prob": 0.5,
+                     "switch_prob": 0.5}
 
 
 def test_vitlab_augment_strengths():

@@ -83,6 +83,41 @@ def test_seed_recipe_is_the_tutorials():
         (100, 1, 0.0, None, "seed")
 
 
+def test_grad_clip_scales_the_gradients_down_to_the_clip_norm():
+    """--grad-clip C scales the gradients the optimizer steps with down to a total norm of C
+    when above it, in the same direction; under C they are unchanged, bit for bit."""
+    from vitlab.model import preset
+    from vitlab.train.engine import train_step
+
+    torch.manual_seed(0)
+    start = ViT(preset("micro", 10)).state_dict()
+    inputs, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def stepped_gradients(clip: float | None) -> dict[str, torch.Tensor]:
+        model = ViT(preset("micro", 10))
+        model.load_state_dict(start)
+        plan = recipe("seed", grad_clip=clip)
+        steps = []  # the gradients as the optimizer's step sees them
+        optimizer = build_optimizer(plan, model.named_parameters())
+        optimizer.register_step_pre_hook(lambda *_: steps.append(
+            {n: p.grad.clone() for n, p in model.named_parameters()}))
+        torch.manual_seed(1)  # the same dropout masks for every step
+        train_step(model, optimizer, inputs, targets, plan)
+        assert len(steps) == 1
+        return steps[0]
+
+    unclipped = stepped_gradients(None)
+    norm = torch.cat([g.flatten() for g in unclipped.values()]).norm().item()
+    assert norm > 0.01
+    clipped = stepped_gradients(0.01)
+    assert torch.cat([g.flatten() for g in clipped.values()]).norm().item() == \
+        pytest.approx(0.01, rel=1e-4)
+    for name, grad in clipped.items():
+        torch.testing.assert_close(grad, unclipped[name] * (0.01 / norm), rtol=1e-4, atol=1e-12)
+    for name, grad in stepped_gradients(10 * norm).items():
+        assert torch.equal(grad, unclipped[name])
+
+
 def test_recipe_overrides_skip_none_and_round_trip():
     r = recipe("seed", lr=0.1, batch_size=None, optimizer="adamw", grad_clip=None)
     assert (r.lr, r.batch_size, r.optimizer) == (0.1, 128, "adamw")
