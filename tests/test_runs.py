@@ -225,6 +225,41 @@ def test_a_bad_value_is_named_where_it_was_given(tmp_path, capfd):
         assert assert_one_error_line(capfd.readouterr().err, "pretrain").startswith(message)
 
 
+def test_drop_path_is_a_model_setting_like_dropout(data_root, tmp_path, capfd):
+    """--drop-path (timm's flag) sets the last block's stochastic-depth rate: saved with the
+    model, inherited by fine-tuning unless given, held by a resume, range-checked in one line
+    before any data is read (a flag, or a config file's key)."""
+    common = ["--data", "cifar10", "--data-root", str(data_root), "--no-download", "--model",
+              "micro", "--train-steps-per-epoch", "1", "--batch-size", "16", "--epochs", "1",
+              "--log-steps", "0", "--no-progress"]
+    pre = tmp_path / "pre"
+    assert main(["pretrain", *common, "--out", str(pre), "--drop-path", "0.2"]) == 0
+    model, config, _ = load_run(pre)
+    assert config.model.drop_path == 0.2 and config.model.dropout == 0.1  # micro's dropout
+    rates = [block.drop_path for block in model.encoder.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
+    fine = tmp_path / "fine"
+    assert main(["finetune", "--from", str(pre), *common, "--out", str(fine)]) == 0
+    assert load_run(fine)[1].model.drop_path == 0.2  # the pre-trained model's
+    fine_off = tmp_path / "fine-off"
+    assert main(["finetune", "--from", str(pre), *common, "--out", str(fine_off),
+                 "--drop-path", "0"]) == 0
+    assert load_run(fine_off)[1].model.drop_path == 0.0
+    capfd.readouterr()
+    assert main(["pretrain", "--resume", str(pre), "--epochs", "2", "--drop-path", "0.1"]) == 2
+    assert "--drop-path 0.1 differs from the run in" in assert_one_error_line(
+        capfd.readouterr().err, "pretrain")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("drop-path: 1.0\n")
+    for flags, message in ((["--drop-path", "1"], "--drop-path must be a number in [0, 1)"),
+                           (["--config", str(bad)], f"{bad}: drop-path must be a number")):
+        out = tmp_path / "refused"
+        assert main(["pretrain", "--data", str(tmp_path / "no-such-data"), "--out", str(out),
+                     *flags]) == 2
+        assert message in assert_one_error_line(capfd.readouterr().err, "pretrain")
+        assert not out.exists()
+
+
 def test_finetunes_epochs_flag_is_named_as_finetune_takes_it(legacy_run, capfd):
     assert main(["finetune", "--from", str(legacy_run), "--epochs", "-1"]) == 2
     assert "error: --epochs must be in 0..1,000,000" in assert_one_error_line(

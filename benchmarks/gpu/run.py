@@ -2,7 +2,7 @@
 
     python benchmarks/gpu/run.py --data DATA --out OUT
         [--stages env,checks,bench,breakdown,breakdown-sdpa,seed,vitlab,vitlab-sl,vitlab-seed-mini,
-         vitlab-fullmix,vitlab-conv,vitlab-light]
+         vitlab-fullmix,vitlab-conv,vitlab-light,vitlab-nomix,vitlab-300]
 
 DATA holds the array folders cifar100/ and cifar10/ (../shared/data here; on the device machine,
 what `device_data.py join` rebuilt). Stages:
@@ -39,6 +39,10 @@ what `device_data.py join` rebuilt). Stages:
   vitlab-conv  the same with --recipe vitlab --model vitlab-mini-conv (a conv stem)
   vitlab-light  the same with --recipe vitlab --erase-prob 0 (no Random Erasing): lighter
           still, since the vitlab run under-fits at 100 epochs
+  vitlab-nomix  the same with --recipe vitlab --mix-prob 0 (no Mixup/CutMix): the recipe's
+          largest regularizer off
+  vitlab-300  the same with --recipe vitlab --epochs 300 --warmup-epochs 30: the step budget
+          of Lee et al.'s "100 epochs" (3 passes each; README, Recipes), ~3x a run's time
 
 OUT gets summary.json (every figure; it is rewritten after each stage, so a session cut short
 still returns what it finished), bench.md, curves-<run>.png of each pre-training, runs.log (every
@@ -270,7 +274,9 @@ RUNS = {"seed": ["--recipe", "seed"], "vitlab": ["--recipe", "vitlab"],
         "vitlab-seed-mini": ["--recipe", "vitlab", "--model", "seed-mini"],
         "vitlab-fullmix": ["--recipe", "vitlab", "--mix-prob", "1", "--mixup-alpha", "0.8"],
         "vitlab-light": ["--recipe", "vitlab", "--erase-prob", "0"],
-        "vitlab-conv": ["--recipe", "vitlab", "--model", "vitlab-mini-conv"]}
+        "vitlab-conv": ["--recipe", "vitlab", "--model", "vitlab-mini-conv"],
+        "vitlab-nomix": ["--recipe", "vitlab", "--mix-prob", "0"],
+        "vitlab-300": ["--recipe", "vitlab", "--epochs", "300", "--warmup-epochs", "30"]}
 
 
 def timeline(records: list[dict]) -> dict:

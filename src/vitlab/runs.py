@@ -31,7 +31,7 @@ from vitlab.data.arrays import Split
 from vitlab.data.augment import ResizeBatch
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import is_image_folder
-from vitlab.errors import CheckpointError, ConfigError, SettingDiffers
+from vitlab.errors import CheckpointError, ConfigError, SettingDiffers, SettingError
 from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import ViT, ViTConfig, forward_flops, preset
 from vitlab.predict import PredictionReport
@@ -146,7 +146,8 @@ def _data_options(settings: dict[str, Any]) -> dict[str, Any]:
 
 def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
              model: str | None = None, image_size: int | None = None,
-             dropout: float | None = None, **settings: Any) -> FitResult:
+             dropout: float | None = None, drop_path: float | None = None,
+             **settings: Any) -> FitResult:
     """Train `model` (a preset name; default: the recipe's, seed-mini for the seed recipe) from
     scratch on `data`; the run directory is `out`.
 
@@ -157,12 +158,12 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
     distributed.setup(settings.get("device", "auto"))
     chosen, options = _recipe_and_options(settings, "pretrain")
     model = model or recipe_model(chosen.name)
+    overrides = _model_overrides(dropout=dropout, drop_path=drop_path)
     config = preset(model, num_classes=1)  # the name is checked before any data is loaded
     check_writable(out)
     dataset = load_data(data, image_size=image_size, model_image_size=config.image_size,
                         on_device=options.resize_on_device, **_data_options(settings))
-    config = preset(model, num_classes=dataset.num_classes,
-                    **({"dropout": dropout} if dropout is not None else {}))
+    config = preset(model, num_classes=dataset.num_classes, **overrides)
     check_fits(dataset, config, data, options.resize_on_device)
     run_config = RunConfig(kind="pretrain", model=config, recipe=chosen, data=data_spec(data),
                            classes=dataset.classes, options=options, model_preset=model,
@@ -173,7 +174,8 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
 def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
              out: PathLike = "runs/finetune", weights: str = "last", model: str | None = None,
              num_classes: int | None = None, image_size: int | None = None,
-             dropout: float | None = None, from_timm: PathLike | None = None,
+             dropout: float | None = None, drop_path: float | None = None,
+             from_timm: PathLike | None = None,
              **settings: Any) -> FitResult:
     """A fresh model with every encoder weight of the pre-training run `source` (or of the timm
     ViT weight file `from_timm`) and a new head of `num_classes` outputs (default: the dataset's
@@ -186,6 +188,7 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     settings = check_settings(settings, "finetune")
     distributed.setup(settings.get("device", "auto"))
     weights = SETTINGS["weights"].check(weights)
+    overrides = _model_overrides(dropout=dropout, drop_path=drop_path)
     if (source is None) == (from_timm is None):
         raise ConfigError("finetune needs --from RUN_DIR (a pre-training run) or --from-timm "
                           "FILE (timm ViT weights), one of them; or --resume RUN_DIR")
@@ -211,8 +214,7 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     if head < dataset.num_classes:
         raise ConfigError(f"--num-classes {head} is smaller than the {dataset.num_classes} "
                           f"classes of {data}")
-    config = dataclasses.replace(base, num_classes=head,
-                                 dropout=base.dropout if dropout is None else dropout)
+    config = dataclasses.replace(base, num_classes=head, **overrides)
     check_fits(dataset, config, data, options.resize_on_device)
     torch.manual_seed(options.seed)
     vit = ViT(config)
@@ -224,6 +226,16 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     return fit(vit, dataset, chosen, options, out, run_config)
 
 
+def _model_overrides(**fields: float | None) -> dict[str, float]:
+    """The model settings given (dropout, drop_path), each a probability in [0, 1): the others
+    keep the preset's, or the pre-trained model's."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, float | int) or not 0 <= value < 1:
+            raise SettingError(name, f"must be a number in [0, 1), got {value!r}")
+    return given
+
+
 def _pretrained_encoder(source: PathLike, weights: str, model: str | None
                         ) -> tuple[ViTConfig, str | None, EncoderSource, dict]:
     """The architecture, preset name, provenance and weights of a pre-training run."""
@@ -232,7 +244,7 @@ def _pretrained_encoder(source: PathLike, weights: str, model: str | None
     state = ckpt.load_weights(weights_file)
     base = pretrained.model
     if model is not None and preset(model, num_classes=base.num_classes,
-                                    dropout=base.dropout) != base:
+                                    dropout=base.dropout, drop_path=base.drop_path) != base:
         raise ConfigError(f"--model {model} is not the architecture pre-trained in {source} "
                           f"({pretrained.model_preset or 'custom'}); drop --model to fine-tune "
                           "that one")
@@ -343,7 +355,7 @@ def _saved_value(saved: RunConfig, name: str, run_dir: Path) -> Any:
         return getattr(saved.options, name)
     init = saved.init
     return {"data": saved.data, "model": saved.model_preset, "image_size": saved.image_size,
-            "dropout": saved.model.dropout,
+            "dropout": saved.model.dropout, "drop_path": saved.model.drop_path,
             "num_classes": saved.model.num_classes, "out": str(run_dir.resolve()),
             "source": init.path if init and init.weights != "timm" else None,
             "from_timm": init.path if init and init.weights == "timm" else None,

@@ -127,6 +127,9 @@ def _run_settings() -> list[Setting]:
         Setting("out", "run", str, "run directory"),
         Setting("dropout", "run", float, "dropout probability of the model (default: the "
                 "preset's, or the pre-trained model's)", optional=True),
+        Setting("drop_path", "run", float, "stochastic depth: the last block's drop-path rate, "
+                "rising linearly from 0 at the first (timm's --drop-path; default: the "
+                "preset's, or the pre-trained model's)", optional=True),
         Setting("source", "run", str, "the pre-training run directory", commands=("finetune",),
                 flag_name="--from"),
         Setting("from_timm", "run", str, "start from timm ViT weights (.safetensors or .pth) "
