@@ -444,6 +444,41 @@ def test_the_ema_is_what_fine_tuning_transfers_in_the_pipeline(data_root, tmp_pa
             assert torch.equal(start[name], tensor), name
 
 
+@pytest.mark.parametrize("extra, passes_after", [
+    ({}, 0), ({"ema_decay": 0.5}, 0),
+    ({"eval_steps_per_epoch": 1}, 1),  # the last epoch saw 16 of the 32 test images
+], ids=["last", "ema", "part-of-the-split"])
+def test_the_pipelines_report_is_fine_tunings_last_evaluation(data_root, tmp_path, monkeypatch,
+                                                              extra, passes_after):
+    """vitlab run's evaluation/ comes from fine-tuning's last epoch, which evaluated the saved
+    weights on the whole test split: no second pass over it, and the report `vitlab evaluate`
+    makes of those weights (the counts exactly, the cross-entropy to float precision). An
+    epoch that evaluated part of the split leaves the pipeline its own full pass."""
+    import vitlab.runs as runs
+
+    passes = []
+    real = runs.evaluate  # what evaluate_run evaluates with (fit's evaluation is engine's)
+    monkeypatch.setattr(runs, "evaluate", lambda *a, **k: passes.append(1) or real(*a, **k))
+    common = dict(device="cpu", quiet=True, data_root=str(data_root))
+    out = tmp_path / "tutorial"
+    report = run_pipeline(pretrain_data="cifar10", finetune_data="cifar10", out=out,
+                          model="micro", epochs=1, train_steps_per_epoch=3, batch_size=16,
+                          no_progress=True, no_download=True, **common, **extra)
+    assert len(passes) == passes_after
+    weights = "ema" if "ema_decay" in extra else "last"
+    again = evaluate_run(out / "finetune", weights=weights, out=tmp_path / "again",
+                         download=False, **common)
+    assert len(passes) == passes_after + 1
+    assert json.loads((out / "evaluation" / "evaluation.json").read_text()) == report
+    assert (out / "evaluation" / "confusion_matrix.png").is_file()
+    assert report["checkpoint"].endswith(ckpt.WEIGHT_FILES[weights])
+    assert report["num_samples"] == 32 and len(report["confusion_matrix"]) == 10
+    for key in ("checkpoint", "data", "classes", "num_samples", "accuracy",
+                "confusion_matrix", "per_class_accuracy"):
+        assert report[key] == again[key], key
+    assert report["ce"] == pytest.approx(again["ce"], rel=1e-5)
+
+
 @pytest.mark.parametrize("edit, message", [
     # the same images and meaning, classes.json reversed with the labels: by index, the head's
     # outputs would now train on other classes than config.json names

@@ -78,6 +78,11 @@ class FitResult:
     global_step: int
     last_eval: dict = field(default_factory=dict)
     best_accuracy: float = -1.0
+    # The last epoch's evaluation of the whole test split, with the confusion matrix and the
+    # per-class accuracy (`evaluate(num_classes=)`), of the weights as saved: "last"
+    # (model.safetensors) and, with an EMA, "ema" (ema.safetensors). Empty when that epoch
+    # evaluated part of the split (--eval-steps-per-epoch) or the fit ran no epoch.
+    final_evaluations: dict[str, dict] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -551,7 +556,8 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
         writer = CheckpointWriter(run_dir, model, optimizer, progress, device, ema)
         total_steps = len(train_loader) * options.epochs
         return _train(model, recipe, options, run_dir, reporter, writer, optimizer, base_lrs,
-                      train_loader, eval_loader, autocast_dtype, total_steps, resume)
+                      train_loader, eval_loader, autocast_dtype, total_steps, resume,
+                      _head_size(model, dataset))
 
 
 def _input_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -604,7 +610,8 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
 def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Path,
            reporter: Reporter, writer: CheckpointWriter, optimizer: torch.optim.Optimizer,
            base_lrs: list[float], train_loader: BatchLoader, eval_loader: BatchLoader,
-           autocast_dtype: torch.dtype | None, total_steps: int, resume: bool) -> FitResult:
+           autocast_dtype: torch.dtype | None, total_steps: int, resume: bool,
+           num_classes: int) -> FitResult:
     """The epochs of `fit`: train steps, log lines, evaluation, checkpoints, signals."""
     progress, device = writer.progress, train_loader.device
     steps_per_epoch = len(train_loader)
@@ -661,6 +668,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     show_bar = reporter.is_main and (sys.stdout.isatty() if options.progress is None
                                      else options.progress)
     last_eval: dict = {}
+    final_evaluations: dict[str, dict] = {}
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
     # Leaving the block waits for a checkpoint still being written (and raises its error).
     with (_StopSignals() as stop,
@@ -731,10 +739,20 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
             reporter.event("Train", step=progress.global_step, epoch=progress.epoch + 1,
                            epoch_time=time.perf_counter() - epoch_start,
                            ce_mean=loss_sum.item() / max(progress.step_in_epoch, 1))
-            last_eval = evaluate(evaluated, eval_loader, precision=autocast_dtype)
+            # The last epoch's evaluation of the whole split also counts per class: the report
+            # `vitlab run` writes of the weights saved below, with no second pass over the data.
+            report = ({"num_classes": num_classes} if progress.epoch + 1 == options.epochs
+                      and options.eval_steps_per_epoch is None else {})
+            evaluation = evaluate(evaluated, eval_loader, precision=autocast_dtype, **report)
+            last_eval = {k: evaluation[k] for k in ("accuracy", "ce", "num_samples")}
+            if report:
+                final_evaluations["last"] = evaluation
             if writer.ema is not None:
-                averaged = evaluate(writer.ema.model, eval_loader, precision=autocast_dtype)
+                averaged = evaluate(writer.ema.model, eval_loader, precision=autocast_dtype,
+                                    **report)
                 last_eval |= {"ema_accuracy": averaged["accuracy"], "ema_ce": averaged["ce"]}
+                if report:
+                    final_evaluations["ema"] = averaged
             model.train()
             if options.freeze_encoder:
                 model.encoder.eval()
@@ -756,7 +774,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                    best_accuracy=progress.best_accuracy)
     distributed.barrier()  # every file written before any process goes on (to a next stage)
     return FitResult(run_dir=run_dir, global_step=progress.global_step, last_eval=last_eval,
-                     best_accuracy=progress.best_accuracy)
+                     best_accuracy=progress.best_accuracy, final_evaluations=final_evaluations)
 
 
 def _agree(loss_part: Tensor | None, stop: _StopSignals, device: torch.device
