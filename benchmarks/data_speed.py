@@ -42,6 +42,7 @@ from vitlab.data import numpy_reference as ref
 from vitlab.data.augment import VitlabAugment, transform_batches
 from vitlab.data.autoaugment import MEAN_FILL, OP_NAMES, OPS, WIDE
 from vitlab.data.pil_reference import apply_one
+from vitlab.train import recipe
 from vitlab.train.options import TrainOptions
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
@@ -104,7 +105,9 @@ def _erase_one(x: np.ndarray, rng: np.random.Generator, p: float = 0.25) -> np.n
 
 def per_sample_vitlab_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
                               num_classes: int) -> Iterator[tuple]:
-    """The vitlab recipe's augmentation, one image at a time (Pillow for TrivialAugment)."""
+    """The vitlab recipe's augmentation, one image at a time (Pillow for TrivialAugment), with
+    the recipe's erasing and mixing rates."""
+    rates = recipe("vitlab").augment_settings()
     rng = np.random.default_rng(0)
     params = _op_params()
     h, w = images.shape[1:3]
@@ -121,15 +124,17 @@ def per_sample_vitlab_batches(images: np.ndarray, labels: np.ndarray, batch_size
                 level = int(rng.integers(31)) * (1 if rng.random() < 0.5 else -1)
                 img = apply_one(name, img, params[name][level + 30], MEAN_FILL)
                 chw = ref.normalize(img, ref.CIFAR_MEAN, ref.CIFAR_STD).transpose(2, 0, 1)
-                xs.append(_erase_one(np.ascontiguousarray(chw), rng))
+                xs.append(_erase_one(np.ascontiguousarray(chw), rng, rates["erase_p"]))
             batch = np.stack(xs)
             one_hot = np.eye(num_classes, dtype=np.float32)[labels[idx]]
-            if rng.random() >= 0.5:  # the recipe mixes half the batches (its mix_prob)
+            if rng.random() >= rates["mix_prob"]:  # a batch left unmixed
                 yield batch, one_hot
                 continue
             shift = len(batch) // 2  # sample i's partner: (i + shift) mod B
-            lam = rng.beta(1.0, 1.0)
-            if rng.random() < 0.5:  # cutmix: the partner's box
+            cutmix = rng.random() < rates["switch_prob"]
+            alpha = rates["cutmix_alpha" if cutmix else "mixup_alpha"]
+            lam = rng.beta(alpha, alpha)
+            if cutmix:  # the partner's box
                 cut = np.sqrt(1 - lam)
                 cy, cx = rng.integers(h), rng.integers(w)
                 y0, y1 = max(cy - int(h * cut) // 2, 0), min(cy + int(h * cut) // 2, h)
@@ -215,7 +220,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.per_call:
-        per_call_probe(load_dataset(args.data).train, [int(n) for n in args.per_call.split(",")])
+        sizes = [int(n) for n in args.per_call.split(",")]
+        if any(n % 128 or not 128 <= n <= 4096 for n in sizes):
+            ap.error("--per-call takes multiples of 128 from 128 to 4096 (whole batches)")
+        per_call_probe(load_dataset(args.data).train, sizes)
         return
     t0 = time.perf_counter()
     load_before = ", ".join(f"{v:.2f}" for v in os.getloadavg())

@@ -240,8 +240,10 @@ def test_info_prints_the_parameters_and_flops_the_recipe_issue_caps(tmp_path):
     out = run_cli("info", "--model", "vitlab-mini", cwd=tmp_path).stdout.splitlines()
     config = preset("vitlab-mini", 100)
     ratio = forward_flops(config) / forward_flops(preset("seed-mini", 100))
-    assert out[0].startswith(f"vitlab-mini: {ViT(config).num_parameters():,} parameters; ")
-    assert out[0].startswith("vitlab-mini: 2,714,788 parameters; 32x32 input, patch 4, depth 9")
+    params = ViT(config).num_parameters()
+    assert params <= 3_300_000 and ratio <= 1.25
+    assert out[0].startswith(f"vitlab-mini: {params:,} parameters; 32x32 input, patch 4, depth 9")
+    assert params == 2_714_788
     assert out[1] == (f"FLOPs per image (forward, matrix products): "
                       f"{forward_flops(config) / 1e6:.1f} M = {ratio:.2f}x seed-mini's")
     assert out[1].endswith("= 0.90x seed-mini's")

@@ -141,11 +141,13 @@ def test_mixing_draws_follow_the_recipes_settings():
     # drawn above 1 - 1/256) pastes nothing and counts as "none": ~1 in the 1,200.
     assert 530 < kinds.count("none") < 670
     assert 240 < kinds.count("mixup") < 360 and 240 < kinds.count("cutmix") < 360
-    lams = torch.tensor([lam for _, lam in _mixed(MixupCutmix(keep, 2, 1.0, 1.0, 0.0, 1.0),
+    alpha, beta = settings["mixup_alpha"], settings["cutmix_alpha"]
+    assert alpha == beta == 1.0  # the bounds below are worked out for alpha 1
+    lams = torch.tensor([lam for _, lam in _mixed(MixupCutmix(keep, 2, alpha, beta, 0.0, 1.0),
                                                   images, range(3000))], dtype=torch.float64)
     assert abs(lams.mean().item() - 0.5) < 0.022  # sd 0.0053
-    assert abs(lams.var().item() - 1 / 12) < 0.006  # sd 0.0014
-    cut = [(k, lam) for k, lam in _mixed(MixupCutmix(keep, 2, 1.0, 1.0, 1.0, 1.0), images,
+    assert abs(lams.var().item() - 1 / (4 * (2 * alpha + 1))) < 0.006  # 1/12, sd 0.0014
+    cut = [(k, lam) for k, lam in _mixed(MixupCutmix(keep, 2, alpha, beta, 1.0, 1.0), images,
                                          range(3000))]
     assert {k for k, _ in cut} <= {"cutmix", "none"}
     area = 1 - torch.tensor([lam for _, lam in cut], dtype=torch.float64).mean().item()
@@ -154,7 +156,7 @@ def test_mixing_draws_follow_the_recipes_settings():
     centre = torch.arange(side)
     extent = ((centre[None] + half[:, None]).clamp(max=side)
               - (centre[None] - half[:, None]).clamp(min=0)).double().mean(1)
-    expected = (extent ** 2).mean().item() / side ** 2
+    expected = (extent ** 2).mean().item() / side ** 2  # lam ~ U(0, 1): Beta(1, 1)
     assert 0.2 < expected < 0.4  # clipping pastes less than the 0.5 drawn on average
     assert abs(area - expected) < 0.015  # sd ~0.004
 

@@ -249,6 +249,18 @@ def test_drop_path_is_a_model_setting_like_dropout(data_root, tmp_path, capfd):
     assert main(["pretrain", "--resume", str(pre), "--epochs", "2", "--drop-path", "0.1"]) == 2
     assert "--drop-path 0.1 differs from the run in" in assert_one_error_line(
         capfd.readouterr().err, "pretrain")
+    assert main(["pretrain", "--resume", str(pre), "--epochs", "2", "--no-download",
+                 "--data-root", str(data_root)]) == 0
+    model, config, _ = load_run(pre)
+    assert config.model.drop_path == 0.2 and model.encoder.blocks[-1].drop_path == \
+        pytest.approx(0.2)
+    capfd.readouterr()
+    # vitlab run: refused before either dataset is read (here they do not exist)
+    assert main(["run", "--pretrain-data", str(tmp_path / "none"), "--finetune-data",
+                 str(tmp_path / "none"), "--out", str(tmp_path / "pipe"), "--drop-path",
+                 "-0.1"]) == 2
+    assert "--drop-path must be a number in [0, 1), got -0.1" in assert_one_error_line(
+        capfd.readouterr().err, "run")
     bad = tmp_path / "bad.yaml"
     bad.write_text("drop-path: 1.0\n")
     for flags, message in ((["--drop-path", "1"], "--drop-path must be a number in [0, 1)"),

@@ -681,6 +681,7 @@ def run_pipeline(*, pretrain_data: PathLike | None = None,
     cifair10, the recipe's model).
     """
     settings = check_settings(settings, "run")
+    _model_overrides(dropout=settings.get("dropout"), drop_path=settings.get("drop_path"))
     distributed.setup(settings.get("device", "auto"))
     for flag, value in (("--out", out), ("--pretrain-data", pretrain_data),
                         ("--finetune-data", finetune_data)):
