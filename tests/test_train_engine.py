@@ -993,6 +993,23 @@ def test_with_an_ema_its_accuracy_picks_the_best_checkpoint(tmp_path):
     assert not torch.equal(best["head.weight"], model.state_dict()["head.weight"])
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_checkpoint_of_non_finite_weights_is_refused_and_the_last_good_one_kept(tmp_path,
+                                                                                   bad):
+    from vitlab.train.engine import CheckpointWriter, Progress
+
+    model = tiny_model()
+    optimizer = build_optimizer(RECIPE, model.parameters())
+    writer = CheckpointWriter(tmp_path, model, optimizer, Progress(), torch.device("cpu"))
+    writer.save({"accuracy": 0.5})
+    good = (tmp_path / ckpt.WEIGHTS).read_bytes()
+    with torch.no_grad():
+        list(model.parameters())[-1].view(-1)[0] = bad  # one value of one tensor
+    with pytest.raises(TrainingDiverged, match="the weights became non-finite by step 0"):
+        writer.save({"accuracy": 0.9})
+    assert (tmp_path / ckpt.WEIGHTS).read_bytes() == good
+
+
 def test_a_device_index_under_torchrun_is_refused(monkeypatch):
     """Every process of a torchrun job would otherwise train on that one GPU."""
     monkeypatch.setattr("vitlab.distributed.is_distributed", lambda: True)
