@@ -74,10 +74,11 @@ def numpy_batches(
 
 
 def vitlab_recipe_batches(split, batch_size: int, chunk: int = 1) -> Iterator[tuple]:
-    """BatchLoader + VitlabAugment (pad-crop-flip, TrivialAugment-Wide, erasing, mixup/cutmix on
-    half the batches: its defaults, the recipe's)."""
-    loader = BatchLoader(split, batch_size, augment=VitlabAugment(len(split.classes)), train=True,
-                         shuffle=True, seed=0, chunk_batches=chunk)
+    """BatchLoader + VitlabAugment with the vitlab recipe's settings (pad-crop-flip,
+    TrivialAugment-Wide, erasing, Mixup/CutMix on half the batches)."""
+    augment = VitlabAugment(len(split.classes), **recipe("vitlab").augment_settings())
+    loader = BatchLoader(split, batch_size, augment=augment, train=True, shuffle=True, seed=0,
+                         chunk_batches=chunk)
     for epoch in itertools.count():
         yield from loader.epoch(epoch)
 
@@ -150,7 +151,9 @@ def per_call_probe(split, per_call: list[int], total: int = 4096, repeats: int =
     """The augmentations alone, no loader: `total` images augmented N at a time (whole batches
     of 128, as the loader's chunks are), the median of `repeats` passes, per 128 images."""
     images, labels = split.images[:total], split.labels[:total]
-    transforms = {"VitlabAugment": VitlabAugment(len(split.classes)), "SeedAugment": SeedAugment()}
+    transforms = {"VitlabAugment": VitlabAugment(len(split.classes),
+                                                 **recipe("vitlab").augment_settings()),
+                  "SeedAugment": SeedAugment()}
     print(f"command: python {shlex.join(sys.argv)}")
     print(f"ms per 128 images, {total:,} images a pass, median of {repeats} passes, "
           f"{torch.get_num_threads()} threads")
@@ -220,7 +223,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.per_call:
-        sizes = [int(n) for n in args.per_call.split(",")]
+        sizes = [int(n) if n.strip().isdigit() else 0 for n in args.per_call.split(",")]
         if any(n % 128 or not 128 <= n <= 4096 for n in sizes):
             ap.error("--per-call takes multiples of 128 from 128 to 4096 (whole batches)")
         per_call_probe(load_dataset(args.data).train, sizes)

@@ -216,3 +216,35 @@ def test_a_compiled_captured_fit_compiles_the_full_batch_only(dataset, tmp_path,
     compiled, plain = (ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("run", "plain"))
     for key in plain:
         assert torch.equal(compiled[key], plain[key]), key
+
+
+def test_the_last_epochs_report_evaluates_the_uncompiled_model(dataset, tmp_path,  # noqa: F811
+                                                                 monkeypatch):
+    """The evaluation `vitlab run` reports (the last epoch's, per class) runs the model as
+    `vitlab evaluate` runs it, uncompiled; the epochs before evaluate the compiled one; a head
+    of over 1,024 classes gets no report (its matrix would not be small). A stand-in for
+    torch.compile records what it ran."""
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, model, mode=None):
+            super().__init__()
+            self.model = model
+
+        def forward(self, inputs):
+            seen.append(self.model.training)
+            return self.model(inputs)
+    # (the optimizer's step, compiled on the CPU, is left as it is)
+    monkeypatch.setattr(torch, "compile", lambda target, mode=None: Recorder(target)
+                        if isinstance(target, torch.nn.Module) else target)
+    torch.manual_seed(0)
+    result = fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8), options(2, compile=True),
+                 tmp_path / "run")
+    assert seen.count(False) == 2  # the first epoch's evaluation: 13 images, 2 batches of 8
+    report = result.final_evaluations["last"]
+    assert report["num_samples"] == 13 and len(report["confusion_matrix"]) == CONFIG.num_classes
+    assert report["accuracy"] == result.last_eval["accuracy"]
+    assert sum(map(sum, report["confusion_matrix"])) == 13
+    wide = fit(ViT(dataclasses.replace(CONFIG, num_classes=1025)), dataset,
+               recipe("seed", batch_size=8), options(1), tmp_path / "wide")
+    assert wide.final_evaluations == {} and wide.last_eval["num_samples"] == 13

@@ -168,7 +168,8 @@ def stage_checks(args: argparse.Namespace) -> dict:
     if device.type == "cuda":  # the augmentation must never wait on the device (warm by now)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            transform(images, labels, True, torch.Generator(device).manual_seed(99))
+            for seed in range(99, 107):  # Mixup and CutMix both, whichever a seed draws
+                transform(images, labels, True, torch.Generator(device).manual_seed(seed))
             result["vitlab_augment_sync_free"] = True
         except RuntimeError as error:
             result["vitlab_augment_sync_free"] = f"no: {error}"[:300]

@@ -513,7 +513,7 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
     plot_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
                           title=f"{Path(spec).name}: accuracy {100 * result['accuracy']:.2f}%")
     if not quiet:
-        timing = ("the fine-tuning's last evaluation" if seconds is None
+        timing = ("source: fine-tuning's last epoch" if seconds is None
                   else f"eval_time: {seconds:.1f} sec")
         print(f"vitlab-Evaluate: accuracy: {result['accuracy']:.4f}; ce: {result['ce']:.7g}; "
               f"samples: {result['num_samples']}; {timing};")

@@ -742,9 +742,12 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                            ce_mean=loss_sum.item() / max(progress.step_in_epoch, 1))
             # The last epoch's evaluation of the whole split also counts per class: the report
             # `vitlab run` writes of the weights saved below, with no second pass over the data.
+            # Made with the uncompiled model, as `vitlab evaluate` makes it (a compiled one may
+            # round differently), and for heads of up to 1,024 classes (an 8 MiB matrix).
             report = ({"num_classes": num_classes} if progress.epoch + 1 == options.epochs
-                      and options.eval_steps_per_epoch is None else {})
-            evaluation = evaluate(evaluated, eval_loader, precision=autocast_dtype, **report)
+                      and options.eval_steps_per_epoch is None and num_classes <= 1024 else {})
+            evaluation = evaluate(model if report else evaluated, eval_loader,
+                                  precision=autocast_dtype, **report)
             last_eval = {k: evaluation[k] for k in ("accuracy", "ce", "num_samples")}
             if report:
                 final_evaluations["last"] = evaluation
