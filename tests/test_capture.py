@@ -245,6 +245,6 @@ def test_the_last_epochs_report_evaluates_the_uncompiled_model(dataset, tmp_path
     assert report["num_samples"] == 13 and len(report["confusion_matrix"]) == CONFIG.num_classes
     assert report["accuracy"] == result.last_eval["accuracy"]
     assert sum(map(sum, report["confusion_matrix"])) == 13
-    wide = fit(ViT(dataclasses.replace(CONFIG, num_classes=1025)), dataset,
-               recipe("seed", batch_size=8), options(1), tmp_path / "wide")
+    wide = fit(ViT(dataclasses.replace(CONFIG, num_classes=engine.REPORT_MAX_CLASSES + 1)),
+               dataset, recipe("seed", batch_size=8), options(1), tmp_path / "wide")
     assert wide.final_evaluations == {} and wide.last_eval["num_samples"] == 13

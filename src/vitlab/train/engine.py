@@ -81,8 +81,14 @@ class FitResult:
     # The last epoch's evaluation of the whole test split, with the confusion matrix and the
     # per-class accuracy (`evaluate(num_classes=)`), of the weights as saved: "last"
     # (model.safetensors) and, with an EMA, "ema" (ema.safetensors). Empty when that epoch
-    # evaluated part of the split (--eval-steps-per-epoch) or the fit ran no epoch.
+    # evaluated part of the split (--eval-steps-per-epoch), the fit ran no epoch, or the head
+    # has more than REPORT_MAX_CLASSES outputs.
     final_evaluations: dict[str, dict] = field(default_factory=dict)
+
+
+# The last epoch's per-class report is made for heads of up to this many classes: its confusion
+# matrix (int64, on the device, then a Python list) stays within 8 MiB.
+REPORT_MAX_CLASSES = 1024
 
 
 def resolve_device(name: str) -> torch.device:
@@ -743,9 +749,10 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
             # The last epoch's evaluation of the whole split also counts per class: the report
             # `vitlab run` writes of the weights saved below, with no second pass over the data.
             # Made with the uncompiled model, as `vitlab evaluate` makes it (a compiled one may
-            # round differently), and for heads of up to 1,024 classes (an 8 MiB matrix).
+            # round differently).
             report = ({"num_classes": num_classes} if progress.epoch + 1 == options.epochs
-                      and options.eval_steps_per_epoch is None and num_classes <= 1024 else {})
+                      and options.eval_steps_per_epoch is None
+                      and num_classes <= REPORT_MAX_CLASSES else {})
             evaluation = evaluate(model if report else evaluated, eval_loader,
                                   precision=autocast_dtype, **report)
             last_eval = {k: evaluation[k] for k in ("accuracy", "ce", "num_samples")}
