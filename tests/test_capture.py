@@ -176,25 +176,34 @@ def test_other_batch_sizes_are_recorded_from_the_other_step():
         CapturedStep(recorded("step"), model, optimizer, graphs=CallAgain(), batch_size=8)
 
 
-def test_a_compiled_captured_fit_compiles_the_full_batch_only(dataset, tmp_path,  # noqa: F811
-                                                              monkeypatch):
-    """fit, captured and compiled: the compiled model runs the full training batches; the short
-    last batch and the evaluation run the model itself (a fresh machine compiles each shape,
-    the results folder 2026-11-27-h200-3). A stand-in for torch.compile records what it ran."""
+def _compile_stand_in(monkeypatch) -> list[tuple[int, bool]]:
+    """torch.compile replaced by a transparent wrapper of a module that records each batch it
+    runs (its size, and whether the model was training); other targets (the optimizer's step,
+    compiled on the CPU) are left as they are. Returns the record."""
     seen = []
 
     class Recorder(torch.nn.Module):
-        def __init__(self, model, mode=None):
+        def __init__(self, model):
             super().__init__()
             self.model = model
 
         def forward(self, inputs):
             seen.append((len(inputs), self.model.training))
             return self.model(inputs)
+    monkeypatch.setattr(torch, "compile", lambda target, mode=None: Recorder(target)
+                        if isinstance(target, torch.nn.Module) else target)
+    return seen
+
+
+def test_a_compiled_captured_fit_compiles_the_full_batch_only(dataset, tmp_path,  # noqa: F811
+                                                              monkeypatch):
+    """fit, captured and compiled: the compiled model runs the full training batches; the short
+    last batch and the evaluation run the model itself (a fresh machine compiles each shape,
+    the results folder 2026-11-27-h200-3). A stand-in for torch.compile records what it ran."""
     monkeypatch.setattr(TrainOptions, "captures", lambda self, device_type, world_size=1: True)
     monkeypatch.setattr(engine, "CapturedStep", functools.partial(CapturedStep,
                                                                   graphs=CallAgain()))
-    monkeypatch.setattr(torch, "compile", Recorder)
+    seen = _compile_stand_in(monkeypatch)
     torch.manual_seed(0)
     fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8, lr=0.05), options(2, compile=True),
         tmp_path / "run")
@@ -224,23 +233,12 @@ def test_the_last_epochs_report_evaluates_the_uncompiled_model(dataset, tmp_path
     `vitlab evaluate` runs it, uncompiled; the epochs before evaluate the compiled one; a head
     of over 1,024 classes gets no report (its matrix would not be small). A stand-in for
     torch.compile records what it ran."""
-    seen = []
-
-    class Recorder(torch.nn.Module):
-        def __init__(self, model, mode=None):
-            super().__init__()
-            self.model = model
-
-        def forward(self, inputs):
-            seen.append(self.model.training)
-            return self.model(inputs)
-    # (the optimizer's step, compiled on the CPU, is left as it is)
-    monkeypatch.setattr(torch, "compile", lambda target, mode=None: Recorder(target)
-                        if isinstance(target, torch.nn.Module) else target)
+    seen = _compile_stand_in(monkeypatch)
     torch.manual_seed(0)
     result = fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8), options(2, compile=True),
                  tmp_path / "run")
-    assert seen.count(False) == 2  # the first epoch's evaluation: 13 images, 2 batches of 8
+    # the first epoch's evaluation only: 13 images, 2 batches of 8
+    assert [size for size, training in seen if not training] == [8, 5]
     report = result.final_evaluations["last"]
     assert report["num_samples"] == 13 and len(report["confusion_matrix"]) == CONFIG.num_classes
     assert report["accuracy"] == result.last_eval["accuracy"]
