@@ -39,12 +39,14 @@ import torch
 
 from vitlab.data import BatchLoader, SeedAugment, load_dataset
 from vitlab.data import numpy_reference as ref
-from vitlab.data.augment import VitlabAugment, transform_batches
+from vitlab.data.augment import make_augment, transform_batches
 from vitlab.data.autoaugment import MEAN_FILL, OP_NAMES, OPS, WIDE
 from vitlab.data.pil_reference import apply_one
 from vitlab.train import recipe
 from vitlab.train.options import TrainOptions
 
+# The vitlab recipe's erasing and mixing rates, for both sides of its rows.
+VITLAB_RATES = recipe("vitlab").augment_settings()
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
 
 
@@ -76,9 +78,9 @@ def numpy_batches(
 def vitlab_recipe_batches(split, batch_size: int, chunk: int = 1) -> Iterator[tuple]:
     """BatchLoader + VitlabAugment with the vitlab recipe's settings (pad-crop-flip,
     TrivialAugment-Wide, erasing, Mixup/CutMix on half the batches)."""
-    augment = VitlabAugment(len(split.classes), **recipe("vitlab").augment_settings())
-    loader = BatchLoader(split, batch_size, augment=augment, train=True, shuffle=True, seed=0,
-                         chunk_batches=chunk)
+    loader = BatchLoader(split, batch_size, augment=make_augment(
+        "vitlab", len(split.classes), **VITLAB_RATES), train=True, shuffle=True, seed=0,
+        chunk_batches=chunk)
     for epoch in itertools.count():
         yield from loader.epoch(epoch)
 
@@ -108,7 +110,7 @@ def per_sample_vitlab_batches(images: np.ndarray, labels: np.ndarray, batch_size
                               num_classes: int) -> Iterator[tuple]:
     """The vitlab recipe's augmentation, one image at a time (Pillow for TrivialAugment), with
     the recipe's erasing and mixing rates."""
-    rates = recipe("vitlab").augment_settings()
+    rates = VITLAB_RATES
     rng = np.random.default_rng(0)
     params = _op_params()
     h, w = images.shape[1:3]
@@ -151,8 +153,7 @@ def per_call_probe(split, per_call: list[int], total: int = 4096, repeats: int =
     """The augmentations alone, no loader: `total` images augmented N at a time (whole batches
     of 128, as the loader's chunks are), the median of `repeats` passes, per 128 images."""
     images, labels = split.images[:total], split.labels[:total]
-    transforms = {"VitlabAugment": VitlabAugment(len(split.classes),
-                                                 **recipe("vitlab").augment_settings()),
+    transforms = {"VitlabAugment": make_augment("vitlab", len(split.classes), **VITLAB_RATES),
                   "SeedAugment": SeedAugment()}
     print(f"command: python {shlex.join(sys.argv)}")
     print(f"ms per 128 images, {total:,} images a pass, median of {repeats} passes, "

@@ -319,13 +319,13 @@ def capture_check(target: torch.device, config, initial: dict, batch: tuple,
             lrs_as_tensors(optimizer)  # as captured: a tensor LR rounds otherwise
             runnable = torch.compile(model, mode=mode) if mode else model
 
-            def step(inputs, labels, runnable=runnable, optimizer=optimizer, chosen=chosen):
-                return train_step(runnable, optimizer, inputs, labels, chosen, precision)
-
-            def eager(inputs, labels, model=model, optimizer=optimizer, chosen=chosen):
-                return train_step(model, optimizer, inputs, labels, chosen, precision)
+            def step_of(module, optimizer=optimizer, chosen=chosen):
+                return lambda inputs, labels: train_step(module, optimizer, inputs, labels,
+                                                         chosen, precision)
+            step = step_of(runnable)
             # as fit records it: compiled, the 80-image batch from the uncompiled model
-            others = {"batch_size": len(targets), "other_step": eager} if mode else {}
+            others = ({"batch_size": len(targets), "other_step": step_of(model)} if mode
+                      else {})
             run = CapturedStep(step, model, optimizer, graphs=graphs, **others) if capture else step
             torch.manual_seed(1)  # the same random draws for both
             losses = []

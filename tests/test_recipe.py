@@ -302,7 +302,7 @@ def test_vitlab_augment_trains_on_soft_targets():
 
 
 def test_the_vitlab_augmentation_defaults_are_the_recipes():
-    """VitlabAugment built bare (as the speed benchmarks build it) mixes as the recipe does."""
+    """VitlabAugment built bare mixes as the recipe does."""
     augment = VitlabAugment(10)
     mix = augment.mix
     built = {"erase_p": augment.ops[-1].p, "mixup_alpha": mix.mixup_alpha,

@@ -87,7 +87,6 @@ def test_grad_clip_scales_the_gradients_down_to_the_clip_norm():
     """--grad-clip C scales the gradients the optimizer steps with down to a total norm of C
     when above it, in the same direction; under C they are unchanged, bit for bit."""
     from vitlab.model import preset
-    from vitlab.train.engine import train_step
 
     torch.manual_seed(0)
     start = ViT(preset("micro", 10)).state_dict()
@@ -106,12 +105,14 @@ def test_grad_clip_scales_the_gradients_down_to_the_clip_norm():
         assert len(steps) == 1
         return steps[0]
 
+    def total_norm(grads: dict[str, torch.Tensor]) -> float:
+        return torch.cat([g.flatten() for g in grads.values()]).norm().item()
+
     unclipped = stepped_gradients(None)
-    norm = torch.cat([g.flatten() for g in unclipped.values()]).norm().item()
+    norm = total_norm(unclipped)
     assert norm > 0.01
     clipped = stepped_gradients(0.01)
-    assert torch.cat([g.flatten() for g in clipped.values()]).norm().item() == \
-        pytest.approx(0.01, rel=1e-4)
+    assert total_norm(clipped) == pytest.approx(0.01, rel=1e-4)
     for name, grad in clipped.items():
         torch.testing.assert_close(grad, unclipped[name] * (0.01 / norm), rtol=1e-4, atol=1e-12)
     for name, grad in stepped_gradients(10 * norm).items():

@@ -270,6 +270,8 @@ def best_compile(cases: dict) -> tuple[str, bool, bool]:
     return mode, eager, captured
 
 
+# The stages that are not `vitlab run`s.
+FIXED_STAGES = ("env", "checks", "bench", "breakdown", "breakdown-sdpa")
 # The `vitlab run` stages: stage name -> the run's recipe and model.
 RUNS = {"seed": ["--recipe", "seed"], "vitlab": ["--recipe", "vitlab"],
         "vitlab-sl": ["--recipe", "vitlab", "--model", "vitlab-mini-sl"],
@@ -424,9 +426,9 @@ def main() -> None:
             summary["stages"][stage] = {"skipped": f"deadline ({elapsed:.0f} s elapsed)"}
             continue
         t0 = time.perf_counter()
-        if stage not in ("env", "checks", "bench", "breakdown", "breakdown-sdpa", *RUNS):
-            raise SystemExit(f"unknown stage {stage!r}; known: env, checks, bench, breakdown, "
-                             f"breakdown-sdpa, {', '.join(RUNS)}")
+        if stage not in (*FIXED_STAGES, *RUNS):
+            raise SystemExit(f"unknown stage {stage!r}; known: "
+                             f"{', '.join((*FIXED_STAGES, *RUNS))}")
         try:  # a stage that fails on the card is a finding: the next stages still run
             if stage == "env":
                 result = stage_env(args.out, args.device)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitlab.dropout import Dropout, dropout
-from vitlab.errors import CheckpointError, ConfigError
+from vitlab.errors import CheckpointError, ConfigError, SettingError
 
 __all__ = [
     "PRESETS",
@@ -83,10 +83,11 @@ class ViTConfig:
             )
         if self.width % self.num_heads:
             raise ConfigError(f"width {self.width} must be divisible by num_heads {self.num_heads}")
-        if not isinstance(self.dropout, float | int) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.drop_path, float | int) or not 0.0 <= self.drop_path < 1.0:
-            raise ConfigError(f"drop_path must be a number in [0, 1), got {self.drop_path!r}")
+        for name in ("dropout", "drop_path"):  # named as the flags that set them
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, float | int) \
+                    or not 0.0 <= value < 1.0:
+                raise SettingError(name, f"must be a number in [0, 1), got {value!r}")
         for name in ("norm_first", "patch_bias", "shifted_patches", "locality_attention",
                      "conv_stem"):
             if not isinstance(getattr(self, name), bool):

@@ -31,7 +31,7 @@ from vitlab.data.arrays import Split
 from vitlab.data.augment import ResizeBatch
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import is_image_folder
-from vitlab.errors import CheckpointError, ConfigError, SettingDiffers, SettingError
+from vitlab.errors import CheckpointError, ConfigError, SettingDiffers
 from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import ViT, ViTConfig, forward_flops, preset
 from vitlab.predict import PredictionReport
@@ -227,12 +227,10 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
 
 
 def _model_overrides(**fields: float | None) -> dict[str, float]:
-    """The model settings given (dropout, drop_path), each a probability in [0, 1): the others
-    keep the preset's, or the pre-trained model's."""
+    """The model settings given (dropout, drop_path): the others keep the preset's, or the
+    pre-trained model's. Checked now, by the model config's own rules, before data is read."""
     given = {name: value for name, value in fields.items() if value is not None}
-    for name, value in given.items():
-        if isinstance(value, bool) or not isinstance(value, float | int) or not 0 <= value < 1:
-            raise SettingError(name, f"must be a number in [0, 1), got {value!r}")
+    ViTConfig(**given)
     return given
 
 
