@@ -384,6 +384,40 @@ def test_sigint_checkpoint_then_resume_equals_an_uninterrupted_run(dataset, tmp_
         assert logged("b", kind) == logged("a", kind), kind
 
 
+def test_eval_every_evaluates_epochs_n_2n_and_the_last_and_trains_the_same(dataset, tmp_path):
+    """--eval-every 2 over 5 epochs: epochs 2, 4 and 5 evaluated, as every-epoch evaluation
+    scored them; the same weights; the best checkpoint the best of those; a resume from inside
+    epoch 3 evaluates the same epochs."""
+    every = fit(FailingViT(0, "none"), dataset, RECIPE, options(5, train_steps_per_epoch=2),
+                tmp_path / "every")
+    sparse_opts = options(5, train_steps_per_epoch=2, eval_every=2)
+    sparse = fit(FailingViT(0, "none"), dataset, RECIPE, sparse_opts, tmp_path / "sparse")
+
+    def evals(run: str) -> dict[int, dict]:
+        return {r["epoch"]: {k: r[k] for k in ("step", "accuracy", "ce")}
+                for r in ckpt.read_jsonl(tmp_path / run / ckpt.METRICS) if r["event"] == "eval"}
+
+    assert list(evals("sparse")) == [2, 4, 5]
+    assert evals("sparse") == {e: evals("every")[e] for e in (2, 4, 5)}
+    weights = {run: ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("every",
+                                                                                 "sparse")}
+    assert all(torch.equal(weights["every"][k], weights["sparse"][k]) for k in weights["every"])
+    assert sparse.last_eval == every.last_eval
+    assert sparse.best_accuracy == max(r["accuracy"] for r in evals("sparse").values())
+    best_step = torch.load(tmp_path / "sparse" / ckpt.TRAINER_STATE,
+                           weights_only=True)["progress"]["best_step"]
+    assert best_step == next(r["step"] for r in evals("sparse").values()
+                             if r["accuracy"] == sparse.best_accuracy)
+
+    with pytest.raises(Interrupted):  # step 5: inside epoch 3, after epoch 2's evaluation
+        fit(FailingViT(5, "sigint"), dataset, RECIPE, sparse_opts, tmp_path / "resumed")
+    fit(FailingViT(0, "none"), dataset, RECIPE, sparse_opts, tmp_path / "resumed", resume=True)
+    assert evals("resumed") == evals("sparse")
+    for value in (0, True, 1.5):
+        with pytest.raises(ConfigError, match="--eval-every must be"):
+            options(1, eval_every=value)
+
+
 @pytest.mark.parametrize("option", [{"shifted_patches": True, "locality_attention": True},
                                     {"conv_stem": True, "locality_attention": True,
                                      "patch_size": 4}],  # width / patch: 8 channels

@@ -532,7 +532,8 @@ def check_learnable(dataset: Dataset) -> None:
 def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOptions,
         run_dir: str | Path, run_config: RunConfig | None = None, resume: bool = False
         ) -> FitResult:
-    """Train `model` on `dataset.train` with `recipe`, evaluating on `dataset.test` every epoch.
+    """Train `model` on `dataset.train` with `recipe`, evaluating on `dataset.test` every epoch
+    (every `options.eval_every` epochs and after the last).
 
     Writes the run directory (see `vitlab.train.checkpoint`), with `run_config` as its
     config.json when given. With `resume`, continues the run saved in `run_dir` from its trainer
@@ -746,34 +747,41 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
             reporter.event("Train", step=progress.global_step, epoch=progress.epoch + 1,
                            epoch_time=time.perf_counter() - epoch_start,
                            ce_mean=loss_sum.item() / max(progress.step_in_epoch, 1))
-            # The last epoch's evaluation of the whole split also counts per class: the report
-            # `vitlab run` writes of the weights saved below, with no second pass over the data.
-            # Made with the uncompiled model, as `vitlab evaluate` makes it (a compiled one may
-            # round differently).
-            report = ({"num_classes": num_classes} if progress.epoch + 1 == options.epochs
-                      and options.eval_steps_per_epoch is None
-                      and num_classes <= REPORT_MAX_CLASSES else {})
-            evaluation = evaluate(model if report else evaluated, eval_loader,
-                                  precision=autocast_dtype, **report)
-            last_eval = {k: evaluation[k] for k in ("accuracy", "ce", "num_samples")}
-            if report:
-                final_evaluations["last"] = evaluation
-            if writer.ema is not None:
-                averaged = evaluate(writer.ema.model, eval_loader, precision=autocast_dtype,
-                                    **report)
-                last_eval |= {"ema_accuracy": averaged["accuracy"], "ema_ce": averaged["ce"]}
+            last_epoch = progress.epoch + 1 == options.epochs
+            # --eval-every N: epochs N, 2N, ... and the last (absolute epoch numbers, so a
+            # resumed run evaluates the same epochs).
+            evaluating = last_epoch or (progress.epoch + 1) % options.eval_every == 0
+            if evaluating:
+                # The last epoch's evaluation of the whole split also counts per class: the
+                # report `vitlab run` writes of the weights saved below, with no second pass
+                # over the data. Made with the uncompiled model, as `vitlab evaluate` makes it
+                # (a compiled one may round differently).
+                report = ({"num_classes": num_classes} if last_epoch
+                          and options.eval_steps_per_epoch is None
+                          and num_classes <= REPORT_MAX_CLASSES else {})
+                evaluation = evaluate(model if report else evaluated, eval_loader,
+                                      precision=autocast_dtype, **report)
+                last_eval = {k: evaluation[k] for k in ("accuracy", "ce", "num_samples")}
                 if report:
-                    final_evaluations["ema"] = averaged
-            model.train()
-            if options.freeze_encoder:
-                model.encoder.eval()
-            reporter.event("Eval", step=progress.global_step, epoch=progress.epoch + 1,
-                           **{k: v for k, v in last_eval.items()
-                              if k in ("accuracy", "ce", "ema_accuracy", "ema_ce")})
+                    final_evaluations["last"] = evaluation
+                if writer.ema is not None:
+                    averaged = evaluate(writer.ema.model, eval_loader, precision=autocast_dtype,
+                                        **report)
+                    last_eval |= {"ema_accuracy": averaged["accuracy"],
+                                  "ema_ce": averaged["ce"]}
+                    if report:
+                        final_evaluations["ema"] = averaged
+                model.train()
+                if options.freeze_encoder:
+                    model.encoder.eval()
+                reporter.event("Eval", step=progress.global_step, epoch=progress.epoch + 1,
+                               **{k: v for k, v in last_eval.items()
+                                  if k in ("accuracy", "ce", "ema_accuracy", "ema_ce")})
             progress.epoch += 1
             progress.step_in_epoch = 0
             # written while the next epoch trains; the last one, or a stop's, before fit returns
-            writer.save(last_eval, wait=progress.epoch == options.epochs or stop.raised)
+            writer.save(last_eval if evaluating else None,
+                        wait=progress.epoch == options.epochs or stop.raised)
             stopping = stop.raised if world == 1 else _agree(None, stop, device)[1]
             curves.epoch_done(final=progress.epoch == options.epochs)
             if stopping and progress.epoch < options.epochs:

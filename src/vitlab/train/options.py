@@ -83,6 +83,9 @@ class TrainOptions:
     eval_steps_per_epoch: int | None = field(default=None, metadata=_saved(
         "evaluate on N training-size batches' worth of test images only (default: the whole "
         "test split)"))
+    eval_every: int = field(default=1, metadata=_saved(
+        "evaluate every N epochs and after the last (the best checkpoint is the best of the "
+        "evaluated epochs)"))
     eval_batch_size: int | None = field(default=None, metadata=_runtime(
         "evaluation batch size (default: the training batch on the CPU, at least 1024 on CUDA; "
         "the accuracy does not depend on it)"))
@@ -111,7 +114,7 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "seed", "log_steps", "checkpoint_steps", "train_steps_per_epoch",
-                     "eval_steps_per_epoch", "eval_batch_size", "augment_chunk"):
+                     "eval_steps_per_epoch", "eval_every", "eval_batch_size", "augment_chunk"):
             value = getattr(self, name)
             if value is None and (name.endswith("_per_epoch") or name == "eval_batch_size"):
                 continue
@@ -121,12 +124,14 @@ class TrainOptions:
             if getattr(self, name) < 0:
                 raise SettingError(name, f"must be >= 0, got {getattr(self, name)}",
                                    f"--{flag(name)}")
-        for name in ("train_steps_per_epoch", "eval_steps_per_epoch", "eval_batch_size"):
+        for name in ("train_steps_per_epoch", "eval_steps_per_epoch", "eval_every",
+                     "eval_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise SettingError(name, "must be at least 1 (omit it for " + (
-                    "the default)" if name == "eval_batch_size" else "a whole epoch)"),
-                    f"--{flag(name)}")
+                omitted = {"eval_batch_size": "the default", "eval_every": "every epoch"}.get(
+                    name, "a whole epoch")
+                raise SettingError(name, f"must be at least 1 (omit it for {omitted})",
+                                   f"--{flag(name)}")
         if not 0 <= self.seed <= MAX_SEED:
             raise SettingError("seed", f"must be in 0..2**63-1, got {self.seed}", "--seed")
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
