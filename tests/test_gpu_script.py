@@ -33,6 +33,11 @@ def test_a_runs_timeline_splits_training_evaluation_and_the_rest():
     assert timeline(records) == {"first_epoch": 20.0, "other_epochs": 3.0, "evaluation": 1.5,
                                  "between": 0.5, "captures": [
                                      {"batch_size": 128, "model": "compiled", "seconds": 17.3}]}
+    # --eval-every 2: epoch 1 not evaluated; its 0.5 s after training count as between epochs
+    records = [r for r in records if not (r["event"] == "eval" and r["epoch"] == 1)]
+    assert timeline(records) | {"captures": []} == {
+        "first_epoch": 20.0, "other_epochs": 3.0, "evaluation": 1.0, "between": 1.0,
+        "captures": []}
 
 
 def test_a_runs_time_outside_its_fits_is_split_where_the_fits_start_and_finish():

@@ -365,7 +365,8 @@ def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
         finish = [r for r in records if r.get("event") == "finish"]
         key = selection_key(evals)
         result[stage] = {
-            "epochs": len(evals),
+            "epochs": sum(1 for r in records if r.get("event") == "train" and "epoch_time" in r),
+            "evaluations": len(evals),
             "best_accuracy": max((r[key] for r in evals), default=None),
             "final_accuracy": evals[-1][key] if evals else None,
             "train_seconds": finish[-1].get("total_time") if finish else None,
