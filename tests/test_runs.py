@@ -5,6 +5,7 @@ checks, soft targets through fit(), TensorBoard."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -454,6 +455,30 @@ def test_the_ema_is_what_fine_tuning_transfers_in_the_pipeline(data_root, tmp_pa
     for name, tensor in averaged.items():
         if name.startswith("encoder.") or name in ("cls_token", "position_embedding"):
             assert torch.equal(start[name], tensor), name
+
+
+def test_the_pipeline_reads_each_dataset_once(data_root, tmp_path, monkeypatch):
+    """Its checks, both stages and its evaluation share one read of each dataset; the
+    commands outside it read theirs afresh each time."""
+    import vitlab.runs as runs
+
+    reads = []
+    real = runs.load_dataset
+    monkeypatch.setattr(runs, "load_dataset",
+                        lambda spec, **k: reads.append(os.fspath(spec)) or real(spec, **k))
+    cifar10 = data_root / "cifar10"
+    single = tmp_path / "single"  # the same arrays, another folder: a second dataset
+    shutil.copytree(cifar10, single)
+    common = dict(model="micro", epochs=1, train_steps_per_epoch=2, batch_size=16,
+                  eval_steps_per_epoch=1, device="cpu", no_progress=True, quiet=True,
+                  no_download=True)  # part of the split evaluated: the pipeline evaluates too
+    run_pipeline(pretrain_data=str(cifar10), finetune_data=str(single),
+                 out=tmp_path / "tutorial", **common)
+    assert sorted(reads) == sorted([str(cifar10), str(single)])
+    reads.clear()
+    for out in ("a", "b"):
+        pretrain(data=str(cifar10), out=tmp_path / out, **common)
+    assert reads == [str(cifar10)] * 2
 
 
 @pytest.mark.parametrize("extra, passes_after", [
