@@ -409,10 +409,20 @@ def test_eval_every_evaluates_epochs_n_2n_and_the_last_and_trains_the_same(datas
     assert best_step == next(r["step"] for r in evals("sparse").values()
                              if r["accuracy"] == sparse.best_accuracy)
 
-    with pytest.raises(Interrupted):  # step 5: inside epoch 3, after epoch 2's evaluation
-        fit(FailingViT(5, "sigint"), dataset, RECIPE, sparse_opts, tmp_path / "resumed")
-    fit(FailingViT(0, "none"), dataset, RECIPE, sparse_opts, tmp_path / "resumed", resume=True)
-    assert evals("resumed") == evals("sparse")
+    # Stopped inside epoch 3, and at its end (not evaluated: the resume starts at epoch 4,
+    # which a count from the resume would skip), then resumed.
+    for stop_at in (5, 6):
+        run = f"stopped-{stop_at}"
+        with pytest.raises(Interrupted):
+            fit(FailingViT(stop_at, "sigint"), dataset, RECIPE, sparse_opts, tmp_path / run)
+        assert list(evals(run)) == [2]
+        progress = torch.load(tmp_path / run / ckpt.TRAINER_STATE,
+                              weights_only=True)["progress"]
+        assert (progress["epoch"], progress["step_in_epoch"]) == ((2, 1) if stop_at == 5
+                                                                  else (3, 0))
+        assert ckpt.weights_step(tmp_path / run / ckpt.BEST_WEIGHTS) == 4  # epoch 2's
+        fit(FailingViT(0, "none"), dataset, RECIPE, sparse_opts, tmp_path / run, resume=True)
+        assert evals(run) == evals("sparse")
     for value in (0, True, 1.5):
         with pytest.raises(ConfigError, match="--eval-every must be"):
             options(1, eval_every=value)
@@ -488,6 +498,8 @@ def test_weights_round_trip_and_load_errors(tmp_path):
     assert list(ckpt.load_weights(path)) == ["x"]
     with pytest.raises(CheckpointError, match="no weight file"):
         ckpt.load_weights(tmp_path / "missing.safetensors")
+    with pytest.raises(CheckpointError, match="writes it at its first evaluated epoch"):
+        ckpt.load_weights(tmp_path / ckpt.BEST_WEIGHTS)
     for garbage in (b"", b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage", os.urandom(200)):
         path.write_bytes(garbage)
         with pytest.raises(CheckpointError, match="not a readable safetensors file"):

@@ -43,7 +43,7 @@ what `device_data.py join` rebuilt). Stages:
           largest regularizer off
   vitlab-300  the same with --recipe vitlab --epochs 300 --eval-every 3: the step budget of
           Lee et al.'s "100 epochs" (3 passes each, each evaluated once; README, Recipes; their
-          warm-up was 30 passes, this one's stays 10), ~480 s on an H200 (~2x a run)
+          warm-up was 30 passes, this one's stays 10), ~480-505 s on an H200 (~2x a run)
 
 OUT gets summary.json (every figure; it is rewritten after each stage, so a session cut short
 still returns what it finished), bench.md, curves-<run>.png of each pre-training, runs.log (every
@@ -290,7 +290,8 @@ def timeline(records: list[dict]) -> dict:
     """Where a fit's time went, from its metrics.jsonl's time stamps (seconds, summed over the
     epochs): the first epoch's training (compiling and capturing), the other epochs', the
     evaluations (from an epoch's Train record to its Eval record), and the rest between an
-    Eval record and the next epoch's start (the checkpoint, curves.png); and what recording
+    Eval record (the Train record of an epoch --eval-every skipped) and the next epoch's start
+    (the checkpoint, curves.png); and what recording
     each batch shape took (warm-up, compiling where it compiles, recording: Capture records)."""
     ends = [r for r in records if r.get("event") == "train" and "epoch_time" in r]
     evals = {r["epoch"]: r["time"] for r in records if r.get("event") == "eval" and "epoch" in r}
@@ -369,6 +370,7 @@ def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
             "evaluations": len(evals),
             "best_accuracy": max((r[key] for r in evals), default=None),
             "final_accuracy": evals[-1][key] if evals else None,
+            "final_epoch": evals[-1].get("epoch") if evals else None,  # --eval-every: may lag
             "train_seconds": finish[-1].get("total_time") if finish else None,
             "timeline": timeline(records),
             # how vitlab ran it, as its Start line says (auto: vitlab's per-device rule)

@@ -102,7 +102,8 @@ def load_data(spec: PathLike, *, image_size: int | None = None,
     if size is None and model_image_size is not None and is_image_folder(Path(spec)):
         size = model_image_size
     loaded = _loaded.get()
-    key = (data_spec(spec), None if data_root is None else str(Path(data_root).resolve()), size)
+    key = (data_spec(spec),
+           None if data_root is None else str(Path(data_root).expanduser().resolve()), size)
     if loaded is not None and key in loaded:
         return loaded[key]
     # Under torchrun, rank 0 downloads and caches once; the others then read its cache.
@@ -114,10 +115,10 @@ def load_data(spec: PathLike, *, image_size: int | None = None,
 
 
 # The datasets one `vitlab run` has loaded (load_data's key -> Dataset): its checks, both stages
-# and its evaluation read each once (the CIFAR-100 folder takes ~0.7 s a read on 2 cores, mostly
+# and its evaluation read each once (the CIFAR-100 folder takes ~0.75 s a read on 2 cores, mostly
 # inflating its npz). The pipeline holds them for its whole call anyway.
-_loaded: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vitlab_loaded",
-                                                                      default=None)
+_loaded: contextvars.ContextVar[dict[tuple[str, str | None, int | None], Dataset] | None] = \
+    contextvars.ContextVar("vitlab_loaded", default=None)
 
 
 def check_fits(dataset: Dataset, config: ViTConfig, spec: PathLike, on_device: bool = False

@@ -54,8 +54,10 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        why = (" (a run keeps an EMA of its weights only when trained with --ema-decay)"
-               if path.name == EMA_WEIGHTS else "")
+        why = {EMA_WEIGHTS: " (a run keeps an EMA of its weights only when trained with "
+                            "--ema-decay)",
+               BEST_WEIGHTS: " (a run writes it at its first evaluated epoch: the first, or "
+                             "with --eval-every N the Nth)"}.get(path.name, "")
         if path.name == WEIGHTS and (path.parent / TRAINER_STATE).is_file():
             # (the best weights are rewritten only when the last save was the best)
             why = (f"; the run's {TRAINER_STATE} is there: resuming the run (--resume "

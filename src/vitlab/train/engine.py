@@ -532,8 +532,8 @@ def check_learnable(dataset: Dataset) -> None:
 def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOptions,
         run_dir: str | Path, run_config: RunConfig | None = None, resume: bool = False
         ) -> FitResult:
-    """Train `model` on `dataset.train` with `recipe`, evaluating on `dataset.test` every epoch
-    (every `options.eval_every` epochs and after the last).
+    """Train `model` on `dataset.train` with `recipe`, evaluating on `dataset.test` after epochs
+    N, 2N, ... (N = `options.eval_every`, 1 by default) and the last.
 
     Writes the run directory (see `vitlab.train.checkpoint`), with `run_config` as its
     config.json when given. With `resume`, continues the run saved in `run_dir` from its trainer

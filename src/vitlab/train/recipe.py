@@ -116,7 +116,8 @@ class Recipe:
         "chance a mixed batch is CutMixed rather than Mixuped (--augment vitlab)"))
     ema_decay: float = field(default=0.0, metadata=_setting(
         "keep an exponential moving average of the weights with this decay (e.g. 0.9998; 0: "
-        "off); it is evaluated every epoch and saved as the best model"))
+        "off); it is evaluated with the weights (every epoch, or as --eval-every says) and saved "
+        "as the best model"))
 
     def __post_init__(self) -> None:
         for what, value, registry in (("optimizer", self.optimizer, OPTIMIZERS),
