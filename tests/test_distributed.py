@@ -108,6 +108,18 @@ def test_two_processes_train_the_one_process_run_and_evaluate_exactly(cifar10, o
     assert reports[0]["num_samples"] == 1 and reports[0]["accuracy"] == reports[1]["accuracy"]
 
 
+def test_two_processes_accumulating_gradients_train_the_one_process_run(cifar10, one_process,
+                                                                      tmp_path):
+    """--grad-accum-steps 2 under DDP: each rank's 32 samples in two parts of 16, the gradients
+    all-reduced after the second (DDP's no_sync before it): still the one-process run."""
+    run_job(*train_args(cifar10, tmp_path / "ddp", "--dropout", "0", "--grad-accum-steps", "2"),
+            cwd=tmp_path)
+    two = h.load_weights(tmp_path / "ddp" / "model.safetensors")
+    one = h.load_weights(one_process[0] / "model.safetensors")
+    diff = max((two[k] - one[k]).abs().max().item() for k in one)
+    assert diff <= 1e-5, diff
+
+
 def test_a_timeout_that_is_not_a_positive_number_is_one_line(monkeypatch):
     from vitlab import distributed
     from vitlab.errors import ConfigError

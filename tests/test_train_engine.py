@@ -428,6 +428,56 @@ def test_eval_every_evaluates_epochs_n_2n_and_the_last_and_trains_the_same(datas
             options(1, eval_every=value)
 
 
+# 20 images in batches of 8: 8, 8, 4 an epoch
+@pytest.mark.parametrize("parts, sizes", [(2, [4, 4, 4, 4, 2, 2]),
+                                          (3, [3, 3, 2, 3, 3, 2, 2, 1, 1])])
+def test_grad_accum_steps_train_each_batch_in_parts_to_the_same_weights(dataset, tmp_path,
+                                                                        parts, sizes):
+    """--grad-accum-steps N: the model sees each batch in N parts (sizes differing by at most
+    one), and the weights equal one pass a batch's up to float rounding (dropout off; the
+    augmentation draws as without it, on the whole batch)."""
+    config = dataclasses.replace(CONFIG, dropout=0.0)
+    whole = fit(FailingViT(0, "none", config), dataset, RECIPE,
+                options(2, train_steps_per_epoch=3), tmp_path / "whole")
+    model = FailingViT(0, "none", config)
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args: seen.append(len(args[0])) if module.training else None)
+    split = fit(model, dataset, RECIPE, options(2, train_steps_per_epoch=3,
+                                                grad_accum_steps=parts), tmp_path / "parts")
+    assert seen == sizes * 2 and split.global_step == whole.global_step == 6
+    a, b = (ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("whole", "parts"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+    def losses(run: str) -> list[float]:
+        return [r["ce"] for r in ckpt.read_jsonl(tmp_path / run / ckpt.METRICS)
+                if r["event"] == "train" and "ce" in r]
+
+    assert losses("parts") == pytest.approx(losses("whole"), rel=1e-5)
+
+
+def test_accumulated_training_resumes_bitwise_and_refuses_parts_without_samples(dataset,
+                                                                                tmp_path):
+    opts = options(2, train_steps_per_epoch=3, grad_accum_steps=2)  # dropout on
+    fit(FailingViT(0, "none"), dataset, RECIPE, opts, tmp_path / "a")
+    with pytest.raises(Interrupted) as info:  # in step 4's first part
+        fit(FailingViT(7, "sigint"), dataset, RECIPE, opts, tmp_path / "b")
+    assert info.value.step == 4
+    fit(FailingViT(0, "none"), dataset, RECIPE, opts, tmp_path / "b", resume=True)
+    a, b = (ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # 20 images in batches of 8: the last has 4, too few for 5 parts
+    with pytest.raises(ConfigError, match="--grad-accum-steps 5 needs batches of at least "
+                                          "that many samples per process; the smallest here "
+                                          "has 4"):
+        fit(tiny_model(), dataset, RECIPE, options(1, grad_accum_steps=5), tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    for value in (0, True):
+        with pytest.raises(ConfigError, match="--grad-accum-steps must be"):
+            options(1, grad_accum_steps=value)
+
+
 @pytest.mark.parametrize("option", [{"shifted_patches": True, "locality_attention": True},
                                     {"conv_stem": True, "locality_attention": True,
                                      "patch_size": 4}],  # width / patch: 8 channels

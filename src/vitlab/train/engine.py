@@ -275,18 +275,37 @@ def eager_param_groups(optimizer: torch.optim.Optimizer, device: torch.device) -
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor,
                targets: Tensor, recipe: Recipe, autocast_dtype: torch.dtype | None = None,
-               loss_scale: float = 1.0, step: Callable[[], object] | None = None) -> Tensor:
+               loss_scale: float = 1.0, step: Callable[[], object] | None = None,
+               parts: int = 1, no_sync: Callable[[], contextlib.AbstractContextManager] | None
+               = None) -> Tensor:
     """One optimizer step on one batch; returns the (detached) loss, left on the device.
 
     `loss_scale` weights this process's part of a data-parallel batch (see `_train`); `step`
-    replaces optimizer.step (a compiled one, see `compile_optimizer_step`).
+    replaces optimizer.step (a compiled one, see `compile_optimizer_step`). With `parts` > 1
+    (gradient accumulation) the batch's contiguous parts, sizes differing by at most one, each
+    run forward and backward in turn, their losses weighted by their shares of the batch, so
+    the gradients add up to the batch's mean loss's; `no_sync` (DDP's) holds the gradients'
+    all-reduce until the last part.
     """
     device = inputs.device
-    with autocast(device, autocast_dtype):
-        logits = model(inputs)
-    loss = cross_entropy(logits.float(), targets, recipe.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
-    (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    if parts == 1:
+        with autocast(device, autocast_dtype):
+            logits = model(inputs)
+        loss = cross_entropy(logits.float(), targets, recipe.label_smoothing)
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    else:
+        loss = torch.zeros((), device=device)
+        for i, (x, y) in enumerate(zip(inputs.tensor_split(parts), targets.tensor_split(parts),
+                                       strict=True)):
+            share = len(y) / len(targets)
+            last = i == parts - 1
+            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+                with autocast(device, autocast_dtype):
+                    logits = model(x)
+                part_loss = cross_entropy(logits.float(), y, recipe.label_smoothing)
+                (part_loss * (loss_scale * share)).backward()
+            loss = loss + part_loss.detach() * share
     if recipe.grad_clip is not None:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
@@ -591,6 +610,13 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
         shuffle=True, seed=options.seed, steps_per_epoch=options.train_steps_per_epoch,
         batch_part=(distributed.rank(), distributed.world_size()),
         chunk_batches=options.augment_chunk_batches(recipe.batch_size, *image_shapes))
+    # --grad-accum-steps splits each process's part of a batch again: every piece needs a sample.
+    n, size = train_loader.num_samples, recipe.batch_size
+    smallest = min(size, n % size or size) // distributed.world_size()
+    if options.grad_accum_steps > smallest:
+        raise ConfigError(f"--grad-accum-steps {options.grad_accum_steps} needs batches of at "
+                          f"least that many samples per process; the smallest here has "
+                          f"{smallest}: use fewer steps or a larger --batch-size")
     # Evaluation: the first N batches' samples with --eval-steps-per-epoch (never one twice),
     # sharded across ranks (each sample on one rank, the counts all-reduced).
     test = dataset.test
@@ -644,10 +670,11 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
             if compiled and not eager_optimizer and not capture else None)
     trainable = runnable
     captured = None
+    parts, no_sync = options.grad_accum_steps, None
     if capture:  # one process: the model is `runnable`, never DDP's
         def step_of(module: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
             return lambda inputs, targets: train_step(module, optimizer, inputs, targets,
-                                                      recipe, autocast_dtype)
+                                                      recipe, autocast_dtype, parts=parts)
 
         captured = CapturedStep(step_of(runnable), model, optimizer, **(
             {"batch_size": recipe.batch_size, "other_step": step_of(model)} if compiled else {}))
@@ -657,6 +684,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                       else None)
         trainable = compiled(ddp) if compiled else ddp
+        no_sync = ddp.no_sync  # accumulating: one all-reduce a batch, after its last part
     model.train()
     if options.freeze_encoder:
         model.encoder.eval()  # a linear probe reads fixed features: no dropout in them
@@ -705,14 +733,15 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                                        else "compiled", capture_time=shape["seconds"])
                 elif world == 1:
                     loss = train_step(trainable, optimizer, inputs, targets, recipe,
-                                      autocast_dtype, step=step)
+                                      autocast_dtype, step=step, parts=parts)
                     stopping = stop.raised
                 else:
                     # This rank's part of the global batch: its mean loss weighted by its share,
                     # so DDP's average of the gradients is the global batch's mean gradient.
                     share = len(targets) / train_loader.global_batch_size
                     loss = train_step(trainable, optimizer, inputs, targets, recipe,
-                                      autocast_dtype, loss_scale=world * share, step=step)
+                                      autocast_dtype, loss_scale=world * share, step=step,
+                                      parts=parts, no_sync=no_sync)
                     loss, stopping = _agree(loss * share, stop, device)
                 bad_loss |= ~torch.isfinite(loss)
                 loss_sum += loss.double()

@@ -95,6 +95,10 @@ class TrainOptions:
         "also save a resumable checkpoint every N steps (0: at epoch ends only)"))
     progress: bool | None = field(default=None, metadata=_runtime(
         "no progress bar (default: one when stdout is a terminal)", flag="no-progress"))
+    grad_accum_steps: int = field(default=1, metadata=_saved(
+        "gradient accumulation: each batch's forward and backward passes run in N parts, one "
+        "after another (activations of one part at a time), then one optimizer step: the "
+        "batch's mean gradient, up to float rounding, with dropout drawn per part"))
     augment_chunk: int = field(default=1024, metadata=_saved(
         "augment this many training images per call, in whole batches (at least one; at most "
         f"{AUGMENT_CHUNK_MIB} MiB of float32 inputs): fewer, larger tensor ops; it changes the "
@@ -114,7 +118,8 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "seed", "log_steps", "checkpoint_steps", "train_steps_per_epoch",
-                     "eval_steps_per_epoch", "eval_every", "eval_batch_size", "augment_chunk"):
+                     "eval_steps_per_epoch", "eval_every", "eval_batch_size", "augment_chunk",
+                     "grad_accum_steps"):
             value = getattr(self, name)
             if value is None and (name.endswith("_per_epoch") or name == "eval_batch_size"):
                 continue
@@ -125,11 +130,11 @@ class TrainOptions:
                 raise SettingError(name, f"must be >= 0, got {getattr(self, name)}",
                                    f"--{flag(name)}")
         for name in ("train_steps_per_epoch", "eval_steps_per_epoch", "eval_every",
-                     "eval_batch_size"):
+                     "eval_batch_size", "grad_accum_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                omitted = {"eval_batch_size": "the default", "eval_every": "every epoch"}.get(
-                    name, "a whole epoch")
+                omitted = {"eval_batch_size": "the default", "eval_every": "every epoch",
+                           "grad_accum_steps": "one pass a batch"}.get(name, "a whole epoch")
                 raise SettingError(name, f"must be at least 1 (omit it for {omitted})",
                                    f"--{flag(name)}")
         if not 0 <= self.seed <= MAX_SEED:
