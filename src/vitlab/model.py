@@ -156,7 +156,7 @@ PRESETS: dict[str, dict] = {
     "vitlab-mini": _VITLAB_MINI,
     # vitlab-mini with Lee et al.'s shifted patch tokenization and locality self-attention (in
     # their paper, with their recipe: 76.9% on CIFAR-100 in 100 epochs, against 73.8% for their
-    # plain ViT of vitlab-mini's shape); 2.75 M parameters, 0.87x seed-mini's FLOPs.
+    # plain ViT of vitlab-mini's shape); 2.75 M parameters, 0.91x seed-mini's FLOPs.
     "vitlab-mini-sl": dict(_VITLAB_MINI, shifted_patches=True, locality_attention=True),
     # vitlab-mini with a conv stem (3x3 convs 3 -> 48 -> 96 -> 192 channels, the last two of
     # stride 2, then a 1x1 conv to the tokens): 2.95 M parameters, 1.03x seed-mini's FLOPs.
