@@ -120,18 +120,21 @@ def test_capture_refuses_what_it_cannot_record():
         CapturedStep(lambda i, t: i.sum(), model, damped, graphs=CallAgain())
 
 
-def test_fit_with_a_captured_step_equals_fit_without(dataset, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_fit_with_a_captured_step_equals_fit_without(dataset, tmp_path, monkeypatch,  # noqa: F811
+                                                     accumulate):
     """fit's wiring: with the capture on (CallAgain on the CPU), the run's weights, metrics and
-    resumable state are those of the uncaptured run, and its Start line says so."""
+    resumable state are those of the uncaptured run, and its Start line says so; with
+    --grad-accum-steps too (the parts inside the one recorded step)."""
     torch.manual_seed(0)
-    fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8, lr=0.05), options(2),
-        tmp_path / "plain")
+    fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8, lr=0.05),
+        options(2, grad_accum_steps=accumulate), tmp_path / "plain")
     monkeypatch.setattr(TrainOptions, "captures", lambda self, device_type, world_size=1: True)
     monkeypatch.setattr(engine, "CapturedStep", functools.partial(CapturedStep,
                                                                   graphs=CallAgain()))
     torch.manual_seed(0)
-    fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8, lr=0.05), options(2),
-        tmp_path / "captured")
+    fit(ViT(CONFIG), dataset, recipe("seed", batch_size=8, lr=0.05),
+        options(2, grad_accum_steps=accumulate), tmp_path / "captured")
     plain, captured = (ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("plain", "captured"))
     for key in plain:
         assert torch.equal(plain[key], captured[key]), key

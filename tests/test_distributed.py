@@ -111,13 +111,19 @@ def test_two_processes_train_the_one_process_run_and_evaluate_exactly(cifar10, o
 def test_two_processes_accumulating_gradients_train_the_one_process_run(cifar10, one_process,
                                                                       tmp_path):
     """--grad-accum-steps 2 under DDP: each rank's 32 samples in two parts of 16, the gradients
-    all-reduced after the second (DDP's no_sync before it): still the one-process run."""
+    all-reduced after the second (DDP's no_sync before it): still the one-process run, its
+    weights and its logged losses."""
     run_job(*train_args(cifar10, tmp_path / "ddp", "--dropout", "0", "--grad-accum-steps", "2"),
             cwd=tmp_path)
     two = h.load_weights(tmp_path / "ddp" / "model.safetensors")
     one = h.load_weights(one_process[0] / "model.safetensors")
     diff = max((two[k] - one[k]).abs().max().item() for k in one)
     assert diff <= 1e-5, diff
+
+    def losses(run: Path) -> list[float]:
+        return [r["ce"] for r in h.read_metrics(run) if r["event"] == "train" and "ce" in r]
+
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(one_process[0]), rel=1e-5)
 
 
 def test_a_timeout_that_is_not_a_positive_number_is_one_line(monkeypatch):

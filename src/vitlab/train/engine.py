@@ -282,13 +282,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tenso
 
     `loss_scale` weights this process's part of a data-parallel batch (see `_train`); `step`
     replaces optimizer.step (a compiled one, see `compile_optimizer_step`). With `parts` > 1
-    (gradient accumulation) the batch's contiguous parts, sizes differing by at most one, each
-    run forward and backward in turn, their losses weighted by their shares of the batch, so
-    the gradients add up to the batch's mean loss's; `no_sync` (DDP's) holds the gradients'
-    all-reduce until the last part.
+    (gradient accumulation) the batch's contiguous parts, sizes differing by at most one (as
+    many as it has samples, if fewer), each run forward and backward in turn, their losses
+    weighted by their shares of the batch, so the gradients add up to the batch's mean loss's;
+    `no_sync` (DDP's) holds the gradients' all-reduce until the last part.
     """
     device = inputs.device
     optimizer.zero_grad(set_to_none=True)
+    parts = min(parts, len(targets))  # a batch smaller than N: one part a sample
     if parts == 1:
         with autocast(device, autocast_dtype):
             logits = model(inputs)
@@ -610,13 +611,6 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
         shuffle=True, seed=options.seed, steps_per_epoch=options.train_steps_per_epoch,
         batch_part=(distributed.rank(), distributed.world_size()),
         chunk_batches=options.augment_chunk_batches(recipe.batch_size, *image_shapes))
-    # --grad-accum-steps splits each process's part of a batch again: every piece needs a sample.
-    n, size = train_loader.num_samples, recipe.batch_size
-    smallest = min(size, n % size or size) // distributed.world_size()
-    if options.grad_accum_steps > smallest:
-        raise ConfigError(f"--grad-accum-steps {options.grad_accum_steps} needs batches of at "
-                          f"least that many samples per process; the smallest here has "
-                          f"{smallest}: use fewer steps or a larger --batch-size")
     # Evaluation: the first N batches' samples with --eval-steps-per-epoch (never one twice),
     # sharded across ranks (each sample on one rank, the counts all-reduced).
     test = dataset.test

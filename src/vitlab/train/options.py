@@ -98,7 +98,9 @@ class TrainOptions:
     grad_accum_steps: int = field(default=1, metadata=_saved(
         "gradient accumulation: each batch's forward and backward passes run in N parts, one "
         "after another (activations of one part at a time), then one optimizer step: the "
-        "batch's mean gradient, up to float rounding, with dropout drawn per part"))
+        "batch's mean gradient, up to float rounding, with dropout drawn per part. Unlike "
+        "timm's and Hugging Face's, --batch-size stays the batch of a step (the recipe's), not "
+        "of a part"))
     augment_chunk: int = field(default=1024, metadata=_saved(
         "augment this many training images per call, in whole batches (at least one; at most "
         f"{AUGMENT_CHUNK_MIB} MiB of float32 inputs): fewer, larger tensor ops; it changes the "
@@ -153,6 +155,12 @@ class TrainOptions:
                               f"{', '.join(PRECISIONS)}")
         if not isinstance(self.device, str):
             raise ConfigError(f"--device must be a device name, got {self.device!r}")
+        if self.grad_accum_steps > 1 and self.compile_mode in ("reduce-overhead",
+                                                               "max-autotune"):
+            raise ConfigError(f"--grad-accum-steps with --compile-mode {self.compile_mode}: "
+                              "torch.compile's CUDA graphs overwrite the gradients one part's "
+                              "backward leaves for the next (pytorch/pytorch#169545); use "
+                              "--compile-mode default")
         if self.capture_step and self.compile_mode not in (None, "default"):
             raise ConfigError(f"--capture-step records the whole step as one CUDA graph itself: "
                               f"use --compile-mode default, not {self.compile_mode} (which "
@@ -184,7 +192,9 @@ class TrainOptions:
             return None, False
         # CUDA graphs were measured on one GPU; under DDP torch.compile's own default mode;
         # a captured step records its own graph.
-        graphs = cuda and world_size == 1 and not captured
+        # Nor with gradient accumulation: torch.compile's graphs would overwrite a part's
+        # gradients with the next part's run (pytorch/pytorch#169545).
+        graphs = cuda and world_size == 1 and not captured and self.grad_accum_steps == 1
         mode = self.compile_mode or ("reduce-overhead" if graphs else "default")
         # A captured step records the optimizer's step as it runs: eagerly.
         return mode, captured or (self.eager_optimizer if self.eager_optimizer is not None
