@@ -56,8 +56,8 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         why = {EMA_WEIGHTS: " (a run keeps an EMA of its weights only when trained with "
                             "--ema-decay)",
-               BEST_WEIGHTS: " (a run writes it at its first evaluated epoch: the first, or "
-                             "with --eval-every N the Nth)"}.get(path.name, "")
+               BEST_WEIGHTS: " (a run writes it at its first evaluated epoch, the first "
+                             "unless --eval-every says otherwise)"}.get(path.name, "")
         if path.name == WEIGHTS and (path.parent / TRAINER_STATE).is_file():
             # (the best weights are rewritten only when the last save was the best)
             why = (f"; the run's {TRAINER_STATE} is there: resuming the run (--resume "
