@@ -51,10 +51,15 @@ VITLAB_RATES = recipe("vitlab").augment_settings()
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
 
 
-def vitlab_batches(split, batch_size: int, train: bool, chunk: int = 1) -> Iterator[tuple]:
-    """BatchLoader + SeedAugment batches, `chunk` batches augmented per call, epoch after epoch."""
-    loader = BatchLoader(split, batch_size, augment=SeedAugment(), train=train, shuffle=train,
-                         seed=0, chunk_batches=chunk)
+def vitlab_batches(split, batch_size: int, train: bool, chunk: int = 1,
+                   recipe_augment: bool = False) -> Iterator[tuple]:
+    """BatchLoader batches, `chunk` batches augmented per call, epoch after epoch: SeedAugment,
+    or with `recipe_augment` VitlabAugment at the vitlab recipe's settings (pad-crop-flip,
+    TrivialAugment-Wide, erasing, Mixup/CutMix on half the batches)."""
+    augment = (make_augment("vitlab", len(split.classes), **VITLAB_RATES) if recipe_augment
+               else SeedAugment())
+    loader = BatchLoader(split, batch_size, augment=augment, train=train, shuffle=train, seed=0,
+                         chunk_batches=chunk)
     for epoch in itertools.count():
         yield from loader.epoch(epoch)
 
@@ -74,16 +79,6 @@ def numpy_batches(
                 for i in idx
             ]
             yield np.stack(xs), labels[idx]
-
-
-def vitlab_recipe_batches(split, batch_size: int, chunk: int = 1) -> Iterator[tuple]:
-    """BatchLoader + VitlabAugment with the vitlab recipe's settings (pad-crop-flip,
-    TrivialAugment-Wide, erasing, Mixup/CutMix on half the batches)."""
-    loader = BatchLoader(split, batch_size, augment=make_augment(
-        "vitlab", len(split.classes), **VITLAB_RATES), train=True, shuffle=True, seed=0,
-        chunk_batches=chunk)
-    for epoch in itertools.count():
-        yield from loader.epoch(epoch)
 
 
 def _op_params() -> dict[str, list[float]]:
@@ -251,17 +246,12 @@ def main() -> None:
     # measurement of it: timed apart, its speed moved with what ran between its chunks (the
     # vitlab one ran ~25% slower beside 8-batch calls than beside one-batch calls).
     for group in (("train", "train-chunked"), ("eval",), ("vitlab", "vitlab-chunked")):
-        train = group[0] != "eval"
-        if group[0] == "vitlab":
-            slow_it = per_sample_vitlab_batches(images, labels, args.batch_size,
-                                                ds.num_classes)
-            fast_its = [vitlab_recipe_batches(ds.train, args.batch_size, chunk if
-                                              mode.endswith("-chunked") else 1)
-                        for mode in group]
-        else:
-            slow_it = numpy_batches(images, labels, args.batch_size, train)
-            fast_its = [vitlab_batches(ds.train, args.batch_size, train, chunk if
-                                       mode.endswith("-chunked") else 1) for mode in group]
+        train, recipe_rows = group[0] != "eval", group[0] == "vitlab"
+        slow_it = (per_sample_vitlab_batches(images, labels, args.batch_size, ds.num_classes)
+                   if recipe_rows else numpy_batches(images, labels, args.batch_size, train))
+        fast_its = [vitlab_batches(ds.train, args.batch_size, train,
+                                   chunk if mode.endswith("-chunked") else 1, recipe_rows)
+                    for mode in group]
         images_per_s(slow_it, 2, 0.0)  # warm-up, not timed
         for fast_it in fast_its:
             images_per_s(fast_it, 10, 0.0)

@@ -290,28 +290,26 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tenso
     device = inputs.device
     optimizer.zero_grad(set_to_none=True)
     parts = min(parts, len(targets))  # a batch smaller than N: one part a sample
-    if parts == 1:
-        with autocast(device, autocast_dtype):
-            logits = model(inputs)
-        loss = cross_entropy(logits.float(), targets, recipe.label_smoothing)
-        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
-    else:
-        loss = torch.zeros((), device=device)
-        for i, (x, y) in enumerate(zip(inputs.tensor_split(parts), targets.tensor_split(parts),
-                                       strict=True)):
-            share = len(y) / len(targets)
-            last = i == parts - 1
-            with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
-                with autocast(device, autocast_dtype):
-                    logits = model(x)
-                part_loss = cross_entropy(logits.float(), y, recipe.label_smoothing)
-                (part_loss * (loss_scale * share)).backward()
-            loss = loss + part_loss.detach() * share
+    # One part is the batch itself (not a view of it: a captured step's inputs stay its own).
+    pieces = ([(inputs, targets)] if parts == 1 else
+              zip(inputs.tensor_split(parts), targets.tensor_split(parts), strict=True))
+    loss = None
+    for i, (x, y) in enumerate(pieces):
+        share = len(y) / len(targets)
+        held = no_sync is not None and i < parts - 1  # the all-reduce waits for the last part
+        with no_sync() if held else contextlib.nullcontext():
+            with autocast(device, autocast_dtype):
+                logits = model(x)
+            part_loss = cross_entropy(logits.float(), y, recipe.label_smoothing)
+            scale = loss_scale * share
+            (part_loss * scale if scale != 1.0 else part_loss).backward()
+        part_loss = part_loss.detach() if parts == 1 else part_loss.detach() * share
+        loss = part_loss if loss is None else loss + part_loss
     if recipe.grad_clip is not None:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
     (step or optimizer.step)()
-    return loss.detach()
+    return loss
 
 
 class CheckpointWriter:
