@@ -25,9 +25,10 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
                                  reason="finds torchrun's workers in Linux's /proc")]
 
 
-def torchrun(*args) -> list[str]:
+def torchrun(*args, program: tuple = ("-m", "vitlab")) -> list[str]:
+    """torchrun's command for 2 workers running `program` (vitlab's CLI) with `args`."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            "2", "-m", "vitlab", *map(str, args)]
+            "2", *map(str, program), *map(str, args)]
 
 
 def run_job(*args, cwd: Path, expect: int = 0) -> subprocess.CompletedProcess:
@@ -113,8 +114,18 @@ def test_two_processes_accumulating_gradients_train_the_one_process_run(cifar10,
     """--grad-accum-steps 2 under DDP: each rank's 32 samples in two parts of 16, the gradients
     all-reduced after the second (DDP's no_sync before it): still the one-process run, its
     weights and its logged losses."""
-    run_job(*train_args(cifar10, tmp_path / "ddp", "--dropout", "0", "--grad-accum-steps", "2"),
-            cwd=tmp_path)
+    # The real CLI in each worker, its DDP counting its gradient all-reduces.
+    counter = Path(__file__).with_name("ddp_allreduce_counter.py")
+    args = train_args(cifar10, tmp_path / "ddp", "--dropout", "0", "--grad-accum-steps", "2")
+    job = subprocess.run(
+        torchrun(*args, program=(counter,)), cwd=tmp_path, capture_output=True, text=True,
+        env={**h.cli_env(), "VITLAB_ALLREDUCE_COUNTS": str(tmp_path)}, timeout=300)
+    assert job.returncode == 0, f"{job.stdout[-2000:]}\n{job.stderr[-3000:]}"
+    # One all-reduce round an optimizer step (2 epochs of 10), not one a part: no_sync held
+    # the first part's.
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert counts["rounds"] == 20, counts
     two = h.load_weights(tmp_path / "ddp" / "model.safetensors")
     one = h.load_weights(one_process[0] / "model.safetensors")
     diff = max((two[k] - one[k]).abs().max().item() for k in one)
