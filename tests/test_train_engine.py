@@ -32,6 +32,7 @@ from vitlab.train.engine import (
     compile_optimizer_step,
     repair_run_weights,
     resolve_device,
+    resolve_precision,
     set_lr,
     train_step,
 )
@@ -81,6 +82,21 @@ def test_seed_recipe_is_the_tutorials():
         ("sgd", 0.01, 0.9, 1e-4, "constant", 128)
     assert (r.epochs, r.finetune_epochs, r.label_smoothing, r.grad_clip, r.augment) == \
         (100, 1, 0.0, None, "seed")
+
+
+@pytest.mark.parametrize(("capability", "expected"), [
+    ((6, 1), None), ((7, 5), None), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_precision_is_bf16_only_on_gpus_with_bf16_units(monkeypatch, capability, expected):
+    """A GTX 1080 Ti (6.1) or a T4 (7.5) trains in fp32 under auto; Ampere (8.0) on in bf16;
+    an explicit choice is kept, and the CPU is fp32."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device: seen.append(device) or capability)
+    cuda = torch.device("cuda:0")
+    assert resolve_precision("auto", cuda) is expected and seen == [cuda]
+    assert resolve_precision("bf16", cuda) is torch.bfloat16
+    assert resolve_precision("fp32", cuda) is None
+    assert resolve_precision("auto", torch.device("cpu")) is None
 
 
 def test_grad_clip_scales_the_gradients_down_to_the_clip_norm():

@@ -117,10 +117,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU with bf16 tensor cores (compute capability 8.0 on, Ampere
+    and later). Older cards (the tutorial's GTX 1080 Ti, a T4, a V100) have no bf16 matrix units,
+    so `--precision auto` keeps them in fp32 (fp16 with a loss scaler is not offered yet)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        return torch.bfloat16 if native_bf16(device) else None
     if name == "fp32":
         return None
     if name == "bf16":

@@ -58,7 +58,7 @@ class TrainOptions:
     device: str = field(default="auto", metadata=_runtime(
         "auto (CUDA if present), cpu, cuda, cuda:N"))
     precision: str = field(default="auto", metadata=_runtime(
-        "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS))
+        "auto: bf16 autocast on a CUDA GPU with bf16 units (Ampere on), else fp32", choices=PRECISIONS))
     compile: bool | None = field(default=None, metadata=_runtime(
         "torch.compile the training step: the model, and the optimizer's step unless "
         "--eager-optimizer (default: on one CUDA GPU for a fit of "
