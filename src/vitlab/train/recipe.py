@@ -201,7 +201,7 @@ RECIPES: dict[str, Recipe] = {
     # After Lee et al. 2021's CIFAR recipe (AdamW 1e-3, wd 0.05, 10 warm-up epochs, cosine,
     # label smoothing 0.1) with vitlab's batched augmentation (pad-crop-flip, TrivialAugment-Wide,
     # random erasing, mixup/cutmix), mixing as Lee et al. do: half the batches, alpha 1. On
-    # CIFAR-100, 100 epochs on an H200, mixing every batch (timm's alpha 0.8) under-fitted at
+    # CIFAR-100, 100 epochs on an H200, mixing every batch (alpha 0.8, DeiT's) under-fitted at
     # 64.57%; half the batches reached 67.41% (benchmarks/gpu/results, the README's Recipes).
     "vitlab": Recipe(name="vitlab", optimizer="adamw", lr=1e-3, momentum=0.9, weight_decay=0.05,
                      schedule="cosine", warmup_epochs=10.0, label_smoothing=0.1,
