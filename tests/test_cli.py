@@ -137,6 +137,8 @@ def test_finetune_learns_and_evaluate_agrees(finetuned, data, work):
     assert len(matrix) == 10 and sum(map(sum, matrix)) == 500
     assert sum(matrix[i][i] for i in range(10)) == round(report["accuracy"] * 500)
     assert report["classes"] == classes
+    assert report["accuracy"] < report["top5_accuracy"] <= 1  # a 10-way head: top-5 reported
+    assert f"top5_accuracy: {report['top5_accuracy']:.4f}; " in proc.stdout
     # Some of its classes, not a prefix and in another order: matched by name, the same counts.
     subset = work / "bird-and-airplane"
     subset.mkdir()

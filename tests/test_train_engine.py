@@ -226,6 +226,26 @@ def test_evaluate_is_exact_over_the_whole_split(dataset):
         assert result["per_class_accuracy"][c] == expected
 
 
+@pytest.mark.parametrize("outputs", [5, 8])
+def test_evaluate_top5_counts_labels_among_the_five_highest_logits(outputs):
+    """Top-5 accuracy against each sample's rank of its label's logit; a model of 5 outputs or
+    fewer (every label in its top 5) reports none."""
+    torch.manual_seed(0)
+    split = Split(torch.randint(0, 256, (23, 4, 4, 3), dtype=torch.uint8),
+                  torch.randint(0, outputs, (23,)), [str(c) for c in range(outputs)])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, outputs))
+    result = evaluate(model, BatchLoader(split, 5, train=False, shuffle=False))  # 5+5+5+5+3
+    if outputs <= 5:
+        assert "top5_accuracy" not in result
+        return
+    with torch.no_grad():
+        logits = model(split.images.permute(0, 3, 1, 2).float() / 255)
+    higher = [int((logits[i] > logits[i, label]).sum()) for i, label in enumerate(split.labels)]
+    assert result["top5_accuracy"] == sum(rank < 5 for rank in higher) / 23
+    assert result["accuracy"] == sum(rank == 0 for rank in higher) / 23
+    assert result["accuracy"] < result["top5_accuracy"] < 1
+
+
 def test_evaluate_without_classes_has_no_confusion(dataset):
     result = evaluate(Linear(), BatchLoader(dataset.test, 4, train=False, shuffle=False))
     assert set(result) == {"accuracy", "ce", "num_samples"}

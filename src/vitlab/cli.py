@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "with --out OUT): finished stages are kept, the rest resumed")
         _add_settings(p, command)
 
-    e = sub.add_parser("evaluate", help="accuracy, cross-entropy, per-class accuracy, confusion")
+    e = sub.add_parser("evaluate", help="accuracy (top-1, top-5), cross-entropy, per-class "
+                       "accuracy, confusion")
     e.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR")
     e.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
     e.add_argument("--data", type=_path, default=None, help="default: the run's own dataset")

@@ -529,8 +529,10 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
     if not quiet:
         timing = ("source: fine-tuning's last epoch" if seconds is None
                   else f"eval_time: {seconds:.1f} sec")
-        print(f"vitlab-Evaluate: accuracy: {result['accuracy']:.4f}; ce: {result['ce']:.7g}; "
-              f"samples: {result['num_samples']}; {timing};")
+        top5 = (f"top5_accuracy: {result['top5_accuracy']:.4f}; " if "top5_accuracy" in result
+                else "")
+        print(f"vitlab-Evaluate: accuracy: {result['accuracy']:.4f}; {top5}"
+              f"ce: {result['ce']:.7g}; samples: {result['num_samples']}; {timing};")
         worst = sorted((a, c) for a, c in zip(result["per_class_accuracy"][:shown],
                                               classes, strict=True) if a is not None)[:3]
         print("lowest per-class accuracy: " + ", ".join(f"{c} {a:.3f}" for a, c in worst))

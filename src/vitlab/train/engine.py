@@ -144,7 +144,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | None = None,
              num_classes: int | None = None) -> dict:
-    """Exact accuracy and mean cross-entropy over the loader's batches.
+    """Exact accuracy and mean cross-entropy over the loader's batches, and the top-5 accuracy
+    (the label among the 5 highest logits) for a model of more than 5 outputs.
 
     With `num_classes`, also the confusion matrix (rows: true class, columns: predicted) and the
     per-class accuracy.
@@ -153,6 +154,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
     model.eval()
     device = loader.device
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    correct_top5 = torch.zeros((), dtype=torch.int64, device=device)
+    outputs = None  # the model's logit count, from its first batch
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     confusion = None
@@ -166,16 +169,25 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             predictions = logits.argmax(dim=1)
             correct += (predictions == labels).sum()
+            outputs = logits.shape[1]
+            if outputs > 5:
+                top5 = logits.topk(5, dim=1).indices
+                correct_top5 += (top5 == labels.view(-1, 1)).any(dim=1).sum()
             count += labels.numel()
             if confusion is not None:
                 confusion += torch.bincount(labels * num_classes + predictions,
                                             minlength=num_classes * num_classes)
     model.train(was_training)
-    for total in (correct, loss_sum, count, *([confusion] if confusion is not None else [])):
+    for total in (correct, correct_top5, loss_sum, count,
+                  *([confusion] if confusion is not None else [])):
         distributed.all_reduce_sum(total)  # sharded evaluation: every rank's counts, once
     count = int(count.item())
     result = {"accuracy": correct.item() / max(count, 1), "ce": loss_sum.item() / max(count, 1),
               "num_samples": count}
+    if outputs is None:  # an empty shard: the model's outputs, without a batch
+        outputs = getattr(getattr(model, "config", None), "num_classes", None)
+    if outputs is not None and outputs > 5:
+        result["top5_accuracy"] = correct_top5.item() / max(count, 1)
     if confusion is not None:
         matrix = confusion.view(num_classes, num_classes).cpu()
         totals = matrix.sum(dim=1)
