@@ -1295,3 +1295,84 @@ def test_a_stop_after_a_failed_background_save_raises_the_failure(dataset, tmp_p
     with pytest.raises(OSError, match="No space left"):
         fit(tiny_model(), dataset, RECIPE, options(3, train_steps_per_epoch=2), tmp_path / "r")
     assert checks["n"] == 4
+
+
+# --- a held-out validation split (--val-fraction) ---------------------------------------------
+
+def test_hold_out_takes_a_rounded_fraction_of_each_class_at_random_by_seed():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 1 + [0] * 4)  # classes of 14, 5 and 1
+    split = Split(torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 2, 2, 3),
+                  labels, CLASSES)
+    rest, held = split.hold_out(0.3, seed=7)
+    ids = lambda s: s.images[:, 0, 0, 0].tolist()  # noqa: E731  the images' original indices
+    # round(0.3 * n) of each class: 4 of 14, 2 (1.5 rounds up) of 5, 0 of 1.
+    assert torch.bincount(held.labels, minlength=3).tolist() == [4, 2, 0]
+    assert sorted(ids(rest) + ids(held)) == list(range(20))  # a partition ...
+    assert ids(rest) == sorted(ids(rest)) and ids(held) == sorted(ids(held))  # ... in order
+    assert all(labels[i] == label for i, label in zip(ids(held), held.labels.tolist(),
+                                                       strict=True))
+    assert ids(split.hold_out(0.3, seed=7)[1]) == ids(held)  # the seed decides: a resume ...
+    draws = {tuple(ids(split.hold_out(0.3, seed=s)[1])) for s in range(20)}
+    assert len(draws) > 10  # ... and other seeds hold out other images
+
+
+def test_val_fraction_validates_the_epochs_and_tests_once_at_the_end(dataset, tmp_path):
+    opts = options(2, train_steps_per_epoch=2, val_fraction=0.25)
+    result = fit(tiny_model(), dataset, RECIPE, opts, tmp_path)
+    rest, validation = dataset.train.hold_out(0.25, opts.seed)
+    assert len(validation) + len(rest) == 20 and len(validation) > 0
+    records = ckpt.read_jsonl(tmp_path / ckpt.METRICS)
+    assert records[0]["validation_images"] == len(validation)
+    assert [r["event"] for r in records[-2:]] == ["test", "finish"]
+    (test_record,) = h_events(records, "test")
+
+    def scored(weights: str, split: Split) -> dict:
+        model = tiny_model()
+        model.load_state_dict(ckpt.load_weights(tmp_path / ckpt.WEIGHT_FILES[weights]))
+        return evaluate(model, BatchLoader(split, 8, augment=SeedAugment(), train=False,
+                                           shuffle=False))
+
+    # The epochs were scored on the validation split, the end on the test split.
+    last, best = scored("last", dataset.test), scored("best", dataset.test)
+    validated = scored("last", validation)
+    epoch_end = h_events(records, "eval")[-1]
+    assert epoch_end["accuracy"] == validated["accuracy"]
+    assert epoch_end["ce"] == pytest.approx(validated["ce"], rel=1e-6) != last["ce"]
+    assert test_record["accuracy"] == last["accuracy"] == result.test_eval["accuracy"]
+    assert test_record["ce"] == pytest.approx(last["ce"], rel=1e-6)
+    assert test_record["best_checkpoint_accuracy"] == best["accuracy"]
+    assert result.final_evaluations["last"]["num_samples"] == len(dataset.test)
+    assert result.final_evaluations["last"]["accuracy"] == last["accuracy"]
+    assert result.best_accuracy == max(r["accuracy"] for r in h_events(records, "eval"))
+
+
+def test_val_fraction_resumes_to_the_uninterrupted_run(dataset, tmp_path):
+    opts = options(2, train_steps_per_epoch=2, val_fraction=0.25)
+    straight = fit(FailingViT(at=0, action="none"), dataset, RECIPE, opts, tmp_path / "a")
+    with pytest.raises(Interrupted):
+        fit(FailingViT(at=3, action="sigint"), dataset, RECIPE, opts, tmp_path / "b")
+    resumed = fit(FailingViT(at=0, action="none"), dataset, RECIPE, opts, tmp_path / "b",
+                  resume=True)
+    a, b = (ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.last_eval == straight.last_eval and resumed.test_eval == straight.test_eval
+
+
+@pytest.mark.parametrize(("fraction", "message"), [
+    (0.01, "holds out no image of tiny's 20 training images"),
+    (0.99, "holds out all of tiny's 20 training images")])
+def test_val_fraction_that_leaves_nothing_on_one_side_is_refused(dataset, tmp_path, fraction,
+                                                                 message):
+    with pytest.raises(ConfigError, match=message):
+        fit(tiny_model(), dataset, RECIPE, options(1, val_fraction=fraction), tmp_path)
+    assert not tmp_path.joinpath(ckpt.METRICS).exists()
+
+
+@pytest.mark.parametrize("fraction", [1.0, -0.1, math.nan, True, "0.1"])
+def test_val_fraction_outside_0_to_1_is_refused(fraction):
+    with pytest.raises(ConfigError, match="--val-fraction"):
+        options(1, val_fraction=fraction)
+
+
+def h_events(records: list[dict], kind: str) -> list[dict]:
+    return [r for r in records if r["event"] == kind]

@@ -527,7 +527,7 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
     plot_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
                           title=f"{Path(spec).name}: accuracy {100 * result['accuracy']:.2f}%")
     if not quiet:
-        timing = ("source: fine-tuning's last epoch" if seconds is None
+        timing = ("source: fine-tuning's own evaluation of these weights" if seconds is None
                   else f"eval_time: {seconds:.1f} sec")
         top5 = (f"top5_accuracy: {result['top5_accuracy']:.4f}; " if "top5_accuracy" in result
                 else "")
@@ -792,8 +792,9 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
     weights = "ema" if keeps_ema["finetune"] else "last"
     fine_config = ckpt.read_run_config(fine)
     if fitted is not None and weights in fitted.final_evaluations and fine_config.classes:
-        # Fine-tuning's last epoch evaluated these weights on this test split, per class:
-        # the report, without a second pass over it (~28 s on this project's 2 CPU cores).
+        # Fine-tuning evaluated these weights on this test split, per class (in its last epoch,
+        # or with --val-fraction after it): the report, without a second pass over it (~28 s
+        # on this project's 2 CPU cores).
         return _report_evaluation(fitted.final_evaluations[weights], fine, weights,
                                   fine_config, out / "evaluation",
                                   quiet=settings.get("quiet", False), seconds=None)

@@ -7,6 +7,7 @@ An array folder holds ``train.npz`` and ``test.npz`` (``x`` uint8 [N,H,W,C] or [
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,29 @@ class Split:
     def head(self, n: int) -> Split:
         """The first n samples (all of them when n >= len)."""
         return Split(self.images[:n], self.labels[:n], self.classes)
+
+    def hold_out(self, fraction: float, seed: int) -> tuple[Split, Split]:
+        """(the rest, the held-out part): round(fraction * n) images of each class of n
+        images, drawn at random by a generator seeded from `seed` alone (a resumed run holds out
+        the same ones); both parts keep the split's order."""
+        from vitlab.data.loader import mix_seed  # the loader's seed mixer (it imports this module)
+
+        n = len(self)
+        generator = torch.Generator().manual_seed(mix_seed(seed, _HOLD_OUT))
+        order = torch.randperm(n, generator=generator)
+        order = order[torch.argsort(self.labels[order], stable=True)]  # by class, random within
+        counts = torch.bincount(self.labels, minlength=len(self.classes))
+        rank = torch.arange(n) - (counts.cumsum(0) - counts)[self.labels[order]]
+        kept = torch.tensor([math.floor(c * fraction + 0.5) for c in counts.tolist()])
+        held = torch.zeros(n, dtype=torch.bool)
+        held[order[rank < kept[self.labels[order]]]] = True
+        return self._where(~held), self._where(held)
+
+    def _where(self, mask: torch.Tensor) -> Split:
+        return Split(self.images[mask], self.labels[mask], self.classes)
+
+
+_HOLD_OUT = 0x686F6C64  # "hold": the validation split's own seed stream
 
 
 @dataclass

@@ -10,6 +10,7 @@ Ctrl-C (SIGINT) and SIGTERM (a scheduler's preemption) both save a resumable che
 from __future__ import annotations
 
 import contextlib
+import copy
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from vitlab import distributed
 from vitlab.data import BatchLoader, Dataset, SeedAugment
+from vitlab.data.arrays import Split
 from vitlab.data.augment import ResizeBatch, make_augment
 from vitlab.data.loader import mix_seed
 from vitlab.errors import CheckpointError, ConfigError, VitlabError
@@ -84,6 +86,10 @@ class FitResult:
     # evaluated part of the split (--eval-steps-per-epoch), the fit ran no epoch, or the head
     # has more than REPORT_MAX_CLASSES outputs.
     final_evaluations: dict[str, dict] = field(default_factory=dict)
+    # With --val-fraction: the test split's one evaluation after the last epoch (the Test event:
+    # accuracy and ce of the last weights, best_checkpoint_accuracy and _ce of best.safetensors, the
+    # EMA's with one); the epochs' evaluations (last_eval, best_accuracy) are the validation's.
+    test_eval: dict | None = None
 
 
 # The last epoch's per-class report is made for heads of up to this many classes: its confusion
@@ -570,7 +576,9 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
         run_dir: str | Path, run_config: RunConfig | None = None, resume: bool = False
         ) -> FitResult:
     """Train `model` on `dataset.train` with `recipe`, evaluating on `dataset.test` after epochs
-    N, 2N, ... (N = `options.eval_every`, 1 by default) and the last.
+    N, 2N, ... (N = `options.eval_every`, 1 by default) and the last. With
+    `options.val_fraction`, a validation split held out of `dataset.train` takes the test
+    split's place there, and the test split is evaluated once, after the last epoch.
 
     Writes the run directory (see `vitlab.train.checkpoint`), with `run_config` as its
     config.json when given. With `resume`, continues the run saved in `run_dir` from its trainer
@@ -579,6 +587,9 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     """
     run_dir = Path(run_dir)
     check_learnable(dataset)
+    test = None
+    if options.val_fraction:
+        dataset, test = hold_out_validation(dataset, options.val_fraction, options.seed)
     distributed.setup(options.device)
     device = resolve_device(options.device)
     autocast_dtype = resolve_precision(options.precision, device)
@@ -595,14 +606,30 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     with contextlib.ExitStack() as held:
         # What can fail on some processes only (the lock, files, a shard with no samples) fails
         # on all of them together, instead of leaving the others waiting in a collective.
-        train_loader, eval_loader, progress, reporter = distributed.together(
-            lambda: _prepare(model, dataset, recipe, options, run_dir, run_config, resume,
+        train_loader, eval_loader, test_loader, progress, reporter = distributed.together(
+            lambda: _prepare(model, dataset, test, recipe, options, run_dir, run_config, resume,
                              optimizer, device, held, ema))
         writer = CheckpointWriter(run_dir, model, optimizer, progress, device, ema)
         total_steps = len(train_loader) * options.epochs
         return _train(model, recipe, options, run_dir, reporter, writer, optimizer, base_lrs,
-                      train_loader, eval_loader, autocast_dtype, total_steps, resume,
-                      _head_size(model, dataset))
+                      train_loader, eval_loader, test_loader, autocast_dtype, total_steps,
+                      resume, _head_size(model, dataset))
+
+
+def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Split]:
+    """(the dataset to train and validate on: the training split less the held-out part, and
+    that part as its test split; the real test split), for --val-fraction."""
+    rest, validation = dataset.train.hold_out(fraction, seed)
+    held = f"--val-fraction {fraction:g} holds out"
+    if len(validation) == 0:
+        raise ConfigError(f"{held} no image of {dataset.name}'s {len(dataset.train)} training "
+                          "images (round(fraction x images) of each class); raise it")
+    if len(rest) == 0:
+        raise ConfigError(f"{held} all of {dataset.name}'s {len(dataset.train)} training "
+                          "images; lower it")
+    trained = Dataset(dataset.name, rest, validation)
+    check_learnable(trained)
+    return trained, dataset.test
 
 
 def _input_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -610,12 +637,13 @@ def _input_shape(model: nn.Module) -> tuple[int, int, int]:
     return config.num_channels, config.image_size, config.image_size
 
 
-def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOptions,
-             run_dir: Path, run_config: RunConfig | None, resume: bool,
+def _prepare(model: nn.Module, dataset: Dataset, test: Split | None, recipe: Recipe,
+             options: TrainOptions, run_dir: Path, run_config: RunConfig | None, resume: bool,
              optimizer: torch.optim.Optimizer, device: torch.device,
              held: contextlib.ExitStack, ema: WeightEMA | None
-             ) -> tuple[BatchLoader, BatchLoader, Progress, Reporter]:
-    """The loaders, the run directory (locked, prepared or restored) and its Reporter."""
+             ) -> tuple[BatchLoader, BatchLoader, BatchLoader | None, Progress, Reporter]:
+    """The loaders (training, the epochs' evaluation, and with a held-out validation split the
+    test split's `test`), the run directory (locked, prepared or restored) and its Reporter."""
     augment = make_augment(recipe.augment, _head_size(model, dataset), **recipe.augment_settings())
     evaluation = SeedAugment()
     image_shapes = [_input_shape(model)]
@@ -630,14 +658,16 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
         chunk_batches=options.augment_chunk_batches(recipe.batch_size, *image_shapes))
     # Evaluation: the first N batches' samples with --eval-steps-per-epoch (never one twice),
     # sharded across ranks (each sample on one rank, the counts all-reduced).
-    test = dataset.test
+    evaluated = dataset.test
     if options.eval_steps_per_epoch is not None:
-        test = test.head(options.eval_steps_per_epoch * recipe.batch_size)
+        evaluated = evaluated.head(options.eval_steps_per_epoch * recipe.batch_size)
     eval_batch = options.eval_batch_size or (
         max(recipe.batch_size, 1024) if device.type == "cuda" else recipe.batch_size)
-    eval_loader = BatchLoader(test, eval_batch, device=device, augment=evaluation,
-                              train=False, shuffle=False, seed=options.seed,
-                              rank=distributed.rank(), world_size=distributed.world_size())
+    eval_loader, test_loader = (
+        None if split is None else BatchLoader(
+            split, eval_batch, device=device, augment=evaluation, train=False, shuffle=False,
+            seed=options.seed, rank=distributed.rank(), world_size=distributed.world_size())
+        for split in (evaluated, test))
     if options.tensorboard:
         require_tensorboard()  # before an --overwrite deletes anything
     if distributed.is_main_process():
@@ -649,14 +679,14 @@ def _prepare(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainO
                  resumed_at=progress.global_step if resume else None)))
     if run_config is not None and distributed.is_main_process():
         ckpt.write_run_config(run_dir, run_config)
-    return train_loader, eval_loader, progress, reporter
+    return train_loader, eval_loader, test_loader, progress, reporter
 
 
 def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Path,
            reporter: Reporter, writer: CheckpointWriter, optimizer: torch.optim.Optimizer,
            base_lrs: list[float], train_loader: BatchLoader, eval_loader: BatchLoader,
-           autocast_dtype: torch.dtype | None, total_steps: int, resume: bool,
-           num_classes: int) -> FitResult:
+           test_loader: BatchLoader | None, autocast_dtype: torch.dtype | None,
+           total_steps: int, resume: bool, num_classes: int) -> FitResult:
     """The epochs of `fit`: train steps, log lines, evaluation, checkpoints, signals."""
     progress, device = writer.progress, train_loader.device
     steps_per_epoch = len(train_loader)
@@ -709,7 +739,9 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     else:
         reporter.event("Start", step=1, logging_interval=options.log_steps,
                        num_device=distributed.world_size(), device=str(device),
-                       params=sum(p.numel() for p in model.parameters()), **compiling)
+                       params=sum(p.numel() for p in model.parameters()), **compiling,
+                       **({} if test_loader is None
+                          else {"validation_images": len(eval_loader.labels)}))
     if options.epochs == 0:
         writer.save()  # the initial weights, e.g. a transferred encoder with a new head
     show_bar = reporter.is_main and (sys.stdout.isatty() if options.progress is None
@@ -829,11 +861,43 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                 _stop(reporter, progress, progress.epoch, run_dir, stop.received)
     if captured is not None:
         captured.close()
+    test_eval = None
+    if test_loader is not None:
+        test_eval, final_evaluations = _test(model, writer, test_loader, autocast_dtype,
+                                             num_classes, run_dir)
+        reporter.event("Test", step=progress.global_step, **test_eval)
     reporter.event("Finish", step=progress.global_step, total_time=writer.elapsed(),
                    best_accuracy=progress.best_accuracy)
     distributed.barrier()  # every file written before any process goes on (to a next stage)
     return FitResult(run_dir=run_dir, global_step=progress.global_step, last_eval=last_eval,
-                     best_accuracy=progress.best_accuracy, final_evaluations=final_evaluations)
+                     best_accuracy=progress.best_accuracy, final_evaluations=final_evaluations,
+                     test_eval=test_eval)
+
+
+def _test(model: nn.Module, writer: CheckpointWriter, loader: BatchLoader,
+          precision: torch.dtype | None, num_classes: int, run_dir: Path
+          ) -> tuple[dict, dict[str, dict]]:
+    """The test split's evaluation after a fit that validated on a held-out split: of the last
+    weights, the EMA's (with one) and best.safetensors' (the best validated epoch's), uncompiled
+    as `vitlab evaluate` makes them. Returns the Test event's fields and the per-class reports
+    (`FitResult.final_evaluations`)."""
+    report = {"num_classes": num_classes} if num_classes <= REPORT_MAX_CLASSES else {}
+    reports = {"last": evaluate(model, loader, precision=precision, **report)}
+    if writer.ema is not None:
+        reports["ema"] = evaluate(writer.ema.model, loader, precision=precision, **report)
+    fields = {"accuracy": reports["last"]["accuracy"], "ce": reports["last"]["ce"]}
+    if "ema" in reports:
+        fields |= {"ema_accuracy": reports["ema"]["accuracy"], "ema_ce": reports["ema"]["ce"]}
+    writer.wait()  # best.safetensors is on disk (rank 0 writes it) ...
+    distributed.barrier()  # ... before any process reads it
+    best_file = run_dir / ckpt.BEST_WEIGHTS
+    if best_file.is_file():
+        best = copy.deepcopy(model)
+        best.load_state_dict(ckpt.load_weights(best_file))
+        chosen = evaluate(best, loader, precision=precision)
+        fields |= {"best_checkpoint_accuracy": chosen["accuracy"],
+                   "best_checkpoint_ce": chosen["ce"]}
+    return fields, reports if report else {}
 
 
 def _agree(loss_part: Tensor | None, stop: _StopSignals, device: torch.device

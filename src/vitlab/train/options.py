@@ -86,6 +86,11 @@ class TrainOptions:
     eval_every: int = field(default=1, metadata=_saved(
         "evaluate every N epochs and after the last (the best checkpoint is the best of the "
         "evaluated epochs)"))
+    val_fraction: float = field(default=0.0, metadata=_saved(
+        "hold out this fraction of the training images (of each class, drawn by --seed) as a "
+        "validation split: the epochs are evaluated and the best checkpoint chosen on it, and "
+        "the test split is evaluated once, after the last epoch (last and best weights). 0: "
+        "the test split every epoch, as the tutorial"))
     eval_batch_size: int | None = field(default=None, metadata=_runtime(
         "evaluation batch size (default: the training batch on the CPU, at least 1024 on CUDA; "
         "the accuracy does not depend on it)"))
@@ -139,6 +144,11 @@ class TrainOptions:
                            "grad_accum_steps": "one pass a batch"}.get(name, "a whole epoch")
                 raise SettingError(name, f"must be at least 1 (omit it for {omitted})",
                                    f"--{flag(name)}")
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, int | float):
+            raise ConfigError(f"--val-fraction must be a number, got {self.val_fraction!r}")
+        if not 0 <= self.val_fraction < 1:  # also refuses nan
+            raise SettingError("val_fraction", f"must be in [0, 1), got {self.val_fraction}",
+                               "--val-fraction")
         if not 0 <= self.seed <= MAX_SEED:
             raise SettingError("seed", f"must be in 0..2**63-1, got {self.seed}", "--seed")
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
