@@ -137,6 +137,22 @@ def test_two_processes_accumulating_gradients_train_the_one_process_run(cifar10,
     assert losses(tmp_path / "ddp") == pytest.approx(losses(one_process[0]), rel=1e-5)
 
 
+def test_two_processes_validate_on_a_held_out_split_and_test_as_one(cifar10, tmp_path):
+    """--val-fraction under torchrun: every rank holds out the same images, the epochs are
+    validated and the end tested exactly as one process does (every rank reads the best
+    checkpoint rank 0 wrote)."""
+    args = lambda out: train_args(cifar10, out, "--dropout", "0", "--val-fraction", "0.1")  # noqa: E731
+    h.run_cli(*args(tmp_path / "one"), cwd=tmp_path)
+    run_job(*args(tmp_path / "two"), cwd=tmp_path)
+    one, two = ([r for r in h.read_metrics(tmp_path / run) if r["event"] in ("eval", "test")]
+                for run in ("one", "two"))
+    assert [r["event"] for r in one] == [r["event"] for r in two] == ["eval", "eval", "test"]
+    for a, b in zip(two, one, strict=True):
+        scores = {k: v for k, v in b.items() if k not in ("event", "time")}
+        assert {k: a[k] for k in scores} == pytest.approx(scores, rel=1e-5)
+    assert "best_checkpoint_accuracy" in two[-1]
+
+
 def test_a_timeout_that_is_not_a_positive_number_is_one_line(monkeypatch):
     from vitlab import distributed
     from vitlab.errors import ConfigError
