@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from vitlab import io as vitlab_io
+from vitlab import runs
 from vitlab.data import BatchLoader, Dataset, SeedAugment
 from vitlab.data.arrays import Split
 from vitlab.errors import CheckpointError, ConfigError
@@ -1376,3 +1377,66 @@ def test_val_fraction_outside_0_to_1_is_refused(fraction):
 
 def h_events(records: list[dict], kind: str) -> list[dict]:
     return [r for r in records if r["event"] == kind]
+
+
+# --- early stopping (--early-stop-patience) ---------------------------------------------------
+
+class FlatEvalViT(FailingViT):
+    """Evaluated, the same logits whatever it learned: every evaluation scores the same, so only
+    the first is a best."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(images)
+        return logits if self.training else torch.zeros_like(logits)
+
+
+def test_early_stop_ends_the_run_after_patience_evaluations_without_a_best(dataset, tmp_path):
+    opts = options(6, train_steps_per_epoch=2, early_stop_patience=2)
+    run_config = RunConfig(kind="pretrain", model=CONFIG, recipe=RECIPE, data="tiny",
+                           classes=CLASSES, options=opts)
+    result = fit(FlatEvalViT(0, "none"), dataset, RECIPE, opts, tmp_path / "a",
+                 run_config=run_config)
+    records = ckpt.read_jsonl(tmp_path / "a" / ckpt.METRICS)
+    # Epoch 1 is the best; epochs 2 and 3 do not beat it: the run stops after epoch 3.
+    assert [r["epoch"] for r in h_events(records, "eval")] == [1, 2, 3]
+    (stop,) = h_events(records, "earlystop")
+    assert (stop["step"], stop["epoch"], stop["best_step"]) == (6, 3, 2)
+    assert result.global_step == 6 and records[-1]["event"] == "finish"
+    state = torch.load(tmp_path / "a" / ckpt.TRAINER_STATE, weights_only=True)
+    assert state["progress"]["stopped_early"] and state["progress"]["global_step"] == 6
+    # A finished run: `vitlab run` keeps the stage rather than resuming it.
+    assert runs._finished(tmp_path / "a", ckpt.read_run_config(tmp_path / "a"))
+
+    # Interrupted in epoch 3 and resumed: the same stop; resumed again, nothing more to train.
+    with pytest.raises(Interrupted):
+        fit(FlatEvalViT(5, "sigint"), dataset, RECIPE, opts, tmp_path / "b")
+    fit(FlatEvalViT(0, "none"), dataset, RECIPE, opts, tmp_path / "b", resume=True)
+    a, b = (ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = fit(FlatEvalViT(0, "none"), dataset, RECIPE, opts, tmp_path / "b", resume=True)
+    assert again.global_step == 6
+    resumed = ckpt.read_jsonl(tmp_path / "b" / ckpt.METRICS)
+    assert [r["epoch"] for r in h_events(resumed, "eval")] == [1, 2, 3]
+    assert len(h_events(resumed, "earlystop")) == 1
+
+
+def test_early_stop_counts_evaluations_since_the_best_and_a_new_best_resets_it(tmp_path):
+    from vitlab.train.engine import CheckpointWriter, Progress
+
+    model = tiny_model()
+    progress = Progress()
+    writer = CheckpointWriter(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              progress, torch.device("cpu"), patience=3)
+    writer.background = False
+    seen = []
+    for accuracy in (0.5, 0.4, 0.5, 0.6, None, 0.6, 0.59, 0.1):  # None: an unevaluated epoch
+        writer.save(None if accuracy is None else {"accuracy": accuracy})
+        seen.append((progress.evaluations_since_best, progress.stopped_early))
+    assert seen == [(0, False), (1, False), (2, False), (0, False), (0, False), (1, False),
+                    (2, False), (3, True)]
+
+
+@pytest.mark.parametrize("patience", [0, -1, 1.5, True])
+def test_early_stop_patience_must_be_a_positive_integer(patience):
+    with pytest.raises(ConfigError, match="--early-stop-patience"):
+        options(1, early_stop_patience=patience)

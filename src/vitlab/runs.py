@@ -871,7 +871,7 @@ def _finished(run_dir: Path, saved: RunConfig) -> bool:
     if not path.is_file():
         return False
     progress = saved_progress(ckpt.load_trainer_state(path, mmap=True), path)
-    return progress.epoch >= saved.options.epochs
+    return progress.epoch >= saved.options.epochs or progress.stopped_early
 
 
 def _plan_stage(run_dir: Path, kind: str, saved: RunConfig | None, **settings: Any

@@ -86,6 +86,10 @@ class TrainOptions:
     eval_every: int = field(default=1, metadata=_saved(
         "evaluate every N epochs and after the last (the best checkpoint is the best of the "
         "evaluated epochs)"))
+    early_stop_patience: int | None = field(default=None, metadata=_saved(
+        "stop once N evaluations in a row have not beaten the best one (the score that picks "
+        "best.safetensors: the validation split's with --val-fraction); the run then counts as "
+        "finished (default: train every epoch)"))
     val_fraction: float = field(default=0.0, metadata=_saved(
         "hold out this fraction of the training images (of each class, drawn by --seed) as a "
         "validation split: the epochs are evaluated and the best checkpoint chosen on it, and "
@@ -126,9 +130,10 @@ class TrainOptions:
     def __post_init__(self) -> None:
         for name in ("epochs", "seed", "log_steps", "checkpoint_steps", "train_steps_per_epoch",
                      "eval_steps_per_epoch", "eval_every", "eval_batch_size", "augment_chunk",
-                     "grad_accum_steps"):
+                     "grad_accum_steps", "early_stop_patience"):
             value = getattr(self, name)
-            if value is None and (name.endswith("_per_epoch") or name == "eval_batch_size"):
+            if value is None and (name.endswith("_per_epoch")
+                                  or name in ("eval_batch_size", "early_stop_patience")):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"--{flag(name)} must be an integer, got {value!r}")
@@ -137,11 +142,12 @@ class TrainOptions:
                 raise SettingError(name, f"must be >= 0, got {getattr(self, name)}",
                                    f"--{flag(name)}")
         for name in ("train_steps_per_epoch", "eval_steps_per_epoch", "eval_every",
-                     "eval_batch_size", "grad_accum_steps"):
+                     "eval_batch_size", "grad_accum_steps", "early_stop_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 omitted = {"eval_batch_size": "the default", "eval_every": "every epoch",
-                           "grad_accum_steps": "one pass a batch"}.get(name, "a whole epoch")
+                           "grad_accum_steps": "one pass a batch",
+                           "early_stop_patience": "every epoch"}.get(name, "a whole epoch")
                 raise SettingError(name, f"must be at least 1 (omit it for {omitted})",
                                    f"--{flag(name)}")
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, int | float):
