@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from vitlab import io as vitlab_io
-from vitlab import runs
+from vitlab import runs as vitlab_runs
 from vitlab.data import BatchLoader, Dataset, SeedAugment
 from vitlab.data.arrays import Split
 from vitlab.errors import CheckpointError, ConfigError
@@ -1405,7 +1405,7 @@ def test_early_stop_ends_the_run_after_patience_evaluations_without_a_best(datas
     state = torch.load(tmp_path / "a" / ckpt.TRAINER_STATE, weights_only=True)
     assert state["progress"]["stopped_early"] and state["progress"]["global_step"] == 6
     # A finished run: `vitlab run` keeps the stage rather than resuming it.
-    assert runs._finished(tmp_path / "a", ckpt.read_run_config(tmp_path / "a"))
+    assert vitlab_runs._finished(tmp_path / "a", ckpt.read_run_config(tmp_path / "a"))
 
     # Interrupted in epoch 3 and resumed: the same stop; resumed again, nothing more to train.
     with pytest.raises(Interrupted):
