@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import cli_helpers as h
@@ -149,9 +150,11 @@ def test_from_timm_through_the_cli_with_a_custom_model_file(tmp_path_factory, tm
     for key, tensor in source.state_dict().items():
         if key.startswith("encoder."):
             assert torch.equal(start[key], tensor), key
-    init = json.loads((out / "config.json").read_text())["init"]
-    assert init == {"from": str(weights.resolve()), "weights": "timm",
-                    "encoder_tensors_copied": len([k for k in start if k.startswith("encoder.")])}
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["init"] == {"from": str(weights.resolve()), "weights": "timm", "encoder_tensors_"
+                             "copied": len([k for k in start if k.startswith("encoder.")])}
+    # timm's ViT weights (augreg) take inputs normalized by mean = std = 0.5 ...
+    assert saved["normalize"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
     assert main([*argv, "--overwrite"]) == 0
     capfd.readouterr()
     assert main([*argv, "--epochs", "2", "--resume", str(out)]) == 0, capfd.readouterr().err
@@ -159,6 +162,8 @@ def test_from_timm_through_the_cli_with_a_custom_model_file(tmp_path_factory, tm
     assert main(["export", "--checkpoint", str(out), "--format", "timm", "--out",
                  str(exported)]) == 0
     back = load_file(str(exported))
+    with safe_open(str(exported), "pt") as f:  # ... and the export says so
+        assert json.loads(f.metadata()["vitlab.normalize_std"]) == [0.5] * 3
     trained = load_file(str(out / "model.safetensors"))
     assert torch.equal(back["pos_embed"], trained["encoder.embedding.position_embedding"])
     assert back["head.weight"].shape == (10, 48)

@@ -348,7 +348,8 @@ def test_a_transform_returning_soft_targets_trains_through_fit(tmp_path, monkeyp
     split = Split(torch.randint(0, 256, (24, 32, 32, 3), generator=g, dtype=torch.uint8),
                   torch.randint(0, 3, (24,), generator=g), ["a", "b", "c"])
     dataset = Dataset("tiny", split, split)
-    monkeypatch.setitem(AUGMENTATIONS, "soft", lambda n: SoftTargets(n, 0.2))
+    # A factory gets the number of classes and the run's normalization (CIFAR's here).
+    monkeypatch.setitem(AUGMENTATIONS, "soft", lambda n, normalization: SoftTargets(n, 0.2))
     options = TrainOptions(epochs=1, seed=1, device="cpu", quiet=True, progress=False)
     runs = {}
     for name, r in (("soft", recipe("seed", augment="soft", batch_size=8, lr=0.05)),
@@ -655,3 +656,67 @@ def test_an_explicit_finetune_budget_reaches_the_vitlab_companion(data_root, tmp
     capfd.readouterr()
     assert main(["run", *flags, "--finetune-epochs", "1"]) == 2  # vitlab's own value, but given
     assert "--finetune-epochs 1 differs from the run in" in capfd.readouterr().err
+
+
+def test_a_runs_normalization_is_saved_and_used_wherever_its_model_reads_images(data_root,
+                                                                             tmp_path):
+    """--normalize inception: saved in config.json; training's evaluation, evaluate_run,
+    predict_images and the ONNX export all feed the model (x / 255 - 0.5) / 0.5; fine-tuning
+    keeps it; a resume naming another is refused."""
+    from PIL import Image
+
+    from vitlab.data import load_dataset
+    from vitlab.data.augment import NORMALIZATIONS
+    from vitlab.errors import SettingDiffers
+    from vitlab.runs import export_run, predict_images
+
+    common = dict(data="cifar10", model="micro", data_root=data_root, no_download=True,
+                  train_steps_per_epoch=2, batch_size=16, seed=2, quiet=True, device="cpu")
+    out = tmp_path / "inception"
+    pretrain(out=out, epochs=1, normalize="inception", **common)
+    assert json.loads((out / "config.json").read_text())["normalize"] == {
+        "mean": [0.5] * 3, "std": [0.5] * 3}
+    model, config, classes = load_run(out)
+    assert config.normalization == NORMALIZATIONS["inception"]
+    test = load_dataset("cifar10", root=data_root, download=False).test
+    pixels = test.images.permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        logits = model((pixels - 0.5) / 0.5)
+        cifar_logits = model(SeedAugment().apply(test.images, train=False))
+    ce = F.cross_entropy(logits, test.labels).item()
+    assert F.cross_entropy(cifar_logits, test.labels).item() != pytest.approx(ce, rel=1e-3)
+    (logged,) = [r for r in ckpt.read_jsonl(out / ckpt.METRICS) if r["event"] == "eval"]
+    assert logged["ce"] == pytest.approx(ce, rel=1e-5)
+    report = evaluate_run(out, data_root=data_root, download=False, quiet=True)
+    assert report["ce"] == pytest.approx(ce, rel=1e-5)
+
+    image = tmp_path / "first.png"
+    Image.fromarray(test.images[0].numpy()).save(image)
+    (prediction,) = predict_images(out, [image], top_k=1).predictions
+    assert prediction.probabilities[0] == pytest.approx(logits[0].softmax(0).max().item(),
+                                                        rel=1e-5)
+    onnx = pytest.importorskip("onnx")
+    metadata = {p.key: p.value for p in onnx.load(str(export_run(
+        out, tmp_path / "m.onnx"))).metadata_props}
+    assert json.loads(metadata["vitlab.normalize_mean"]) == [0.5] * 3
+
+    fine = finetune(out, out=tmp_path / "fine", epochs=0, **common)
+    assert ckpt.read_run_config(fine.run_dir).normalization == NORMALIZATIONS["inception"]
+    with pytest.raises(SettingDiffers, match="normalize"):
+        resume(out, normalize="cifar")
+    assert ckpt.read_run_config(FIXTURES / "run-0.1.0").normalization == NORMALIZATIONS["cifar"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("imagenett", "--normalize takes cifar, imagenet, inception or MEAN/STD"),
+    ("0.5,0.5/0.5", "as many finite means as stds"), ("0.5/0", "stds must be > 0"),
+    ("a/b", "--normalize takes"), ("0.5,nan/1,1", "finite")])
+def test_a_bad_normalization_is_one_clear_error(text, message):
+    from vitlab.data.augment import Normalization
+
+    with pytest.raises(ConfigError, match=message):
+        Normalization.parse(text)
+    custom = Normalization.parse("0.1,0.2,0.3/1,2,3")
+    assert custom.name() == "0.1,0.2,0.3/1.0,2.0,3.0"
+    assert Normalization.parse(custom.name()) == custom == Normalization.from_dict(
+        custom.to_dict())

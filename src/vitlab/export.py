@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitlab.data.augment import CIFAR_MEAN, CIFAR_STD
+from vitlab.data.augment import CIFAR_NORMALIZATION, Normalization
 from vitlab.errors import ConfigError
 from vitlab.io import atomic_write_bytes
 from vitlab.model import ViT
@@ -62,16 +62,19 @@ def head_for(model: ViT, class_names: Sequence[str]) -> ViT:
     return narrow
 
 
-def export_timm(model: ViT, path: str | os.PathLike, class_names: Sequence[str]) -> Path:
-    """The weights under timm's VisionTransformer names, as safetensors (class names in its
-    metadata): `timm.create_model("vit_tiny_patch16_224", num_classes=N)` loads them."""
+def export_timm(model: ViT, path: str | os.PathLike, class_names: Sequence[str],
+                normalization: Normalization = CIFAR_NORMALIZATION) -> Path:
+    """The weights under timm's VisionTransformer names, as safetensors (class names and the
+    input normalization in its metadata): `timm.create_model("vit_tiny_patch16_224",
+    num_classes=N)` loads them; give timm's data config that mean and std."""
     from vitlab.interop import to_timm_state_dict
     from vitlab.train.checkpoint import save_weights
 
     path = _check_target(path, ".safetensors")
     model = head_for(model, class_names)
-    save_weights(path, to_timm_state_dict(model), {"vitlab.class_names": json.dumps(
-        list(class_names)), "format": "pt"})
+    save_weights(path, to_timm_state_dict(model), {
+        "vitlab.class_names": json.dumps(list(class_names)), "format": "pt",
+        **_normalization_metadata(normalization)})
     return path
 
 
@@ -84,9 +87,15 @@ def require_onnx():
     return onnx
 
 
+def _normalization_metadata(normalization: Normalization) -> dict[str, str]:
+    return {"vitlab.normalize_mean": json.dumps(list(normalization.mean)),
+            "vitlab.normalize_std": json.dumps(list(normalization.std))}
+
+
 def export_onnx(model: ViT, path: str | os.PathLike, class_names: Sequence[str],
-                opset: int = OPSET) -> Path:
-    """Write `model` as an ONNX file at `path` (atomically); returns the path."""
+                opset: int = OPSET, normalization: Normalization = CIFAR_NORMALIZATION) -> Path:
+    """Write `model` as an ONNX file at `path` (atomically), the inputs' `normalization` in its
+    metadata; returns the path."""
     onnx = require_onnx()
     path = _check_target(path, ".onnx")
     model = head_for(model.eval().cpu(), class_names)
@@ -104,8 +113,7 @@ def export_onnx(model: ViT, path: str | os.PathLike, class_names: Sequence[str],
     proto = onnx.load_model_from_string(buffer.getvalue())
     metadata = {"vitlab.class_names": json.dumps(list(class_names)),
                 "vitlab.image_size": str(config.image_size),
-                "vitlab.normalize_mean": json.dumps(list(CIFAR_MEAN)),
-                "vitlab.normalize_std": json.dumps(list(CIFAR_STD)),
+                **_normalization_metadata(normalization),
                 "vitlab.input": "float32 [batch, 3, H, W]: RGB / 255, minus mean, over std"}
     for key, value in metadata.items():
         entry = proto.metadata_props.add()

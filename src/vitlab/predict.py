@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitlab.data.augment import SeedAugment
+from vitlab.data.augment import CIFAR_NORMALIZATION, Normalization, eval_transform
 from vitlab.data.imagefolder import EXTENSIONS, read_image, walk_files
 from vitlab.errors import DataFormatError
 from vitlab.model import ViT
@@ -96,11 +96,14 @@ def load_images(paths: Sequence[Path], size: int
 
 
 def predict(model: ViT, images: torch.Tensor | np.ndarray, class_names: Sequence[str],
-            top_k: int = 5, batch_size: int = 256) -> list[tuple[list[str], list[float]]]:
-    """Top-k (class names, probabilities) for uint8 images [N, H, W, C] of the model's size."""
+            top_k: int = 5, batch_size: int = 256,
+            normalization: Normalization = CIFAR_NORMALIZATION
+            ) -> list[tuple[list[str], list[float]]]:
+    """Top-k (class names, probabilities) for uint8 images [N, H, W, C] of the model's size,
+    normalized as the model was trained (its run's `RunConfig.normalization`)."""
     images = torch.as_tensor(images)
     device = next(model.parameters()).device
-    transform = SeedAugment()
+    transform = eval_transform(normalization)
     k = min(top_k, len(class_names))
     results = []
     was_training = model.training
@@ -119,7 +122,8 @@ def predict(model: ViT, images: torch.Tensor | np.ndarray, class_names: Sequence
 
 
 def predict_files(model: ViT, paths: Sequence[Path], class_names: Sequence[str], top_k: int = 5,
-                  batch_size: int = 256) -> PredictionReport:
+                  batch_size: int = 256, normalization: Normalization = CIFAR_NORMALIZATION
+                  ) -> PredictionReport:
     """Decode and classify `paths`, batch by batch; unreadable files are skipped and reported."""
     report = PredictionReport()
     for start in range(0, len(paths), batch_size):
@@ -128,7 +132,7 @@ def predict_files(model: ViT, paths: Sequence[Path], class_names: Sequence[str],
         report.skipped += skipped
         if not arrays:
             continue
-        top = predict(model, np.stack(arrays), class_names, top_k, batch_size)
+        top = predict(model, np.stack(arrays), class_names, top_k, batch_size, normalization)
         report.predictions += [Prediction(str(p), c, pr) for p, (c, pr) in zip(chunk, top,
                                                                               strict=True)]
     return report

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from vitlab import distributed
-from vitlab.data import BatchLoader, Dataset, SeedAugment, load_dataset
+from vitlab.data import BatchLoader, Dataset, load_dataset
 from vitlab.data.arrays import Split
-from vitlab.data.augment import ResizeBatch
+from vitlab.data.augment import NORMALIZATIONS, Normalization, ResizeBatch, eval_transform
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import is_image_folder
 from vitlab.errors import CheckpointError, ConfigError, SettingDiffers
@@ -163,9 +163,10 @@ def _data_options(settings: dict[str, Any]) -> dict[str, Any]:
 def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
              model: str | None = None, image_size: int | None = None,
              dropout: float | None = None, drop_path: float | None = None,
-             **settings: Any) -> FitResult:
+             normalize: str | None = None, **settings: Any) -> FitResult:
     """Train `model` (a preset name; default: the recipe's, seed-mini for the seed recipe) from
-    scratch on `data`; the run directory is `out`.
+    scratch on `data`, its inputs normalized by `normalize` (a NORMALIZATIONS name or MEAN/STD;
+    default: CIFAR's); the run directory is `out`.
 
     `settings` are recipe and option settings named like the flags (lr=..., epochs=...,
     batch_size=..., seed=..., device=..., data_root=..., no_download=...).
@@ -175,15 +176,17 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
     chosen, options = _recipe_and_options(settings, "pretrain")
     model = model or recipe_model(chosen.name)
     overrides = _model_overrides(dropout=dropout, drop_path=drop_path)
+    normalization = Normalization.parse(normalize) if normalize is not None else Normalization()
     config = preset(model, num_classes=1)  # the name is checked before any data is loaded
     check_writable(out)
     dataset = load_data(data, image_size=image_size, model_image_size=config.image_size,
                         on_device=options.resize_on_device, **_data_options(settings))
     config = preset(model, num_classes=dataset.num_classes, **overrides)
     check_fits(dataset, config, data, options.resize_on_device)
+    _check_channels(normalization, dataset, data)
     run_config = RunConfig(kind="pretrain", model=config, recipe=chosen, data=data_spec(data),
                            classes=dataset.classes, options=options, model_preset=model,
-                           image_size=image_size)
+                           image_size=image_size, normalization=normalization)
     return fit(_initial_model(run_config), dataset, chosen, options, out, run_config)
 
 
@@ -191,7 +194,7 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
              out: PathLike = "runs/finetune", weights: str = "last", model: str | None = None,
              num_classes: int | None = None, image_size: int | None = None,
              dropout: float | None = None, drop_path: float | None = None,
-             from_timm: PathLike | None = None,
+             from_timm: PathLike | None = None, normalize: str | None = None,
              **settings: Any) -> FitResult:
     """A fresh model with every encoder weight of the pre-training run `source` (or of the timm
     ViT weight file `from_timm`) and a new head of `num_classes` outputs (default: the dataset's
@@ -200,6 +203,8 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     With `source`, `model` is only a check that it pre-trained that architecture. With
     `from_timm`, `model` names the architecture of the weights (e.g. vit-tiny-16) and
     `image_size` may differ from theirs: the position embedding is resampled to the new grid.
+    `normalize` defaults to the pre-training run's normalization, or with `from_timm` to
+    "inception" (mean = std = 0.5, timm's ViT weights'; DeiT's weights want "imagenet").
     """
     settings = check_settings(settings, "finetune")
     distributed.setup(settings.get("device", "auto"))
@@ -211,8 +216,10 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     if source is not None and Path(out).resolve() == Path(source).resolve():
         raise ConfigError(f"--out {out} is the pre-training run it reads (--from); fine-tune "
                           "into another directory")
+    given_normalization = None if normalize is None else Normalization.parse(normalize)
     if source is not None:
         base, preset_name, init, encoder = _pretrained_encoder(source, weights, model)
+        normalization = ckpt.read_run_config(source).normalization
     else:
         if model is None:
             raise ConfigError("--from-timm needs --model, the architecture of the weights "
@@ -222,6 +229,8 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
             base = dataclasses.replace(base, image_size=image_size)  # pos. embedding resampled
         preset_name, init = model, EncoderSource(str(Path(from_timm).resolve()), "timm", 0)
         encoder = _timm_encoder(init, base)
+        normalization = NORMALIZATIONS["inception"]
+    normalization = given_normalization or normalization
     chosen, options = _recipe_and_options(settings, "finetune")
     check_writable(out)
     dataset = load_data(data, image_size=image_size, model_image_size=base.image_size,
@@ -232,14 +241,23 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
                           f"classes of {data}")
     config = dataclasses.replace(base, num_classes=head, **overrides)
     check_fits(dataset, config, data, options.resize_on_device)
+    _check_channels(normalization, dataset, data)
     torch.manual_seed(options.seed)
     vit = ViT(config)
     init.encoder_tensors_copied = load_encoder_weights(vit, encoder)
     run_config = RunConfig(
         kind="finetune", model=config, recipe=chosen, data=data_spec(data),
         classes=dataset.classes, options=options, model_preset=preset_name,
-        image_size=image_size, init=init)
+        image_size=image_size, init=init, normalization=normalization)
     return fit(vit, dataset, chosen, options, out, run_config)
+
+
+def _check_channels(normalization: Normalization, dataset: Dataset, spec: PathLike) -> None:
+    """A normalization of one value, or of one per channel of the data."""
+    if len(normalization.mean) not in (1, dataset.num_channels):
+        raise ConfigError(f"--normalize {normalization.name()} has {len(normalization.mean)} "
+                          f"values but {spec}'s images have {dataset.num_channels} channels; "
+                          "give one value or one per channel")
 
 
 def _model_overrides(**fields: float | None) -> dict[str, float]:
@@ -317,7 +335,8 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
                    run_config=current)
     longer = epochs != saved.options.epochs  # a longer run: config.json says so from now on
     return fit(ViT(saved.model), dataset, saved.recipe, options, run_dir,
-               run_config=current if longer else None, resume=True)
+               run_config=current if longer else None, resume=True,
+               normalization=saved.normalization)
 
 
 def _nfc(names: list[str]) -> list[str]:
@@ -374,6 +393,7 @@ def _saved_value(saved: RunConfig, name: str, run_dir: Path) -> Any:
             "source": init.path if init and init.weights != "timm" else None,
             "from_timm": init.path if init and init.weights == "timm" else None,
             "weights": {v: k for k, v in ckpt.WEIGHT_FILES.items()}.get(init.weights) if init else None,
+            "normalize": saved.normalization.name(),
             }[name]
 
 
@@ -382,6 +402,8 @@ def _given_value(name: str, value: Any) -> Any:
         return data_spec(value)
     if name in ("out", "source", "from_timm"):
         return str(Path(value).expanduser().resolve())
+    if name == "normalize":
+        return Normalization.parse(value).name()
     return value
 
 
@@ -488,7 +510,7 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     model.to(target)
     test = test if eval_steps is None else test.head(eval_steps * batch_size)
     # Under torchrun each rank evaluates its shard and the counts are all-reduced.
-    transform = SeedAugment()
+    transform = eval_transform(config.normalization)
     if on_device:
         transform = ResizeBatch(transform, config.model.image_size)
     loader = BatchLoader(test, batch_size, device=target, augment=transform, train=False,
@@ -552,7 +574,8 @@ def predict_images(run_dir: PathLike, inputs: list[PathLike], *, weights: str = 
     _check_positive(top_k=top_k, batch_size=batch_size)
     model, config, classes = _model_for_images(run_dir, weights, device)
     paths, missing = find_images(inputs)
-    report = predict_files(model, paths, classes, top_k=top_k, batch_size=batch_size)
+    report = predict_files(model, paths, classes, top_k=top_k, batch_size=batch_size,
+                           normalization=config.normalization)
     report.skipped[:0] = missing
     if out_path is not None and report.predictions:
         write_predictions(report, out_path)
@@ -638,7 +661,7 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
     skipped += unreadable
     written, rollouts, titles = [], [], []
     out.mkdir(parents=True, exist_ok=True)
-    transform = SeedAugment()
+    transform = eval_transform(config.normalization)
     used: set[str] = set()
     device_of_model = next(model.parameters()).device
     for start in range(0, len(images), batch_size):
@@ -678,8 +701,8 @@ def export_run(run_dir: PathLike, out: PathLike, *, format: str = "onnx",
         raise ConfigError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
     model, config, classes = load_run(run_dir, weights, device="cpu")
     if format == "timm":
-        return export_timm(model, out, classes)
-    return export_onnx(model, out, classes)
+        return export_timm(model, out, classes, config.normalization)
+    return export_onnx(model, out, classes, normalization=config.normalization)
 
 
 def run_pipeline(*, pretrain_data: PathLike | None = None,
@@ -757,9 +780,11 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
     datasets = [load_data(spec, image_size=image_size, model_image_size=config.image_size,
                           on_device=on_device, **data_options)
                 for spec in (pretrain_data, finetune_data)]
+    normalization = Normalization.parse(settings.get("normalize") or "cifar")
     for dataset, spec in zip(datasets, (pretrain_data, finetune_data), strict=True):
         check_fits(dataset, config, spec, on_device)
         check_learnable(dataset)
+        _check_channels(normalization, dataset, spec)
     if num_classes is not None and num_classes < datasets[1].num_classes:
         raise ConfigError(f"--num-classes {num_classes} is smaller than the "
                           f"{datasets[1].num_classes} classes of {finetune_data}")

@@ -130,6 +130,11 @@ def _run_settings() -> list[Setting]:
         Setting("drop_path", "run", float, "stochastic depth: the last block's drop-path rate, "
                 "rising linearly from 0 at the first (timm's --drop-path; default: the "
                 "preset's, or the pre-trained model's)", optional=True),
+        Setting("normalize", "run", str, "the per-channel normalization of the model's "
+                "inputs, saved with the run: cifar, imagenet, inception (mean = std = 0.5) or "
+                "MEAN/STD as comma-separated numbers (default: cifar, the tutorial's; fine-tuning "
+                "keeps the pre-trained run's, and --from-timm takes inception, timm's ViT "
+                "weights')", commands=("pretrain", "finetune", "run")),
         Setting("source", "run", str, "the pre-training run directory", commands=("finetune",),
                 flag_name="--from"),
         Setting("from_timm", "run", str, "start from timm ViT weights (.safetensors or .pth) "

@@ -39,6 +39,69 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """The per-channel mean and std (of [0, 1] pixel values) a model's inputs are normalized
+    with: part of what a model expects, saved with its run (timm keeps it in a model's
+    pretrained config, Hugging Face in its image processor's)."""
+
+    mean: tuple[float, ...] = CIFAR_MEAN
+    std: tuple[float, ...] = CIFAR_STD
+
+    def __post_init__(self) -> None:
+        values = (*self.mean, *self.std)
+        if not self.mean or len(self.mean) != len(self.std) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in values):
+            raise ConfigError(f"a normalization needs as many finite means as stds, got mean "
+                              f"{list(self.mean)} and std {list(self.std)}")
+        if min(self.std) <= 0:
+            raise ConfigError(f"normalization stds must be > 0, got {list(self.std)}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Normalization:
+        if not isinstance(values, dict) or set(values) != {"mean", "std"} or not all(
+                isinstance(values[k], list) for k in ("mean", "std")):
+            raise ConfigError(f"a normalization is {{\"mean\": [...], \"std\": [...]}}, got "
+                              f"{values!r}")
+        return cls(tuple(values["mean"]), tuple(values["std"]))
+
+    @classmethod
+    def parse(cls, text: str) -> Normalization:
+        """--normalize: a name in NORMALIZATIONS, or MEAN/STD as comma-separated numbers
+        (0.5,0.5,0.5/0.5,0.5,0.5)."""
+        if text in NORMALIZATIONS:
+            return NORMALIZATIONS[text]
+        usage = (f"--normalize takes {', '.join(NORMALIZATIONS)} or MEAN/STD as comma-separated "
+                 f"numbers (e.g. 0.5,0.5,0.5/0.5,0.5,0.5), got {text!r}")
+        parts = text.split("/")
+        if len(parts) != 2:
+            raise ConfigError(usage)
+        try:
+            mean, std = (tuple(float(v) for v in part.split(",")) for part in parts)
+        except ValueError:
+            raise ConfigError(usage) from None
+        return cls(mean, std)
+
+    def name(self) -> str:
+        """Its NORMALIZATIONS name, or MEAN/STD."""
+        return next((k for k, v in NORMALIZATIONS.items() if v == self),
+                    ",".join(map(str, self.mean)) + "/" + ",".join(map(str, self.std)))
+
+
+CIFAR_NORMALIZATION = Normalization()  # the tutorial's
+NORMALIZATIONS = {
+    "cifar": CIFAR_NORMALIZATION,
+    "imagenet": Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # DeiT's, torchvision's
+    "inception": Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # timm's ViT (augreg) weights'
+}
+
+
 def reflect101(i: Tensor, n: int) -> Tensor:
     """Map indices onto 0..n-1 like OpenCV's BORDER_REFLECT_101 (edge pixel not repeated)."""
     if n == 1:
@@ -535,17 +598,18 @@ def _cutmix(x: Tensor, shift: int, lam: float, rng: random.Random, inplace: bool
     return out, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
-def _policy_ops(policy: Callable) -> list:
+def _policy_ops(policy: Callable, normalization: Normalization) -> list:
     """The tutorial's pad-crop-flip, `policy` on the uint8 images, normalize."""
-    return [RandomPadCropFlip(8, 0.5), ToCHW(), policy, Normalize()]
+    return [RandomPadCropFlip(8, 0.5), ToCHW(), policy,
+            Normalize(normalization.mean, normalization.std)]
 
 
 class PolicyAugment(Compose):
     """The tutorial's pad-crop-flip, then an augmentation policy on the uint8 images
     (TrivialAugment-Wide or RandAugment), then normalize. Evaluation: normalize only."""
 
-    def __init__(self, policy: Callable) -> None:
-        super().__init__(_policy_ops(policy))
+    def __init__(self, policy: Callable, normalization: Normalization = CIFAR_NORMALIZATION) -> None:
+        super().__init__(_policy_ops(policy, normalization))
 
 
 class VitlabAugment(Compose):
@@ -556,9 +620,11 @@ class VitlabAugment(Compose):
 
     def __init__(self, num_classes: int, erase_p: float = 0.25, mixup_alpha: float = 1.0,
                  cutmix_alpha: float = 1.0, switch_prob: float = 0.5, mix_prob: float = 0.5,
-                 policy: Callable | None = None) -> None:
+                 policy: Callable | None = None,
+                 normalization: Normalization = CIFAR_NORMALIZATION) -> None:
         policy = TrivialAugmentWide() if policy is None else policy
-        super().__init__([*_policy_ops(policy), RandomErasing(erase_p, inplace=True)])
+        super().__init__([*_policy_ops(policy, normalization),
+                          RandomErasing(erase_p, inplace=True)])
         self.mix = MixupCutmix(super().__call__, num_classes, mixup_alpha, cutmix_alpha,
                                switch_prob, mix_prob, inplace=True)
 
@@ -571,20 +637,29 @@ class VitlabAugment(Compose):
         return self.mix.batches(images, labels, sizes, train, generator)
 
 
-# name -> factory(num_classes) of a training batch transform: `--augment NAME`. A factory gets the
-# number of classes because transforms that make soft targets (mixup, cutmix) need it.
+# name -> factory(num_classes, normalization) of a training batch transform: `--augment NAME`. A
+# factory gets the number of classes because transforms that make soft targets (mixup, cutmix)
+# need it, and the normalization the model's inputs get.
 AUGMENTATIONS: dict[str, Callable[..., BatchTransform]] = {
-    "seed": lambda num_classes: SeedAugment(),
-    "none": lambda num_classes: NormalizeOnly(),
-    "vitlab": lambda num_classes, **settings: VitlabAugment(num_classes, **settings),
-    "trivialaugment": lambda num_classes: PolicyAugment(TrivialAugmentWide()),
-    "randaugment": lambda num_classes: PolicyAugment(RandAugment()),
+    "seed": lambda num_classes, norm: SeedAugment(norm.mean, norm.std),
+    "none": lambda num_classes, norm: NormalizeOnly(norm.mean, norm.std),
+    "vitlab": lambda num_classes, norm, **settings: VitlabAugment(
+        num_classes, normalization=norm, **settings),
+    "trivialaugment": lambda num_classes, norm: PolicyAugment(TrivialAugmentWide(), norm),
+    "randaugment": lambda num_classes, norm: PolicyAugment(RandAugment(), norm),
 }
 
 
-def make_augment(name: str, num_classes: int, **settings: float) -> BatchTransform:
-    """The registered batch transform `name` for a dataset of `num_classes` classes; `settings`
-    are its factory's keywords (the vitlab augmentation's probabilities and alphas)."""
+def make_augment(name: str, num_classes: int, normalization: Normalization = CIFAR_NORMALIZATION,
+                 **settings: float) -> BatchTransform:
+    """The registered batch transform `name` for a dataset of `num_classes` classes, its inputs
+    normalized by `normalization` (CIFAR's by default); `settings` are its factory's keywords
+    (the vitlab augmentation's probabilities and alphas)."""
     if name not in AUGMENTATIONS:
         raise ConfigError(f"unknown augmentation {name!r}; known: {', '.join(AUGMENTATIONS)}")
-    return AUGMENTATIONS[name](num_classes, **settings)
+    return AUGMENTATIONS[name](num_classes, normalization, **settings)
+
+
+def eval_transform(normalization: Normalization = CIFAR_NORMALIZATION) -> SeedAugment:
+    """The evaluation (and prediction) transform: HWC -> CHW and normalize."""
+    return SeedAugment(normalization.mean, normalization.std)

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitlab import distributed
-from vitlab.data import BatchLoader, Dataset, SeedAugment
+from vitlab.data import BatchLoader, Dataset
 from vitlab.data.arrays import Split
-from vitlab.data.augment import ResizeBatch, make_augment
+from vitlab.data.augment import Normalization, ResizeBatch, eval_transform, make_augment
 from vitlab.data.loader import mix_seed
 from vitlab.errors import CheckpointError, ConfigError, VitlabError
 from vitlab.train import checkpoint as ckpt
@@ -583,12 +583,13 @@ def check_learnable(dataset: Dataset) -> None:
 
 
 def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOptions,
-        run_dir: str | Path, run_config: RunConfig | None = None, resume: bool = False
-        ) -> FitResult:
+        run_dir: str | Path, run_config: RunConfig | None = None, resume: bool = False,
+        normalization: Normalization | None = None) -> FitResult:
     """Train `model` on `dataset.train` with `recipe`, evaluating on `dataset.test` after epochs
     N, 2N, ... (N = `options.eval_every`, 1 by default) and the last. With
     `options.val_fraction`, a validation split held out of `dataset.train` takes the test
-    split's place there, and the test split is evaluated once, after the last epoch.
+    split's place there, and the test split is evaluated once, after the last epoch. Inputs are
+    normalized by `normalization` (default: `run_config`'s, else CIFAR's).
 
     Writes the run directory (see `vitlab.train.checkpoint`), with `run_config` as its
     config.json when given. With `resume`, continues the run saved in `run_dir` from its trainer
@@ -596,6 +597,8 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     checkpoint on Ctrl-C or SIGTERM, `TrainingDiverged` on a NaN/inf loss.
     """
     run_dir = Path(run_dir)
+    if normalization is None:
+        normalization = run_config.normalization if run_config is not None else Normalization()
     check_learnable(dataset)
     test = None
     if options.val_fraction:
@@ -618,7 +621,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
         # on all of them together, instead of leaving the others waiting in a collective.
         train_loader, eval_loader, test_loader, progress, reporter = distributed.together(
             lambda: _prepare(model, dataset, test, recipe, options, run_dir, run_config, resume,
-                             optimizer, device, held, ema))
+                             optimizer, device, held, ema, normalization))
         writer = CheckpointWriter(run_dir, model, optimizer, progress, device, ema,
                                   options.early_stop_patience)
         total_steps = len(train_loader) * options.epochs
@@ -651,12 +654,13 @@ def _input_shape(model: nn.Module) -> tuple[int, int, int]:
 def _prepare(model: nn.Module, dataset: Dataset, test: Split | None, recipe: Recipe,
              options: TrainOptions, run_dir: Path, run_config: RunConfig | None, resume: bool,
              optimizer: torch.optim.Optimizer, device: torch.device,
-             held: contextlib.ExitStack, ema: WeightEMA | None
+             held: contextlib.ExitStack, ema: WeightEMA | None, normalization: Normalization
              ) -> tuple[BatchLoader, BatchLoader, BatchLoader | None, Progress, Reporter]:
     """The loaders (training, the epochs' evaluation, and with a held-out validation split the
     test split's `test`), the run directory (locked, prepared or restored) and its Reporter."""
-    augment = make_augment(recipe.augment, _head_size(model, dataset), **recipe.augment_settings())
-    evaluation = SeedAugment()
+    augment = make_augment(recipe.augment, _head_size(model, dataset), normalization,
+                           **recipe.augment_settings())
+    evaluation = eval_transform(normalization)
     image_shapes = [_input_shape(model)]
     if options.resize_on_device:
         augment = ResizeBatch(augment, model.config.image_size)

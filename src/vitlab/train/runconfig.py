@@ -2,9 +2,11 @@
 
     {"format": "vitlab-run/1", "kind": "pretrain" | "finetune", "model_preset": ..., "model": {...},
      "data": name or absolute path, "image_size": N or null, "classes": [...],
-     "options": {...}, "seed": N, "recipe": {...}, "init": {...} (fine-tuning), "versions": {...}}
+     "options": {...}, "seed": N, "recipe": {...}, "normalize": {"mean": [...], "std": [...]},
+     "init": {...} (fine-tuning), "versions": {...}}
 
-Run directories written before `image_size` moved out of "options" (vitlab 0.1.0) still load.
+Run directories written before `image_size` moved out of "options" (vitlab 0.1.0) still load,
+and those written before "normalize" was saved load with CIFAR's, which they were trained with.
 Unknown keys are refused at every level, so a typo in a hand-edited file is an error, not a
 silently ignored setting.
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vitlab import __version__
+from vitlab.data.augment import Normalization
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.model import ViTConfig
 from vitlab.train.options import TrainOptions
@@ -71,6 +74,8 @@ class RunConfig:
     image_size: int | None = None  # --image-size: resume and evaluate resize alike
     init: EncoderSource | None = None
     versions: dict = field(default_factory=current_versions)
+    # What the model's inputs are normalized with: in training, evaluation, prediction, export.
+    normalization: Normalization = field(default_factory=Normalization)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -85,7 +90,7 @@ class RunConfig:
                   "model": self.model.to_dict(), "data": self.data,
                   "image_size": self.image_size, "classes": list(self.classes),
                   "options": self.options.saved(), "seed": self.seed,
-                  "recipe": self.recipe.to_dict()}
+                  "recipe": self.recipe.to_dict(), "normalize": self.normalization.to_dict()}
         if self.init is not None:
             values["init"] = self.init.to_dict()
         values["versions"] = dict(self.versions)
@@ -104,7 +109,7 @@ class RunConfig:
                 raise CheckpointError(f"{where} has no valid {key!r} entry; it is not a complete "
                                       "vitlab run config")
         known = ("format", "kind", "model_preset", "model", "data", "image_size", "classes",
-                 "options", "seed", "recipe", "init", "versions")
+                 "options", "seed", "recipe", "normalize", "init", "versions")
         try:
             _refuse_unknown("run config", values, known)
             options = dict(values["options"])
@@ -116,7 +121,9 @@ class RunConfig:
                        options=TrainOptions.from_saved(options, values["seed"], **runtime),
                        model_preset=values.get("model_preset"), image_size=image_size,
                        init=EncoderSource.from_dict(init) if init is not None else None,
-                       versions=dict(values.get("versions") or {}))
+                       versions=dict(values.get("versions") or {}),
+                       normalization=Normalization.from_dict(values["normalize"])
+                       if "normalize" in values else Normalization())
         except (ConfigError, KeyError, TypeError) as e:
             raise CheckpointError(f"{where} is not a valid vitlab run config ({e})") from None
 
