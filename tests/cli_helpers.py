@@ -27,7 +27,8 @@ TRAIN_SLICE, TEST_SLICE = 2000, 500
 LINE_PATTERNS = {
     "Start": re.compile(r"^vitlab-Start: step: 1; logging_interval: \d+; num_device: 1; "
                         r"device: cpu; params: \d+;$"),
-    "Train": re.compile(r"^vitlab-Train: step: \d+; ce: [\d.e+-]+;( steps/sec: \d+\.\d\d;)?$"),
+    "Train": re.compile(r"^vitlab-Train: step: \d+; ce: [\d.e+-]+;( steps/sec: \d+\.\d\d;)?"
+                        r"( lr: [\d.e+-]+;)?$"),
     "TrainEpoch": re.compile(r"^vitlab-Train: step: \d+; epoch: \d+; epoch_time: \d+\.\d sec; "
                              r"ce_mean: [\d.e+-]+;$"),
     "Eval": re.compile(r"^vitlab-Eval: step: \d+; epoch: \d+; accuracy: [01]\.\d{4}; "

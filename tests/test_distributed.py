@@ -302,7 +302,7 @@ def test_vitlab_run_refuses_a_foreign_stage_file_on_every_rank_before_training(
                    "--finetune-data", slices["cifar10"], "--out", out, "--epochs", "1",
                    "--train-steps-per-epoch", "2", "--batch-size", "64", "--device", "cpu",
                    "--no-progress", "--no-download", cwd=tmp_path, expect=1)
-    refusal = f"{out / 'finetune'} holds model.safetensors, which is not from a vitlab run"
+    refusal = f"{out / 'finetune'} holds model.safetensors, not from a vitlab run"
     assert proc.stderr.count(refusal) == 2, proc.stderr[-3000:]
     assert (out / "finetune" / "model.safetensors").read_text() == "not mine"
     assert not (out / "pretrain" / "metrics.jsonl").exists()

@@ -720,3 +720,75 @@ def test_a_bad_normalization_is_one_clear_error(text, message):
     assert custom.name() == "0.1,0.2,0.3/1.0,2.0,3.0"
     assert Normalization.parse(custom.name()) == custom == Normalization.from_dict(
         custom.to_dict())
+
+
+# --- damaged or hand-edited run files: one line, or (a torn log) carry on -----------------------
+
+@pytest.mark.parametrize("tail", [b"\xff\xfe\n", b"5\n", b'{"event": "train", "step": "x"}\n'])
+def test_a_metrics_line_that_is_not_a_record_does_not_stop_a_resume(legacy_run, data_root, tail,
+                                                                    capfd):
+    metrics = legacy_run / ckpt.METRICS
+    before = ckpt.read_jsonl(metrics)
+    metrics.write_bytes(metrics.read_bytes() + tail)
+    if tail != b'{"event": "train", "step": "x"}\n':  # not a record: the end of what is read
+        assert ckpt.read_jsonl(metrics) == before
+    argv = ["pretrain", *LEGACY_FLAGS, "--data-root", str(data_root), "--out", str(legacy_run)]
+    assert main([*argv, "--epochs", "2", "--resume", str(legacy_run)]) == 0, capfd.readouterr()
+    steps = [r["step"] for r in ckpt.read_jsonl(metrics) if r["event"] == "eval"]
+    assert steps == [4, 8]
+
+
+@pytest.mark.parametrize("damage", ["tensor", "progress"])
+def test_a_trainer_state_of_something_else_is_one_line(legacy_run, data_root, capfd, damage):
+    path = legacy_run / ckpt.TRAINER_STATE
+    if damage == "tensor":
+        torch.save(torch.zeros(3), path)
+        message = "is not a vitlab trainer state (a PyTorch file of a Tensor"
+    else:
+        state = torch.load(path, weights_only=True)
+        state["progress"]["epoch"] = "x"
+        torch.save(state, path)
+        message = "is not a vitlab trainer state (no valid progress: epoch is 'x')"
+    argv = ["pretrain", *LEGACY_FLAGS, "--data-root", str(data_root), "--out", str(legacy_run)]
+    capfd.readouterr()
+    assert main([*argv, "--epochs", "2", "--resume", str(legacy_run)]) == 2
+    assert message in assert_one_error_line(capfd.readouterr().err, "pretrain")
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("versions", "abc", "'versions' must be a mapping"),
+    ("classes", [1, 2], "'classes' must be a list of class names"),
+    ("classes", "abcdefghij", "'classes' must be a list of class names"),
+    ("classes", [str(i) for i in range(11)], "names 11 classes but the model has 10 outputs"),
+    ("image_size", "32", "'image_size' must be a positive integer or null")])
+def test_a_hand_edited_config_of_the_wrong_types_is_one_line(legacy_run, capfd, key, value,
+                                                             message):
+    config = json.loads((legacy_run / ckpt.CONFIG).read_text())
+    config[key] = value
+    (legacy_run / ckpt.CONFIG).write_text(json.dumps(config))
+    for argv in (["evaluate", "--checkpoint", str(legacy_run), "--no-download"],
+                 ["predict", "--checkpoint", str(legacy_run), str(legacy_run)]):
+        capfd.readouterr()
+        assert main(argv) == 2, argv
+        line = assert_one_error_line(capfd.readouterr().err, argv[0])
+        assert "is not a valid vitlab run config" in line and message in line, line
+
+
+def test_a_trainer_state_under_a_name_that_is_not_utf8_is_read(tmp_path):
+    """torch maps files by UTF-8 names only: a Latin-1 folder's state is read instead (`vitlab
+    run` looks at a kept stage's progress that way)."""
+    folder = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9")
+    os.mkdir(folder)
+    path = Path(folder) / ckpt.TRAINER_STATE
+    torch.save({"progress": {"epoch": 3}, "model": {"w": torch.ones(2)}}, path)
+    state = ckpt.load_trainer_state(path, mmap=True)
+    assert state["progress"]["epoch"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+
+
+def test_a_setting_the_run_was_started_without_is_named_so():
+    from vitlab.errors import SettingDiffers
+
+    message = str(SettingDiffers("train_steps_per_epoch", "--train-steps-per-epoch", 1, None,
+                                 "runs/a"))
+    assert "which was started without --train-steps-per-epoch;" in message
+    assert "None" not in message

@@ -100,6 +100,22 @@ def test_auto_precision_is_bf16_only_on_gpus_with_bf16_units(monkeypatch, capabi
     assert resolve_precision("auto", torch.device("cpu")) is None
 
 
+def test_train_lines_carry_the_lr_of_their_step_when_it_is_scheduled(dataset, tmp_path):
+    """A cosine schedule with warm-up: each logged Train record has the LR its step trained at
+    (the schedule's factor of that step); the constant seed recipe's lines keep the tutorial's
+    shape."""
+    scheduled = recipe("seed", batch_size=8, lr=0.05, schedule="cosine", warmup_epochs=1.0)
+    fit(tiny_model(), dataset, scheduled, options(2, train_steps_per_epoch=3), tmp_path / "c")
+    logged = [r for r in ckpt.read_jsonl(tmp_path / "c" / ckpt.METRICS)
+              if r["event"] == "train" and "epoch" not in r]
+    assert [r["step"] for r in logged] == list(range(1, 7))
+    assert [r["lr"] for r in logged] == pytest.approx(
+        [0.05 * lr_factor(scheduled, step - 1, 6, 3) for step in range(1, 7)])
+    assert len({r["lr"] for r in logged}) >= 4  # warming up, then decaying
+    fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=2), tmp_path / "s")
+    assert not any("lr" in r for r in ckpt.read_jsonl(tmp_path / "s" / ckpt.METRICS))
+
+
 def test_grad_clip_scales_the_gradients_down_to_the_clip_norm():
     """--grad-clip C scales the gradients the optimizer steps with down to a total norm of C
     when above it, in the same direction; under C they are unchanged, bit for bit."""
@@ -740,9 +756,12 @@ def test_overwrite_replaces_an_earlier_run_entirely(dataset, tmp_path):
 
 def test_a_fresh_run_deletes_no_file_that_a_vitlab_run_did_not_write(dataset, tmp_path):
     """Files named like a run's (config.json, log.txt, evaluation/) but not a vitlab run's stay
-    unless --overwrite is given. (A vitlab run that died before its first checkpoint is replaced
+    unless --overwrite is given, and in evaluation/ and tensorboard/ --overwrite deletes only the
+    files vitlab writes there. (A vitlab run that died before its first checkpoint is replaced
     without it: tests/test_faults.py.)"""
-    foreign = {"config.json": '{"lr": 3}', "log.txt": "my notes", "evaluation/results.csv": "1,2"}
+    foreign = {"config.json": '{"lr": 3}', "log.txt": "my notes", "evaluation/results.csv": "1,2",
+               "evaluation/evaluation.json": "{}", "tensorboard/events.out.tfevents.1": "x",
+               "tensorboard/keep/notes.txt": "mine"}
     # A weight file too: not a run to continue with --resume, as "already holds a run" would say.
     weights = {"model.safetensors": "not mine"}
     for case, files in enumerate(({"log.txt": "my notes"}, foreign, weights)):
@@ -750,12 +769,17 @@ def test_a_fresh_run_deletes_no_file_that_a_vitlab_run_did_not_write(dataset, tm
         for name, text in files.items():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text(text)
-        with pytest.raises(CheckpointError, match="which is not from a vitlab run"):
+        with pytest.raises(CheckpointError, match="not from a vitlab run") as refused:
             fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=1), folder)
+        named = str(refused.value).split(" holds ")[1].split(", not from")[0].split(", ")
+        assert sorted(named) == sorted({name.split("/")[0] for name in files})  # all of them
         assert all((folder / name).read_text() == text for name, text in files.items())
         fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=1, overwrite=True),
             folder)
-        assert not (folder / "evaluation").exists()
+        kept = {"evaluation/results.csv", "tensorboard/keep/notes.txt"} & set(files)
+        assert {str(p.relative_to(folder)) for p in folder.glob("*/**/*") if p.is_file()} \
+            == kept
+        assert all((folder / name).read_text() == files[name] for name in kept)
         assert "my notes" not in (folder / "log.txt").read_text()
 
 

@@ -347,7 +347,20 @@ def test_bad_inputs_are_one_line_errors(run, pngs, tmp_path, capfd):
          "is a folder; give a .csv or .json file name"),
         (["evaluate", "--checkpoint", run, "--out", tmp_path / "afile", "--no-download"],
          "is a file, not a folder; choose another --out"),
+        # An existing file that is not what the command writes is never replaced.
+        (["export", "--checkpoint", run, "--out", tmp_path / "train.npz"],
+         "exists and is not a .onnx file, which the export would replace"),
+        (["export", "--checkpoint", run, "--out", folder / "00.png"],
+         "exists and is not a .onnx file"),
+        (["predict", "--checkpoint", run, folder, "--output", tmp_path / "classes.json"],
+         "exists and is not a predictions file that `vitlab predict` wrote"),
+        (["predict", "--checkpoint", run, folder, "--output", tmp_path / "notes.csv"],
+         "exists and is not a predictions file"),
     ]
+    originals = {"train.npz": b"PK data", "classes.json": b'["cat", "dog"]',
+                 "notes.csv": b"mine,1\n"}
+    for name, data in originals.items():
+        (tmp_path / name).write_bytes(data)
     (tmp_path / "dir.json").mkdir()
     (tmp_path / "afile").write_text("x")
     os.mkfifo(tmp_path / "fifo.onnx")
@@ -360,6 +373,20 @@ def test_bad_inputs_are_one_line_errors(run, pngs, tmp_path, capfd):
     assert ckpt.load_weights(run / "model.safetensors") and ckpt.read_run_config(run)
     assert stat.S_ISFIFO(os.stat(tmp_path / "fifo.onnx").st_mode)
     assert not (tmp_path / "newdir").exists()
+    # Nothing readable: exit 2, and no attention folder left behind.
+    assert main(["attention", "--checkpoint", str(run), str(tmp_path / "afile"), "--out",
+                 str(tmp_path / "maps")]) == 2
+    assert "no image could be read" in capfd.readouterr().err
+    assert not (tmp_path / "maps").exists()
+    assert all((tmp_path / name).read_bytes() == data for name, data in originals.items())
+    png = (folder / "00.png").read_bytes()
+    assert png[:4] == b"\x89PNG"
+    # What the command wrote itself is replaced when written again.
+    for argv in (["export", "--checkpoint", run, "--out", tmp_path / "again.onnx"],
+                 ["predict", "--checkpoint", run, folder, "--output", tmp_path / "p.csv"],
+                 ["predict", "--checkpoint", run, folder, "--output", tmp_path / "p.json"]):
+        for _ in range(2):
+            assert main([str(a) for a in argv]) == 0, argv
 
 
 def test_predict_from_python(run, pngs):
@@ -406,3 +433,22 @@ def test_attention_titles_give_predicts_probability_for_a_head_wider_than_the_cl
                         lambda image, flow, heads, target, title: titles.append(title))
     attention_maps(wide, [folder / "00.png"], tmp_path / "maps", device="cpu")
     assert titles == [f"00.png: {top.classes[0]} ({top.probabilities[0]:.2f})"]
+
+
+def test_names_with_dollar_signs_are_drawn_as_written(run, pngs, tmp_path):
+    """A `$...$` in a file or class name is a name, not one of matplotlib's math formulas (an
+    unparsable one, `$_x_y$`, used to end the command in a traceback)."""
+    from vitlab.report import plot_attention_grid, plot_confusion_matrix
+
+    folder, x, _ = pngs
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy(folder / "00.png", odd / "a$_x_y$b.png")
+    shutil.copy(folder / "01.png", odd / "$\\frac{$.png")
+    assert main(["attention", "--checkpoint", str(run), str(odd), "--out",
+                 str(tmp_path / "maps")]) == 0
+    assert (tmp_path / "maps" / "a$_x_y$b.attention.png").read_bytes()[:4] == b"\x89PNG"
+    plot_confusion_matrix([[1, 0], [0, 1]], ["x$_a_b$", "y"], tmp_path / "cm.png",
+                          title="data$_1_2$: accuracy 100%")
+    plot_attention_grid([x[0]], [np.ones((4, 4))], ["$_x_y$"], tmp_path / "grid.png")
+    assert (tmp_path / "cm.png").is_file() and (tmp_path / "grid.png").is_file()

@@ -28,8 +28,9 @@ class SettingDiffers(ConfigError):
 
     def render(self, label: str, remedy: str) -> str:
         """The message, naming the setting as `label` and saying how to leave it out."""
+        was = f"with {self.was}" if self.was is not None else f"without {label}"
         return (f"{label} {self.given} differs from the run in {self.run_dir}, which was "
-                f"started with {self.was}; {remedy} to continue it as saved, or start a new run "
+                f"started {was}; {remedy} to continue it as saved, or start a new run "
                 "with another --out")
 
 

@@ -40,6 +40,9 @@ def _check_target(given: str | os.PathLike, suffix: str) -> Path:
         raise ConfigError(f"{path} is named like a --format {named_for} file; name it "
                           f"{path.with_suffix(suffix).name}")
     check_output_file(given, "--out", f"give the file's name, e.g. {path}/model{suffix}")
+    if path.is_file() and path.suffix.lower() != suffix:  # a dataset's file, an image, ...
+        raise ConfigError(f"--out {path} exists and is not a {suffix} file, which the export "
+                          f"would replace; give a new name, or one ending in {suffix}")
     return path
 
 

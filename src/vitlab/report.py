@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import matplotlib
 
@@ -22,6 +23,16 @@ log = logging.getLogger("vitlab")
 
 # Each missing glyph is a warning on every save (counted below), not once per process.
 warnings.filterwarnings("always", message=".*missing from font")
+
+
+def _literal_text(plot: Callable) -> Callable:
+    """Draw `plot`'s titles and labels as written: a class or file name with `$...$` in it is a
+    name, not one of matplotlib's math formulas (which a stray `$_x_y$` fails to parse)."""
+    @functools.wraps(plot)
+    def plot_literally(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+    return plot_literally
 
 
 def _save(figure, path: str | os.PathLike) -> None:
@@ -46,6 +57,7 @@ def _save(figure, path: str | os.PathLike) -> None:
                     "another script?); the JSON/text outputs have them", path, len(set(missing)))
 
 
+@_literal_text
 def plot_curves(records: Sequence[dict], path: str | os.PathLike) -> None:
     """Loss (train mean and eval) and eval accuracy per epoch, from metrics.jsonl records."""
     train = [r for r in records if r.get("event") == "train" and "epoch" in r]
@@ -79,6 +91,7 @@ def plot_curves(records: Sequence[dict], path: str | os.PathLike) -> None:
     _save(figure, path)
 
 
+@_literal_text
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str],
                           path: str | os.PathLike, title: str = "confusion matrix") -> None:
     """Row-normalised confusion matrix (rows: true class); counts written in when it is small."""
@@ -122,6 +135,7 @@ def _overlay(ax, image: np.ndarray, patch_map: np.ndarray, title: str) -> None:
     ax.axis("off")
 
 
+@_literal_text
 def plot_attention(image: np.ndarray, rollout_map: np.ndarray, head_maps: np.ndarray,
                    path: str | os.PathLike, title: str = "") -> None:
     """One image: the image, its attention rollout, and the last layer's CLS attention of every
@@ -138,6 +152,7 @@ def plot_attention(image: np.ndarray, rollout_map: np.ndarray, head_maps: np.nda
     _save(figure, path)
 
 
+@_literal_text
 def plot_attention_grid(images: Sequence[np.ndarray], rollout_maps: Sequence[np.ndarray],
                         titles: Sequence[str], path: str | os.PathLike) -> None:
     """Several images side by side, each above its attention rollout."""

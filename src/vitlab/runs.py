@@ -589,7 +589,29 @@ def _prediction_output(output: PathLike | None) -> Path | None:
     if path.suffix.lower() not in (".csv", ".json"):
         raise ConfigError(f"--output {path}: give a .csv or .json file name")
     ckpt.check_output_file(output, "--output", "give a .csv or .json file name")
+    if path.is_file() and not _holds_predictions(path):
+        raise ConfigError(f"--output {path} exists and is not a predictions file that "
+                          "`vitlab predict` wrote, which it would replace; give a new name")
     return path
+
+
+def _holds_predictions(path: Path) -> bool:
+    """Whether `path` is a file write_predictions wrote (or an empty one)."""
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError:
+        return False
+    if not text.strip():
+        return True
+    if path.suffix.lower() == ".csv":
+        return text.startswith("path,class_1,probability_1")
+    try:
+        values = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(values, dict) and set(values) == {"predictions", "skipped"}
 
 
 def _check_positive(**values: int) -> None:
@@ -660,7 +682,8 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
     names, images, unreadable = load_images(paths, config.model.image_size)
     skipped += unreadable
     written, rollouts, titles = [], [], []
-    out.mkdir(parents=True, exist_ok=True)
+    if images:  # nothing read: no folder left behind either
+        out.mkdir(parents=True, exist_ok=True)
     transform = eval_transform(config.normalization)
     used: set[str] = set()
     device_of_model = next(model.parameters()).device
@@ -840,8 +863,8 @@ def _check_evaluation_dir(folder: Path, overwrite: bool) -> None:
     except (OSError, ValueError):
         ours = False
     if not ours:
-        raise ConfigError(f"{path} is not a vitlab evaluation; choose another --out, or pass "
-                          "--overwrite to replace it")
+        raise ConfigError(f"{path} is not a vitlab evaluation, and vitlab run would replace it; "
+                          "move or delete it, or choose another --out")
 
 
 # Recipe settings that reach vitlab run's fine-tuning stage even when equal to the recipe's own.

@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -104,13 +105,30 @@ def load_trainer_state(path: str | os.PathLike, mmap: bool = False) -> dict:
         raise CheckpointError(
             f"no {TRAINER_STATE} in {path.parent}: nothing to resume there (its weights can "
             "still be evaluated or fine-tuned); to train it again, start it anew with --overwrite")
+    if mmap and not _utf8(path):
+        mmap = False  # torch maps files by UTF-8 paths only: read this one instead
     try:
         # weights_only: a checkpoint is data, never code.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many kinds for a torn or foreign file
         raise CheckpointError(f"{path} is not a readable vitlab trainer state "
                               f"({load_failure(e)}); restore it from a copy, or start the run "
                               "anew with --overwrite") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a vitlab trainer state (a PyTorch file of a "
+                              f"{type(state).__name__}, not of a run's state); restore it from a "
+                              "copy, or start the run anew with --overwrite")
+    return state
+
+
+def _utf8(path: Path) -> bool:
+    """Whether `path` has a UTF-8 spelling (a name of undecodable bytes, kept by Python as
+    surrogates, has none)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_failure(error: Exception) -> str:
@@ -150,6 +168,9 @@ RUN_FILES = (CONFIG, WEIGHTS, BEST_WEIGHTS, EMA_WEIGHTS, TRAINER_STATE, METRICS,
              CURVES)
 LOCK = ".lock"
 RUN_DIRS = ("tensorboard", "evaluation")  # written by --tensorboard and `vitlab evaluate`
+# What vitlab writes in them: all --overwrite deletes there (anything else stays).
+RUN_DIR_FILES = {"tensorboard": ("events.out.tfevents.*",),
+                 "evaluation": ("evaluation.json", "confusion_matrix.png")}
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:
@@ -169,15 +190,21 @@ def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
 
     A vitlab run that died before its first checkpoint left nothing to keep: its files are
     replaced without --overwrite. Files of those names that no vitlab run wrote (no vitlab
-    config.json beside them) are never deleted without --overwrite. Temp files of interrupted
-    atomic writes are removed.
+    config.json beside them) are never deleted without --overwrite. In its tensorboard/ and
+    evaluation/ folders only the files vitlab writes there are deleted: others stay, and so
+    does the folder then. Temp files of interrupted atomic writes are removed.
     """
     run_dir = Path(run_dir)
     remove_temp_files(run_dir)
     for name in check_fresh_run_dir(run_dir, overwrite):
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            for pattern in RUN_DIR_FILES[name]:
+                for written in path.glob(pattern):
+                    if written.is_file() or written.is_symlink():
+                        written.unlink()
+            with contextlib.suppress(OSError):  # not empty: what else is there stays
+                path.rmdir()
         else:
             path.unlink()
 
@@ -187,14 +214,17 @@ def check_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> list[str
     gives for them; deletes nothing (`vitlab run` checks its second stage before the first)."""
     run_dir = Path(run_dir)
     leftovers = [name for name in (*RUN_FILES, *RUN_DIRS) if (run_dir / name).exists()]
+    named = ", ".join(leftovers[:4]) + (f" and {len(leftovers) - 4} more" if len(leftovers) > 4
+                                        else "")
     if leftovers and not overwrite and not _written_by_vitlab(run_dir):
         # First: a weight file no vitlab run wrote is no run to continue with --resume.
         raise CheckpointError(
-            f"{run_dir} holds {leftovers[0]}, which is not from a vitlab run (that this version "
-            "can read); choose another --out, or pass --overwrite to replace it")
+            f"{run_dir} holds {named}, not from a vitlab run (that this version can read); "
+            "choose another --out, or pass --overwrite to replace them (in tensorboard/ and "
+            "evaluation/, only the files vitlab writes there)")
     if leftovers and not overwrite and has_checkpoint(run_dir):
         raise CheckpointError(
-            f"{run_dir} already holds a run ({leftovers[0]}); continue it with --resume "
+            f"{run_dir} already holds a run ({named}); continue it with --resume "
             f"{run_dir}, choose another --out, or pass --overwrite to replace it")
     return leftovers
 
@@ -318,15 +348,20 @@ def selection_key(evals: list[dict]) -> str:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl, up to the first line that is not one (a line torn by a
+    kill, or not UTF-8 JSON of an object): everything after it is lost anyway."""
     path = Path(path)
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            records.append(json.loads(line))
-        except ValueError:
-            break  # a line torn by a kill: everything after it is lost anyway
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            break
+        if not isinstance(record, dict):
+            break
+        records.append(record)
     return records
 
 
@@ -336,7 +371,7 @@ def truncate_logs(run_dir: str | os.PathLike, last_step: int) -> None:
     line of each file, its step first; a line torn by a kill ends what is kept."""
     run_dir = Path(run_dir)
     kept = [r for r in read_jsonl(run_dir / METRICS)
-            if r.get("step", 0) <= last_step and r.get("event") != "finish"]
+            if _step_of(r) <= last_step and r.get("event") != "finish"]
     atomic_write(run_dir / METRICS,
                  lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
     log = run_dir / LOG
@@ -349,6 +384,12 @@ def truncate_logs(run_dir: str | os.PathLike, last_step: int) -> None:
             if int(event["step"]) <= last_step and event["kind"] != "Finish":
                 lines.append(line + "\n")
         atomic_write(log, lambda f: f.write("".join(lines).encode()))
+
+
+def _step_of(record: dict) -> int | float:
+    """A record's step; one that is not a number (a hand-edited line) sorts after every step."""
+    step = record.get("step", 0)
+    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
 
 
 _LOG_EVENT = re.compile(r"vitlab-(?P<kind>\w+): step: (?P<step>\d+);")

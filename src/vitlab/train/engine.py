@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import signal
 import sys
 import threading
@@ -489,9 +490,11 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                                   f"and each one's random stream is saved; resume it with {how}")
         _set_rng_state(state["rng_ranks"][distributed.rank()] if world > 1 else state["rng"],
                        device)
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as e:
+        # load_state_dict's first line only says that it failed; the next one says what
+        why = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])
         raise CheckpointError(f"{run_dir / ckpt.TRAINER_STATE} does not fit this run "
-                              f"({str(e).splitlines()[0]})") from None
+                              f"({why[:300]}{'...' if len(why) > 300 else ''})") from None
     return progress
 
 
@@ -516,10 +519,16 @@ def _weights_meta(progress: Progress) -> dict[str, str]:
 def saved_progress(state: dict, path: Path) -> Progress:
     """The Progress of a loaded trainer state (read from `path`), or a CheckpointError."""
     try:
-        return Progress(**state["progress"])
+        progress = Progress(**state["progress"])
+        for f in dataclasses.fields(Progress):
+            value, kind = getattr(progress, f.name), type(f.default)
+            if isinstance(value, bool) != (kind is bool) or not isinstance(
+                    value, int | float if kind is float else kind):
+                raise TypeError(f"{f.name} is {value!r}")
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a vitlab trainer state (no valid progress: "
                               f"{str(e).splitlines()[0]})") from None
+    return progress
 
 
 def repair_run_weights(run_dir: Path) -> None:
@@ -821,6 +830,9 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                     fields = {"step": progress.global_step, "ce": loss.item()}
                     if progress.global_step > 1:
                         fields["steps/sec"] = window_steps / (time.perf_counter() - window_start)
+                    if recipe.schedule != "constant":  # the LR of the step just taken
+                        fields["lr"] = base_lrs[0] * lr_factor(
+                            recipe, progress.global_step - 1, total_steps, steps_per_epoch)
                     reporter.event("Train", **fields)
                     window_start, window_steps = time.perf_counter(), 0
                 if (save_now or stopping) and progress.step_in_epoch < steps_per_epoch:

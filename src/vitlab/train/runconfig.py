@@ -115,6 +115,7 @@ class RunConfig:
             options = dict(values["options"])
             image_size = values.get("image_size", options.pop("image_size", None))
             init = values.get("init")
+            _check_entries(values, image_size)
             return cls(kind=values["kind"], model=ViTConfig.from_dict(values["model"]),
                        recipe=Recipe.from_dict(values["recipe"]), data=values["data"],
                        classes=list(values.get("classes") or []),
@@ -126,6 +127,25 @@ class RunConfig:
                        if "normalize" in values else Normalization())
         except (ConfigError, KeyError, TypeError) as e:
             raise CheckpointError(f"{where} is not a valid vitlab run config ({e})") from None
+
+
+def _check_entries(values: dict, image_size: object) -> None:
+    """The types of the entries RunConfig keeps as they are (a hand-edited file's mistakes)."""
+    classes = values.get("classes") or []
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ConfigError("'classes' must be a list of class names")
+    num_classes = values["model"].get("num_classes")
+    if isinstance(num_classes, int) and len(classes) > num_classes:
+        raise ConfigError(f"'classes' names {len(classes)} classes but the model has "
+                          f"{num_classes} outputs")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(
+            image_size, int) or image_size < 1):
+        raise ConfigError(f"'image_size' must be a positive integer or null, got {image_size!r}")
+    for key in ("versions", "init"):
+        if values.get(key) is not None and not isinstance(values[key], dict):
+            raise ConfigError(f"{key!r} must be a mapping, got {values[key]!r}")
+    if not isinstance(values.get("model_preset", ""), str | None):
+        raise ConfigError("'model_preset' must be a preset name or null")
 
 
 def _refuse_unknown(what: str, values: dict, known: tuple[str, ...]) -> None:
