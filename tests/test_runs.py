@@ -709,15 +709,16 @@ def test_a_runs_normalization_is_saved_and_used_wherever_its_model_reads_images(
 
 @pytest.mark.parametrize(("text", "message"), [
     ("imagenett", "--normalize takes cifar, imagenet, inception or MEAN/STD"),
-    ("0.5,0.5/0.5", "as many finite means as stds"), ("0.5/0", "stds must be > 0"),
+    ("0.5,0.5/0.5", "--normalize 0.5,0.5/0.5: a normalization needs as many finite means"),
+    ("0.5/0", "stds in \\[0.001, 1\\]"), ("1e308,0,0/1e-308,1,1", "means in \\[0, 1\\]"),
     ("a/b", "--normalize takes"), ("0.5,nan/1,1", "finite")])
 def test_a_bad_normalization_is_one_clear_error(text, message):
     from vitlab.data.augment import Normalization
 
     with pytest.raises(ConfigError, match=message):
         Normalization.parse(text)
-    custom = Normalization.parse("0.1,0.2,0.3/1,2,3")
-    assert custom.name() == "0.1,0.2,0.3/1.0,2.0,3.0"
+    custom = Normalization.parse("0.1,0.2,0.3/0.5,0.25,1")
+    assert custom.name() == "0.1,0.2,0.3/0.5,0.25,1.0"
     assert Normalization.parse(custom.name()) == custom == Normalization.from_dict(
         custom.to_dict())
 

@@ -55,8 +55,12 @@ class Normalization:
                 for v in values):
             raise ConfigError(f"a normalization needs as many finite means as stds, got mean "
                               f"{list(self.mean)} and std {list(self.std)}")
-        if min(self.std) <= 0:
-            raise ConfigError(f"normalization stds must be > 0, got {list(self.std)}")
+        # Of pixel values in [0, 1]: a mean outside it, or a std that would blow the inputs up
+        # past what the model's arithmetic holds, is a typo.
+        if not all(0 <= m <= 1 for m in self.mean) or not all(1e-3 <= d <= 1 for d in self.std):
+            raise ConfigError(f"a normalization of [0, 1] pixel values needs means in [0, 1] and "
+                              f"stds in [0.001, 1], got mean {list(self.mean)} and std "
+                              f"{list(self.std)}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
@@ -84,9 +88,11 @@ class Normalization:
             raise ConfigError(usage)
         try:
             mean, std = (tuple(float(v) for v in part.split(",")) for part in parts)
+            return cls(mean, std)
         except ValueError:
             raise ConfigError(usage) from None
-        return cls(mean, std)
+        except ConfigError as e:
+            raise ConfigError(f"--normalize {text}: {e}") from None
 
     def name(self) -> str:
         """Its NORMALIZATIONS name, or MEAN/STD."""
