@@ -452,3 +452,16 @@ def test_names_with_dollar_signs_are_drawn_as_written(run, pngs, tmp_path):
                           title="data$_1_2$: accuracy 100%")
     plot_attention_grid([x[0]], [np.ones((4, 4))], ["$_x_y$"], tmp_path / "grid.png")
     assert (tmp_path / "cm.png").is_file() and (tmp_path / "grid.png").is_file()
+
+
+def test_a_pipe_given_as_an_image_or_a_folder_as_timm_weights_is_named_for_what_it_is(
+        run, tmp_path, capfd):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    assert main(["predict", "--checkpoint", str(run), str(fifo)]) == 2
+    assert "not a regular file (a device, pipe or socket)" in capfd.readouterr().err
+    from vitlab.errors import CheckpointError
+    from vitlab.interop import read_weight_file
+
+    with pytest.raises(CheckpointError, match="is a folder; give timm's weight file in it"):
+        read_weight_file(tmp_path)

@@ -109,6 +109,9 @@ def read_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from vitlab.train import checkpoint as ckpt
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give timm's weight file in it (.safetensors "
+                              "or .pth)")
     if path.suffix == ".safetensors":
         return ckpt.load_weights(path)
     if not path.is_file():

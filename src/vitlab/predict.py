@@ -69,7 +69,8 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[t
                 missing.append((text, "the pattern matches no file"))
         else:
             matches = []
-            missing.append((text, "no such file or folder"))
+            missing.append((text, "not a regular file (a device, pipe or socket)"
+                            if path.exists() else "no such file or folder"))
         found += matches
     unique: dict[Path, Path] = {}
     for p in found:
