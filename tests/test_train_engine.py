@@ -197,6 +197,17 @@ def test_lr_factor_cosine_with_warmup():
     assert lr_factor(no_warmup, total, total, per_epoch) == pytest.approx(0.0)
 
 
+def test_lr_factor_linear_with_warmup_to_a_floor():
+    """Hugging Face's default: warm up, then a straight line to the floor at the last step."""
+    r = recipe("seed", schedule="linear", warmup_epochs=1.0, min_lr_ratio=0.1)
+    total, per_epoch = 50, 10
+    factors = [lr_factor(r, step, total, per_epoch) for step in range(total + 1)]
+    assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    # From 1 at step 10 down by 0.9 / 40 a step: 0.55 at step 30, the floor 0.1 at step 50.
+    assert factors[10:] == pytest.approx([1 - 0.9 * (s - 10) / 40 for s in range(10, 51)])
+    assert factors[30] == pytest.approx(0.55) and factors[50] == pytest.approx(0.1)
+
+
 def test_build_optimizer_skips_frozen_parameters():
     model = tiny_model()
     for p in model.encoder.parameters():

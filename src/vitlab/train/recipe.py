@@ -50,14 +50,21 @@ def _constant(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int)
     return 1.0
 
 
-def _cosine(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Linear warm-up over `warmup_epochs`, then half a cosine from 1 to 0 at the last step."""
-    warmup = round(recipe.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return recipe.min_lr_ratio + (1.0 - recipe.min_lr_ratio) * cosine
+def _decaying(decay: Callable[[float], float]) -> Callable[[Recipe, int, int, int], float]:
+    """A schedule: linear warm-up over `warmup_epochs`, then `decay(progress)` (1 at progress 0,
+    0 at 1, the last step) from the base LR down to `min_lr_ratio` of it."""
+    def schedule(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        warmup = round(recipe.warmup_epochs * steps_per_epoch)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return recipe.min_lr_ratio + (1.0 - recipe.min_lr_ratio) * decay(progress)
+    return schedule
+
+
+# Half a cosine (timm's and the ViT papers' schedule); a straight line (Hugging Face's default).
+_cosine = _decaying(lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)))
+_linear = _decaying(lambda progress: 1.0 - progress)
 
 
 # Whether a schedule's value depends on the run's total length decides if a finished run may be
@@ -65,9 +72,10 @@ def _cosine(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -
 SCHEDULES: dict[str, Callable[[Recipe, int, int, int], float]] = {
     "constant": _constant,
     "cosine": _cosine,
+    "linear": _linear,
 }
-SCHEDULES_USING_TOTAL = frozenset({"cosine"})
-SCHEDULES_WITH_WARMUP = frozenset({"cosine"})  # --warmup-epochs elsewhere is refused
+SCHEDULES_USING_TOTAL = frozenset({"cosine", "linear"})
+SCHEDULES_WITH_WARMUP = frozenset({"cosine", "linear"})  # --warmup-epochs elsewhere is refused
 
 
 def _setting(help: str, **extra) -> dict:
@@ -88,7 +96,7 @@ class Recipe:
     schedule: str = field(default="constant", metadata=_setting(
         "LR schedule", choices=SCHEDULES))
     warmup_epochs: float = field(default=0.0, metadata=_setting(
-        "linear LR warm-up from 0 (epochs, fractions allowed; cosine schedule)"))
+        "linear LR warm-up from 0 (epochs, fractions allowed; cosine and linear schedules)"))
     label_smoothing: float = field(default=0.0, metadata=_setting("label smoothing"))
     batch_size: int = field(default=128, metadata=_setting("batch size"))
     epochs: int = field(default=100, metadata=_setting("pre-training epochs"))
@@ -99,7 +107,7 @@ class Recipe:
         "no weight decay on norms, biases, the position embedding and the CLS token (the "
         "tutorial decays every parameter)"))
     min_lr_ratio: float = field(default=0.0, metadata=_setting(
-        "the cosine schedule ends at this fraction of the base LR"))
+        "the cosine and linear schedules end at this fraction of the base LR"))
     augment: str = field(default="seed", metadata=_setting(
         "training batch transform", choices=AUGMENTATIONS))
     # The vitlab augmentation's strength (timm's --reprob, --mixup, --cutmix, --mixup-prob and
