@@ -255,6 +255,32 @@ def test_weight_decay_groups_and_the_cosine_floor():
     assert lr_factor(r, 0, 10**4, 100) == pytest.approx(1 / 1000)  # 10 warm-up epochs
 
 
+@pytest.mark.parametrize("exempt", [False, True])
+def test_layer_decay_gives_each_layer_its_lr(exempt):
+    """timm's --layer-decay 0.5 on a 2-block model: head and final norm at the LR, block 1 at
+    half, block 0 at a quarter, the embeddings at an eighth; weight decay as without it; every
+    trainable parameter in one group."""
+    model = ViT(preset("micro", 10))
+    chosen = recipe("vitlab-finetune", lr=0.1, layer_decay=0.5, decay_exempt=exempt)
+    optimizer = build_optimizer(chosen, model.named_parameters())
+    expected = {"encoder.embedding": 0.0125, "encoder.blocks.0": 0.025,
+                "encoder.blocks.1": 0.05, "encoder.norm": 0.1, "head": 0.1}
+    seen = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen[id(p)] = (group["lr"], group["weight_decay"])
+    names = dict(model.named_parameters())
+    assert sorted(seen) == sorted(id(p) for p in names.values())  # each parameter once
+    for name, p in names.items():
+        lr, decay = seen[id(p)]
+        prefix = next(k for k in expected if name.startswith(k))
+        assert lr == pytest.approx(expected[prefix]), name
+        undecayed = exempt and (p.ndim <= 1 or "position_embedding" in name
+                                or "cls_token" in name)
+        assert decay == (0.0 if undecayed else chosen.weight_decay), name
+    assert len(optimizer.param_groups) == 4 * (2 if exempt else 1)  # 4 LRs (x decay or not)
+
+
 def test_the_vitlab_recipe_and_preset(tmp_path_factory, tmp_path, capfd):
     config = preset("vitlab-mini", 100)
     assert ViT(config).num_parameters() <= 3_300_000

@@ -830,8 +830,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                     fields = {"step": progress.global_step, "ce": loss.item()}
                     if progress.global_step > 1:
                         fields["steps/sec"] = window_steps / (time.perf_counter() - window_start)
-                    if recipe.schedule != "constant":  # the LR of the step just taken
-                        fields["lr"] = base_lrs[0] * lr_factor(
+                    if recipe.schedule != "constant":  # the (head's) LR of the step just taken
+                        fields["lr"] = recipe.lr * lr_factor(
                             recipe, progress.global_step - 1, total_steps, steps_per_epoch)
                     reporter.event("Train", **fields)
                     window_start, window_steps = time.perf_counter(), 0

@@ -106,6 +106,10 @@ class Recipe:
     decay_exempt: bool = field(default=False, metadata=_setting(
         "no weight decay on norms, biases, the position embedding and the CLS token (the "
         "tutorial decays every parameter)"))
+    layer_decay: float = field(default=1.0, metadata=_setting(
+        "layer-wise LR decay (timm's --layer-decay, for fine-tuning): the head and final norm "
+        "train at the LR, the last block at this fraction of it, each block below at this "
+        "fraction of the one above, the embeddings below the first block (1: one LR)"))
     min_lr_ratio: float = field(default=0.0, metadata=_setting(
         "the cosine and linear schedules end at this fraction of the base LR"))
     augment: str = field(default="seed", metadata=_setting(
@@ -134,7 +138,7 @@ class Recipe:
             if value not in registry:
                 raise ConfigError(f"unknown {what} {value!r}; known: {', '.join(registry)}")
         for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing",
-                     "min_lr_ratio", "ema_decay", *AUGMENT_SETTINGS):
+                     "min_lr_ratio", "ema_decay", "layer_decay", *AUGMENT_SETTINGS):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -154,6 +158,7 @@ class Recipe:
             ("finetune_epochs", 0 <= self.finetune_epochs <= MAX_EPOCHS,
              f"must be in 0..{MAX_EPOCHS:,}"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio < 1, "must be in [0, 1)"),
+            ("layer_decay", 0 < self.layer_decay <= 1, "must be in (0, 1] (1: one LR)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1) (0 turns the EMA off)"),
             ("decay_exempt", isinstance(self.decay_exempt, bool), "must be true or false"),
             ("grad_clip", self.grad_clip is None or (isinstance(self.grad_clip, int | float)
@@ -284,22 +289,46 @@ def build_optimizer(recipe: Recipe, parameters: Iterable[torch.nn.Parameter]
                     ) -> torch.optim.Optimizer:
     """The recipe's optimizer over the trainable parameters: weight decay on all of them (the
     tutorial), or with `decay_exempt` (given named parameters) not on 1-d tensors (norms,
-    biases), the position embedding and the CLS token. `fused`: PyTorch's fused kernels (CUDA)."""
+    biases), the position embedding and the CLS token; with `layer_decay` below 1 (named
+    parameters of a ViT), one group per layer and decay choice, each at its `layer_scales` LR.
+    `fused`: PyTorch's fused kernels (CUDA)."""
     items = list(parameters)
     named = bool(items) and isinstance(items[0], tuple)
-    if not recipe.decay_exempt:
+    if not recipe.decay_exempt and recipe.layer_decay == 1:
         return OPTIMIZERS[recipe.optimizer](
             recipe, [p for p in ((i[1] if named else i) for i in items) if p.requires_grad],
             fused)
     if not named:
-        raise ValueError("decay_exempt needs named parameters (model.named_parameters())")
-    decay, no_decay = [], []
+        raise ValueError("decay_exempt and layer_decay need named parameters "
+                         "(model.named_parameters())")
+    items = [(name, p) for name, p in items if p.requires_grad]
+    scales = layer_scales([name for name, _ in items], recipe.layer_decay)
+    groups: dict[tuple[float, bool], list] = {}  # (LR scale, exempt) -> its parameters
     for name, p in items:
-        if p.requires_grad:
-            exempt = p.ndim <= 1 or any(part in name for part in NO_DECAY_NAMES)
-            (no_decay if exempt else decay).append(p)
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return OPTIMIZERS[recipe.optimizer](recipe, [g for g in groups if g["params"]], fused)
+        exempt = recipe.decay_exempt and (p.ndim <= 1
+                                          or any(part in name for part in NO_DECAY_NAMES))
+        groups.setdefault((scales[name], exempt), []).append(p)
+    # Without layer decay: the decayed group first, as before (a saved optimizer state's order).
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0], item[0][1]))
+    return OPTIMIZERS[recipe.optimizer](recipe, [
+        {"params": params, **({"weight_decay": 0.0} if exempt else {}),
+         **({"lr": recipe.lr * scale} if scale != 1 else {})}
+        for (scale, exempt), params in ordered], fused)
+
+
+def layer_scales(names: list[str], decay: float) -> dict[str, float]:
+    """Each ViT parameter's LR scale under layer-wise decay (BEiT's, timm's): the embeddings are
+    layer 0, block i layer i + 1, the final norm and the head layer depth + 1, and layer l
+    trains at decay ** (depth + 1 - l) of the LR."""
+    blocks = [int(name.split(".")[2]) for name in names if name.startswith("encoder.blocks.")]
+    depth = max(blocks) + 1 if blocks else 0
+
+    def layer(name: str) -> int:
+        if name.startswith("encoder.blocks."):
+            return int(name.split(".")[2]) + 1
+        return 0 if name.startswith("encoder.embedding.") else depth + 1
+
+    return {name: decay ** (depth + 1 - layer(name)) for name in names}
 
 
 def lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
