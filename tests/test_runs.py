@@ -793,3 +793,22 @@ def test_a_setting_the_run_was_started_without_is_named_so():
                                  "runs/a"))
     assert "which was started without --train-steps-per-epoch;" in message
     assert "None" not in message
+
+
+def test_the_pipeline_refuses_a_val_fraction_that_holds_out_nothing_before_pretraining(
+        data_root, tmp_path):
+    """10% of the pre-training data's ~6 images a class is one; of the fine-tuning data's 2 a
+    class, none: refused before the pre-training stage starts, not after it."""
+    small = tmp_path / "two-a-class"
+    small.mkdir()
+    with np.load(data_root / "cifar10" / "train.npz") as z:
+        keep = np.concatenate([np.flatnonzero(z["y"] == c)[:2] for c in range(10)])
+        np.savez(small / "train.npz", x=z["x"][keep], y=z["y"][keep])
+        np.savez(small / "test.npz", x=z["x"][keep], y=z["y"][keep])
+    shutil.copy(data_root / "cifar10" / "classes.json", small / "classes.json")
+    with pytest.raises(ConfigError, match="--val-fraction 0.1 holds out no image of"):
+        run_pipeline(pretrain_data="cifar10", finetune_data=small, out=tmp_path / "p",
+                     model="micro", data_root=data_root, no_download=True, epochs=1,
+                     train_steps_per_epoch=1, batch_size=16, quiet=True, device="cpu",
+                     val_fraction=0.1)
+    assert not (tmp_path / "p" / "pretrain").exists()

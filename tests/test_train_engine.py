@@ -1382,6 +1382,18 @@ def test_val_fraction_validates_the_epochs_and_tests_once_at_the_end(dataset, tm
     assert result.best_accuracy == max(r["accuracy"] for r in h_events(records, "eval"))
 
 
+def test_val_fraction_with_eval_steps_tests_that_many_batches_only(dataset, tmp_path):
+    """A smoke run (--eval-steps-per-epoch 1): the test pass scores the first batch's worth of
+    the test split, as the epochs' evaluation does, and makes no per-class report of it."""
+    opts = options(1, train_steps_per_epoch=2, val_fraction=0.25, eval_steps_per_epoch=1)
+    model = tiny_model()
+    result = fit(model, dataset, RECIPE, opts, tmp_path)
+    first = evaluate(model, BatchLoader(dataset.test.head(8), 8, augment=SeedAugment(),
+                                        train=False, shuffle=False))
+    assert result.test_eval["accuracy"] == first["accuracy"] and not result.final_evaluations
+    assert result.test_eval["ce"] == pytest.approx(first["ce"], rel=1e-6)
+
+
 def test_val_fraction_resumes_to_the_uninterrupted_run(dataset, tmp_path):
     opts = options(2, train_steps_per_epoch=2, val_fraction=0.25)
     straight = fit(FailingViT(at=0, action="none"), dataset, RECIPE, opts, tmp_path / "a")
@@ -1442,17 +1454,29 @@ def test_early_stop_ends_the_run_after_patience_evaluations_without_a_best(datas
     # A finished run: `vitlab run` keeps the stage rather than resuming it.
     assert vitlab_runs._finished(tmp_path / "a", ckpt.read_run_config(tmp_path / "a"))
 
-    # Interrupted in epoch 3 and resumed: the same stop; resumed again, nothing more to train.
+    # Interrupted in epoch 3 and resumed: the same stop; resumed again (with any budget), it
+    # says it stopped early, and nothing changes.
     with pytest.raises(Interrupted):
         fit(FlatEvalViT(5, "sigint"), dataset, RECIPE, opts, tmp_path / "b")
     fit(FlatEvalViT(0, "none"), dataset, RECIPE, opts, tmp_path / "b", resume=True)
     a, b = (ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    again = fit(FlatEvalViT(0, "none"), dataset, RECIPE, opts, tmp_path / "b", resume=True)
-    assert again.global_step == 6
     resumed = ckpt.read_jsonl(tmp_path / "b" / ckpt.METRICS)
+    for budget in (6, 9):
+        with pytest.raises(CheckpointError, match="stopped early after epoch 3 .* nothing to "
+                                                  "resume"):
+            fit(FlatEvalViT(0, "none"), dataset, RECIPE, dataclasses.replace(opts, epochs=budget),
+                tmp_path / "b", resume=True)
+    assert ckpt.read_jsonl(tmp_path / "b" / ckpt.METRICS) == resumed
     assert [r["epoch"] for r in h_events(resumed, "eval")] == [1, 2, 3]
     assert len(h_events(resumed, "earlystop")) == 1
+
+    # Patience spent at the last evaluation: the run finished its epochs, it did not stop early.
+    last = fit(FlatEvalViT(0, "none"), dataset, RECIPE,
+               options(2, train_steps_per_epoch=2, early_stop_patience=1), tmp_path / "c")
+    state = torch.load(tmp_path / "c" / ckpt.TRAINER_STATE, weights_only=True)
+    assert last.global_step == 4 and not state["progress"]["stopped_early"]
+    assert not h_events(ckpt.read_jsonl(tmp_path / "c" / ckpt.METRICS), "earlystop")
 
 
 def test_early_stop_counts_evaluations_since_the_best_and_a_new_best_resets_it(tmp_path):
@@ -1461,7 +1485,7 @@ def test_early_stop_counts_evaluations_since_the_best_and_a_new_best_resets_it(t
     model = tiny_model()
     progress = Progress()
     writer = CheckpointWriter(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1),
-                              progress, torch.device("cpu"), patience=3)
+                              progress, torch.device("cpu"), patience=3)  # no budget: any epoch
     writer.background = False
     seen = []
     for accuracy in (0.5, 0.4, 0.5, 0.6, None, 0.6, 0.59, 0.1):  # None: an unevaluated epoch

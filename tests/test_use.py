@@ -356,9 +356,17 @@ def test_bad_inputs_are_one_line_errors(run, pngs, tmp_path, capfd):
          "exists and is not a predictions file that `vitlab predict` wrote"),
         (["predict", "--checkpoint", run, folder, "--output", tmp_path / "notes.csv"],
          "exists and is not a predictions file"),
+        (["export", "--checkpoint", run, "--out", tmp_path / "foreign.onnx"],
+         "is a .onnx file that vitlab did not export"),
+        (["export", "--checkpoint", run, "--format", "timm", "--out",
+          tmp_path / "foreign.safetensors"], "is a .safetensors file that vitlab did not export"),
     ]
     originals = {"train.npz": b"PK data", "classes.json": b'["cat", "dog"]',
-                 "notes.csv": b"mine,1\n"}
+                 "notes.csv": b"mine,1\n", "foreign.onnx": b"someone else's model"}
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "foreign.safetensors"))  # timm's, say
+    originals["foreign.safetensors"] = (tmp_path / "foreign.safetensors").read_bytes()
     for name, data in originals.items():
         (tmp_path / name).write_bytes(data)
     (tmp_path / "dir.json").mkdir()

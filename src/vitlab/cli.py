@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto")
     b.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="vitlab's precision (the tutorial's model always runs fp32; auto: bf16 "
-                        "on CUDA)")
+                        "on a CUDA GPU with bf16 units, compute capability 8.0 on)")
     b.add_argument("--compile", choices=["off", *COMPILE_MODES],
                    default="off", help="torch.compile mode for vitlab's model (reduce-overhead: "
                                        "CUDA graphs)")

@@ -43,7 +43,25 @@ def _check_target(given: str | os.PathLike, suffix: str) -> Path:
     if path.is_file() and path.suffix.lower() != suffix:  # a dataset's file, an image, ...
         raise ConfigError(f"--out {path} exists and is not a {suffix} file, which the export "
                           f"would replace; give a new name, or one ending in {suffix}")
+    if path.is_file() and path.stat().st_size and not _exported_by_vitlab(path):
+        raise ConfigError(f"--out {path} is a {suffix} file that vitlab did not export (it has "
+                          "no vitlab.class_names in its metadata), which the export would "
+                          "replace; give a new name")
     return path
+
+
+def _exported_by_vitlab(path: Path) -> bool:
+    """Whether `path` holds what export_onnx or export_timm writes (their metadata says so)."""
+    try:
+        if path.suffix.lower() == ".onnx":
+            model = require_onnx().load(str(path), load_external_data=False)
+            return any(p.key == "vitlab.class_names" for p in model.metadata_props)
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return "vitlab.class_names" in (f.metadata() or {})
+    except Exception:  # not a readable file of that format: not one of ours
+        return False
 
 
 def head_for(model: ViT, class_names: Sequence[str]) -> ViT:

@@ -43,6 +43,7 @@ from vitlab.train.engine import (
     check_learnable,
     evaluate,
     fit,
+    hold_out_validation,
     repair_run_weights,
     resolve_device,
     resolve_precision,
@@ -808,6 +809,8 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
         check_fits(dataset, config, spec, on_device)
         check_learnable(dataset)
         _check_channels(normalization, dataset, spec)
+        if settings.get("val_fraction"):  # what it holds out depends on the class sizes only
+            hold_out_validation(dataset, settings["val_fraction"], 0)
     if num_classes is not None and num_classes < datasets[1].num_classes:
         raise ConfigError(f"--num-classes {num_classes} is smaller than the "
                           f"{datasets[1].num_classes} classes of {finetune_data}")
@@ -864,7 +867,8 @@ def _check_evaluation_dir(folder: Path, overwrite: bool) -> None:
         ours = False
     if not ours:
         raise ConfigError(f"{path} is not a vitlab evaluation, and vitlab run would replace it; "
-                          "move or delete it, or choose another --out")
+                          "move or delete it, or choose another --out (--overwrite replaces it, "
+                          "and trains both stages again)")
 
 
 # Recipe settings that reach vitlab run's fine-tuning stage even when equal to the recipe's own.

@@ -214,8 +214,7 @@ def check_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> list[str
     gives for them; deletes nothing (`vitlab run` checks its second stage before the first)."""
     run_dir = Path(run_dir)
     leftovers = [name for name in (*RUN_FILES, *RUN_DIRS) if (run_dir / name).exists()]
-    named = ", ".join(leftovers[:4]) + (f" and {len(leftovers) - 4} more" if len(leftovers) > 4
-                                        else "")
+    named = ", ".join(leftovers)  # at most the 10 names a run writes
     if leftovers and not overwrite and not _written_by_vitlab(run_dir):
         # First: a weight file no vitlab run wrote is no run to continue with --resume.
         raise CheckpointError(

@@ -347,7 +347,7 @@ class CheckpointWriter:
     With an EMA of the weights, its accuracy picks the best checkpoint and best.safetensors holds
     the EMA weights; ema.safetensors holds the latest EMA. Keeping the best, it also counts the
     evaluations since it, and marks the run stopped early once `patience` of them in a row did
-    not beat it (--early-stop-patience).
+    not beat it (--early-stop-patience) with epochs of its `epochs` still to train.
 
     `save(wait=False)` copies the state to host memory and writes it on a background thread
     while training goes on (serializing and fsyncing took ~0.26 s a save for seed-mini on the
@@ -362,9 +362,9 @@ class CheckpointWriter:
 
     def __init__(self, run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  progress: Progress, device: torch.device, ema: WeightEMA | None = None,
-                 patience: int | None = None) -> None:
+                 patience: int | None = None, epochs: int | None = None) -> None:
         self.run_dir = run_dir
-        self.patience = patience
+        self.patience, self.epochs = patience, epochs
         self.model = model
         self.optimizer = optimizer
         self.progress = progress
@@ -414,7 +414,8 @@ class CheckpointWriter:
             progress.best_step = progress.global_step
         if score is not None:
             progress.evaluations_since_best = 0 if is_best else progress.evaluations_since_best + 1
-            if self.patience is not None and progress.evaluations_since_best >= self.patience:
+            if (self.patience is not None and progress.evaluations_since_best >= self.patience
+                    and (self.epochs is None or progress.epoch < self.epochs)):
                 progress.stopped_early = True
         progress.world_size = distributed.world_size()
         rngs = distributed.gather_objects(_rng_state(self.device))  # every rank's dropout stream
@@ -558,6 +559,12 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         if progress.epoch >= options.epochs:
             raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
+        if progress.stopped_early:  # finished, whatever budget it is given now
+            raise CheckpointError(
+                f"{run_dir} stopped early after epoch {progress.epoch} ("
+                f"{progress.evaluations_since_best} evaluations without a better one, "
+                "--early-stop-patience); nothing to resume: evaluate or fine-tune it, or start "
+                "it anew with --overwrite")
         if distributed.is_main_process():
             ckpt.truncate_logs(run_dir, progress.global_step)
         return progress
@@ -632,11 +639,12 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
             lambda: _prepare(model, dataset, test, recipe, options, run_dir, run_config, resume,
                              optimizer, device, held, ema, normalization))
         writer = CheckpointWriter(run_dir, model, optimizer, progress, device, ema,
-                                  options.early_stop_patience)
+                                  options.early_stop_patience, options.epochs)
         total_steps = len(train_loader) * options.epochs
         return _train(model, recipe, options, run_dir, reporter, writer, optimizer, base_lrs,
                       train_loader, eval_loader, test_loader, autocast_dtype, total_steps,
-                      resume, _head_size(model, dataset))
+                      resume, _head_size(model, dataset),
+                      len(dataset.test) if test is not None else None)
 
 
 def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Split]:
@@ -687,6 +695,8 @@ def _prepare(model: nn.Module, dataset: Dataset, test: Split | None, recipe: Rec
         evaluated = evaluated.head(options.eval_steps_per_epoch * recipe.batch_size)
     eval_batch = options.eval_batch_size or (
         max(recipe.batch_size, 1024) if device.type == "cuda" else recipe.batch_size)
+    if test is not None and options.eval_steps_per_epoch is not None:
+        test = test.head(options.eval_steps_per_epoch * recipe.batch_size)  # a smoke run's
     eval_loader, test_loader = (
         None if split is None else BatchLoader(
             split, eval_batch, device=device, augment=evaluation, train=False, shuffle=False,
@@ -710,7 +720,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
            reporter: Reporter, writer: CheckpointWriter, optimizer: torch.optim.Optimizer,
            base_lrs: list[float], train_loader: BatchLoader, eval_loader: BatchLoader,
            test_loader: BatchLoader | None, autocast_dtype: torch.dtype | None,
-           total_steps: int, resume: bool, num_classes: int) -> FitResult:
+           total_steps: int, resume: bool, num_classes: int,
+           validation_images: int | None = None) -> FitResult:
     """The epochs of `fit`: train steps, log lines, evaluation, checkpoints, signals."""
     progress, device = writer.progress, train_loader.device
     steps_per_epoch = len(train_loader)
@@ -765,7 +776,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                        num_device=distributed.world_size(), device=str(device),
                        params=sum(p.numel() for p in model.parameters()), **compiling,
                        **({} if test_loader is None
-                          else {"validation_images": len(eval_loader.labels)}))
+                          else {"validation_images": validation_images}))
     if options.epochs == 0:
         writer.save()  # the initial weights, e.g. a transferred encoder with a new head
     show_bar = reporter.is_main and (sys.stdout.isatty() if options.progress is None
@@ -896,7 +907,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     test_eval = None
     if test_loader is not None:
         test_eval, final_evaluations = _test(model, writer, test_loader, autocast_dtype,
-                                             num_classes, run_dir)
+                                             num_classes, run_dir,
+                                             whole=options.eval_steps_per_epoch is None)
         reporter.event("Test", step=progress.global_step, **test_eval)
     reporter.event("Finish", step=progress.global_step, total_time=writer.elapsed(),
                    best_accuracy=progress.best_accuracy)
@@ -907,13 +919,14 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
 
 
 def _test(model: nn.Module, writer: CheckpointWriter, loader: BatchLoader,
-          precision: torch.dtype | None, num_classes: int, run_dir: Path
+          precision: torch.dtype | None, num_classes: int, run_dir: Path, whole: bool = True
           ) -> tuple[dict, dict[str, dict]]:
     """The test split's evaluation after a fit that validated on a held-out split: of the last
     weights, the EMA's (with one) and best.safetensors' (the best validated epoch's), uncompiled
     as `vitlab evaluate` makes them. Returns the Test event's fields and the per-class reports
-    (`FitResult.final_evaluations`)."""
-    report = {"num_classes": num_classes} if num_classes <= REPORT_MAX_CLASSES else {}
+    (`FitResult.final_evaluations`; none unless the loader has the `whole` test split)."""
+    report = ({"num_classes": num_classes} if whole and num_classes <= REPORT_MAX_CLASSES
+              else {})
     reports = {"last": evaluate(model, loader, precision=precision, **report)}
     if writer.ema is not None:
         reports["ema"] = evaluate(writer.ema.model, loader, precision=precision, **report)
@@ -923,7 +936,10 @@ def _test(model: nn.Module, writer: CheckpointWriter, loader: BatchLoader,
     writer.wait()  # best.safetensors is on disk (rank 0 writes it) ...
     distributed.barrier()  # ... before any process reads it
     best_file = run_dir / ckpt.BEST_WEIGHTS
-    if best_file.is_file():
+    # Rank 0 looks, for all: another node may not see the file rank 0 wrote, and a collective
+    # (the evaluation's all-reduce) must run on every rank or none.
+    if distributed.broadcast_object(best_file.is_file() if distributed.is_main_process()
+                                    else None):
         best = copy.deepcopy(model)
         best.load_state_dict(ckpt.load_weights(best_file))
         chosen = evaluate(best, loader, precision=precision)
