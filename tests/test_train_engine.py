@@ -1527,3 +1527,62 @@ def test_layer_decay_trains_each_layer_at_its_lr_and_resumes_bitwise(dataset, tm
     for name, s in scale.items():
         moved = before[name] - model.state_dict()[name]
         torch.testing.assert_close(moved, 0.05 * s * grads[name])
+
+
+# --- fp16 with a dynamic loss scaler (--precision fp16) ---------------------------------------
+
+def test_a_loss_scaler_leaves_the_step_exact_and_clips_the_true_gradients(dataset):
+    """A power-of-two loss scale and its inverse are exact, so a step through the scaler (fp32
+    here, to compare bit for bit) equals the plain step, gradient clipping included: the
+    gradients are unscaled before they are clipped."""
+    clipped = recipe("seed", batch_size=8, lr=0.05, grad_clip=0.05)
+    images = SeedAugment().apply(dataset.train.images[:8], train=False)
+    labels = dataset.train.labels[:8]
+    weights = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        model = tiny_model()
+        optimizer = build_optimizer(clipped, model.named_parameters())
+        train_step(model, optimizer, images, labels, clipped, scaler=scaler)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_an_overflowing_fp16_step_is_skipped_and_the_scale_backs_off(dataset):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(RECIPE, model.named_parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)  # fp16 gradients overflow
+    images = SeedAugment().apply(dataset.train.images[:8], train=False)
+    loss = train_step(model, optimizer, images, dataset.train.labels[:8], RECIPE,
+                      torch.float16, scaler=scaler)
+    assert torch.isfinite(loss)  # the loss itself is fine: the scaled gradients overflowed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # skipped
+    assert scaler.get_scale() == 2.0**119
+
+
+def test_fp16_trains_saves_its_scale_and_resumes_bitwise(dataset, tmp_path):
+    opts = options(2, train_steps_per_epoch=3, precision="fp16")
+    straight = fit(FailingViT(0, "none"), dataset, RECIPE, opts, tmp_path / "a")
+    state = torch.load(tmp_path / "a" / ckpt.TRAINER_STATE, weights_only=True)
+    scale = state["scaler"]["scale"]  # torch's initial 2**16, halved at each overflow
+    assert scale <= 2.0**16 and math.log2(scale).is_integer()
+    with pytest.raises(Interrupted):
+        fit(FailingViT(4, "sigint"), dataset, RECIPE, opts, tmp_path / "b")
+    resumed = fit(FailingViT(0, "none"), dataset, RECIPE, opts, tmp_path / "b", resume=True)
+    a, b = (ckpt.load_weights(tmp_path / run / ckpt.WEIGHTS) for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed.last_eval == straight.last_eval
+    fp32 = fit(FailingViT(0, "none"), dataset, RECIPE, options(2, train_steps_per_epoch=3),
+               tmp_path / "c")
+    c = ckpt.load_weights(tmp_path / "c" / ckpt.WEIGHTS)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # fp16 did run in fp16
+    assert fp32.global_step == 6
+
+
+def test_fp16_is_never_captured_and_steps_its_optimizer_eagerly():
+    fp16 = TrainOptions(epochs=1, precision="fp16")
+    assert not fp16.captures("cuda")
+    assert fp16.compile_plan("cuda", 10**6) == ("reduce-overhead", True)
+    for bad, message in (({"capture_step": True}, "leave out --capture-step"),
+                         ({"eager_optimizer": False}, "leave out --no-eager-optimizer")):
+        with pytest.raises(ConfigError, match=message):
+            TrainOptions(epochs=1, precision="fp16", **bad)

@@ -141,6 +141,8 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
         return None
     if name == "bf16":
         return torch.bfloat16
+    if name == "fp16":
+        return torch.float16
     raise ConfigError(f"unknown precision {name!r}; use fp32, bf16 or auto")
 
 
@@ -305,7 +307,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tenso
                targets: Tensor, recipe: Recipe, autocast_dtype: torch.dtype | None = None,
                loss_scale: float = 1.0, step: Callable[[], object] | None = None,
                parts: int = 1, no_sync: Callable[[], contextlib.AbstractContextManager] | None
-               = None) -> Tensor:
+               = None, scaler: torch.amp.GradScaler | None = None) -> Tensor:
     """One optimizer step on one batch; returns the (detached) loss, left on the device.
 
     `loss_scale` weights this process's part of a data-parallel batch (see `_train`); `step`
@@ -313,7 +315,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tenso
     (gradient accumulation) the batch's contiguous parts, sizes differing by at most one (as
     many as it has samples, if fewer), each run forward and backward in turn, their losses
     weighted by their shares of the batch, so the gradients add up to the batch's mean loss's;
-    `no_sync` (DDP's) holds the gradients' all-reduce until the last part.
+    `no_sync` (DDP's) holds the gradients' all-reduce until the last part. With a `scaler`
+    (fp16), the losses are scaled before backward, the gradients unscaled before clipping, and
+    the scaler steps the optimizer (skipping a step whose gradients overflowed) and updates its
+    scale.
     """
     device = inputs.device
     optimizer.zero_grad(set_to_none=True)
@@ -330,13 +335,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tenso
                 logits = model(x)
             part_loss = cross_entropy(logits.float(), y, recipe.label_smoothing)
             scale = loss_scale * share
-            (part_loss * scale if scale != 1.0 else part_loss).backward()
+            weighted = part_loss * scale if scale != 1.0 else part_loss
+            (scaler.scale(weighted) if scaler is not None else weighted).backward()
         part_loss = part_loss.detach() if parts == 1 else part_loss.detach() * share
         loss = part_loss if loss is None else loss + part_loss
     if recipe.grad_clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
-    (step or optimizer.step)()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        (step or optimizer.step)()
     return loss
 
 
@@ -362,9 +374,11 @@ class CheckpointWriter:
 
     def __init__(self, run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  progress: Progress, device: torch.device, ema: WeightEMA | None = None,
-                 patience: int | None = None, epochs: int | None = None) -> None:
+                 patience: int | None = None, epochs: int | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
         self.run_dir = run_dir
         self.patience, self.epochs = patience, epochs
+        self.scaler = scaler  # fp16's loss scaler: its scale is part of what resumes
         self.model = model
         self.optimizer = optimizer
         self.progress = progress
@@ -426,6 +440,7 @@ class CheckpointWriter:
         state = _host_copy({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
             "progress": vars(progress) | {"elapsed": self.elapsed()},
             "rng": rngs[0], **({"rng_ranks": rngs} if len(rngs) > 1 else {})})
         meta = _weights_meta(progress)
@@ -474,13 +489,16 @@ def _write_weight_files(run_dir: Path, weights: dict, ema: dict | None, meta: di
 
 
 def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             device: torch.device, ema: WeightEMA | None) -> Progress:
+             device: torch.device, ema: WeightEMA | None,
+             scaler: torch.amp.GradScaler | None = None) -> Progress:
     state = ckpt.load_trainer_state(run_dir / ckpt.TRAINER_STATE)
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if scaler is not None and "scaler" in state:  # (a run switched to fp16 starts afresh)
+            scaler.load_state_dict(state["scaler"])
         eager_param_groups(optimizer, device)
         progress = saved_progress(state, run_dir / ckpt.TRAINER_STATE)
         world = distributed.world_size()
@@ -547,12 +565,12 @@ def repair_run_weights(run_dir: Path) -> None:
 
 def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
            device: torch.device, options: TrainOptions, resume: bool,
-           ema: WeightEMA | None) -> Progress:
+           ema: WeightEMA | None, scaler: torch.amp.GradScaler | None = None) -> Progress:
     """Where training starts: the saved progress of a resumed run, or step 0 of a fresh one."""
     if resume:
         if distributed.is_main_process():
             ckpt.remove_temp_files(run_dir)
-        progress = _restore(run_dir, model, optimizer, device, ema)
+        progress = _restore(run_dir, model, optimizer, device, ema, scaler)
         if distributed.is_main_process():
             _repair_weight_files(run_dir, model.state_dict(),
                                  ema.state_dict() if ema is not None else None, progress)
@@ -632,14 +650,16 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
                                 fused=fused_kernels(device))
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
+    # fp16: a dynamic loss scale keeps small gradients from underflowing (bf16 needs none).
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
     with contextlib.ExitStack() as held:
         # What can fail on some processes only (the lock, files, a shard with no samples) fails
         # on all of them together, instead of leaving the others waiting in a collective.
         train_loader, eval_loader, test_loader, progress, reporter = distributed.together(
             lambda: _prepare(model, dataset, test, recipe, options, run_dir, run_config, resume,
-                             optimizer, device, held, ema, normalization))
+                             optimizer, device, held, ema, normalization, scaler))
         writer = CheckpointWriter(run_dir, model, optimizer, progress, device, ema,
-                                  options.early_stop_patience, options.epochs)
+                                  options.early_stop_patience, options.epochs, scaler)
         total_steps = len(train_loader) * options.epochs
         return _train(model, recipe, options, run_dir, reporter, writer, optimizer, base_lrs,
                       train_loader, eval_loader, test_loader, autocast_dtype, total_steps,
@@ -671,7 +691,8 @@ def _input_shape(model: nn.Module) -> tuple[int, int, int]:
 def _prepare(model: nn.Module, dataset: Dataset, test: Split | None, recipe: Recipe,
              options: TrainOptions, run_dir: Path, run_config: RunConfig | None, resume: bool,
              optimizer: torch.optim.Optimizer, device: torch.device,
-             held: contextlib.ExitStack, ema: WeightEMA | None, normalization: Normalization
+             held: contextlib.ExitStack, ema: WeightEMA | None, normalization: Normalization,
+             scaler: torch.amp.GradScaler | None = None
              ) -> tuple[BatchLoader, BatchLoader, BatchLoader | None, Progress, Reporter]:
     """The loaders (training, the epochs' evaluation, and with a held-out validation split the
     test split's `test`), the run directory (locked, prepared or restored) and its Reporter."""
@@ -707,7 +728,7 @@ def _prepare(model: nn.Module, dataset: Dataset, test: Split | None, recipe: Rec
     if distributed.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         held.enter_context(ckpt.RunLock(run_dir))
-    progress = _begin(run_dir, model, optimizer, device, options, resume, ema)
+    progress = _begin(run_dir, model, optimizer, device, options, resume, ema, scaler)
     reporter = held.enter_context(contextlib.closing(
         Reporter(run_dir, quiet=options.quiet, tensorboard=options.tensorboard,
                  resumed_at=progress.global_step if resume else None)))
@@ -811,7 +832,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                                        else "compiled", capture_time=shape["seconds"])
                 elif world == 1:
                     loss = train_step(trainable, optimizer, inputs, targets, recipe,
-                                      autocast_dtype, step=step, parts=parts)
+                                      autocast_dtype, step=step, parts=parts,
+                                      scaler=writer.scaler)
                     stopping = stop.raised
                 else:
                     # This rank's part of the global batch: its mean loss weighted by its share,
@@ -819,7 +841,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                     share = len(targets) / train_loader.global_batch_size
                     loss = train_step(trainable, optimizer, inputs, targets, recipe,
                                       autocast_dtype, loss_scale=world * share, step=step,
-                                      parts=parts, no_sync=no_sync)
+                                      parts=parts, no_sync=no_sync, scaler=writer.scaler)
                     loss, stopping = _agree(loss * share, stop, device)
                 bad_loss |= ~torch.isfinite(loss)
                 loss_sum += loss.double()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from vitlab.errors import ConfigError, SettingError
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # torch.compile modes; reduce-overhead also captures CUDA graphs (CUDA only).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Uncaptured (--no-capture-step) and without --compile/--no-compile, a fit on one CUDA GPU
@@ -58,7 +58,9 @@ class TrainOptions:
     device: str = field(default="auto", metadata=_runtime(
         "auto (CUDA if present), cpu, cuda, cuda:N"))
     precision: str = field(default="auto", metadata=_runtime(
-        "auto: bf16 autocast on a CUDA GPU with bf16 units (Ampere on), else fp32", choices=PRECISIONS))
+        "auto: bf16 autocast on a CUDA GPU with bf16 units (Ampere on), else fp32; fp16: "
+        "float16 autocast with a dynamic loss scaler, for GPUs without bf16 units (T4, V100)",
+        choices=PRECISIONS))
     compile: bool | None = field(default=None, metadata=_runtime(
         "torch.compile the training step: the model, and the optimizer's step unless "
         "--eager-optimizer (default: on one CUDA GPU for a fit of "
@@ -181,6 +183,13 @@ class TrainOptions:
             raise ConfigError(f"--capture-step records the whole step as one CUDA graph itself: "
                               f"use --compile-mode default, not {self.compile_mode} (which "
                               "records CUDA graphs of its own)")
+        if self.precision == "fp16" and self.capture_step:
+            raise ConfigError("--precision fp16 skips a step whose gradients overflowed, a "
+                              "decision made on the host, which a recorded CUDA graph cannot "
+                              "make: leave out --capture-step")
+        if self.precision == "fp16" and self.eager_optimizer is False:
+            raise ConfigError("--precision fp16 steps the optimizer through its loss scaler, "
+                              "eagerly: leave out --no-eager-optimizer")
         if self.capture_step and self.eager_optimizer is False:
             raise ConfigError("--capture-step records the optimizer's step as it runs, eagerly: "
                               "leave out --no-eager-optimizer (or use --no-capture-step)")
@@ -212,9 +221,10 @@ class TrainOptions:
         # gradients with the next part's run (pytorch/pytorch#169545).
         graphs = cuda and world_size == 1 and not captured and self.grad_accum_steps == 1
         mode = self.compile_mode or ("reduce-overhead" if graphs else "default")
-        # A captured step records the optimizer's step as it runs: eagerly.
-        return mode, captured or (self.eager_optimizer if self.eager_optimizer is not None
-                                  else cuda)
+        # A captured step records the optimizer's step as it runs: eagerly; fp16's loss scaler
+        # steps it eagerly too.
+        return mode, captured or self.precision == "fp16" or (
+            self.eager_optimizer if self.eager_optimizer is not None else cuda)
 
     def captures(self, device_type: str, world_size: int = 1) -> bool:
         """Whether fit records its whole step as one CUDA graph (--capture-step). Unset: on one
@@ -224,7 +234,7 @@ class TrainOptions:
         error."""
         if self.capture_step is None:  # off where asked for graphs or a compiled optimizer step
             return (device_type == "cuda" and world_size == 1 and self.eager_optimizer is not False
-                    and self.compile_mode in (None, "default"))
+                    and self.compile_mode in (None, "default") and self.precision != "fp16")
         if not self.capture_step:
             return False
         if device_type != "cuda":
