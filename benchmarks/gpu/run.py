@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -165,6 +166,7 @@ def stage_checks(args: argparse.Namespace) -> dict:
         lams.add(round(float(targets[0].max()), 6))
     result["mixup_scalars_vary_with_the_seed"] = len(lams) > 1
     result.update(_locality_check(device))
+    result.update(_fp16_check(device))
     if device.type == "cuda":  # the augmentation must never wait on the device (warm by now)
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -176,6 +178,33 @@ def stage_checks(args: argparse.Namespace) -> dict:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return result
+
+
+def _fp16_check(device) -> dict:
+    """--precision fp16's step on the device: micro, 20 steps of train_step with the loss scaler
+    and the device's optimizer kernels (fused on CUDA), from the initial scale of 2**16: the
+    losses stay finite, the weights move, and the scale that ends it."""
+    import torch
+
+    from vitlab.model import ViT, preset
+    from vitlab.train import recipe
+    from vitlab.train.engine import train_step
+    from vitlab.train.recipe import build_optimizer, fused_kernels
+
+    torch.manual_seed(0)
+    model = ViT(preset("micro", 10)).to(device)
+    chosen = recipe("vitlab", batch_size=64, grad_clip=1.0)
+    optimizer = build_optimizer(chosen, model.named_parameters(), fused=fused_kernels(device))
+    scaler = torch.amp.GradScaler(device.type)
+    start = [p.detach().clone() for p in model.parameters()]
+    images = torch.randn(64, 3, 32, 32, device=device)
+    labels = torch.arange(64, device=device) % 10
+    losses = [float(train_step(model, optimizer, images, labels, chosen, torch.float16,
+                               scaler=scaler)) for _ in range(20)]
+    moved = any(not torch.equal(a, p) for a, p in zip(start, model.parameters(), strict=True))
+    return {"fp16_losses_first_last": [round(losses[0], 4), round(losses[-1], 4)],
+            "fp16_scale": scaler.get_scale(),
+            "fp16_ok": all(map(math.isfinite, losses)) and moved and losses[-1] < losses[0]}
 
 
 def _locality_check(device) -> dict:
