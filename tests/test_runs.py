@@ -812,3 +812,35 @@ def test_the_pipeline_refuses_a_val_fraction_that_holds_out_nothing_before_pretr
                      train_steps_per_epoch=1, batch_size=16, quiet=True, device="cpu",
                      val_fraction=0.1)
     assert not (tmp_path / "p" / "pretrain").exists()
+
+
+def test_a_pretraining_may_change_its_presets_architecture(data_root, tmp_path, capfd):
+    """--depth/--width/--num-heads/--mlp-dim/--patch-size change the preset for pre-training
+    (saved in config.json's model, checked on resume); the pipeline fine-tunes that
+    architecture, and finetune takes none of them."""
+    common = ["--model", "micro", "--data-root", str(data_root), "--no-download", "--epochs", "1",
+              "--finetune-epochs", "1", "--train-steps-per-epoch", "1", "--batch-size", "16",
+              "--no-progress", "--log-steps", "0", "--device", "cpu"]
+    shape = ["--depth", "3", "--width", "48", "--num-heads", "6", "--mlp-dim", "96",
+             "--patch-size", "4"]
+    out = tmp_path / "p"
+    assert main(["run", "--pretrain-data", "cifar10", "--finetune-data", "cifar10", *common,
+                 *shape, "--out", str(out)]) == 0, capfd.readouterr().err
+    for stage in ("pretrain", "finetune"):
+        model = ckpt.read_run_config(out / stage).model
+        assert (model.depth, model.width, model.num_heads, model.mlp_dim, model.patch_size) == \
+            (3, 48, 6, 96, 4), stage
+    loaded, _, _ = load_run(out / "finetune")
+    assert len(loaded.encoder.blocks) == 3
+    capfd.readouterr()
+    assert main(["run", "--pretrain-data", "cifar10", "--finetune-data", "cifar10", *common,
+                 "--depth", "2", "--out", str(out)]) == 2
+    assert "--depth 2 differs from the run in" in assert_one_error_line(capfd.readouterr().err,
+                                                                         "run")
+    assert main(["pretrain", "--data", "cifar10", "--num-heads", "5", "--model", "micro",
+                 "--out", str(tmp_path / "x"), "--data-root", str(data_root),
+                 "--no-download"]) == 2
+    assert "must be divisible by num_heads 5" in capfd.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="unknown setting 'depth' for finetune"):
+        finetune(out / "pretrain", data="cifar10", out=tmp_path / "f", depth=4)

@@ -36,7 +36,7 @@ from vitlab.errors import CheckpointError, ConfigError, SettingDiffers
 from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import ViT, ViTConfig, forward_flops, preset
 from vitlab.predict import PredictionReport
-from vitlab.settings import SETTINGS, check_settings, pick
+from vitlab.settings import ARCHITECTURE_SETTINGS, SETTINGS, check_settings, pick
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.engine import (
     FitResult,
@@ -164,10 +164,13 @@ def _data_options(settings: dict[str, Any]) -> dict[str, Any]:
 def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
              model: str | None = None, image_size: int | None = None,
              dropout: float | None = None, drop_path: float | None = None,
-             normalize: str | None = None, **settings: Any) -> FitResult:
+             normalize: str | None = None, depth: int | None = None, width: int | None = None,
+             num_heads: int | None = None, mlp_dim: int | None = None,
+             patch_size: int | None = None, **settings: Any) -> FitResult:
     """Train `model` (a preset name; default: the recipe's, seed-mini for the seed recipe) from
     scratch on `data`, its inputs normalized by `normalize` (a NORMALIZATIONS name or MEAN/STD;
-    default: CIFAR's); the run directory is `out`.
+    default: CIFAR's); the run directory is `out`. `depth`, `width`, `num_heads`, `mlp_dim` and
+    `patch_size`, when given, change the preset's architecture.
 
     `settings` are recipe and option settings named like the flags (lr=..., epochs=...,
     batch_size=..., seed=..., device=..., data_root=..., no_download=...).
@@ -177,8 +180,11 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
     chosen, options = _recipe_and_options(settings, "pretrain")
     model = model or recipe_model(chosen.name)
     overrides = _model_overrides(dropout=dropout, drop_path=drop_path)
+    overrides |= _architecture(depth=depth, width=width, num_heads=num_heads, mlp_dim=mlp_dim,
+                               patch_size=patch_size)
     normalization = Normalization.parse(normalize) if normalize is not None else Normalization()
-    config = preset(model, num_classes=1)  # the name is checked before any data is loaded
+    # The name, and the architecture asked for, checked before any data is loaded.
+    config = preset(model, num_classes=1, **overrides)
     check_writable(out)
     dataset = load_data(data, image_size=image_size, model_image_size=config.image_size,
                         on_device=options.resize_on_device, **_data_options(settings))
@@ -267,6 +273,11 @@ def _model_overrides(**fields: float | None) -> dict[str, float]:
     given = {name: value for name, value in fields.items() if value is not None}
     ViTConfig(**given)
     return given
+
+
+def _architecture(**fields: int | None) -> dict[str, int]:
+    """The architecture settings given (ARCHITECTURE_SETTINGS); `preset` checks them."""
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def _pretrained_encoder(source: PathLike, weights: str, model: str | None
@@ -395,6 +406,7 @@ def _saved_value(saved: RunConfig, name: str, run_dir: Path) -> Any:
             "from_timm": init.path if init and init.weights == "timm" else None,
             "weights": {v: k for k, v in ckpt.WEIGHT_FILES.items()}.get(init.weights) if init else None,
             "normalize": saved.normalization.name(),
+            **{field: getattr(saved.model, field) for field in ARCHITECTURE_SETTINGS},
             }[name]
 
 
@@ -792,13 +804,16 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
             not in AUGMENT_SETTINGS_USED_BY:
         fine_settings = {k: v for k, v in fine_settings.items() if k not in AUGMENT_SETTINGS}
     keeps_ema = {}
+    # The architecture is pre-training's; fine-tuning takes the one it pre-trained.
+    fine_settings = {k: v for k, v in fine_settings.items() if k not in ARCHITECTURE_SETTINGS}
     for kind, stage in (("pretrain", settings), ("finetune", fine_settings)):
         stage_recipe, options = _recipe_and_options(stage, kind)  # both stages' settings valid
         # A stage already there keeps (and is evaluated with) what it was trained with.
         keeps_ema[kind] = (saved[kind].recipe if saved[kind] else stage_recipe).ema_decay > 0
     if keeps_ema["pretrain"]:
         fine_settings["weights"] = "ema"  # transfer the averaged encoder, as it was kept
-    config = preset(model, num_classes=1)
+    architecture = {k: v for k, v in settings.items() if k in ARCHITECTURE_SETTINGS}
+    config = preset(model, num_classes=1, **architecture)  # a bad architecture: refused now
     data_options = _data_options(settings)
     on_device = options.resize_on_device
     datasets = [load_data(spec, image_size=image_size, model_image_size=config.image_size,

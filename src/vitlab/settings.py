@@ -118,6 +118,13 @@ def _from_dataclass(cls: type, role_of: Callable[[dataclasses.Field], str | None
     return settings
 
 
+# The architecture a pre-training may change from its preset (timm's --model-kwargs): ViTConfig
+# fields, checked by its rules together with the preset's others.
+ARCHITECTURE_SETTINGS = {"depth": "number of encoder blocks", "width": "token width",
+                         "num_heads": "attention heads per block", "mlp_dim": "MLP hidden width",
+                         "patch_size": "patch size in pixels"}
+
+
 def _run_settings() -> list[Setting]:
     presets = lambda: PRESETS  # noqa: E731
     return [
@@ -130,6 +137,10 @@ def _run_settings() -> list[Setting]:
         Setting("drop_path", "run", float, "stochastic depth: the last block's drop-path rate, "
                 "rising linearly from 0 at the first (timm's --drop-path; default: the "
                 "preset's, or the pre-trained model's)", optional=True),
+        *(Setting(name, "run", int, f"the preset's {what}, changed (pre-training only; "
+                  "fine-tuning keeps the pre-trained architecture)", optional=True,
+                  commands=("pretrain", "run"))
+          for name, what in ARCHITECTURE_SETTINGS.items()),
         Setting("normalize", "run", str, "the per-channel normalization of the model's "
                 "inputs, saved with the run: cifar, imagenet, inception (mean = std = 0.5) or "
                 "MEAN/STD as comma-separated numbers (default: cifar, the tutorial's; fine-tuning "
