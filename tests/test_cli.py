@@ -250,6 +250,12 @@ def test_info_prints_the_parameters_and_flops_the_recipe_issue_caps(tmp_path):
                       f"{forward_flops(config) / 1e6:.1f} M = {ratio:.2f}x seed-mini's")
     assert out[1].endswith("= 0.90x seed-mini's")
     assert out[2] == "forward pass: input [2, 3, 32, 32] -> logits [2, 100]"
+    # The architecture pretrain's flags would train, sized the same way.
+    deeper = preset("vitlab-mini", 100, depth=12, mlp_dim=768)
+    out = run_cli("info", "--model", "vitlab-mini", "--depth", "12", "--mlp-dim", "768",
+                  cwd=tmp_path).stdout.splitlines()
+    assert out[0].startswith(f"vitlab-mini (depth 12, mlp_dim 768): "
+                             f"{ViT(deeper).num_parameters():,} parameters;")
 
 
 # --- bad input: one line on stderr, exit code 2, no traceback -------------------------------

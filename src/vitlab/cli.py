@@ -126,7 +126,7 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vitlab.settings import WEIGHT_CHOICES
+    from vitlab.settings import ARCHITECTURE_SETTINGS, WEIGHT_CHOICES
     from vitlab.train.options import COMPILE_MODES, PRECISIONS
 
     parser = _Parser(prog="vitlab", description="Pre-train Vision Transformers on one image "
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", default="seed-mini", help="model preset (default: seed-mini; "
                    f"known: {', '.join(sorted(PRESETS))})")
     i.add_argument("--num-classes", type=_int, default=100)
+    for name, what in ARCHITECTURE_SETTINGS.items():
+        i.add_argument(f"--{name.replace('_', '-')}", type=_int, default=None,
+                       help=f"the preset's {what}, changed (as pretrain takes it)")
 
     b = sub.add_parser("bench", help="training and inference images/s of a preset against the "
                        "tutorial's model code, FLOP/s and the matmul peak, in one process")
@@ -368,8 +371,11 @@ def _recipes(args: argparse.Namespace) -> None:
 
 def _info(args: argparse.Namespace) -> None:
     from vitlab.runs import model_summary
+    from vitlab.settings import ARCHITECTURE_SETTINGS
 
-    print("\n".join(model_summary(args.model, args.num_classes)))
+    print("\n".join(model_summary(args.model, args.num_classes, **{
+        name: getattr(args, name) for name in ARCHITECTURE_SETTINGS
+        if getattr(args, name) is not None})))
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -1006,9 +1006,10 @@ def recipe_model(recipe_name: str) -> str:
     return RECIPE_MODELS.get(recipe_name, "seed-mini")
 
 
-def model_summary(name: str, num_classes: int = 100) -> list[str]:
-    """Build preset `name`, run a forward pass; its size, FLOPs and shapes as lines of text."""
-    config = preset(name, num_classes=num_classes)
+def model_summary(name: str, num_classes: int = 100, **architecture: int) -> list[str]:
+    """Build preset `name` (its `architecture` changed as pretrain's flags change it), run a
+    forward pass; its size, FLOPs and shapes as lines of text."""
+    config = preset(name, num_classes=num_classes, **architecture)
     torch.manual_seed(0)
     model = ViT(config).eval()
     images = torch.randn(2, config.num_channels, config.image_size, config.image_size)
@@ -1016,7 +1017,9 @@ def model_summary(name: str, num_classes: int = 100) -> list[str]:
         logits = model(images)
     flops = forward_flops(config)
     reference = forward_flops(preset("seed-mini", num_classes=num_classes))
-    return [f"{name}: {model.num_parameters():,} parameters; "
+    changed = ", ".join(f"{k} {v}" for k, v in architecture.items())
+    label = f"{name} ({changed})" if changed else name
+    return [f"{label}: {model.num_parameters():,} parameters; "
             f"{config.image_size}x{config.image_size} input, patch {config.patch_size}, "
             f"depth {config.depth}, width {config.width}, {config.num_heads} heads, "
             f"MLP {config.mlp_dim}, {'pre' if config.norm_first else 'post'}-norm"
