@@ -844,3 +844,21 @@ def test_a_pretraining_may_change_its_presets_architecture(data_root, tmp_path, 
     assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="unknown setting 'depth' for finetune"):
         finetune(out / "pretrain", data="cifar10", out=tmp_path / "f", depth=4)
+
+
+def test_the_pipeline_keeps_a_stage_that_stopped_early_whatever_its_budget(data_root, tmp_path,
+                                                                           capfd):
+    """An LR too small to change a prediction: epoch 2 does not beat epoch 1, so patience 1
+    stops pre-training there. Called again with a larger --epochs, the pipeline keeps that stage
+    (it trains no further whatever the budget) and goes on."""
+    argv = ["run", "--pretrain-data", "cifar10", "--finetune-data", "cifar10", "--model",
+            "micro", "--data-root", str(data_root), "--no-download", "--finetune-epochs", "1",
+            "--train-steps-per-epoch", "1", "--batch-size", "16", "--no-progress", "--log-steps",
+            "0", "--device", "cpu", "--lr", "1e-12", "--early-stop-patience", "1", "--out",
+            str(tmp_path / "p")]
+    assert main([*argv, "--epochs", "4"]) == 0, capfd.readouterr().err
+    records = ckpt.read_jsonl(tmp_path / "p" / "pretrain" / ckpt.METRICS)
+    assert [r["epoch"] for r in records if r["event"] == "earlystop"] == [2]
+    capfd.readouterr()
+    assert main([*argv, "--epochs", "6"]) == 0, capfd.readouterr().err
+    assert ckpt.read_jsonl(tmp_path / "p" / "pretrain" / ckpt.METRICS) == records

@@ -198,12 +198,13 @@ def test_lr_factor_cosine_with_warmup():
 
 
 def test_lr_factor_linear_with_warmup_to_a_floor():
-    """Hugging Face's default: warm up, then a straight line to the floor at the last step."""
+    """Hugging Face's default: warm up, then a straight line towards the floor."""
     r = recipe("seed", schedule="linear", warmup_epochs=1.0, min_lr_ratio=0.1)
     total, per_epoch = 50, 10
     factors = [lr_factor(r, step, total, per_epoch) for step in range(total + 1)]
     assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
-    # From 1 at step 10 down by 0.9 / 40 a step: 0.55 at step 30, the floor 0.1 at step 50.
+    # From 1 at step 10 down by 0.9 / 40 a step: 0.55 at step 30; the floor 0.1 at step 50, one
+    # past the last step (49), as Hugging Face's schedule reaches its end.
     assert factors[10:] == pytest.approx([1 - 0.9 * (s - 10) / 40 for s in range(10, 51)])
     assert factors[30] == pytest.approx(0.55) and factors[50] == pytest.approx(0.1)
 
@@ -1586,3 +1587,34 @@ def test_fp16_is_never_captured_and_steps_its_optimizer_eagerly():
                          ({"eager_optimizer": False}, "leave out --no-eager-optimizer")):
         with pytest.raises(ConfigError, match=message):
             TrainOptions(epochs=1, precision="fp16", **bad)
+
+
+def test_fp16_with_fused_sgd_survives_a_skipped_first_step(dataset, tmp_path, monkeypatch):
+    """Fused SGD (CUDA's) skips an overflowing step in its kernel, and made its momentum
+    buffers with empty_like at its first step: a skipped first step left them uninitialized and
+    the run diverged. prepare_loss_scaling starts them at zero: the same steps as the
+    scaler-skipped foreach SGD."""
+    from vitlab.train import engine
+    from vitlab.train.recipe import prepare_loss_scaling
+
+    sgd = recipe("seed", batch_size=8, lr=0.05)  # momentum 0.9
+    images = SeedAugment().apply(dataset.train.images[:8], train=False)
+    labels = dataset.train.labels[:8]
+    weights = []
+    for fused in (None, True):
+        model = tiny_model()
+        optimizer = build_optimizer(sgd, model.named_parameters(), fused=fused)
+        prepare_loss_scaling(optimizer)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)  # the first step overflows
+        for step in range(3):
+            train_step(model, optimizer, images, labels, sgd, torch.float16, scaler=scaler)
+            if step == 0:
+                scaler.update(new_scale=2.0**8)
+        weights.append(model.state_dict())
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6)
+    # Through fit, as on CUDA (fused kernels), from torch's first scale of 2**16.
+    monkeypatch.setattr(engine, "fused_kernels", lambda device: True)
+    fit(tiny_model(), dataset, sgd, options(2, train_steps_per_epoch=3, precision="fp16"),
+        tmp_path)
+    assert all(torch.isfinite(t).all() for t in ckpt.load_weights(tmp_path / ckpt.WEIGHTS).values())

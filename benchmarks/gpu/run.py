@@ -181,30 +181,38 @@ def stage_checks(args: argparse.Namespace) -> dict:
 
 
 def _fp16_check(device) -> dict:
-    """--precision fp16's step on the device: micro, 20 steps of train_step with the loss scaler
-    and the device's optimizer kernels (fused on CUDA), from the initial scale of 2**16: the
-    losses stay finite, the weights move, and the scale that ends it."""
+    """--precision fp16's step on the device, for both recipes' optimizers (SGD with momentum,
+    AdamW; fused on CUDA, prepared as fit prepares them): micro, 20 steps of train_step with the
+    loss scaler from its initial scale of 2**16, whose first steps may overflow and be skipped.
+    The losses stay finite and fall, the weights move; the scale that ends it."""
     import torch
 
     from vitlab.model import ViT, preset
     from vitlab.train import recipe
     from vitlab.train.engine import train_step
-    from vitlab.train.recipe import build_optimizer, fused_kernels
+    from vitlab.train.recipe import build_optimizer, fused_kernels, prepare_loss_scaling
 
-    torch.manual_seed(0)
-    model = ViT(preset("micro", 10)).to(device)
-    chosen = recipe("vitlab", batch_size=64, grad_clip=1.0)
-    optimizer = build_optimizer(chosen, model.named_parameters(), fused=fused_kernels(device))
-    scaler = torch.amp.GradScaler(device.type)
-    start = [p.detach().clone() for p in model.parameters()]
-    images = torch.randn(64, 3, 32, 32, device=device)
-    labels = torch.arange(64, device=device) % 10
-    losses = [float(train_step(model, optimizer, images, labels, chosen, torch.float16,
-                               scaler=scaler)) for _ in range(20)]
-    moved = any(not torch.equal(a, p) for a, p in zip(start, model.parameters(), strict=True))
-    return {"fp16_losses_first_last": [round(losses[0], 4), round(losses[-1], 4)],
-            "fp16_scale": scaler.get_scale(),
-            "fp16_ok": all(map(math.isfinite, losses)) and moved and losses[-1] < losses[0]}
+    result, ok = {}, True
+    for name in ("seed", "vitlab"):
+        torch.manual_seed(0)
+        model = ViT(preset("micro", 10)).to(device)
+        chosen = recipe(name, batch_size=64, grad_clip=1.0)
+        optimizer = build_optimizer(chosen, model.named_parameters(),
+                                    fused=fused_kernels(device))
+        prepare_loss_scaling(optimizer)
+        scaler = torch.amp.GradScaler(device.type)
+        start = [p.detach().clone() for p in model.parameters()]
+        images = torch.randn(64, 3, 32, 32, device=device)
+        labels = torch.arange(64, device=device) % 10
+        losses = [float(train_step(model, optimizer, images, labels, chosen, torch.float16,
+                                   scaler=scaler)) for _ in range(20)]
+        moved = any(not torch.equal(a, p) for a, p in zip(start, model.parameters(),
+                                                          strict=True))
+        result[f"fp16_{name}_losses_first_last"] = [round(losses[0], 4), round(losses[-1], 4)]
+        result[f"fp16_{name}_scale"] = scaler.get_scale()
+        ok &= all(map(math.isfinite, losses)) and moved and losses[-1] < losses[0]
+    result["fp16_ok"] = ok
+    return result
 
 
 def _locality_check(device) -> dict:

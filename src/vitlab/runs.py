@@ -933,12 +933,15 @@ def _probe_writable(folder: Path) -> None:
                 path.rmdir()
 
 
-def _finished(run_dir: Path, saved: RunConfig) -> bool:
+def _finished(run_dir: Path, saved: RunConfig, epochs: int | None = None) -> bool:
+    """Whether the run has trained for `epochs` (default: its own budget): it trained them
+    all under its own budget, or it stopped early, which ends it whatever the budget."""
     path = run_dir / ckpt.TRAINER_STATE
     if not path.is_file():
         return False
     progress = saved_progress(ckpt.load_trainer_state(path, mmap=True), path)
-    return progress.epoch >= saved.options.epochs or progress.stopped_early
+    budget = saved.options.epochs
+    return progress.stopped_early or ((epochs or budget) == budget and progress.epoch >= budget)
 
 
 def _plan_stage(run_dir: Path, kind: str, saved: RunConfig | None, **settings: Any
@@ -965,7 +968,7 @@ def _plan_stage(run_dir: Path, kind: str, saved: RunConfig | None, **settings: A
 def _keep_if_finished(run_dir: Path, saved: RunConfig, epochs: int) -> bool:
     """Whether a stage is finished for `epochs`, its weight files then brought up to its
     trainer state (rank 0's part of `_plan_stage`)."""
-    if epochs != saved.options.epochs or not _finished(run_dir, saved):
+    if not _finished(run_dir, saved, epochs):
         return False
     repair_run_weights(run_dir)
     return True

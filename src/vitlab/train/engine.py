@@ -40,6 +40,7 @@ from vitlab.train.recipe import (
     fused_kernels,
     lr_factor,
     lrs_as_tensors,
+    prepare_loss_scaling,
 )
 from vitlab.train.reporting import Reporter, require_tensorboard
 from vitlab.train.runconfig import RunConfig
@@ -129,7 +130,8 @@ def resolve_device(name: str) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` is a CUDA GPU with bf16 tensor cores (compute capability 8.0 on, Ampere
     and later). Older cards (the tutorial's GTX 1080 Ti, a T4, a V100) have no bf16 matrix units,
-    so `--precision auto` keeps them in fp32 (fp16 with a loss scaler is not offered yet)."""
+    so `--precision auto` keeps them in fp32 (`--precision fp16` trains them in float16 with a
+    loss scaler)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
@@ -143,7 +145,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if name == "fp16":
         return torch.float16
-    raise ConfigError(f"unknown precision {name!r}; use fp32, bf16 or auto")
+    raise ConfigError(f"unknown precision {name!r}; use fp32, bf16, fp16 or auto")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -652,6 +654,8 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     # fp16: a dynamic loss scale keeps small gradients from underflowing (bf16 needs none).
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    if scaler is not None:
+        prepare_loss_scaling(optimizer)
     with contextlib.ExitStack() as held:
         # What can fail on some processes only (the lock, files, a shard with no samples) fails
         # on all of them together, instead of leaving the others waiting in a collective.
@@ -958,8 +962,8 @@ def _test(model: nn.Module, writer: CheckpointWriter, loader: BatchLoader,
     writer.wait()  # best.safetensors is on disk (rank 0 writes it) ...
     distributed.barrier()  # ... before any process reads it
     best_file = run_dir / ckpt.BEST_WEIGHTS
-    # Rank 0 looks, for all: another node may not see the file rank 0 wrote, and a collective
-    # (the evaluation's all-reduce) must run on every rank or none.
+    # Rank 0 looks, for all: the evaluation's all-reduce must run on every rank or on none,
+    # and one rank's view of the folder (a cache, a clock) must not decide that for the others.
     if distributed.broadcast_object(best_file.is_file() if distributed.is_main_process()
                                     else None):
         best = copy.deepcopy(model)

@@ -69,17 +69,18 @@ class TrainOptions:
         "provisional); else eager)"))
     eager_optimizer: bool | None = field(default=None, metadata=_runtime(
         "leave the optimizer's step uncompiled, the model alone compiled; implies --compile "
-        "(default: on CUDA, where it measured faster; compiled on the CPU)"))
+        "(default: on CUDA, where it measured faster, and with --precision fp16, whose loss "
+        "scaler steps it; compiled on the CPU)"))
     compile_mode: str | None = field(default=None, metadata=_runtime(
         "torch.compile mode; implies --compile (default: torch's default mode; reduce-overhead, "
-        "CUDA graphs, on one CUDA GPU when the step is not captured: --no-capture-step or "
-        "--no-eager-optimizer)", choices=COMPILE_MODES))
+        "CUDA graphs, on one CUDA GPU when the step is not captured: --no-capture-step, "
+        "--no-eager-optimizer or --precision fp16)", choices=COMPILE_MODES))
     capture_step: bool | None = field(default=None, metadata=_runtime(
         "record the whole training step (forward, loss, backward, optimizer) as one CUDA graph "
         "and replay it for every batch: the host issues a step as two copies and one replay "
         "(one CUDA GPU; a compiled model in torch's default mode, which records no graphs of "
-        "its own) (default: on one CUDA GPU, unless --compile-mode asks for graphs of its own or "
-        "--no-eager-optimizer for a compiled optimizer step)"))
+        "its own) (default: on one CUDA GPU, unless --compile-mode asks for graphs of its own, "
+        "--no-eager-optimizer for a compiled optimizer step, or --precision fp16)"))
     train_steps_per_epoch: int | None = field(default=None, metadata=_saved(
         "exactly N batches per epoch (cut short or extended)"))
     eval_steps_per_epoch: int | None = field(default=None, metadata=_saved(

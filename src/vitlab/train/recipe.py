@@ -52,7 +52,9 @@ def _constant(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int)
 
 def _decaying(decay: Callable[[float], float]) -> Callable[[Recipe, int, int, int], float]:
     """A schedule: linear warm-up over `warmup_epochs`, then `decay(progress)` (1 at progress 0,
-    0 at 1, the last step) from the base LR down to `min_lr_ratio` of it."""
+    0 at 1) from the base LR towards `min_lr_ratio` of it, which it reaches at step
+    `total_steps`: one past the last, whose LR is a step's decay above it (Hugging Face's and
+    timm's convention)."""
     def schedule(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
         warmup = round(recipe.warmup_epochs * steps_per_epoch)
         if step < warmup:
@@ -107,7 +109,8 @@ class Recipe:
         "no weight decay on norms, biases, the position embedding and the CLS token (the "
         "tutorial decays every parameter)"))
     layer_decay: float = field(default=1.0, metadata=_setting(
-        "layer-wise LR decay (timm's --layer-decay, for fine-tuning): the head and final norm "
+        "layer-wise LR decay (timm's --layer-decay, usually for fine-tuning; given to vitlab run "
+        "with a recipe of no companion it applies to both stages): the head and final norm "
         "train at the LR, the last block at this fraction of it, each block below at this "
         "fraction of the one above, the embeddings below the first block (1: one LR)"))
     min_lr_ratio: float = field(default=0.0, metadata=_setting(
@@ -329,6 +332,20 @@ def layer_scales(names: list[str], decay: float) -> dict[str, float]:
         return 0 if name.startswith("encoder.embedding.") else depth + 1
 
     return {name: decay ** (depth + 1 - layer(name)) for name in names}
+
+
+def prepare_loss_scaling(optimizer: torch.optim.Optimizer) -> None:
+    """Make `optimizer` safe under a loss scaler (fp16). Fused SGD with momentum tells the scaler
+    it skips overflowing steps itself, and makes its momentum buffers with `empty_like` at its
+    first step: a first step skipped (the scaler's first scale often overflows) leaves them
+    uninitialized, and every later step reads them. Zeros instead give the same first update
+    (momentum * 0 + gradient), bit for bit."""
+    if not (isinstance(optimizer, torch.optim.SGD) and optimizer.defaults.get("fused")):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def lr_factor(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
