@@ -1618,3 +1618,20 @@ def test_fp16_with_fused_sgd_survives_a_skipped_first_step(dataset, tmp_path, mo
     fit(tiny_model(), dataset, sgd, options(2, train_steps_per_epoch=3, precision="fp16"),
         tmp_path)
     assert all(torch.isfinite(t).all() for t in ckpt.load_weights(tmp_path / ckpt.WEIGHTS).values())
+
+
+def test_a_validation_split_without_some_classes_is_one_warning(caplog):
+    from vitlab.train.engine import hold_out_validation
+
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 2)  # 20% of 2 rounds to none
+    split = Split(torch.zeros(22, 4, 4, 3, dtype=torch.uint8), labels, CLASSES)
+    with caplog.at_level("WARNING", logger="vitlab"):
+        trained, _ = hold_out_validation(Dataset("tiny", split, split), 0.2, seed=0)
+    assert len(trained.test) == 4
+    (record,) = caplog.records
+    assert "holds out no image of 1 of the 3 classes it trains on" in record.getMessage()
+    assert "scores 4 images of the others only" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vitlab"):
+        hold_out_validation(Dataset("tiny", split, split), 0.3, seed=0)  # 1 of class c
+    assert not caplog.records

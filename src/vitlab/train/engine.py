@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import signal
 import sys
 import threading
@@ -684,6 +685,13 @@ def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[D
                           "images; lower it")
     trained = Dataset(dataset.name, rest, validation)
     check_learnable(trained)
+    trained_classes = set(rest.labels.tolist())
+    missing = len(trained_classes - set(validation.labels.tolist()))
+    if missing and distributed.is_main_process():
+        logging.getLogger("vitlab").warning(
+            "vitlab: %s no image of %d of the %d classes it trains on (F x n, rounded, is 0 for "
+            "a class of n < %.0f images): the validation split scores %d images of the others "
+            "only", held, missing, len(trained_classes), 0.5 / fraction, len(validation))
     return trained, dataset.test
 
 
