@@ -655,14 +655,14 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     # fp16: a dynamic loss scale keeps small gradients from underflowing (bf16 needs none).
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
-    if scaler is not None:
-        prepare_loss_scaling(optimizer)
     with contextlib.ExitStack() as held:
         # What can fail on some processes only (the lock, files, a shard with no samples) fails
         # on all of them together, instead of leaving the others waiting in a collective.
         train_loader, eval_loader, test_loader, progress, reporter = distributed.together(
             lambda: _prepare(model, dataset, test, recipe, options, run_dir, run_config, resume,
                              optimizer, device, held, ema, normalization, scaler))
+        if scaler is not None:  # after a resume's restore, whose state may lack the buffers
+            prepare_loss_scaling(optimizer)
         writer = CheckpointWriter(run_dir, model, optimizer, progress, device, ema,
                                   options.early_stop_patience, options.epochs, scaler)
         total_steps = len(train_loader) * options.epochs
@@ -679,7 +679,7 @@ def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[D
     held = f"--val-fraction {fraction:g} holds out"
     if len(validation) == 0:
         raise ConfigError(f"{held} no image of {dataset.name}'s {len(dataset.train)} training "
-                          "images (round(fraction x images) of each class); raise it")
+                          "images (F x n of each class's n, rounded half up); raise it")
     if len(rest) == 0:
         raise ConfigError(f"{held} all of {dataset.name}'s {len(dataset.train)} training "
                           "images; lower it")
