@@ -13,6 +13,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import signal
 import sys
 import threading
@@ -690,8 +691,9 @@ def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[D
     if missing and distributed.is_main_process():
         logging.getLogger("vitlab").warning(
             "vitlab: %s no image of %d of the %d classes it trains on (F x n, rounded, is 0 for "
-            "a class of n < %.0f images): the validation split scores %d images of the others "
-            "only", held, missing, len(trained_classes), 0.5 / fraction, len(validation))
+            "a class of n < %d images): the validation split scores %d images of the others "
+            "only", held, missing, len(trained_classes), math.ceil(0.5 / fraction),
+            len(validation))
     return trained, dataset.test
 
 

@@ -96,7 +96,7 @@ class TrainOptions:
     val_fraction: float = field(default=0.0, metadata=_saved(
         "hold out this fraction of the training images (of each class, drawn by --seed) as a "
         "validation split: the epochs are evaluated and the best checkpoint chosen on it, and "
-        "the test split is evaluated once, after the last epoch (last and best weights). 0: "
+        "the test split is evaluated once, after the last epoch (last, EMA and best weights). 0: "
         "the test split every epoch, as the tutorial"))
     eval_batch_size: int | None = field(default=None, metadata=_runtime(
         "evaluation batch size (default: the training batch on the CPU, at least 1024 on CUDA; "

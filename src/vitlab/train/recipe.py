@@ -109,12 +109,12 @@ class Recipe:
         "no weight decay on norms, biases, the position embedding and the CLS token (the "
         "tutorial decays every parameter)"))
     layer_decay: float = field(default=1.0, metadata=_setting(
-        "layer-wise LR decay (timm's --layer-decay, usually for fine-tuning; given to vitlab run "
-        "with a recipe of no companion it applies to both stages): the head and final norm "
+        "layer-wise LR decay (timm's --layer-decay, usually for fine-tuning; pretrain applies it "
+        "too, and vitlab run gives it to both stages): the head and final norm "
         "train at the LR, the last block at this fraction of it, each block below at this "
         "fraction of the one above, the embeddings below the first block (1: one LR)"))
     min_lr_ratio: float = field(default=0.0, metadata=_setting(
-        "the cosine and linear schedules end at this fraction of the base LR"))
+        "the cosine and linear schedules decay towards this fraction of the base LR"))
     augment: str = field(default="seed", metadata=_setting(
         "training batch transform", choices=AUGMENTATIONS))
     # The vitlab augmentation's strength (timm's --reprob, --mixup, --cutmix, --mixup-prob and
