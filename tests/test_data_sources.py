@@ -170,9 +170,16 @@ def test_image_folder_layouts(tmp_path, caplog):
     assert ds.train.images[:, 0, 0, 0].tolist() == [1, 2, 4]
     assert ds.train.labels.tolist() == [0, 0, 1] and ds.test.labels.tolist() == [0]
     assert "skipped 1 image(s) lying in" in caplog.text and "stray.png" in caplog.text
-    _png(src / "val" / "dog" / "f.png")
-    assert load_dataset(src, root=tmp_path / "root").test.labels.tolist() == [0]
-    assert "has both test/ and val/; vitlab evaluates on test/" in caplog.text
+    # val/ beside test/: the validation split (test/ stays the test split); resized with them.
+    _png(src / "val" / "dog" / "f.png", color=(6, 6, 6))
+    _png(src / "val" / "cafe\u0301" / "h.png", color=(7, 7, 7))
+    with_val = load_dataset(src, root=tmp_path / "root")
+    assert with_val.test.labels.tolist() == [0] and with_val.val.labels.tolist() == [0, 1]
+    assert with_val.val.images[:, 0, 0, 0].tolist() == [7, 6]
+    assert load_dataset(src, root=tmp_path / "root", image_size=4).val.images.shape == \
+        (2, 4, 4, 3)
+    shutil.rmtree(src / "val")
+    assert load_dataset(src, root=tmp_path / "root").val is None
     _png(src / "train" / "cafe\u0301" / "g.png")  # beside its composed twin: which is it?
     with pytest.raises(DataFormatError, match="two class folders are both named 'caf\u00e9'"):
         load_dataset(src, root=tmp_path / "root")

@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1635,3 +1636,38 @@ def test_a_validation_split_without_some_classes_is_one_warning(caplog):
     with caplog.at_level("WARNING", logger="vitlab"):
         hold_out_validation(Dataset("tiny", split, split), 0.3, seed=0)  # 1 of class c
     assert not caplog.records
+
+
+def test_a_datasets_own_validation_split_takes_the_test_splits_place_in_the_epochs(dataset,
+                                                                                   tmp_path):
+    """An image folder's val/ (beside test/) or an array folder's val.npz: the epochs are
+    evaluated on it, the best checkpoint chosen by it, the test split scored once at the end;
+    --val-fraction on such data is refused."""
+    own = Dataset("tiny", dataset.train, dataset.test, val=make_split(9, 2))
+    model = tiny_model()
+    result = fit(model, own, RECIPE, options(1, train_steps_per_epoch=2), tmp_path / "a")
+    records = ckpt.read_jsonl(tmp_path / "a" / ckpt.METRICS)
+    assert records[0]["validation_images"] == 9
+    scored = {name: evaluate(model, BatchLoader(split, 8, augment=SeedAugment(), train=False,
+                                                shuffle=False))
+              for name, split in (("val", own.val), ("test", own.test))}
+    (epoch,) = h_events(records, "eval")
+    assert epoch["ce"] == pytest.approx(scored["val"]["ce"], rel=1e-6)
+    assert result.test_eval["ce"] == pytest.approx(scored["test"]["ce"], rel=1e-6)
+    with pytest.raises(ConfigError, match="has a validation split of its own"):
+        fit(tiny_model(), own, RECIPE, options(1, val_fraction=0.2), tmp_path / "b")
+
+
+def test_an_array_folders_val_npz_is_read_as_its_validation_split(tmp_path):
+    from vitlab.data.arrays import read_array_folder, write_array_folder
+
+    rng = np.random.default_rng(0)
+    splits = {s: (rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8),
+                  rng.integers(0, 3, n).astype(np.int64))
+              for s, n in (("train", 6), ("test", 4), ("val", 3))}
+    write_array_folder(tmp_path / "a", splits, CLASSES)
+    ds = read_array_folder(tmp_path / "a")
+    assert ds.val is not None and ds.val.labels.tolist() == splits["val"][1].tolist()
+    del splits["val"]
+    write_array_folder(tmp_path / "a", splits, CLASSES)  # rewritten without: none left behind
+    assert read_array_folder(tmp_path / "a").val is None

@@ -1,7 +1,8 @@
 """The in-memory dataset types and the on-disk array folder format.
 
 An array folder holds ``train.npz`` and ``test.npz`` (``x`` uint8 [N,H,W,C] or [N,H,W], integer
-``y``) and ``classes.json`` (a list of class names). It is both an input format and vitlab's cache.
+``y``), optionally ``val.npz`` (a validation split, the same way), and ``classes.json`` (a list of
+class names). It is both an input format and vitlab's cache.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ class Split:
         return Split(self.images[:n], self.labels[:n], self.classes)
 
     def hold_out(self, fraction: float, seed: int) -> tuple[Split, Split]:
-        """(the rest, the held-out part): round(fraction * n) images of each class of n
-        images, drawn at random by a generator seeded from `seed` alone (a resumed run holds out
+        """(the rest, the held-out part): fraction * n images, rounded half up, of each class of
+        n images, drawn at random by a generator seeded from `seed` alone (a resumed run holds out
         the same ones); both parts keep the split's order."""
         from vitlab.data.loader import mix_seed  # the loader's seed mixer (it imports this module)
 
@@ -62,11 +63,14 @@ _HOLD_OUT = 0x686F6C64  # "hold": the validation split's own seed stream
 
 @dataclass
 class Dataset:
-    """A train and a test split that share their classes and image shape."""
+    """A train and a test split that share their classes and image shape, and optionally a
+    validation split (an image folder's val/ beside its test/, an array folder's val.npz),
+    which training evaluates its epochs on and picks its best checkpoint by."""
 
     name: str
     train: Split
     test: Split
+    val: Split | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -190,7 +194,14 @@ def read_array_folder(path: Path, name: str | None = None) -> Dataset:
             "use one image size"
         )
     splits = {s: to_split(x, y, classes) for s, (x, y) in arrays.items()}
-    return Dataset(name=name or str(path), train=splits["train"], test=splits["test"])
+    val = None
+    if (path / "val.npz").is_file():
+        x, y = _read_npz(path / "val.npz", len(classes))
+        if (tuple(x.shape[1:]) if x.ndim == 4 else (*x.shape[1:], 1)) != shapes["train"]:
+            raise DataFormatError(f"{path}: val images are not of the train images' shape "
+                                  f"{shapes['train']}; use one image size")
+        val = to_split(x, y, classes)
+    return Dataset(name=name or str(path), train=splits["train"], test=splits["test"], val=val)
 
 
 def write_array_folder(
@@ -200,7 +211,10 @@ def write_array_folder(
     check_classes(classes, f"{path}: class names {classes!r:.200} are not distinct strings")
     path.mkdir(parents=True, exist_ok=True)
     (path / "classes.json").unlink(missing_ok=True)  # marks the folder incomplete while rewriting
-    for s in SPLITS:
+    for s in (*SPLITS, "val"):
+        if s not in splits:  # no validation split: none left from an earlier write either
+            (path / f"{s}.npz").unlink(missing_ok=True)
+            continue
         x, y = splits[s]
         atomic_write(path / f"{s}.npz", lambda f, x=x, y=y: np.savez(f, x=x, y=y))
     data = json.dumps(classes, indent=0).encode("utf-8")

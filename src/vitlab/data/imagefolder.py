@@ -209,14 +209,16 @@ def _drop_older_caches(caches: Path, keep: Path, source: dict) -> None:
 
 
 def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset:
+    """train/ and test/ (or val/, the test split then); with both test/ and val/, val/ is the
+    validation split the epochs are evaluated on."""
     test_dir = path / "test" if (path / "test").is_dir() else path / "val"
-    if test_dir.name == "test" and (path / "val").is_dir():
-        log.warning("vitlab: %s has both test/ and val/; vitlab evaluates on test/ and leaves "
-                    "val/ unused", path)
+    val_dir = path / "val" if test_dir.name == "test" and (path / "val").is_dir() else None
     train_files, train_labels, classes = _list_split(path / "train", None)
     test_files, test_labels, _ = _list_split(test_dir, classes)
+    val_files, val_labels = (_list_split(val_dir, classes)[:2] if val_dir is not None
+                             else ([], []))
     caches = root / "imagefolders"
-    cache = caches / _cache_key(path, image_size, train_files + test_files)
+    cache = caches / _cache_key(path, image_size, train_files + test_files + val_files)
     if not is_array_folder(cache):
         x_train = _decode_all(train_files, image_size, path / "train")
         x_test = _decode_all(test_files, image_size, test_dir)
@@ -226,6 +228,12 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
             "train": (x_train, np.asarray(train_labels, dtype=np.int64)),
             "test": (x_test, np.asarray(test_labels, dtype=np.int64)),
         }
+        if val_dir is not None:
+            x_val = _decode_all(val_files, image_size, val_dir)
+            if x_val.shape[1:] != x_train.shape[1:]:
+                raise DataFormatError(f"{path}: train and val image sizes differ; pass "
+                                      "image_size")
+            splits["val"] = (x_val, np.asarray(val_labels, dtype=np.int64))
         write_array_folder(cache, splits, classes)
         # The host too: node-local copies of a folder (their own change times, so their own
         # caches) under one shared data root must not delete each other's cache.

@@ -86,5 +86,6 @@ def load_dataset(
     else:
         return load_image_folder(Path(name).expanduser(), base, image_size)
     if image_size is not None:
-        ds = Dataset(ds.name, _resize(ds.train, image_size), _resize(ds.test, image_size))
+        ds = Dataset(ds.name, _resize(ds.train, image_size), _resize(ds.test, image_size),
+                     None if ds.val is None else _resize(ds.val, image_size))
     return ds

@@ -641,6 +641,8 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     test = None
     if options.val_fraction:
         dataset, test = hold_out_validation(dataset, options.val_fraction, options.seed)
+    elif dataset.val is not None:  # the data's own validation split
+        dataset, test = Dataset(dataset.name, dataset.train, dataset.val), dataset.test
     distributed.setup(options.device)
     device = resolve_device(options.device)
     autocast_dtype = resolve_precision(options.precision, device)
@@ -676,6 +678,10 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
 def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Split]:
     """(the dataset to train and validate on: the training split less the held-out part, and
     that part as its test split; the real test split), for --val-fraction."""
+    if dataset.val is not None:
+        raise ConfigError(f"--val-fraction: {dataset.name} has a validation split of its own "
+                          "(val/ beside test/, or val.npz), which the epochs are evaluated on; "
+                          "drop --val-fraction")
     rest, validation = dataset.train.hold_out(fraction, seed)
     held = f"--val-fraction {fraction:g} holds out"
     if len(validation) == 0:
