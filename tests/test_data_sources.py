@@ -179,7 +179,9 @@ def test_image_folder_layouts(tmp_path, caplog):
     assert load_dataset(src, root=tmp_path / "root", image_size=4).val.images.shape == \
         (2, 4, 4, 3)
     shutil.rmtree(src / "val")
+    (src / "val").mkdir()  # an empty val/ beside test/: no validation split, said once
     assert load_dataset(src, root=tmp_path / "root").val is None
+    assert "val has no class folders: no validation split" in caplog.text
     _png(src / "train" / "cafe\u0301" / "g.png")  # beside its composed twin: which is it?
     with pytest.raises(DataFormatError, match="two class folders are both named 'caf\u00e9'"):
         load_dataset(src, root=tmp_path / "root")

@@ -1671,3 +1671,18 @@ def test_an_array_folders_val_npz_is_read_as_its_validation_split(tmp_path):
     del splits["val"]
     write_array_folder(tmp_path / "a", splits, CLASSES)  # rewritten without: none left behind
     assert read_array_folder(tmp_path / "a").val is None
+
+
+def test_a_resume_on_data_whose_validation_split_changed_is_refused(dataset, tmp_path):
+    """Started on the test split, resumed after a val split appeared (or the reverse): the
+    epochs would be scored on another split than the best so far, so the resume is refused."""
+    own = Dataset("tiny", dataset.train, dataset.test, val=make_split(9, 2))
+    for first, then, said in ((dataset, own, "the test split, but would now on the data's own"),
+                              (own, dataset, "the data's own validation split (val/ beside "
+                                             "test/, val.npz), but would now on the test")):
+        run = tmp_path / said[:8]
+        fit(tiny_model(), first, RECIPE, options(1, train_steps_per_epoch=1), run)
+        with pytest.raises(CheckpointError, match=re.escape(f"evaluated its epochs on {said}")):
+            fit(tiny_model(), then, RECIPE, options(2, train_steps_per_epoch=1), run,
+                resume=True)
+        fit(tiny_model(), first, RECIPE, options(2, train_steps_per_epoch=1), run, resume=True)

@@ -209,6 +209,8 @@ def write_array_folder(
 ) -> None:
     """Write an array folder atomically: each file is renamed into place, classes.json last."""
     check_classes(classes, f"{path}: class names {classes!r:.200} are not distinct strings")
+    if not set(SPLITS) <= set(splits):
+        raise ValueError(f"an array folder needs the splits {SPLITS}, got {sorted(splits)}")
     path.mkdir(parents=True, exist_ok=True)
     (path / "classes.json").unlink(missing_ok=True)  # marks the folder incomplete while rewriting
     for s in (*SPLITS, "val"):

@@ -1,4 +1,5 @@
-"""Image folders: ``train/<class>/*.png`` and ``test/<class>/`` (or ``val/``), decoded once.
+"""Image folders: ``train/<class>/*.png`` and ``test/<class>/`` (or ``val/``), decoded once; with
+both ``test/`` and ``val/``, ``val/`` is a validation split.
 
 The decoded arrays are cached as an array folder under ``<root>/imagefolders/<key>/``; the key hashes
 the folder's absolute path, the image size and every file's name, size, modification and change
@@ -213,6 +214,11 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
     validation split the epochs are evaluated on."""
     test_dir = path / "test" if (path / "test").is_dir() else path / "val"
     val_dir = path / "val" if test_dir.name == "test" and (path / "val").is_dir() else None
+    if val_dir is not None and not any(d.is_dir() and not d.name.startswith(".")
+                                       for d in val_dir.iterdir()):
+        log.warning("vitlab: %s has no class folders: no validation split (the epochs are "
+                    "evaluated on test/)", val_dir)
+        val_dir = None
     train_files, train_labels, classes = _list_split(path / "train", None)
     test_files, test_labels, _ = _list_split(test_dir, classes)
     val_files, val_labels = (_list_split(val_dir, classes)[:2] if val_dir is not None

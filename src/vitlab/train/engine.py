@@ -78,6 +78,9 @@ class Progress:
     world_size: int = 1  # processes that trained it (a resume needs as many, for their RNGs)
     evaluations_since_best: int = 0  # evaluations in a row that did not beat the best
     stopped_early: bool = False  # --early-stop-patience ended the run: it is finished
+    # What the epochs are evaluated on: "test", "held_out" (--val-fraction) or "own" (the data's
+    # val split); a resume must find the same ("": a run saved before it was recorded).
+    validation: str = ""
 
 
 @dataclass
@@ -569,7 +572,8 @@ def repair_run_weights(run_dir: Path) -> None:
 
 def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
            device: torch.device, options: TrainOptions, resume: bool,
-           ema: WeightEMA | None, scaler: torch.amp.GradScaler | None = None) -> Progress:
+           ema: WeightEMA | None, scaler: torch.amp.GradScaler | None = None,
+           validation: str = "test") -> Progress:
     """Where training starts: the saved progress of a resumed run, or step 0 of a fresh one."""
     if resume:
         if distributed.is_main_process():
@@ -581,6 +585,13 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         if progress.epoch >= options.epochs:
             raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
+        if progress.validation and progress.validation != validation:
+            said = {"test": "the test split", "held_out": "a split held out by --val-fraction",
+                    "own": "the data's own validation split (val/ beside test/, val.npz)"}
+            raise CheckpointError(
+                f"{run_dir} evaluated its epochs on {said[progress.validation]}, but would now "
+                f"on {said[validation]}: its data has changed since it started (a val/ or "
+                "val.npz added or removed); restore the data as it was, or start a new run")
         if progress.stopped_early:  # finished, whatever budget it is given now
             raise CheckpointError(
                 f"{run_dir} stopped early after epoch {progress.epoch} ("
@@ -599,7 +610,7 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     torch.manual_seed(dropout_seed)
     if device.type == "cuda":
         torch.cuda.manual_seed(dropout_seed)
-    return Progress(world_size=distributed.world_size())
+    return Progress(world_size=distributed.world_size(), validation=validation)
 
 
 def _head_size(model: nn.Module, dataset: Dataset) -> int:
@@ -626,8 +637,9 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     """Train `model` on `dataset.train` with `recipe`, evaluating on `dataset.test` after epochs
     N, 2N, ... (N = `options.eval_every`, 1 by default) and the last. With
     `options.val_fraction`, a validation split held out of `dataset.train` takes the test
-    split's place there, and the test split is evaluated once, after the last epoch. Inputs are
-    normalized by `normalization` (default: `run_config`'s, else CIFAR's).
+    split's place there, and the test split is evaluated once, after the last epoch; so does
+    the data's own validation split (`dataset.val`), without it. Inputs are normalized by
+    `normalization` (default: `run_config`'s, else CIFAR's).
 
     Writes the run directory (see `vitlab.train.checkpoint`), with `run_config` as its
     config.json when given. With `resume`, continues the run saved in `run_dir` from its trainer
@@ -638,11 +650,13 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     if normalization is None:
         normalization = run_config.normalization if run_config is not None else Normalization()
     check_learnable(dataset)
-    test = None
+    test, validation = None, "test"
     if options.val_fraction:
         dataset, test = hold_out_validation(dataset, options.val_fraction, options.seed)
+        validation = "held_out"
     elif dataset.val is not None:  # the data's own validation split
         dataset, test = Dataset(dataset.name, dataset.train, dataset.val), dataset.test
+        validation = "own"
     distributed.setup(options.device)
     device = resolve_device(options.device)
     autocast_dtype = resolve_precision(options.precision, device)
@@ -663,7 +677,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
         # on all of them together, instead of leaving the others waiting in a collective.
         train_loader, eval_loader, test_loader, progress, reporter = distributed.together(
             lambda: _prepare(model, dataset, test, recipe, options, run_dir, run_config, resume,
-                             optimizer, device, held, ema, normalization, scaler))
+                             optimizer, device, held, ema, normalization, scaler, validation))
         if scaler is not None:  # after a resume's restore, whose state may lack the buffers
             prepare_loss_scaling(optimizer)
         writer = CheckpointWriter(run_dir, model, optimizer, progress, device, ema,
@@ -681,7 +695,8 @@ def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[D
     if dataset.val is not None:
         raise ConfigError(f"--val-fraction: {dataset.name} has a validation split of its own "
                           "(val/ beside test/, or val.npz), which the epochs are evaluated on; "
-                          "drop --val-fraction")
+                          "drop --val-fraction (a run started with it continues only on its "
+                          "data as it was, without that split)")
     rest, validation = dataset.train.hold_out(fraction, seed)
     held = f"--val-fraction {fraction:g} holds out"
     if len(validation) == 0:
@@ -712,7 +727,7 @@ def _prepare(model: nn.Module, dataset: Dataset, test: Split | None, recipe: Rec
              options: TrainOptions, run_dir: Path, run_config: RunConfig | None, resume: bool,
              optimizer: torch.optim.Optimizer, device: torch.device,
              held: contextlib.ExitStack, ema: WeightEMA | None, normalization: Normalization,
-             scaler: torch.amp.GradScaler | None = None
+             scaler: torch.amp.GradScaler | None = None, validation: str = "test"
              ) -> tuple[BatchLoader, BatchLoader, BatchLoader | None, Progress, Reporter]:
     """The loaders (training, the epochs' evaluation, and with a held-out validation split the
     test split's `test`), the run directory (locked, prepared or restored) and its Reporter."""
@@ -748,7 +763,8 @@ def _prepare(model: nn.Module, dataset: Dataset, test: Split | None, recipe: Rec
     if distributed.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         held.enter_context(ckpt.RunLock(run_dir))
-    progress = _begin(run_dir, model, optimizer, device, options, resume, ema, scaler)
+    progress = _begin(run_dir, model, optimizer, device, options, resume, ema, scaler,
+                      validation)
     reporter = held.enter_context(contextlib.closing(
         Reporter(run_dir, quiet=options.quiet, tensorboard=options.tensorboard,
                  resumed_at=progress.global_step if resume else None)))

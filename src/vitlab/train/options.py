@@ -84,20 +84,22 @@ class TrainOptions:
     train_steps_per_epoch: int | None = field(default=None, metadata=_saved(
         "exactly N batches per epoch (cut short or extended)"))
     eval_steps_per_epoch: int | None = field(default=None, metadata=_saved(
-        "evaluate on N training-size batches' worth of test images only (default: the whole "
-        "test split)"))
+        "evaluate on N training-size batches' worth of the evaluated split only (the test "
+        "split, or the validation split and then the test split once at the end; default: "
+        "all of it)"))
     eval_every: int = field(default=1, metadata=_saved(
         "evaluate every N epochs and after the last (the best checkpoint is the best of the "
         "evaluated epochs)"))
     early_stop_patience: int | None = field(default=None, metadata=_saved(
         "stop once N evaluations in a row have not beaten the best one (the score that picks "
-        "best.safetensors: the validation split's with --val-fraction); the run then counts as "
+        "best.safetensors: the validation split's, if there is one); the run then counts as "
         "finished (default: train every epoch)"))
     val_fraction: float = field(default=0.0, metadata=_saved(
         "hold out this fraction of the training images (of each class, drawn by --seed) as a "
         "validation split: the epochs are evaluated and the best checkpoint chosen on it, and "
         "the test split is evaluated once, after the last epoch (last, EMA and best weights). 0: "
-        "the test split every epoch, as the tutorial"))
+        "the data's own validation split (val/ beside test/, val.npz) if it has one, else the "
+        "test split every epoch, as the tutorial"))
     eval_batch_size: int | None = field(default=None, metadata=_runtime(
         "evaluation batch size (default: the training batch on the CPU, at least 1024 on CUDA; "
         "the accuracy does not depend on it)"))
