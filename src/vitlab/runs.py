@@ -180,8 +180,8 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
     chosen, options = _recipe_and_options(settings, "pretrain")
     model = model or recipe_model(chosen.name)
     overrides = _model_overrides(dropout=dropout, drop_path=drop_path)
-    overrides |= _architecture(depth=depth, width=width, num_heads=num_heads, mlp_dim=mlp_dim,
-                               patch_size=patch_size)
+    overrides |= _given(depth=depth, width=width, num_heads=num_heads, mlp_dim=mlp_dim,
+                        patch_size=patch_size)
     normalization = Normalization.parse(normalize) if normalize is not None else Normalization()
     # The name, and the architecture asked for, checked before any data is loaded.
     config = preset(model, num_classes=1, **overrides)
@@ -270,13 +270,14 @@ def _check_channels(normalization: Normalization, dataset: Dataset, spec: PathLi
 def _model_overrides(**fields: float | None) -> dict[str, float]:
     """The model settings given (dropout, drop_path): the others keep the preset's, or the
     pre-trained model's. Checked now, by the model config's own rules, before data is read."""
-    given = {name: value for name, value in fields.items() if value is not None}
+    given = _given(**fields)
     ViTConfig(**given)
     return given
 
 
-def _architecture(**fields: int | None) -> dict[str, int]:
-    """The architecture settings given (ARCHITECTURE_SETTINGS); `preset` checks them."""
+def _given(**fields: Any) -> dict[str, Any]:
+    """The settings of `fields` that were given (not None): for the architecture settings
+    (ARCHITECTURE_SETTINGS), which `preset` checks with the preset's other fields."""
     return {name: value for name, value in fields.items() if value is not None}
 
 

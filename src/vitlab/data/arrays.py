@@ -179,15 +179,18 @@ def _read_npz(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _image_shape(x: np.ndarray) -> tuple[int, ...]:
+    """An image array's (H, W, C), a [N,H,W] array's C being 1."""
+    return tuple(x.shape[1:]) if x.ndim == 4 else (*x.shape[1:], 1)
+
+
 def read_array_folder(path: Path, name: str | None = None) -> Dataset:
     """Load and validate an array folder."""
     if not is_array_folder(path):
         raise DataFormatError(f"{path}: an array folder needs train.npz, test.npz and classes.json")
     classes = _read_classes(path / "classes.json")
     arrays = {s: _read_npz(path / f"{s}.npz", len(classes)) for s in SPLITS}
-    shapes = {
-        s: tuple(x.shape[1:]) if x.ndim == 4 else (*x.shape[1:], 1) for s, (x, _) in arrays.items()
-    }
+    shapes = {s: _image_shape(x) for s, (x, _) in arrays.items()}
     if shapes["train"] != shapes["test"]:
         raise DataFormatError(
             f"{path}: train images are {shapes['train']} but test images {shapes['test']}; "
@@ -197,7 +200,7 @@ def read_array_folder(path: Path, name: str | None = None) -> Dataset:
     val = None
     if (path / "val.npz").is_file():
         x, y = _read_npz(path / "val.npz", len(classes))
-        if (tuple(x.shape[1:]) if x.ndim == 4 else (*x.shape[1:], 1)) != shapes["train"]:
+        if _image_shape(x) != shapes["train"]:
             raise DataFormatError(f"{path}: val images are not of the train images' shape "
                                   f"{shapes['train']}; use one image size")
         val = to_split(x, y, classes)
