@@ -704,7 +704,21 @@ def test_a_runs_normalization_is_saved_and_used_wherever_its_model_reads_images(
     assert ckpt.read_run_config(fine.run_dir).normalization == NORMALIZATIONS["inception"]
     with pytest.raises(SettingDiffers, match="normalize"):
         resume(out, normalize="cifar")
+    # The same normalization spelled otherwise: one value for every channel.
+    assert resume(out, normalize="0.5/0.5", epochs=2, data_root=data_root, no_download=True,
+                  quiet=True, device="cpu").global_step == 4
     assert ckpt.read_run_config(FIXTURES / "run-0.1.0").normalization == NORMALIZATIONS["cifar"]
+
+
+def test_normalizations_that_normalize_alike_are_the_same():
+    from vitlab.data.augment import NORMALIZATIONS, Normalization
+
+    inception = NORMALIZATIONS["inception"]
+    assert Normalization.parse("0.5/0.5").same_as(inception)
+    assert inception.same_as(Normalization.parse("0.5,0.5,0.5/0.5,0.5,0.5"))
+    assert not Normalization.parse("0.5/0.25").same_as(inception)
+    assert not Normalization.parse("0.5,0.5/0.5,0.5").same_as(inception)  # 2 channels, not 3
+    assert not NORMALIZATIONS["cifar"].same_as(inception)
 
 
 @pytest.mark.parametrize(("text", "message"), [

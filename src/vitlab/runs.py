@@ -433,6 +433,8 @@ def _check_unchanged(saved: RunConfig, settings: dict[str, Any], run_dir: Path,
     for name, value in settings.items():
         if SETTINGS[name].role in ("runtime", "data"):
             continue
+        if name == "normalize" and Normalization.parse(value).same_as(saved.normalization):
+            continue  # spelled otherwise (0.5/0.5 for inception), it normalizes alike
         was, given = _saved_value(saved, name, run_dir), _given_value(name, value)
         shown = was
         if name == "image_size" and was is None and given is not None:

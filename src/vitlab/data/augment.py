@@ -94,6 +94,17 @@ class Normalization:
         except ConfigError as e:
             raise ConfigError(f"--normalize {text}: {e}") from None
 
+    def same_as(self, other: Normalization) -> bool:
+        """Whether the two normalize every image alike: equal, or equal once a one-value
+        normalization (applied to every channel) is repeated to the other's channels."""
+        channels = max(len(self.mean), len(other.mean))
+        return self._per_channel(channels) == other._per_channel(channels)
+
+    def _per_channel(self, channels: int) -> tuple | None:
+        if len(self.mean) == channels:
+            return self.mean, self.std
+        return (self.mean * channels, self.std * channels) if len(self.mean) == 1 else None
+
     def name(self) -> str:
         """Its NORMALIZATIONS name, or MEAN/STD."""
         return next((k for k, v in NORMALIZATIONS.items() if v == self),
