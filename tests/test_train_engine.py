@@ -1408,6 +1408,37 @@ def test_val_fraction_resumes_to_the_uninterrupted_run(dataset, tmp_path):
     assert resumed.last_eval == straight.last_eval and resumed.test_eval == straight.test_eval
 
 
+def test_a_run_killed_in_its_test_pass_resumes_to_that_pass_alone(dataset, tmp_path,
+                                                                   monkeypatch):
+    """Validated on a held-out split, a run ends with a test pass; killed during it (after
+    its last checkpoint), the resume trains nothing and makes the pass the run would have."""
+    import vitlab.train.engine as engine
+
+    opts = options(2, train_steps_per_epoch=2, val_fraction=0.25)
+    straight = fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "a")
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(engine, "_test", killed)
+    with pytest.raises(Killed):
+        fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "b")
+    monkeypatch.undo()
+    assert not h_events(ckpt.read_jsonl(tmp_path / "b" / ckpt.METRICS), "test")
+    resumed = fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "b", resume=True)
+    assert resumed.test_eval == straight.test_eval and resumed.global_step == 4
+    records = ckpt.read_jsonl(tmp_path / "b" / ckpt.METRICS)
+    assert [r["event"] for r in records[-3:]] == ["resume", "test", "finish"]
+    assert records[-3]["remaining"] == "the test pass"
+    assert [r["step"] for r in h_events(records, "train")] == [
+        r["step"] for r in h_events(ckpt.read_jsonl(tmp_path / "a" / ckpt.METRICS), "train")]
+    with pytest.raises(CheckpointError, match="already finished its 2 epochs"):
+        fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "b", resume=True)
+
+
 @pytest.mark.parametrize(("fraction", "message"), [
     (0.01, "holds out no image of tiny's 20 training images"),
     (0.99, "holds out all of tiny's 20 training images")])

@@ -582,7 +582,13 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         if distributed.is_main_process():
             _repair_weight_files(run_dir, model.state_dict(),
                                  ema.state_dict() if ema is not None else None, progress)
-        if progress.epoch >= options.epochs:
+        # A run validated on another split ends with a test pass; killed during it, the
+        # resume makes that pass (and trains nothing).
+        untested = (progress.epoch >= options.epochs or progress.stopped_early) and (
+            validation != "test" and not distributed.broadcast_object(
+                _tested(run_dir, progress.global_step) if distributed.is_main_process()
+                else None))
+        if progress.epoch >= options.epochs and not untested:
             raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
         if progress.validation and progress.validation != validation:
@@ -592,7 +598,7 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 f"{run_dir} evaluated its epochs on {said[progress.validation]}, but would now "
                 f"on {said[validation]}: its data has changed since it started (a val/ or "
                 "val.npz added or removed); restore the data as it was, or start a new run")
-        if progress.stopped_early:  # finished, whatever budget it is given now
+        if progress.stopped_early and not untested:  # finished, whatever budget it is given
             raise CheckpointError(
                 f"{run_dir} stopped early after epoch {progress.epoch} ("
                 f"{progress.evaluations_since_best} evaluations without a better one, "
@@ -611,6 +617,12 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     if device.type == "cuda":
         torch.cuda.manual_seed(dropout_seed)
     return Progress(world_size=distributed.world_size(), validation=validation)
+
+
+def _tested(run_dir: Path, step: int) -> bool:
+    """Whether metrics.jsonl has the test pass of the run's end at `step`."""
+    return any(r.get("event") == "test" and r.get("step") == step
+               for r in ckpt.read_jsonl(run_dir / ckpt.METRICS))
 
 
 def _head_size(model: nn.Module, dataset: Dataset) -> int:
@@ -825,7 +837,9 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                  if mode else {})  # why the first epoch takes longer
     if capture:
         compiling["capture"] = "one CUDA graph per batch shape"
-    if resume:
+    if resume and (progress.epoch >= options.epochs or progress.stopped_early):
+        reporter.event("Resume", step=progress.global_step, remaining="the test pass")
+    elif resume:
         reporter.event("Resume", step=progress.global_step, epoch=progress.epoch + 1,
                        **compiling)
     else:
