@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -135,6 +136,29 @@ def test_two_processes_accumulating_gradients_train_the_one_process_run(cifar10,
         return [r["ce"] for r in h.read_metrics(run) if r["event"] == "train" and "ce" in r]
 
     assert losses(tmp_path / "ddp") == pytest.approx(losses(one_process[0]), rel=1e-5)
+
+
+def test_two_processes_in_fp16_skip_the_same_steps(cifar10, tmp_path):
+    """--precision fp16 under torchrun, its loss scaler starting high enough that the first
+    steps' gradients overflow: the ranks' scalers judge the same all-reduced gradients, so they
+    skip the same steps and keep the same scale, step by step (ranks that disagreed would hold
+    different weights from then on). (The scales need not be one process's: a rank's backward
+    runs on its half of the batch, whose mean loss weighs each sample twice as much.)"""
+    program = (Path(__file__).with_name("fp16_overflowing.py"),)
+    args = train_args(cifar10, tmp_path / "two", "--dropout", "0", "--precision", "fp16")
+    job = subprocess.run(torchrun(*args, program=program), cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={
+                             **h.cli_env(), "VITLAB_INIT_SCALE": str(2.0 ** 24),
+                             "VITLAB_SCALES": str(tmp_path)})
+    assert job.returncode == 0, f"{job.stdout[-2000:]}\n{job.stderr[-3000:]}"
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]) == 20, ranks
+    assert ranks[0][0] == 2.0 ** 23 and ranks[0][-1] < 2.0 ** 23  # skipped, then stepped
+    saved = torch.load(tmp_path / "two" / "trainer_state.pt", weights_only=True)["scaler"]
+    assert saved["scale"] == ranks[0][-1]
+    losses = [r["ce"] for r in h.read_metrics(tmp_path / "two") if r["event"] == "train"
+              and "ce" in r]
+    assert losses and all(map(math.isfinite, losses)), losses
 
 
 def test_two_processes_validate_on_a_held_out_split_and_test_as_one(cifar10, tmp_path):
