@@ -39,7 +39,7 @@ from vitlab.train.engine import (
     train_step,
 )
 from vitlab.train.options import COMPILE_PAYS_AFTER_STEPS, COMPILE_PAYS_CAPTURED_AFTER_STEPS
-from vitlab.train.recipe import build_optimizer, lr_factor
+from vitlab.train.recipe import build_optimizer, lr_factor, replaced
 from vitlab.train.reporting import Reporter
 from vitlab.train.runconfig import RunConfig
 
@@ -182,6 +182,31 @@ def test_unknown_recipe():
 def test_lr_factor_constant():
     r = recipe("seed")
     assert {lr_factor(r, step, 100, 10) for step in range(100)} == {1.0}
+
+
+def test_lr_factor_constant_with_warmup():
+    """Hugging Face's constant_with_warmup: the warm-up, then the LR."""
+    r = recipe("seed", warmup_epochs=0.5)
+    factors = [lr_factor(r, step, 100, 10) for step in range(100)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and set(factors[4:]) == {1.0}
+
+
+def test_a_warmup_that_outlasts_the_run_is_warned_of(dataset, tmp_path, caplog):
+    """The vitlab recipe's 10 warm-up epochs in a 1-epoch run: a warning that names the LR it
+    reaches and the recipe's fine-tuning companion; none for a resume, or a warm-up that ends."""
+    short = recipe("vitlab", batch_size=8, mix_prob=0.0, erase_prob=0.0)
+    with caplog.at_level("WARNING", logger="vitlab"):
+        fit(tiny_model(), dataset, short, options(1, train_steps_per_epoch=2), tmp_path / "a")
+    (warning,) = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert ("--warmup-epochs 10) lasts the whole run of 1 epoch(s): the LR climbs to 10% of "
+            "--lr 0.001" in warning and "--recipe vitlab-finetune" in warning), warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vitlab"):
+        fit(tiny_model(), dataset, replaced(short, {"warmup_epochs": 0.5}),
+            options(1, train_steps_per_epoch=2), tmp_path / "b")
+        fit(tiny_model(), dataset, short, options(2, train_steps_per_epoch=2), tmp_path / "a",
+            resume=True)
+    assert not [r for r in caplog.records if "warm-up" in r.getMessage()]
 
 
 def test_lr_factor_cosine_with_warmup():

@@ -56,7 +56,6 @@ from vitlab.train.recipe import (
     FINETUNE_RECIPES,
     RECIPE_MODELS,
     SCHEDULES_USING_TOTAL,
-    SCHEDULES_WITH_WARMUP,
     Recipe,
     recipe,
     replaced,
@@ -145,10 +144,6 @@ def _recipe_and_options(settings: dict[str, Any], kind: str) -> tuple[Recipe, Tr
     overrides = pick(settings, {"recipe"})
     # Every given value replaces the named recipe's, None too (grad_clip: null = no clipping).
     chosen = replaced(recipe(overrides.pop("name", "seed")), overrides)
-    if chosen.warmup_epochs > 0 and chosen.schedule not in SCHEDULES_WITH_WARMUP:
-        raise ConfigError(f"--warmup-epochs has no effect with --schedule {chosen.schedule}; "
-                          f"use --schedule {' or '.join(sorted(SCHEDULES_WITH_WARMUP))}, or "
-                          "drop --warmup-epochs")
     epochs = chosen.epochs if kind == "pretrain" else chosen.finetune_epochs
     options = TrainOptions(epochs=epochs, **pick(settings, {"saved", "runtime"}))
     return chosen, options

@@ -37,12 +37,14 @@ from vitlab.train.capture import CapturedStep
 from vitlab.train.ema import WeightEMA
 from vitlab.train.options import TrainOptions
 from vitlab.train.recipe import (
+    FINETUNE_RECIPES,
     Recipe,
     build_optimizer,
     fused_kernels,
     lr_factor,
     lrs_as_tensors,
     prepare_loss_scaling,
+    scheduled,
 )
 from vitlab.train.reporting import Reporter, require_tensorboard
 from vitlab.train.runconfig import RunConfig
@@ -670,6 +672,8 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
         dataset, test = Dataset(dataset.name, dataset.train, dataset.val), dataset.test
         validation = "own"
     distributed.setup(options.device)
+    if not resume and distributed.is_main_process():
+        _warn_if_warmup_outlasts(recipe, options.epochs)
     device = resolve_device(options.device)
     autocast_dtype = resolve_precision(options.precision, device)
     options.captures(device.type, distributed.world_size())  # refused before anything is written
@@ -728,6 +732,21 @@ def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[D
             "only", held, missing, len(trained_classes), math.ceil(0.5 / fraction),
             len(validation))
     return trained, dataset.test
+
+
+def _warn_if_warmup_outlasts(recipe: Recipe, epochs: int) -> None:
+    """A warm-up as long as the run leaves the LR below its peak and the schedule unstarted: a
+    recipe made for a long run, run short (the vitlab recipe's 10 warm-up epochs in a 1-epoch
+    fine-tune)."""
+    if not 0 < epochs <= recipe.warmup_epochs:
+        return
+    companion = FINETUNE_RECIPES.get(recipe.name)
+    logging.getLogger("vitlab").warning(
+        "vitlab: the LR warm-up (--warmup-epochs %g) lasts the whole run of %d epoch(s): the LR "
+        "climbs to %.0f%% of --lr %g and never decays; lower --warmup-epochs%s",
+        recipe.warmup_epochs, epochs, 100 * min(1.0, epochs / recipe.warmup_epochs), recipe.lr,
+        f" (to fine-tune, the {recipe.name} recipe's companion is --recipe {companion})"
+        if companion else "")
 
 
 def _input_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -913,7 +932,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                     fields = {"step": progress.global_step, "ce": loss.item()}
                     if progress.global_step > 1:
                         fields["steps/sec"] = window_steps / (time.perf_counter() - window_start)
-                    if recipe.schedule != "constant":  # the (head's) LR of the step just taken
+                    if scheduled(recipe):  # the (head's) LR of the step just taken
                         fields["lr"] = recipe.lr * lr_factor(
                             recipe, progress.global_step - 1, total_steps, steps_per_epoch)
                     reporter.event("Train", **fields)

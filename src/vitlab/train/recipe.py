@@ -46,17 +46,24 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
+def _warmup_steps(recipe: Recipe, steps_per_epoch: int) -> int:
+    """Every schedule starts with a linear warm-up over `warmup_epochs` (none by default): step s
+    of it trains at (s + 1) / its length of the LR."""
+    return round(recipe.warmup_epochs * steps_per_epoch)
+
+
 def _constant(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    return 1.0
+    """The base LR, after the warm-up (Hugging Face's constant_with_warmup)."""
+    warmup = _warmup_steps(recipe, steps_per_epoch)
+    return (step + 1) / warmup if step < warmup else 1.0
 
 
 def _decaying(decay: Callable[[float], float]) -> Callable[[Recipe, int, int, int], float]:
-    """A schedule: linear warm-up over `warmup_epochs`, then `decay(progress)` (1 at progress 0,
-    0 at 1) from the base LR towards `min_lr_ratio` of it, which it reaches at step
-    `total_steps`: one past the last, whose LR is a step's decay above it (Hugging Face's and
-    timm's convention)."""
+    """A schedule: the warm-up, then `decay(progress)` (1 at progress 0, 0 at 1) from the base LR
+    towards `min_lr_ratio` of it, which it reaches at step `total_steps`: one past the last,
+    whose LR is a step's decay above it (Hugging Face's and timm's convention)."""
     def schedule(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
-        warmup = round(recipe.warmup_epochs * steps_per_epoch)
+        warmup = _warmup_steps(recipe, steps_per_epoch)
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
@@ -77,7 +84,6 @@ SCHEDULES: dict[str, Callable[[Recipe, int, int, int], float]] = {
     "linear": _linear,
 }
 SCHEDULES_USING_TOTAL = frozenset({"cosine", "linear"})
-SCHEDULES_WITH_WARMUP = frozenset({"cosine", "linear"})  # --warmup-epochs elsewhere is refused
 
 
 def _setting(help: str, **extra) -> dict:
@@ -98,7 +104,7 @@ class Recipe:
     schedule: str = field(default="constant", metadata=_setting(
         "LR schedule", choices=SCHEDULES))
     warmup_epochs: float = field(default=0.0, metadata=_setting(
-        "linear LR warm-up from 0 (epochs, fractions allowed; cosine and linear schedules)"))
+        "linear LR warm-up from 0 to the LR, before the schedule (epochs, fractions allowed)"))
     label_smoothing: float = field(default=0.0, metadata=_setting("label smoothing"))
     batch_size: int = field(default=128, metadata=_setting("batch size"))
     epochs: int = field(default=100, metadata=_setting("pre-training epochs"))
@@ -270,6 +276,11 @@ def replaced(base: Recipe, changes: dict) -> Recipe:
             if changes.get(setting, own) == own:
                 changes[setting] = _AUGMENT_DEFAULTS[setting]
     return dataclasses.replace(base, **changes)
+
+
+def scheduled(recipe: Recipe) -> bool:
+    """Whether the recipe's LR changes during a run (a warm-up, or a decaying schedule)."""
+    return recipe.schedule != "constant" or recipe.warmup_epochs > 0
 
 
 def lrs_as_tensors(optimizer: torch.optim.Optimizer) -> None:
