@@ -410,6 +410,8 @@ BAD_INPUTS = {
                                          "{work}/nope", "--model", "micro", "--out",
                                          "{work}/run-nope"], "/nope' does not exist, and is not a dataset name"),
     "resume a finished run": (["pretrain", "--resume", "{pre}"], "already finished"),
+    "fine-tuning budget to pretrain": (["pretrain", "--data", "{c10}", "--finetune-epochs", "3"],
+                                       "unrecognized arguments: --finetune-epochs 3"),
     "out dir holds a run": (["pretrain", "--model", "micro", "--data", "{c10}", "--out", "{pre}"],
                             "already holds a run"),
     "seed out of range": (["pretrain", "--data", "{c10}", "--seed", "-1"], "--seed must be"),

@@ -62,9 +62,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-# The setting behind finetune's --epochs.
+# The setting behind finetune's --epochs. The other stage's budget is a recipe key only (a
+# config file may list it), no flag: pretrain --finetune-epochs would change nothing.
 _COMMAND_FLAGS = {("finetune", "finetune_epochs"): ["--epochs", "--finetune-epochs"],
-                  ("finetune", "epochs"): []}  # recipe key only: finetune's --epochs is its own
+                  ("finetune", "epochs"): [], ("pretrain", "finetune_epochs"): []}
 
 
 def _command_flags(command: str, name: str) -> list[str]:
