@@ -81,6 +81,9 @@ def test_a_run_of_vitlab_0_1_0_loads_and_evaluates_as_it_did(legacy_run, data_ro
     report = evaluate_run(legacy_run, weights="best", data_root=data_root, download=False,
                           quiet=True)
     assert report["accuracy"] == logged["accuracy"] and report["num_samples"] == 32
+    half = evaluate_run(legacy_run, weights="best", data_root=data_root, download=False,
+                        quiet=True, precision="fp16", out=legacy_run / "fp16")
+    assert half["ce"] == pytest.approx(report["ce"], rel=1e-2) and half["ce"] != report["ce"]
     assert main(["evaluate", "--checkpoint", str(legacy_run), "--data-root", str(data_root),
                  "--no-download"]) == 0
     assert f"accuracy: {logged['accuracy']:.4f};" in capfd.readouterr().out

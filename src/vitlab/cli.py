@@ -62,6 +62,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# The help of the flags that the commands using a trained run share.
+RUN_HELP = "a run directory (the --out of pretrain, finetune, or a stage of vitlab run)"
+WEIGHTS_HELP = ("which of the run's weights: last (model.safetensors), best (the best evaluated "
+                "epoch's) or ema (its weight average, with --ema-decay) (default: last)")
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: auto, cuda when there is one)"
+
 # The setting behind finetune's --epochs. The other stage's budget is a recipe key only (a
 # config file may list it), no flag: pretrain --finetune-epochs would change nothing.
 _COMMAND_FLAGS = {("finetune", "finetune_epochs"): ["--epochs", "--finetune-epochs"],
@@ -154,14 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="accuracy (top-1, top-5), cross-entropy, per-class "
                        "accuracy, confusion")
-    e.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR")
-    e.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
-    e.add_argument("--data", type=_path, default=None, help="default: the run's own dataset")
+    e.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR", help=RUN_HELP)
+    e.add_argument("--weights", choices=WEIGHT_CHOICES, default="last", help=WEIGHTS_HELP)
+    e.add_argument("--data", type=_path, default=None,
+                   help="dataset whose test split is scored (default: the run's own)")
     e.add_argument("--out", type=_path, default=None, help="default: RUN_DIR/evaluation")
-    e.add_argument("--batch-size", type=_int, default=256)
-    e.add_argument("--eval-steps", type=_int, default=None, help="evaluate N batches only")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    e.add_argument("--batch-size", type=_int, default=256, help="default: 256")
+    e.add_argument("--eval-steps", type=_int, default=None,
+                   help="evaluate the first N batches only (default: all)")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
+    e.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast dtype (default: auto, bf16 on a CUDA GPU with bf16 units, "
+                        "else fp32)")
     e.add_argument("--image-size", type=_int, default=None,
                    help="resize the images to this size (default: as the run was trained)")
     e.add_argument("--data-root", type=_path, default=None,
@@ -169,32 +179,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-download", action="store_true", help="never download")
 
     p = sub.add_parser("predict", help="classify image files with a trained run")
-    p.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR")
+    p.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR", help=RUN_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGES", type=_path,
                    help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
-    p.add_argument("--top-k", type=_int, default=5, help="classes shown per image")
-    p.add_argument("--batch-size", type=_int, default=256)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default="last", help=WEIGHTS_HELP)
+    p.add_argument("--top-k", type=_int, default=5, help="classes shown per image (default: 5)")
+    p.add_argument("--batch-size", type=_int, default=256, help="default: 256")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--output", type=_path, metavar="FILE", default=None,
                    help="also write the predictions to FILE (.csv or .json)")
 
     a = sub.add_parser("attention", help="attention-map PNGs (rollout and last-layer heads)")
-    a.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR")
+    a.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR", help=RUN_HELP)
     a.add_argument("images", nargs="+", metavar="IMAGES", type=_path,
                    help="image files, folders (searched recursively) or glob patterns")
     a.add_argument("--out", type=_path, required=True, metavar="DIR",
                    help="folder for the PNG files")
-    a.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
-    a.add_argument("--device", default="auto")
+    a.add_argument("--weights", choices=WEIGHT_CHOICES, default="last", help=WEIGHTS_HELP)
+    a.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     x = sub.add_parser("export", help="export a trained run: ONNX, or timm's weight layout")
-    x.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR")
+    x.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR", help=RUN_HELP)
     x.add_argument("--format", choices=["onnx", "timm"], default="onnx",
                    help="onnx, or timm (safetensors with timm's VisionTransformer names)")
     x.add_argument("--out", type=_path, required=True, metavar="FILE",
                    help="e.g. model.onnx, or vit.safetensors for --format timm")
-    x.add_argument("--weights", choices=WEIGHT_CHOICES, default="last")
+    x.add_argument("--weights", choices=WEIGHT_CHOICES, default="last", help=WEIGHTS_HELP)
 
     r = sub.add_parser("recipes", help="list the built-in recipes, or print one as a config file")
     r.add_argument("name", nargs="?", help="print this recipe as YAML (for --config)")
@@ -202,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="build a model preset, print its size and run a forward pass")
     i.add_argument("--model", default="seed-mini", help="model preset (default: seed-mini; "
                    f"known: {', '.join(sorted(PRESETS))})")
-    i.add_argument("--num-classes", type=_int, default=100)
+    i.add_argument("--num-classes", type=_int, default=100, help="the head's (default: 100)")
     for name, what in ARCHITECTURE_SETTINGS.items():
         i.add_argument(f"--{name.replace('_', '-')}", type=_int, default=None,
                        help=f"the preset's {what}, changed (as pretrain takes it)")
