@@ -206,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. model.onnx, or vit.safetensors for --format timm")
     x.add_argument("--weights", choices=WEIGHT_CHOICES, default="last", help=WEIGHTS_HELP)
 
+    s = sub.add_parser("split", help="make an image folder (train/, test/) from a folder of "
+                       "class folders, holding out a share of each class")
+    s.add_argument("source", type=_path, metavar="FOLDER",
+                   help="FOLDER/<class>/ images (or FOLDER/train/<class>/ alone)")
+    s.add_argument("--out", type=_path, required=True, metavar="DIR",
+                   help="new folder for DIR/train/<class>/ and DIR/test/<class>/ (hard links to "
+                        "the images where the file system allows, else copies)")
+    s.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of each class's images held out for test/, rounded half up "
+                        "(default: 0.2)")
+    s.add_argument("--val-fraction", type=float, default=0.0,
+                   help="share of each class's images also held out for val/, the validation "
+                        "split a run then selects its best epoch by (default: 0, none)")
+    s.add_argument("--seed", type=int, default=0, help="the draw's seed (default: 0)")
+
     r = sub.add_parser("recipes", help="list the built-in recipes, or print one as a config file")
     r.add_argument("name", nargs="?", help="print this recipe as YAML (for --config)")
 
@@ -380,6 +395,19 @@ def _recipes(args: argparse.Namespace) -> None:
     print(recipe_as_yaml(recipe(args.name), RECIPE_DESCRIPTIONS.get(args.name, "")), end="")
 
 
+def _split(args: argparse.Namespace) -> None:
+    from vitlab.data.split import split_image_folder
+
+    summary = split_image_folder(args.source, args.out, args.test_fraction, args.val_fraction,
+                                 args.seed)
+    sizes = ", ".join(f"{split} {summary.total(split):,}" for split in summary.counts
+                      if summary.counts[split])
+    how = ", ".join(f"{n:,} {what}" for n, what in ((summary.linked, "hard-linked"),
+                                                   (summary.copied, "copied")) if n)
+    print(f"wrote {summary.out}: {sizes} images of {len(summary.counts['train'])} classes "
+          f"({how}); train with: vitlab pretrain --data {summary.out}")
+
+
 def _info(args: argparse.Namespace) -> None:
     from vitlab.runs import model_summary
     from vitlab.settings import ARCHITECTURE_SETTINGS
@@ -477,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SIGNAL[signal.SIGINT]
     commands = {"pretrain": _train, "finetune": _train, "run": _train, "evaluate": _evaluate,
                 "predict": _predict, "attention": _attention, "export": _export,
-                "recipes": _recipes, "info": _info, "bench": _bench}
+                "recipes": _recipes, "info": _info, "bench": _bench, "split": _split}
     try:
         code = commands[args.command](args)
     except VitlabError as e:

@@ -50,9 +50,15 @@ def spec_kind(spec: str | os.PathLike) -> str:
     if not path.exists():
         raise DatasetNotFoundError(f"{name!r} does not exist, and is not a dataset name "
                                    f"({', '.join(SOURCES)})")
+    split = f"`vitlab split {name} --out NEW_FOLDER` makes one from it"
     if (path / "train").is_dir():  # the most likely slip: an image folder without a test split
         raise DatasetNotFoundError(f"{name!r} has train/ but no test/ or val/ folder: an image "
-                                   "folder needs both (test/<class>/ like train/<class>/)")
+                                   "folder needs both (test/<class>/ like train/<class>/); "
+                                   f"{split}")
+    if path.is_dir() and any(d.is_dir() and not d.name.startswith(".") for d in path.iterdir()):
+        raise DatasetNotFoundError(
+            f"{name!r} is not an image folder (train/<class>/ and test/<class>/); if its "
+            f"subfolders are classes, {split}")
     raise DatasetNotFoundError(
         f"{name!r} is neither a dataset name ({', '.join(SOURCES)}), an array folder "
         "(train.npz, test.npz, classes.json) nor an image folder (train/<class>/, test/<class>/)"

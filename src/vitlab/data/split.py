@@ -1,0 +1,150 @@
+"""``vitlab split``: turn a folder of class folders into an image folder vitlab trains on.
+
+Photos usually come as ``<root>/<class>/*.jpg`` (torchvision's ImageFolder layout, Hugging Face's
+``imagefolder`` before ``train_test_split``), or as ``<root>/train/<class>/`` alone. vitlab's
+image folders need a test split beside the training one. `split_image_folder` makes one, once
+and visibly: it holds out a fraction of each class's images (stratified, drawn by a seed) as
+``<out>/test/<class>/`` (and optionally ``<out>/val/<class>/``), the rest as
+``<out>/train/<class>/``. Files are hard-linked where the file system allows it (no extra disk
+space; the images are the same files) and copied otherwise. The output appears whole or not at
+all: it is built in a temporary folder beside ``out`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vitlab.data.imagefolder import EXTENSIONS, walk_files
+from vitlab.errors import ConfigError, DataFormatError
+
+log = logging.getLogger("vitlab.data")
+
+
+@dataclass
+class SplitSummary:
+    """What `split_image_folder` wrote: images per split and class, and how."""
+
+    out: Path
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images
+    linked: int = 0
+    copied: int = 0
+
+    def total(self, split: str) -> int:
+        return sum(self.counts.get(split, {}).values())
+
+
+def held_out(n: int, fraction: float) -> int:
+    """How many of a class's n images a fraction holds out: fraction x n rounded half up, as
+    `--val-fraction` counts."""
+    return int(fraction * n + 0.5)
+
+
+def _class_folders(source: Path) -> dict[str, Path]:
+    """The class folders of a split: `source/train` when it holds the training split alone,
+    else `source` itself."""
+    if (source / "test").is_dir() or (source / "val").is_dir():
+        raise ConfigError(f"{source} already has a test/ or val/ split: train with it as it is "
+                          "(vitlab pretrain --data " + str(source) + ")")
+    base = source / "train" if (source / "train").is_dir() else source
+    folders = {d.name: d for d in sorted(base.iterdir())
+               if d.is_dir() and not d.name.startswith(".")}
+    if not folders:
+        raise DataFormatError(f"{base}: no class folders; put each class's images in "
+                              f"{base}/<class>/")
+    return folders
+
+
+def split_image_folder(source: str | os.PathLike, out: str | os.PathLike, test_fraction: float,
+                       val_fraction: float = 0.0, seed: int = 0) -> SplitSummary:
+    """Write `out`/train, `out`/test (and with `val_fraction`, `out`/val), each with one folder
+    per class of `source` (`source/<class>/` or `source/train/<class>/`, images in subfolders
+    too): of each class's n images, `held_out(n, test_fraction)` drawn for test, then
+    `held_out(n, val_fraction)` for val, the rest for train. The draw depends on `seed` and the
+    sorted file names alone, so the same folder splits alike on any machine."""
+    source, out = Path(source).expanduser(), Path(out).expanduser()
+    for name, value in (("--test-fraction", test_fraction), ("--val-fraction", val_fraction)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    if test_fraction == 0:
+        raise ConfigError("--test-fraction must be above 0: the test split is what a run is "
+                          "scored on")
+    if test_fraction + val_fraction >= 1:
+        raise ConfigError(f"--test-fraction {test_fraction} and --val-fraction {val_fraction} "
+                          "leave nothing to train on; their sum must be below 1")
+    if not source.is_dir():
+        raise ConfigError(f"{source} is not a folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists; choose a new --out (split never writes into "
+                          "or over an existing folder)")
+    if out.resolve().is_relative_to(source.resolve()):
+        raise ConfigError(f"--out {out} is inside {source}, whose images it would then list; "
+                          "choose a folder outside it")
+    folders = _class_folders(source)
+    plan: dict[str, dict[str, list[Path]]] = {"train": {}, "test": {}}
+    if val_fraction > 0:
+        plan["val"] = {}
+    untested, skipped = [], 0
+    for name, folder in folders.items():
+        files, problems = walk_files(folder)
+        if problems:
+            raise DataFormatError(f"{problems[0][0]}: {problems[0][1]}; fix or delete it")
+        images = [f for f in files if f.suffix.lower() in EXTENSIONS]
+        skipped += len(files) - len(images)
+        if not images:
+            raise DataFormatError(f"{folder}: no {'/'.join(EXTENSIONS)} images; add some or "
+                                  "remove the folder")
+        # Seeded by the class name too: adding a class does not redraw the others.
+        random.Random(f"{seed}/{name}").shuffle(images)
+        # At least one image is left to train on.
+        n_test = min(held_out(len(images), test_fraction), len(images) - 1)
+        n_val = min(held_out(len(images), val_fraction), len(images) - 1 - n_test)
+        untested += [name] if n_test == 0 else []
+        plan["test"][name] = images[:n_test]
+        if "val" in plan:
+            plan["val"][name] = images[n_test:n_test + n_val]
+        plan["train"][name] = images[n_test + n_val:]
+    if not any(plan["test"].values()):
+        raise DataFormatError(f"no class of {source} has enough images to give the test split "
+                              f"one at --test-fraction {test_fraction}; raise it")
+    if skipped:
+        log.warning("vitlab: left out %d file(s) of %s that are not images vitlab reads (%s)",
+                    skipped, source, "/".join(EXTENSIONS))
+    if untested:
+        log.warning("vitlab: %d class(es) of %s are too small to give the test split an image at "
+                    "--test-fraction %g (e.g. %r): all their images are in train/", len(untested),
+                    source, test_fraction, untested[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    summary = SplitSummary(out)
+    try:
+        partial.mkdir()
+        for split, classes in plan.items():
+            summary.counts[split] = {}
+            for name, images in classes.items():
+                for image in images:  # subfolders kept: an image folder reads them too
+                    target = partial / split / name / image.relative_to(folders[name])
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    _link_or_copy(image, target, summary)
+                if images:
+                    summary.counts[split][name] = len(images)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return summary
+
+
+def _link_or_copy(image: Path, target: Path, summary: SplitSummary) -> None:
+    try:
+        os.link(image, target)
+        summary.linked += 1
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(image, target)
+        summary.copied += 1

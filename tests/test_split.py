@@ -1,0 +1,165 @@
+"""`vitlab split`: a folder of class folders becomes an image folder (train/, test/, val/), each
+class held out by its share, drawn by the seed; hard links (or copies), all or nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cli_helpers as h
+from vitlab.data import load_dataset
+from vitlab.data import split as split_module
+from vitlab.data.split import held_out, split_image_folder
+from vitlab.errors import ConfigError, DataFormatError
+
+
+def make_classes(root: Path, sizes: dict[str, int]) -> Path:
+    """root/<class>/<i>.png, each image one flat colour (its class and index)."""
+    for k, (name, n) in enumerate(sizes.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (40 * k, 10 * i, 0)).save(root / name / f"{i}.png")
+    return root
+
+
+def listing(folder: Path) -> dict[str, set[str]]:
+    """class -> its files (relative to the class folder) in one split folder."""
+    if not folder.is_dir():
+        return {}
+    return {d.name: {str(f.relative_to(d)) for f in d.rglob("*") if f.is_file()}
+            for d in folder.iterdir()}
+
+
+def test_each_class_is_split_by_its_share_with_hard_links(tmp_path):
+    source = make_classes(tmp_path / "photos", {"cat": 10, "dog": 7, "emu": 3})
+    (source / "dog" / "more").mkdir()
+    Image.new("RGB", (8, 8)).save(source / "dog" / "more" / "x.png")  # dog: 8 images
+    (source / "cat" / "notes.txt").write_text("not an image")
+    summary = split_image_folder(source, tmp_path / "split", 0.2, val_fraction=0.1, seed=3)
+    out = tmp_path / "split"
+    splits = {name: listing(out / name) for name in ("train", "test", "val")}
+    # Of n images: round(0.2 n) for test, round(0.1 n) for val (half up), the rest for train.
+    for name, n in (("cat", 10), ("dog", 8), ("emu", 3)):
+        sizes = [len(splits[s].get(name, ())) for s in ("train", "test", "val")]
+        assert sizes == [n - held_out(n, 0.2) - held_out(n, 0.1), held_out(n, 0.2),
+                         held_out(n, 0.1)], (name, sizes)
+        parts = [splits[s].get(name, set()) for s in ("train", "test", "val")]
+        assert set.union(*parts) == listing(source)[name] - {"notes.txt"}  # every image once
+        assert sum(map(len, parts)) == n
+    assert "more/x.png" in set.union(*(splits[s]["dog"] for s in ("train", "test", "val")
+                                       if "dog" in splits[s]))
+    assert summary.counts["test"] == {"cat": 2, "dog": 2, "emu": 1}
+    assert summary.linked == 21 and summary.copied == 0
+    linked = next((out / "test" / "cat").iterdir())
+    assert os.path.samefile(linked, source / "cat" / linked.name)
+    assert not list(tmp_path.glob(".split.partial-*"))
+    # vitlab reads it: the val split is the validation split, test the test split.
+    data = load_dataset(out, root=tmp_path / "cache")
+    assert (len(data.train), len(data.test), len(data.val)) == (14, 5, 2)
+    assert data.classes == ["cat", "dog", "emu"]
+
+
+def test_the_draw_depends_on_the_seed_and_each_class_alone(tmp_path):
+    source = make_classes(tmp_path / "a", {"cat": 20, "dog": 20})
+    split_image_folder(source, tmp_path / "s1", 0.25, seed=1)
+    split_image_folder(source, tmp_path / "s1-again", 0.25, seed=1)
+    split_image_folder(source, tmp_path / "s2", 0.25, seed=2)
+    assert listing(tmp_path / "s1" / "test") == listing(tmp_path / "s1-again" / "test")
+    assert listing(tmp_path / "s1" / "test") != listing(tmp_path / "s2" / "test")
+    make_classes(tmp_path / "a-more", {"ant": 5})  # another class does not redraw the others
+    for name in ("cat", "dog"):
+        os.symlink(source / name, tmp_path / "a-more" / name)
+    split_image_folder(tmp_path / "a-more", tmp_path / "s1-more", 0.25, seed=1)
+    more = listing(tmp_path / "s1-more" / "test")
+    assert {k: more[k] for k in ("cat", "dog")} == listing(tmp_path / "s1" / "test")
+
+
+def test_a_train_folder_alone_is_split_and_small_classes_stay_in_train(tmp_path, caplog):
+    source = make_classes(tmp_path / "data" / "train", {"big": 10, "one": 1, "two": 2})
+    with caplog.at_level("WARNING", logger="vitlab.data"):
+        summary = split_image_folder(tmp_path / "data", tmp_path / "out", 0.2)
+    assert summary.counts["test"] == {"big": 2}
+    assert summary.counts["train"] == {"big": 8, "one": 1, "two": 2}
+    assert "2 class(es)" in caplog.text and "too small" in caplog.text
+    assert not (tmp_path / "out" / "test" / "one").exists()
+    assert source.is_dir()
+
+
+def test_files_are_copied_where_they_cannot_be_linked(tmp_path, monkeypatch):
+    source = make_classes(tmp_path / "photos", {"cat": 5, "dog": 5})
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(split_module.os, "link", no_links)
+    summary = split_image_folder(source, tmp_path / "out", 0.2)
+    assert (summary.linked, summary.copied) == (0, 10)
+    copy = next((tmp_path / "out" / "train" / "cat").iterdir())
+    assert not os.path.samefile(copy, source / "cat" / copy.name)
+    assert np.array_equal(np.asarray(Image.open(copy)),
+                          np.asarray(Image.open(source / "cat" / copy.name)))
+
+
+def test_a_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
+    source = make_classes(tmp_path / "photos", {"cat": 5, "dog": 5})
+    calls = []
+
+    def failing_link(src, dst):
+        calls.append(dst)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        os.symlink(src, dst)
+
+    monkeypatch.setattr(split_module.os, "link", failing_link)
+    with pytest.raises(KeyboardInterrupt):
+        split_image_folder(source, tmp_path / "out", 0.2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"test_fraction": 0.0}, ConfigError, "--test-fraction must be above 0"),
+    ({"test_fraction": 1.0}, ConfigError, "--test-fraction must be in \\[0, 1\\)"),
+    ({"test_fraction": 0.2, "val_fraction": -0.1}, ConfigError, "--val-fraction must be in"),
+    ({"test_fraction": 0.6, "val_fraction": 0.4}, ConfigError, "leave nothing to train on"),
+    ({"test_fraction": 0.01}, DataFormatError, "no class of .* has enough images"),
+])
+def test_bad_fractions_are_refused_before_anything_is_written(tmp_path, kwargs, error, message):
+    source = make_classes(tmp_path / "photos", {"cat": 5, "dog": 5})
+    with pytest.raises(error, match=message):
+        split_image_folder(source, tmp_path / "out", **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+def test_existing_or_nested_outputs_and_split_sources_are_refused(tmp_path):
+    source = make_classes(tmp_path / "photos", {"cat": 5, "dog": 5})
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists"):
+        split_image_folder(source, tmp_path / "full", 0.2)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match="inside"):
+        split_image_folder(source, source / "split", 0.2)
+    (tmp_path / "empty").mkdir()  # an empty folder is filled
+    split_image_folder(source, tmp_path / "empty", 0.2)
+    with pytest.raises(ConfigError, match="already has a test/ or val/ split"):
+        split_image_folder(tmp_path / "empty", tmp_path / "again", 0.2)
+    with pytest.raises(DataFormatError, match="no class folders"):
+        split_image_folder(source / "cat", tmp_path / "flat", 0.2)
+
+
+def test_the_cli_splits_a_folder_that_training_points_to_it(tmp_path):
+    source = make_classes(tmp_path / "photos", {"cat": 5, "dog": 5})
+    refused = h.run_cli("pretrain", "--data", source, "--model", "micro", cwd=tmp_path,
+                        expect=2)
+    line = h.assert_one_error_line(refused.stderr, "pretrain")
+    assert "if its subfolders are classes, `vitlab split" in line
+    done = h.run_cli("split", source, "--out", tmp_path / "split", "--seed", "4", cwd=tmp_path)
+    assert done.stdout.strip() == (f"wrote {tmp_path / 'split'}: train 8, test 2 images of 2 "
+                                   f"classes (10 hard-linked); train with: vitlab pretrain "
+                                   f"--data {tmp_path / 'split'}")
+    again = h.run_cli("split", source, "--out", tmp_path / "split", cwd=tmp_path, expect=2)
+    assert "already exists" in h.assert_one_error_line(again.stderr, "split")
