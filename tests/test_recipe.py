@@ -255,6 +255,49 @@ def test_weight_decay_groups_and_the_cosine_floor():
     assert lr_factor(r, 0, 10**4, 100) == pytest.approx(1 / 1000)  # 10 warm-up epochs
 
 
+@pytest.mark.parametrize(("settings", "reference"), [
+    ({"optimizer": "adamw", "lr": 1e-3, "beta2": 0.95},
+     lambda params: torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-4)),
+    ({"nesterov": True},
+     lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4,
+                                    nesterov=True)),
+], ids=["adamw-beta2", "sgd-nesterov"])
+def test_beta2_and_nesterov_step_as_torchs_optimizers_do(settings, reference):
+    """--beta2 and --nesterov: three steps of vitlab's optimizer equal torch's own, built with
+    those settings, bit for bit; and differ from the defaults' steps."""
+    torch.manual_seed(0)
+    start = ViT(preset("micro", 10, dropout=0.0))  # no random masks: steps compared bitwise
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def trained(make) -> dict[str, torch.Tensor]:
+        model = ViT(preset("micro", 10, dropout=0.0))
+        model.load_state_dict(start.state_dict())
+        optimizer = make(model)
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return model.state_dict()
+
+    ours = trained(lambda m: build_optimizer(recipe("seed", **settings), m.parameters()))
+    theirs = trained(lambda m: reference(m.parameters()))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    default = {k: v for k, v in settings.items() if k not in ("beta2", "nesterov")}
+    plain = trained(lambda m: build_optimizer(recipe("seed", **default), m.parameters()))
+    assert not all(torch.equal(ours[k], plain[k]) for k in ours)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"beta2": 0.98}, "beta2 applies to --optimizer adamw"),
+    ({"optimizer": "adamw", "beta2": 1.0}, "beta2 must be in \\[0, 1\\)"),
+    ({"optimizer": "adamw", "nesterov": True}, "nesterov applies to --optimizer sgd"),
+    ({"momentum": 0.0, "nesterov": True}, "with a --momentum above 0"),
+])
+def test_beta2_and_nesterov_outside_their_optimizer_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        recipe("seed", **settings)
+
+
 @pytest.mark.parametrize("exempt", [False, True])
 def test_layer_decay_gives_each_layer_its_lr(exempt):
     """timm's --layer-decay 0.5 on a 2-block model: head and final norm at the LR, block 1 at

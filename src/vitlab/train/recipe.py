@@ -27,11 +27,12 @@ MAX_EPOCHS = 1_000_000  # more is a typo; it also keeps step counts far from any
 # fused: one kernel per step for all parameters (CUDA); None keeps PyTorch's default (foreach).
 def _sgd(recipe: Recipe, params: list, fused: bool | None = None) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
-                           weight_decay=recipe.weight_decay, fused=fused)
+                           weight_decay=recipe.weight_decay, nesterov=recipe.nesterov,
+                           fused=fused)
 
 
 def _adamw(recipe: Recipe, params: list, fused: bool | None = None) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=recipe.lr, betas=(recipe.momentum, 0.999),
+    return torch.optim.AdamW(params, lr=recipe.lr, betas=(recipe.momentum, recipe.beta2),
                              weight_decay=recipe.weight_decay, fused=fused)
 
 
@@ -99,7 +100,12 @@ class Recipe:
     optimizer: str = field(default="sgd", metadata=_setting("optimizer", choices=OPTIMIZERS))
     lr: float = field(default=0.01, metadata=_setting("base learning rate"))
     momentum: float = field(default=0.9, metadata=_setting(
-        "SGD momentum; AdamW's beta1 (beta2 is 0.999)"))
+        "SGD momentum; AdamW's beta1"))
+    beta2: float = field(default=0.999, metadata=_setting(
+        "AdamW's beta2, the decay of its squared-gradient average (timm's --opt-betas, Hugging "
+        "Face's adam_beta2; 0.95-0.98 for short or unstable runs)"))
+    nesterov: bool = field(default=False, metadata=_setting(
+        "Nesterov momentum for SGD (timm's --opt sgd/nesterov)"))
     weight_decay: float = field(default=1e-4, metadata=_setting("weight decay"))
     schedule: str = field(default="constant", metadata=_setting(
         "LR schedule", choices=SCHEDULES))
@@ -146,7 +152,8 @@ class Recipe:
                                       ("augmentation", self.augment, AUGMENTATIONS)):
             if value not in registry:
                 raise ConfigError(f"unknown {what} {value!r}; known: {', '.join(registry)}")
-        for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing",
+        for name in ("lr", "momentum", "beta2", "weight_decay", "warmup_epochs",
+                     "label_smoothing",
                      "min_lr_ratio", "ema_decay", "layer_decay", *AUGMENT_SETTINGS):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
@@ -159,6 +166,12 @@ class Recipe:
             ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a finite number > 0"),
             ("weight_decay", 0 <= self.weight_decay < math.inf, "must be a number >= 0"),
             ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
+            ("nesterov", isinstance(self.nesterov, bool), "must be true or false"),
+            ("nesterov", not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+             "applies to --optimizer sgd with a --momentum above 0"),
+            ("beta2", self.beta2 == 0.999 or self.optimizer == "adamw",
+             "applies to --optimizer adamw"),
             ("warmup_epochs", 0 <= self.warmup_epochs <= MAX_EPOCHS,
              f"must be a number in [0, {MAX_EPOCHS:,}]"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
