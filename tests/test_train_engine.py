@@ -31,6 +31,7 @@ from vitlab.train.engine import (
     CurvesPlotter,
     Interrupted,
     TrainingDiverged,
+    class_scores,
     compile_optimizer_step,
     repair_run_weights,
     resolve_device,
@@ -279,6 +280,27 @@ def test_evaluate_is_exact_over_the_whole_split(dataset):
         total = int((labels == c).sum())
         expected = int(((logits.argmax(1) == c) & (labels == c)).sum()) / total if total else None
         assert result["per_class_accuracy"][c] == expected
+    assert result["balanced_accuracy"] == pytest.approx(
+        np.mean([a for a in result["per_class_accuracy"] if a is not None]))
+
+
+def test_class_scores_follow_scikit_learns_definitions():
+    """Worked by hand. Class 2: absent from the data and never predicted (no F1, outside the
+    averages); then class 1: present but never predicted (precision None, F1 0)."""
+    scores = class_scores(torch.tensor([[5, 1, 0], [2, 2, 0], [0, 0, 0]]))
+    assert scores["per_class_precision"][:2] == pytest.approx([5 / 7, 2 / 3])
+    assert scores["per_class_precision"][2] is None
+    assert scores["per_class_f1"][:2] == pytest.approx([10 / 13, 4 / 7])
+    assert scores["per_class_f1"][2] is None
+    assert scores["macro_f1"] == pytest.approx((10 / 13 + 4 / 7) / 2)
+    assert scores["balanced_accuracy"] == pytest.approx((5 / 6 + 2 / 4) / 2)
+    scores = class_scores(torch.tensor([[3, 0, 1], [0, 0, 2], [0, 0, 4]]))
+    assert scores["per_class_precision"][1] is None and scores["per_class_f1"][1] == 0.0
+    assert scores["macro_f1"] == pytest.approx((2 * 3 / 4 / (1 + 3 / 4) + 0 + 2 * 4 / 7 / (4 / 7 + 1))
+                                               / 3)
+    assert scores["balanced_accuracy"] == pytest.approx((3 / 4 + 0 + 1) / 3)
+    empty = class_scores(torch.zeros(2, 2, dtype=torch.int64))
+    assert empty["macro_f1"] is None and empty["balanced_accuracy"] is None
 
 
 @pytest.mark.parametrize("outputs", [5, 8])

@@ -564,7 +564,10 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
                   else f"eval_time: {seconds:.1f} sec")
         top5 = (f"top5_accuracy: {result['top5_accuracy']:.4f}; " if "top5_accuracy" in result
                 else "")
-        print(f"vitlab-Evaluate: accuracy: {result['accuracy']:.4f}; {top5}"
+        balanced = "".join(f"{key}: {result[key]:.4f}; " for key in ("balanced_accuracy",
+                                                                       "macro_f1")
+                           if result.get(key) is not None)
+        print(f"vitlab-Evaluate: accuracy: {result['accuracy']:.4f}; {top5}{balanced}"
               f"ce: {result['ce']:.7g}; samples: {result['num_samples']}; {timing};")
         worst = sorted((a, c) for a, c in zip(result["per_class_accuracy"][:shown],
                                               classes, strict=True) if a is not None)[:3]

@@ -167,8 +167,9 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
     """Exact accuracy and mean cross-entropy over the loader's batches, and the top-5 accuracy
     (the label among the 5 highest logits) for a model of more than 5 outputs.
 
-    With `num_classes`, also the confusion matrix (rows: true class, columns: predicted) and the
-    per-class accuracy.
+    With `num_classes`, also the confusion matrix (rows: true class, columns: predicted), the
+    per-class accuracy (recall), and `class_scores`: per-class precision and F1, the macro F1 and
+    the balanced accuracy.
     """
     was_training = model.training
     model.eval()
@@ -215,7 +216,28 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
         result["confusion_matrix"] = matrix.tolist()
         result["per_class_accuracy"] = [
             a if t else None for a, t in zip(per_class, totals.tolist(), strict=True)]
+        result |= class_scores(matrix)
     return result
+
+
+def class_scores(matrix: Tensor) -> dict:
+    """Per-class precision and F1 of a confusion matrix (rows: true class, columns: predicted),
+    and their averages over the classes the data has (scikit-learn's definitions): the macro F1
+    and the balanced accuracy (the mean per-class recall). A class never predicted has precision
+    None (no prediction to be right about) and, if the data has it, F1 0; a class the data lacks
+    has F1 None and no part in the averages."""
+    matrix = matrix.double()
+    hits, support, predicted = matrix.diagonal(), matrix.sum(dim=1), matrix.sum(dim=0)
+    precision = [h / p if p else None for h, p in zip(hits.tolist(), predicted.tolist(),
+                                                      strict=True)]
+    recall = [h / s if s else None for h, s in zip(hits.tolist(), support.tolist(), strict=True)]
+    f1 = [None if r is None else (2 * p * r / (p + r) if p and r else 0.0)
+          for p, r in zip(precision, recall, strict=True)]
+    present = [i for i, r in enumerate(recall) if r is not None]
+    mean = (lambda values: sum(values) / len(values)) if present else (lambda values: None)
+    return {"per_class_precision": precision, "per_class_f1": f1,
+            "macro_f1": mean([f1[i] for i in present]),
+            "balanced_accuracy": mean([recall[i] for i in present])}
 
 
 def _rng_state(device: torch.device) -> dict:
