@@ -124,3 +124,12 @@ def test_a_captured_row_measures_fits_captured_step(monkeypatch):
     default = run_bench("micro", batch_size=4, device="cpu", repeats=1, iters=1, warmup=1,
                         baseline=False)["rows"]
     assert len(default) == 2  # on the CPU, no captured row unless asked
+
+
+@pytest.mark.parametrize(("argv", "mode"), [([], "off"), (["--compile"], "default"),
+                                            (["--compile", "reduce-overhead"], "reduce-overhead")])
+def test_bench_compile_takes_a_mode_or_alone_torchs_default(argv, mode):
+    """A bare --compile means what training's --compile means: torch's default mode."""
+    from vitlab.cli import build_parser
+
+    assert build_parser().parse_args(["bench", *argv]).compile == mode

@@ -242,9 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
                    default="fp32",
                    help="vitlab's precision (the tutorial's model always runs fp32; auto: bf16 "
                         "on a CUDA GPU with bf16 units, compute capability 8.0 on)")
-    b.add_argument("--compile", choices=["off", *COMPILE_MODES],
-                   default="off", help="torch.compile mode for vitlab's model (reduce-overhead: "
-                                       "CUDA graphs)")
+    b.add_argument("--compile", choices=["off", *COMPILE_MODES], nargs="?", const="default",
+                   default="off", metavar="MODE",
+                   help="torch.compile vitlab's model in MODE: " + ", ".join(COMPILE_MODES)
+                        + " (reduce-overhead: CUDA graphs); bare --compile is torch's default "
+                          "mode, as training's --compile (default: off)")
     b.add_argument("--capture-step", action=argparse.BooleanOptionalAction, default=None,
                    help="also a training row with the whole step captured as one CUDA graph, "
                         "as fit trains by default on one CUDA GPU (default: on CUDA with "
