@@ -879,3 +879,22 @@ def test_the_pipeline_keeps_a_stage_that_stopped_early_whatever_its_budget(data_
     capfd.readouterr()
     assert main([*argv, "--epochs", "6"]) == 0, capfd.readouterr().err
     assert ckpt.read_jsonl(tmp_path / "p" / "pretrain" / ckpt.METRICS) == records
+
+
+def test_best_metric_is_saved_and_a_resume_keeps_it(data_root, tmp_path):
+    from vitlab.errors import SettingDiffers
+    from vitlab.train.options import TrainOptions
+
+    common = dict(data="cifar10", model="micro", data_root=data_root, no_download=True,
+                  train_steps_per_epoch=2, eval_steps_per_epoch=1, batch_size=16, quiet=True,
+                  device="cpu")
+    pretrain(out=tmp_path / "run", epochs=2, best_metric="loss", **common)
+    records = ckpt.read_jsonl(tmp_path / "run" / ckpt.METRICS)
+    evals = [r for r in records if r["event"] == "eval"]
+    (finish,) = [r for r in records if r["event"] == "finish"]
+    lowest = min(evals, key=lambda r: r["ce"])
+    assert (finish["best_ce"], finish["best_accuracy"]) == (lowest["ce"], lowest["accuracy"])
+    with pytest.raises(SettingDiffers, match="best-metric"):
+        resume(tmp_path / "run", best_metric="accuracy", epochs=3, **common)
+    with pytest.raises(ConfigError, match="--best-metric"):
+        TrainOptions(epochs=1, best_metric="top5")

@@ -935,7 +935,7 @@ def test_curves_are_redrawn_in_at_most_their_share_of_the_time(tmp_path, monkeyp
     the last epoch, which is always drawn; leaving the plotter draws what is pending."""
     now, drawn = [0.0], []
 
-    def plot_curves(records, path):
+    def plot_curves(records, path, *best_metric):
         assert path == tmp_path / ckpt.CURVES
         drawn.append(now[0])
         now[0] += 0.5
@@ -962,7 +962,7 @@ def drawings(monkeypatch, cost: float = 0.5) -> list[int]:
     records the last epoch it drew."""
     drawn: list[int] = []
 
-    def plot_curves(records, path):
+    def plot_curves(records, path, *best_metric):
         time.sleep(cost)
         drawn.append(max((r["epoch"] for r in records if r["event"] == "eval"), default=0))
 
@@ -1573,6 +1573,34 @@ def test_early_stop_counts_evaluations_since_the_best_and_a_new_best_resets_it(t
         seen.append((progress.evaluations_since_best, progress.stopped_early))
     assert seen == [(0, False), (1, False), (2, False), (0, False), (0, False), (1, False),
                     (2, False), (3, True)]
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_best_metric_loss_keeps_the_lowest_cross_entropy(tmp_path, ema):
+    """--best-metric loss: best.safetensors is the evaluation of the lowest cross-entropy (the
+    EMA's, with one), whatever its accuracy, and the patience counts from it; the progress
+    keeps that evaluation's accuracy and loss."""
+    from vitlab.train.ema import WeightEMA
+    from vitlab.train.engine import CheckpointWriter, Progress
+
+    model = tiny_model()
+    progress = Progress()
+    writer = CheckpointWriter(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              progress, torch.device("cpu"), patience=3, best_metric="loss",
+                              ema=WeightEMA(model, 0.5) if ema else None)
+    writer.background = False
+    seen = []
+    for step, (accuracy, ce) in enumerate([(0.5, 2.0), (0.6, 2.1), (0.4, 1.9), (0.7, 1.95)], 1):
+        progress.global_step = step
+        evaluation = {"accuracy": accuracy, "ce": ce}
+        if ema:  # the EMA's scores decide; the weights' are the other way round
+            evaluation = {"accuracy": 1 - accuracy, "ce": 5 - ce, "ema_accuracy": accuracy,
+                          "ema_ce": ce}
+        writer.save(evaluation)
+        seen.append(progress.evaluations_since_best)
+    assert seen == [0, 1, 0, 1]
+    assert (progress.best_step, progress.best_accuracy, progress.best_ce) == (3, 0.4, 1.9)
+    assert ckpt.weights_step(tmp_path / ckpt.BEST_WEIGHTS) == 3
 
 
 @pytest.mark.parametrize("patience", [0, -1, 1.5, True])

@@ -58,8 +58,10 @@ def _save(figure, path: str | os.PathLike) -> None:
 
 
 @_literal_text
-def plot_curves(records: Sequence[dict], path: str | os.PathLike) -> None:
-    """Loss (train mean and eval) and eval accuracy per epoch, from metrics.jsonl records."""
+def plot_curves(records: Sequence[dict], path: str | os.PathLike,
+                best_metric: str = "accuracy") -> None:
+    """Loss (train mean and eval) and eval accuracy per epoch, from metrics.jsonl records; the
+    best evaluation by `best_metric` (accuracy, or loss: the lowest cross-entropy) marked."""
     train = [r for r in records if r.get("event") == "train" and "epoch" in r]
     evals = [r for r in records if r.get("event") == "eval"]
     figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
@@ -79,9 +81,15 @@ def plot_curves(records: Sequence[dict], path: str | os.PathLike) -> None:
                         label="EMA of the weights")
         # The best point is marked and named in the legend, which matplotlib keeps clear of the
         # curves (a text label beside the point could cross the title or the frame).
-        best = max(evals, key=lambda r: r[key])
-        acc_ax.plot(best["epoch"], 100 * best[key], "*", color="tab:red", markersize=12,
-                    label=f"best {100 * best[key]:.2f}% (epoch {best['epoch']})")
+        if best_metric == "loss":
+            ce_key = key.replace("accuracy", "ce")
+            best = min(evals, key=lambda r: r[ce_key])
+            loss_ax.plot(best["epoch"], best[ce_key], "*", color="tab:red", markersize=12,
+                         label=f"best {best[ce_key]:.4f} (epoch {best['epoch']})")
+        else:
+            best = max(evals, key=lambda r: r[key])
+            acc_ax.plot(best["epoch"], 100 * best[key], "*", color="tab:red", markersize=12,
+                        label=f"best {100 * best[key]:.2f}% (epoch {best['epoch']})")
         acc_ax.legend(loc="best")
     loss_ax.set(title="cross-entropy", xlabel="epoch", ylabel="loss")
     loss_ax.legend()

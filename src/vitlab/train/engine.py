@@ -73,8 +73,9 @@ class Progress:
     epoch: int = 0  # 0-based epoch being trained
     step_in_epoch: int = 0  # batches of that epoch already done
     global_step: int = 0
-    best_accuracy: float = -1.0
+    best_accuracy: float = -1.0  # the best evaluation's accuracy (-1: none yet)
     best_step: int = 0
+    best_ce: float = math.inf  # the best evaluation's cross-entropy
     elapsed: float = 0.0  # training seconds before this process
     epoch_loss_sum: float = 0.0  # sum of this epoch's step losses so far (for its ce_mean)
     world_size: int = 1  # processes that trained it (a resume needs as many, for their RNGs)
@@ -387,8 +388,9 @@ class CheckpointWriter:
     """Saves what resumes a run: the last (and best) weights as safetensors, and the trainer
     state (weights, optimizer, EMA, progress, RNG states). Atomic writes; rank 0 only.
 
-    With an EMA of the weights, its accuracy picks the best checkpoint and best.safetensors holds
-    the EMA weights; ema.safetensors holds the latest EMA. Keeping the best, it also counts the
+    The best checkpoint is the evaluation of the highest accuracy, or with `best_metric` "loss"
+    the lowest cross-entropy; with an EMA of the weights, the EMA's picks it and best.safetensors
+    holds the EMA weights; ema.safetensors holds the latest EMA. Keeping the best, it also counts the
     evaluations since it, and marks the run stopped early once `patience` of them in a row did
     not beat it (--early-stop-patience) with epochs of its `epochs` still to train.
 
@@ -406,9 +408,10 @@ class CheckpointWriter:
     def __init__(self, run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  progress: Progress, device: torch.device, ema: WeightEMA | None = None,
                  patience: int | None = None, epochs: int | None = None,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, best_metric: str = "accuracy"
+                 ) -> None:
         self.run_dir = run_dir
-        self.patience, self.epochs = patience, epochs
+        self.patience, self.epochs, self.best_metric = patience, epochs, best_metric
         self.scaler = scaler  # fp16's loss scaler: its scale is part of what resumes
         self.model = model
         self.optimizer = optimizer
@@ -452,12 +455,13 @@ class CheckpointWriter:
                 f"and its last good checkpoint in {self.run_dir} is kept; start a new run with "
                 "a lower --lr or with --grad-clip (another --out, or --overwrite)")
         progress.epoch_loss_sum = epoch_loss_sum if progress.step_in_epoch else 0.0
-        score = None if last_eval is None else last_eval[ckpt.selection_key([last_eval])]
-        is_best = score is not None and score > progress.best_accuracy
+        is_best = last_eval is not None and _beats(last_eval, progress, self.best_metric)
         if is_best:
-            progress.best_accuracy = score
+            accuracy_key = ckpt.selection_key([last_eval])
+            progress.best_accuracy = last_eval[accuracy_key]
+            progress.best_ce = last_eval.get(accuracy_key.replace("accuracy", "ce"), math.inf)
             progress.best_step = progress.global_step
-        if score is not None:
+        if last_eval is not None:
             progress.evaluations_since_best = 0 if is_best else progress.evaluations_since_best + 1
             if (self.patience is not None and progress.evaluations_since_best >= self.patience
                     and (self.epochs is None or progress.epoch < self.epochs)):
@@ -546,6 +550,14 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         raise CheckpointError(f"{run_dir / ckpt.TRAINER_STATE} does not fit this run "
                               f"({why[:300]}{'...' if len(why) > 300 else ''})") from None
     return progress
+
+
+def _beats(evaluation: dict, progress: Progress, metric: str) -> bool:
+    """Whether an evaluation beats the best so far, by `metric` (the EMA's, with one)."""
+    key = ckpt.selection_key([evaluation])
+    if metric == "loss":
+        return evaluation[key.replace("accuracy", "ce")] < progress.best_ce
+    return evaluation[key] > progress.best_accuracy
 
 
 def _repair_weight_files(run_dir: Path, weights: dict, ema: dict | None, progress: Progress
@@ -719,7 +731,8 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
         if scaler is not None:  # after a resume's restore, whose state may lack the buffers
             prepare_loss_scaling(optimizer)
         writer = CheckpointWriter(run_dir, model, optimizer, progress, device, ema,
-                                  options.early_stop_patience, options.epochs, scaler)
+                                  options.early_stop_patience, options.epochs, scaler,
+                                  options.best_metric)
         total_steps = len(train_loader) * options.epochs
         return _train(model, recipe, options, run_dir, reporter, writer, optimizer, base_lrs,
                       train_loader, eval_loader, test_loader, autocast_dtype, total_steps,
@@ -899,7 +912,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     # Leaving the block waits for a checkpoint still being written (and raises its error).
     with (_StopSignals() as stop,
           CurvesPlotter(run_dir, pending=resume and progress.epoch > 0,
-                        enabled=reporter.is_main) as curves,
+                        enabled=reporter.is_main, best_metric=options.best_metric) as curves,
           writer):
         while progress.epoch < options.epochs and not progress.stopped_early:
             epoch_start = time.perf_counter()
@@ -1024,7 +1037,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                                              whole=options.eval_steps_per_epoch is None)
         reporter.event("Test", step=progress.global_step, **test_eval)
     reporter.event("Finish", step=progress.global_step, total_time=writer.elapsed(),
-                   best_accuracy=progress.best_accuracy)
+                   best_accuracy=progress.best_accuracy,
+                   **({"best_ce": progress.best_ce} if options.best_metric == "loss" else {}))
     distributed.barrier()  # every file written before any process goes on (to a next stage)
     return FitResult(run_dir=run_dir, global_step=progress.global_step, last_eval=last_eval,
                      best_accuracy=progress.best_accuracy, final_evaluations=final_evaluations,
@@ -1114,8 +1128,10 @@ class CurvesPlotter:
     behind. Only the main process draws (`enabled`)."""
 
     def __init__(self, run_dir: Path, share: float = 0.01, pending: bool = False,
-                 enabled: bool = True, clock: Callable[[], float] = time.perf_counter) -> None:
+                 enabled: bool = True, clock: Callable[[], float] = time.perf_counter,
+                 best_metric: str = "accuracy") -> None:
         self.path, self.share, self.clock = run_dir / ckpt.CURVES, share, clock
+        self.best_metric = best_metric  # which best point the plot marks
         self.enabled = enabled
         self.pending = pending  # an epoch finished since the last drawing
         self.drawn_at: float | None = None  # when the last drawing ended
@@ -1145,7 +1161,8 @@ class CurvesPlotter:
         from vitlab.report import plot_curves  # imported before timing: matplotlib takes seconds
 
         start = self.clock()
-        plot_curves(ckpt.read_jsonl(self.path.parent / ckpt.METRICS), self.path)
+        plot_curves(ckpt.read_jsonl(self.path.parent / ckpt.METRICS), self.path,
+                    self.best_metric)
         self.drawn_at = self.clock()
         self.cost = self.drawn_at - start
         self.pending = False

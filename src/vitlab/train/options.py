@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from vitlab.errors import ConfigError, SettingError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BEST_METRICS = ("accuracy", "loss")  # what picks the best checkpoint
 # torch.compile modes; reduce-overhead also captures CUDA graphs (CUDA only).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # Uncaptured (--no-capture-step) and without --compile/--no-compile, a fit on one CUDA GPU
@@ -94,6 +95,11 @@ class TrainOptions:
         "stop once N evaluations in a row have not beaten the best one (the score that picks "
         "best.safetensors: the validation split's, if there is one); the run then counts as "
         "finished (default: train every epoch)"))
+    best_metric: str = field(default="accuracy", metadata=_saved(
+        "the score that picks best.safetensors and that --early-stop-patience waits on: "
+        "accuracy (top-1, the tutorial's; timm's --eval-metric top1) or loss (the "
+        "cross-entropy; Hugging Face's default metric_for_best_model), the EMA's with one",
+        choices=BEST_METRICS))
     val_fraction: float = field(default=0.0, metadata=_saved(
         "hold out this fraction of the training images (of each class, drawn by --seed) as a "
         "validation split: the epochs are evaluated and the best checkpoint chosen on it, and "
@@ -171,6 +177,9 @@ class TrainOptions:
         if self.compile is False and self.eager_optimizer is True:
             raise ConfigError("--eager-optimizer needs --compile, and compiling is off "
                               "(--no-compile)")
+        if self.best_metric not in BEST_METRICS:
+            raise ConfigError(f"unknown --best-metric {self.best_metric!r}; use "
+                              f"{' or '.join(BEST_METRICS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; use "
                               f"{', '.join(PRECISIONS)}")
