@@ -153,9 +153,11 @@ def test_two_processes_in_fp16_skip_the_same_steps(cifar10, tmp_path):
     assert job.returncode == 0, f"{job.stdout[-2000:]}\n{job.stderr[-3000:]}"
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and len(ranks[0]) == 20, ranks
-    assert ranks[0][0] == 2.0 ** 23 and ranks[0][-1] < 2.0 ** 23  # skipped, then stepped
+    scales = ranks[0]
+    assert scales[0] == 2.0 ** 23 and scales[-1] < 2.0 ** 23  # the first steps skipped ...
+    assert any(a == b for a, b in zip(scales, scales[1:], strict=False))  # ... then one taken
     saved = torch.load(tmp_path / "two" / "trainer_state.pt", weights_only=True)["scaler"]
-    assert saved["scale"] == ranks[0][-1]
+    assert saved["scale"] == scales[-1]
     losses = [r["ce"] for r in h.read_metrics(tmp_path / "two") if r["event"] == "train"
               and "ce" in r]
     assert losses and all(map(math.isfinite, losses)), losses

@@ -898,3 +898,34 @@ def test_best_metric_is_saved_and_a_resume_keeps_it(data_root, tmp_path):
         resume(tmp_path / "run", best_metric="accuracy", epochs=3, **common)
     with pytest.raises(ConfigError, match="--best-metric"):
         TrainOptions(epochs=1, best_metric="top5")
+
+
+def test_vitlab_run_resumes_a_stage_killed_in_its_test_pass_to_make_it(data_root, tmp_path,
+                                                                      monkeypatch):
+    """A stage validated on a held-out split and killed during its final test pass is not
+    finished: the pipeline run again makes that pass (training nothing) and goes on."""
+    import vitlab.train.engine as engine
+
+    settings = dict(pretrain_data="cifar10", finetune_data="cifar10", out=tmp_path / "p",
+                    model="micro", epochs=1, train_steps_per_epoch=2, eval_steps_per_epoch=1,
+                    batch_size=16, val_fraction=0.25, device="cpu", quiet=True,
+                    data_root=str(data_root), no_download=True)
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(engine, "_test", killed)
+    with pytest.raises(Killed):
+        run_pipeline(**settings)
+    monkeypatch.undo()
+    pre = tmp_path / "p" / "pretrain"
+    before = [r["event"] for r in ckpt.read_jsonl(pre / ckpt.METRICS)]
+    assert before[-1] == "eval"
+    run_pipeline(**settings)
+    events = [r["event"] for r in ckpt.read_jsonl(pre / ckpt.METRICS)]
+    assert events == [*before, "resume", "test", "finish"]  # nothing trained again
+    assert [r["event"] for r in ckpt.read_jsonl(tmp_path / "p" / "finetune" / ckpt.METRICS)
+            ][-2:] == ["test", "finish"]

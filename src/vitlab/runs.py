@@ -936,13 +936,16 @@ def _probe_writable(folder: Path) -> None:
 
 def _finished(run_dir: Path, saved: RunConfig, epochs: int | None = None) -> bool:
     """Whether the run has trained for `epochs` (default: its own budget): it trained them
-    all under its own budget, or it stopped early, which ends it whatever the budget."""
+    all under its own budget, or it stopped early, which ends it whatever the budget; and made
+    the test pass that ends a run with a validation split."""
     path = run_dir / ckpt.TRAINER_STATE
     if not path.is_file():
         return False
     progress = saved_progress(ckpt.load_trainer_state(path, mmap=True), path)
     budget = saved.options.epochs
-    return progress.stopped_early or ((epochs or budget) == budget and progress.epoch >= budget)
+    trained = progress.stopped_early or ((epochs or budget) == budget
+                                         and progress.epoch >= budget)
+    return trained and progress.tested  # killed in its final test pass: resumed to make it
 
 
 def _plan_stage(run_dir: Path, kind: str, saved: RunConfig | None, **settings: Any

@@ -84,6 +84,9 @@ class Progress:
     # What the epochs are evaluated on: "test", "held_out" (--val-fraction) or "own" (the data's
     # val split); a resume must find the same ("": a run saved before it was recorded).
     validation: str = ""
+    # False from the start of a fit that ends with a test pass (a validation split) until that
+    # pass is done: a run killed during it is not finished (True for runs saved before).
+    tested: bool = True
 
 
 @dataclass
@@ -621,9 +624,7 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         # A run validated on another split ends with a test pass; killed during it, the
         # resume makes that pass (and trains nothing).
         untested = (progress.epoch >= options.epochs or progress.stopped_early) and (
-            validation != "test" and not distributed.broadcast_object(
-                _tested(run_dir, progress.global_step) if distributed.is_main_process()
-                else None))
+            validation != "test" and not progress.tested)
         if progress.epoch >= options.epochs and not untested:
             raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
@@ -653,12 +654,6 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     if device.type == "cuda":
         torch.cuda.manual_seed(dropout_seed)
     return Progress(world_size=distributed.world_size(), validation=validation)
-
-
-def _tested(run_dir: Path, step: int) -> bool:
-    """Whether metrics.jsonl has the test pass of the run's end at `step`."""
-    return any(r.get("event") == "test" and r.get("step") == step
-               for r in ckpt.read_jsonl(run_dir / ckpt.METRICS))
 
 
 def _head_size(model: nn.Module, dataset: Dataset) -> int:
@@ -909,6 +904,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     last_eval: dict = {}
     final_evaluations: dict[str, dict] = {}
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
+    if test_loader is not None:
+        progress.tested = False  # saved so until the test pass after the last epoch is done
     # Leaving the block waits for a checkpoint still being written (and raises its error).
     with (_StopSignals() as stop,
           CurvesPlotter(run_dir, pending=resume and progress.epoch > 0,
@@ -1036,6 +1033,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                                              num_classes, run_dir,
                                              whole=options.eval_steps_per_epoch is None)
         reporter.event("Test", step=progress.global_step, **test_eval)
+        progress.tested = True
+        writer.save()  # the run is finished only now
     reporter.event("Finish", step=progress.global_step, total_time=writer.elapsed(),
                    best_accuracy=progress.best_accuracy,
                    **({"best_ce": progress.best_ce} if options.best_metric == "loss" else {}))
