@@ -145,7 +145,7 @@ def test_existing_or_nested_outputs_and_split_sources_are_refused(tmp_path):
         split_image_folder(source, source / "split", 0.2)
     (tmp_path / "empty").mkdir()  # an empty folder is filled
     split_image_folder(source, tmp_path / "empty", 0.2)
-    with pytest.raises(ConfigError, match="already has a test/ or val/ split"):
+    with pytest.raises(ConfigError, match="already has train/ and a test/ or val/ split"):
         split_image_folder(tmp_path / "empty", tmp_path / "again", 0.2)
     with pytest.raises(DataFormatError, match="no class folders"):
         split_image_folder(source / "cat", tmp_path / "flat", 0.2)
@@ -163,3 +163,47 @@ def test_the_cli_splits_a_folder_that_training_points_to_it(tmp_path):
                                    f"--data {tmp_path / 'split'}")
     again = h.run_cli("split", source, "--out", tmp_path / "split", cwd=tmp_path, expect=2)
     assert "already exists" in h.assert_one_error_line(again.stderr, "split")
+
+
+def test_a_class_named_train_among_others_is_a_class(tmp_path):
+    """train/ is the training split only when it is the folder's one subfolder."""
+    source = make_classes(tmp_path / "vehicles", {"bus": 5, "car": 5, "train": 5})
+    summary = split_image_folder(source, tmp_path / "out", 0.2)
+    assert sorted(summary.counts["train"]) == ["bus", "car", "train"]
+    refused = h.run_cli("pretrain", "--data", source, "--model", "micro", cwd=tmp_path, expect=2)
+    assert "if its subfolders are classes" in h.assert_one_error_line(refused.stderr)
+
+
+def test_outputs_that_are_links_dots_or_inside_the_source_by_a_link_are_refused(tmp_path):
+    source = make_classes(tmp_path / "photos", {"cat": 5, "dog": 5})
+    (tmp_path / "empty").mkdir()
+    os.symlink(tmp_path / "empty", tmp_path / "link")
+    os.symlink(source, tmp_path / "photos-link")
+    for out, message in ((tmp_path / "link", "not ., .. or a link"),
+                         (Path("."), "not ., .. or a link"),
+                         (tmp_path / "photos-link" / "split", "is inside")):
+        with pytest.raises(ConfigError, match=message):
+            split_image_folder(source, out, 0.2)
+    assert not any((tmp_path / "empty").iterdir()) and not (source / "split").exists()
+
+
+def test_two_images_that_would_become_one_file_are_refused(tmp_path):
+    """Where --out's file system ignores letter case, a.JPG and a.jpg would become one file:
+    the second is refused, never written over the first."""
+    from vitlab.data.split import SplitSummary, _link_or_copy
+
+    source = make_classes(tmp_path / "photos", {"cat": 2})
+    target = tmp_path / "taken.png"
+    target.write_bytes(b"first")
+    with pytest.raises(DataFormatError, match="both become"):
+        _link_or_copy(source / "cat" / "0.png", target, SplitSummary(tmp_path))
+    assert target.read_bytes() == b"first"
+
+
+def test_class_names_are_compared_in_composed_unicode(tmp_path):
+    source = tmp_path / "photos"
+    for name in ("caf\u00e9", "cafe\u0301"):  # one name, composed and decomposed
+        (source / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(source / name / "0.png")
+    with pytest.raises(DataFormatError, match="two class folders are both named"):
+        split_image_folder(source, tmp_path / "out", 0.5)

@@ -196,11 +196,16 @@ def test_a_warmup_that_outlasts_the_run_is_warned_of(dataset, tmp_path, caplog):
     """The vitlab recipe's 10 warm-up epochs in a 1-epoch run: a warning that names the LR it
     reaches and the recipe's fine-tuning companion; none for a resume, or a warm-up that ends."""
     short = recipe("vitlab", batch_size=8, mix_prob=0.0, erase_prob=0.0)
+    opts = options(1, train_steps_per_epoch=2)
+    fine_tuning = RunConfig(kind="finetune", model=CONFIG, recipe=short, data="tiny",
+                            classes=CLASSES, options=opts)
     with caplog.at_level("WARNING", logger="vitlab"):
-        fit(tiny_model(), dataset, short, options(1, train_steps_per_epoch=2), tmp_path / "a")
-    (warning,) = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+        fit(tiny_model(), dataset, short, opts, tmp_path / "a", run_config=fine_tuning)
+        fit(tiny_model(), dataset, short, opts, tmp_path / "pre")  # pre-training: no hint
+    warning, pretraining = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
     assert ("--warmup-epochs 10) lasts the whole run of 1 epoch(s): the LR climbs to 10% of "
             "--lr 0.001" in warning and "--recipe vitlab-finetune" in warning), warning
+    assert "vitlab-finetune" not in pretraining and "lower --warmup-epochs" in pretraining
     caplog.clear()
     with caplog.at_level("WARNING", logger="vitlab"):
         fit(tiny_model(), dataset, replaced(short, {"warmup_epochs": 0.5}),

@@ -398,6 +398,8 @@ def _recipes(args: argparse.Namespace) -> None:
 
 
 def _split(args: argparse.Namespace) -> None:
+    import shlex
+
     from vitlab.data.split import split_image_folder
 
     summary = split_image_folder(args.source, args.out, args.test_fraction, args.val_fraction,
@@ -407,7 +409,7 @@ def _split(args: argparse.Namespace) -> None:
     how = ", ".join(f"{n:,} {what}" for n, what in ((summary.linked, "hard-linked"),
                                                    (summary.copied, "copied")) if n)
     print(f"wrote {summary.out}: {sizes} images of {len(summary.counts['train'])} classes "
-          f"({how}); train with: vitlab pretrain --data {summary.out}")
+          f"({how}); train with: vitlab pretrain --data {shlex.quote(str(summary.out))}")
 
 
 def _info(args: argparse.Namespace) -> None:

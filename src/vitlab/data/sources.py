@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from vitlab.data.arrays import Dataset, Split, is_array_folder, read_array_folder
 from vitlab.data.cifar import SOURCES, load_named
 from vitlab.data.imagefolder import is_image_folder, load_image_folder
+from vitlab.data.split import training_split_alone
 from vitlab.errors import ConfigError, DatasetNotFoundError
 
 ROOT_ENV = "VITLAB_DATA"
@@ -50,8 +52,8 @@ def spec_kind(spec: str | os.PathLike) -> str:
     if not path.exists():
         raise DatasetNotFoundError(f"{name!r} does not exist, and is not a dataset name "
                                    f"({', '.join(SOURCES)})")
-    split = f"`vitlab split {name} --out NEW_FOLDER` makes one from it"
-    if (path / "train").is_dir():  # the most likely slip: an image folder without a test split
+    split = f"`vitlab split {shlex.quote(name)} --out NEW_FOLDER` makes one from it"
+    if training_split_alone(path):  # the most likely slip: an image folder without a test split
         raise DatasetNotFoundError(f"{name!r} has train/ but no test/ or val/ folder: an image "
                                    "folder needs both (test/<class>/ like train/<class>/); "
                                    f"{split}")

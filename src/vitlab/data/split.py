@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shlex
 import shutil
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitlab.data.imagefolder import EXTENSIONS, walk_files
+from vitlab.data.imagefolder import EXTENSIONS, is_image_folder, walk_files
 from vitlab.errors import ConfigError, DataFormatError
 
 log = logging.getLogger("vitlab.data")
@@ -44,19 +46,48 @@ def held_out(n: int, fraction: float) -> int:
     return int(fraction * n + 0.5)
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def training_split_alone(folder: Path) -> bool:
+    """Whether `folder` holds a training split alone: train/ is its only subfolder (a class
+    named train beside others is a class)."""
+    return [d.name for d in _subfolders(folder)] == ["train"]
+
+
 def _class_folders(source: Path) -> dict[str, Path]:
-    """The class folders of a split: `source/train` when it holds the training split alone,
-    else `source` itself."""
-    if (source / "test").is_dir() or (source / "val").is_dir():
-        raise ConfigError(f"{source} already has a test/ or val/ split: train with it as it is "
-                          "(vitlab pretrain --data " + str(source) + ")")
-    base = source / "train" if (source / "train").is_dir() else source
-    folders = {d.name: d for d in sorted(base.iterdir())
-               if d.is_dir() and not d.name.startswith(".")}
+    """The class folders of a split, by their names in NFC (as image folders name classes):
+    `source/train`'s when it holds the training split alone, else `source`'s."""
+    if is_image_folder(source):
+        raise ConfigError(f"{source} already has train/ and a test/ or val/ split: train with it "
+                          f"as it is (vitlab pretrain --data {shlex.quote(str(source))})")
+    base = source / "train" if training_split_alone(source) else source
+    folders: dict[str, Path] = {}
+    for d in _subfolders(base):
+        name = unicodedata.normalize("NFC", d.name)
+        if name in folders:
+            raise DataFormatError(f"{base}: two class folders are both named {name!r} (one in "
+                                  "composed, one in decomposed Unicode); merge them")
+        folders[name] = d
     if not folders:
         raise DataFormatError(f"{base}: no class folders; put each class's images in "
                               f"{base}/<class>/")
     return folders
+
+
+def _check_out(out: Path, source: Path) -> None:
+    """A new (or empty) folder outside the source: found inside it (by the file system's own
+    idea of sameness: letter case, links), a later split or run would read it as a class."""
+    if out.name in ("", ".", "..") or out.is_symlink():
+        raise ConfigError(f"--out {out}: give the name of a new folder (not ., .. or a link)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists; choose a new --out (split never writes into "
+                          "or over an existing folder)")
+    for folder in (out, *out.absolute().parents):
+        if folder.exists() and os.path.samefile(folder, source):
+            raise ConfigError(f"--out {out} is inside {source}, whose images it would then "
+                              "list; choose a folder outside it")
 
 
 def split_image_folder(source: str | os.PathLike, out: str | os.PathLike, test_fraction: float,
@@ -65,7 +96,8 @@ def split_image_folder(source: str | os.PathLike, out: str | os.PathLike, test_f
     per class of `source` (`source/<class>/` or `source/train/<class>/`, images in subfolders
     too): of each class's n images, `held_out(n, test_fraction)` drawn for test, then
     `held_out(n, val_fraction)` for val, the rest for train. The draw depends on `seed` and the
-    sorted file names alone, so the same folder splits alike on any machine."""
+    class and file names alone (compared in composed Unicode, as macOS and Linux write them
+    differently), so the same folder splits alike on any machine."""
     source, out = Path(source).expanduser(), Path(out).expanduser()
     for name, value in (("--test-fraction", test_fraction), ("--val-fraction", val_fraction)):
         if not 0 <= value < 1:
@@ -78,12 +110,7 @@ def split_image_folder(source: str | os.PathLike, out: str | os.PathLike, test_f
                           "leave nothing to train on; their sum must be below 1")
     if not source.is_dir():
         raise ConfigError(f"{source} is not a folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} already exists; choose a new --out (split never writes into "
-                          "or over an existing folder)")
-    if out.resolve().is_relative_to(source.resolve()):
-        raise ConfigError(f"--out {out} is inside {source}, whose images it would then list; "
-                          "choose a folder outside it")
+    _check_out(out, source)
     folders = _class_folders(source)
     plan: dict[str, dict[str, list[Path]]] = {"train": {}, "test": {}}
     if val_fraction > 0:
@@ -93,7 +120,10 @@ def split_image_folder(source: str | os.PathLike, out: str | os.PathLike, test_f
         files, problems = walk_files(folder)
         if problems:
             raise DataFormatError(f"{problems[0][0]}: {problems[0][1]}; fix or delete it")
-        images = [f for f in files if f.suffix.lower() in EXTENSIONS]
+        # In an order every file system gives alike: by the names' composed Unicode form.
+        images = sorted((f for f in files if f.suffix.lower() in EXTENSIONS),
+                        key=lambda f, d=folder: unicodedata.normalize(
+                            "NFC", f.relative_to(d).as_posix()))
         skipped += len(files) - len(images)
         if not images:
             raise DataFormatError(f"{folder}: no {'/'.join(EXTENSIONS)} images; add some or "
@@ -142,9 +172,15 @@ def split_image_folder(source: str | os.PathLike, out: str | os.PathLike, test_f
 
 
 def _link_or_copy(image: Path, target: Path, summary: SplitSummary) -> None:
+    if target.exists():  # a.JPG beside a.jpg, written where letter case is ignored
+        raise DataFormatError(f"{image} and another image both become {target} where --out is "
+                              "(its file system ignores letter case?); rename one of them")
     try:
         os.link(image, target)
         summary.linked += 1
+    except FileExistsError:
+        raise DataFormatError(f"{image} and another image both become {target}; rename one "
+                              "of them") from None
     except OSError:  # another file system, or one without hard links
         shutil.copy2(image, target)
         summary.copied += 1

@@ -702,7 +702,8 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
         validation = "own"
     distributed.setup(options.device)
     if not resume and distributed.is_main_process():
-        _warn_if_warmup_outlasts(recipe, options.epochs)
+        _warn_if_warmup_outlasts(recipe, options.epochs, fine_tuning=run_config is not None
+                                 and run_config.kind == "finetune")
     device = resolve_device(options.device)
     autocast_dtype = resolve_precision(options.precision, device)
     options.captures(device.type, distributed.world_size())  # refused before anything is written
@@ -764,13 +765,13 @@ def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[D
     return trained, dataset.test
 
 
-def _warn_if_warmup_outlasts(recipe: Recipe, epochs: int) -> None:
+def _warn_if_warmup_outlasts(recipe: Recipe, epochs: int, fine_tuning: bool = False) -> None:
     """A warm-up as long as the run leaves the LR below its peak and the schedule unstarted: a
     recipe made for a long run, run short (the vitlab recipe's 10 warm-up epochs in a 1-epoch
-    fine-tune)."""
+    fine-tune, where the recipe's fine-tuning companion is named)."""
     if not 0 < epochs <= recipe.warmup_epochs:
         return
-    companion = FINETUNE_RECIPES.get(recipe.name)
+    companion = FINETUNE_RECIPES.get(recipe.name) if fine_tuning else None
     logging.getLogger("vitlab").warning(
         "vitlab: the LR warm-up (--warmup-epochs %g) lasts the whole run of %d epoch(s): the LR "
         "climbs to %.0f%% of --lr %g and never decays; lower --warmup-epochs%s",
