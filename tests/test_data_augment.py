@@ -281,3 +281,87 @@ def test_normalize_dtypes_match_float32_arithmetic():
     f = x.float()
     assert Normalize()(f) is not f and torch.equal(f, x.float())  # input left alone
     assert torch.equal(Normalize()(x.transpose(2, 3)), expected.transpose(2, 3))
+
+
+# --- RandomResizedCrop -------------------------------------------------------------------------
+
+def _interpolated(image: torch.Tensor, box: list[int]) -> torch.Tensor:
+    """The per-image reference: the box cropped and resized to the image's size by
+    F.interpolate (bilinear, align_corners=False, no antialiasing), rounded: torchvision's
+    tensor path with antialias=False."""
+    top, left, h, w = box
+    crop = image[top:top + h, left:left + w].permute(2, 0, 1)[None].float()
+    out = torch.nn.functional.interpolate(crop, size=image.shape[:2], mode="bilinear",
+                                          align_corners=False, antialias=False)
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("size", [(24, 24), (20, 28)])
+def test_resized_crops_resize_each_box_as_interpolate_does(size):
+    """Against F.interpolate image by image: the same bytes but where float rounding in another
+    order tips a value across .5 (one level, in a few pixels)."""
+    from vitlab.data.augment import RandomResizedCrop, resized_crops
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (48, *size, 3), dtype=torch.uint8)
+    boxes = RandomResizedCrop().boxes(48, *size, x.device, torch.Generator().manual_seed(1))
+    out = resized_crops(x, boxes)
+    want = torch.stack([_interpolated(x[k], boxes[k].tolist()) for k in range(48)])
+    differ = (out.int() - want.int()).abs()
+    assert differ.max() <= 1 and (differ > 0).float().mean() < 2e-3
+    assert len({tuple(b) for b in boxes.tolist()}) > 40  # a box of its own per image
+
+
+def test_random_resized_crop_boxes_follow_torchvisions_draw():
+    from vitlab.data.augment import RandomResizedCrop
+
+    op = RandomResizedCrop()
+    boxes = op.boxes(20000, 32, 32, torch.device("cpu"), torch.Generator().manual_seed(0))
+    top, left, h, w = boxes.T.double()
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= 32).all() and (left + w <= 32).all() and (h >= 1).all() and (w >= 1).all()
+    area = h * w / 1024
+    # Whole pixels: a box's area and ratio are within their ranges up to the rounding of its sides.
+    assert area.min() >= 0.08 * 0.8 and area.max() <= 1.0
+    assert (w / h).min() >= 3 / 4 * 0.85 and (w / h).max() <= 4 / 3 / 0.85
+    # Uniform area (less the large boxes of extreme ratios that do not fit), log-uniform ratio.
+    assert 0.45 < area.mean() < 0.56
+    assert abs(torch.log(w / h).mean()) < 0.02
+    # Offsets uniform over the room left: boxes of the same size start anywhere in it.
+    small = (h == 16) & (w == 16)
+    assert set(top[small].long().tolist()) == set(range(17))
+    same = op.boxes(5, 32, 32, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.equal(same, op.boxes(5, 32, 32, torch.device("cpu"),
+                                      torch.Generator().manual_seed(0)))  # the seed's draw
+
+
+def test_random_resized_crop_falls_back_to_the_centred_whole_image():
+    """No try fits (an area above the image's): torchvision's fallback, the whole image cut to
+    the nearest ratio in range, centred; a whole square box is the identity."""
+    from vitlab.data.augment import RandomResizedCrop
+
+    never = RandomResizedCrop(scale=(1.5, 2.0))
+    wide = never.boxes(3, 10, 40, torch.device("cpu"), None)
+    assert wide.tolist() == [[0, 13, 10, 13]] * 3  # w = round(10 * 4/3) = 13, left = 27 // 2
+    assert never.boxes(2, 16, 16, torch.device("cpu"), None).tolist() == [[0, 0, 16, 16]] * 2
+    x = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    assert torch.equal(RandomResizedCrop(scale=(1.0, 1.0), ratio=(1.0, 1.0))(x), x)
+    with pytest.raises(ConfigError, match="RandomResizedCrop needs"):
+        RandomResizedCrop(scale=(0.5, 0.1))
+
+
+def test_the_resized_crop_augmentation_trains_and_evaluates_as_documented():
+    from vitlab.data.augment import NORMALIZATIONS, make_augment
+
+    x = torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8)
+    labels = torch.arange(8)
+    augment = make_augment("resized-crop", 10, NORMALIZATIONS["imagenet"])
+    g = torch.Generator().manual_seed(0)
+    inputs, targets = augment(x, labels, True, g)
+    assert inputs.shape == (8, 3, 16, 16) and inputs.dtype == torch.float32
+    assert torch.equal(targets, labels)
+    evaluated, _ = augment(x, labels, False)
+    mean = torch.tensor(NORMALIZATIONS["imagenet"].mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(NORMALIZATIONS["imagenet"].std).view(1, 3, 1, 1) * 255
+    assert torch.allclose(evaluated, (x.permute(0, 3, 1, 2).float() - mean) / std, atol=1e-5)
+    assert not torch.allclose(inputs, evaluated)

@@ -207,6 +207,96 @@ class HorizontalFlip:
 
 
 @dataclass
+class RandomResizedCrop:
+    """torchvision's RandomResizedCrop, batched, at the images' own size (timm's and the ImageNet
+    recipes' crop, for photos stored at the model's input size): per image, a box of a uniform
+    fraction `scale` of the area and a log-uniform aspect ratio in `ratio`, rounded to whole
+    pixels (up to 10 tries for one that fits, else the largest centred box within `ratio`, as
+    torchvision draws it), at a uniform offset; resized back to the image's size by bilinear
+    interpolation without antialiasing (F.interpolate's align_corners=False arithmetic, as
+    torchvision's tensor path with antialias=False; a box no larger than the image is enlarged,
+    where antialiasing changes nothing), rounded to uint8. uint8 [B,H,W,C] -> uint8 [B,H,W,C]."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    tries: int = 10
+    train_only = True
+
+    def __post_init__(self) -> None:
+        if not (0 < self.scale[0] <= self.scale[1] and 0 < self.ratio[0] <= self.ratio[1]):
+            raise ConfigError(f"RandomResizedCrop needs 0 < scale[0] <= scale[1] and 0 < "
+                              f"ratio[0] <= ratio[1], got scale {self.scale}, ratio {self.ratio}")
+
+    def boxes(self, b: int, h: int, w: int, device: torch.device,
+              generator: torch.Generator | None = None) -> Tensor:
+        """Each image's box (top, left, height, width) in whole pixels: [b, 4] int64."""
+        u = torch.rand(b, self.tries, 2, generator=generator, device=device, dtype=torch.float64)
+        area = h * w * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[..., 0])
+        low, high = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(low + (high - low) * u[..., 1])
+        box_w = torch.sqrt(area * aspect).round().long()
+        box_h = torch.sqrt(area / aspect).round().long()
+        fits = (box_w > 0) & (box_w <= w) & (box_h > 0) & (box_h <= h)
+        first = fits.long().argmax(dim=1, keepdim=True)  # the first try that fits
+        box_w, box_h = box_w.gather(1, first)[:, 0], box_h.gather(1, first)[:, 0]
+        # No try fits: the whole image, cut to the nearest ratio in range, centred.
+        if w / h < self.ratio[0]:
+            whole_w, whole_h = w, round(w / self.ratio[0])
+        elif w / h > self.ratio[1]:
+            whole_w, whole_h = round(h * self.ratio[1]), h
+        else:
+            whole_w, whole_h = w, h
+        found = fits.any(dim=1)
+        box_w = torch.where(found, box_w, whole_w)
+        box_h = torch.where(found, box_h, whole_h)
+        offset = torch.rand(b, 2, generator=generator, device=device, dtype=torch.float64)
+        top = torch.where(found, (offset[:, 0] * (h - box_h + 1)).floor().long(),
+                          (h - whole_h) // 2)
+        left = torch.where(found, (offset[:, 1] * (w - box_w + 1)).floor().long(),
+                           (w - whole_w) // 2)
+        return torch.stack([top, left, box_h, box_w], dim=1)
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        b, h, w, _ = x.shape
+        return resized_crops(x, self.boxes(b, h, w, x.device, generator))
+
+
+def _bilinear_taps(start: Tensor, length: Tensor, out: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For boxes [start, start + length) of one axis resized to `out` pixels: each output
+    pixel's two source indices and the second's weight, [b, out] each, in F.interpolate's
+    arithmetic (align_corners=False): source = (o + 0.5) * length / out - 0.5, at least 0."""
+    scale = length.to(torch.float32).view(-1, 1) / out
+    o = torch.arange(out, device=start.device, dtype=torch.float32).view(1, -1)
+    source = ((o + 0.5) * scale - 0.5).clamp_(min=0)
+    first = source.floor().long().minimum(length.view(-1, 1) - 1)
+    second = (first + 1).minimum(length.view(-1, 1) - 1)
+    return start.view(-1, 1) + first, start.view(-1, 1) + second, source - first
+
+
+def resized_crops(x: Tensor, boxes: Tensor) -> Tensor:
+    """Each image's box (`RandomResizedCrop.boxes`) resized to the image's own size, bilinear,
+    rounded: uint8 [B,H,W,C] -> uint8 [B,H,W,C], separably (columns, then rows)."""
+    b, h, w, c = x.shape
+    top, left, box_h, box_w = boxes.unbind(1)
+    x0, x1, wx = _bilinear_taps(left, box_w, w)
+    y0, y1, wy = _bilinear_taps(top, box_h, h)
+    v = x.to(torch.float32)
+
+    def columns(index: Tensor) -> Tensor:  # [b, H, w, C]: each row's chosen columns
+        return v.gather(2, index.view(b, 1, w, 1).expand(b, h, w, c))
+
+    # PyTorch's order of operations: (1 - l) * a + l * b across, then down.
+    wx, wy = wx.view(b, 1, w, 1), wy.view(b, h, 1, 1)
+    rows = columns(x0).mul_(1 - wx).add_(columns(x1).mul_(wx))
+
+    def pick(index: Tensor) -> Tensor:  # [b, h, w, C]: the chosen rows
+        return rows.gather(1, index.view(b, h, 1, 1).expand(b, h, w, c))
+
+    out = pick(y0).mul_(1 - wy).add_(pick(y1).mul_(wy))
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+@dataclass
 class RandomPadCropFlip:
     """RandomPadCrop(pad) then HorizontalFlip(p) in one pass, with the same draws and result.
 
@@ -629,6 +719,16 @@ class PolicyAugment(Compose):
         super().__init__(_policy_ops(policy, normalization))
 
 
+class ResizedCropAugment(Compose):
+    """timm's and torchvision's default training transform for photos: RandomResizedCrop,
+    horizontal flip, normalize. Evaluation: normalize only."""
+
+    def __init__(self, normalization: Normalization | None = None) -> None:
+        norm = normalization or CIFAR_NORMALIZATION
+        super().__init__([RandomResizedCrop(), HorizontalFlip(0.5), ToCHW(),
+                          Normalize(norm.mean, norm.std)])
+
+
 class VitlabAugment(Compose):
     """The vitlab recipe's augmentation: the tutorial's pad-crop-flip, TrivialAugment-Wide,
     normalize, Random Erasing; then Mixup or CutMix on a batch (soft targets) in training.
@@ -664,6 +764,7 @@ AUGMENTATIONS: dict[str, Callable[..., BatchTransform]] = {
         num_classes, normalization=norm, **settings),
     "trivialaugment": lambda num_classes, norm: PolicyAugment(TrivialAugmentWide(), norm),
     "randaugment": lambda num_classes, norm: PolicyAugment(RandAugment(), norm),
+    "resized-crop": lambda num_classes, norm: ResizedCropAugment(norm),
 }
 
 
