@@ -93,3 +93,22 @@ def test_a_breakdown_that_finishes_returns_its_json(tmp_path, monkeypatch):
     args = argparse.Namespace(data=tmp_path, device="cuda", compile="auto", train_steps=None,
                               bench_repeats=5, work=tmp_path, out=tmp_path, stage_timeout=None)
     assert run.stage_breakdown(args, sdpa=False) == {"cases": {"step": 1}}
+
+
+def test_the_cold_compile_stage_returns_its_json_or_its_exit(tmp_path, monkeypatch):
+    def finished(command, log, timeout, mode="w"):
+        assert mode == "a" and "--device" in command and command[-2] == "--json-out"
+        Path(command[-1]).write_text('{"variants": [{"variant": "full"}]}')
+        return 0, 90.0
+
+    monkeypatch.setattr(run, "run_logged", finished)
+    args = argparse.Namespace(device="cuda", work=tmp_path, out=tmp_path, stage_timeout=300)
+    assert run.stage_compile_cold(args) == {"variants": [{"variant": "full"}]}
+
+    def died(command, log, timeout, mode="w"):
+        log.write_text("compiling\n")
+        return 124, 300.0
+
+    monkeypatch.setattr(run, "run_logged", died)
+    assert run.stage_compile_cold(args) == {
+        "error": "compile_cold.py exited with 124 after 300 s", "log_tail": ["compiling"]}

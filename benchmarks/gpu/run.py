@@ -1,8 +1,8 @@
 """The prepared GPU session: every measurement the GPU issue asks for, in order, from one command.
 
     python benchmarks/gpu/run.py --data DATA --out OUT
-        [--stages env,checks,bench,breakdown,breakdown-sdpa,seed,vitlab,vitlab-sl,vitlab-seed-mini,
-         vitlab-fullmix,vitlab-conv,vitlab-light,vitlab-nomix,vitlab-300]
+        [--stages env,checks,bench,breakdown,breakdown-sdpa,compile-cold,seed,vitlab,vitlab-sl,
+         vitlab-seed-mini,vitlab-fullmix,vitlab-conv,vitlab-light,vitlab-nomix,vitlab-300]
 
 DATA holds the array folders cifar100/ and cifar10/ (../shared/data here; on the device machine,
 what `device_data.py join` rebuilt). Stages:
@@ -29,6 +29,10 @@ what `device_data.py join` rebuilt). Stages:
           costliest) and a check of the captured step against the uncaptured one
   breakdown-sdpa  the same script timing and profiling the captured step with each SDPA kernel
           alone (flash, efficient, math)
+  compile-cold  benchmarks/compile_cold.py: seed-mini's first training step on an empty compiler
+          cache, the model compiled whole (as fit does) and block by block, each in a fresh
+          process: what a fresh machine's first epoch pays, and whether regional compiling
+          pays less
   seed    `vitlab run` with the seed recipe: 100 epochs CIFAR-100 + 1 epoch CIFAR-10, timed
   vitlab  the same with --recipe vitlab
   vitlab-sl  the same with --recipe vitlab --model vitlab-mini-sl (shifted patch tokens and
@@ -289,6 +293,21 @@ def stage_breakdown(args: argparse.Namespace, sdpa: bool) -> dict:
     return json.loads(result_file.read_text())
 
 
+def stage_compile_cold(args: argparse.Namespace) -> dict:
+    """benchmarks/compile_cold.py: seed-mini's first training step on a cold compiler cache,
+    the model compiled whole (as fit does) and block by block, each variant in a fresh process."""
+    script = Path(__file__).resolve().parents[1] / "compile_cold.py"
+    result_file = args.work / "compile_cold.json"
+    result_file.unlink(missing_ok=True)
+    command = [sys.executable, str(script), "--device", args.device, "--json-out",
+               str(result_file)]
+    code, seconds = run_logged(command, args.out / "runs.log", args.stage_timeout, mode="a")
+    if code != 0 or not result_file.is_file():
+        return {"error": f"compile_cold.py exited with {code} after {seconds:.0f} s",
+                "log_tail": (args.out / "runs.log").read_text().splitlines()[-15:]}
+    return json.loads(result_file.read_text())
+
+
 def best_compile(cases: dict) -> tuple[str, bool, bool]:
     """The compile mode of seed-mini's fastest bf16 training step in the bench stage, whether
     that step's optimizer was eager (a compiled model's row with an uncompiled optimizer), and
@@ -308,7 +327,7 @@ def best_compile(cases: dict) -> tuple[str, bool, bool]:
 
 
 # The stages that are not `vitlab run`s.
-FIXED_STAGES = ("env", "checks", "bench", "breakdown", "breakdown-sdpa")
+FIXED_STAGES = ("env", "checks", "bench", "breakdown", "breakdown-sdpa", "compile-cold")
 # The `vitlab run` stages: stage name -> the run's recipe and model.
 RUNS = {"seed": ["--recipe", "seed"], "vitlab": ["--recipe", "vitlab"],
         "vitlab-sl": ["--recipe", "vitlab", "--model", "vitlab-mini-sl"],
@@ -479,6 +498,8 @@ def main() -> None:
                                           best_compile(result["cases"]), strict=True))
             elif stage in ("breakdown", "breakdown-sdpa"):
                 result = stage_breakdown(args, sdpa=stage == "breakdown-sdpa")
+            elif stage == "compile-cold":
+                result = stage_compile_cold(args)
             else:
                 result = stage_run(args.out, args, stage, compile_mode, eager_optimizer)
         except Exception as error:  # noqa: BLE001 - recorded in summary.json, and printed
