@@ -1,8 +1,9 @@
-"""timm weights in and out. The first tests need no timm (its layout is the documented key set);
-those marked `interop` build real timm models and run in a second environment (timm needs
-torchvision, which does not import beside the CPU torch wheel of the main suite):
+"""timm weights in and out, Hugging Face's in. The first tests need neither library (their
+layouts are the documented key sets); those marked `interop` build real timm and transformers
+models and run in a second environment (timm needs torchvision, which does not import beside the
+CPU torch wheel of the main suite):
 
-    pip install torch==2.14.1 torchvision==0.29.1 timm -e . && python -m pytest -m interop
+    pip install torch==2.14.1 torchvision==0.29.1 timm transformers -e . && python -m pytest -m interop
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vitlab.cli import main
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.interop import (
     from_timm_state_dict,
+    is_hf_layout,
     read_weight_file,
     resample_position_embedding,
     to_timm_state_dict,
@@ -169,6 +171,69 @@ def test_from_timm_through_the_cli_with_a_custom_model_file(tmp_path_factory, tm
     assert back["head.weight"].shape == (10, 48)
 
 
+def _hf_names(timm_state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+    """timm's names as Hugging Face's ViTForImageClassification has them (transformers 4: the
+    hub's files; 5: its state_dict()), written out here from transformers' modeling_vit, with a
+    ViTModel pooler beside them."""
+    hf = {}
+    for name, tensor in timm_state.items():
+        parts = name.split(".")
+        if parts[0] == "blocks":
+            i, rest = parts[1], ".".join(parts[2:])
+            layer = f"vit.encoder.layer.{i}." if version == 4 else f"vit.layers.{i}."
+            if rest.startswith("attn.qkv."):
+                kind = parts[-1]
+                names = (("attention.attention.query", "attention.attention.key",
+                          "attention.attention.value") if version == 4 else
+                         ("attention.q_proj", "attention.k_proj", "attention.v_proj"))
+                for part, piece in zip(names, tensor.chunk(3), strict=True):
+                    hf[f"{layer}{part}.{kind}"] = piece
+                continue
+            renames = ({"norm1": "layernorm_before", "norm2": "layernorm_after",
+                        "attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense",
+                        "mlp.fc2": "output.dense"} if version == 4 else
+                       {"norm1": "layernorm_before", "norm2": "layernorm_after",
+                        "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1",
+                        "mlp.fc2": "mlp.fc2"})
+            module, kind = rest.rsplit(".", 1)
+            hf[f"{layer}{renames[module]}.{kind}"] = tensor
+        else:
+            hf[{"cls_token": "vit.embeddings.cls_token",
+                "pos_embed": "vit.embeddings.position_embeddings",
+                "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
+                "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
+                "norm.weight": "vit.layernorm.weight", "norm.bias": "vit.layernorm.bias",
+                "head.weight": "classifier.weight", "head.bias": "classifier.bias"}[name]] = tensor
+    hf["vit.pooler.dense.weight"] = torch.zeros(2, 2)  # ViTModel's pooler: not a classifier's
+    return hf
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_hugging_face_vit_weights_load_by_their_names(version, tmp_path):
+    """Hugging Face's ViT layout (transformers 4's hub files and 5's state_dict) converts to the
+    same model: query, key and value stacked as timm's qkv; the pooler left out."""
+    torch.manual_seed(0)
+    model = small().eval()
+    hf = _hf_names(to_timm_state_dict(model), version)
+    assert is_hf_layout(hf) and not is_hf_layout(to_timm_state_dict(model))
+    again = small()
+    again.load_state_dict(from_timm_state_dict(hf, again.config))
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(again.eval()(images), model(images))
+    save_file(hf, str(tmp_path / "hf.safetensors"))  # through the file reader --from-timm uses
+    assert from_timm_state_dict(read_weight_file(tmp_path / "hf.safetensors"), again.config,
+                                head=False).keys() == {k for k in model.state_dict()
+                                                       if not k.startswith("head.")}
+    key = "attention.attention.key" if version == 4 else "attention.k_proj"
+    layer = "vit.encoder.layer.1." if version == 4 else "vit.layers.1."
+    without_key = {k: v for k, v in hf.items() if k != f"{layer}{key}.bias"}
+    with pytest.raises(CheckpointError, match="block 1 has no k projection bias"):
+        from_timm_state_dict(without_key, again.config)
+    with pytest.raises(CheckpointError, match="'vit.layers.0.crossattention.weight', which"):
+        from_timm_state_dict({**hf, "vit.layers.0.crossattention.weight": torch.zeros(1)},
+                             again.config)
+
+
 # --- against real timm (a second environment: pytest -m interop) ------------------------------
 
 @pytest.mark.interop
@@ -238,3 +303,22 @@ def test_timm_weights_at_a_larger_input_with_batches_resized_on_the_device(
     expected = torch.nn.functional.interpolate(SeedAugment().apply(images, False), size=(64, 64),
                                                mode="bicubic", antialias=True)
     assert torch.equal(inputs, expected) and torch.equal(targets, labels)
+
+
+@pytest.mark.interop
+def test_parity_with_hugging_face_transformers():
+    """A ViTForImageClassification of transformers (whichever version the environment has, its
+    state_dict's own names) loads into vitlab's timm-layout ViT with the same logits."""
+    transformers = pytest.importorskip("transformers",
+                                       reason="the interop environment has transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                                    intermediate_size=96, image_size=32, patch_size=8,
+                                    num_labels=10, layer_norm_eps=1e-6)
+    theirs = transformers.ViTForImageClassification(config).eval()
+    ours = small().eval()  # SMALL's shapes, LayerNorm eps 1e-6 (timm's; Hugging Face's 1e-12)
+    ours.load_state_dict(from_timm_state_dict(theirs.state_dict(), ours.config))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(images), theirs(pixel_values=images).logits, rtol=0,
+                                   atol=1e-5)

@@ -1,4 +1,5 @@
-"""Weights in other projects' layouts: timm's `VisionTransformer`, in and out.
+"""Weights in other projects' layouts: timm's `VisionTransformer`, in and out; Hugging Face's
+`ViTModel` / `ViTForImageClassification`, in (converted to timm's names first).
 
 timm's class-token ViTs without registers (the `vit_tiny/small/base_patch16_224` layout) name
 their tensors `cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1, attn.qkv,
@@ -31,6 +32,73 @@ _RENAMES = {  # vitlab name -> timm name, for the tensors whose names differ bey
 
 def _timm_name(ours: str) -> str:
     return _RENAMES.get(ours) or ours.removeprefix("encoder.")
+
+
+# Hugging Face's ViT names -> timm's, for one block's tensors: transformers 4's (the layout of
+# the checkpoints on its hub) and 5's (`state_dict()` of a model built by transformers 5).
+_HF_BLOCK = {
+    "layernorm_before": "norm1", "layernorm_after": "norm2",
+    "attention.output.dense": "attn.proj", "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",  # transformers 4
+    "attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",  # 5
+}
+_HF_QKV = ({"attention.attention.query": "q", "attention.attention.key": "k",
+            "attention.attention.value": "v"},  # transformers 4
+           {"attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v"})  # 5
+_HF_OTHER = {
+    "embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
+    "classifier.weight": "head.weight", "classifier.bias": "head.bias",
+}
+# Tensors of Hugging Face models that a classifier does not use: ViTModel's pooler, the mask
+# token of ViTForMaskedImageModeling.
+_HF_UNUSED = ("pooler.", "embeddings.mask_token")
+
+
+def is_hf_layout(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict names its tensors as Hugging Face's ViT does."""
+    return any("embeddings.patch_embeddings." in k for k in state_dict)
+
+
+def hf_to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Hugging Face ViT state dict under timm's names: each block's query, key and value
+    stacked into timm's one qkv projection (in that order), the pooler and mask token left out.
+    A tensor it cannot place is named in one line."""
+    converted: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in state_dict.items():
+        key = name.removeprefix("module.").removeprefix("vit.")
+        if key.startswith(_HF_UNUSED):
+            continue
+        if key in _HF_OTHER:
+            converted[_HF_OTHER[key]] = tensor
+            continue
+        parts = key.split(".")
+        layers = {"encoder.layer": 2, "layers": 1}  # transformers 4, 5: where the index is
+        start = next((n for prefix, n in layers.items() if key.startswith(prefix + ".")), None)
+        if start is None or not parts[start].isdigit():
+            raise CheckpointError(f"the Hugging Face state dict has {name!r}, which a ViT "
+                                  "classifier lacks; only ViTModel / ViTForImageClassification "
+                                  "weights load")
+        block, inner = int(parts[start]), ".".join(parts[start + 1:])
+        module, _, kind = inner.rpartition(".")  # kind: weight or bias
+        if module in _HF_BLOCK:
+            converted[f"blocks.{block}.{_HF_BLOCK[module]}.{kind}"] = tensor
+        elif any(module in names for names in _HF_QKV):
+            which = next(names[module] for names in _HF_QKV if module in names)
+            qkv.setdefault((block, kind), {})[which] = tensor
+        else:
+            raise CheckpointError(f"the Hugging Face state dict has {name!r}, which a ViT "
+                                  "block lacks")
+    for (block, kind), parts in qkv.items():
+        missing = [p for p in "qkv" if p not in parts]
+        if missing:
+            raise CheckpointError(f"the Hugging Face state dict's block {block} has no "
+                                  f"{missing[0]} projection {kind}")
+        converted[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts[p] for p in "qkv"])
+    return converted
 
 
 def check_timm_layout(config: ViTConfig) -> None:
@@ -69,10 +137,12 @@ def resample_position_embedding(embedding: torch.Tensor, grid: int) -> torch.Ten
 
 def from_timm_state_dict(state_dict: dict[str, torch.Tensor], config: ViTConfig,
                          head: bool = True) -> dict[str, torch.Tensor]:
-    """A timm ViT state dict as a vitlab state dict for `config` (position embedding resampled
-    to its patch grid). `head=False` leaves the head out (fine-tuning starts a new one). Every
+    """A timm ViT state dict (or a Hugging Face one, converted by `hf_to_timm_state_dict`) as a
+    vitlab state dict for `config` (position embedding resampled to its patch grid). `head=False` leaves the head out (fine-tuning starts a new one). Every
     missing, extra or mis-shaped tensor is named in one line."""
     check_timm_layout(config)
+    if is_hf_layout(state_dict):
+        state_dict = hf_to_timm_state_dict(state_dict)
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     with torch.device("meta"):  # names and shapes only: a meta-device model costs nothing
         target = ViT(config)

@@ -148,8 +148,9 @@ def _run_settings() -> list[Setting]:
                 "weights')", commands=("pretrain", "finetune", "run")),
         Setting("source", "run", str, "the pre-training run directory", commands=("finetune",),
                 flag_name="--from"),
-        Setting("from_timm", "run", str, "start from timm ViT weights (.safetensors or .pth) "
-                "instead of a vitlab run; needs --model", commands=("finetune",)),
+        Setting("from_timm", "run", str, "start from timm ViT weights (.safetensors or .pth; "
+                "Hugging Face's ViTModel / ViTForImageClassification weights too, by their "
+                "names) instead of a vitlab run; needs --model", commands=("finetune",)),
         Setting("weights", "run", str, "which pre-trained weights to start from (ema: the EMA "
                 "of a run trained with --ema-decay)", choices=lambda: WEIGHT_CHOICES,
                 commands=("finetune",)),
