@@ -5,14 +5,17 @@ most of it compiling (benchmarks/gpu/results/2026-11-27-h200-3): the largest par
 pipeline's time outside its 99 steady epochs, and what stands between it and the issue's 120 s.
 Regional compilation (PyTorch's recipe: compile each repeated block, not the whole model) may
 compile less: the five full-sequence encoder blocks share one compiled graph, the last (CLS-only)
-block has its own. This script measures it against the whole model compiled, as `fit` compiles it.
+block has its own. This script measures it against the whole model compiled, as `fit` compiles
+it (the recording of the captured step, which fit adds on a GPU, is not timed here).
 
 Each variant runs in a Python process of its own with an empty compiler cache
 (TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR in a fresh temporary folder), so each pays the cold
 cost a first run pays: the first training step's seconds (tracing, compiling, running), then the
 median of --steps steps after it (forward, backward, SGD with momentum; one fixed batch of
 --batch-size; the device synchronised around each step). Variants: eager (no compiling), full
-(torch.compile of the model, torch's default mode), blocks (each encoder block compiled alone).
+(torch.compile of the model in torch's default mode, with the optimizer's step eager: what fit
+compiles on one CUDA GPU, which then also records the step as a CUDA graph, not done here),
+blocks (each encoder block compiled alone).
 
 On the development machine's CPU (2 cores, batch 128, fp32; `python benchmarks/compile_cold.py
 --device cpu --steps 5`): a first step of 44.0 s whole and 41.5 s block by block (1.7 s eager),
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -97,7 +101,14 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         return result
 
 
+def _stop(signum: int, frame: object) -> None:
+    # SIGTERM (the GPU script's stage timeout) unwinds like Ctrl-C: subprocess.run kills the
+    # variant's process and the empty cache folder is removed, nothing left compiling.
+    raise SystemExit(124)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stop)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,

@@ -896,6 +896,11 @@ def test_best_metric_is_saved_and_a_resume_keeps_it(data_root, tmp_path):
     assert (finish["best_ce"], finish["best_accuracy"]) == (lowest["ce"], lowest["accuracy"])
     with pytest.raises(SettingDiffers, match="best-metric"):
         resume(tmp_path / "run", best_metric="accuracy", epochs=3, **common)
+    resume(tmp_path / "run", epochs=3, **common)  # continued without the flag: still by loss
+    records = ckpt.read_jsonl(tmp_path / "run" / ckpt.METRICS)
+    evals = [r for r in records if r["event"] == "eval"]
+    (finish,) = [r for r in records if r["event"] == "finish"]
+    assert len(evals) == 3 and finish["best_ce"] == min(r["ce"] for r in evals)
     with pytest.raises(ConfigError, match="--best-metric"):
         TrainOptions(epochs=1, best_metric="top5")
 

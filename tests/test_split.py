@@ -185,6 +185,9 @@ def test_outputs_that_are_links_dots_or_inside_the_source_by_a_link_are_refused(
         with pytest.raises(ConfigError, match=message):
             split_image_folder(source, out, 0.2)
     assert not any((tmp_path / "empty").iterdir()) and not (source / "split").exists()
+    # Beside the source through ..: not inside it.
+    split_image_folder(source, source / ".." / "beside", 0.2)
+    assert (tmp_path / "beside" / "train" / "cat").is_dir()
 
 
 def test_two_images_that_would_become_one_file_are_refused(tmp_path):

@@ -1490,6 +1490,28 @@ def test_a_run_killed_in_its_test_pass_resumes_to_that_pass_alone(dataset, tmp_p
     with pytest.raises(CheckpointError, match="already finished its 2 epochs"):
         fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "b", resume=True)
 
+    # Saved before the pass was recorded in the trainer state: its log says whether it was made.
+    state_file = tmp_path / "b" / ckpt.TRAINER_STATE
+    state = torch.load(state_file, weights_only=True)
+    del state["progress"]["tested"]
+    torch.save(state, state_file)
+    with pytest.raises(CheckpointError, match="already finished its 2 epochs"):
+        fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "b", resume=True)
+    metrics = tmp_path / "b" / ckpt.METRICS
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if '"event": "test"' not in line and '"event": "finish"' not in line
+                               and '"event": "resume"' not in line))
+    assert fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "b",
+               resume=True).test_eval == straight.test_eval
+
+    # No epoch to train (a transferred model scored as it is): the pass is still owed until made.
+    zero = options(0, train_steps_per_epoch=2, val_fraction=0.25)
+    monkeypatch.setattr(engine, "_test", killed)
+    with pytest.raises(Killed):
+        fit(tiny_model(), dataset, RECIPE, zero, tmp_path / "c")
+    monkeypatch.undo()
+    assert fit(tiny_model(), dataset, RECIPE, zero, tmp_path / "c", resume=True).test_eval
+
 
 @pytest.mark.parametrize(("fraction", "message"), [
     (0.01, "holds out no image of tiny's 20 training images"),

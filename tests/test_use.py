@@ -473,3 +473,20 @@ def test_a_pipe_given_as_an_image_or_a_folder_as_timm_weights_is_named_for_what_
 
     with pytest.raises(CheckpointError, match="is a folder; give timm's weight file in it"):
         read_weight_file(tmp_path)
+
+
+@pytest.mark.parametrize(("metric", "axis", "label"), [
+    ("accuracy", 1, "best 60.00% (epoch 2)"), ("loss", 0, "best 1.9000 (epoch 3)")])
+def test_the_curves_mark_the_best_evaluation_by_the_runs_metric(tmp_path, monkeypatch, metric,
+                                                                axis, label):
+    """curves.png's star: the highest accuracy on the accuracy plot, or with --best-metric loss
+    the lowest cross-entropy on the loss plot."""
+    import vitlab.report as report
+
+    drawn = []
+    monkeypatch.setattr(report, "_save", lambda figure, path: drawn.append(figure))
+    evals = [{"event": "eval", "epoch": e, "accuracy": a, "ce": c}
+             for e, a, c in ((1, 0.5, 2.0), (2, 0.6, 2.1), (3, 0.4, 1.9))]
+    report.plot_curves(evals, tmp_path / "curves.png", metric)
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in drawn[0].axes]
+    assert label in legends[axis] and not any("best" in t for t in legends[1 - axis])

@@ -44,6 +44,7 @@ from vitlab.train.engine import (
     evaluate,
     fit,
     hold_out_validation,
+    made_test_pass,
     repair_run_weights,
     resolve_device,
     resolve_precision,
@@ -945,7 +946,7 @@ def _finished(run_dir: Path, saved: RunConfig, epochs: int | None = None) -> boo
     budget = saved.options.epochs
     trained = progress.stopped_early or ((epochs or budget) == budget
                                          and progress.epoch >= budget)
-    return trained and progress.tested  # killed in its final test pass: resumed to make it
+    return trained and made_test_pass(run_dir, progress)  # else resumed to make its test pass
 
 
 def _plan_stage(run_dir: Path, kind: str, saved: RunConfig | None, **settings: Any

@@ -53,7 +53,7 @@ def spec_kind(spec: str | os.PathLike) -> str:
         raise DatasetNotFoundError(f"{name!r} does not exist, and is not a dataset name "
                                    f"({', '.join(SOURCES)})")
     split = f"`vitlab split {shlex.quote(name)} --out NEW_FOLDER` makes one from it"
-    if training_split_alone(path):  # the most likely slip: an image folder without a test split
+    if path.is_dir() and training_split_alone(path):  # an image folder without a test split
         raise DatasetNotFoundError(f"{name!r} has train/ but no test/ or val/ folder: an image "
                                    "folder needs both (test/<class>/ like train/<class>/); "
                                    f"{split}")

@@ -84,7 +84,8 @@ def _check_out(out: Path, source: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} already exists; choose a new --out (split never writes into "
                           "or over an existing folder)")
-    for folder in (out, *out.absolute().parents):
+    resolved = out.resolve()  # ../ and links followed: photos/../x is beside photos
+    for folder in (resolved, *resolved.parents):
         if folder.exists() and os.path.samefile(folder, source):
             raise ConfigError(f"--out {out} is inside {source}, whose images it would then "
                               "list; choose a folder outside it")

@@ -85,8 +85,8 @@ class Progress:
     # val split); a resume must find the same ("": a run saved before it was recorded).
     validation: str = ""
     # False from the start of a fit that ends with a test pass (a validation split) until that
-    # pass is done: a run killed during it is not finished (True for runs saved before).
-    tested: bool = True
+    # pass is done: a run killed during it is not finished (None: not recorded, made_test_pass).
+    tested: bool | None = None
 
 
 @dataclass
@@ -393,8 +393,8 @@ class CheckpointWriter:
 
     The best checkpoint is the evaluation of the highest accuracy, or with `best_metric` "loss"
     the lowest cross-entropy; with an EMA of the weights, the EMA's picks it and best.safetensors
-    holds the EMA weights; ema.safetensors holds the latest EMA. Keeping the best, it also counts the
-    evaluations since it, and marks the run stopped early once `patience` of them in a row did
+    holds the EMA weights; ema.safetensors holds the latest EMA. Keeping the best, it also counts
+    the evaluations since it, and marks the run stopped early once `patience` of them in a row did
     not beat it (--early-stop-patience) with epochs of its `epochs` still to train.
 
     `save(wait=False)` copies the state to host memory and writes it on a background thread
@@ -587,6 +587,8 @@ def saved_progress(state: dict, path: Path) -> Progress:
         progress = Progress(**state["progress"])
         for f in dataclasses.fields(Progress):
             value, kind = getattr(progress, f.name), type(f.default)
+            if f.default is None:  # a flag that may be unrecorded: None, or a bool
+                kind = type(value) if value is None else bool
             if isinstance(value, bool) != (kind is bool) or not isinstance(
                     value, int | float if kind is float else kind):
                 raise TypeError(f"{f.name} is {value!r}")
@@ -624,7 +626,7 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         # A run validated on another split ends with a test pass; killed during it, the
         # resume makes that pass (and trains nothing).
         untested = (progress.epoch >= options.epochs or progress.stopped_early) and (
-            validation != "test" and not progress.tested)
+            not made_test_pass(run_dir, progress))
         if progress.epoch >= options.epochs and not untested:
             raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
@@ -654,6 +656,22 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     if device.type == "cuda":
         torch.cuda.manual_seed(dropout_seed)
     return Progress(world_size=distributed.world_size(), validation=validation)
+
+
+def made_test_pass(run_dir: Path, progress: Progress) -> bool:
+    """Whether a run made the test pass it ends with: none to make (its epochs evaluated the
+    test split), its trainer state says so, or (saved before that was recorded) its
+    metrics.jsonl has the pass at its last step. Every process reads the same files."""
+    if progress.validation in ("", "test"):
+        return True
+    if progress.tested is not None:
+        return progress.tested
+    try:
+        records = ckpt.read_jsonl(run_dir / ckpt.METRICS)
+    except OSError:  # unreadable: take it as made, as before the pass was recorded
+        return True
+    return any(r.get("event") == "test" and r.get("step") == progress.global_step
+               for r in records)
 
 
 def _head_size(model: nn.Module, dataset: Dataset) -> int:
@@ -898,6 +916,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                        params=sum(p.numel() for p in model.parameters()), **compiling,
                        **({} if test_loader is None
                           else {"validation_images": validation_images}))
+    if test_loader is not None:
+        progress.tested = False  # saved so until the test pass after the last epoch is done
     if options.epochs == 0:
         writer.save()  # the initial weights, e.g. a transferred encoder with a new head
     show_bar = reporter.is_main and (sys.stdout.isatty() if options.progress is None
@@ -905,8 +925,6 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     last_eval: dict = {}
     final_evaluations: dict[str, dict] = {}
     bad_loss = torch.zeros((), dtype=torch.bool, device=device)
-    if test_loader is not None:
-        progress.tested = False  # saved so until the test pass after the last epoch is done
     # Leaving the block waits for a checkpoint still being written (and raises its error).
     with (_StopSignals() as stop,
           CurvesPlotter(run_dir, pending=resume and progress.epoch > 0,

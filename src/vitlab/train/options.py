@@ -98,7 +98,8 @@ class TrainOptions:
     best_metric: str = field(default="accuracy", metadata=_saved(
         "the score that picks best.safetensors and that --early-stop-patience waits on: "
         "accuracy (top-1, the tutorial's; timm's --eval-metric top1) or loss (the "
-        "cross-entropy; Hugging Face's default metric_for_best_model), the EMA's with one",
+        "cross-entropy; Hugging Face's default metric_for_best_model; the Finish line's "
+        "best_accuracy is then that evaluation's), the EMA's with one",
         choices=BEST_METRICS))
     val_fraction: float = field(default=0.0, metadata=_saved(
         "hold out this fraction of the training images (of each class, drawn by --seed) as a "
