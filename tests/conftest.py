@@ -31,3 +31,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class Killed(Exception):
+    """What a killed process is, in-process: the tests that resume after it raise this."""
+
+
+@pytest.fixture
+def dying_test_pass(monkeypatch):
+    """`with dying_test_pass(): fit(...)`: the fit dies in its final test pass (after its last
+    checkpoint), as a run killed there would."""
+    import contextlib
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    @contextlib.contextmanager
+    def dying():
+        with monkeypatch.context() as patched:
+            patched.setattr("vitlab.train.engine._test", killed)
+            with pytest.raises(Killed):
+                yield
+    return dying

@@ -906,26 +906,15 @@ def test_best_metric_is_saved_and_a_resume_keeps_it(data_root, tmp_path):
 
 
 def test_vitlab_run_resumes_a_stage_killed_in_its_test_pass_to_make_it(data_root, tmp_path,
-                                                                      monkeypatch):
+                                                                      dying_test_pass):
     """A stage validated on a held-out split and killed during its final test pass is not
     finished: the pipeline run again makes that pass (training nothing) and goes on."""
-    import vitlab.train.engine as engine
-
     settings = dict(pretrain_data="cifar10", finetune_data="cifar10", out=tmp_path / "p",
                     model="micro", epochs=1, train_steps_per_epoch=2, eval_steps_per_epoch=1,
                     batch_size=16, val_fraction=0.25, device="cpu", quiet=True,
                     data_root=str(data_root), no_download=True)
-
-    class Killed(Exception):
-        pass
-
-    def killed(*args, **kwargs):
-        raise Killed
-
-    monkeypatch.setattr(engine, "_test", killed)
-    with pytest.raises(Killed):
+    with dying_test_pass():
         run_pipeline(**settings)
-    monkeypatch.undo()
     pre = tmp_path / "p" / "pretrain"
     before = [r["event"] for r in ckpt.read_jsonl(pre / ckpt.METRICS)]
     assert before[-1] == "eval"

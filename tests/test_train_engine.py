@@ -1461,24 +1461,13 @@ def test_val_fraction_resumes_to_the_uninterrupted_run(dataset, tmp_path):
 
 
 def test_a_run_killed_in_its_test_pass_resumes_to_that_pass_alone(dataset, tmp_path,
-                                                                   monkeypatch):
+                                                                   dying_test_pass):
     """Validated on a held-out split, a run ends with a test pass; killed during it (after
     its last checkpoint), the resume trains nothing and makes the pass the run would have."""
-    import vitlab.train.engine as engine
-
     opts = options(2, train_steps_per_epoch=2, val_fraction=0.25)
     straight = fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "a")
-
-    class Killed(Exception):
-        pass
-
-    def killed(*args, **kwargs):
-        raise Killed
-
-    monkeypatch.setattr(engine, "_test", killed)
-    with pytest.raises(Killed):
+    with dying_test_pass():
         fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "b")
-    monkeypatch.undo()
     assert not h_events(ckpt.read_jsonl(tmp_path / "b" / ckpt.METRICS), "test")
     resumed = fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "b", resume=True)
     assert resumed.test_eval == straight.test_eval and resumed.global_step == 4
@@ -1506,10 +1495,8 @@ def test_a_run_killed_in_its_test_pass_resumes_to_that_pass_alone(dataset, tmp_p
 
     # No epoch to train (a transferred model scored as it is): the pass is still owed until made.
     zero = options(0, train_steps_per_epoch=2, val_fraction=0.25)
-    monkeypatch.setattr(engine, "_test", killed)
-    with pytest.raises(Killed):
+    with dying_test_pass():
         fit(tiny_model(), dataset, RECIPE, zero, tmp_path / "c")
-    monkeypatch.undo()
     assert fit(tiny_model(), dataset, RECIPE, zero, tmp_path / "c", resume=True).test_eval
 
 
