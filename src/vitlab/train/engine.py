@@ -792,7 +792,7 @@ def _warn_if_warmup_outlasts(recipe: Recipe, epochs: int, fine_tuning: bool = Fa
     companion = FINETUNE_RECIPES.get(recipe.name) if fine_tuning else None
     logging.getLogger("vitlab").warning(
         "vitlab: the LR warm-up (--warmup-epochs %g) lasts the whole run of %d epoch(s): the LR "
-        "climbs to %.0f%% of --lr %g and never decays; lower --warmup-epochs%s",
+        "climbs to %.0f%% of --lr %g and the run ends in its warm-up; lower --warmup-epochs%s",
         recipe.warmup_epochs, epochs, 100 * min(1.0, epochs / recipe.warmup_epochs), recipe.lr,
         f" (to fine-tune, the {recipe.name} recipe's companion is --recipe {companion})"
         if companion else "")
