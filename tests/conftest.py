@@ -33,8 +33,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-class Killed(Exception):
-    """What a killed process is, in-process: the tests that resume after it raise this."""
+class Killed(BaseException):
+    """What a killed process is, in-process (no `except Exception` catches it): the tests
+    that resume after it raise this."""
 
 
 @pytest.fixture

@@ -232,6 +232,12 @@ def test_hugging_face_vit_weights_load_by_their_names(version, tmp_path):
     with pytest.raises(CheckpointError, match="'vit.layers.0.crossattention.weight', which"):
         from_timm_state_dict({**hf, "vit.layers.0.crossattention.weight": torch.zeros(1)},
                              again.config)
+    deit = {k.replace("vit.", "deit.", 1): v for k, v in hf.items()}
+    with pytest.raises(CheckpointError, match="a 'deit' model's .* only Hugging Face's ViT"):
+        from_timm_state_dict(deit, again.config)
+    with pytest.raises(CheckpointError, match="distillation token"):
+        from_timm_state_dict({**hf, "vit.embeddings.distillation_token": torch.zeros(1, 1, 48)},
+                             again.config)
 
 
 # --- against real timm (a second environment: pytest -m interop) ------------------------------
@@ -306,7 +312,7 @@ def test_timm_weights_at_a_larger_input_with_batches_resized_on_the_device(
 
 
 @pytest.mark.interop
-def test_parity_with_hugging_face_transformers():
+def test_parity_with_hugging_face_transformers(tmp_path):
     """A ViTForImageClassification of transformers (whichever version the environment has, its
     state_dict's own names) loads into vitlab's timm-layout ViT with the same logits."""
     transformers = pytest.importorskip("transformers",
@@ -322,3 +328,10 @@ def test_parity_with_hugging_face_transformers():
     with torch.inference_mode():
         torch.testing.assert_close(ours(images), theirs(pixel_values=images).logits, rtol=0,
                                    atol=1e-5)
+    # The file users have: save_pretrained's model.safetensors (transformers 5 writes 4's names).
+    theirs.save_pretrained(tmp_path / "hf")
+    again = small().eval()
+    again.load_state_dict(from_timm_state_dict(
+        read_weight_file(tmp_path / "hf" / "model.safetensors"), again.config))
+    with torch.inference_mode():
+        torch.testing.assert_close(again(images), ours(images), rtol=0, atol=1e-6)

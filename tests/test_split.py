@@ -159,8 +159,8 @@ def test_the_cli_splits_a_folder_that_training_points_to_it(tmp_path):
     assert "if its subfolders are classes, `vitlab split" in line
     done = h.run_cli("split", source, "--out", tmp_path / "split", "--seed", "4", cwd=tmp_path)
     assert done.stdout.strip() == (f"wrote {tmp_path / 'split'}: train 8, test 2 images of 2 "
-                                   f"classes (10 hard-linked); train with: vitlab pretrain "
-                                   f"--data {tmp_path / 'split'}")
+                                   f"classes (10 hard-linked); train on it with --data "
+                                   f"{tmp_path / 'split'}")
     again = h.run_cli("split", source, "--out", tmp_path / "split", cwd=tmp_path, expect=2)
     assert "already exists" in h.assert_one_error_line(again.stderr, "split")
 

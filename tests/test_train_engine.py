@@ -1497,7 +1497,9 @@ def test_a_run_killed_in_its_test_pass_resumes_to_that_pass_alone(dataset, tmp_p
     zero = options(0, train_steps_per_epoch=2, val_fraction=0.25)
     with dying_test_pass():
         fit(tiny_model(), dataset, RECIPE, zero, tmp_path / "c")
-    assert fit(tiny_model(), dataset, RECIPE, zero, tmp_path / "c", resume=True).test_eval
+    unkilled = fit(tiny_model(), dataset, RECIPE, zero, tmp_path / "d").test_eval
+    assert fit(tiny_model(), dataset, RECIPE, zero, tmp_path / "c",
+               resume=True).test_eval == unkilled and "accuracy" in unkilled
 
 
 @pytest.mark.parametrize(("fraction", "message"), [

@@ -409,7 +409,7 @@ def _split(args: argparse.Namespace) -> None:
     how = ", ".join(f"{n:,} {what}" for n, what in ((summary.linked, "hard-linked"),
                                                    (summary.copied, "copied")) if n)
     print(f"wrote {summary.out}: {sizes} images of {len(summary.counts['train'])} classes "
-          f"({how}); train with: vitlab pretrain --data {shlex.quote(str(summary.out))}")
+          f"({how}); train on it with --data {shlex.quote(str(summary.out))}")
 
 
 def _info(args: argparse.Namespace) -> None:

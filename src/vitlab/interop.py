@@ -52,9 +52,10 @@ _HF_OTHER = {
     "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
     "classifier.weight": "head.weight", "classifier.bias": "head.bias",
 }
-# Tensors of Hugging Face models that a classifier does not use: ViTModel's pooler, the mask
-# token of ViTForMaskedImageModeling.
+# Tensors of Hugging Face ViT models that a classifier does not use: ViTModel's pooler, and a
+# mask token (a ViTModel built with use_mask_token).
 _HF_UNUSED = ("pooler.", "embeddings.mask_token")
+_HF_ONLY = "only Hugging Face's ViT weights (ViTModel, ViTForImageClassification) load"
 
 
 def is_hf_layout(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -66,6 +67,14 @@ def hf_to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
     """A Hugging Face ViT state dict under timm's names: each block's query, key and value
     stacked into timm's one qkv projection (in that order), the pooler and mask token left out.
     A tensor it cannot place is named in one line."""
+    # The model family is the prefix of the embeddings' names: "vit." or none for ViT's.
+    family = next(k.removeprefix("module.").split("embeddings.patch_embeddings.")[0]
+                  for k in state_dict if "embeddings.patch_embeddings." in k)
+    if family not in ("", "vit."):
+        raise CheckpointError(f"the weights are a {family.rstrip('.')!r} model's (their names "
+                              f"start {family!r}): {_HF_ONLY}")
+    if any(k.endswith("embeddings.distillation_token") for k in state_dict):
+        raise CheckpointError(f"the weights have a distillation token (DeiT's): {_HF_ONLY}")
     converted: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in state_dict.items():
@@ -80,8 +89,7 @@ def hf_to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
         start = next((n for prefix, n in layers.items() if key.startswith(prefix + ".")), None)
         if start is None or not parts[start].isdigit():
             raise CheckpointError(f"the Hugging Face state dict has {name!r}, which a ViT "
-                                  "classifier lacks; only ViTModel / ViTForImageClassification "
-                                  "weights load")
+                                  f"classifier lacks; {_HF_ONLY}")
         block, inner = int(parts[start]), ".".join(parts[start + 1:])
         module, _, kind = inner.rpartition(".")  # kind: weight or bias
         if module in _HF_BLOCK:
@@ -91,7 +99,7 @@ def hf_to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
             qkv.setdefault((block, kind), {})[which] = tensor
         else:
             raise CheckpointError(f"the Hugging Face state dict has {name!r}, which a ViT "
-                                  "block lacks")
+                                  f"block lacks (layer scale? Dinov2's has it); {_HF_ONLY}")
     for (block, kind), parts in qkv.items():
         missing = [p for p in "qkv" if p not in parts]
         if missing:
