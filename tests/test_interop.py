@@ -232,6 +232,12 @@ def test_hugging_face_vit_weights_load_by_their_names(version, tmp_path):
     with pytest.raises(CheckpointError, match="'vit.layers.0.crossattention.weight', which"):
         from_timm_state_dict({**hf, "vit.layers.0.crossattention.weight": torch.zeros(1)},
                              again.config)
+    with pytest.raises(CheckpointError, match="query, key and value bias tensors of shapes"):
+        from_timm_state_dict({**hf, f"{layer}{key}.bias": torch.zeros(48, 7)}, again.config)
+    for shape in ([37056], [1, 17, 48, 1], [2, 17, 48], [1, 1, 48]):
+        with pytest.raises(CheckpointError, match="it needs \\[1, 1 \\+ patches, width\\]"):
+            from_timm_state_dict({**hf, "vit.embeddings.position_embeddings":
+                                  torch.zeros(shape)}, again.config)
     deit = {k.replace("vit.", "deit.", 1): v for k, v in hf.items()}
     with pytest.raises(CheckpointError, match="a 'deit' model's .* only Hugging Face's ViT"):
         from_timm_state_dict(deit, again.config)

@@ -210,3 +210,47 @@ def test_class_names_are_compared_in_composed_unicode(tmp_path):
         Image.new("RGB", (8, 8)).save(source / name / "0.png")
     with pytest.raises(DataFormatError, match="two class folders are both named"):
         split_image_folder(source, tmp_path / "out", 0.5)
+
+
+def test_a_class_name_that_is_not_utf8_splits(tmp_path):
+    """A folder name of bytes that are not UTF-8 (Linux allows it) is a class like another."""
+    source = make_classes(tmp_path / "photos", {"cat": 4})
+    odd = os.fsencode(source) + b"/caf\xe9"
+    os.mkdir(odd)
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(os.fsdecode(odd + f"/{i}.png".encode()))
+    summary = split_image_folder(source, tmp_path / "out", 0.25)
+    assert summary.counts["test"] == {"cat": 1, os.fsdecode(b"caf\xe9"): 1}
+
+
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_a_split_stopped_by_sigterm_leaves_nothing_behind(tmp_path, monkeypatch, capsys,
+                                                          second_signal):
+    """SIGTERM mid-way: exit 143 and no partial folder; nor when a second signal (Ctrl-C
+    pressed again) comes while the partial folder is being removed."""
+    import signal
+
+    from vitlab.cli import main
+
+    source = make_classes(tmp_path / "photos", {"cat": 5, "dog": 5})
+    calls = []
+    real_link, real_rmtree = split_module._link_or_copy, split_module.shutil.rmtree
+
+    def link_then_stop(image, target, summary):
+        calls.append(target)
+        real_link(image, target, summary)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def rmtree_interrupted(path, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # held off until the folder is gone
+        real_rmtree(path, **kwargs)
+
+    monkeypatch.setattr(split_module, "_link_or_copy", link_then_stop)
+    if second_signal:
+        monkeypatch.setattr(split_module.shutil, "rmtree", rmtree_interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["split", str(source), "--out", str(tmp_path / "out")]) == 143
+    assert "vitlab split: stopped by SIGTERM" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler put back

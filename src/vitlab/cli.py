@@ -524,9 +524,13 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.is_main_process():  # one line for the job, not one a rank
             print(f"vitlab {args.command}: {e}; continue with: {again}", file=sys.stderr)
         return EXIT_SIGNAL.get(e.signum, 128 + e.signum)
-    except KeyboardInterrupt:
-        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
-        return EXIT_SIGNAL[signal.SIGINT]
+    except KeyboardInterrupt as e:
+        from vitlab.errors import Terminated
+
+        stopped = isinstance(e, Terminated)
+        print(f"vitlab {args.command}: {'stopped by SIGTERM' if stopped else 'interrupted'}",
+              file=sys.stderr)
+        return EXIT_SIGNAL[signal.SIGTERM if stopped else signal.SIGINT]
     except BrokenPipeError:  # stdout closed early (`vitlab ... | head`): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

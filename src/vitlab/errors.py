@@ -64,3 +64,8 @@ class UnsafeDataError(DataError):
 
 class DataFormatError(DataError):
     """A truncated archive, or arrays, labels, class lists or images that do not match the format."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised (as Ctrl-C is) where a command cleans up before it exits; the CLI then
+    exits 143."""

@@ -105,6 +105,11 @@ def hf_to_timm_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
         if missing:
             raise CheckpointError(f"the Hugging Face state dict's block {block} has no "
                                   f"{missing[0]} projection {kind}")
+        shapes = {p: list(parts[p].shape) for p in "qkv"}
+        if len({str(shape) for shape in shapes.values()}) > 1 or not shapes["q"]:
+            raise CheckpointError(f"the Hugging Face state dict's block {block} has query, key "
+                                  f"and value {kind} tensors of shapes {shapes['q']}, "
+                                  f"{shapes['k']} and {shapes['v']}: they must be one shape")
         converted[f"blocks.{block}.attn.qkv.{kind}"] = torch.cat([parts[p] for p in "qkv"])
     return converted
 
@@ -128,6 +133,9 @@ def to_timm_state_dict(model: ViT) -> dict[str, torch.Tensor]:
 def resample_position_embedding(embedding: torch.Tensor, grid: int) -> torch.Tensor:
     """[1, 1 + g*g, D] -> [1, 1 + grid*grid, D]: the patch positions resized bicubically as an
     image of the old grid, the class token's position kept as it is."""
+    if embedding.ndim != 3 or embedding.shape[0] != 1 or embedding.shape[1] < 2:
+        raise CheckpointError(f"a position embedding of shape {list(embedding.shape)}: it needs "
+                              "[1, 1 + patches, width] (the class token's first)")
     cls, patches = embedding[:, :1], embedding[:, 1:]
     old = math.isqrt(patches.shape[1])
     if old * old != patches.shape[1]:
@@ -146,8 +154,9 @@ def resample_position_embedding(embedding: torch.Tensor, grid: int) -> torch.Ten
 def from_timm_state_dict(state_dict: dict[str, torch.Tensor], config: ViTConfig,
                          head: bool = True) -> dict[str, torch.Tensor]:
     """A timm ViT state dict (or a Hugging Face one, converted by `hf_to_timm_state_dict`) as a
-    vitlab state dict for `config` (position embedding resampled to its patch grid). `head=False` leaves the head out (fine-tuning starts a new one). Every
-    missing, extra or mis-shaped tensor is named in one line."""
+    vitlab state dict for `config` (position embedding resampled to its patch grid).
+    `head=False` leaves the head out (fine-tuning starts a new one). Every missing, extra or
+    mis-shaped tensor is named in one line."""
     check_timm_layout(config)
     if is_hf_layout(state_dict):
         state_dict = hf_to_timm_state_dict(state_dict)

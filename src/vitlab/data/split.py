@@ -12,17 +12,21 @@ all: it is built in a temporary folder beside ``out`` and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import shlex
 import shutil
+import signal
+import threading
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitlab.data.imagefolder import EXTENSIONS, is_image_folder, walk_files
-from vitlab.errors import ConfigError, DataFormatError
+from vitlab.errors import ConfigError, DataFormatError, Terminated
 
 log = logging.getLogger("vitlab.data")
 
@@ -129,8 +133,9 @@ def split_image_folder(source: str | os.PathLike, out: str | os.PathLike, test_f
         if not images:
             raise DataFormatError(f"{folder}: no {'/'.join(EXTENSIONS)} images; add some or "
                                   "remove the folder")
-        # Seeded by the class name too: adding a class does not redraw the others.
-        random.Random(f"{seed}/{name}").shuffle(images)
+        # Seeded by the class name too: adding a class does not redraw the others. (As bytes:
+        # a name that is not UTF-8 seeds by its own bytes; a UTF-8 one as its string would.)
+        random.Random(f"{seed}/{name}".encode("utf-8", "surrogateescape")).shuffle(images)
         # At least one image is left to train on.
         n_test = min(held_out(len(images), test_fraction), len(images) - 1)
         n_val = min(held_out(len(images), val_fraction), len(images) - 1 - n_test)
@@ -152,24 +157,57 @@ def split_image_folder(source: str | os.PathLike, out: str | os.PathLike, test_f
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     summary = SplitSummary(out)
-    try:
-        partial.mkdir()
-        for split, classes in plan.items():
-            summary.counts[split] = {}
-            for name, images in classes.items():
-                for image in images:  # subfolders kept: an image folder reads them too
-                    target = partial / split / name / image.relative_to(folders[name])
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    _link_or_copy(image, target, summary)
-                if images:
-                    summary.counts[split][name] = len(images)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with _sigterm_raises():  # a stopped split removes its partial folder, as Ctrl-C's does
+        try:
+            partial.mkdir()
+            for split, classes in plan.items():
+                summary.counts[split] = {}
+                for name, images in classes.items():
+                    for image in images:  # subfolders kept: an image folder reads them too
+                        target = partial / split / name / image.relative_to(folders[name])
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        _link_or_copy(image, target, summary)
+                    if images:
+                        summary.counts[split][name] = len(images)
+            if out.exists():
+                out.rmdir()  # empty (checked above)
+            partial.rename(out)
+        except BaseException:
+            with _signals_ignored():  # a second Ctrl-C must not leave half a folder
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
     return summary
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held off while the block runs (the main thread's only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _link_or_copy(image: Path, target: Path, summary: SplitSummary) -> None:
