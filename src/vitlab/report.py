@@ -82,7 +82,7 @@ def plot_curves(records: Sequence[dict], path: str | os.PathLike,
         # The best point is marked and named in the legend, which matplotlib keeps clear of the
         # curves (a text label beside the point could cross the title or the frame).
         if best_metric == "loss":
-            ce_key = key.replace("accuracy", "ce")
+            ce_key = selection_key(evals, "loss")
             best = min(evals, key=lambda r: r[ce_key])
             loss_ax.plot(best["epoch"], best[ce_key], "*", color="tab:red", markersize=12,
                          label=f"best {best[ce_key]:.4f} (epoch {best['epoch']})")

@@ -944,8 +944,8 @@ def _finished(run_dir: Path, saved: RunConfig, epochs: int | None = None) -> boo
         return False
     progress = saved_progress(ckpt.load_trainer_state(path, mmap=True), path)
     budget = saved.options.epochs
-    trained = progress.stopped_early or ((epochs or budget) == budget
-                                         and progress.epoch >= budget)
+    # A larger budget than its own: a finished run is continued, unless it stopped early.
+    trained = progress.trained(budget) and (progress.stopped_early or (epochs or budget) == budget)
     return trained and made_test_pass(run_dir, progress)  # else resumed to make its test pass
 
 

@@ -49,7 +49,7 @@ class Split:
         order = order[torch.argsort(self.labels[order], stable=True)]  # by class, random within
         counts = torch.bincount(self.labels, minlength=len(self.classes))
         rank = torch.arange(n) - (counts.cumsum(0) - counts)[self.labels[order]]
-        kept = torch.tensor([math.floor(c * fraction + 0.5) for c in counts.tolist()])
+        kept = torch.tensor([held_out(c, fraction) for c in counts.tolist()])
         held = torch.zeros(n, dtype=torch.bool)
         held[order[rank < kept[self.labels[order]]]] = True
         return self._where(~held), self._where(held)
@@ -59,6 +59,12 @@ class Split:
 
 
 _HOLD_OUT = 0x686F6C64  # "hold": the validation split's own seed stream
+
+
+def held_out(n: int, fraction: float) -> int:
+    """How many of a class's n images a fraction holds out: fraction x n rounded half up
+    (--val-fraction's count, and vitlab split's)."""
+    return math.floor(fraction * n + 0.5)
 
 
 @dataclass

@@ -280,10 +280,8 @@ def resized_crops(x: Tensor, boxes: Tensor) -> Tensor:
     top, left, box_h, box_w = boxes.unbind(1)
     x0, x1, wx = _bilinear_taps(left, box_w, w)
     y0, y1, wy = _bilinear_taps(top, box_h, h)
-    v = x.to(torch.float32)
-
     def columns(index: Tensor) -> Tensor:  # [b, H, w, C]: each row's chosen columns
-        return v.gather(2, index.view(b, 1, w, 1).expand(b, h, w, c))
+        return x.gather(2, index.view(b, 1, w, 1).expand(b, h, w, c)).to(torch.float32)
 
     # PyTorch's order of operations: (1 - l) * a + l * b across, then down.
     wx, wy = wx.view(b, 1, w, 1), wy.view(b, h, 1, 1)

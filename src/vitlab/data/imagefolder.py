@@ -65,18 +65,29 @@ def walk_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     return files, problems
 
 
-def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
-    # Class names in NFC: macOS writes folder names decomposed (NFD), other systems composed,
-    # so that one class copied between them keeps one name.
-    found_dirs = [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-    dirs = {unicodedata.normalize("NFC", d.name): d for d in found_dirs}
-    if len(dirs) < len(found_dirs):
-        twice = next(n for n in dirs if sum(unicodedata.normalize("NFC", d.name) == n
-                                            for d in found_dirs) > 1)
-        raise DataFormatError(f"{folder}: two class folders are both named {twice!r} (one in "
-                              "composed, one in decomposed Unicode); merge them")
+def subfolders(folder: Path) -> list[Path]:
+    """The folders in `folder`, sorted, hidden ones (.git, .ipynb_checkpoints) left out."""
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def class_folders(folder: Path) -> dict[str, Path]:
+    """The class folders in `folder` by their names in NFC: macOS writes folder names
+    decomposed (NFD), other systems composed, so that one class copied between them keeps one
+    name. Two folders of one name in NFC, or none, are an error."""
+    dirs: dict[str, Path] = {}
+    for d in subfolders(folder):
+        name = unicodedata.normalize("NFC", d.name)
+        if name in dirs:
+            raise DataFormatError(f"{folder}: two class folders are both named {name!r} (one "
+                                  "in composed, one in decomposed Unicode); merge them")
+        dirs[name] = d
     if not dirs:
         raise DataFormatError(f"{folder}: no class folders; put images in {folder}/<class>/")
+    return dirs
+
+
+def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
+    dirs = class_folders(folder)
     stray = [f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS]
     if stray:
         log.warning("vitlab: skipped %d image(s) lying in %s itself, outside any class folder, "
@@ -214,8 +225,7 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
     validation split the epochs are evaluated on."""
     test_dir = path / "test" if (path / "test").is_dir() else path / "val"
     val_dir = path / "val" if test_dir.name == "test" and (path / "val").is_dir() else None
-    if val_dir is not None and not any(d.is_dir() and not d.name.startswith(".")
-                                       for d in val_dir.iterdir()):
+    if val_dir is not None and not subfolders(val_dir):
         log.warning("vitlab: %s has no class folders: no validation split (the epochs are "
                     "evaluated on test/)", val_dir)
         val_dir = None

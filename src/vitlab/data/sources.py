@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vitlab.data.arrays import Dataset, Split, is_array_folder, read_array_folder
 from vitlab.data.cifar import SOURCES, load_named
-from vitlab.data.imagefolder import is_image_folder, load_image_folder
+from vitlab.data.imagefolder import is_image_folder, load_image_folder, subfolders
 from vitlab.data.split import training_split_alone
 from vitlab.errors import ConfigError, DatasetNotFoundError
 
@@ -57,7 +57,7 @@ def spec_kind(spec: str | os.PathLike) -> str:
         raise DatasetNotFoundError(f"{name!r} has train/ but no test/ or val/ folder: an image "
                                    "folder needs both (test/<class>/ like train/<class>/); "
                                    f"{split}")
-    if path.is_dir() and any(d.is_dir() and not d.name.startswith(".") for d in path.iterdir()):
+    if path.is_dir() and subfolders(path):
         raise DatasetNotFoundError(
             f"{name!r} is not an image folder (train/<class>/ and test/<class>/); if its "
             f"subfolders are classes, {split}")

@@ -25,7 +25,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitlab.data.imagefolder import EXTENSIONS, is_image_folder, walk_files
+from vitlab.data.arrays import held_out
+from vitlab.data.imagefolder import (
+    EXTENSIONS,
+    class_folders,
+    is_image_folder,
+    subfolders,
+    walk_files,
+)
 from vitlab.errors import ConfigError, DataFormatError, Terminated
 
 log = logging.getLogger("vitlab.data")
@@ -44,20 +51,10 @@ class SplitSummary:
         return sum(self.counts.get(split, {}).values())
 
 
-def held_out(n: int, fraction: float) -> int:
-    """How many of a class's n images a fraction holds out: fraction x n rounded half up, as
-    `--val-fraction` counts."""
-    return int(fraction * n + 0.5)
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
 def training_split_alone(folder: Path) -> bool:
     """Whether `folder` holds a training split alone: train/ is its only subfolder (a class
     named train beside others is a class)."""
-    return [d.name for d in _subfolders(folder)] == ["train"]
+    return [d.name for d in subfolders(folder)] == ["train"]
 
 
 def _class_folders(source: Path) -> dict[str, Path]:
@@ -66,18 +63,7 @@ def _class_folders(source: Path) -> dict[str, Path]:
     if is_image_folder(source):
         raise ConfigError(f"{source} already has train/ and a test/ or val/ split: train with it "
                           f"as it is (vitlab pretrain --data {shlex.quote(str(source))})")
-    base = source / "train" if training_split_alone(source) else source
-    folders: dict[str, Path] = {}
-    for d in _subfolders(base):
-        name = unicodedata.normalize("NFC", d.name)
-        if name in folders:
-            raise DataFormatError(f"{base}: two class folders are both named {name!r} (one in "
-                                  "composed, one in decomposed Unicode); merge them")
-        folders[name] = d
-    if not folders:
-        raise DataFormatError(f"{base}: no class folders; put each class's images in "
-                              f"{base}/<class>/")
-    return folders
+    return class_folders(source / "train" if training_split_alone(source) else source)
 
 
 def _check_out(out: Path, source: Path) -> None:

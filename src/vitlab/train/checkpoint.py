@@ -340,10 +340,12 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def selection_key(evals: list[dict]) -> str:
-    """The eval field that picks the best checkpoint: the EMA's accuracy when the evaluations
-    carry one (an EMA was kept), else the weights'."""
-    return "ema_accuracy" if evals and all("ema_accuracy" in r for r in evals) else "accuracy"
+def selection_key(evals: list[dict], metric: str = "accuracy") -> str:
+    """The eval field of `metric` (accuracy, or loss: the cross-entropy) that picks the best
+    checkpoint: the EMA's when the evaluations carry one (an EMA was kept), else the weights'."""
+    ema = bool(evals) and all("ema_accuracy" in r for r in evals)
+    field = "ce" if metric == "loss" else "accuracy"
+    return f"ema_{field}" if ema else field
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

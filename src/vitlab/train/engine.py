@@ -88,6 +88,10 @@ class Progress:
     # pass is done: a run killed during it is not finished (None: not recorded, made_test_pass).
     tested: bool | None = None
 
+    def trained(self, epochs: int) -> bool:
+        """Whether no epoch is left to train: all `epochs` of them, or it stopped early."""
+        return self.stopped_early or self.epoch >= epochs
+
 
 @dataclass
 class FitResult:
@@ -215,21 +219,18 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
         result["top5_accuracy"] = correct_top5.item() / max(count, 1)
     if confusion is not None:
         matrix = confusion.view(num_classes, num_classes).cpu()
-        totals = matrix.sum(dim=1)
-        per_class = (matrix.diagonal().double() / totals.clamp(min=1).double()).tolist()
         result["confusion_matrix"] = matrix.tolist()
-        result["per_class_accuracy"] = [
-            a if t else None for a, t in zip(per_class, totals.tolist(), strict=True)]
         result |= class_scores(matrix)
     return result
 
 
 def class_scores(matrix: Tensor) -> dict:
-    """Per-class precision and F1 of a confusion matrix (rows: true class, columns: predicted),
-    and their averages over the classes the data has (scikit-learn's definitions): the macro F1
-    and the balanced accuracy (the mean per-class recall). A class never predicted has precision
-    None (no prediction to be right about) and, if the data has it, F1 0; a class the data lacks
-    has F1 None and no part in the averages."""
+    """Per-class accuracy (recall), precision and F1 of a confusion matrix (rows: true class,
+    columns: predicted), and their averages over the classes the data has (scikit-learn's
+    definitions): the macro F1 and the balanced accuracy (the mean per-class recall). A class
+    the data lacks has accuracy and F1 None and no part in the averages; a class never
+    predicted has precision None (no prediction to be right about) and, if the data has it,
+    F1 0."""
     matrix = matrix.double()
     hits, support, predicted = matrix.diagonal(), matrix.sum(dim=1), matrix.sum(dim=0)
     precision = [h / p if p else None for h, p in zip(hits.tolist(), predicted.tolist(),
@@ -239,7 +240,7 @@ def class_scores(matrix: Tensor) -> dict:
           for p, r in zip(precision, recall, strict=True)]
     present = [i for i, r in enumerate(recall) if r is not None]
     mean = (lambda values: sum(values) / len(values)) if present else (lambda values: None)
-    return {"per_class_precision": precision, "per_class_f1": f1,
+    return {"per_class_accuracy": recall, "per_class_precision": precision, "per_class_f1": f1,
             "macro_f1": mean([f1[i] for i in present]),
             "balanced_accuracy": mean([recall[i] for i in present])}
 
@@ -460,9 +461,8 @@ class CheckpointWriter:
         progress.epoch_loss_sum = epoch_loss_sum if progress.step_in_epoch else 0.0
         is_best = last_eval is not None and _beats(last_eval, progress, self.best_metric)
         if is_best:
-            accuracy_key = ckpt.selection_key([last_eval])
-            progress.best_accuracy = last_eval[accuracy_key]
-            progress.best_ce = last_eval.get(accuracy_key.replace("accuracy", "ce"), math.inf)
+            progress.best_accuracy = last_eval[ckpt.selection_key([last_eval])]
+            progress.best_ce = last_eval.get(ckpt.selection_key([last_eval], "loss"), math.inf)
             progress.best_step = progress.global_step
         if last_eval is not None:
             progress.evaluations_since_best = 0 if is_best else progress.evaluations_since_best + 1
@@ -557,10 +557,8 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def _beats(evaluation: dict, progress: Progress, metric: str) -> bool:
     """Whether an evaluation beats the best so far, by `metric` (the EMA's, with one)."""
-    key = ckpt.selection_key([evaluation])
-    if metric == "loss":
-        return evaluation[key.replace("accuracy", "ce")] < progress.best_ce
-    return evaluation[key] > progress.best_accuracy
+    score = evaluation[ckpt.selection_key([evaluation], metric)]
+    return score < progress.best_ce if metric == "loss" else score > progress.best_accuracy
 
 
 def _repair_weight_files(run_dir: Path, weights: dict, ema: dict | None, progress: Progress
@@ -625,8 +623,7 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                                  ema.state_dict() if ema is not None else None, progress)
         # A run validated on another split ends with a test pass; killed during it, the
         # resume makes that pass (and trains nothing).
-        untested = (progress.epoch >= options.epochs or progress.stopped_early) and (
-            not made_test_pass(run_dir, progress))
+        untested = progress.trained(options.epochs) and not made_test_pass(run_dir, progress)
         if progress.epoch >= options.epochs and not untested:
             raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
@@ -905,7 +902,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                  if mode else {})  # why the first epoch takes longer
     if capture:
         compiling["capture"] = "one CUDA graph per batch shape"
-    if resume and (progress.epoch >= options.epochs or progress.stopped_early):
+    if resume and progress.trained(options.epochs):
         reporter.event("Resume", step=progress.global_step, remaining="the test pass")
     elif resume:
         reporter.event("Resume", step=progress.global_step, epoch=progress.epoch + 1,
@@ -930,7 +927,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
           CurvesPlotter(run_dir, pending=resume and progress.epoch > 0,
                         enabled=reporter.is_main, best_metric=options.best_metric) as curves,
           writer):
-        while progress.epoch < options.epochs and not progress.stopped_early:
+        while not progress.trained(options.epochs):
             epoch_start = time.perf_counter()
             window_start, window_steps = time.perf_counter(), 0
             # A resumed epoch continues its sum, so ce_mean equals the uninterrupted run's.
@@ -1040,8 +1037,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                                evaluations_since_best=progress.evaluations_since_best,
                                best_step=progress.best_step)
             stopping = stop.raised if world == 1 else _agree(None, stop, device)[1]
-            curves.epoch_done(final=progress.epoch == options.epochs or progress.stopped_early)
-            if stopping and progress.epoch < options.epochs and not progress.stopped_early:
+            curves.epoch_done(final=progress.trained(options.epochs))
+            if stopping and not progress.trained(options.epochs):
                 writer.wait()  # the checkpoint the stop's message says to resume from
                 _stop(reporter, progress, progress.epoch, run_dir, stop.received)
     if captured is not None:

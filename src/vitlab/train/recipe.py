@@ -48,15 +48,20 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 
 def _warmup_steps(recipe: Recipe, steps_per_epoch: int) -> int:
-    """Every schedule starts with a linear warm-up over `warmup_epochs` (none by default): step s
-    of it trains at (s + 1) / its length of the LR."""
+    """Every schedule starts with a linear warm-up over `warmup_epochs` (none by default)."""
     return round(recipe.warmup_epochs * steps_per_epoch)
+
+
+def _warming(recipe: Recipe, step: int, steps_per_epoch: int) -> float | None:
+    """The factor of a warm-up step, (s + 1) / the warm-up's length; None after it."""
+    warmup = _warmup_steps(recipe, steps_per_epoch)
+    return (step + 1) / warmup if step < warmup else None
 
 
 def _constant(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """The base LR, after the warm-up (Hugging Face's constant_with_warmup)."""
-    warmup = _warmup_steps(recipe, steps_per_epoch)
-    return (step + 1) / warmup if step < warmup else 1.0
+    warming = _warming(recipe, step, steps_per_epoch)
+    return 1.0 if warming is None else warming
 
 
 def _decaying(decay: Callable[[float], float]) -> Callable[[Recipe, int, int, int], float]:
@@ -64,9 +69,10 @@ def _decaying(decay: Callable[[float], float]) -> Callable[[Recipe, int, int, in
     towards `min_lr_ratio` of it, which it reaches at step `total_steps`: one past the last,
     whose LR is a step's decay above it (Hugging Face's and timm's convention)."""
     def schedule(recipe: Recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        warming = _warming(recipe, step, steps_per_epoch)
+        if warming is not None:
+            return warming
         warmup = _warmup_steps(recipe, steps_per_epoch)
-        if step < warmup:
-            return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return recipe.min_lr_ratio + (1.0 - recipe.min_lr_ratio) * decay(progress)
     return schedule
