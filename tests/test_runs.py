@@ -831,6 +831,28 @@ def test_the_pipeline_refuses_a_val_fraction_that_holds_out_nothing_before_pretr
     assert not (tmp_path / "p" / "pretrain").exists()
 
 
+def test_the_pipeline_warns_once_of_a_class_its_val_fraction_leaves_out(data_root, tmp_path,
+                                                                       caplog):
+    """The pipeline checks both datasets' hold-outs before pre-training; the warning that a
+    class gets no validation image comes once, from the stage that holds the split out."""
+    small = tmp_path / "one-of-class-0"
+    small.mkdir()
+    with np.load(data_root / "cifar10" / "train.npz") as z:
+        keep = np.concatenate([np.flatnonzero(z["y"] == c)[:1 if c == 0 else 4]
+                               for c in range(10)])
+        np.savez(small / "train.npz", x=z["x"][keep], y=z["y"][keep])
+        np.savez(small / "test.npz", x=z["x"][keep], y=z["y"][keep])
+    shutil.copy(data_root / "cifar10" / "classes.json", small / "classes.json")
+    with caplog.at_level("WARNING", logger="vitlab"):
+        run_pipeline(pretrain_data="cifar10", finetune_data=small, out=tmp_path / "p",
+                     model="micro", data_root=data_root, no_download=True, epochs=1,
+                     train_steps_per_epoch=1, eval_steps_per_epoch=1, batch_size=16,
+                     quiet=True, device="cpu", val_fraction=0.25)
+    warned = [r.getMessage() for r in caplog.records if "classes it trains on" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "holds out no image of 1 of the 10 classes" in warned[0]
+
+
 def test_a_pretraining_may_change_its_presets_architecture(data_root, tmp_path, capfd):
     """--depth/--width/--num-heads/--mlp-dim/--patch-size change the preset for pre-training
     (saved in config.json's model, checked on resume); the pipeline fine-tunes that

@@ -827,7 +827,7 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
         check_learnable(dataset)
         _check_channels(normalization, dataset, spec)
         if settings.get("val_fraction"):  # what it holds out depends on the class sizes only
-            hold_out_validation(dataset, settings["val_fraction"], 0)
+            hold_out_validation(dataset, settings["val_fraction"], 0, warn=False)
     if num_classes is not None and num_classes < datasets[1].num_classes:
         raise ConfigError(f"--num-classes {num_classes} is smaller than the "
                           f"{datasets[1].num_classes} classes of {finetune_data}")

@@ -751,9 +751,12 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
                       len(dataset.test) if test is not None else None)
 
 
-def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Split]:
+def hold_out_validation(dataset: Dataset, fraction: float, seed: int, warn: bool = True
+                        ) -> tuple[Dataset, Split]:
     """(the dataset to train and validate on: the training split less the held-out part, and
-    that part as its test split; the real test split), for --val-fraction."""
+    that part as its test split; the real test split), for --val-fraction. `warn`: say when
+    some trained classes get no validation image (off for a check made before the stage
+    that holds the split out, which says it then)."""
     if dataset.val is not None:
         raise ConfigError(f"--val-fraction: {dataset.name} has a validation split of its own "
                           "(val/ beside test/, or val.npz), which the epochs are evaluated on; "
@@ -771,7 +774,7 @@ def hold_out_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[D
     check_learnable(trained)
     trained_classes = set(rest.labels.tolist())
     missing = len(trained_classes - set(validation.labels.tolist()))
-    if missing and distributed.is_main_process():
+    if missing and warn and distributed.is_main_process():
         logging.getLogger("vitlab").warning(
             "vitlab: %s no image of %d of the %d classes it trains on (F x n, rounded, is 0 for "
             "a class of n < %d images): the validation split scores %d images of the others "
