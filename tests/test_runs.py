@@ -945,3 +945,60 @@ def test_vitlab_run_resumes_a_stage_killed_in_its_test_pass_to_make_it(data_root
     assert events == [*before, "resume", "test", "finish"]  # nothing trained again
     assert [r["event"] for r in ckpt.read_jsonl(tmp_path / "p" / "finetune" / ckpt.METRICS)
             ][-2:] == ["test", "finish"]
+
+
+def test_evaluate_scores_the_split_a_run_held_out_and_the_rest(data_root, tmp_path, capfd):
+    """--split val of a run's own data is the split its --val-fraction held out (drawn again by
+    its seed): it scores what the last epoch was evaluated on, exactly; --split train is the
+    rest; data with no validation split, and a run that held none out, get one error line."""
+    common = ["--data", "cifar10", "--model", "micro", "--data-root", str(data_root),
+              "--no-download", "--epochs", "1", "--train-steps-per-epoch", "2",
+              "--batch-size", "16", "--no-progress", "--log-steps", "0", "--device", "cpu"]
+    held = tmp_path / "held"
+    assert main(["pretrain", *common, "--val-fraction", "0.25", "--seed", "3", "--out",
+                 str(held)]) == 0, capfd.readouterr().err
+    records = ckpt.read_jsonl(held / ckpt.METRICS)
+    (epoch,) = [r for r in records if r["event"] == "eval"]
+    validation_images = records[0]["validation_images"]
+    total = len(arrays.read_array_folder(data_root / "cifar10").train)
+    reports = {}
+    for split in ("val", "train", "test"):
+        assert main(["evaluate", "--checkpoint", str(held), "--split", split, "--data-root",
+                     str(data_root), "--no-download", "--device", "cpu"]) == 0
+        folder = held / ("evaluation" if split == "test" else f"evaluation-{split}")
+        reports[split] = json.loads((folder / "evaluation.json").read_text())
+        assert reports[split]["split"] == split and (folder / "confusion_matrix.png").is_file()
+    assert reports["val"]["num_samples"] == validation_images
+    assert reports["val"]["ce"] == pytest.approx(epoch["ce"], rel=1e-6)
+    assert reports["val"]["accuracy"] == epoch["accuracy"]
+    assert reports["train"]["num_samples"] == total - validation_images
+    # Without --val-fraction: the whole training split, and no validation split to score.
+    plain = tmp_path / "plain"
+    assert main(["pretrain", *common, "--out", str(plain)]) == 0
+    capfd.readouterr()
+    assert main(["evaluate", "--checkpoint", str(plain), "--split", "train", "--data-root",
+                 str(data_root), "--no-download", "--device", "cpu"]) == 0
+    report = json.loads((plain / "evaluation-train" / "evaluation.json").read_text())
+    assert report["num_samples"] == total
+    capfd.readouterr()
+    assert main(["evaluate", "--checkpoint", str(plain), "--split", "val", "--data-root",
+                 str(data_root), "--no-download", "--device", "cpu"]) == 2
+    line = assert_one_error_line(capfd.readouterr().err, "evaluate")
+    assert "has no validation split" in line and "held none out of it" in line
+    assert not (plain / "evaluation-val").exists()
+    # Data with a validation split of its own: --split val scores it, as the epochs did.
+    own = tmp_path / "own-val"
+    own.mkdir()
+    with np.load(data_root / "cifar10" / "train.npz") as z:
+        np.savez(own / "train.npz", x=z["x"][:40], y=z["y"][:40])
+        np.savez(own / "val.npz", x=z["x"][40:52], y=z["y"][40:52])
+        np.savez(own / "test.npz", x=z["x"][52:], y=z["y"][52:])
+    shutil.copy(data_root / "cifar10" / "classes.json", own / "classes.json")
+    common[1] = str(own)
+    assert main(["pretrain", *common, "--out", str(tmp_path / "o")]) == 0
+    (epoch,) = [r for r in ckpt.read_jsonl(tmp_path / "o" / ckpt.METRICS)
+                if r["event"] == "eval"]
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "o"), "--split", "val",
+                 "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "o" / "evaluation-val" / "evaluation.json").read_text())
+    assert report["num_samples"] == 12 and report["ce"] == pytest.approx(epoch["ce"], rel=1e-6)

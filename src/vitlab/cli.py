@@ -133,7 +133,7 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vitlab.settings import ARCHITECTURE_SETTINGS, WEIGHT_CHOICES
+    from vitlab.settings import ARCHITECTURE_SETTINGS, EVAL_SPLITS, WEIGHT_CHOICES
     from vitlab.train.options import COMPILE_MODES, PRECISIONS
 
     parser = _Parser(prog="vitlab", description="Pre-train Vision Transformers on one image "
@@ -163,8 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR", help=RUN_HELP)
     e.add_argument("--weights", choices=WEIGHT_CHOICES, default="last", help=WEIGHTS_HELP)
     e.add_argument("--data", type=_path, default=None,
-                   help="dataset whose test split is scored (default: the run's own)")
-    e.add_argument("--out", type=_path, default=None, help="default: RUN_DIR/evaluation")
+                   help="dataset scored (default: the run's own)")
+    e.add_argument("--split", choices=EVAL_SPLITS, default="test",
+                   help="which of its splits: test; val (its val/ or val.npz, or for the run's "
+                        "own data the split its --val-fraction held out, the same images); "
+                        "train (less that split) (default: test)")
+    e.add_argument("--out", type=_path, default=None,
+                   help="default: RUN_DIR/evaluation, RUN_DIR/evaluation-SPLIT for another "
+                        "split")
     e.add_argument("--batch-size", type=_int, default=256, help="default: 256")
     e.add_argument("--eval-steps", type=_int, default=None,
                    help="evaluate the first N batches only (default: all)")
@@ -333,7 +339,8 @@ def _drop_overridden_compile_keys(from_file: dict, given: dict) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from vitlab import runs
 
-    runs.evaluate_run(args.checkpoint, data=args.data, weights=args.weights, out=args.out,
+    runs.evaluate_run(args.checkpoint, data=args.data, split=args.split, weights=args.weights,
+                      out=args.out,
                       batch_size=args.batch_size, eval_steps=args.eval_steps,
                       device=args.device, precision=args.precision, image_size=args.image_size,
                       data_root=args.data_root, download=not args.no_download)

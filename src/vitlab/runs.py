@@ -36,7 +36,7 @@ from vitlab.errors import CheckpointError, ConfigError, SettingDiffers
 from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import ViT, ViTConfig, forward_flops, preset
 from vitlab.predict import PredictionReport
-from vitlab.settings import ARCHITECTURE_SETTINGS, SETTINGS, check_settings, pick
+from vitlab.settings import ARCHITECTURE_SETTINGS, EVAL_SPLITS, SETTINGS, check_settings, pick
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.engine import (
     FitResult,
@@ -475,23 +475,28 @@ def load_run(run_dir: PathLike, weights: str = "last", device: str | torch.devic
     return model, config, list(config.classes)
 
 
-def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: str = "last",
-                 out: PathLike | None = None, batch_size: int = 256,
+def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str = "test",
+                 weights: str = "last", out: PathLike | None = None, batch_size: int = 256,
                  eval_steps: int | None = None, device: str = "auto", precision: str = "auto",
                  image_size: int | None = None, data_root: PathLike | None = None,
                  download: bool = True, quiet: bool = False) -> dict:
     """Accuracy, cross-entropy, per-class accuracy and the confusion matrix of a run's model on
-    the test split of `data` (default: the run's own dataset). Writes evaluation.json and
-    confusion_matrix.png to `out` (default: RUN_DIR/evaluation) and returns the report."""
+    the `split` of `data` (default: the test split of the run's own dataset; see
+    `evaluated_split`). Writes evaluation.json and confusion_matrix.png to `out` (default:
+    RUN_DIR/evaluation, RUN_DIR/evaluation-SPLIT for another split) and returns the report."""
     run_dir = Path(run_dir)
+    if split not in EVAL_SPLITS:
+        raise ConfigError(f"--split takes {', '.join(EVAL_SPLITS)}, got {split!r}")
     distributed.setup(device)
     saved = ckpt.read_run_config(run_dir)
     weights_file = run_dir / ckpt.WEIGHT_FILES[SETTINGS["weights"].check(weights)]
     model, config, trained_on = load_run(run_dir, weights, device="cpu")
-    out_dir = Path(out) if out is not None else run_dir / "evaluation"
+    out_dir = Path(out) if out is not None else run_dir / (
+        "evaluation" if split == "test" else f"evaluation-{split}")
     check_writable(out_dir)  # before the work, not after it
     spec = os.fspath(data) if data is not None else saved.data
-    if image_size is None and data_spec(spec) == saved.data:
+    own_data = data_spec(spec) == saved.data
+    if image_size is None and own_data:
         image_size = saved.image_size
     on_device = saved.options.resize_on_device
     dataset = load_data(spec, image_size=image_size, model_image_size=config.model.image_size,
@@ -501,7 +506,8 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     if dataset.num_classes > head:
         raise ConfigError(f"{spec} has {dataset.num_classes} classes but the model predicts "
                           f"{head}")
-    classes, test = list(dataset.classes), dataset.test
+    classes = list(dataset.classes)
+    test = evaluated_split(dataset, split, spec, saved.options if own_data else None)
     if trained_on:
         classes, trained_on = _nfc(classes), _nfc(trained_on)  # by name
         unknown = [c for c in classes if c not in trained_on]
@@ -532,7 +538,28 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, weights: st
     result = evaluate(model, loader, precision=resolve_precision(precision, target),
                       num_classes=head)
     return _write_evaluation(result, weights_file, spec, classes, head, out_dir, quiet,
-                             time.perf_counter() - start)
+                             time.perf_counter() - start, split)
+
+
+def evaluated_split(dataset: Dataset, split: str, spec: str,
+                    trained_with: TrainOptions | None) -> Split:
+    """The `split` (test, val or train) of `dataset` as evaluate scores it. `trained_with`: the
+    options of a run trained on this very dataset, whose --val-fraction (drawn again by its
+    seed, the same images) is its validation split, the rest its training split."""
+    held = trained_with.val_fraction if trained_with is not None else 0
+    if split == "test":
+        return dataset.test
+    if dataset.val is None and not held:
+        if split == "train":
+            return dataset.train
+        raise ConfigError(f"--split val: {spec} has no validation split (val/ beside test/, or "
+                          "val.npz)" + (" and the run held none out of it (--val-fraction)"
+                                        if trained_with is not None else "")
+                          + "; score its test split (--split test)")
+    if held:
+        trained, _ = hold_out_validation(dataset, held, trained_with.seed, warn=False)
+        return trained.test if split == "val" else trained.train
+    return dataset.val if split == "val" else dataset.train
 
 
 def _report_evaluation(result: dict, run_dir: Path, weights: str, saved: RunConfig,
@@ -546,20 +573,24 @@ def _report_evaluation(result: dict, run_dir: Path, weights: str, saved: RunConf
 
 
 def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list[str],
-                      head: int, out_dir: Path, quiet: bool, seconds: float | None) -> dict:
-    """evaluation.json and confusion_matrix.png of `result` (rank 0), its summary printed."""
+                      head: int, out_dir: Path, quiet: bool, seconds: float | None,
+                      split: str = "test") -> dict:
+    """evaluation.json and confusion_matrix.png of `result` on `split` of `spec` (rank 0), its
+    summary printed."""
     from vitlab.report import plot_confusion_matrix
 
     shown = len(classes)  # a 100-way head on 10 classes: plot the classes that exist
     report = {"checkpoint": str(weights_file.resolve()), "data": data_spec(spec),
-              "classes": classes + [f"(unused {i})" for i in range(shown, head)], **result}
+              "split": split, "classes": classes + [f"(unused {i})" for i in range(shown, head)],
+              **result}
     if not distributed.is_main_process():
         return report
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "evaluation.json", report)
     matrix = [row[:shown] for row in result["confusion_matrix"][:shown]]
     plot_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
-                          title=f"{Path(spec).name}: accuracy {100 * result['accuracy']:.2f}%")
+                          title=f"{Path(spec).name}{'' if split == 'test' else ' ' + split}: "
+                                f"accuracy {100 * result['accuracy']:.2f}%")
     if not quiet:
         timing = ("source: fine-tuning's own evaluation of these weights" if seconds is None
                   else f"eval_time: {seconds:.1f} sec")

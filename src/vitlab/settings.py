@@ -29,6 +29,7 @@ from vitlab.train.recipe import Recipe
 
 # Which weights of a run a command uses (--weights).
 WEIGHT_CHOICES = tuple(WEIGHT_FILES)
+EVAL_SPLITS = ("test", "val", "train")  # evaluate --split
 
 TRAINING_COMMANDS = ("pretrain", "finetune", "run")
 
