@@ -1808,3 +1808,22 @@ def test_a_resume_on_data_whose_validation_split_changed_is_refused(dataset, tmp
             fit(tiny_model(), then, RECIPE, options(2, train_steps_per_epoch=1), run,
                 resume=True)
         fit(tiny_model(), first, RECIPE, options(2, train_steps_per_epoch=1), run, resume=True)
+
+
+def test_grad_checkpointing_trains_to_the_same_weights_bitwise(dataset, tmp_path):
+    """--grad-checkpointing (dropout and drop-path on) changes no weight; it is a runtime
+    option, so a run may resume with or without it. A captured step refuses it, and leaves it
+    out of its default."""
+    config = dataclasses.replace(CONFIG, depth=2, drop_path=0.2)
+    runs = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = ViT(config)
+        fit(model, dataset, RECIPE, options(2, train_steps_per_epoch=3, grad_checkpointing=on),
+            tmp_path / str(on))
+        assert model.encoder.grad_checkpointing is on
+        runs[on] = ckpt.load_weights(tmp_path / str(on) / ckpt.WEIGHTS)
+    assert all(torch.equal(runs[True][k], runs[False][k]) for k in runs[False])
+    assert not options(1, grad_checkpointing=True).captures("cuda")
+    with pytest.raises(ConfigError, match="--grad-checkpointing is not recorded in a captured"):
+        options(1, grad_checkpointing=True, capture_step=True).captures("cuda")

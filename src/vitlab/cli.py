@@ -492,7 +492,7 @@ def _memory_advice(command: str, cuda: bool = False) -> str:
     if command in ("pretrain", "finetune", "run"):
         # A captured step's graph keeps its activations' memory between steps (CUDA only).
         return ("a smaller --batch-size or --augment-chunk or a larger --grad-accum-steps (a new "
-                "run: a run resumes with its own), or --eval-batch-size"
+                "run: a run resumes with its own), --grad-checkpointing, or --eval-batch-size"
                 + (", or --no-capture-step" if cuda else ""))
     return "a smaller --batch-size" if command in ("evaluate", "predict", "bench") else ""
 

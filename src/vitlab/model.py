@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vitlab.dropout import Dropout, dropout
 from vitlab.errors import CheckpointError, ConfigError, SettingError
@@ -426,6 +427,11 @@ class ViTEncoder(nn.Module):
         rates = [config.drop_path * i / steps for i in range(config.depth)]
         self.blocks = nn.ModuleList(EncoderBlock(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(config.width, eps=config.final_norm_eps)
+        # Gradient checkpointing (timm's set_grad_checkpointing, Hugging Face's
+        # gradient_checkpointing): in training, each block keeps only its input for the backward
+        # pass and runs its forward again there. The recomputation draws the same dropout and
+        # drop-path masks (the RNG state is restored), so the gradients are the same.
+        self.grad_checkpointing = False
 
     def forward(self, images: torch.Tensor, return_attention: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
@@ -443,16 +449,21 @@ class ViTEncoder(nn.Module):
             return self.norm(x[:, 0]), attentions
         *body, last = self.blocks
         for block in body:
-            x = block(x)
+            x = self._block(block, x)
         # Only the CLS token's output is used: the last block computes it alone (~1/8 less work).
-        return self.norm(last(x, cls_only=True)[:, 0])
+        return self.norm(self._block(last, x, cls_only=True)[:, 0])
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Every token's output of the last block [B, 1 + num_patches, width], before the norm."""
         x = self.embedding(images)
         for block in self.blocks:
-            x = block(x)
+            x = self._block(block, x)
         return x
+
+    def _block(self, block: EncoderBlock, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False, **kwargs)
+        return block(x, **kwargs)
 
 
 class ViT(nn.Module):

@@ -723,6 +723,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     autocast_dtype = resolve_precision(options.precision, device)
     options.captures(device.type, distributed.world_size())  # refused before anything is written
     model.to(device)
+    model.encoder.grad_checkpointing = options.grad_checkpointing
     if options.freeze_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)

@@ -81,7 +81,8 @@ class TrainOptions:
         "and replay it for every batch: the host issues a step as two copies and one replay "
         "(one CUDA GPU; a compiled model in torch's default mode, which records no graphs of "
         "its own) (default: on one CUDA GPU, unless --compile-mode asks for graphs of its own, "
-        "--no-eager-optimizer for a compiled optimizer step, or --precision fp16)"))
+        "--no-eager-optimizer for a compiled optimizer step, --precision fp16 or "
+        "--grad-checkpointing)"))
     train_steps_per_epoch: int | None = field(default=None, metadata=_saved(
         "exactly N batches per epoch (cut short or extended)"))
     eval_steps_per_epoch: int | None = field(default=None, metadata=_saved(
@@ -122,6 +123,11 @@ class TrainOptions:
         "batch's mean gradient, up to float rounding, with dropout drawn per part. Unlike "
         "timm's and Hugging Face's, --batch-size stays the batch of a step (the recipe's), not "
         "of a part"))
+    grad_checkpointing: bool = field(default=False, metadata=_runtime(
+        "gradient checkpointing: each encoder block keeps only its input for the backward "
+        "pass and runs its forward again there (timm's --grad-checkpointing): less activation "
+        "memory for about a third more compute, the same gradients (the recomputation draws "
+        "the same dropout masks); not with --capture-step"))
     augment_chunk: int = field(default=1024, metadata=_saved(
         "augment this many training images per call, in whole batches (at least one; at most "
         f"{AUGMENT_CHUNK_MIB} MiB of float32 inputs): fewer, larger tensor ops; it changes the "
@@ -241,15 +247,19 @@ class TrainOptions:
 
     def captures(self, device_type: str, world_size: int = 1) -> bool:
         """Whether fit records its whole step as one CUDA graph (--capture-step). Unset: on one
-        CUDA GPU, unless a compile mode that records graphs of its own or a compiled optimizer
-        step (--no-eager-optimizer) was asked for (measured: benchmarks/gpu/results/
+        CUDA GPU, unless a compile mode that records graphs of its own, a compiled optimizer
+        step (--no-eager-optimizer), fp16 or gradient checkpointing was asked for (measured: benchmarks/gpu/results/
         2026-11-27-h200-2). Asked for where it cannot run (the CPU, several processes), a clear
         error."""
         if self.capture_step is None:  # off where asked for graphs or a compiled optimizer step
             return (device_type == "cuda" and world_size == 1 and self.eager_optimizer is not False
-                    and self.compile_mode in (None, "default") and self.precision != "fp16")
+                    and self.compile_mode in (None, "default") and self.precision != "fp16"
+                    and not self.grad_checkpointing)
         if not self.capture_step:
             return False
+        if self.grad_checkpointing:  # its recomputation saves and restores the RNG's state
+            raise ConfigError("--grad-checkpointing is not recorded in a captured step: drop "
+                              "--capture-step (or --grad-checkpointing)")
         if device_type != "cuda":
             raise ConfigError(f"--capture-step records CUDA graphs: it needs a CUDA device, "
                               f"not {device_type}")
