@@ -1002,3 +1002,58 @@ def test_evaluate_scores_the_split_a_run_held_out_and_the_rest(data_root, tmp_pa
                  "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "o" / "evaluation-val" / "evaluation.json").read_text())
     assert report["num_samples"] == 12 and report["ce"] == pytest.approx(epoch["ce"], rel=1e-6)
+
+
+def test_vitlab_run_takes_settings_for_its_fine_tuning_stage_alone(data_root, tmp_path, capfd):
+    """--finetune KEY=VALUE (a config file's finetune: mapping, merged under the flag's) sets
+    the fine-tuning stage alone: here a linear probe at its own LR, whose encoder stays the
+    pre-trained one bit for bit. A changed, bad, shared or unknown key is one error line that
+    names it as given; a kept stage is compared with what the call gives."""
+    common = ["run", "--pretrain-data", "cifar10", "--finetune-data", "cifar10", "--model",
+              "micro", "--data-root", str(data_root), "--no-download", "--epochs", "1",
+              "--finetune-epochs", "1", "--train-steps-per-epoch", "2",
+              "--eval-steps-per-epoch", "1", "--batch-size", "16", "--no-progress",
+              "--log-steps", "0", "--device", "cpu", "--lr", "0.05"]
+    out = tmp_path / "p"
+    config = tmp_path / "stage.yaml"
+    config.write_text("finetune:\n  lr: 0.5\n  label-smoothing: 0.1\n")
+    assert main([*common, "--config", str(config), "--finetune", "lr=1e-3",
+                 "freeze-encoder=true", "--out", str(out)]) == 0, capfd.readouterr().err
+    pre, fine = (ckpt.read_run_config(out / stage) for stage in ("pretrain", "finetune"))
+    assert (pre.recipe.lr, pre.recipe.label_smoothing) == (0.05, 0.0)
+    assert (fine.recipe.lr, fine.recipe.label_smoothing) == (1e-3, 0.1)
+    assert fine.options.freeze_encoder and not pre.options.freeze_encoder
+    pre_weights, fine_weights = (load_weights(out / stage / ckpt.WEIGHTS)
+                                 for stage in ("pretrain", "finetune"))
+    encoder = [k for k in pre_weights if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(fine_weights[k], pre_weights[k]) for k in encoder)
+    capfd.readouterr()
+    # Called again: the same settings keep both stages; another fine-tuning LR is refused.
+    assert main([*common, "--finetune", "lr=0.001", "--out", str(out)]) == 0
+    capfd.readouterr()
+    refusals = {
+        ("--finetune", "lr=0.002"): "--finetune lr 0.002 differs from the run in",
+        ("--finetune", "lr=-1"): "--finetune lr must be",
+        ("--finetune", "lr=fast"): "--finetune lr must be a number",
+        ("--finetune", "epochs=3"): "the fine-tuning budget is --finetune-epochs",
+        ("--finetune", "device=cpu"): "--finetune device: vitlab run takes it as --device",
+        ("--finetune", "nonsense=1"): "--finetune nonsense: unknown setting; it takes",
+        ("--finetune", "lr"): "'lr' is not KEY=VALUE",
+        ("--finetune", "lr=0.1", "lr=0.2"): "--finetune lr is given twice",
+        ("--finetune", "erase-prob=0.5"): "erase",
+    }
+    for flags, message in refusals.items():
+        try:
+            code = main([*common, *flags, "--out", str(out)])
+        except SystemExit as e:  # argparse's
+            code = e.code
+        assert code == 2, flags
+        line = assert_one_error_line(capfd.readouterr().err, "run")
+        assert message in line, (flags, line)
+    assert main([*common, "--finetune", "lr=0.002", "--out", str(out)]) == 2
+    assert "drop lr from --finetune" in capfd.readouterr().err
+    config.write_text("finetune:\n  weight-decay: [1]\n")
+    assert main([*common, "--config", str(config), "--out", str(tmp_path / "q")]) == 2
+    assert "finetune weight-decay must be a number" in assert_one_error_line(
+        capfd.readouterr().err, "run")
+    assert not (tmp_path / "q").exists()

@@ -51,6 +51,19 @@ def _path(text: str) -> str:
 _path.__name__ = "path"
 
 
+def _key_value(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as in a config file (0.001 a number, true a boolean)."""
+    from vitlab.settings import read_config_value
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. lr=0.001)")
+    return key.strip().replace("-", "_"), read_config_value(value)
+
+
+_key_value.__name__ = "KEY=VALUE"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (not a usage block) and exits 2, and takes
     flags only as spelled: no abbreviations (`vitlab run --data` would be its --data-root)."""
@@ -122,6 +135,8 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
         kwargs: dict = {"dest": name, "help": help_text, "default": argparse.SUPPRESS}
         if setting.type is bool:  # an optional one (None: decided later) also has --no-FLAG
             kwargs["action"] = argparse.BooleanOptionalAction if setting.optional else "store_true"
+        elif setting.type is dict:  # --finetune lr=0.001 freeze-encoder=true
+            kwargs.update(nargs="+", type=_key_value, metavar="KEY=VALUE")
         else:
             # Integer flags are sizes and counts (bounded, so a typo is not a 10^20 tensor);
             # a seed is any 63-bit number.
@@ -270,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> None:
     command = args.command
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    if "finetune" in given:  # KEY=VALUE pairs: a key given twice is refused
+        pairs = given["finetune"]
+        given["finetune"] = dict(pairs)
+        if len(given["finetune"]) < len(pairs):
+            twice = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
+            raise ConfigError(f"--finetune {twice.replace('_', '-')} is given twice; keep one")
     from_file: dict = {}
     try:
         _train_with(args, given, from_file)
@@ -301,6 +322,8 @@ def _train_with(args: argparse.Namespace, given: dict, from_file: dict) -> None:
                               "finetune does not use; its budget is finetune-epochs (the "
                               "--epochs flag of finetune)")
         _drop_overridden_compile_keys(from_file, given)
+        if "finetune" in from_file and "finetune" in given:  # the flag's keys over the file's
+            given["finetune"] = {**from_file["finetune"], **given["finetune"]}
         given = {**from_file, **given}
     resume_dir = getattr(args, "resume", None)
     if command == "run":

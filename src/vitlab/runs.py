@@ -19,7 +19,7 @@ import json
 import os
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from vitlab.data.arrays import Split
 from vitlab.data.augment import NORMALIZATIONS, Normalization, ResizeBatch, eval_transform
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import is_image_folder
-from vitlab.errors import CheckpointError, ConfigError, SettingDiffers
+from vitlab.errors import CheckpointError, ConfigError, SettingDiffers, SettingError
 from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import ViT, ViTConfig, forward_flops, preset
 from vitlab.predict import PredictionReport
@@ -800,6 +800,7 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
                   model: str | None, num_classes: int | None, image_size: int | None,
                   settings: dict[str, Any]) -> dict:
     settings = check_settings(settings, "run")
+    stage_only = settings.pop("finetune", {})  # --finetune KEY=VALUE: fine-tuning's alone
     _model_overrides(dropout=settings.get("dropout"), drop_path=settings.get("drop_path"))
     distributed.setup(settings.get("device", "auto"))
     for flag, value in (("--out", out), ("--pretrain-data", pretrain_data),
@@ -831,16 +832,22 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
                          if SETTINGS[key].role != "recipe" or key in _PIPELINE_KEEPS
                          or value != getattr(named, SETTINGS[key].field or key)}
         fine_settings["recipe"] = FINETUNE_RECIPES[name]
+    if "recipe" in stage_only:  # another recipe for fine-tuning: the settings given apply to it
+        fine_settings = {k: v for k, v in settings.items() if k != "recipe"}
+    fine_settings.update(stage_only)
     # The vitlab augmentation's strengths reach a stage whose augmentation is it (the seed recipe
-    # refuses them in the pre-training stage's check below).
+    # refuses them in the pre-training stage's check below, and those given by --finetune in
+    # the fine-tuning stage's).
     if fine_settings.get("augment", recipe(fine_settings.get("recipe", "seed")).augment) \
             not in AUGMENT_SETTINGS_USED_BY:
-        fine_settings = {k: v for k, v in fine_settings.items() if k not in AUGMENT_SETTINGS}
+        fine_settings = {k: v for k, v in fine_settings.items()
+                         if k not in AUGMENT_SETTINGS or k in stage_only}
     keeps_ema = {}
     # The architecture is pre-training's; fine-tuning takes the one it pre-trained.
     fine_settings = {k: v for k, v in fine_settings.items() if k not in ARCHITECTURE_SETTINGS}
     for kind, stage in (("pretrain", settings), ("finetune", fine_settings)):
-        stage_recipe, options = _recipe_and_options(stage, kind)  # both stages' settings valid
+        with _named_by_finetune(stage_only if kind == "finetune" else {}):
+            stage_recipe, options = _recipe_and_options(stage, kind)  # both stages' valid
         # A stage already there keeps (and is evaluated with) what it was trained with.
         keeps_ema[kind] = (saved[kind].recipe if saved[kind] else stage_recipe).ema_decay > 0
     if keeps_ema["pretrain"]:
@@ -853,12 +860,13 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
                           on_device=on_device, **data_options)
                 for spec in (pretrain_data, finetune_data)]
     normalization = Normalization.parse(settings.get("normalize") or "cifar")
-    for dataset, spec in zip(datasets, (pretrain_data, finetune_data), strict=True):
+    for dataset, spec, stage in zip(datasets, (pretrain_data, finetune_data),
+                                    (settings, fine_settings), strict=True):
         check_fits(dataset, config, spec, on_device)
         check_learnable(dataset)
         _check_channels(normalization, dataset, spec)
-        if settings.get("val_fraction"):  # what it holds out depends on the class sizes only
-            hold_out_validation(dataset, settings["val_fraction"], 0, warn=False)
+        if stage.get("val_fraction"):  # what it holds out depends on the class sizes only
+            hold_out_validation(dataset, stage["val_fraction"], 0, warn=False)
     if num_classes is not None and num_classes < datasets[1].num_classes:
         raise ConfigError(f"--num-classes {num_classes} is smaller than the "
                           f"{datasets[1].num_classes} classes of {finetune_data}")
@@ -870,8 +878,9 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
     head = {"num_classes": num_classes} if num_classes is not None else {}
     # Its encoder source is OUT/pretrain by construction, checked by identity below (not by
     # path: a copied or moved OUT continues).
-    fine_plan = _plan_stage(fine_dir, "finetune", saved["finetune"], data=finetune_data,
-                            **named_size, **head, **fine_settings)
+    with _named_by_finetune(stage_only):
+        fine_plan = _plan_stage(fine_dir, "finetune", saved["finetune"], data=finetune_data,
+                                **named_size, **head, **fine_settings)
     if fine_plan[0] != "start":
         _check_fine_tuned_from_current(fine_dir, saved["finetune"], pre_dir, pre_plan[0])
     overwrite = settings.get("overwrite", False)
@@ -901,6 +910,24 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
                         device=settings.get("device", "auto"),
                         precision=settings.get("precision", "auto"), image_size=image_size,
                         quiet=settings.get("quiet", False), **data_options)
+
+
+@contextlib.contextmanager
+def _named_by_finetune(stage_only: dict[str, Any]) -> Iterator[None]:
+    """A refusal of a setting `vitlab run --finetune` gave names it so, not as the flag that
+    sets it for both stages."""
+    try:
+        yield
+    except SettingDiffers as e:
+        if e.setting not in stage_only:
+            raise
+        key = e.setting.replace("_", "-")
+        raise ConfigError(e.render(f"--finetune {key}", f"drop {key} from --finetune")
+                          ) from None
+    except SettingError as e:
+        if e.setting not in stage_only:
+            raise
+        raise ConfigError(f"--finetune {e.setting.replace('_', '-')} {e.requirement}") from None
 
 
 def _check_evaluation_dir(folder: Path, overwrite: bool) -> None:

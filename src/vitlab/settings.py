@@ -71,6 +71,8 @@ class Setting:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"{label} must be a number, got {value!r}")
             value = float(value)  # range checks (nan, inf, > 0) are the dataclasses'
+        elif self.type is dict:
+            return check_stage_settings(value, label)
         elif isinstance(value, os.PathLike):
             value = os.fspath(value)
         elif not isinstance(value, str):
@@ -157,6 +159,10 @@ def _run_settings() -> list[Setting]:
                 commands=("finetune",)),
         Setting("num_classes", "run", int, "head size (default: the dataset's classes; 100 = "
                 "the tutorial's)", commands=("finetune", "run")),
+        Setting("finetune", "run", dict, "settings of the fine-tuning stage alone, over those "
+                "given for both (a config file's finetune: mapping): its recipe, dropout, "
+                "drop-path and training options, e.g. lr=0.001 freeze-encoder=true",
+                commands=("run",)),
         Setting("pretrain_data", "run", str, "pre-training dataset", commands=("run",)),
         Setting("finetune_data", "run", str, "fine-tuning dataset", commands=("run",)),
         Setting("image_size", "run", int, "resize the dataset's images to this size (default: "
@@ -198,6 +204,43 @@ def check_settings(values: dict[str, Any], command: str, where: str = "") -> dic
     return checked
 
 
+# What `vitlab run --finetune KEY=VALUE` may set for the fine-tuning stage alone: what it learns
+# and how (its recipe, the model's dropout, the saved training options), not its budget
+# (--finetune-epochs) nor what the stages share (the data's loading, the runtime).
+_SHARED_BY_STAGES = ("epochs", "finetune_epochs", "resize_on_device")
+
+
+def stage_settings() -> dict[str, Setting]:
+    """The settings `vitlab run --finetune` takes."""
+    return {name: s for name, s in for_command("finetune").items()
+            if (s.role in ("recipe", "saved") or name in ("dropout", "drop_path"))
+            and name not in _SHARED_BY_STAGES}
+
+
+def check_stage_settings(values: Any, label: str = "--finetune") -> dict[str, Any]:
+    """`vitlab run`'s settings of its fine-tuning stage alone (`label`: where they were given),
+    checked: unknown keys, shared ones and bad values refused in one line."""
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise ConfigError(f"{label} takes the fine-tuning stage's settings by name, like "
+                          f"lr: 0.001; got {values!r}")
+    allowed, checked = stage_settings(), {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in allowed:
+            run = for_command("run")
+            why = ("the fine-tuning budget is --finetune-epochs" if name in _SHARED_BY_STAGES[:2]
+                   else "the fine-tuning data is --finetune-data" if name == "data"
+                   else f"vitlab run takes it as {run[name].flag}" if name in run
+                   else "vitlab run fine-tunes from its pre-training stage" if name in SETTINGS
+                   else "unknown setting; it takes " + ", ".join(sorted(
+                       n.replace("_", "-") for n in allowed)))
+            raise ConfigError(f"{label} {key}: {why}")
+        if name in checked:
+            raise ConfigError(f"{label} {key!r} is given twice; keep one")
+        checked[name] = allowed[name].check(value, f"{label} ")
+    return checked
+
+
 def read_config_file(path: str | Path, command: str) -> dict[str, Any]:
     """A YAML config file's settings (keys named like the flags), checked for `command`."""
     import yaml
@@ -221,6 +264,16 @@ def read_config_file(path: str | Path, command: str) -> dict[str, Any]:
         raise ConfigError(f"{path} must hold a mapping of setting names to values, like "
                           "'lr: 0.01'")
     return check_settings(values, command, where=f"{path}: ")
+
+
+def read_config_value(text: str) -> Any:
+    """One value as a config file reads it: 0.001 and 1e-3 are numbers, true a boolean."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_config_loader())
+    except yaml.YAMLError:
+        return text  # not a YAML scalar: the setting's own check says what it needs
 
 
 @functools.cache

@@ -19,7 +19,6 @@ import torch
 
 from vitlab.data.augment import AUGMENTATIONS
 from vitlab.errors import ConfigError, SettingError
-from vitlab.train.options import flag
 
 MAX_EPOCHS = 1_000_000  # more is a typo; it also keeps step counts far from any overflow
 
@@ -204,11 +203,11 @@ class Recipe:
         if self.augment not in AUGMENT_SETTINGS_USED_BY:
             changed = [name for name in AUGMENT_SETTINGS
                        if getattr(self, name) != _AUGMENT_DEFAULTS[name]]
-            if changed:
-                raise ConfigError(
-                    f"--{flag(changed[0])} applies to --augment "
-                    f"{' or '.join(AUGMENT_SETTINGS_USED_BY)}, and this recipe's augmentation "
-                    f"is {self.augment!r}; drop --{flag(changed[0])} or choose --augment vitlab")
+            if changed:  # named where it was given (a flag, a file's key, --finetune's)
+                raise SettingError(
+                    changed[0], f"applies to --augment {' or '.join(AUGMENT_SETTINGS_USED_BY)}, "
+                    f"and this recipe's augmentation is {self.augment!r}; drop it or choose "
+                    "--augment vitlab")
 
     def augment_settings(self) -> dict[str, float]:
         """The keywords of the augmentation's factory (make_augment) this recipe sets."""
