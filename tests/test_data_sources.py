@@ -281,3 +281,79 @@ def test_repickled_batches_with_text_keys_and_array_labels(tmp_path):
     assert ds.test.labels.tolist() == labels.tolist()
     assert ds.train.labels.tolist() == labels.tolist() * 5
     assert ds.classes[:2] == ["c0", "c1"]
+
+
+def _csv(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def test_images_listed_by_csv_files_load_with_their_labels(monkeypatch, tmp_path):
+    """train.csv and test.csv (val.csv: the validation split) list images by their paths in the
+    folder with a label each; the classes are the training labels, sorted (numerically when they
+    are integers); a Kaggle-style train/ of images beside train.csv is not read as classes. An
+    edited CSV (another label) makes a new cache."""
+    src = tmp_path / "listed"
+    _png(src / "train" / "x1.png", color=(1, 1, 1))
+    _png(src / "train" / "x2.png", color=(2, 2, 2))
+    _png(src / "train" / "sub" / "x3.png", color=(3, 3, 3))
+    _png(src / "test" / "y1.png", color=(4, 4, 4))
+    _png(src / "val" / "z1.png", color=(5, 5, 5))
+    # A BOM, other columns, a blank line, labels 10 and 2 (numeric order, not text order).
+    _csv(src / "train.csv", "\ufeffid,File_Name,Label\n1,train/x1.png,10\n\n2,train/x2.png,2\n"
+         "3,train/sub/x3.png,2\n")
+    _csv(src / "test.csv", "image,label\ntest/y1.png,10\n")
+    root = tmp_path / "root"
+    ds = load_dataset(src, root=root)
+    assert ds.classes == ["2", "10"] and ds.val is None
+    assert ds.train.images[:, 0, 0, 0].tolist() == [1, 2, 3]
+    assert ds.train.labels.tolist() == [1, 0, 0] and ds.test.labels.tolist() == [1]
+    _csv(src / "val.csv", "path,class\nval/z1.png,2\n")
+    with_val = load_dataset(src, root=root)
+    assert with_val.val.labels.tolist() == [0] and with_val.val.images[0, 0, 0, 0] == 5
+    # The cache serves the same listing; an edited label is a new listing.
+    monkeypatch.setattr(imagefolder_mod, "_decode", lambda *a: (_ for _ in ()).throw(
+        AssertionError("decoded again instead of using the cache")))
+    assert load_dataset(src, root=root).train.labels.tolist() == [1, 0, 0]
+    monkeypatch.undo()
+    _csv(src / "train.csv", "image,label\ntrain/x1.png,cat\ntrain/x2.png,dog\n"
+         "train/sub/x3.png,dog\n")
+    _csv(src / "test.csv", "image,label\ntest/y1.png,dog\n")
+    _csv(src / "val.csv", "image,label\nval/z1.png,cat\n")
+    relabelled = load_dataset(src, root=root)
+    assert relabelled.classes == ["cat", "dog"] and relabelled.train.labels.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize("train, test, message", [
+    ("image\ntrain/a.png\n", "image,label\n", "needs one label column"),
+    ("image,file,label\ntrain/a.png,train/a.png,x\n", "image,label\n",
+     "needs only one image column"),
+    ("image,label\ntrain/a.png\n", "image,label\n", "line 2: 1 field(s)"),
+    ("image,label\ntrain/a.png,\n", "image,label\n", "line 2: an empty label"),
+    ("image,label\ntrain/missing.png,x\n", "image,label\n", "'train/missing.png' is not a file"),
+    ("image,label\n../outside.png,x\n", "image,label\n", "is outside"),
+    ("image,label\n", "image,label\n", "lists no image"),
+    ("image,label\ntrain/a.png,x\n", "image,label\ntrain/a.png,y\n",
+     "class 'y' is not in the train split (train.csv)"),
+    ("image,label\ntrain/notes.txt,x\n", "image,label\ntrain/a.png,x\n", "notes.txt"),
+], ids=["no-label-column", "two-image-columns", "short-row", "empty-label", "missing-file",
+        "outside", "no-rows", "unknown-test-class", "not-an-image"])
+def test_a_bad_csv_listing_is_one_error_naming_the_file_and_line(tmp_path, train, test,
+                                                                 message):
+    src = tmp_path / "listed"
+    _png(src / "train" / "a.png")
+    _png(tmp_path / "outside.png")
+    (src / "train" / "notes.txt").write_text("not an image")
+    _csv(src / "train.csv", train)
+    _csv(src / "test.csv", test)
+    with pytest.raises(DataFormatError) as info:
+        load_dataset(src, root=tmp_path / "root")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_csv_listing_without_a_test_split_is_named(tmp_path):
+    src = tmp_path / "listed"
+    _png(src / "a.png")
+    _csv(src / "train.csv", "image,label\na.png,x\n")
+    with pytest.raises(DatasetNotFoundError, match="has train.csv but no test.csv or val.csv"):
+        load_dataset(src, root=tmp_path / "root")

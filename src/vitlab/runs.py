@@ -31,7 +31,7 @@ from vitlab.data import BatchLoader, Dataset, load_dataset
 from vitlab.data.arrays import Split
 from vitlab.data.augment import NORMALIZATIONS, Normalization, ResizeBatch, eval_transform
 from vitlab.data.cifar import SOURCES
-from vitlab.data.imagefolder import is_image_folder
+from vitlab.data.imagefolder import decodes_images
 from vitlab.errors import CheckpointError, ConfigError, SettingDiffers, SettingError
 from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import ViT, ViTConfig, forward_flops, preset
@@ -88,7 +88,7 @@ def load_data(spec: PathLike, *, image_size: int | None = None,
     """
     if image_size is not None and image_size < 1:
         raise ConfigError(f"--image-size must be at least 1, got {image_size}")
-    if on_device and not is_image_folder(Path(spec)):
+    if on_device and not decodes_images(Path(spec)):
         if image_size is not None and image_size != model_image_size:
             raise ConfigError(f"--image-size {image_size} with --resize-on-device: each batch "
                               f"is resized to the model's {model_image_size}x{model_image_size} "
@@ -100,7 +100,7 @@ def load_data(spec: PathLike, *, image_size: int | None = None,
                           f"{model_image_size}x{model_image_size} input; use "
                           f"--image-size {model_image_size}")
     size = image_size
-    if size is None and model_image_size is not None and is_image_folder(Path(spec)):
+    if size is None and model_image_size is not None and decodes_images(Path(spec)):
         size = model_image_size
     loaded = _loaded.get()
     key = (data_spec(spec),

@@ -131,7 +131,8 @@ ARCHITECTURE_SETTINGS = {"depth": "number of encoder blocks", "width": "token wi
 def _run_settings() -> list[Setting]:
     presets = lambda: PRESETS  # noqa: E731
     return [
-        Setting("data", "run", str, "dataset name, array folder or image folder",
+        Setting("data", "run", str, "dataset name, array folder, image folder, or folder of "
+                "images listed with labels in train.csv and test.csv",
                 commands=("pretrain", "finetune")),
         Setting("model", "run", str, "model preset", choices=presets),
         Setting("out", "run", str, "run directory"),

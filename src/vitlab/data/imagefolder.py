@@ -1,6 +1,13 @@
 """Image folders: ``train/<class>/*.png`` and ``test/<class>/`` (or ``val/``), decoded once; with
 both ``test/`` and ``val/``, ``val/`` is a validation split.
 
+Or images listed with their labels in ``train.csv`` and ``test.csv`` (or ``val.csv``; both:
+``val.csv`` is the validation split), FastEstimator's CSVDataset and Hugging Face's
+``metadata.csv`` layout: a header row naming an image column (``image``, ``file_name``,
+``filename``, ``file`` or ``path``: the file, relative to the folder and inside it) and a label
+column (``label`` or ``class``: the class name); other columns are ignored. The classes are the
+training labels, sorted (as numbers if every one is an integer).
+
 The decoded arrays are cached as an array folder under ``<root>/imagefolders/<key>/``; the key hashes
 the folder's absolute path, the image size and every file's name, size, modification and change
 times, so editing the folder makes a fresh cache instead of serving stale images (and the cache
@@ -9,6 +16,7 @@ of the folder's previous state at that size is deleted).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -33,7 +41,22 @@ DECODER_VERSION = 2  # part of the cache key: a change to how pixels are decoded
 
 
 def is_image_folder(path: Path) -> bool:
-    return (path / "train").is_dir() and ((path / "test").is_dir() or (path / "val").is_dir())
+    """Class folders: train/<class>/ and test/<class>/ (or val/) - unless CSV files list the
+    images (a Kaggle-style train/ of images beside train.csv)."""
+    return (not is_csv_folder(path) and (path / "train").is_dir()
+            and ((path / "test").is_dir() or (path / "val").is_dir()))
+
+
+def is_csv_folder(path: Path) -> bool:
+    """Images listed with their labels: train.csv and test.csv (or val.csv)."""
+    return (path / "train.csv").is_file() and (
+        (path / "test.csv").is_file() or (path / "val.csv").is_file())
+
+
+def decodes_images(path: Path) -> bool:
+    """Whether the dataset at `path` is image files (decoded, and resized to the model's size,
+    once), either layout."""
+    return is_image_folder(path) or is_csv_folder(path)
 
 
 def walk_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -116,6 +139,71 @@ def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[Path], li
         files += found
         labels += [classes.index(name)] * len(found)
     return files, labels, classes
+
+
+IMAGE_COLUMNS = ("image", "file_name", "filename", "file", "path")
+LABEL_COLUMNS = ("label", "class")
+
+
+def _column(header: list[str], names: tuple[str, ...], what: str, csv_path: Path) -> int:
+    found = [i for i, h in enumerate(header) if h.strip().lower() in names]
+    if len(found) != 1:
+        raise DataFormatError(
+            f"{csv_path}: its header row needs {'one' if not found else 'only one'} {what} "
+            f"column ({', '.join(names)}), got {', '.join(map(repr, header)) or 'none'}")
+    return found[0]
+
+
+def _list_csv(csv_path: Path, classes: list[str] | None
+              ) -> tuple[list[Path], list[int], list[str]]:
+    """The images a CSV file lists (see the module docstring) and their class indices; the
+    classes are the given ones (a test split's must be among them) or this split's labels."""
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as f:  # a BOM (Excel's) is no name
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataFormatError(f"{csv_path}: cannot be read as a UTF-8 CSV file "
+                              f"({getattr(e, 'strerror', None) or e})") from None
+    if not rows:
+        raise DataFormatError(f"{csv_path}: empty; it needs a header row (image,label) and a "
+                              "row per image")
+    header = rows[0]
+    image_col = _column(header, IMAGE_COLUMNS, "image", csv_path)
+    label_col = _column(header, LABEL_COLUMNS, "label", csv_path)
+    folder = csv_path.parent
+    root = Path(os.path.normpath(folder))
+    files, names = [], []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line
+        at = f"{csv_path}, line {line}"
+        if len(row) <= max(image_col, label_col):
+            raise DataFormatError(f"{at}: {len(row)} field(s), fewer than the header's; give "
+                                  "every row an image and a label")
+        name, label = row[image_col].strip(), unicodedata.normalize("NFC", row[label_col].strip())
+        if not name or not label:
+            raise DataFormatError(f"{at}: an empty {'image' if not name else 'label'}")
+        file = folder / name
+        # Inside by its name (links inside the folder may point anywhere, as in class folders).
+        if Path(name).is_absolute() or not Path(os.path.normpath(file)).is_relative_to(root):
+            raise DataFormatError(f"{at}: {name!r} is outside {folder}; list images by their "
+                                  "paths inside the folder that holds the CSV file")
+        if not file.is_file():
+            raise DataFormatError(f"{at}: {name!r} is not a file in {folder}")
+        files.append(file)
+        names.append(label)
+    if not files:
+        raise DataFormatError(f"{csv_path}: lists no image; add a row per image (image,label)")
+    if classes is None:
+        found = set(names)
+        numeric = all(n.lstrip("-").isdigit() for n in found)
+        classes = sorted(found, key=(lambda n: (int(n), n)) if numeric else None)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(names) - index.keys())
+    if unknown:
+        raise DataFormatError(f"{csv_path}: class {unknown[0]!r} is not in the train split "
+                              "(train.csv); add images of it there")
+    return files, [index[n] for n in names], classes
 
 
 def to_rgb8(im: Image.Image, where: str = "image") -> Image.Image:
@@ -222,21 +310,32 @@ def _drop_older_caches(caches: Path, keep: Path, source: dict) -> None:
 
 def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset:
     """train/ and test/ (or val/, the test split then); with both test/ and val/, val/ is the
-    validation split the epochs are evaluated on."""
-    test_dir = path / "test" if (path / "test").is_dir() else path / "val"
-    val_dir = path / "val" if test_dir.name == "test" and (path / "val").is_dir() else None
-    if val_dir is not None and not subfolders(val_dir):
+    validation split the epochs are evaluated on. Or the same splits listed by train.csv,
+    test.csv and val.csv."""
+    csv_listed = is_csv_folder(path)
+    suffix = ".csv" if csv_listed else ""
+    listing = _list_csv if csv_listed else _list_split
+    test_dir = path / f"test{suffix}"
+    if not test_dir.exists():
+        test_dir = path / f"val{suffix}"
+    val_dir = (path / f"val{suffix}" if test_dir.stem == "test" and (path / f"val{suffix}").exists()
+               else None)
+    if not csv_listed and val_dir is not None and not subfolders(val_dir):
         log.warning("vitlab: %s has no class folders: no validation split (the epochs are "
                     "evaluated on test/)", val_dir)
         val_dir = None
-    train_files, train_labels, classes = _list_split(path / "train", None)
-    test_files, test_labels, _ = _list_split(test_dir, classes)
-    val_files, val_labels = (_list_split(val_dir, classes)[:2] if val_dir is not None
+    train_files, train_labels, classes = listing(path / f"train{suffix}", None)
+    test_files, test_labels, _ = listing(test_dir, classes)
+    val_files, val_labels = (listing(val_dir, classes)[:2] if val_dir is not None
                              else ([], []))
     caches = root / "imagefolders"
-    cache = caches / _cache_key(path, image_size, train_files + test_files + val_files)
+    # The CSV files too: their labels are part of what is cached.
+    listed = [path / f"{split}.csv" for split in ("train", "test", "val")
+              if csv_listed and (path / f"{split}.csv").is_file()]
+    cache = caches / _cache_key(path, image_size,
+                                listed + train_files + test_files + val_files)
     if not is_array_folder(cache):
-        x_train = _decode_all(train_files, image_size, path / "train")
+        x_train = _decode_all(train_files, image_size, path / f"train{suffix}")
         x_test = _decode_all(test_files, image_size, test_dir)
         if x_train.shape[1:] != x_test.shape[1:]:
             raise DataFormatError(f"{path}: train and test image sizes differ; pass image_size")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vitlab.data.arrays import Dataset, Split, is_array_folder, read_array_folder
 from vitlab.data.cifar import SOURCES, load_named
-from vitlab.data.imagefolder import is_image_folder, load_image_folder, subfolders
+from vitlab.data.imagefolder import decodes_images, load_image_folder, subfolders
 from vitlab.data.split import training_split_alone
 from vitlab.errors import ConfigError, DatasetNotFoundError
 
@@ -47,12 +47,15 @@ def spec_kind(spec: str | os.PathLike) -> str:
     path = Path(name).expanduser()
     if is_array_folder(path):
         return "arrays"
-    if is_image_folder(path):
+    if decodes_images(path):
         return "images"
     if not path.exists():
         raise DatasetNotFoundError(f"{name!r} does not exist, and is not a dataset name "
                                    f"({', '.join(SOURCES)})")
     split = f"`vitlab split {shlex.quote(name)} --out NEW_FOLDER` makes one from it"
+    if (path / "train.csv").is_file():
+        raise DatasetNotFoundError(f"{name!r} has train.csv but no test.csv or val.csv: images "
+                                   "listed by CSV files need both (test.csv like train.csv)")
     if path.is_dir() and training_split_alone(path):  # an image folder without a test split
         raise DatasetNotFoundError(f"{name!r} has train/ but no test/ or val/ folder: an image "
                                    "folder needs both (test/<class>/ like train/<class>/); "
@@ -63,7 +66,8 @@ def spec_kind(spec: str | os.PathLike) -> str:
             f"subfolders are classes, {split}")
     raise DatasetNotFoundError(
         f"{name!r} is neither a dataset name ({', '.join(SOURCES)}), an array folder "
-        "(train.npz, test.npz, classes.json) nor an image folder (train/<class>/, test/<class>/)"
+        "(train.npz, test.npz, classes.json), an image folder (train/<class>/, test/<class>/) "
+        "nor images listed with labels (train.csv, test.csv)"
     )
 
 

@@ -60,6 +60,10 @@ def training_split_alone(folder: Path) -> bool:
 def _class_folders(source: Path) -> dict[str, Path]:
     """The class folders of a split, by their names in NFC (as image folders name classes):
     `source/train`'s when it holds the training split alone, else `source`'s."""
+    if (source / "train.csv").is_file():
+        raise ConfigError(f"{source} lists its images in train.csv: split makes an image folder "
+                          "from class folders; for CSV-listed images, move some rows to a "
+                          "test.csv beside it")
     if is_image_folder(source):
         raise ConfigError(f"{source} already has train/ and a test/ or val/ split: train with it "
                           f"as it is (vitlab pretrain --data {shlex.quote(str(source))})")
