@@ -972,6 +972,18 @@ def test_evaluate_scores_the_split_a_run_held_out_and_the_rest(data_root, tmp_pa
     assert reports["val"]["ce"] == pytest.approx(epoch["ce"], rel=1e-6)
     assert reports["val"]["accuracy"] == epoch["accuracy"]
     assert reports["train"]["num_samples"] == total - validation_images
+    # The run's data named otherwise: in capitals, or as its folder in the data root.
+    for spelled in ("CIFAR10", str(data_root / "cifar10")):
+        out = tmp_path / f"as-{len(spelled)}"
+        assert main(["evaluate", "--checkpoint", str(held), "--split", "val", "--data", spelled,
+                     "--data-root", str(data_root), "--no-download", "--device", "cpu",
+                     "--out", str(out)]) == 0, capfd.readouterr().err
+        again = json.loads((out / "evaluation.json").read_text())
+        assert (again["num_samples"], again["ce"]) == (validation_images, reports["val"]["ce"])
+    # --overwrite clears every evaluation folder of the run it replaces.
+    assert main(["pretrain", *common, "--val-fraction", "0.25", "--seed", "3", "--out",
+                 str(held), "--overwrite"]) == 0
+    assert not any((held / name).exists() for name in ckpt.EVALUATION_DIRS.values())
     # Without --val-fraction: the whole training split, and no validation split to score.
     plain = tmp_path / "plain"
     assert main(["pretrain", *common, "--out", str(plain)]) == 0
@@ -1057,3 +1069,29 @@ def test_vitlab_run_takes_settings_for_its_fine_tuning_stage_alone(data_root, tm
     assert "finetune weight-decay must be a number" in assert_one_error_line(
         capfd.readouterr().err, "run")
     assert not (tmp_path / "q").exists()
+
+
+def test_the_validation_and_training_splits_evaluate_scores_are_the_runs_own():
+    """--split val is exactly the part fit held out (the same seed's draw), --split train
+    exactly the rest: disjoint, and together the training split."""
+    from vitlab.runs import evaluated_split
+    from vitlab.train.engine import hold_out_validation
+
+    n = 60
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 2, 2, 3).clone()
+    labels = torch.arange(n) % 3
+    data = Dataset("d", Split(images, labels, ["a", "b", "c"]), Split(images[:6], labels[:6],
+                                                                      ["a", "b", "c"]))
+    options = TrainOptions(epochs=1, val_fraction=0.25, seed=11)
+    trained, _ = hold_out_validation(data, 0.25, 11)  # as fit holds it out
+    val = evaluated_split(data, "val", "d", options)
+    train = evaluated_split(data, "train", "d", options)
+    ids = {name: set(split.images[:, 0, 0, 0].tolist()) for name, split in
+           (("val", val), ("train", train), ("fit", trained.test))}
+    assert ids["val"] == ids["fit"] and len(ids["val"]) == 15
+    assert not ids["val"] & ids["train"] and ids["val"] | ids["train"] == set(range(n))
+    other_seed = evaluated_split(data, "val", "d", TrainOptions(epochs=1, val_fraction=0.25))
+    assert set(other_seed.images[:, 0, 0, 0].tolist()) != ids["val"]
+    # Data that gained a validation split of its own since the run: refused, not guessed.
+    with pytest.raises(ConfigError, match="has changed since the run"):
+        evaluated_split(Dataset("d", data.train, data.test, val=data.test), "val", "d", options)

@@ -1815,15 +1815,30 @@ def test_grad_checkpointing_trains_to_the_same_weights_bitwise(dataset, tmp_path
     option, so a run may resume with or without it. A captured step refuses it, and leaves it
     out of its default."""
     config = dataclasses.replace(CONFIG, depth=2, drop_path=0.2)
-    runs = {}
+    runs, calls = {}, {}
     for on in (False, True):
         torch.manual_seed(0)
         model = ViT(config)
+        calls[on] = []
+        for block in model.encoder.blocks:  # a pre-hook: a recomputation stops before the end
+            block.register_forward_pre_hook(
+                lambda module, args, seen=calls[on]: seen.append(1) if module.training else None)
         fit(model, dataset, RECIPE, options(2, train_steps_per_epoch=3, grad_checkpointing=on),
             tmp_path / str(on))
         assert model.encoder.grad_checkpointing is on
         runs[on] = ckpt.load_weights(tmp_path / str(on) / ckpt.WEIGHTS)
     assert all(torch.equal(runs[True][k], runs[False][k]) for k in runs[False])
-    assert not options(1, grad_checkpointing=True).captures("cuda")
-    with pytest.raises(ConfigError, match="--grad-checkpointing is not recorded in a captured"):
-        options(1, grad_checkpointing=True, capture_step=True).captures("cuda")
+    assert len(calls[False]) == 6 * 2 and len(calls[True]) == 2 * len(calls[False])
+    # On one CUDA GPU: not captured, and eager unless compiling is asked for (then in torch's
+    # default mode, not its CUDA graphs), whatever the number of steps.
+    checkpointed = options(1, grad_checkpointing=True)
+    assert not checkpointed.captures("cuda")
+    assert checkpointed.compile_plan("cuda", 10**6) == (None, False)
+    assert options(1, grad_checkpointing=True, compile=True).compile_plan("cuda", 10)[0] == \
+        "default"
+    with pytest.raises(ConfigError, match="leave out --capture-step"):
+        options(1, grad_checkpointing=True, capture_step=True)
+    with pytest.raises(ConfigError, match="frozen encoder .* leave out --grad-checkpointing"):
+        options(1, grad_checkpointing=True, freeze_encoder=True)
+    with pytest.raises(ConfigError, match="grad_checkpointing must be true or false"):
+        options(1, grad_checkpointing="no")

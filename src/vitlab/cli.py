@@ -181,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset scored (default: the run's own)")
     e.add_argument("--split", choices=EVAL_SPLITS, default="test",
                    help="which of its splits: test; val (its val/ or val.npz, or for the run's "
-                        "own data the split its --val-fraction held out, the same images); "
-                        "train (less that split) (default: test)")
+                        "own data the split its --val-fraction held out, drawn again by its "
+                        "seed); train (the training split, less that held-out split) (default: "
+                        "test)")
     e.add_argument("--out", type=_path, default=None,
                    help="default: RUN_DIR/evaluation, RUN_DIR/evaluation-SPLIT for another "
                         "split")

@@ -32,6 +32,7 @@ from vitlab.data.arrays import Split
 from vitlab.data.augment import NORMALIZATIONS, Normalization, ResizeBatch, eval_transform
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import decodes_images
+from vitlab.data.sources import data_root as resolve_data_root
 from vitlab.errors import CheckpointError, ConfigError, SettingDiffers, SettingError
 from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import ViT, ViTConfig, forward_flops, preset
@@ -76,6 +77,18 @@ def data_spec(spec: PathLike) -> str:
     """How config.json records a dataset: a name as is, a path made absolute."""
     name = os.fspath(spec)
     return name if name.lower() in SOURCES else str(Path(name).expanduser().resolve())
+
+
+def same_data(spec: PathLike, recorded: str, root: PathLike | None = None) -> bool:
+    """Whether `spec` names the dataset config.json `recorded`: a name in any letter case
+    (names are read so), or a name and the path of its folder in the data root `root`."""
+    given = data_spec(spec)
+    if given.lower() == recorded.lower() and recorded.lower() in SOURCES or given == recorded:
+        return True
+    names = [d.lower() for d in (given, recorded) if d.lower() in SOURCES]
+    paths = [Path(d) for d in (given, recorded) if d.lower() not in SOURCES]
+    return (len(names) == len(paths) == 1
+            and paths[0].resolve() == (resolve_data_root(root) / names[0]).resolve())
 
 
 def load_data(spec: PathLike, *, image_size: int | None = None,
@@ -491,11 +504,10 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
     saved = ckpt.read_run_config(run_dir)
     weights_file = run_dir / ckpt.WEIGHT_FILES[SETTINGS["weights"].check(weights)]
     model, config, trained_on = load_run(run_dir, weights, device="cpu")
-    out_dir = Path(out) if out is not None else run_dir / (
-        "evaluation" if split == "test" else f"evaluation-{split}")
+    out_dir = Path(out) if out is not None else run_dir / ckpt.EVALUATION_DIRS[split]
     check_writable(out_dir)  # before the work, not after it
     spec = os.fspath(data) if data is not None else saved.data
-    own_data = data_spec(spec) == saved.data
+    own_data = same_data(spec, saved.data, data_root)
     if image_size is None and own_data:
         image_size = saved.image_size
     on_device = saved.options.resize_on_device
@@ -557,7 +569,16 @@ def evaluated_split(dataset: Dataset, split: str, spec: str,
                                         if trained_with is not None else "")
                           + "; score its test split (--split test)")
     if held:
-        trained, _ = hold_out_validation(dataset, held, trained_with.seed, warn=False)
+        changed = (f"--split {split}: {spec} has changed since the run, which validated on the "
+                   f"split its --val-fraction {held:g} held out: ")
+        if dataset.val is not None:
+            raise ConfigError(changed + "it now has a validation split of its own (val/ or "
+                              "val.npz); score its test split (--split test)")
+        try:
+            trained, _ = hold_out_validation(dataset, held, trained_with.seed, warn=False)
+        except ConfigError:
+            raise ConfigError(changed + "that fraction of it now holds out no image or all of "
+                              "them; score its test split (--split test)") from None
         return trained.test if split == "val" else trained.train
     return dataset.val if split == "val" else dataset.train
 

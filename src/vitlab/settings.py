@@ -23,13 +23,13 @@ from typing import Any
 
 from vitlab.errors import ConfigError
 from vitlab.model import PRESETS
-from vitlab.train.checkpoint import WEIGHT_FILES
+from vitlab.train.checkpoint import EVALUATION_DIRS, WEIGHT_FILES
 from vitlab.train.options import TrainOptions
 from vitlab.train.recipe import Recipe
 
 # Which weights of a run a command uses (--weights).
 WEIGHT_CHOICES = tuple(WEIGHT_FILES)
-EVAL_SPLITS = ("test", "val", "train")  # evaluate --split
+EVAL_SPLITS = tuple(EVALUATION_DIRS)  # evaluate --split
 
 TRAINING_COMMANDS = ("pretrain", "finetune", "run")
 

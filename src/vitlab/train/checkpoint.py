@@ -167,10 +167,13 @@ def read_run_config(run_dir: str | os.PathLike, **runtime) -> RunConfig:
 RUN_FILES = (CONFIG, WEIGHTS, BEST_WEIGHTS, EMA_WEIGHTS, TRAINER_STATE, METRICS, LOG,
              CURVES)
 LOCK = ".lock"
-RUN_DIRS = ("tensorboard", "evaluation")  # written by --tensorboard and `vitlab evaluate`
+# `vitlab evaluate --split S`'s default output folder in a run directory.
+EVALUATION_DIRS = {"test": "evaluation", "val": "evaluation-val", "train": "evaluation-train"}
+RUN_DIRS = ("tensorboard", *EVALUATION_DIRS.values())  # by --tensorboard and `vitlab evaluate`
 # What vitlab writes in them: all --overwrite deletes there (anything else stays).
 RUN_DIR_FILES = {"tensorboard": ("events.out.tfevents.*",),
-                 "evaluation": ("evaluation.json", "confusion_matrix.png")}
+                 **{name: ("evaluation.json", "confusion_matrix.png")
+                    for name in EVALUATION_DIRS.values()}}
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:
@@ -191,8 +194,8 @@ def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
     A vitlab run that died before its first checkpoint left nothing to keep: its files are
     replaced without --overwrite. Files of those names that no vitlab run wrote (no vitlab
     config.json beside them) are never deleted without --overwrite. In its tensorboard/ and
-    evaluation/ folders only the files vitlab writes there are deleted: others stay, and so
-    does the folder then. Temp files of interrupted atomic writes are removed.
+    evaluation folders (RUN_DIRS) only the files vitlab writes there are deleted: others stay,
+    and so does the folder then. Temp files of interrupted atomic writes are removed.
     """
     run_dir = Path(run_dir)
     remove_temp_files(run_dir)
@@ -214,7 +217,7 @@ def check_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> list[str
     gives for them; deletes nothing (`vitlab run` checks its second stage before the first)."""
     run_dir = Path(run_dir)
     leftovers = [name for name in (*RUN_FILES, *RUN_DIRS) if (run_dir / name).exists()]
-    named = ", ".join(leftovers)  # at most the 10 names a run writes
+    named = ", ".join(leftovers)  # at most the 12 names a run writes
     if leftovers and not overwrite and not _written_by_vitlab(run_dir):
         # First: a weight file no vitlab run wrote is no run to continue with --resume.
         raise CheckpointError(

@@ -127,7 +127,8 @@ class TrainOptions:
         "gradient checkpointing: each encoder block keeps only its input for the backward "
         "pass and runs its forward again there (timm's --grad-checkpointing): less activation "
         "memory for about a third more compute, the same gradients (the recomputation draws "
-        "the same dropout masks); not with --capture-step"))
+        "the same dropout masks); not with --capture-step, and eager unless --compile is "
+        "given (in torch's default mode then)"))
     augment_chunk: int = field(default=1024, metadata=_saved(
         "augment this many training images per call, in whole batches (at least one; at most "
         f"{AUGMENT_CHUNK_MIB} MiB of float32 inputs): fewer, larger tensor ops; it changes the "
@@ -209,11 +210,19 @@ class TrainOptions:
         if self.precision == "fp16" and self.eager_optimizer is False:
             raise ConfigError("--precision fp16 steps the optimizer through its loss scaler, "
                               "eagerly: leave out --no-eager-optimizer")
+        if self.grad_checkpointing and self.capture_step:  # its recomputation restores the RNG
+            raise ConfigError("--grad-checkpointing saves and restores the random generator's "
+                              "state for its recomputation, which a recorded CUDA graph does "
+                              "not: leave out --capture-step")
+        if self.grad_checkpointing and self.freeze_encoder:
+            raise ConfigError("--grad-checkpointing with --freeze-encoder: the frozen encoder "
+                              "runs without autograd and keeps no activations to save; leave "
+                              "out --grad-checkpointing")
         if self.capture_step and self.eager_optimizer is False:
             raise ConfigError("--capture-step records the optimizer's step as it runs, eagerly: "
                               "leave out --no-eager-optimizer (or use --no-capture-step)")
         for name in ("compile", "eager_optimizer", "capture_step", "freeze_encoder", "quiet",
-                     "overwrite", "tensorboard", "resize_on_device"):
+                     "overwrite", "tensorboard", "resize_on_device", "grad_checkpointing"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name in _PER_DEVICE):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")
@@ -229,16 +238,18 @@ class TrainOptions:
         asked = self.compile if self.compile is not None else (
             self.compile_mode is not None or self.eager_optimizer is True or None)
         captured = self.captures(device_type, world_size)
-        if asked is None:
+        if asked is None:  # gradient checkpointing compiled was not measured: eager
             pays_after = COMPILE_PAYS_CAPTURED_AFTER_STEPS if captured else COMPILE_PAYS_AFTER_STEPS
-            asked = cuda and world_size == 1 and steps >= pays_after
+            asked = (cuda and world_size == 1 and steps >= pays_after
+                     and not self.grad_checkpointing)
         if not asked:
             return None, False
         # CUDA graphs were measured on one GPU; under DDP torch.compile's own default mode;
         # a captured step records its own graph.
         # Nor with gradient accumulation: torch.compile's graphs would overwrite a part's
         # gradients with the next part's run (pytorch/pytorch#169545).
-        graphs = cuda and world_size == 1 and not captured and self.grad_accum_steps == 1
+        graphs = (cuda and world_size == 1 and not captured and self.grad_accum_steps == 1
+                  and not self.grad_checkpointing)
         mode = self.compile_mode or ("reduce-overhead" if graphs else "default")
         # A captured step records the optimizer's step as it runs: eagerly; fp16's loss scaler
         # steps it eagerly too.
@@ -248,18 +259,15 @@ class TrainOptions:
     def captures(self, device_type: str, world_size: int = 1) -> bool:
         """Whether fit records its whole step as one CUDA graph (--capture-step). Unset: on one
         CUDA GPU, unless a compile mode that records graphs of its own, a compiled optimizer
-        step (--no-eager-optimizer), fp16 or gradient checkpointing was asked for (measured: benchmarks/gpu/results/
-        2026-11-27-h200-2). Asked for where it cannot run (the CPU, several processes), a clear
-        error."""
+        step (--no-eager-optimizer), fp16 or gradient checkpointing was asked for (measured:
+        benchmarks/gpu/results/2026-11-27-h200-2). Asked for where it cannot run (the CPU,
+        several processes), a clear error."""
         if self.capture_step is None:  # off where asked for graphs or a compiled optimizer step
             return (device_type == "cuda" and world_size == 1 and self.eager_optimizer is not False
                     and self.compile_mode in (None, "default") and self.precision != "fp16"
                     and not self.grad_checkpointing)
         if not self.capture_step:
             return False
-        if self.grad_checkpointing:  # its recomputation saves and restores the RNG's state
-            raise ConfigError("--grad-checkpointing is not recorded in a captured step: drop "
-                              "--capture-step (or --grad-checkpointing)")
         if device_type != "cuda":
             raise ConfigError(f"--capture-step records CUDA graphs: it needs a CUDA device, "
                               f"not {device_type}")
