@@ -357,3 +357,50 @@ def test_a_csv_listing_without_a_test_split_is_named(tmp_path):
     _csv(src / "train.csv", "image,label\na.png,x\n")
     with pytest.raises(DatasetNotFoundError, match="has train.csv but no test.csv or val.csv"):
         load_dataset(src, root=tmp_path / "root")
+
+
+def test_csv_listings_order_repeat_share_and_sit_beside_class_folders(tmp_path, caplog,
+                                                                      monkeypatch):
+    """Integer labels (signs too) sort as numbers, others as text (no crash on '²'); an image
+    listed twice with its label is read once, and one listed by test.csv and train.csv is
+    warned of; a row's line is where it starts (after a quoted line break); CSV files without
+    an image and a label column beside class folders leave the class folders to be read."""
+    src = tmp_path / "listed"
+    for i in range(3):
+        _png(src / f"{i}.png", color=(i, i, i))
+    _csv(src / "train.csv", "image,label\n0.png,10\n1.png,+1\n2.png,2\n1.png,+1\n")
+    _csv(src / "test.csv", "image,label\n0.png,10\n")
+    ds = load_dataset(src, root=tmp_path / "root")
+    assert ds.classes == ["+1", "2", "10"] and ds.train.labels.tolist() == [2, 0, 1]
+    assert "lists 1 image(s) more than once" in caplog.text
+    assert "lists 1 image(s) that train.csv lists too" in caplog.text
+    _csv(src / "train.csv", "image,label\n0.png,\u00b2\n1.png,--1\n2.png,x\n")
+    _csv(src / "test.csv", "image,label\n0.png,x\n")
+    assert load_dataset(src, root=tmp_path / "root").classes == ["--1", "x", "\u00b2"]
+    _csv(src / "train.csv", 'image,label,note\n0.png,a,"two\nlines"\nmissing.png,a,\n')
+    with pytest.raises(DataFormatError, match="train.csv, line 4: 'missing.png' is not a file"):
+        load_dataset(src, root=tmp_path / "root")
+    _csv(src / "train.csv", "image,label\n0.png,a\n1.png,b\n0.png,b\n")
+    with pytest.raises(DataFormatError, match="line 4: '0.png' is labelled 'b' here and 'a' on "
+                                              "line 2; keep one"):
+        load_dataset(src, root=tmp_path / "root")
+    # Read from inside the folder (--data .), a row may not climb out of it either.
+    _png(tmp_path / "outside.png")
+    _csv(src / "train.csv", "image,label\n../outside.png,a\n")
+    monkeypatch.chdir(src)
+    with pytest.raises(DataFormatError, match="is outside"):
+        load_dataset(".", root=tmp_path / "root")
+    monkeypatch.chdir(tmp_path)
+    # An image that does not decode: its row is named.
+    (src / "bad.png").write_bytes(b"not a png")
+    _csv(src / "train.csv", "image,label\n0.png,a\nbad.png,a\n")
+    _csv(src / "test.csv", "image,label\n1.png,a\n")
+    with pytest.raises(DataFormatError, match=r"fix it, or remove its row \(.*train.csv, line 3"):
+        load_dataset(src, root=tmp_path / "root")
+    # Class folders with CSV files of their own beside them (no image, label columns).
+    folders = tmp_path / "folders"
+    _png(folders / "train" / "cat" / "a.png")
+    _png(folders / "test" / "cat" / "b.png")
+    _csv(folders / "train.csv", "id,breed\n1,tabby\n")
+    _csv(folders / "test.csv", "id,breed\n2,tabby\n")
+    assert load_dataset(folders, root=tmp_path / "root").classes == ["cat"]

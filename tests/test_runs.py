@@ -1029,7 +1029,14 @@ def test_vitlab_run_takes_settings_for_its_fine_tuning_stage_alone(data_root, tm
     out = tmp_path / "p"
     config = tmp_path / "stage.yaml"
     config.write_text("finetune:\n  lr: 0.5\n  label-smoothing: 0.1\n")
-    assert main([*common, "--config", str(config), "--finetune", "lr=1e-3",
+    # A bad fine-tuning value is refused before pre-training, named as given.
+    assert main([*common, "--finetune", "dropout=1.5", "--out", str(out)]) == 2
+    assert "--finetune dropout must be" in assert_one_error_line(capfd.readouterr().err, "run")
+    assert main([*common, "--finetune", "val-fraction=0.99", "--out", str(out)]) == 2
+    assert "--finetune val-fraction 0.99 holds out all" in assert_one_error_line(
+        capfd.readouterr().err, "run")
+    assert not out.exists()
+    assert main([*common, "--config", str(config), "--finetune", "lr=1e-3", "--finetune",
                  "freeze-encoder=true", "--out", str(out)]) == 0, capfd.readouterr().err
     pre, fine = (ckpt.read_run_config(out / stage) for stage in ("pretrain", "finetune"))
     assert (pre.recipe.lr, pre.recipe.label_smoothing) == (0.05, 0.0)
@@ -1064,6 +1071,9 @@ def test_vitlab_run_takes_settings_for_its_fine_tuning_stage_alone(data_root, tm
         assert message in line, (flags, line)
     assert main([*common, "--finetune", "lr=0.002", "--out", str(out)]) == 2
     assert "drop lr from --finetune" in capfd.readouterr().err
+    assert main([*common, "--finetune", "lr=0.001", "freeze-encoder=false", "--out",
+                 str(out)]) == 2
+    assert "--finetune freeze-encoder false differs from the run in" in capfd.readouterr().err
     config.write_text("finetune:\n  weight-decay: [1]\n")
     assert main([*common, "--config", str(config), "--out", str(tmp_path / "q")]) == 2
     assert "finetune weight-decay must be a number" in assert_one_error_line(
@@ -1095,3 +1105,64 @@ def test_the_validation_and_training_splits_evaluate_scores_are_the_runs_own():
     # Data that gained a validation split of its own since the run: refused, not guessed.
     with pytest.raises(ConfigError, match="has changed since the run"):
         evaluated_split(Dataset("d", data.train, data.test, val=data.test), "val", "d", options)
+
+
+def test_the_fine_tuning_stages_settings_are_derived_alike_however_its_recipe_is_named():
+    """--finetune recipe=R names the fine-tuning recipe as the companion rule does: a setting
+    equal to the pre-training recipe's own is no change to R's, so naming the companion
+    explicitly changes nothing, and --finetune's values win."""
+    from vitlab.runs import fine_tuning_settings
+    from vitlab.settings import check_settings
+
+    given = check_settings({"recipe": "vitlab", "lr": 0.001, "min_lr_ratio": 0.01,
+                            "erase_prob": 0.25, "epochs": 3}, "run")
+    derived = fine_tuning_settings(given, {})
+    assert derived == fine_tuning_settings(given, {"recipe": "vitlab-finetune"})
+    assert derived["recipe"] == "vitlab-finetune" and "lr" not in derived  # the companion's LR
+    seed = fine_tuning_settings(given, {"recipe": "seed", "lr": 0.05})
+    assert seed["recipe"] == "seed" and seed["lr"] == 0.05 and "erase_prob" not in seed
+    assert seed["epochs"] == 3 and "min_lr_ratio" not in seed  # the budget reaches every stage
+    with pytest.raises(ConfigError, match="--finetune erase-prob applies to --augment vitlab"):
+        from vitlab.runs import _named_by_finetune, _recipe_and_options
+
+        stage_only = {"recipe": "seed", "erase_prob": 0.5}
+        with _named_by_finetune(stage_only):
+            _recipe_and_options(fine_tuning_settings(given, stage_only), "finetune")
+
+
+def test_finetune_values_are_read_as_their_flags_read_them():
+    from vitlab.settings import check_stage_settings, stage_values_from_text
+
+    values = stage_values_from_text([("seed", "010"), ("lr", "+.5"), ("freeze-encoder", "True"),
+                                     ("recipe", "seed")])
+    assert values == {"seed": 10, "lr": 0.5, "freeze_encoder": True, "recipe": "seed"}
+    assert check_stage_settings(values) == values
+    for pair, message in ((("freeze-encoder", "yes"), "must be true or false, got 'yes'"),
+                          (("seed", "1:20"), "--finetune seed must be an integer"),
+                          (("lr", "fast"), "--finetune lr must be a number")):
+        with pytest.raises(ConfigError, match=message):
+            stage_values_from_text([pair])
+    with pytest.raises(ConfigError, match="--finetune lr is given twice"):
+        stage_values_from_text([("lr", "1"), ("lr", "2")])
+    with pytest.raises(ConfigError, match="--finetune finetune-epochs: the fine-tuning budget"):
+        check_stage_settings({"finetune_epochs": 2})
+
+
+def test_a_fine_tuning_recipe_named_once_is_kept_when_not_named_again(data_root, tmp_path,
+                                                                       capfd):
+    """`--recipe vitlab --finetune recipe=seed`, called again without the --finetune: the
+    companion it would derive is no change to the kept stage; both stages are kept."""
+    common = ["run", "--pretrain-data", "cifar10", "--finetune-data", "cifar10", "--model",
+              "micro", "--data-root", str(data_root), "--no-download", "--epochs", "1",
+              "--finetune-epochs", "1", "--train-steps-per-epoch", "1",
+              "--eval-steps-per-epoch", "1", "--batch-size", "16", "--no-progress",
+              "--log-steps", "0", "--device", "cpu", "--recipe", "vitlab", "--out",
+              str(tmp_path / "p")]
+    assert main([*common, "--finetune", "recipe=seed"]) == 0, capfd.readouterr().err
+    fine = tmp_path / "p" / "finetune"
+    assert ckpt.read_run_config(fine).recipe.name == "seed"
+    records = ckpt.read_jsonl(fine / ckpt.METRICS)
+    assert main(common) == 0, capfd.readouterr().err
+    assert ckpt.read_jsonl(fine / ckpt.METRICS) == records  # kept, nothing trained
+    assert main([*common, "--finetune", "recipe=vitlab-finetune"]) == 2
+    assert "--finetune recipe vitlab-finetune differs" in capfd.readouterr().err

@@ -1838,7 +1838,5 @@ def test_grad_checkpointing_trains_to_the_same_weights_bitwise(dataset, tmp_path
         "default"
     with pytest.raises(ConfigError, match="leave out --capture-step"):
         options(1, grad_checkpointing=True, capture_step=True)
-    with pytest.raises(ConfigError, match="frozen encoder .* leave out --grad-checkpointing"):
-        options(1, grad_checkpointing=True, freeze_encoder=True)
     with pytest.raises(ConfigError, match="grad_checkpointing must be true or false"):
         options(1, grad_checkpointing="no")

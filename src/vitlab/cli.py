@@ -51,14 +51,12 @@ def _path(text: str) -> str:
 _path.__name__ = "path"
 
 
-def _key_value(text: str) -> tuple[str, object]:
-    """KEY=VALUE, the value read as in a config file (0.001 a number, true a boolean)."""
-    from vitlab.settings import read_config_value
-
+def _key_value(text: str) -> tuple[str, str]:
+    """KEY=VALUE: (the key, named like a flag; the value as text, read as its flag's)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. lr=0.001)")
-    return key.strip().replace("-", "_"), read_config_value(value)
+    return key.strip().replace("_", "-"), value
 
 
 _key_value.__name__ = "KEY=VALUE"
@@ -135,8 +133,8 @@ def _add_settings(parser: argparse.ArgumentParser, command: str) -> None:
         kwargs: dict = {"dest": name, "help": help_text, "default": argparse.SUPPRESS}
         if setting.type is bool:  # an optional one (None: decided later) also has --no-FLAG
             kwargs["action"] = argparse.BooleanOptionalAction if setting.optional else "store_true"
-        elif setting.type is dict:  # --finetune lr=0.001 freeze-encoder=true
-            kwargs.update(nargs="+", type=_key_value, metavar="KEY=VALUE")
+        elif setting.type is dict:  # --finetune lr=0.001 freeze-encoder=true (given twice: both)
+            kwargs.update(nargs="+", type=_key_value, metavar="KEY=VALUE", action="extend")
         else:
             # Integer flags are sizes and counts (bounded, so a typo is not a 10^20 tensor);
             # a seed is any 63-bit number.
@@ -180,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", type=_path, default=None,
                    help="dataset scored (default: the run's own)")
     e.add_argument("--split", choices=EVAL_SPLITS, default="test",
-                   help="which of its splits: test; val (its val/ or val.npz, or for the run's "
+                   help="which of its splits: test; val (its val/, val.npz or val.csv, or for the run's "
                         "own data the split its --val-fraction held out, drawn again by its "
                         "seed); train (the training split, less that held-out split) (default: "
                         "test)")
@@ -286,12 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> None:
     command = args.command
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
-    if "finetune" in given:  # KEY=VALUE pairs: a key given twice is refused
-        pairs = given["finetune"]
-        given["finetune"] = dict(pairs)
-        if len(given["finetune"]) < len(pairs):
-            twice = next(k for i, (k, _) in enumerate(pairs) if k in dict(pairs[:i]))
-            raise ConfigError(f"--finetune {twice.replace('_', '-')} is given twice; keep one")
+    if "finetune" in given:  # KEY=VALUE pairs, each value read as its flag's
+        from vitlab.settings import stage_values_from_text
+
+        given["finetune"] = stage_values_from_text(given["finetune"])
     from_file: dict = {}
     try:
         _train_with(args, given, from_file)

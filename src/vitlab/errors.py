@@ -28,8 +28,10 @@ class SettingDiffers(ConfigError):
 
     def render(self, label: str, remedy: str) -> str:
         """The message, naming the setting as `label` and saying how to leave it out."""
-        was = f"with {self.was}" if self.was is not None else f"without {label}"
-        return (f"{label} {self.given} differs from the run in {self.run_dir}, which was "
+        given, was = (str(v).lower() if isinstance(v, bool) else v
+                      for v in (self.given, self.was))  # as flags and config files spell them
+        was = f"with {was}" if was is not None else f"without {label}"
+        return (f"{label} {given} differs from the run in {self.run_dir}, which was "
                 f"started {was}; {remedy} to continue it as saved, or start a new run "
                 "with another --out")
 

@@ -564,16 +564,17 @@ def evaluated_split(dataset: Dataset, split: str, spec: str,
     if dataset.val is None and not held:
         if split == "train":
             return dataset.train
-        raise ConfigError(f"--split val: {spec} has no validation split (val/ beside test/, or "
-                          "val.npz)" + (" and the run held none out of it (--val-fraction)"
-                                        if trained_with is not None else "")
+        raise ConfigError(f"--split val: {spec} has no validation split (val/ beside test/, "
+                          "val.npz or val.csv)" + (" and the run held none out of it "
+                                                   "(--val-fraction)"
+                                                   if trained_with is not None else "")
                           + "; score its test split (--split test)")
     if held:
         changed = (f"--split {split}: {spec} has changed since the run, which validated on the "
                    f"split its --val-fraction {held:g} held out: ")
         if dataset.val is not None:
-            raise ConfigError(changed + "it now has a validation split of its own (val/ or "
-                              "val.npz); score its test split (--split test)")
+            raise ConfigError(changed + "it now has a validation split of its own (val/, "
+                              "val.npz or val.csv); score its test split (--split test)")
         try:
             trained, _ = hold_out_validation(dataset, held, trained_with.seed, warn=False)
         except ConfigError:
@@ -842,30 +843,11 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
     named_size = {"image_size": image_size} if image_size is not None else {}
     saved_model = saved["pretrain"].model_preset if saved["pretrain"] else None
     model = model or saved_model or recipe_model(name)
-    # The fine-tuning stage takes the recipe's fine-tuning companion (vitlab -> vitlab-finetune);
-    # other settings given apply to both stages. A recipe value equal to the named recipe's own
-    # is no change (a file from `vitlab recipes vitlab` lists them all): the companion keeps its.
-    # The epoch budgets always reach it: each stage reads its own.
-    fine_settings = dict(settings)
-    if name in FINETUNE_RECIPES:
-        named = recipe(name)
-        fine_settings = {key: value for key, value in settings.items()
-                         if SETTINGS[key].role != "recipe" or key in _PIPELINE_KEEPS
-                         or value != getattr(named, SETTINGS[key].field or key)}
-        fine_settings["recipe"] = FINETUNE_RECIPES[name]
-    if "recipe" in stage_only:  # another recipe for fine-tuning: the settings given apply to it
-        fine_settings = {k: v for k, v in settings.items() if k != "recipe"}
-    fine_settings.update(stage_only)
-    # The vitlab augmentation's strengths reach a stage whose augmentation is it (the seed recipe
-    # refuses them in the pre-training stage's check below, and those given by --finetune in
-    # the fine-tuning stage's).
-    if fine_settings.get("augment", recipe(fine_settings.get("recipe", "seed")).augment) \
-            not in AUGMENT_SETTINGS_USED_BY:
-        fine_settings = {k: v for k, v in fine_settings.items()
-                         if k not in AUGMENT_SETTINGS or k in stage_only}
+    fine_settings = fine_tuning_settings(settings, stage_only)
+    with _named_by_finetune(stage_only):  # its model settings checked before anything trains
+        _model_overrides(dropout=fine_settings.get("dropout"),
+                         drop_path=fine_settings.get("drop_path"))
     keeps_ema = {}
-    # The architecture is pre-training's; fine-tuning takes the one it pre-trained.
-    fine_settings = {k: v for k, v in fine_settings.items() if k not in ARCHITECTURE_SETTINGS}
     for kind, stage in (("pretrain", settings), ("finetune", fine_settings)):
         with _named_by_finetune(stage_only if kind == "finetune" else {}):
             stage_recipe, options = _recipe_and_options(stage, kind)  # both stages' valid
@@ -887,7 +869,9 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
         check_learnable(dataset)
         _check_channels(normalization, dataset, spec)
         if stage.get("val_fraction"):  # what it holds out depends on the class sizes only
-            hold_out_validation(dataset, stage["val_fraction"], 0, warn=False)
+            hold_out_validation(dataset, stage["val_fraction"], 0, warn=False,
+                                flag="--finetune val-fraction" if stage is fine_settings
+                                and "val_fraction" in stage_only else "--val-fraction")
     if num_classes is not None and num_classes < datasets[1].num_classes:
         raise ConfigError(f"--num-classes {num_classes} is smaller than the "
                           f"{datasets[1].num_classes} classes of {finetune_data}")
@@ -899,9 +883,13 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
     head = {"num_classes": num_classes} if num_classes is not None else {}
     # Its encoder source is OUT/pretrain by construction, checked by identity below (not by
     # path: a copied or moved OUT continues).
+    # The fine-tuning recipe is compared with a kept stage's where --finetune names it: the one
+    # this call derives (the companion, or --recipe's) is no change to a stage started with
+    # another by `--finetune recipe=` (the pre-training stage is compared with --recipe).
+    compared = {k: v for k, v in fine_settings.items() if k != "recipe" or "recipe" in stage_only}
     with _named_by_finetune(stage_only):
         fine_plan = _plan_stage(fine_dir, "finetune", saved["finetune"], data=finetune_data,
-                                **named_size, **head, **fine_settings)
+                                **named_size, **head, **compared)
     if fine_plan[0] != "start":
         _check_fine_tuned_from_current(fine_dir, saved["finetune"], pre_dir, pre_plan[0])
     overwrite = settings.get("overwrite", False)
@@ -933,6 +921,35 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
                         quiet=settings.get("quiet", False), **data_options)
 
 
+def fine_tuning_settings(settings: dict[str, Any], stage_only: dict[str, Any]
+                         ) -> dict[str, Any]:
+    """The settings `vitlab run` fine-tunes with, from those given for both stages and those
+    given for fine-tuning alone (`--finetune`)."""
+    # The fine-tuning stage takes the recipe's fine-tuning companion (vitlab -> vitlab-finetune),
+    # or the one --finetune names; other settings given apply to both stages. A recipe value
+    # equal to the named recipe's own is no change (a file from `vitlab recipes vitlab` lists
+    # them all): the fine-tuning recipe keeps its. The epoch budgets always reach it: each stage
+    # reads its own.
+    name = settings.get("recipe", "seed")
+    fine = dict(settings)
+    fine_recipe = stage_only.get("recipe", FINETUNE_RECIPES.get(name))
+    if fine_recipe is not None:
+        named = recipe(name)
+        fine = {key: value for key, value in settings.items()
+                if SETTINGS[key].role != "recipe" or key in _PIPELINE_KEEPS
+                or value != getattr(named, SETTINGS[key].field or key)}
+        fine["recipe"] = fine_recipe
+    fine.update(stage_only)
+    # The vitlab augmentation's strengths reach a stage whose augmentation is it (the seed recipe
+    # refuses them in the pre-training stage's check, and those given by --finetune in the
+    # fine-tuning stage's).
+    if fine.get("augment", recipe(fine.get("recipe", "seed")).augment) \
+            not in AUGMENT_SETTINGS_USED_BY:
+        fine = {k: v for k, v in fine.items() if k not in AUGMENT_SETTINGS or k in stage_only}
+    # The architecture is pre-training's; fine-tuning takes the one it pre-trained.
+    return {k: v for k, v in fine.items() if k not in ARCHITECTURE_SETTINGS}
+
+
 @contextlib.contextmanager
 def _named_by_finetune(stage_only: dict[str, Any]) -> Iterator[None]:
     """A refusal of a setting `vitlab run --finetune` gave names it so, not as the flag that
@@ -943,8 +960,8 @@ def _named_by_finetune(stage_only: dict[str, Any]) -> Iterator[None]:
         if e.setting not in stage_only:
             raise
         key = e.setting.replace("_", "-")
-        raise ConfigError(e.render(f"--finetune {key}", f"drop {key} from --finetune")
-                          ) from None
+        raise ConfigError(e.render(f"--finetune {key}", f"drop {key} from --finetune (or "
+                                   "the config file's finetune: mapping)")) from None
     except SettingError as e:
         if e.setting not in stage_only:
             raise

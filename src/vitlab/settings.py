@@ -51,6 +51,20 @@ class Setting:
     def flag(self) -> str:
         return self.flag_name or "--" + self.name.replace("_", "-")
 
+    def from_text(self, text: str, label: str) -> Any:
+        """A value given as text (KEY=VALUE), read as this setting's flag reads it."""
+        if self.type is bool:
+            if text.strip().lower() not in ("true", "false"):
+                raise ConfigError(f"{label} must be true or false, got {text!r}")
+            return text.strip().lower() == "true"
+        if self.type in (int, float):
+            try:
+                return self.type(text)
+            except ValueError:
+                kind = "an integer" if self.type is int else "a number"
+                raise ConfigError(f"{label} must be {kind}, got {text!r}") from None
+        return text
+
     def check(self, value: Any, where: str = "") -> Any:
         """`value` as this setting's type, or a one-line ConfigError. `where` names the config
         file it came from: the error then names the file's key, not the flag."""
@@ -225,14 +239,15 @@ def check_stage_settings(values: Any, label: str = "--finetune") -> dict[str, An
         raise ConfigError(f"{label} takes the fine-tuning stage's settings by name, like "
                           f"lr: 0.001; got {values!r}")
     allowed, checked = stage_settings(), {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
+    for given_key, value in values.items():
+        name, key = given_key.replace("-", "_"), given_key.replace("_", "-")
         if name not in allowed:
             run = for_command("run")
             why = ("the fine-tuning budget is --finetune-epochs" if name in _SHARED_BY_STAGES[:2]
                    else "the fine-tuning data is --finetune-data" if name == "data"
                    else f"vitlab run takes it as {run[name].flag}" if name in run
-                   else "vitlab run fine-tunes from its pre-training stage" if name in SETTINGS
+                   else "vitlab run fine-tunes from its pre-training stage's weights (its EMA "
+                   "when it keeps one)" if name in SETTINGS
                    else "unknown setting; it takes " + ", ".join(sorted(
                        n.replace("_", "-") for n in allowed)))
             raise ConfigError(f"{label} {key}: {why}")
@@ -240,6 +255,22 @@ def check_stage_settings(values: Any, label: str = "--finetune") -> dict[str, An
             raise ConfigError(f"{label} {key!r} is given twice; keep one")
         checked[name] = allowed[name].check(value, f"{label} ")
     return checked
+
+
+def stage_values_from_text(pairs: list[tuple[str, str]], label: str = "--finetune"
+                           ) -> dict[str, Any]:
+    """`--finetune KEY=VALUE ...`'s (key, text) pairs as settings, each value read as its own
+    flag reads it (an integer as int(), a number as float(), a switch as true or false); a key
+    given twice, or a value its flag would not take, is one error. Unknown keys are left to
+    `check_stage_settings`."""
+    allowed, values = stage_settings(), {}
+    for key, text in pairs:
+        name = key.replace("-", "_")
+        if name in values:
+            raise ConfigError(f"{label} {key} is given twice; keep one")
+        setting = allowed.get(name)
+        values[name] = text if setting is None else setting.from_text(text, f"{label} {key}")
+    return values
 
 
 def read_config_file(path: str | Path, command: str) -> dict[str, Any]:
@@ -265,16 +296,6 @@ def read_config_file(path: str | Path, command: str) -> dict[str, Any]:
         raise ConfigError(f"{path} must hold a mapping of setting names to values, like "
                           "'lr: 0.01'")
     return check_settings(values, command, where=f"{path}: ")
-
-
-def read_config_value(text: str) -> Any:
-    """One value as a config file reads it: 0.001 and 1e-3 are numbers, true a boolean."""
-    import yaml
-
-    try:
-        return yaml.load(text, Loader=_config_loader())
-    except yaml.YAMLError:
-        return text  # not a YAML scalar: the setting's own check says what it needs
 
 
 @functools.cache

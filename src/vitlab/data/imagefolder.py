@@ -2,11 +2,11 @@
 both ``test/`` and ``val/``, ``val/`` is a validation split.
 
 Or images listed with their labels in ``train.csv`` and ``test.csv`` (or ``val.csv``; both:
-``val.csv`` is the validation split), FastEstimator's CSVDataset and Hugging Face's
-``metadata.csv`` layout: a header row naming an image column (``image``, ``file_name``,
-``filename``, ``file`` or ``path``: the file, relative to the folder and inside it) and a label
-column (``label`` or ``class``: the class name); other columns are ignored. The classes are the
-training labels, sorted (as numbers if every one is an integer).
+``val.csv`` is the validation split), as FastEstimator's CSVDataset reads them: a header row
+naming an image column (``image``, ``file_name``, ``filename``, ``file`` or ``path``: the file,
+relative to the folder and inside it) and a label column (``label`` or ``class``: the class
+name); other columns are ignored. The classes are the training labels, sorted (as numbers if
+every one is an integer). An image listed twice with one label is read once; with two, refused.
 
 The decoded arrays are cached as an array folder under ``<root>/imagefolders/<key>/``; the key hashes
 the folder's absolute path, the image size and every file's name, size, modification and change
@@ -17,10 +17,12 @@ of the folder's previous state at that size is deleted).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import unicodedata
@@ -48,9 +50,15 @@ def is_image_folder(path: Path) -> bool:
 
 
 def is_csv_folder(path: Path) -> bool:
-    """Images listed with their labels: train.csv and test.csv (or val.csv)."""
-    return (path / "train.csv").is_file() and (
-        (path / "test.csv").is_file() or (path / "val.csv").is_file())
+    """Images listed with their labels: train.csv and test.csv (or val.csv) - whose header
+    names an image and a label column where class folders are there too (other CSV files
+    beside class folders are no listing)."""
+    if not (path / "train.csv").is_file() or not (
+            (path / "test.csv").is_file() or (path / "val.csv").is_file()):
+        return False
+    class_layout = (path / "train").is_dir() and (
+        (path / "test").is_dir() or (path / "val").is_dir())
+    return not class_layout or lists_images(path / "train.csv")
 
 
 def decodes_images(path: Path) -> bool:
@@ -154,26 +162,57 @@ def _column(header: list[str], names: tuple[str, ...], what: str, csv_path: Path
     return found[0]
 
 
-def _list_csv(csv_path: Path, classes: list[str] | None
-              ) -> tuple[list[Path], list[int], list[str]]:
-    """The images a CSV file lists (see the module docstring) and their class indices; the
-    classes are the given ones (a test split's must be among them) or this split's labels."""
+def _read_csv(csv_path: Path) -> list[tuple[int, list[str]]]:
+    """The rows of a UTF-8 CSV file (a BOM, Excel's, is no part of the first name), each with
+    the line it starts on."""
     try:
-        with open(csv_path, encoding="utf-8-sig", newline="") as f:  # a BOM (Excel's) is no name
-            rows = list(csv.reader(f))
+        with open(csv_path, encoding="utf-8-sig", newline="") as f:
+            reader, rows, line = csv.reader(f), [], 1
+            for row in reader:
+                rows.append((line, row))
+                line = reader.line_num + 1  # a quoted field may hold line breaks
+            return rows
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataFormatError(f"{csv_path}: cannot be read as a UTF-8 CSV file "
                               f"({getattr(e, 'strerror', None) or e})") from None
+
+
+def lists_images(csv_path: Path) -> bool:
+    """Whether a CSV file's header row names an image and a label column."""
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    names = {h.strip().lower() for h in header}
+    return bool(names & set(IMAGE_COLUMNS)) and bool(names & set(LABEL_COLUMNS))
+
+
+def _class_order(labels: set[str]) -> list[str]:
+    """Labels sorted, as numbers when every one is an integer (2 before 10)."""
+    if all(re.fullmatch(r"[+-]?[0-9]+", n) for n in labels):
+        return sorted(labels, key=lambda n: (int(n), n))
+    return sorted(labels)
+
+
+def _list_csv(csv_path: Path, classes: list[str] | None,
+              listed_at: dict[Path, str] | None = None
+              ) -> tuple[list[Path], list[int], list[str]]:
+    """The images a CSV file lists (see the module docstring) and their class indices; the
+    classes are the given ones (a test split's must be among them) or this split's labels.
+    `listed_at` receives each file's "CSV, line N", for the messages about it."""
+    rows = _read_csv(csv_path)
     if not rows:
         raise DataFormatError(f"{csv_path}: empty; it needs a header row (image,label) and a "
                               "row per image")
-    header = rows[0]
+    header = rows[0][1]
     image_col = _column(header, IMAGE_COLUMNS, "image", csv_path)
     label_col = _column(header, LABEL_COLUMNS, "label", csv_path)
     folder = csv_path.parent
-    root = Path(os.path.normpath(folder))
-    files, names = [], []
-    for line, row in enumerate(rows[1:], start=2):
+    root = Path(os.path.abspath(folder))
+    files, names, first = [], [], {}
+    twice = 0
+    for line, row in rows[1:]:
         if not any(cell.strip() for cell in row):
             continue  # a blank line
         at = f"{csv_path}, line {line}"
@@ -185,19 +224,31 @@ def _list_csv(csv_path: Path, classes: list[str] | None
             raise DataFormatError(f"{at}: an empty {'image' if not name else 'label'}")
         file = folder / name
         # Inside by its name (links inside the folder may point anywhere, as in class folders).
-        if Path(name).is_absolute() or not Path(os.path.normpath(file)).is_relative_to(root):
+        absolute = Path(os.path.abspath(file))
+        if Path(name).is_absolute() or not absolute.is_relative_to(root):
             raise DataFormatError(f"{at}: {name!r} is outside {folder}; list images by their "
                                   "paths inside the folder that holds the CSV file")
         if not file.is_file():
-            raise DataFormatError(f"{at}: {name!r} is not a file in {folder}")
+            hint = "; write paths with / (not \\)" if "\\" in name else ""
+            raise DataFormatError(f"{at}: {name!r} is not a file in {folder}{hint}")
+        if absolute in first:  # listed before: the same label is a repeat, another a conflict
+            earlier_line, earlier_label = first[absolute]
+            if earlier_label != label:
+                raise DataFormatError(f"{at}: {name!r} is labelled {label!r} here and "
+                                      f"{earlier_label!r} on line {earlier_line}; keep one")
+            twice += 1
+            continue
+        first[absolute] = (line, label)
         files.append(file)
         names.append(label)
+        if listed_at is not None:
+            listed_at[file] = at
     if not files:
         raise DataFormatError(f"{csv_path}: lists no image; add a row per image (image,label)")
-    if classes is None:
-        found = set(names)
-        numeric = all(n.lstrip("-").isdigit() for n in found)
-        classes = sorted(found, key=(lambda n: (int(n), n)) if numeric else None)
+    if twice:
+        log.warning("vitlab: %s lists %d image(s) more than once, with the same label; each is "
+                    "read once", csv_path, twice)
+    classes = classes or _class_order(set(names))
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(names) - index.keys())
     if unknown:
@@ -262,14 +313,22 @@ def read_image(path: Path | str, size: int | None, what: str = "unreadable image
         raise DataFormatError(f"{path}: {what} ({e}){advice}") from None
 
 
-def _decode(path: Path, size: int | None) -> np.ndarray:
-    return read_image(path, size)
+def _decode(path: Path, size: int | None, advice: str = "; fix or delete it") -> np.ndarray:
+    return read_image(path, size, advice=advice)
 
 
-def _decode_all(files: list[Path], size: int | None, where: Path) -> np.ndarray:
+def _decode_all(files: list[Path], size: int | None, where: Path,
+                listed_at: dict[Path, str] | None = None) -> np.ndarray:
+    """Every file decoded; `listed_at`: the CSV row that lists each (an unreadable one is then
+    fixed, or its row removed)."""
+    def decode(f: Path) -> np.ndarray:
+        if listed_at is None:
+            return _decode(f, size)
+        return _decode(f, size, f"; fix it, or remove its row ({listed_at[f]})")
+
     # Pillow releases the GIL while decoding, so threads give real parallelism.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(lambda f: _decode(f, size), files))
+        images = list(pool.map(decode, files))
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise DataFormatError(
@@ -308,13 +367,27 @@ def _drop_older_caches(caches: Path, keep: Path, source: dict) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _warn_of_shared_images(path: Path, train: list[Path], others: dict[str, list[Path]]
+                           ) -> None:
+    """Say when test.csv or val.csv lists images train.csv lists too: their scores would be
+    of images the model trained on."""
+    trained = {os.path.abspath(f) for f in train}
+    for name, files in others.items():
+        shared = sum(os.path.abspath(f) in trained for f in files)
+        if shared:
+            log.warning("vitlab: %s lists %d image(s) that train.csv lists too: their scores "
+                        "are of images the model trained on", path / name, shared)
+
+
 def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset:
     """train/ and test/ (or val/, the test split then); with both test/ and val/, val/ is the
     validation split the epochs are evaluated on. Or the same splits listed by train.csv,
     test.csv and val.csv."""
     csv_listed = is_csv_folder(path)
     suffix = ".csv" if csv_listed else ""
-    listing = _list_csv if csv_listed else _list_split
+    listed_at: dict[Path, str] | None = {} if csv_listed else None
+    listing = (functools.partial(_list_csv, listed_at=listed_at) if csv_listed
+               else _list_split)
     test_dir = path / f"test{suffix}"
     if not test_dir.exists():
         test_dir = path / f"val{suffix}"
@@ -328,6 +401,10 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
     test_files, test_labels, _ = listing(test_dir, classes)
     val_files, val_labels = (listing(val_dir, classes)[:2] if val_dir is not None
                              else ([], []))
+    if csv_listed:
+        _warn_of_shared_images(path, train_files, {test_dir.name: test_files,
+                                                    **({val_dir.name: val_files} if val_dir
+                                                       else {})})
     caches = root / "imagefolders"
     # The CSV files too: their labels are part of what is cached.
     listed = [path / f"{split}.csv" for split in ("train", "test", "val")
@@ -335,8 +412,8 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
     cache = caches / _cache_key(path, image_size,
                                 listed + train_files + test_files + val_files)
     if not is_array_folder(cache):
-        x_train = _decode_all(train_files, image_size, path / f"train{suffix}")
-        x_test = _decode_all(test_files, image_size, test_dir)
+        x_train = _decode_all(train_files, image_size, path / f"train{suffix}", listed_at)
+        x_test = _decode_all(test_files, image_size, test_dir, listed_at)
         if x_train.shape[1:] != x_test.shape[1:]:
             raise DataFormatError(f"{path}: train and test image sizes differ; pass image_size")
         splits = {
@@ -344,7 +421,7 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
             "test": (x_test, np.asarray(test_labels, dtype=np.int64)),
         }
         if val_dir is not None:
-            x_val = _decode_all(val_files, image_size, val_dir)
+            x_val = _decode_all(val_files, image_size, val_dir, listed_at)
             if x_val.shape[1:] != x_train.shape[1:]:
                 raise DataFormatError(f"{path}: train and val image sizes differ; pass "
                                       "image_size")

@@ -29,7 +29,9 @@ from vitlab.data.arrays import held_out
 from vitlab.data.imagefolder import (
     EXTENSIONS,
     class_folders,
+    is_csv_folder,
     is_image_folder,
+    lists_images,
     subfolders,
     walk_files,
 )
@@ -60,7 +62,10 @@ def training_split_alone(folder: Path) -> bool:
 def _class_folders(source: Path) -> dict[str, Path]:
     """The class folders of a split, by their names in NFC (as image folders name classes):
     `source/train`'s when it holds the training split alone, else `source`'s."""
-    if (source / "train.csv").is_file():
+    if is_csv_folder(source):
+        raise ConfigError(f"{source} lists its training and test images in CSV files: train "
+                          f"with it as it is (vitlab pretrain --data {shlex.quote(str(source))})")
+    if (source / "train.csv").is_file() and lists_images(source / "train.csv"):
         raise ConfigError(f"{source} lists its images in train.csv: split makes an image folder "
                           "from class folders; for CSV-listed images, move some rows to a "
                           "test.csv beside it")

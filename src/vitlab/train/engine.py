@@ -629,11 +629,12 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                                   "nothing to resume")
         if progress.validation and progress.validation != validation:
             said = {"test": "the test split", "held_out": "a split held out by --val-fraction",
-                    "own": "the data's own validation split (val/ beside test/, val.npz)"}
+                    "own": "the data's own validation split (val/ beside test/, val.npz, val.csv)"}
             raise CheckpointError(
                 f"{run_dir} evaluated its epochs on {said[progress.validation]}, but would now "
-                f"on {said[validation]}: its data has changed since it started (a val/ or "
-                "val.npz added or removed); restore the data as it was, or start a new run")
+                f"on {said[validation]}: its data has changed since it started (a val/, "
+                "val.npz or val.csv added or removed); restore the data as it was, or start a "
+                "new run")
         if progress.stopped_early and not untested:  # finished, whatever budget it is given
             raise CheckpointError(
                 f"{run_dir} stopped early after epoch {progress.epoch} ("
@@ -723,7 +724,13 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     autocast_dtype = resolve_precision(options.precision, device)
     options.captures(device.type, distributed.world_size())  # refused before anything is written
     model.to(device)
-    model.encoder.grad_checkpointing = options.grad_checkpointing
+    # A frozen encoder keeps no activations for a backward pass: nothing to checkpoint (said,
+    # so that `vitlab run --grad-checkpointing --finetune freeze-encoder=true` is understood).
+    model.encoder.grad_checkpointing = options.grad_checkpointing and not options.freeze_encoder
+    if options.grad_checkpointing and options.freeze_encoder and distributed.is_main_process():
+        logging.getLogger("vitlab").warning(
+            "vitlab: --grad-checkpointing has nothing to save in a linear probe "
+            "(--freeze-encoder): the frozen encoder keeps no activations for the backward pass")
     if options.freeze_encoder:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
@@ -752,19 +759,19 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
                       len(dataset.test) if test is not None else None)
 
 
-def hold_out_validation(dataset: Dataset, fraction: float, seed: int, warn: bool = True
-                        ) -> tuple[Dataset, Split]:
+def hold_out_validation(dataset: Dataset, fraction: float, seed: int, warn: bool = True,
+                        flag: str = "--val-fraction") -> tuple[Dataset, Split]:
     """(the dataset to train and validate on: the training split less the held-out part, and
-    that part as its test split; the real test split), for --val-fraction. `warn`: say when
-    some trained classes get no validation image (off for a check made before the stage
-    that holds the split out, which says it then)."""
+    that part as its test split; the real test split), for --val-fraction (`flag`: where it
+    was given). `warn`: say when some trained classes get no validation image (off for a
+    check made before the stage that holds the split out, which says it then)."""
     if dataset.val is not None:
-        raise ConfigError(f"--val-fraction: {dataset.name} has a validation split of its own "
-                          "(val/ beside test/, or val.npz), which the epochs are evaluated on; "
-                          "drop --val-fraction (a run started with it continues only on its "
-                          "data as it was, without that split)")
+        raise ConfigError(f"{flag}: {dataset.name} has a validation split of its own "
+                          "(val/ beside test/, val.npz, or val.csv), which the epochs are "
+                          f"evaluated on; drop {flag} (a run started with it continues only on "
+                          "its data as it was, without that split)")
     rest, validation = dataset.train.hold_out(fraction, seed)
-    held = f"--val-fraction {fraction:g} holds out"
+    held = f"{flag} {fraction:g} holds out"
     if len(validation) == 0:
         raise ConfigError(f"{held} no image of {dataset.name}'s {len(dataset.train)} training "
                           "images (F x n of each class's n, rounded half up); raise it")

@@ -106,7 +106,7 @@ class TrainOptions:
         "hold out this fraction of the training images (of each class, drawn by --seed) as a "
         "validation split: the epochs are evaluated and the best checkpoint chosen on it, and "
         "the test split is evaluated once, after the last epoch (last, EMA and best weights). 0: "
-        "the data's own validation split (val/ beside test/, val.npz) if it has one, else the "
+        "the data's own validation split (val/ beside test/, val.npz, val.csv) if it has one, else the "
         "test split every epoch, as the tutorial"))
     eval_batch_size: int | None = field(default=None, metadata=_runtime(
         "evaluation batch size (default: the training batch on the CPU, at least 1024 on CUDA; "
@@ -214,10 +214,6 @@ class TrainOptions:
             raise ConfigError("--grad-checkpointing saves and restores the random generator's "
                               "state for its recomputation, which a recorded CUDA graph does "
                               "not: leave out --capture-step")
-        if self.grad_checkpointing and self.freeze_encoder:
-            raise ConfigError("--grad-checkpointing with --freeze-encoder: the frozen encoder "
-                              "runs without autograd and keeps no activations to save; leave "
-                              "out --grad-checkpointing")
         if self.capture_step and self.eager_optimizer is False:
             raise ConfigError("--capture-step records the optimizer's step as it runs, eagerly: "
                               "leave out --no-eager-optimizer (or use --no-capture-step)")
