@@ -1801,7 +1801,8 @@ def test_a_resume_on_data_whose_validation_split_changed_is_refused(dataset, tmp
     own = Dataset("tiny", dataset.train, dataset.test, val=make_split(9, 2))
     for first, then, said in ((dataset, own, "the test split, but would now on the data's own"),
                               (own, dataset, "the data's own validation split (val/ beside "
-                                             "test/, val.npz), but would now on the test")):
+                                             "test/, val.npz, val.csv), but would now on the "
+                                             "test")):
         run = tmp_path / said[:8]
         fit(tiny_model(), first, RECIPE, options(1, train_steps_per_epoch=1), run)
         with pytest.raises(CheckpointError, match=re.escape(f"evaluated its epochs on {said}")):
@@ -1840,3 +1841,20 @@ def test_grad_checkpointing_trains_to_the_same_weights_bitwise(dataset, tmp_path
         options(1, grad_checkpointing=True, capture_step=True)
     with pytest.raises(ConfigError, match="grad_checkpointing must be true or false"):
         options(1, grad_checkpointing="no")
+
+
+def test_grad_checkpointing_in_a_linear_probe_says_it_has_nothing_to_save(dataset, tmp_path,
+                                                                          caplog):
+    """--freeze-encoder keeps no encoder activations: checkpointing is left off, with a warning
+    (so that `vitlab run --grad-checkpointing --finetune freeze-encoder=true` checkpoints its
+    pre-training alone), and the weights are those without it."""
+    weights = {}
+    for on in (False, True):
+        model = tiny_model()
+        with caplog.at_level("WARNING", logger="vitlab"):
+            fit(model, dataset, RECIPE, options(1, train_steps_per_epoch=2, freeze_encoder=True,
+                                                grad_checkpointing=on), tmp_path / str(on))
+        assert model.encoder.grad_checkpointing is False
+        weights[on] = ckpt.load_weights(tmp_path / str(on) / ckpt.WEIGHTS)
+    assert "--grad-checkpointing has nothing to save in a linear probe" in caplog.text
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[False])
