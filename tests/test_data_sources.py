@@ -404,3 +404,8 @@ def test_csv_listings_order_repeat_share_and_sit_beside_class_folders(tmp_path, 
     _csv(folders / "train.csv", "id,breed\n1,tabby\n")
     _csv(folders / "test.csv", "id,breed\n2,tabby\n")
     assert load_dataset(folders, root=tmp_path / "root").classes == ["cat"]
+    # train/<class>/ alone beside such a CSV file: the advice is to split it.
+    shutil.rmtree(folders / "test")
+    (folders / "test.csv").unlink()
+    with pytest.raises(DatasetNotFoundError, match="vitlab split"):
+        load_dataset(folders, root=tmp_path / "root")

@@ -1122,6 +1122,10 @@ def test_the_fine_tuning_stages_settings_are_derived_alike_however_its_recipe_is
     seed = fine_tuning_settings(given, {"recipe": "seed", "lr": 0.05})
     assert seed["recipe"] == "seed" and seed["lr"] == 0.05 and "erase_prob" not in seed
     assert seed["epochs"] == 3 and "min_lr_ratio" not in seed  # the budget reaches every stage
+    # Without --recipe every setting given is a choice: it reaches a --finetune recipe too.
+    unnamed = check_settings({"lr": 0.01, "optimizer": "sgd"}, "run")
+    assert fine_tuning_settings(unnamed, {"recipe": "vitlab-finetune"}) == {
+        "lr": 0.01, "optimizer": "sgd", "recipe": "vitlab-finetune"}
     with pytest.raises(ConfigError, match="--finetune erase-prob applies to --augment vitlab"):
         from vitlab.runs import _named_by_finetune, _recipe_and_options
 
@@ -1144,6 +1148,11 @@ def test_finetune_values_are_read_as_their_flags_read_them():
             stage_values_from_text([pair])
     with pytest.raises(ConfigError, match="--finetune lr is given twice"):
         stage_values_from_text([("lr", "1"), ("lr", "2")])
+    assert stage_values_from_text([("grad-clip", "null"), ("early-stop-patience", "None")]) == \
+        {"grad_clip": None, "early_stop_patience": None}
+    with pytest.raises(ConfigError, match="batch-size 3000000000 is out of range"):
+        stage_values_from_text([("batch-size", "3000000000")])
+    assert stage_values_from_text([("seed", str(2**40))]) == {"seed": 2**40}
     with pytest.raises(ConfigError, match="--finetune finetune-epochs: the fine-tuning budget"):
         check_stage_settings({"finetune_epochs": 2})
 
@@ -1166,3 +1175,14 @@ def test_a_fine_tuning_recipe_named_once_is_kept_when_not_named_again(data_root,
     assert ckpt.read_jsonl(fine / ckpt.METRICS) == records  # kept, nothing trained
     assert main([*common, "--finetune", "recipe=vitlab-finetune"]) == 2
     assert "--finetune recipe vitlab-finetune differs" in capfd.readouterr().err
+    # Without --recipe (the seed recipe): --lr reaches the named fine-tuning recipe, and the
+    # call without the --finetune keeps that stage too.
+    unnamed = [a for a in common if a not in ("--recipe", "vitlab")]
+    unnamed[unnamed.index("--out") + 1] = str(tmp_path / "q")
+    assert main([*unnamed, "--lr", "0.01", "--finetune", "recipe=vitlab-finetune"]) == 0
+    fine = tmp_path / "q" / "finetune"
+    assert ckpt.read_run_config(fine).recipe.lr == 0.01
+    records = ckpt.read_jsonl(fine / ckpt.METRICS)
+    capfd.readouterr()
+    assert main([*unnamed, "--lr", "0.01"]) == 0, capfd.readouterr().err
+    assert ckpt.read_jsonl(fine / ckpt.METRICS) == records

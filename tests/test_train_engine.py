@@ -1856,5 +1856,9 @@ def test_grad_checkpointing_in_a_linear_probe_says_it_has_nothing_to_save(datase
                                                 grad_checkpointing=on), tmp_path / str(on))
         assert model.encoder.grad_checkpointing is False
         weights[on] = ckpt.load_weights(tmp_path / str(on) / ckpt.WEIGHTS)
-    assert "--grad-checkpointing has nothing to save in a linear probe" in caplog.text
+    (warning,) = [r for r in caplog.records if "nothing to save" in r.getMessage()]
+    assert "--grad-checkpointing has nothing to save in a linear probe" in warning.getMessage()
     assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[False])
+    # Nor does it change what a linear probe compiles or captures on CUDA.
+    probe = options(1, grad_checkpointing=True, freeze_encoder=True, capture_step=True)
+    assert probe.captures("cuda") and not probe.checkpoints

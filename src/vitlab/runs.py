@@ -575,12 +575,11 @@ def evaluated_split(dataset: Dataset, split: str, spec: str,
         if dataset.val is not None:
             raise ConfigError(changed + "it now has a validation split of its own (val/, "
                               "val.npz or val.csv); score its test split (--split test)")
-        try:
-            trained, _ = hold_out_validation(dataset, held, trained_with.seed, warn=False)
-        except ConfigError:
+        rest, validation = dataset.train.hold_out(held, trained_with.seed)  # as fit draws it
+        if len(validation) == 0 or len(rest) == 0:
             raise ConfigError(changed + "that fraction of it now holds out no image or all of "
-                              "them; score its test split (--split test)") from None
-        return trained.test if split == "val" else trained.train
+                              "them; score its test split (--split test)")
+        return validation if split == "val" else rest
     return dataset.val if split == "val" else dataset.train
 
 
@@ -883,10 +882,15 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
     head = {"num_classes": num_classes} if num_classes is not None else {}
     # Its encoder source is OUT/pretrain by construction, checked by identity below (not by
     # path: a copied or moved OUT continues).
-    # The fine-tuning recipe is compared with a kept stage's where --finetune names it: the one
-    # this call derives (the companion, or --recipe's) is no change to a stage started with
-    # another by `--finetune recipe=` (the pre-training stage is compared with --recipe).
-    compared = {k: v for k, v in fine_settings.items() if k != "recipe" or "recipe" in stage_only}
+    # A kept fine-tuning stage is compared with what this call gives as if it named the stage's
+    # own recipe, unless --finetune names one: a recipe named once by `--finetune recipe=` is
+    # kept when not named again (the pre-training stage is compared with --recipe).
+    compared = fine_settings
+    if saved["finetune"] is not None and "recipe" not in stage_only:
+        compared = {**fine_tuning_settings(
+            settings, {"recipe": saved["finetune"].recipe.name, **stage_only}),
+            **({"weights": fine_settings["weights"]} if "weights" in fine_settings else {})}
+        del compared["recipe"]
     with _named_by_finetune(stage_only):
         fine_plan = _plan_stage(fine_dir, "finetune", saved["finetune"], data=finetune_data,
                                 **named_size, **head, **compared)
@@ -930,14 +934,17 @@ def fine_tuning_settings(settings: dict[str, Any], stage_only: dict[str, Any]
     # equal to the named recipe's own is no change (a file from `vitlab recipes vitlab` lists
     # them all): the fine-tuning recipe keeps its. The epoch budgets always reach it: each stage
     # reads its own.
+    # Without --recipe (the seed recipe, by default) every setting given is a choice, and
+    # reaches it.
     name = settings.get("recipe", "seed")
     fine = dict(settings)
     fine_recipe = stage_only.get("recipe", FINETUNE_RECIPES.get(name))
-    if fine_recipe is not None:
+    if fine_recipe is not None and "recipe" in settings:
         named = recipe(name)
         fine = {key: value for key, value in settings.items()
                 if SETTINGS[key].role != "recipe" or key in _PIPELINE_KEEPS
                 or value != getattr(named, SETTINGS[key].field or key)}
+    if fine_recipe is not None:
         fine["recipe"] = fine_recipe
     fine.update(stage_only)
     # The vitlab augmentation's strengths reach a stage whose augmentation is it (the seed recipe

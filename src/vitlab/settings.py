@@ -52,17 +52,25 @@ class Setting:
         return self.flag_name or "--" + self.name.replace("_", "-")
 
     def from_text(self, text: str, label: str) -> Any:
-        """A value given as text (KEY=VALUE), read as this setting's flag reads it."""
+        """A value given as text (KEY=VALUE), read as this setting's flag reads it; `null` (or
+        `none`) for one whose unset value means something (grad-clip: no clipping), as in a
+        config file."""
+        if self.optional and text.strip().lower() in ("null", "none"):
+            return None
         if self.type is bool:
             if text.strip().lower() not in ("true", "false"):
                 raise ConfigError(f"{label} must be true or false, got {text!r}")
             return text.strip().lower() == "true"
         if self.type in (int, float):
             try:
-                return self.type(text)
+                value = self.type(text)
             except ValueError:
                 kind = "an integer" if self.type is int else "a number"
                 raise ConfigError(f"{label} must be {kind}, got {text!r}") from None
+            # Integer flags are sizes and counts (a typo is not a 10^10 tensor); a seed is any.
+            if self.type is int and self.name != "seed" and abs(value) >= 2**31:
+                raise ConfigError(f"{label} {text} is out of range (at most {2**31 - 1})")
+            return value
         return text
 
     def check(self, value: Any, where: str = "") -> Any:
@@ -252,7 +260,7 @@ def check_stage_settings(values: Any, label: str = "--finetune") -> dict[str, An
                        n.replace("_", "-") for n in allowed)))
             raise ConfigError(f"{label} {key}: {why}")
         if name in checked:
-            raise ConfigError(f"{label} {key!r} is given twice; keep one")
+            raise ConfigError(f"{label} {key} is given twice; keep one")
         checked[name] = allowed[name].check(value, f"{label} ")
     return checked
 

@@ -241,8 +241,8 @@ def _list_csv(csv_path: Path, classes: list[str] | None,
         first[absolute] = (line, label)
         files.append(file)
         names.append(label)
-        if listed_at is not None:
-            listed_at[file] = at
+        if listed_at is not None:  # an image two CSV files list: its first row
+            listed_at.setdefault(file, at)
     if not files:
         raise DataFormatError(f"{csv_path}: lists no image; add a row per image (image,label)")
     if twice:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vitlab.data.arrays import Dataset, Split, is_array_folder, read_array_folder
 from vitlab.data.cifar import SOURCES, load_named
-from vitlab.data.imagefolder import decodes_images, load_image_folder, subfolders
+from vitlab.data.imagefolder import decodes_images, lists_images, load_image_folder, subfolders
 from vitlab.data.split import training_split_alone
 from vitlab.errors import ConfigError, DatasetNotFoundError
 
@@ -53,7 +53,7 @@ def spec_kind(spec: str | os.PathLike) -> str:
         raise DatasetNotFoundError(f"{name!r} does not exist, and is not a dataset name "
                                    f"({', '.join(SOURCES)})")
     split = f"`vitlab split {shlex.quote(name)} --out NEW_FOLDER` makes one from it"
-    if (path / "train.csv").is_file():
+    if (path / "train.csv").is_file() and lists_images(path / "train.csv"):
         raise DatasetNotFoundError(f"{name!r} has train.csv but no test.csv or val.csv: images "
                                    "listed by CSV files need both (test.csv like train.csv)")
     if path.is_dir() and training_split_alone(path):  # an image folder without a test split

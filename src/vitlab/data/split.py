@@ -62,10 +62,11 @@ def training_split_alone(folder: Path) -> bool:
 def _class_folders(source: Path) -> dict[str, Path]:
     """The class folders of a split, by their names in NFC (as image folders name classes):
     `source/train`'s when it holds the training split alone, else `source`'s."""
-    if is_csv_folder(source):
-        raise ConfigError(f"{source} lists its training and test images in CSV files: train "
+    listed = (source / "train.csv").is_file() and lists_images(source / "train.csv")
+    if listed and is_csv_folder(source):
+        raise ConfigError(f"{source} lists its images and their splits in CSV files: train "
                           f"with it as it is (vitlab pretrain --data {shlex.quote(str(source))})")
-    if (source / "train.csv").is_file() and lists_images(source / "train.csv"):
+    if listed:
         raise ConfigError(f"{source} lists its images in train.csv: split makes an image folder "
                           "from class folders; for CSV-listed images, move some rows to a "
                           "test.csv beside it")

@@ -223,7 +223,7 @@ def check_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> list[str
         raise CheckpointError(
             f"{run_dir} holds {named}, not from a vitlab run (that this version can read); "
             "choose another --out, or pass --overwrite to replace them (in tensorboard/ and "
-            "evaluation/, only the files vitlab writes there)")
+            "the evaluation folders, only the files vitlab writes there)")
     if leftovers and not overwrite and has_checkpoint(run_dir):
         raise CheckpointError(
             f"{run_dir} already holds a run ({named}); continue it with --resume "

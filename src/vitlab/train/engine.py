@@ -726,8 +726,8 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     model.to(device)
     # A frozen encoder keeps no activations for a backward pass: nothing to checkpoint (said,
     # so that `vitlab run --grad-checkpointing --finetune freeze-encoder=true` is understood).
-    model.encoder.grad_checkpointing = options.grad_checkpointing and not options.freeze_encoder
-    if options.grad_checkpointing and options.freeze_encoder and distributed.is_main_process():
+    model.encoder.grad_checkpointing = options.checkpoints
+    if options.grad_checkpointing and not options.checkpoints and distributed.is_main_process():
         logging.getLogger("vitlab").warning(
             "vitlab: --grad-checkpointing has nothing to save in a linear probe "
             "(--freeze-encoder): the frozen encoder keeps no activations for the backward pass")

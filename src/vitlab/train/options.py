@@ -128,7 +128,7 @@ class TrainOptions:
         "pass and runs its forward again there (timm's --grad-checkpointing): less activation "
         "memory for about a third more compute, the same gradients (the recomputation draws "
         "the same dropout masks); not with --capture-step, and eager unless --compile is "
-        "given (in torch's default mode then)"))
+        "given (in torch's default mode then, unless --compile-mode names another)"))
     augment_chunk: int = field(default=1024, metadata=_saved(
         "augment this many training images per call, in whole batches (at least one; at most "
         f"{AUGMENT_CHUNK_MIB} MiB of float32 inputs): fewer, larger tensor ops; it changes the "
@@ -210,7 +210,7 @@ class TrainOptions:
         if self.precision == "fp16" and self.eager_optimizer is False:
             raise ConfigError("--precision fp16 steps the optimizer through its loss scaler, "
                               "eagerly: leave out --no-eager-optimizer")
-        if self.grad_checkpointing and self.capture_step:  # its recomputation restores the RNG
+        if self.checkpoints and self.capture_step:  # its recomputation restores the RNG
             raise ConfigError("--grad-checkpointing saves and restores the random generator's "
                               "state for its recomputation, which a recorded CUDA graph does "
                               "not: leave out --capture-step")
@@ -236,8 +236,7 @@ class TrainOptions:
         captured = self.captures(device_type, world_size)
         if asked is None:  # gradient checkpointing compiled was not measured: eager
             pays_after = COMPILE_PAYS_CAPTURED_AFTER_STEPS if captured else COMPILE_PAYS_AFTER_STEPS
-            asked = (cuda and world_size == 1 and steps >= pays_after
-                     and not self.grad_checkpointing)
+            asked = cuda and world_size == 1 and steps >= pays_after and not self.checkpoints
         if not asked:
             return None, False
         # CUDA graphs were measured on one GPU; under DDP torch.compile's own default mode;
@@ -245,12 +244,18 @@ class TrainOptions:
         # Nor with gradient accumulation: torch.compile's graphs would overwrite a part's
         # gradients with the next part's run (pytorch/pytorch#169545).
         graphs = (cuda and world_size == 1 and not captured and self.grad_accum_steps == 1
-                  and not self.grad_checkpointing)
+                  and not self.checkpoints)
         mode = self.compile_mode or ("reduce-overhead" if graphs else "default")
         # A captured step records the optimizer's step as it runs: eagerly; fp16's loss scaler
         # steps it eagerly too.
         return mode, captured or self.precision == "fp16" or (
             self.eager_optimizer if self.eager_optimizer is not None else cuda)
+
+    @property
+    def checkpoints(self) -> bool:
+        """Whether training checkpoints the encoder's blocks: --grad-checkpointing, unless the
+        encoder is frozen (a linear probe keeps no encoder activations to save)."""
+        return self.grad_checkpointing is True and not self.freeze_encoder
 
     def captures(self, device_type: str, world_size: int = 1) -> bool:
         """Whether fit records its whole step as one CUDA graph (--capture-step). Unset: on one
@@ -261,7 +266,7 @@ class TrainOptions:
         if self.capture_step is None:  # off where asked for graphs or a compiled optimizer step
             return (device_type == "cuda" and world_size == 1 and self.eager_optimizer is not False
                     and self.compile_mode in (None, "default") and self.precision != "fp16"
-                    and not self.grad_checkpointing)
+                    and not self.checkpoints)
         if not self.capture_step:
             return False
         if device_type != "cuda":
