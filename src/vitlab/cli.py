@@ -178,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", type=_path, default=None,
                    help="dataset scored (default: the run's own)")
     e.add_argument("--split", choices=EVAL_SPLITS, default="test",
-                   help="which of its splits: test; val (its val/, val.npz or val.csv, or for the run's "
-                        "own data the split its --val-fraction held out, drawn again by its "
-                        "seed); train (the training split, less that held-out split) (default: "
-                        "test)")
+                   help="which of its splits: test; val (its val/, val.npz or val.csv, or "
+                        "for the run's own data the split its --val-fraction held out, drawn "
+                        "again by its seed); train (the training split, less that held-out "
+                        "split) (default: test)")
     e.add_argument("--out", type=_path, default=None,
                    help="default: RUN_DIR/evaluation, RUN_DIR/evaluation-SPLIT for another "
                         "split")
@@ -360,8 +360,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from vitlab import runs
 
     runs.evaluate_run(args.checkpoint, data=args.data, split=args.split, weights=args.weights,
-                      out=args.out,
-                      batch_size=args.batch_size, eval_steps=args.eval_steps,
+                      out=args.out, batch_size=args.batch_size, eval_steps=args.eval_steps,
                       device=args.device, precision=args.precision, image_size=args.image_size,
                       data_root=args.data_root, download=not args.no_download)
 

@@ -930,12 +930,11 @@ def fine_tuning_settings(settings: dict[str, Any], stage_only: dict[str, Any]
     """The settings `vitlab run` fine-tunes with, from those given for both stages and those
     given for fine-tuning alone (`--finetune`)."""
     # The fine-tuning stage takes the recipe's fine-tuning companion (vitlab -> vitlab-finetune),
-    # or the one --finetune names; other settings given apply to both stages. A recipe value
-    # equal to the named recipe's own is no change (a file from `vitlab recipes vitlab` lists
-    # them all): the fine-tuning recipe keeps its. The epoch budgets always reach it: each stage
-    # reads its own.
-    # Without --recipe (the seed recipe, by default) every setting given is a choice, and
-    # reaches it.
+    # or the one --finetune names; other settings given apply to both stages. With --recipe
+    # named, a recipe value equal to its own is no change (a file from `vitlab recipes vitlab`
+    # lists them all): the fine-tuning recipe keeps its; without it (the seed recipe by
+    # default) every setting given is a choice, and reaches it. The epoch budgets always reach
+    # it: each stage reads its own.
     name = settings.get("recipe", "seed")
     fine = dict(settings)
     fine_recipe = stage_only.get("recipe", FINETUNE_RECIPES.get(name))
