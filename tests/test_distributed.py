@@ -332,3 +332,25 @@ def test_vitlab_run_refuses_a_foreign_stage_file_on_every_rank_before_training(
     assert proc.stderr.count(refusal) == 2, proc.stderr[-3000:]
     assert (out / "finetune" / "model.safetensors").read_text() == "not mine"
     assert not (out / "pretrain" / "metrics.jsonl").exists()
+
+
+def test_what_loading_finds_is_said_by_rank_0_alone(monkeypatch, caplog):
+    """The other ranks load after rank 0 (its cache): their data warnings (skipped files,
+    repeated CSV rows) would repeat its own once per rank, so they are left unsaid."""
+    import logging
+
+    from vitlab import distributed
+
+    def load() -> str:
+        logging.getLogger("vitlab.data").warning("vitlab: skipped 1 file")
+        return "dataset"
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda value: None)
+    with caplog.at_level("WARNING", logger="vitlab.data"):
+        for main_rank, said in ((True, 1), (False, 0)):
+            monkeypatch.setattr(distributed, "is_main_process", lambda main=main_rank: main)
+            caplog.clear()
+            assert distributed.main_process_first(load) == "dataset"
+            assert len(caplog.records) == said
+    assert not logging.getLogger("vitlab.data").disabled

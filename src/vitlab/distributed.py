@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -164,4 +165,11 @@ def main_process_first(step: Callable[[], T]) -> T:
     message = broadcast_object(None)
     if message is not None:
         raise ConfigError(f"rank 0 of the job failed: {message}")
-    return step()
+    # What loading found (skipped files, repeated CSV rows) rank 0 has said once for the job.
+    data_log = logging.getLogger("vitlab.data")
+    was = data_log.disabled
+    data_log.disabled = True
+    try:
+        return step()
+    finally:
+        data_log.disabled = was
