@@ -1016,16 +1016,22 @@ def test_evaluate_scores_the_split_a_run_held_out_and_the_rest(data_root, tmp_pa
     assert report["num_samples"] == 12 and report["ce"] == pytest.approx(epoch["ce"], rel=1e-6)
 
 
+def tiny_pipeline(data_root: Path, steps: int, *extra: str) -> list[str]:
+    """`vitlab run`'s arguments for a micro model, one epoch of `steps` steps a stage, CIFAR-10
+    both ways, on the CPU."""
+    return ["run", "--pretrain-data", "cifar10", "--finetune-data", "cifar10", "--model",
+            "micro", "--data-root", str(data_root), "--no-download", "--epochs", "1",
+            "--finetune-epochs", "1", "--train-steps-per-epoch", str(steps),
+            "--eval-steps-per-epoch", "1", "--batch-size", "16", "--no-progress",
+            "--log-steps", "0", "--device", "cpu", *extra]
+
+
 def test_vitlab_run_takes_settings_for_its_fine_tuning_stage_alone(data_root, tmp_path, capfd):
     """--finetune KEY=VALUE (a config file's finetune: mapping, merged under the flag's) sets
     the fine-tuning stage alone: here a linear probe at its own LR, whose encoder stays the
     pre-trained one bit for bit. A changed, bad, shared or unknown key is one error line that
     names it as given; a kept stage is compared with what the call gives."""
-    common = ["run", "--pretrain-data", "cifar10", "--finetune-data", "cifar10", "--model",
-              "micro", "--data-root", str(data_root), "--no-download", "--epochs", "1",
-              "--finetune-epochs", "1", "--train-steps-per-epoch", "2",
-              "--eval-steps-per-epoch", "1", "--batch-size", "16", "--no-progress",
-              "--log-steps", "0", "--device", "cpu", "--lr", "0.05"]
+    common = tiny_pipeline(data_root, 2, "--lr", "0.05")
     out = tmp_path / "p"
     config = tmp_path / "stage.yaml"
     config.write_text("finetune:\n  lr: 0.5\n  label-smoothing: 0.1\n")
@@ -1161,12 +1167,7 @@ def test_a_fine_tuning_recipe_named_once_is_kept_when_not_named_again(data_root,
                                                                        capfd):
     """`--recipe vitlab --finetune recipe=seed`, called again without the --finetune: the
     companion it would derive is no change to the kept stage; both stages are kept."""
-    common = ["run", "--pretrain-data", "cifar10", "--finetune-data", "cifar10", "--model",
-              "micro", "--data-root", str(data_root), "--no-download", "--epochs", "1",
-              "--finetune-epochs", "1", "--train-steps-per-epoch", "1",
-              "--eval-steps-per-epoch", "1", "--batch-size", "16", "--no-progress",
-              "--log-steps", "0", "--device", "cpu", "--recipe", "vitlab", "--out",
-              str(tmp_path / "p")]
+    common = tiny_pipeline(data_root, 1, "--recipe", "vitlab", "--out", str(tmp_path / "p"))
     assert main([*common, "--finetune", "recipe=seed"]) == 0, capfd.readouterr().err
     fine = tmp_path / "p" / "finetune"
     assert ckpt.read_run_config(fine).recipe.name == "seed"

@@ -101,7 +101,8 @@ def load_data(spec: PathLike, *, image_size: int | None = None,
     """
     if image_size is not None and image_size < 1:
         raise ConfigError(f"--image-size must be at least 1, got {image_size}")
-    if on_device and not decodes_images(Path(spec)):
+    images = decodes_images(Path(spec))  # resized to the model's size when decoded
+    if on_device and not images:
         if image_size is not None and image_size != model_image_size:
             raise ConfigError(f"--image-size {image_size} with --resize-on-device: each batch "
                               f"is resized to the model's {model_image_size}x{model_image_size} "
@@ -113,7 +114,7 @@ def load_data(spec: PathLike, *, image_size: int | None = None,
                           f"{model_image_size}x{model_image_size} input; use "
                           f"--image-size {model_image_size}")
     size = image_size
-    if size is None and model_image_size is not None and decodes_images(Path(spec)):
+    if size is None and model_image_size is not None and images:
         size = model_image_size
     loaded = _loaded.get()
     key = (data_spec(spec),

@@ -42,29 +42,33 @@ log = logging.getLogger("vitlab.data")
 DECODER_VERSION = 2  # part of the cache key: a change to how pixels are decoded re-decodes
 
 
+def image_layout(path: Path) -> str | None:
+    """How a folder holds image files: "csv" (train.csv and test.csv or val.csv list them),
+    "folders" (train/<class>/ and test/<class>/ or val/), or None. Where both are there, CSV
+    files whose header names an image and a label column win (a Kaggle-style train/ of
+    images beside train.csv); other CSV files beside class folders are no listing."""
+    folders = (path / "train").is_dir() and ((path / "test").is_dir() or (path / "val").is_dir())
+    listed = (path / "train.csv").is_file() and (
+        (path / "test.csv").is_file() or (path / "val.csv").is_file())
+    if listed and (not folders or lists_images(path / "train.csv")):
+        return "csv"
+    return "folders" if folders else None
+
+
 def is_image_folder(path: Path) -> bool:
-    """Class folders: train/<class>/ and test/<class>/ (or val/) - unless CSV files list the
-    images (a Kaggle-style train/ of images beside train.csv)."""
-    return (not is_csv_folder(path) and (path / "train").is_dir()
-            and ((path / "test").is_dir() or (path / "val").is_dir()))
+    """Class folders: train/<class>/ and test/<class>/ (or val/) (see `image_layout`)."""
+    return image_layout(path) == "folders"
 
 
 def is_csv_folder(path: Path) -> bool:
-    """Images listed with their labels: train.csv and test.csv (or val.csv) - whose header
-    names an image and a label column where class folders are there too (other CSV files
-    beside class folders are no listing)."""
-    if not (path / "train.csv").is_file() or not (
-            (path / "test.csv").is_file() or (path / "val.csv").is_file()):
-        return False
-    class_layout = (path / "train").is_dir() and (
-        (path / "test").is_dir() or (path / "val").is_dir())
-    return not class_layout or lists_images(path / "train.csv")
+    """Images listed with their labels in train.csv and test.csv (or val.csv)."""
+    return image_layout(path) == "csv"
 
 
 def decodes_images(path: Path) -> bool:
     """Whether the dataset at `path` is image files (decoded, and resized to the model's size,
     once), either layout."""
-    return is_image_folder(path) or is_csv_folder(path)
+    return image_layout(path) is not None
 
 
 def walk_files(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
