@@ -254,3 +254,103 @@ def test_a_split_stopped_by_sigterm_leaves_nothing_behind(tmp_path, monkeypatch,
     assert "vitlab split: stopped by SIGTERM" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
     assert signal.getsignal(signal.SIGTERM) is before  # the handler put back
+
+
+def make_listing(root: Path, labels: dict[str, int], header: str = "image,label") -> Path:
+    """root/train.csv listing root/images/<label>-<i>.png (each a flat colour) with its label,
+    the rows in an order unrelated to the labels (reversed)."""
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for k, (label, n) in enumerate(labels.items()):
+        for i in range(n):
+            Image.new("RGB", (8, 8), (40 * k, 10 * i, 0)).save(root / "images" / f"{label}-{i}.png")
+            rows.append(f"images/{label}-{i}.png,{label}")
+    (root / "train.csv").write_text("\n".join([header, *reversed(rows)]) + "\n")
+    return root
+
+
+def read_listing(path: Path) -> dict[str, str]:
+    """image -> label of a CSV listing that split wrote (its header: image,label)."""
+    lines = path.read_text().splitlines()
+    assert lines[0] == "image,label"
+    return dict(line.split(",") for line in lines[1:])
+
+
+def test_images_listed_in_train_csv_are_split_into_listings(tmp_path, caplog):
+    """A Kaggle-style folder (train.csv beside the images, a test.csv without labels): each
+    label held out by its share, drawn as class folders are, into train.csv, test.csv and
+    val.csv that list the images at their paths, linked into the output; vitlab reads it."""
+    source = make_listing(tmp_path / "kaggle", {"cat": 10, "dog": 7, "emu": 3})
+    (source / "test.csv").write_text("image\nimages/unlabelled.png\n")
+    with caplog.at_level("WARNING", logger="vitlab.data"):
+        summary = split_image_folder(source, tmp_path / "split", 0.2, val_fraction=0.1, seed=3)
+    assert "test.csv has no label column; split leaves it out" in caplog.text
+    out = tmp_path / "split"
+    assert summary.listed and sorted(p.name for p in out.iterdir()) == [
+        "images", "test.csv", "train.csv", "val.csv"]
+    splits = {name: read_listing(out / f"{name}.csv") for name in ("train", "test", "val")}
+    for label, n in (("cat", 10), ("dog", 7), ("emu", 3)):
+        sizes = [sum(v == label for v in splits[s].values()) for s in ("train", "test", "val")]
+        assert sizes == [n - held_out(n, 0.2) - held_out(n, 0.1), held_out(n, 0.2),
+                         held_out(n, 0.1)], (label, sizes)
+    every = {**splits["train"], **splits["test"], **splits["val"]}
+    assert sum(map(len, splits.values())) == len(every) == 20  # each image in one split
+    assert all(image.startswith(f"images/{label}-") for image, label in every.items())
+    assert list(splits["test"]) == sorted(splits["test"])  # rows by path
+    assert summary.counts["test"] == {"cat": 2, "dog": 1, "emu": 1}
+    assert summary.linked == 20 and sorted(p.name for p in (out / "images").iterdir()) == sorted(
+        Path(image).name for image in every)
+    assert os.path.samefile(out / next(iter(splits["test"])), source / next(iter(splits["test"])))
+    # The same draw as class folders holding the same images under the same names.
+    folders = tmp_path / "folders"
+    for image, label in every.items():
+        (folders / label).mkdir(parents=True, exist_ok=True)
+        os.link(source / image, folders / label / Path(image).name)
+    split_image_folder(folders, tmp_path / "split-folders", 0.2, val_fraction=0.1, seed=3)
+    for name in ("train", "test", "val"):
+        assert listing(tmp_path / "split-folders" / name) == {
+            label: {Path(image).name for image, lab in splits[name].items() if lab == label}
+            for label in set(splits[name].values())}
+    data = load_dataset(out, root=tmp_path / "cache")
+    assert (len(data.train), len(data.test), len(data.val)) == (14, 4, 2)
+    assert data.classes == ["cat", "dog", "emu"]
+
+
+def test_a_listing_is_refused_when_split_already_or_unusable(tmp_path):
+    """A listing with a labelled test.csv is split already; a label column without an image
+    column, a bad row and a single class are one-line errors; nothing is written."""
+    source = make_listing(tmp_path / "listed", {"cat": 4, "dog": 4})
+    (source / "val.csv").write_text("image,label\nimages/cat-0.png,cat\n")
+    with pytest.raises(ConfigError, match=r"lists its images and their splits in CSV files "
+                                          r"\(train.csv, val.csv\): train with it as it is"):
+        split_image_folder(source, tmp_path / "out", 0.25)
+    kaggle = make_listing(tmp_path / "kaggle", {"cat": 4, "dog": 4}, header="id,label")
+    with pytest.raises(DataFormatError, match="needs one image column"):
+        split_image_folder(kaggle, tmp_path / "out", 0.25)  # not two classes "images"
+    (kaggle / "train.csv").write_text("image,label\nimages/cat-0.png,cat\nimages/gone.png,dog\n")
+    with pytest.raises(DataFormatError, match=r"train.csv, line 3: 'images/gone.png' is not a "):
+        split_image_folder(kaggle, tmp_path / "out", 0.25)
+    (kaggle / "train.csv").write_text("image,label\nimages/cat-0.png,cat\nimages/cat-1.png,cat\n")
+    with pytest.raises(DataFormatError, match=r"train.csv lists one class \('cat'\); a "
+                                              "classifier needs two or more"):
+        split_image_folder(kaggle, tmp_path / "out", 0.25)
+    one = make_classes(tmp_path / "one", {"cat": 4})
+    with pytest.raises(DataFormatError, match="its class folders hold one class"):
+        split_image_folder(one, tmp_path / "out", 0.25)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kaggle", "listed", "one"]
+
+
+def test_the_cli_splits_a_listing_that_training_points_to_it(tmp_path):
+    source = make_listing(tmp_path / "kaggle", {"cat": 5, "dog": 5})
+    refused = h.run_cli("pretrain", "--data", source, "--model", "micro", cwd=tmp_path,
+                        expect=2)
+    line = h.assert_one_error_line(refused.stderr, "pretrain")
+    assert "has train.csv but no test.csv or val.csv" in line and "`vitlab split" in line
+    done = h.run_cli("split", source, "--out", tmp_path / "split", cwd=tmp_path)
+    assert done.stdout.strip() == (f"wrote {tmp_path / 'split'}: train 8, test 2 images of 2 "
+                                   "classes, listed in train.csv and test.csv (10 hard-linked); "
+                                   f"train on it with --data {tmp_path / 'split'}")
+    (source / "train.csv").write_text("id,label\n1,cat\n")
+    refused = h.run_cli("pretrain", "--data", source, "--model", "micro", cwd=tmp_path,
+                        expect=2)
+    assert "names a label column but no image column" in h.assert_one_error_line(refused.stderr)

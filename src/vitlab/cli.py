@@ -227,12 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--weights", choices=WEIGHT_CHOICES, default="last", help=WEIGHTS_HELP)
 
     s = sub.add_parser("split", help="make an image folder (train/, test/) from a folder of "
-                       "class folders, holding out a share of each class")
+                       "class folders, or train.csv and test.csv from images train.csv lists, "
+                       "holding out a share of each class")
     s.add_argument("source", type=_path, metavar="FOLDER",
-                   help="FOLDER/<class>/ images (or FOLDER/train/<class>/ alone)")
+                   help="FOLDER/<class>/ images (or FOLDER/train/<class>/ alone), or "
+                        "FOLDER/train.csv listing images with labels (columns image,label)")
     s.add_argument("--out", type=_path, required=True, metavar="DIR",
-                   help="new folder for DIR/train/<class>/ and DIR/test/<class>/ (hard links to "
-                        "the images where the file system allows, else copies)")
+                   help="new folder for DIR/train/<class>/ and DIR/test/<class>/, or "
+                        "DIR/train.csv and DIR/test.csv with the images at their paths (hard "
+                        "links to the images where the file system allows, else copies)")
     s.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of each class's images held out for test/, rounded half up "
                         "(default: 0.2)")
@@ -434,8 +437,10 @@ def _split(args: argparse.Namespace) -> None:
                       if summary.counts[split])
     how = ", ".join(f"{n:,} {what}" for n, what in ((summary.linked, "hard-linked"),
                                                    (summary.copied, "copied")) if n)
-    print(f"wrote {summary.out}: {sizes} images of {len(summary.counts['train'])} classes "
-          f"({how}); train on it with --data {shlex.quote(str(summary.out))}")
+    listed = [f"{split}.csv" for split in summary.counts if summary.counts[split]]
+    where = f", listed in {', '.join(listed[:-1])} and {listed[-1]}" if summary.listed else ""
+    print(f"wrote {summary.out}: {sizes} images of {len(summary.counts['train'])} classes"
+          f"{where} ({how}); train on it with --data {shlex.quote(str(summary.out))}")
 
 
 def _info(args: argparse.Namespace) -> None:

@@ -181,15 +181,26 @@ def _read_csv(csv_path: Path) -> list[tuple[int, list[str]]]:
                               f"({getattr(e, 'strerror', None) or e})") from None
 
 
-def lists_images(csv_path: Path) -> bool:
-    """Whether a CSV file's header row names an image and a label column."""
+def _header(csv_path: Path) -> set[str]:
+    """The names in a CSV file's header row, trimmed and lower-cased (none if unreadable)."""
     try:
         with open(csv_path, encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(f), [])
     except (OSError, UnicodeDecodeError, csv.Error):
-        return False
-    names = {h.strip().lower() for h in header}
+        return set()
+    return {h.strip().lower() for h in header}
+
+
+def lists_images(csv_path: Path) -> bool:
+    """Whether a CSV file's header row names an image and a label column."""
+    names = _header(csv_path)
     return bool(names & set(IMAGE_COLUMNS)) and bool(names & set(LABEL_COLUMNS))
+
+
+def lists_labels(csv_path: Path) -> bool:
+    """Whether a CSV file's header row names a label column (a listing of labelled images,
+    whatever its image column is called)."""
+    return bool(_header(csv_path) & set(LABEL_COLUMNS))
 
 
 def _class_order(labels: set[str]) -> list[str]:
@@ -199,7 +210,7 @@ def _class_order(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-def _list_csv(csv_path: Path, classes: list[str] | None,
+def list_csv(csv_path: Path, classes: list[str] | None,
               listed_at: dict[Path, str] | None = None
               ) -> tuple[list[Path], list[int], list[str]]:
     """The images a CSV file lists (see the module docstring) and their class indices; the
@@ -390,7 +401,7 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
     csv_listed = is_csv_folder(path)
     suffix = ".csv" if csv_listed else ""
     listed_at: dict[Path, str] | None = {} if csv_listed else None
-    listing = (functools.partial(_list_csv, listed_at=listed_at) if csv_listed
+    listing = (functools.partial(list_csv, listed_at=listed_at) if csv_listed
                else _list_split)
     test_dir = path / f"test{suffix}"
     if not test_dir.exists():

@@ -1,18 +1,22 @@
-"""``vitlab split``: turn a folder of class folders into an image folder vitlab trains on.
+"""``vitlab split``: turn a folder of class folders, or of images listed with their labels in
+train.csv, into a dataset vitlab trains on.
 
 Photos usually come as ``<root>/<class>/*.jpg`` (torchvision's ImageFolder layout, Hugging Face's
-``imagefolder`` before ``train_test_split``), or as ``<root>/train/<class>/`` alone. vitlab's
-image folders need a test split beside the training one. `split_image_folder` makes one, once
-and visibly: it holds out a fraction of each class's images (stratified, drawn by a seed) as
-``<out>/test/<class>/`` (and optionally ``<out>/val/<class>/``), the rest as
-``<out>/train/<class>/``. Files are hard-linked where the file system allows it (no extra disk
-space; the images are the same files) and copied otherwise. The output appears whole or not at
-all: it is built in a temporary folder beside ``out`` and renamed into place.
+``imagefolder`` before ``train_test_split``), or as ``<root>/train/<class>/`` alone; a Kaggle
+download often as ``train.csv`` (image, label) beside the images. vitlab needs a test split beside
+the training one. `split_image_folder` makes one, once and visibly: it holds out a fraction of
+each class's images (stratified, drawn by a seed) for test (and optionally val), the rest for
+train: as ``<out>/test/<class>/`` beside ``<out>/train/<class>/``, or for a CSV listing as
+``<out>/test.csv`` beside ``<out>/train.csv``, the images at their paths in the source. Files are
+hard-linked where the file system allows it (no extra disk space; the images are the same files)
+and copied otherwise. The output appears whole or not at all: it is built in a temporary folder
+beside ``out`` and renamed into place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import os
 import random
@@ -29,9 +33,10 @@ from vitlab.data.arrays import held_out
 from vitlab.data.imagefolder import (
     EXTENSIONS,
     class_folders,
-    is_csv_folder,
     is_image_folder,
+    list_csv,
     lists_images,
+    lists_labels,
     subfolders,
     walk_files,
 )
@@ -48,6 +53,7 @@ class SplitSummary:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> images
     linked: int = 0
     copied: int = 0
+    listed: bool = False  # written as train.csv, test.csv (val.csv), not class folders
 
     def total(self, split: str) -> int:
         return sum(self.counts.get(split, {}).values())
@@ -59,21 +65,60 @@ def training_split_alone(folder: Path) -> bool:
     return [d.name for d in subfolders(folder)] == ["train"]
 
 
-def _class_folders(source: Path) -> dict[str, Path]:
-    """The class folders of a split, by their names in NFC (as image folders name classes):
-    `source/train`'s when it holds the training split alone, else `source`'s."""
-    listed = (source / "train.csv").is_file() and lists_images(source / "train.csv")
-    if listed and is_csv_folder(source):
-        raise ConfigError(f"{source} lists its images and their splits in CSV files: train "
-                          f"with it as it is (vitlab pretrain --data {shlex.quote(str(source))})")
-    if listed:
-        raise ConfigError(f"{source} lists its images in train.csv: split makes an image folder "
-                          "from class folders; for CSV-listed images, move some rows to a "
-                          "test.csv beside it")
+# A class's images: (the path inside its class folder, or the listing's folder, where the output
+# puts it; the file).
+Images = list[tuple[Path, Path]]
+
+
+def _nfc(relative: Path) -> str:
+    """A path as POSIX text in composed Unicode: macOS and Linux write names differently."""
+    return unicodedata.normalize("NFC", relative.as_posix())
+
+
+def _listed_images(source: Path) -> dict[str, Images] | None:
+    """class -> its images, when `source`/train.csv lists them with labels (its header names a
+    label column; a bad listing is an error naming its line), else None."""
+    listing = source / "train.csv"
+    if not (listing.is_file() and lists_labels(listing)):
+        return None
+    for other in ("test.csv", "val.csv"):
+        if lists_images(source / other):
+            raise ConfigError(f"{source} lists its images and their splits in CSV files (train."
+                              f"csv, {other}): train with it as it is (vitlab pretrain --data "
+                              f"{shlex.quote(str(source))})")
+        if (source / other).is_file():  # Kaggle's test.csv: images to predict, no labels
+            log.warning("vitlab: %s has no label column; split leaves it out (vitlab predict "
+                        "labels images)", source / other)
+    files, labels, classes = list_csv(listing, None)
+    images: dict[str, Images] = {name: [] for name in classes}
+    for file, label in zip(files, labels, strict=True):  # inside source (list_csv checks)
+        images[classes[label]].append((Path(os.path.relpath(file, source)), file))
+    return images
+
+
+def _folder_images(source: Path) -> dict[str, Images]:
+    """class -> its images, from the class folders of `source` (`source/train`'s when it holds
+    the training split alone)."""
     if is_image_folder(source):
         raise ConfigError(f"{source} already has train/ and a test/ or val/ split: train with it "
                           f"as it is (vitlab pretrain --data {shlex.quote(str(source))})")
-    return class_folders(source / "train" if training_split_alone(source) else source)
+    folders = class_folders(source / "train" if training_split_alone(source) else source)
+    images: dict[str, Images] = {}
+    skipped = 0
+    for name, folder in folders.items():
+        files, problems = walk_files(folder)
+        if problems:
+            raise DataFormatError(f"{problems[0][0]}: {problems[0][1]}; fix or delete it")
+        found = [f for f in files if f.suffix.lower() in EXTENSIONS]
+        skipped += len(files) - len(found)
+        if not found:
+            raise DataFormatError(f"{folder}: no {'/'.join(EXTENSIONS)} images; add some or "
+                                  "remove the folder")
+        images[name] = [(f.relative_to(folder), f) for f in found]
+    if skipped:
+        log.warning("vitlab: left out %d file(s) of %s that are not images vitlab reads (%s)",
+                    skipped, source, "/".join(EXTENSIONS))
+    return images
 
 
 def _check_out(out: Path, source: Path) -> None:
@@ -112,23 +157,23 @@ def split_image_folder(source: str | os.PathLike, out: str | os.PathLike, test_f
     if not source.is_dir():
         raise ConfigError(f"{source} is not a folder")
     _check_out(out, source)
-    folders = _class_folders(source)
-    plan: dict[str, dict[str, list[Path]]] = {"train": {}, "test": {}}
+    classes = _listed_images(source)
+    listed = classes is not None
+    if classes is None:
+        classes = _folder_images(source)
+    if len(classes) < 2:
+        where = "train.csv lists" if listed else "its class folders hold"
+        raise DataFormatError(
+            f"{source}: {where} one class ({next(iter(classes))!r}); a classifier needs two or "
+            "more: put each class's images in a folder named after it, or list the images with "
+            "their labels in train.csv (columns image,label)")
+    plan: dict[str, dict[str, Images]] = {"train": {}, "test": {}}
     if val_fraction > 0:
         plan["val"] = {}
-    untested, skipped = [], 0
-    for name, folder in folders.items():
-        files, problems = walk_files(folder)
-        if problems:
-            raise DataFormatError(f"{problems[0][0]}: {problems[0][1]}; fix or delete it")
+    untested = []
+    for name, images in classes.items():
         # In an order every file system gives alike: by the names' composed Unicode form.
-        images = sorted((f for f in files if f.suffix.lower() in EXTENSIONS),
-                        key=lambda f, d=folder: unicodedata.normalize(
-                            "NFC", f.relative_to(d).as_posix()))
-        skipped += len(files) - len(images)
-        if not images:
-            raise DataFormatError(f"{folder}: no {'/'.join(EXTENSIONS)} images; add some or "
-                                  "remove the folder")
+        images = sorted(images, key=lambda item: _nfc(item[0]))
         # Seeded by the class name too: adding a class does not redraw the others. (As bytes:
         # a name that is not UTF-8 seeds by its own bytes; a UTF-8 one as its string would.)
         random.Random(f"{seed}/{name}".encode("utf-8", "surrogateescape")).shuffle(images)
@@ -143,28 +188,25 @@ def split_image_folder(source: str | os.PathLike, out: str | os.PathLike, test_f
     if not any(plan["test"].values()):
         raise DataFormatError(f"no class of {source} has enough images to give the test split "
                               f"one at --test-fraction {test_fraction}; raise it")
-    if skipped:
-        log.warning("vitlab: left out %d file(s) of %s that are not images vitlab reads (%s)",
-                    skipped, source, "/".join(EXTENSIONS))
     if untested:
         log.warning("vitlab: %d class(es) of %s are too small to give the test split an image at "
-                    "--test-fraction %g (e.g. %r): all their images are in train/", len(untested),
-                    source, test_fraction, untested[0])
+                    "--test-fraction %g (e.g. %r): all their images are in %s", len(untested),
+                    source, test_fraction, untested[0], "train.csv" if listed else "train/")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    summary = SplitSummary(out)
+    summary = SplitSummary(out, listed=listed)
     with _sigterm_raises():  # a stopped split removes its partial folder, as Ctrl-C's does
         try:
             partial.mkdir()
-            for split, classes in plan.items():
-                summary.counts[split] = {}
-                for name, images in classes.items():
-                    for image in images:  # subfolders kept: an image folder reads them too
-                        target = partial / split / name / image.relative_to(folders[name])
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        _link_or_copy(image, target, summary)
-                    if images:
-                        summary.counts[split][name] = len(images)
+            for split, chosen in plan.items():
+                summary.counts[split] = {name: len(images) for name, images in chosen.items()
+                                         if images}
+                if listed:
+                    _write_listing(partial, split, chosen, summary)
+                    continue
+                for name, images in chosen.items():
+                    for relative, image in images:  # subfolders kept: image folders read them
+                        _link_or_copy(image, partial / split / name / relative, summary)
             if out.exists():
                 out.rmdir()  # empty (checked above)
             partial.rename(out)
@@ -206,7 +248,22 @@ def _signals_ignored() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def _write_listing(out: Path, split: str, chosen: dict[str, Images],
+                   summary: SplitSummary) -> None:
+    """out/<split>.csv (image,label), its rows ordered by image path, and its images at their
+    paths in the source's folder."""
+    rows = sorted(((relative, name, image) for name, images in chosen.items()
+                   for relative, image in images), key=lambda row: _nfc(row[0]))
+    for relative, _name, image in rows:
+        _link_or_copy(image, out / relative, summary)
+    with open(out / f"{split}.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label"])
+        writer.writerows((relative.as_posix(), name) for relative, name, _image in rows)
+
+
 def _link_or_copy(image: Path, target: Path, summary: SplitSummary) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():  # a.JPG beside a.jpg, written where letter case is ignored
         raise DataFormatError(f"{image} and another image both become {target} where --out is "
                               "(its file system ignores letter case?); rename one of them")
