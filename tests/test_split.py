@@ -3,6 +3,7 @@ class held out by its share, drawn by the seed; hard links (or copies), all or n
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -271,9 +272,10 @@ def make_listing(root: Path, labels: dict[str, int], header: str = "image,label"
 
 def read_listing(path: Path) -> dict[str, str]:
     """image -> label of a CSV listing that split wrote (its header: image,label)."""
-    lines = path.read_text().splitlines()
-    assert lines[0] == "image,label"
-    return dict(line.split(",") for line in lines[1:])
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["image", "label"]
+    return dict(rows[1:])
 
 
 def test_images_listed_in_train_csv_are_split_into_listings(tmp_path, caplog):
@@ -316,17 +318,46 @@ def test_images_listed_in_train_csv_are_split_into_listings(tmp_path, caplog):
     assert data.classes == ["cat", "dog", "emu"]
 
 
-def test_a_listing_is_refused_when_split_already_or_unusable(tmp_path):
-    """A listing with a labelled test.csv is split already; a label column without an image
-    column, a bad row and a single class are one-line errors; nothing is written."""
+def test_labels_that_need_quoting_and_a_val_split_too_small_for_an_image(tmp_path):
+    """Labels with a comma, quotes and accents are written quoted and read back as they were;
+    a val split that no class can give an image gets no val.csv (an empty one is no split)."""
+    source = make_listing(tmp_path / "listed", {"a": 5, "b": 5})
+    text = (source / "train.csv").read_text()
+    text = text.replace(",a\n", ',"tabby, ""striped"" caf\u00e9"\n').replace(",b\n", ",\u00b2\n")
+    (source / "train.csv").write_text(text)
+    summary = split_image_folder(source, tmp_path / "out", 0.2, val_fraction=0.05)
+    assert sorted(summary.counts) == ["test", "train", "val"] and not summary.counts["val"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images", "test.csv",
+                                                                    "train.csv"]
+    labels = set(read_listing(tmp_path / "out" / "train.csv").values())
+    assert labels == {'tabby, "striped" caf\u00e9', "\u00b2"}
+    data = load_dataset(tmp_path / "out", root=tmp_path / "cache")
+    assert data.classes == sorted(labels) and (len(data.train), len(data.test)) == (8, 2)
+
+
+def test_a_listing_is_refused_when_split_already_or_unusable(tmp_path, caplog):
+    """A listing with a labelled test.csv is split already; a test.csv with a label column but
+    no image column, an unreadable train.csv, a bad row and a single class are one-line errors;
+    nothing is written. A train.csv with a label column but no image column beside class
+    folders leaves the class folders to be split, said in a warning."""
     source = make_listing(tmp_path / "listed", {"cat": 4, "dog": 4})
     (source / "val.csv").write_text("image,label\nimages/cat-0.png,cat\n")
     with pytest.raises(ConfigError, match=r"lists its images and their splits in CSV files "
                                           r"\(train.csv, val.csv\): train with it as it is"):
         split_image_folder(source, tmp_path / "out", 0.25)
+    (source / "val.csv").write_text("image_id,label\ncat-0,cat\n")
+    with pytest.raises(DataFormatError, match="val.csv: names a label column but no image "
+                                              "column .* holding each image's path"):
+        split_image_folder(source, tmp_path / "out", 0.25)
+    (source / "val.csv").unlink()
+    (source / "train.csv").write_bytes("image,label\nimages/cat-0.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataFormatError, match="train.csv: cannot be read as a UTF-8 CSV file"):
+        split_image_folder(source, tmp_path / "out", 0.25)
     kaggle = make_listing(tmp_path / "kaggle", {"cat": 4, "dog": 4}, header="id,label")
-    with pytest.raises(DataFormatError, match="needs one image column"):
-        split_image_folder(kaggle, tmp_path / "out", 0.25)  # not two classes "images"
+    with caplog.at_level("WARNING", logger="vitlab.data"), pytest.raises(
+            DataFormatError, match=r"its class folders hold one class \('images'\)"):
+        split_image_folder(kaggle, tmp_path / "out", 0.25)  # not a class "images"
+    assert "names a label column but no image column" in caplog.text
     (kaggle / "train.csv").write_text("image,label\nimages/cat-0.png,cat\nimages/gone.png,dog\n")
     with pytest.raises(DataFormatError, match=r"train.csv, line 3: 'images/gone.png' is not a "):
         split_image_folder(kaggle, tmp_path / "out", 0.25)
@@ -338,19 +369,34 @@ def test_a_listing_is_refused_when_split_already_or_unusable(tmp_path):
     with pytest.raises(DataFormatError, match="its class folders hold one class"):
         split_image_folder(one, tmp_path / "out", 0.25)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kaggle", "listed", "one"]
+    # Class folders with a CSV file of labels but no image column beside them split as before.
+    photos = make_classes(tmp_path / "photos", {"cat": 4, "dog": 4})
+    (photos / "train.csv").write_text("id,label\n1,cat\n")
+    assert split_image_folder(photos, tmp_path / "out", 0.25).counts["test"] == {"cat": 1,
+                                                                                 "dog": 1}
 
 
 def test_the_cli_splits_a_listing_that_training_points_to_it(tmp_path):
-    source = make_listing(tmp_path / "kaggle", {"cat": 5, "dog": 5})
+    """A Kaggle download (an unlabelled test.csv, flat train/ and test/ image folders beside)
+    is refused with the split command; split makes the dataset; a train.csv with a label but no
+    image column and nothing else is named as such."""
+    source = make_listing(tmp_path / "kaggle-one", {"cat": 5, "dog": 5})
+    (source / "test.csv").write_text("image\nx.png\n")
+    for flat in ("train", "test"):
+        (source / flat).mkdir()
+        Image.new("RGB", (8, 8)).save(source / flat / "x.png")
     refused = h.run_cli("pretrain", "--data", source, "--model", "micro", cwd=tmp_path,
                         expect=2)
     line = h.assert_one_error_line(refused.stderr, "pretrain")
-    assert "has train.csv but no test.csv or val.csv" in line and "`vitlab split" in line
+    assert "has train.csv but no test.csv or val.csv that lists images with labels" in line
+    assert f"`vitlab split {source} --out NEW_FOLDER` holds some out as test.csv" in line
     done = h.run_cli("split", source, "--out", tmp_path / "split", cwd=tmp_path)
     assert done.stdout.strip() == (f"wrote {tmp_path / 'split'}: train 8, test 2 images of 2 "
                                    "classes, listed in train.csv and test.csv (10 hard-linked); "
                                    f"train on it with --data {tmp_path / 'split'}")
-    (source / "train.csv").write_text("id,label\n1,cat\n")
-    refused = h.run_cli("pretrain", "--data", source, "--model", "micro", cwd=tmp_path,
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "train.csv").write_text("id,label\n1,cat\n")
+    refused = h.run_cli("pretrain", "--data", bare, "--model", "micro", cwd=tmp_path,
                         expect=2)
     assert "names a label column but no image column" in h.assert_one_error_line(refused.stderr)

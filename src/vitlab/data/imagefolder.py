@@ -160,10 +160,21 @@ LABEL_COLUMNS = ("label", "class")
 def _column(header: list[str], names: tuple[str, ...], what: str, csv_path: Path) -> int:
     found = [i for i, h in enumerate(header) if h.strip().lower() in names]
     if len(found) != 1:
+        holding = IMAGE_COLUMN_HOLDS if what == "image" and not found else ""
         raise DataFormatError(
             f"{csv_path}: its header row needs {'one' if not found else 'only one'} {what} "
-            f"column ({', '.join(names)}), got {', '.join(map(repr, header)) or 'none'}")
+            f"column ({', '.join(names)}){holding}, got "
+            f"{', '.join(map(repr, header)) or 'none'}")
     return found[0]
+
+
+# What a listing's image column holds (a Kaggle id without its folder and extension is not it).
+IMAGE_COLUMN_HOLDS = " holding each image's path inside the CSV file's folder (train/x.jpg)"
+
+
+def _unreadable(csv_path: Path, error: Exception) -> DataFormatError:
+    return DataFormatError(f"{csv_path}: cannot be read as a UTF-8 CSV file "
+                           f"({getattr(error, 'strerror', None) or error})")
 
 
 def _read_csv(csv_path: Path) -> list[tuple[int, list[str]]]:
@@ -177,18 +188,26 @@ def _read_csv(csv_path: Path) -> list[tuple[int, list[str]]]:
                 line = reader.line_num + 1  # a quoted field may hold line breaks
             return rows
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataFormatError(f"{csv_path}: cannot be read as a UTF-8 CSV file "
-                              f"({getattr(e, 'strerror', None) or e})") from None
+        raise _unreadable(csv_path, e) from None
 
 
-def _header(csv_path: Path) -> set[str]:
-    """The names in a CSV file's header row, trimmed and lower-cased (none if unreadable)."""
+def csv_header(csv_path: Path) -> set[str]:
+    """The names in a CSV file's header row, trimmed and lower-cased; a file that cannot be
+    read (as UTF-8, in its first few KiB) is an error."""
     try:
         with open(csv_path, encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(f), [])
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return set()
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise _unreadable(csv_path, e) from None
     return {h.strip().lower() for h in header}
+
+
+def _header(csv_path: Path) -> set[str]:
+    """csv_header, or none where the file is missing or unreadable (no listing, then)."""
+    try:
+        return csv_header(csv_path)
+    except DataFormatError:
+        return set()
 
 
 def lists_images(csv_path: Path) -> bool:
@@ -201,6 +220,18 @@ def lists_labels(csv_path: Path) -> bool:
     """Whether a CSV file's header row names a label column (a listing of labelled images,
     whatever its image column is called)."""
     return bool(_header(csv_path) & set(LABEL_COLUMNS))
+
+
+def unsplit_listing(path: Path) -> bool:
+    """Whether train.csv lists images with labels and neither test.csv nor val.csv names a label
+    column (a Kaggle download, whose test.csv, if any, has none), nor train/ and test/ (or val/)
+    hold class folders: images that need a test split (`vitlab split`)."""
+    if not lists_images(path / "train.csv"):
+        return False
+    if any(lists_labels(path / name) for name in ("test.csv", "val.csv")):
+        return False
+    held_out = (path / "test").is_dir() or (path / "val").is_dir()
+    return not (held_out and (path / "train").is_dir() and subfolders(path / "train"))
 
 
 def _class_order(labels: set[str]) -> list[str]:

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from vitlab.data.arrays import Dataset, Split, is_array_folder, read_array_folder
 from vitlab.data.cifar import SOURCES, load_named
 from vitlab.data.imagefolder import (
+    IMAGE_COLUMN_HOLDS,
     IMAGE_COLUMNS,
     decodes_images,
-    lists_images,
     lists_labels,
     load_image_folder,
     subfolders,
+    unsplit_listing,
 )
 from vitlab.data.split import training_split_alone
 from vitlab.errors import ConfigError, DatasetNotFoundError
@@ -54,21 +55,22 @@ def spec_kind(spec: str | os.PathLike) -> str:
     path = Path(name).expanduser()
     if is_array_folder(path):
         return "arrays"
+    quoted = shlex.quote(name)
+    if unsplit_listing(path):  # before decodes_images: Kaggle's unlabelled test.csv is no split
+        raise DatasetNotFoundError(f"{name!r} has train.csv but no test.csv or val.csv that "
+                                   "lists images with labels, as train.csv does; `vitlab split "
+                                   f"{quoted} --out NEW_FOLDER` holds some out as test.csv")
     if decodes_images(path):
         return "images"
     if not path.exists():
         raise DatasetNotFoundError(f"{name!r} does not exist, and is not a dataset name "
                                    f"({', '.join(SOURCES)})")
-    split = f"`vitlab split {shlex.quote(name)} --out NEW_FOLDER` makes one from it"
+    split = f"`vitlab split {quoted} --out NEW_FOLDER` makes one from it"
     listing = path / "train.csv"
-    if listing.is_file() and lists_labels(listing):
-        if not lists_images(listing):
-            raise DatasetNotFoundError(
-                f"{listing}: its header names a label column but no image column "
-                f"({', '.join(IMAGE_COLUMNS)}); name the column of image paths so")
-        raise DatasetNotFoundError(f"{name!r} has train.csv but no test.csv or val.csv that "
-                                   "lists images with labels, as train.csv does; "
-                                   f"{split.replace('one', 'them')}")
+    if listing.is_file() and lists_labels(listing) and not subfolders(path):
+        raise DatasetNotFoundError(
+            f"{listing}: its header names a label column but no image column "
+            f"({', '.join(IMAGE_COLUMNS)}){IMAGE_COLUMN_HOLDS}")
     if path.is_dir() and training_split_alone(path):  # an image folder without a test split
         raise DatasetNotFoundError(f"{name!r} has train/ but no test/ or val/ folder: an image "
                                    "folder needs both (test/<class>/ like train/<class>/); "

@@ -32,11 +32,13 @@ from pathlib import Path
 from vitlab.data.arrays import held_out
 from vitlab.data.imagefolder import (
     EXTENSIONS,
+    IMAGE_COLUMN_HOLDS,
+    IMAGE_COLUMNS,
+    LABEL_COLUMNS,
     class_folders,
+    csv_header,
     is_image_folder,
     list_csv,
-    lists_images,
-    lists_labels,
     subfolders,
     walk_files,
 )
@@ -76,19 +78,33 @@ def _nfc(relative: Path) -> str:
 
 
 def _listed_images(source: Path) -> dict[str, Images] | None:
-    """class -> its images, when `source`/train.csv lists them with labels (its header names a
-    label column; a bad listing is an error naming its line), else None."""
+    """class -> its images, when `source`/train.csv lists them with labels (a bad listing is an
+    error naming its line), else None: class folders, then."""
     listing = source / "train.csv"
-    if not (listing.is_file() and lists_labels(listing)):
+    if not listing.is_file():
         return None
-    for other in ("test.csv", "val.csv"):
-        if lists_images(source / other):
+    header = csv_header(listing)  # unreadable: an error, not silently class folders
+    if not header & set(LABEL_COLUMNS):
+        return None
+    if not header & set(IMAGE_COLUMNS):
+        log.warning("vitlab: %s names a label column but no image column (%s): split reads "
+                    "the class folders beside it, not its rows; to split its rows, give it a "
+                    "column image%s", listing, ", ".join(IMAGE_COLUMNS), IMAGE_COLUMN_HOLDS)
+        return None
+    for other in (source / "test.csv", source / "val.csv"):
+        if not other.is_file():
+            continue
+        names = csv_header(other)
+        if names & set(LABEL_COLUMNS) and names & set(IMAGE_COLUMNS):
             raise ConfigError(f"{source} lists its images and their splits in CSV files (train."
-                              f"csv, {other}): train with it as it is (vitlab pretrain --data "
-                              f"{shlex.quote(str(source))})")
-        if (source / other).is_file():  # Kaggle's test.csv: images to predict, no labels
-            log.warning("vitlab: %s has no label column; split leaves it out (vitlab predict "
-                        "labels images)", source / other)
+                              f"csv, {other.name}): train with it as it is (vitlab pretrain "
+                              f"--data {shlex.quote(str(source))})")
+        if names & set(LABEL_COLUMNS):
+            raise DataFormatError(f"{other}: names a label column but no image column "
+                                  f"({', '.join(IMAGE_COLUMNS)}){IMAGE_COLUMN_HOLDS}")
+        # Kaggle's test.csv: images to predict, no labels.
+        log.warning("vitlab: %s has no label column; split leaves it out (vitlab predict "
+                    "labels images)", other)
     files, labels, classes = list_csv(listing, None)
     images: dict[str, Images] = {name: [] for name in classes}
     for file, label in zip(files, labels, strict=True):  # inside source (list_csv checks)
@@ -254,6 +270,8 @@ def _write_listing(out: Path, split: str, chosen: dict[str, Images],
     paths in the source's folder."""
     rows = sorted(((relative, name, image) for name, images in chosen.items()
                    for relative, image in images), key=lambda row: _nfc(row[0]))
+    if not rows:  # a val split too small to get an image: no val.csv (an empty one is no split)
+        return
     for relative, _name, image in rows:
         _link_or_copy(image, out / relative, summary)
     with open(out / f"{split}.csv", "w", encoding="utf-8", newline="") as f:
