@@ -376,6 +376,50 @@ def test_a_transform_returning_soft_targets_trains_through_fit(tmp_path, monkeyp
         cross_entropy(logits, torch.rand(4, 5))
 
 
+def test_balanced_class_weights_are_scikit_learns_and_weigh_hard_and_soft_targets_alike(
+        tmp_path, monkeypatch):
+    """--class-weights balanced: n / (k n_c) over the classes with training images (0 for one
+    without); the loss is the mean over images of their weighted losses, so one-hot soft
+    targets train to the weights class indices give, with or without smoothing, and the
+    weights change what is learned."""
+    from vitlab.train.engine import cross_entropy
+
+    labels = torch.tensor([0] * 6 + [1] * 3 + [3])  # class 2 has no image
+    weights = recipe("seed", class_weights="balanced").loss_weights(labels, 4)
+    torch.testing.assert_close(weights, torch.tensor([10 / 18, 10 / 9, 0.0, 10 / 3]))
+    assert torch.dot(torch.bincount(labels, minlength=4).float(), weights) == pytest.approx(10)
+    assert recipe("seed").loss_weights(labels, 4) is None
+    with pytest.raises(ConfigError, match="unknown class weights 'inverse'"):
+        recipe("seed", class_weights="inverse")
+    logits, hard = torch.randn(5, 4), torch.tensor([0, 1, 3, 0, 2])
+    expected = -(weights[hard] * logits.log_softmax(1)[torch.arange(5), hard]).mean()
+    torch.testing.assert_close(cross_entropy(logits, hard, 0.0, weights), expected)
+    for smoothing in (0.0, 0.2):
+        torch.testing.assert_close(
+            cross_entropy(logits, F.one_hot(hard, 4).float(), smoothing, weights),
+            cross_entropy(logits, hard, smoothing, weights))
+    # Through fit: an imbalanced split (18 images of class 0, 4 of 1, 2 of 2).
+    config = ViTConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
+                       dropout=0.0, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (24, 32, 32, 3), generator=g, dtype=torch.uint8),
+                  torch.tensor([0] * 18 + [1] * 4 + [2] * 2), ["a", "b", "c"])
+    dataset = Dataset("tiny", split, split)
+    monkeypatch.setitem(AUGMENTATIONS, "one-hot", lambda n, normalization: SoftTargets(n, 0.0))
+    options = TrainOptions(epochs=1, seed=1, device="cpu", quiet=True, progress=False)
+    runs = {}
+    for name, augment, weigh in (("soft", "one-hot", "balanced"), ("hard", "none", "balanced"),
+                                 ("plain", "none", "none")):
+        torch.manual_seed(0)
+        model = ViT(config)
+        fit(model, dataset, recipe("seed", augment=augment, batch_size=8, lr=0.05,
+                                   class_weights=weigh), options, tmp_path / name)
+        runs[name] = model.state_dict()
+    for key, value in runs["soft"].items():
+        torch.testing.assert_close(value, runs["hard"][key], rtol=0, atol=1e-5)
+    assert not torch.allclose(runs["hard"]["head.bias"], runs["plain"]["head.bias"], atol=1e-4)
+
+
 # --- metrics sinks ----------------------------------------------------------------------------
 
 def test_tensorboard_event_files_or_a_clear_error(data_root, tmp_path, capfd, monkeypatch):

@@ -297,14 +297,24 @@ class _StopSignals:
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
-def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,
+                  class_weights: Tensor | None = None) -> Tensor:
     """Mean cross-entropy against class indices [B] or soft targets [B, num_classes] (mixup's
-    label distributions); label smoothing mixes either with the uniform distribution."""
+    label distributions); label smoothing mixes either with the uniform distribution.
+
+    With `class_weights` [num_classes], an image's loss is sum_c w_c t_c (-log p_c) over its
+    (smoothed) target distribution t, and the batch's loss their mean over its images (Keras's
+    class_weight reduction): the same for a class index and its one-hot distribution, so mixed
+    and unmixed batches weigh alike. (PyTorch's weighted mean divides by the batch's target
+    weights instead, for class indices only.)"""
     if targets.is_floating_point() and targets.shape != logits.shape:
         raise ConfigError(f"soft targets of shape {list(targets.shape)} do not match the "
                           f"logits' {list(logits.shape)}; a batch transform must give one "
                           "probability per class of the model's head")
-    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    if class_weights is None:
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    return F.cross_entropy(logits, targets, weight=class_weights, reduction="none",
+                           label_smoothing=label_smoothing).mean()
 
 
 def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:
@@ -343,7 +353,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tenso
                targets: Tensor, recipe: Recipe, autocast_dtype: torch.dtype | None = None,
                loss_scale: float = 1.0, step: Callable[[], object] | None = None,
                parts: int = 1, no_sync: Callable[[], contextlib.AbstractContextManager] | None
-               = None, scaler: torch.amp.GradScaler | None = None) -> Tensor:
+               = None, scaler: torch.amp.GradScaler | None = None,
+               class_weights: Tensor | None = None) -> Tensor:
     """One optimizer step on one batch; returns the (detached) loss, left on the device.
 
     `loss_scale` weights this process's part of a data-parallel batch (see `_train`); `step`
@@ -354,7 +365,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tenso
     `no_sync` (DDP's) holds the gradients' all-reduce until the last part. With a `scaler`
     (fp16), the losses are scaled before backward, the gradients unscaled before clipping, and
     the scaler steps the optimizer (skipping a step whose gradients overflowed) and updates its
-    scale.
+    scale. `class_weights` weigh the loss per class (see `cross_entropy`).
     """
     device = inputs.device
     optimizer.zero_grad(set_to_none=True)
@@ -369,7 +380,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tenso
         with no_sync() if held else contextlib.nullcontext():
             with autocast(device, autocast_dtype):
                 logits = model(x)
-            part_loss = cross_entropy(logits.float(), y, recipe.label_smoothing)
+            part_loss = cross_entropy(logits.float(), y, recipe.label_smoothing, class_weights)
             scale = loss_scale * share
             weighted = part_loss * scale if scale != 1.0 else part_loss
             (scaler.scale(weighted) if scaler is not None else weighted).backward()
@@ -753,10 +764,13 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
                                   options.early_stop_patience, options.epochs, scaler,
                                   options.best_metric)
         total_steps = len(train_loader) * options.epochs
+        # From the training split itself (less a held-out one), the same on every rank.
+        class_weights = recipe.loss_weights(dataset.train.labels, _head_size(model, dataset))
         return _train(model, recipe, options, run_dir, reporter, writer, optimizer, base_lrs,
                       train_loader, eval_loader, test_loader, autocast_dtype, total_steps,
                       resume, _head_size(model, dataset),
-                      len(dataset.test) if test is not None else None)
+                      len(dataset.test) if test is not None else None,
+                      None if class_weights is None else class_weights.to(device))
 
 
 def hold_out_validation(dataset: Dataset, fraction: float, seed: int, warn: bool = True,
@@ -866,7 +880,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
            base_lrs: list[float], train_loader: BatchLoader, eval_loader: BatchLoader,
            test_loader: BatchLoader | None, autocast_dtype: torch.dtype | None,
            total_steps: int, resume: bool, num_classes: int,
-           validation_images: int | None = None) -> FitResult:
+           validation_images: int | None = None, class_weights: Tensor | None = None
+           ) -> FitResult:
     """The epochs of `fit`: train steps, log lines, evaluation, checkpoints, signals."""
     progress, device = writer.progress, train_loader.device
     steps_per_epoch = len(train_loader)
@@ -895,7 +910,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     if capture:  # one process: the model is `runnable`, never DDP's
         def step_of(module: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
             return lambda inputs, targets: train_step(module, optimizer, inputs, targets,
-                                                      recipe, autocast_dtype, parts=parts)
+                                                      recipe, autocast_dtype, parts=parts,
+                                                      class_weights=class_weights)
 
         captured = CapturedStep(step_of(runnable), model, optimizer, **(
             {"batch_size": recipe.batch_size, "other_step": step_of(model)} if compiled else {}))
@@ -961,7 +977,7 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                 elif world == 1:
                     loss = train_step(trainable, optimizer, inputs, targets, recipe,
                                       autocast_dtype, step=step, parts=parts,
-                                      scaler=writer.scaler)
+                                      scaler=writer.scaler, class_weights=class_weights)
                     stopping = stop.raised
                 else:
                     # This rank's part of the global batch: its mean loss weighted by its share,
@@ -969,7 +985,8 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
                     share = len(targets) / train_loader.global_batch_size
                     loss = train_step(trainable, optimizer, inputs, targets, recipe,
                                       autocast_dtype, loss_scale=world * share, step=step,
-                                      parts=parts, no_sync=no_sync, scaler=writer.scaler)
+                                      parts=parts, no_sync=no_sync, scaler=writer.scaler,
+                                      class_weights=class_weights)
                     loss, stopping = _agree(loss * share, stop, device)
                 bad_loss |= ~torch.isfinite(loss)
                 loss_sum += loss.double()

@@ -92,6 +92,23 @@ SCHEDULES: dict[str, Callable[[Recipe, int, int, int], float]] = {
 SCHEDULES_USING_TOTAL = frozenset({"cosine", "linear"})
 
 
+def _balanced(counts: torch.Tensor) -> torch.Tensor:
+    """scikit-learn's class_weight="balanced" (what Keras's class_weight and FastEstimator's
+    class_weights are usually given): n / (k * n_c) for the k classes with training images, so
+    that a training image weighs 1 on average; a class without any weighs 0."""
+    present = counts > 0
+    weights = counts.sum() / (present.sum() * counts.clamp(min=1)).double()
+    return torch.where(present, weights, 0.0).float()
+
+
+# name -> the classes' loss weights from their training image counts [num_classes] (None:
+# unweighted).
+CLASS_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
+    "none": None,
+    "balanced": _balanced,
+}
+
+
 def _setting(help: str, **extra) -> dict:
     return {"help": help, **extra}
 
@@ -117,6 +134,11 @@ class Recipe:
     warmup_epochs: float = field(default=0.0, metadata=_setting(
         "linear LR warm-up from 0 to the LR, before the schedule (epochs, fractions allowed)"))
     label_smoothing: float = field(default=0.0, metadata=_setting("label smoothing"))
+    class_weights: str = field(default="none", metadata=_setting(
+        "weigh each class's training loss: balanced is n / (k n_c) from the training split's "
+        "counts (scikit-learn's), for imbalanced data; the loss is then the batch's mean of the "
+        "weighted per-image losses, mixed or not, and evaluation's cross-entropy stays "
+        "unweighted", choices=CLASS_WEIGHTS))
     batch_size: int = field(default=128, metadata=_setting("batch size"))
     epochs: int = field(default=100, metadata=_setting("pre-training epochs"))
     finetune_epochs: int = field(default=1, metadata=_setting("fine-tuning epochs"))
@@ -154,6 +176,7 @@ class Recipe:
     def __post_init__(self) -> None:
         for what, value, registry in (("optimizer", self.optimizer, OPTIMIZERS),
                                       ("LR schedule", self.schedule, SCHEDULES),
+                                      ("class weights", self.class_weights, CLASS_WEIGHTS),
                                       ("augmentation", self.augment, AUGMENTATIONS)):
             if value not in registry:
                 raise ConfigError(f"unknown {what} {value!r}; known: {', '.join(registry)}")
@@ -208,6 +231,12 @@ class Recipe:
                     changed[0], f"applies to --augment {' or '.join(AUGMENT_SETTINGS_USED_BY)}, "
                     f"and this recipe's augmentation is {self.augment!r}; drop it or choose "
                     "--augment vitlab")
+
+    def loss_weights(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+        """Each class's weight [num_classes] in the training loss, from the training split's
+        labels (None: unweighted)."""
+        weigh = CLASS_WEIGHTS[self.class_weights]
+        return None if weigh is None else weigh(torch.bincount(labels, minlength=num_classes))
 
     def augment_settings(self) -> dict[str, float]:
         """The keywords of the augmentation's factory (make_augment) this recipe sets."""
