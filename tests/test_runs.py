@@ -379,9 +379,10 @@ def test_a_transform_returning_soft_targets_trains_through_fit(tmp_path, monkeyp
 def test_balanced_class_weights_are_scikit_learns_and_weigh_hard_and_soft_targets_alike(
         tmp_path, monkeypatch):
     """--class-weights balanced: n / (k n_c) over the classes with training images (0 for one
-    without); the loss is the mean over images of their weighted losses, so one-hot soft
-    targets train to the weights class indices give, with or without smoothing, and the
-    weights change what is learned."""
+    without); each image's smoothed loss weighed by its class's weight (a mixed target's by
+    its mixture of weights), then the mean over images, so one-hot soft targets train to the
+    weights class indices give, the weights change what is learned, and they come from the
+    split trained on (less a held-out validation split)."""
     from vitlab.train.engine import cross_entropy
 
     labels = torch.tensor([0] * 6 + [1] * 3 + [3])  # class 2 has no image
@@ -392,12 +393,16 @@ def test_balanced_class_weights_are_scikit_learns_and_weigh_hard_and_soft_target
     with pytest.raises(ConfigError, match="unknown class weights 'inverse'"):
         recipe("seed", class_weights="inverse")
     logits, hard = torch.randn(5, 4), torch.tensor([0, 1, 3, 0, 2])
-    expected = -(weights[hard] * logits.log_softmax(1)[torch.arange(5), hard]).mean()
-    torch.testing.assert_close(cross_entropy(logits, hard, 0.0, weights), expected)
-    for smoothing in (0.0, 0.2):
+    log_p = logits.log_softmax(1)
+    for smoothing in (0.0, 0.2):  # smoothing's share is not weighed per class
+        smoothed = F.one_hot(hard, 4) * (1 - smoothing) + smoothing / 4
+        expected = -(weights[hard] * (smoothed * log_p).sum(1)).mean()
+        torch.testing.assert_close(cross_entropy(logits, hard, smoothing, weights), expected)
         torch.testing.assert_close(
-            cross_entropy(logits, F.one_hot(hard, 4).float(), smoothing, weights),
-            cross_entropy(logits, hard, smoothing, weights))
+            cross_entropy(logits, F.one_hot(hard, 4).float(), smoothing, weights), expected)
+    mixed = 0.7 * F.one_hot(hard, 4).float() + 0.3 * F.one_hot(hard.roll(1), 4).float()
+    expected = -((0.7 * weights[hard] + 0.3 * weights[hard.roll(1)]) * (mixed * log_p).sum(1))
+    torch.testing.assert_close(cross_entropy(logits, mixed, 0.0, weights), expected.mean())
     # Through fit: an imbalanced split (18 images of class 0, 4 of 1, 2 of 2).
     config = ViTConfig(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64,
                        dropout=0.0, num_classes=3)
@@ -418,6 +423,19 @@ def test_balanced_class_weights_are_scikit_learns_and_weigh_hard_and_soft_target
     for key, value in runs["soft"].items():
         torch.testing.assert_close(value, runs["hard"][key], rtol=0, atol=1e-5)
     assert not torch.allclose(runs["hard"]["head.bias"], runs["plain"]["head.bias"], atol=1e-4)
+    # With a held-out validation split, from the images trained on.
+    from vitlab.train.engine import hold_out_validation
+    from vitlab.train.recipe import Recipe
+
+    counted = []
+    monkeypatch.setattr(Recipe, "loss_weights", lambda self, labels, n: counted.append(
+        labels.clone()) or torch.ones(n))
+    held = TrainOptions(epochs=1, seed=1, device="cpu", quiet=True, progress=False,
+                        val_fraction=0.25)
+    fit(ViT(config), dataset, recipe("seed", augment="none", batch_size=8,
+                                     class_weights="balanced"), held, tmp_path / "held")
+    trained = hold_out_validation(dataset, 0.25, 1, warn=False)[0].train.labels
+    assert len(counted) == 1 and len(trained) < 24 and torch.equal(counted[0], trained)
 
 
 # --- metrics sinks ----------------------------------------------------------------------------

@@ -302,19 +302,24 @@ def cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,
     """Mean cross-entropy against class indices [B] or soft targets [B, num_classes] (mixup's
     label distributions); label smoothing mixes either with the uniform distribution.
 
-    With `class_weights` [num_classes], an image's loss is sum_c w_c t_c (-log p_c) over its
-    (smoothed) target distribution t, and the batch's loss their mean over its images (Keras's
-    class_weight reduction): the same for a class index and its one-hot distribution, so mixed
-    and unmixed batches weigh alike. (PyTorch's weighted mean divides by the batch's target
-    weights instead, for class indices only.)"""
+    With `class_weights` [num_classes], each image's (smoothed) loss is weighed by its class's
+    weight, or a mixed target's mixture of its classes' weights (sum_c w_c t_c over the target
+    before smoothing), and the batch's loss is the mean over its images: a sample weight, as
+    Keras's class_weight applies it, the same for a class index and its one-hot distribution,
+    so mixed and unmixed batches weigh alike. (Not PyTorch's `weight=`, which also weighs
+    smoothing's share of each class, pulling a common class's images towards rare classes, and
+    whose mean divides by the batch's weights.)"""
     if targets.is_floating_point() and targets.shape != logits.shape:
         raise ConfigError(f"soft targets of shape {list(targets.shape)} do not match the "
                           f"logits' {list(logits.shape)}; a batch transform must give one "
                           "probability per class of the model's head")
     if class_weights is None:
         return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-    return F.cross_entropy(logits, targets, weight=class_weights, reduction="none",
-                           label_smoothing=label_smoothing).mean()
+    per_image = F.cross_entropy(logits, targets, reduction="none",
+                                label_smoothing=label_smoothing)
+    weights = (targets @ class_weights if targets.is_floating_point()
+               else class_weights.index_select(0, targets))
+    return (weights * per_image).mean()
 
 
 def set_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:

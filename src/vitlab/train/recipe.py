@@ -135,10 +135,10 @@ class Recipe:
         "linear LR warm-up from 0 to the LR, before the schedule (epochs, fractions allowed)"))
     label_smoothing: float = field(default=0.0, metadata=_setting("label smoothing"))
     class_weights: str = field(default="none", metadata=_setting(
-        "weigh each class's training loss: balanced is n / (k n_c) from the training split's "
-        "counts (scikit-learn's), for imbalanced data; the loss is then the batch's mean of the "
-        "weighted per-image losses, mixed or not, and evaluation's cross-entropy stays "
-        "unweighted", choices=CLASS_WEIGHTS))
+        "weigh each image's training loss by its class: balanced is n / (k n_c) from the "
+        "training split's counts (scikit-learn's), for imbalanced data; a mixed image weighs "
+        "as its mixture of classes, and evaluation's cross-entropy stays unweighted",
+        choices=CLASS_WEIGHTS))
     batch_size: int = field(default=128, metadata=_setting("batch size"))
     epochs: int = field(default=100, metadata=_setting("pre-training epochs"))
     finetune_epochs: int = field(default=1, metadata=_setting("fine-tuning epochs"))
