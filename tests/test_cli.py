@@ -30,6 +30,7 @@ from cli_helpers import (
 )
 from vitlab.cli import main
 from vitlab.errors import ConfigError
+from vitlab.train.engine import wilson_interval
 
 PRE_STEPS, FINE_STEPS, BATCH = 30, 80, 64
 RUN_FILES = ("config.json", "model.safetensors", "best.safetensors", "trainer_state.pt",
@@ -139,6 +140,11 @@ def test_finetune_learns_and_evaluate_agrees(finetuned, data, work):
     assert report["classes"] == classes
     assert report["accuracy"] < report["top5_accuracy"] <= 1  # a 10-way head: top-5 reported
     assert f"top5_accuracy: {report['top5_accuracy']:.4f}; " in proc.stdout
+    # Its 95% interval: Wilson's, of the images it got right.
+    low, high = wilson_interval(round(report["accuracy"] * 500), 500)
+    assert report["accuracy_ci95"] == [low, high] and low < report["accuracy"] < high
+    assert f"accuracy: {report['accuracy']:.4f}; accuracy_ci95: {low:.4f}-{high:.4f}; " in (
+        proc.stdout)
     # Some of its classes, not a prefix and in another order: matched by name, the same counts.
     subset = work / "bird-and-airplane"
     subset.mkdir()

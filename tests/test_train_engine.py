@@ -38,6 +38,7 @@ from vitlab.train.engine import (
     resolve_precision,
     set_lr,
     train_step,
+    wilson_interval,
 )
 from vitlab.train.options import COMPILE_PAYS_AFTER_STEPS, COMPILE_PAYS_CAPTURED_AFTER_STEPS
 from vitlab.train.recipe import build_optimizer, lr_factor, replaced
@@ -306,6 +307,20 @@ def test_class_scores_follow_scikit_learns_definitions():
     assert scores["balanced_accuracy"] == pytest.approx((3 / 4 + 0 + 1) / 3)
     empty = class_scores(torch.zeros(2, 2, dtype=torch.int64))
     assert empty["macro_f1"] is None and empty["balanced_accuracy"] is None
+
+
+def test_the_accuracy_interval_is_wilsons():
+    """Textbook values: 5 of 10 -> 0.2366-0.7634; none of 10 -> 0-0.2775 (z^2 / (n + z^2));
+    all of 10 its mirror; a large test set narrows it around the accuracy; no images, none."""
+    assert wilson_interval(5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-6)
+    z2 = 1.959963984540054 ** 2
+    assert wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))
+    assert wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0))
+    low, high = wilson_interval(6741, 10_000)
+    assert low < 0.6741 < high and high - low == pytest.approx(2 * 1.96 * (0.6741 * 0.3259
+                                                                          / 10_000) ** 0.5,
+                                                               rel=1e-3)
+    assert wilson_interval(0, 0) is None
 
 
 @pytest.mark.parametrize("outputs", [5, 8])

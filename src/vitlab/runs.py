@@ -50,6 +50,7 @@ from vitlab.train.engine import (
     resolve_device,
     resolve_precision,
     saved_progress,
+    wilson_interval,
 )
 from vitlab.train.options import TrainOptions
 from vitlab.train.recipe import (
@@ -602,9 +603,12 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
     from vitlab.report import plot_confusion_matrix
 
     shown = len(classes)  # a 100-way head on 10 classes: plot the classes that exist
+    # accuracy is exactly correct / num_samples, so the count of correct images is recovered.
+    interval = wilson_interval(round(result["accuracy"] * result["num_samples"]),
+                               result["num_samples"])
     report = {"checkpoint": str(weights_file.resolve()), "data": data_spec(spec),
               "split": split, "classes": classes + [f"(unused {i})" for i in range(shown, head)],
-              **result}
+              **result, **({"accuracy_ci95": list(interval)} if interval else {})}
     if not distributed.is_main_process():
         return report
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -621,7 +625,8 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
         balanced = "".join(f"{key}: {result[key]:.4f}; " for key in ("balanced_accuracy",
                                                                        "macro_f1")
                            if result.get(key) is not None)
-        print(f"vitlab-Evaluate: accuracy: {result['accuracy']:.4f}; {top5}{balanced}"
+        ci = (f"accuracy_ci95: {interval[0]:.4f}-{interval[1]:.4f}; " if interval else "")
+        print(f"vitlab-Evaluate: accuracy: {result['accuracy']:.4f}; {ci}{top5}{balanced}"
               f"ce: {result['ce']:.7g}; samples: {result['num_samples']}; {timing};")
         worst = sorted((a, c) for a, c in zip(result["per_class_accuracy"][:shown],
                                               classes, strict=True) if a is not None)[:3]

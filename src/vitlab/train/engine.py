@@ -245,6 +245,20 @@ def class_scores(matrix: Tensor) -> dict:
             "balanced_accuracy": mean([recall[i] for i in present])}
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054
+                    ) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion (95% by default): the range of true accuracies
+    that `successes` of `trials` test images are consistent with. Unlike the normal
+    approximation it stays inside [0, 1] and is sound near 0 and 1 and for small test sets.
+    None for no trials."""
+    if trials <= 0:
+        return None
+    p, z2 = successes / trials, z * z
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = z / (1 + z2 / trials) * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
