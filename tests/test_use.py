@@ -82,6 +82,45 @@ def test_predicting_png_files_equals_the_model_on_the_same_pixels(run, pngs, tmp
     assert hits / N_IMAGES == evaluate(model, loader)["accuracy"]
 
 
+def test_flip_tta_averages_each_image_and_its_mirror(run, pngs, tmp_path, capfd):
+    """--tta flip: predict's probabilities are the mean of those of each image and of its
+    mirror, as saved files predicted without it give them; evaluate's accuracy and
+    cross-entropy are those of that mean, and its report says so."""
+    folder, x, y = pngs
+    mirrors = tmp_path / "mirrors"
+    mirrors.mkdir()
+    for i in range(N_IMAGES):
+        Image.fromarray(np.ascontiguousarray(x[i][:, ::-1])).save(mirrors / f"{i:02d}.png")
+    k = 10  # every class: whole distributions to compare
+    plain, mirrored, tta = (predict_images(run, [path], top_k=k, tta=mode).predictions
+                            for path, mode in ((folder, "none"), (mirrors, "none"),
+                                               (folder, "flip")))
+
+    def distribution(prediction) -> dict[str, float]:
+        return dict(zip(prediction.classes, prediction.probabilities, strict=True))
+
+    for a, b, both in zip(plain, mirrored, tta, strict=True):
+        a, b, both = distribution(a), distribution(b), distribution(both)
+        assert both == pytest.approx({c: (a[c] + b[c]) / 2 for c in a}, abs=1e-6)
+        assert a != pytest.approx(b, abs=1e-4)  # the mirror is another input
+    # evaluate --tta flip on the same images.
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "train.npz", x=x, y=y)
+    np.savez(data / "test.npz", x=x, y=y)
+    (data / "classes.json").write_text(json.dumps(load_run(run)[2]))
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--tta", "flip",
+                 "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    assert "tta: flip;" in capfd.readouterr().out
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    classes = load_run(run)[2]
+    means = [distribution(both) for both in tta]
+    hits = [max(m, key=m.get) == classes[label] for m, label in zip(means, y, strict=True)]
+    assert report["tta"] == "flip" and report["accuracy"] == sum(hits) / N_IMAGES
+    ce = -np.mean([math.log(m[classes[label]]) for m, label in zip(means, y, strict=True)])
+    assert report["ce"] == pytest.approx(ce, rel=1e-5)
+
+
 def broken_png(path: Path, pixels: np.ndarray) -> None:
     """A PNG whose image data goes on in a chunk of a garbage type: Pillow raises SyntaxError."""
     import io

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vitlab import __version__
 from vitlab.errors import ConfigError, SettingDiffers, SettingError, VitlabError
-from vitlab.model import PRESETS
+from vitlab.model import PRESETS, TTA_CHOICES
 
 EXIT_USAGE = 2
 EXIT_PEER_LOST = 1  # another process of a torchrun job failed
@@ -75,6 +75,8 @@ class _Parser(argparse.ArgumentParser):
 
 # The help of the flags that the commands using a trained run share.
 RUN_HELP = "a run directory (the --out of pretrain, finetune, or a stage of vitlab run)"
+TTA_HELP = ("test-time augmentation: flip averages the class probabilities of each image "
+            "and its left-right mirror (two forward passes' worth of work) (default: none)")
 WEIGHTS_HELP = ("which of the run's weights: last (model.safetensors), best (the best evaluated "
                 "epoch's) or ema (its weight average, with --ema-decay) (default: last)")
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (default: auto, cuda when there is one)"
@@ -194,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else fp32)")
     e.add_argument("--image-size", type=_int, default=None,
                    help="resize the images to this size (default: as the run was trained)")
+    e.add_argument("--tta", choices=TTA_CHOICES, default="none", help=TTA_HELP)
     e.add_argument("--data-root", type=_path, default=None,
                    help="where named datasets and decoded image folders are cached")
     e.add_argument("--no-download", action="store_true", help="never download")
@@ -208,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--output", type=_path, metavar="FILE", default=None,
                    help="also write the predictions to FILE (.csv or .json)")
+    p.add_argument("--tta", choices=TTA_CHOICES, default="none", help=TTA_HELP)
 
     a = sub.add_parser("attention", help="attention-map PNGs (rollout and last-layer heads)")
     a.add_argument("--checkpoint", type=_path, required=True, metavar="RUN_DIR", help=RUN_HELP)
@@ -365,7 +369,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     runs.evaluate_run(args.checkpoint, data=args.data, split=args.split, weights=args.weights,
                       out=args.out, batch_size=args.batch_size, eval_steps=args.eval_steps,
                       device=args.device, precision=args.precision, image_size=args.image_size,
-                      data_root=args.data_root, download=not args.no_download)
+                      data_root=args.data_root, download=not args.no_download, tta=args.tta)
 
 
 def _skipped(command: str, skipped: list, anything_done: bool) -> int:
@@ -383,7 +387,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     report = runs.predict_images(args.checkpoint, args.images, weights=args.weights,
                                  top_k=args.top_k, batch_size=args.batch_size,
-                                 device=args.device, output=args.output)
+                                 device=args.device, output=args.output, tta=args.tta)
     width = max((len(p.path) for p in report.predictions), default=0)
     for p in report.predictions:
         top = ", ".join(f"{c} {q:.3f}" for c, q in zip(p.classes, p.probabilities, strict=True))

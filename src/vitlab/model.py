@@ -11,6 +11,7 @@ One `EncoderBlock` serves both orderings: post-norm (`norm_first=False`, what th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -511,6 +512,24 @@ class ViT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# Test-time augmentation at evaluation and prediction: `--tta none|flip`.
+TTA_CHOICES = ("none", "flip")
+
+
+def tta_logits(model: nn.Module, inputs: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's logits for inputs [B,C,H,W]; with `tta` "flip" (horizontal-flip test-time
+    augmentation), the log of the mean of the class probabilities of the images and of their
+    left-right mirrors (one forward pass of both), in float32: log-probabilities, which softmax,
+    argmax, top-k and cross-entropy read as they read logits."""
+    if tta == "none":
+        return model(inputs)
+    if tta != "flip":
+        raise ConfigError(f"--tta takes {' or '.join(TTA_CHOICES)}, got {tta!r}")
+    views = model(torch.cat([inputs, inputs.flip(3)])).float().log_softmax(1)
+    image, mirror = views.chunk(2)
+    return torch.logaddexp(image, mirror) - math.log(2)
 
 
 def _tutorial_key_map(depth: int) -> dict[str, str]:

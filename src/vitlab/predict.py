@@ -21,7 +21,7 @@ import torch
 from vitlab.data.augment import CIFAR_NORMALIZATION, Normalization, eval_transform
 from vitlab.data.imagefolder import EXTENSIONS, read_image, walk_files
 from vitlab.errors import DataFormatError
-from vitlab.model import ViT
+from vitlab.model import ViT, tta_logits
 
 log = logging.getLogger("vitlab")
 
@@ -98,10 +98,11 @@ def load_images(paths: Sequence[Path], size: int
 
 def predict(model: ViT, images: torch.Tensor | np.ndarray, class_names: Sequence[str],
             top_k: int = 5, batch_size: int = 256,
-            normalization: Normalization = CIFAR_NORMALIZATION
+            normalization: Normalization = CIFAR_NORMALIZATION, tta: str = "none"
             ) -> list[tuple[list[str], list[float]]]:
     """Top-k (class names, probabilities) for uint8 images [N, H, W, C] of the model's size,
-    normalized as the model was trained (its run's `RunConfig.normalization`)."""
+    normalized as the model was trained (its run's `RunConfig.normalization`); with `tta`
+    "flip", of each image's and its mirror's mean probabilities."""
     images = torch.as_tensor(images)
     device = next(model.parameters()).device
     transform = eval_transform(normalization)
@@ -113,7 +114,7 @@ def predict(model: ViT, images: torch.Tensor | np.ndarray, class_names: Sequence
         with torch.inference_mode():
             for batch in images.split(batch_size):
                 inputs = transform.apply(batch.to(device), train=False)
-                logits = model(inputs)[:, : len(class_names)].float()
+                logits = tta_logits(model, inputs, tta)[:, : len(class_names)].float()
                 probabilities, indices = logits.softmax(dim=1).topk(k, dim=1)
                 for p, i in zip(probabilities.tolist(), indices.tolist(), strict=True):
                     results.append(([class_names[j] for j in i], p))
@@ -123,8 +124,8 @@ def predict(model: ViT, images: torch.Tensor | np.ndarray, class_names: Sequence
 
 
 def predict_files(model: ViT, paths: Sequence[Path], class_names: Sequence[str], top_k: int = 5,
-                  batch_size: int = 256, normalization: Normalization = CIFAR_NORMALIZATION
-                  ) -> PredictionReport:
+                  batch_size: int = 256, normalization: Normalization = CIFAR_NORMALIZATION,
+                  tta: str = "none") -> PredictionReport:
     """Decode and classify `paths`, batch by batch; unreadable files are skipped and reported."""
     report = PredictionReport()
     for start in range(0, len(paths), batch_size):
@@ -133,7 +134,8 @@ def predict_files(model: ViT, paths: Sequence[Path], class_names: Sequence[str],
         report.skipped += skipped
         if not arrays:
             continue
-        top = predict(model, np.stack(arrays), class_names, top_k, batch_size, normalization)
+        top = predict(model, np.stack(arrays), class_names, top_k, batch_size, normalization,
+                      tta)
         report.predictions += [Prediction(str(p), c, pr) for p, (c, pr) in zip(chunk, top,
                                                                               strict=True)]
     return report

@@ -35,7 +35,7 @@ from vitlab.data.imagefolder import decodes_images
 from vitlab.data.sources import data_root as resolve_data_root
 from vitlab.errors import CheckpointError, ConfigError, SettingDiffers, SettingError
 from vitlab.io import atomic_write_bytes, atomic_write_json
-from vitlab.model import ViT, ViTConfig, forward_flops, preset
+from vitlab.model import TTA_CHOICES, ViT, ViTConfig, forward_flops, preset
 from vitlab.predict import PredictionReport
 from vitlab.settings import ARCHITECTURE_SETTINGS, EVAL_SPLITS, SETTINGS, check_settings, pick
 from vitlab.train import checkpoint as ckpt
@@ -494,14 +494,17 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
                  weights: str = "last", out: PathLike | None = None, batch_size: int = 256,
                  eval_steps: int | None = None, device: str = "auto", precision: str = "auto",
                  image_size: int | None = None, data_root: PathLike | None = None,
-                 download: bool = True, quiet: bool = False) -> dict:
+                 download: bool = True, quiet: bool = False, tta: str = "none") -> dict:
     """Accuracy, cross-entropy, per-class accuracy and the confusion matrix of a run's model on
     the `split` of `data` (default: the test split of the run's own dataset; see
-    `evaluated_split`). Writes evaluation.json and confusion_matrix.png to `out` (default:
-    RUN_DIR/evaluation, RUN_DIR/evaluation-SPLIT for another split) and returns the report."""
+    `evaluated_split`), with `tta` "flip" of each image's and its mirror's mean probabilities.
+    Writes evaluation.json and confusion_matrix.png to `out` (default: RUN_DIR/evaluation,
+    RUN_DIR/evaluation-SPLIT for another split) and returns the report."""
     run_dir = Path(run_dir)
     if split not in EVAL_SPLITS:
         raise ConfigError(f"--split takes {', '.join(EVAL_SPLITS)}, got {split!r}")
+    if tta not in TTA_CHOICES:
+        raise ConfigError(f"--tta takes {' or '.join(TTA_CHOICES)}, got {tta!r}")
     distributed.setup(device)
     saved = ckpt.read_run_config(run_dir)
     weights_file = run_dir / ckpt.WEIGHT_FILES[SETTINGS["weights"].check(weights)]
@@ -550,9 +553,9 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
                          world_size=distributed.world_size())
     start = time.perf_counter()
     result = evaluate(model, loader, precision=resolve_precision(precision, target),
-                      num_classes=head)
-    return _write_evaluation(result, weights_file, spec, classes, head, out_dir, quiet,
-                             time.perf_counter() - start, split)
+                      num_classes=head, tta=tta)
+    return _write_evaluation({**result, "tta": tta}, weights_file, spec, classes, head, out_dir,
+                             quiet, time.perf_counter() - start, split)
 
 
 def evaluated_split(dataset: Dataset, split: str, spec: str,
@@ -591,7 +594,8 @@ def _report_evaluation(result: dict, run_dir: Path, weights: str, saved: RunConf
     its `weights` on the whole test split (`FitResult.final_evaluations`)."""
     check_writable(out_dir)
     classes = _nfc(list(saved.classes))
-    return _write_evaluation(result, run_dir / ckpt.WEIGHT_FILES[weights], saved.data, classes,
+    return _write_evaluation({**result, "tta": "none"}, run_dir / ckpt.WEIGHT_FILES[weights],
+                             saved.data, classes,
                              saved.model.num_classes, out_dir, quiet, seconds)
 
 
@@ -626,8 +630,9 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
                                                                        "macro_f1")
                            if result.get(key) is not None)
         ci = (f"accuracy_ci95: {interval[0]:.4f}-{interval[1]:.4f}; " if interval else "")
+        tta = f"tta: {result['tta']}; " if result.get("tta", "none") != "none" else ""
         print(f"vitlab-Evaluate: accuracy: {result['accuracy']:.4f}; {ci}{top5}{balanced}"
-              f"ce: {result['ce']:.7g}; samples: {result['num_samples']}; {timing};")
+              f"ce: {result['ce']:.7g}; samples: {result['num_samples']}; {tta}{timing};")
         worst = sorted((a, c) for a, c in zip(result["per_class_accuracy"][:shown],
                                               classes, strict=True) if a is not None)[:3]
         print("lowest per-class accuracy: " + ", ".join(f"{c} {a:.3f}" for a, c in worst))
@@ -637,18 +642,20 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
 
 def predict_images(run_dir: PathLike, inputs: list[PathLike], *, weights: str = "last",
                    top_k: int = 5, batch_size: int = 256, device: str = "auto",
-                   output: PathLike | None = None) -> PredictionReport:
+                   output: PathLike | None = None, tta: str = "none") -> PredictionReport:
     """Classify image files (files, folders searched recursively, glob patterns) with a run's
-    model; `output` (.csv or .json) also gets the table. Unreadable files are skipped and listed
-    in the report."""
+    model (`tta` "flip": each image's and its mirror's mean probabilities); `output` (.csv or
+    .json) also gets the table. Unreadable files are skipped and listed in the report."""
     from vitlab.predict import find_images, predict_files
 
+    if tta not in TTA_CHOICES:
+        raise ConfigError(f"--tta takes {' or '.join(TTA_CHOICES)}, got {tta!r}")
     out_path = _prediction_output(output)
     _check_positive(top_k=top_k, batch_size=batch_size)
     model, config, classes = _model_for_images(run_dir, weights, device)
     paths, missing = find_images(inputs)
     report = predict_files(model, paths, classes, top_k=top_k, batch_size=batch_size,
-                           normalization=config.normalization)
+                           normalization=config.normalization, tta=tta)
     report.skipped[:0] = missing
     if out_path is not None and report.predictions:
         write_predictions(report, out_path)

@@ -32,6 +32,7 @@ from vitlab.data.arrays import Split
 from vitlab.data.augment import Normalization, ResizeBatch, eval_transform, make_augment
 from vitlab.data.loader import mix_seed
 from vitlab.errors import CheckpointError, ConfigError, VitlabError
+from vitlab.model import tta_logits
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.capture import CapturedStep
 from vitlab.train.ema import WeightEMA
@@ -171,9 +172,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | None = None,
-             num_classes: int | None = None) -> dict:
+             num_classes: int | None = None, tta: str = "none") -> dict:
     """Exact accuracy and mean cross-entropy over the loader's batches, and the top-5 accuracy
-    (the label among the 5 highest logits) for a model of more than 5 outputs.
+    (the label among the 5 highest logits) for a model of more than 5 outputs; with `tta`
+    "flip", of the mean probabilities of each image and its mirror (see `tta_logits`).
 
     With `num_classes`, also the confusion matrix (rows: true class, columns: predicted), the
     per-class accuracy (recall), and `class_scores`: per-class precision and F1, the macro F1 and
@@ -193,7 +195,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
     with torch.inference_mode():
         for inputs, labels in loader.epoch(0):
             with autocast(device, precision):
-                logits = model(inputs)
+                logits = tta_logits(model, inputs, tta)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             predictions = logits.argmax(dim=1)
