@@ -343,6 +343,44 @@ def test_evaluate_top5_counts_labels_among_the_five_highest_logits(outputs):
     assert result["accuracy"] < result["top5_accuracy"] < 1
 
 
+class Lookup(nn.Module):
+    """Image i (every pixel i) gets the logits logits[i]."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[(x[:, 0, 0, 0] * 255).round().long()]
+
+
+def test_calibration_error_and_top_losses_worked_by_hand():
+    """Four images, 3 classes, top probability 0.9 (right), 0.9 (wrong), 0.62 (right), 0.42
+    (wrong): bins of width 1/15 hold {0.9, 0.9}, {0.62}, {0.42}, so the ECE is (|1 - 1.8| +
+    |1 - 0.62| + |0 - 0.42|) / 4 = 0.4; the highest losses are the wrong ones, -log 0.05 then
+    -log 0.29. A shard (rank 1 of 2) names the images by their index in the whole split."""
+    top = [0.9, 0.9, 0.62, 0.42]
+    predicted, labels = [0, 1, 2, 0], [0, 2, 2, 1]
+    probabilities = torch.tensor([[(1 - p) / 2] * 3 for p in top])
+    probabilities[range(4), predicted] = torch.tensor(top)
+    images = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 2, 2, 3)
+    split = Split(images.contiguous(), torch.tensor(labels), ["a", "b", "c"])
+    model = Lookup(probabilities.log())
+    result = evaluate(model, BatchLoader(split, 3, train=False, shuffle=False), num_classes=3,
+                      top_losses=2)
+    assert result["ece"] == pytest.approx(0.4, abs=1e-6)
+    assert [(row["index"], row["label"], row["predicted"]) for row in result["top_losses"]] == [
+        (1, 2, 1), (3, 1, 0)]
+    assert [row["loss"] for row in result["top_losses"]] == pytest.approx(
+        [-math.log(0.05), -math.log(0.29)], rel=1e-5)
+    assert result["top_losses"][0]["probability"] == pytest.approx(0.9)
+    shard = evaluate(model, BatchLoader(split, 3, train=False, shuffle=False, rank=1,
+                                        world_size=2), num_classes=3, top_losses=4)
+    assert [row["index"] for row in shard["top_losses"]] == [1, 3]  # images 1 and 3 alone
+    assert "top_losses" not in evaluate(model, BatchLoader(split, 3, train=False,
+                                                           shuffle=False), num_classes=3)
+
+
 def test_evaluate_without_classes_has_no_confusion(dataset):
     result = evaluate(Linear(), BatchLoader(dataset.test, 4, train=False, shuffle=False))
     assert set(result) == {"accuracy", "ce", "num_samples"}

@@ -121,6 +121,37 @@ def test_flip_tta_averages_each_image_and_its_mirror(run, pngs, tmp_path, capfd)
     assert report["ce"] == pytest.approx(ce, rel=1e-5)
 
 
+def test_evaluate_plots_the_images_of_the_highest_loss(run, pngs, tmp_path, capfd):
+    """--top-losses 5: the five images of the highest cross-entropy, highest first, each its
+    own loss under the model, named by class; a later evaluation without it removes the plot
+    it no longer describes."""
+    folder, x, y = pngs
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "train.npz", x=x, y=y)
+    np.savez(data / "test.npz", x=x, y=y)
+    model, _, classes = load_run(run)
+    (data / "classes.json").write_text(json.dumps(classes))
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", str(run), "--data", str(data), "--out", str(out),
+            "--device", "cpu"]
+    assert main([*args, "--top-losses", "5"]) == 0
+    assert "top_losses.png" in capfd.readouterr().out
+    assert (out / "top_losses.png").read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((out / "evaluation.json").read_text())["top_losses"]
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(
+            model(SeedAugment().apply(torch.as_tensor(x), train=False)), torch.as_tensor(y),
+            reduction="none")
+    assert [row["index"] for row in rows] == losses.argsort(descending=True)[:5].tolist()
+    assert [row["loss"] for row in rows] == pytest.approx(losses.sort(descending=True)
+                                                          .values[:5].tolist(), rel=1e-5)
+    assert all(row["label"] == classes[y[row["index"]]] for row in rows)
+    assert main(args) == 0
+    assert not (out / "top_losses.png").exists()
+    assert "top_losses" not in json.loads((out / "evaluation.json").read_text())
+
+
 def broken_png(path: Path, pixels: np.ndarray) -> None:
     """A PNG whose image data goes on in a chunk of a garbage type: Pillow raises SyntaxError."""
     import io

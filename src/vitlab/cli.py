@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=_int, default=None,
                    help="resize the images to this size (default: as the run was trained)")
     e.add_argument("--tta", choices=TTA_CHOICES, default="none", help=TTA_HELP)
+    e.add_argument("--top-losses", type=_int, default=0, metavar="N",
+                   help="also plot the N images of the highest loss (true and predicted "
+                        "class, probability) to top_losses.png and list them in "
+                        "evaluation.json, fastai's plot_top_losses (default: 0, none)")
     e.add_argument("--data-root", type=_path, default=None,
                    help="where named datasets and decoded image folders are cached")
     e.add_argument("--no-download", action="store_true", help="never download")
@@ -369,7 +373,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     runs.evaluate_run(args.checkpoint, data=args.data, split=args.split, weights=args.weights,
                       out=args.out, batch_size=args.batch_size, eval_steps=args.eval_steps,
                       device=args.device, precision=args.precision, image_size=args.image_size,
-                      data_root=args.data_root, download=not args.no_download, tta=args.tta)
+                      data_root=args.data_root, download=not args.no_download, tta=args.tta,
+                      top_losses=args.top_losses)
 
 
 def _skipped(command: str, skipped: list, anything_done: bool) -> int:

@@ -100,6 +100,25 @@ def plot_curves(records: Sequence[dict], path: str | os.PathLike,
 
 
 @_literal_text
+def plot_top_losses(images: Sequence[np.ndarray], titles: Sequence[str],
+                    path: str | os.PathLike) -> None:
+    """Images [H,W,C] uint8 in a grid, each under its title (true / predicted class, the
+    prediction's probability and the loss), highest loss first: fastai's plot_top_losses."""
+    n = len(images)
+    columns = min(n, 6)
+    rows = -(-n // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows),
+                                squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(image, interpolation="nearest")
+        ax.set_title(display_name(title), fontsize=7)
+    figure.suptitle("highest losses: true / predicted", fontsize=9)
+    _save(figure, path)
+
+
+@_literal_text
 def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str],
                           path: str | os.PathLike, title: str = "confusion matrix") -> None:
     """Row-normalised confusion matrix (rows: true class); counts written in when it is small."""

@@ -494,12 +494,14 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
                  weights: str = "last", out: PathLike | None = None, batch_size: int = 256,
                  eval_steps: int | None = None, device: str = "auto", precision: str = "auto",
                  image_size: int | None = None, data_root: PathLike | None = None,
-                 download: bool = True, quiet: bool = False, tta: str = "none") -> dict:
+                 download: bool = True, quiet: bool = False, tta: str = "none",
+                 top_losses: int = 0) -> dict:
     """Accuracy, cross-entropy, per-class accuracy and the confusion matrix of a run's model on
     the `split` of `data` (default: the test split of the run's own dataset; see
     `evaluated_split`), with `tta` "flip" of each image's and its mirror's mean probabilities.
-    Writes evaluation.json and confusion_matrix.png to `out` (default: RUN_DIR/evaluation,
-    RUN_DIR/evaluation-SPLIT for another split) and returns the report."""
+    Writes evaluation.json and confusion_matrix.png (with `top_losses` N, top_losses.png of the
+    N images of the highest loss) to `out` (default: RUN_DIR/evaluation, RUN_DIR/evaluation-SPLIT
+    for another split) and returns the report."""
     run_dir = Path(run_dir)
     if split not in EVAL_SPLITS:
         raise ConfigError(f"--split takes {', '.join(EVAL_SPLITS)}, got {split!r}")
@@ -541,6 +543,8 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
         classes = trained_on
     _check_positive(batch_size=batch_size, **({} if eval_steps is None
                                               else {"eval_steps": eval_steps}))
+    if isinstance(top_losses, bool) or not isinstance(top_losses, int) or top_losses < 0:
+        raise ConfigError(f"--top-losses must be a number of images >= 0, got {top_losses!r}")
     target = resolve_device(device)
     model.to(target)
     test = test if eval_steps is None else test.head(eval_steps * batch_size)
@@ -553,9 +557,9 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
                          world_size=distributed.world_size())
     start = time.perf_counter()
     result = evaluate(model, loader, precision=resolve_precision(precision, target),
-                      num_classes=head, tta=tta)
+                      num_classes=head, tta=tta, top_losses=top_losses)
     return _write_evaluation({**result, "tta": tta}, weights_file, spec, classes, head, out_dir,
-                             quiet, time.perf_counter() - start, split)
+                             quiet, time.perf_counter() - start, split, images=test.images)
 
 
 def evaluated_split(dataset: Dataset, split: str, spec: str,
@@ -601,18 +605,23 @@ def _report_evaluation(result: dict, run_dir: Path, weights: str, saved: RunConf
 
 def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list[str],
                       head: int, out_dir: Path, quiet: bool, seconds: float | None,
-                      split: str = "test") -> dict:
+                      split: str = "test", images: torch.Tensor | None = None) -> dict:
     """evaluation.json and confusion_matrix.png of `result` on `split` of `spec` (rank 0), its
-    summary printed."""
-    from vitlab.report import plot_confusion_matrix
+    summary printed; with `result["top_losses"]`, top_losses.png of those of `images` (the
+    evaluated split's)."""
+    from vitlab.report import plot_confusion_matrix, plot_top_losses
 
     shown = len(classes)  # a 100-way head on 10 classes: plot the classes that exist
+    names = classes + [f"(unused {i})" for i in range(shown, head)]
+    top = [{**row, "label": names[row["label"]], "predicted": names[row["predicted"]]}
+           for row in result.get("top_losses", ())]
     # accuracy is exactly correct / num_samples, so the count of correct images is recovered.
     interval = wilson_interval(round(result["accuracy"] * result["num_samples"]),
                                result["num_samples"])
     report = {"checkpoint": str(weights_file.resolve()), "data": data_spec(spec),
-              "split": split, "classes": classes + [f"(unused {i})" for i in range(shown, head)],
-              **result, **({"accuracy_ci95": list(interval)} if interval else {})}
+              "split": split, "classes": names, **result,
+              **({"accuracy_ci95": list(interval)} if interval else {}),
+              **({"top_losses": top} if "top_losses" in result else {})}
     if not distributed.is_main_process():
         return report
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -621,6 +630,13 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
     plot_confusion_matrix(matrix, classes, out_dir / "confusion_matrix.png",
                           title=f"{Path(spec).name}{'' if split == 'test' else ' ' + split}: "
                                 f"accuracy {100 * result['accuracy']:.2f}%")
+    losses_png = out_dir / "top_losses.png"
+    if top and images is not None:
+        plot_top_losses([images[row["index"]].numpy() for row in top],
+                        [f"{row['label']} / {row['predicted']}\np {row['probability']:.2f}, "
+                         f"loss {row['loss']:.2f}" for row in top], losses_png)
+    else:  # an earlier evaluation's, which this one's report no longer describes
+        losses_png.unlink(missing_ok=True)
     if not quiet:
         timing = ("source: fine-tuning's own evaluation of these weights" if seconds is None
                   else f"eval_time: {seconds:.1f} sec")
@@ -631,12 +647,14 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
                            if result.get(key) is not None)
         ci = (f"accuracy_ci95: {interval[0]:.4f}-{interval[1]:.4f}; " if interval else "")
         tta = f"tta: {result['tta']}; " if result.get("tta", "none") != "none" else ""
+        ece = f"ece: {result['ece']:.4f}; " if "ece" in result else ""
         print(f"vitlab-Evaluate: accuracy: {result['accuracy']:.4f}; {ci}{top5}{balanced}"
-              f"ce: {result['ce']:.7g}; samples: {result['num_samples']}; {tta}{timing};")
+              f"ce: {result['ce']:.7g}; {ece}samples: {result['num_samples']}; {tta}{timing};")
         worst = sorted((a, c) for a, c in zip(result["per_class_accuracy"][:shown],
                                               classes, strict=True) if a is not None)[:3]
         print("lowest per-class accuracy: " + ", ".join(f"{c} {a:.3f}" for a, c in worst))
-        print(f"wrote {out_dir / 'evaluation.json'} and {out_dir / 'confusion_matrix.png'}")
+        plots = [out_dir / "confusion_matrix.png", *([losses_png] if losses_png.exists() else [])]
+        print(f"wrote {out_dir / 'evaluation.json'} and {' and '.join(map(str, plots))}")
     return report
 
 

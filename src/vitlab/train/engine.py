@@ -171,15 +171,25 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+# Equal-width confidence bins of the expected calibration error (Guo et al. 2017's 15).
+ECE_BINS = 15
+
+
 def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | None = None,
-             num_classes: int | None = None, tta: str = "none") -> dict:
+             num_classes: int | None = None, tta: str = "none", top_losses: int = 0) -> dict:
     """Exact accuracy and mean cross-entropy over the loader's batches, and the top-5 accuracy
     (the label among the 5 highest logits) for a model of more than 5 outputs; with `tta`
     "flip", of the mean probabilities of each image and its mirror (see `tta_logits`).
 
     With `num_classes`, also the confusion matrix (rows: true class, columns: predicted), the
-    per-class accuracy (recall), and `class_scores`: per-class precision and F1, the macro F1 and
-    the balanced accuracy.
+    per-class accuracy (recall), `class_scores` (per-class precision and F1, the macro F1 and
+    the balanced accuracy) and the expected calibration error `ece`: over ECE_BINS equal-width
+    bins of the top class's probability, the images' share of each bin times the gap between
+    its accuracy and its mean probability (0: the probabilities mean what they say).
+
+    With `top_losses` N, also `top_losses`: the N images of the highest cross-entropy (their
+    index in the loader's split, label, predicted class, its probability and the loss), highest
+    first: fastai's plot_top_losses, the images most worth a look.
     """
     was_training = model.training
     model.eval()
@@ -189,9 +199,12 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
     outputs = None  # the model's logit count, from its first batch
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
-    confusion = None
+    confusion = calibration = None
     if num_classes is not None:
         confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+        # Per bin: images, their summed top probability, and how many were right.
+        calibration = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)
+    per_image: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # loss, prediction, its p, label
     with torch.inference_mode():
         for inputs, labels in loader.epoch(0):
             with autocast(device, precision):
@@ -199,6 +212,17 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             predictions = logits.argmax(dim=1)
+            if calibration is not None or top_losses:
+                confidence = logits.softmax(dim=1).amax(dim=1)
+            if calibration is not None:
+                # Bin m holds ((m-1)/B, m/B], as Guo et al. bin them.
+                bins = (confidence * ECE_BINS).ceil().long().sub_(1).clamp_(0, ECE_BINS - 1)
+                calibration.index_add_(1, bins, torch.stack(
+                    [torch.ones_like(confidence), confidence,
+                     (predictions == labels).float()]).double())
+            if top_losses:
+                per_image.append((F.cross_entropy(logits, labels, reduction="none"),
+                                  predictions, confidence, labels))
             correct += (predictions == labels).sum()
             outputs = logits.shape[1]
             if outputs > 5:
@@ -210,7 +234,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
                                             minlength=num_classes * num_classes)
     model.train(was_training)
     for total in (correct, correct_top5, loss_sum, count,
-                  *([confusion] if confusion is not None else [])):
+                  *([confusion, calibration] if confusion is not None else [])):
         distributed.all_reduce_sum(total)  # sharded evaluation: every rank's counts, once
     count = int(count.item())
     result = {"accuracy": correct.item() / max(count, 1), "ce": loss_sum.item() / max(count, 1),
@@ -223,7 +247,28 @@ def evaluate(model: nn.Module, loader: BatchLoader, *, precision: torch.dtype | 
         matrix = confusion.view(num_classes, num_classes).cpu()
         result["confusion_matrix"] = matrix.tolist()
         result |= class_scores(matrix)
+        _images, confidence_sum, right = calibration.cpu()
+        result["ece"] = (right - confidence_sum).abs().sum().item() / max(count, 1)
+    if top_losses:
+        result["top_losses"] = _top_losses(per_image, top_losses, loader)
     return result
+
+
+def _top_losses(per_image: list[tuple[Tensor, ...]], n: int, loader: BatchLoader
+                ) -> list[dict]:
+    """The n highest-loss images of all ranks' shards, highest first (ties: by index)."""
+    mine = []
+    if per_image:
+        loss, predicted, probability, label = (torch.cat(t).cpu() for t in zip(*per_image, strict=True))
+        # An evaluation shard is the split's images rank, rank + world, ... in order.
+        index = torch.arange(loader.rank, loader.rank + loader.world_size * len(loss),
+                             loader.world_size)
+        top = loss.topk(min(n, len(loss))).indices
+        mine = [{"index": int(index[i]), "label": int(label[i]),
+                 "predicted": int(predicted[i]), "probability": float(probability[i]),
+                 "loss": float(loss[i])} for i in top]
+    every = [row for rows in distributed.gather_objects(mine) for row in rows]
+    return sorted(every, key=lambda row: (-row["loss"], row["index"]))[:n]
 
 
 def class_scores(matrix: Tensor) -> dict:
