@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 import signal
 from pathlib import Path
 
@@ -120,8 +121,9 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(cifar10, reference, tmp_
                                                       (signal.SIGTERM, 143, "stopped by SIGTERM")])
 def test_a_signal_saves_a_resumable_checkpoint_and_exits_cleanly(cifar10, reference, tmp_path,
                                                                   signum, code, said):
-    """Ctrl-C, and SIGTERM (a scheduler's preemption), checkpoint and exit resumable."""
-    run = tmp_path / "run"
+    """Ctrl-C, and SIGTERM (a scheduler's preemption), checkpoint and exit resumable; the
+    command it gives to continue quotes a folder name with a space as a shell needs."""
+    run = tmp_path / ("run" if signum == signal.SIGINT else "the run")
     proc = start_cli(*train_args(cifar10, run), cwd=tmp_path)
     try:
         wait_for_line(proc, r"^vitlab-Train: step: ([6-9]|1\d);")  # mid-epoch 1
@@ -131,7 +133,8 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_cleanly(cifar10, refere
         proc.kill()
     assert proc.returncode == code, stderr
     line = assert_one_error_line(stderr, "pretrain")
-    assert f"--resume {run}" in line and f"{said} at step" in line
+    assert f"continue with: vitlab pretrain --resume {shlex.quote(str(run))}" in line
+    assert f"{said} at step" in line
     interrupts = events(read_metrics(run), "interrupt")
     assert len(interrupts) == 1 and not events(read_metrics(run), "finish")
     stopped = interrupts[0]["step"]

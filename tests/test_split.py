@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import cli_helpers as h
 from vitlab.data import load_dataset
 from vitlab.data import split as split_module
 from vitlab.data.split import held_out, split_image_folder
-from vitlab.errors import ConfigError, DataFormatError
+from vitlab.errors import ConfigError, DataFormatError, DatasetNotFoundError
 
 
 def make_classes(root: Path, sizes: dict[str, int]) -> Path:
@@ -369,6 +370,19 @@ def test_a_listing_is_refused_when_split_already_or_unusable(tmp_path, caplog):
     with pytest.raises(DataFormatError, match="its class folders hold one class"):
         split_image_folder(one, tmp_path / "out", 0.25)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kaggle", "listed", "one"]
+    # A Kaggle download whose train.csv names ids (no image column) beside flat train/ and
+    # test/ folders: loading names the CSV's missing column, split the missing class folders.
+    flat = tmp_path / "flat"
+    for folder in ("train", "test"):
+        (flat / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(flat / folder / "x.png")
+    (flat / "train.csv").write_text("id,label\nx,cat\n")
+    with pytest.raises(DatasetNotFoundError, match="train.csv: its header names a label column "
+                                                   "but no image column"):
+        load_dataset(flat, root=tmp_path / "cache")
+    with pytest.raises(DataFormatError, match="train holds no class folders; put its images in"):
+        split_image_folder(flat, tmp_path / "out", 0.25)
+    shutil.rmtree(flat)
     # Class folders with a CSV file of labels but no image column beside them split as before.
     photos = make_classes(tmp_path / "photos", {"cat": 4, "dog": 4})
     (photos / "train.csv").write_text("id,label\n1,cat\n")

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import re
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -436,8 +437,6 @@ def _recipes(args: argparse.Namespace) -> None:
 
 
 def _split(args: argparse.Namespace) -> None:
-    import shlex
-
     from vitlab.data.split import split_image_folder
 
     summary = split_image_folder(args.source, args.out, args.test_fraction, args.val_fraction,
@@ -559,8 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         from vitlab import distributed
 
-        again = (f"{_launcher()} run --resume {e.run_dir.parent}" if args.command == "run"
-                 else f"{_launcher()} {args.command} --resume {e.run_dir}")
+        again = (f"{_launcher()} run --resume {shlex.quote(str(e.run_dir.parent))}"
+                 if args.command == "run"
+                 else f"{_launcher()} {args.command} --resume {shlex.quote(str(e.run_dir))}")
         if distributed.is_main_process():  # one line for the job, not one a rank
             print(f"vitlab {args.command}: {e}; continue with: {again}", file=sys.stderr)
         return EXIT_SIGNAL.get(e.signum, 128 + e.signum)

@@ -837,20 +837,61 @@ def run_pipeline(*, pretrain_data: PathLike | None = None,
     Everything that can fail (settings, both datasets, their fit to the model, the output
     directories) is checked before pre-training starts. Called again on the same `out`, it
     continues: a finished stage is kept (its settings must match), an unfinished one resumes;
-    the data and model it was started with are used unless given (default: cifair100 ->
-    cifair10, the recipe's model).
+    what the call that started it gave (its data, model and settings, saved in
+    OUT/pipeline.json) is used unless given again (default: cifair100 -> cifair10, the
+    recipe's model), so that a pipeline stopped in pre-training fine-tunes as it was asked to.
     """
     token = _loaded.set({})
+    call = {"pretrain_data": pretrain_data, "finetune_data": finetune_data, "model": model,
+            "num_classes": num_classes, "image_size": image_size, **settings}
+    call = {key: value for key, value in call.items() if value is not None}
+    if not settings.get("overwrite"):  # --overwrite starts afresh, from this call alone
+        call = _with_saved_call(Path(out), call)
     try:
-        return _run_pipeline(pretrain_data, finetune_data, out, model, num_classes, image_size,
-                             settings)
+        return _run_pipeline(call.pop("pretrain_data", None), call.pop("finetune_data", None),
+                             out, call.pop("model", None), call.pop("num_classes", None),
+                             call.pop("image_size", None), call)
     finally:
         _loaded.reset(token)
+
+
+PIPELINE_CALL = "pipeline.json"  # in OUT: what the call that started the pipeline gave
+_NOT_KEPT = ("overwrite", "quiet")  # for this call alone
+
+
+def _with_saved_call(out: Path, call: dict[str, Any]) -> dict[str, Any]:
+    """`call` over the call saved in OUT/pipeline.json, if any: what this call does not give
+    is what the pipeline was started with (--finetune's keys merged, this call's winning)."""
+    path = out / PIPELINE_CALL
+    if not distributed.broadcast_object(path.is_file()):
+        return call
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))["call"]
+        if not isinstance(saved, dict):
+            raise TypeError("not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); delete it to continue the pipeline "
+                          "with what this call gives alone") from None
+    merged = {**saved, **call}
+    if isinstance(saved.get("finetune"), dict) and "finetune" in call:
+        merged["finetune"] = {**saved["finetune"], **call["finetune"]}
+    return merged
+
+
+def _save_call(out: Path, call: dict[str, Any]) -> None:
+    """OUT/pipeline.json: the pipeline's call, paths as text (rank 0)."""
+    if distributed.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / PIPELINE_CALL, {"call": {
+            key: os.fspath(value) if isinstance(value, os.PathLike) else value
+            for key, value in call.items() if key not in _NOT_KEPT}})
 
 
 def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None, out: PathLike,
                   model: str | None, num_classes: int | None, image_size: int | None,
                   settings: dict[str, Any]) -> dict:
+    call = {"pretrain_data": pretrain_data, "finetune_data": finetune_data, "model": model,
+            "num_classes": num_classes, "image_size": image_size, **settings}
     settings = check_settings(settings, "run")
     stage_only = settings.pop("finetune", {})  # --finetune KEY=VALUE: fine-tuning's alone
     _model_overrides(dropout=settings.get("dropout"), drop_path=settings.get("drop_path"))
@@ -937,6 +978,7 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
 
     # Rank 0 looks; a refusal there reaches every process (none is left waiting).
     distributed.together(lambda: check_leftovers() if distributed.is_main_process() else None)
+    _save_call(out, {key: value for key, value in call.items() if value is not None})
     pre, _ = _run_stage(pre_dir, "pretrain", pre_plan, lambda: pretrain(
         data=pretrain_data, out=pre_dir, model=model, image_size=image_size, **settings))
     fine, fitted = _run_stage(fine_dir, "finetune", fine_plan, lambda: finetune(

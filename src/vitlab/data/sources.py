@@ -16,6 +16,7 @@ from vitlab.data.imagefolder import (
     IMAGE_COLUMN_HOLDS,
     IMAGE_COLUMNS,
     decodes_images,
+    lists_images,
     lists_labels,
     load_image_folder,
     subfolders,
@@ -56,6 +57,14 @@ def spec_kind(spec: str | os.PathLike) -> str:
     if is_array_folder(path):
         return "arrays"
     quoted = shlex.quote(name)
+    listing = path / "train.csv"
+    train = path / "train"
+    # Before decodes_images: a Kaggle download's flat train/ and test/ hold no class folders.
+    if (lists_labels(listing) and not lists_images(listing)
+            and not subfolders(train if train.is_dir() else path)):
+        raise DatasetNotFoundError(
+            f"{listing}: its header names a label column but no image column "
+            f"({', '.join(IMAGE_COLUMNS)}){IMAGE_COLUMN_HOLDS}")
     if unsplit_listing(path):  # before decodes_images: Kaggle's unlabelled test.csv is no split
         raise DatasetNotFoundError(f"{name!r} has train.csv but no test.csv or val.csv that "
                                    "lists images with labels, as train.csv does; `vitlab split "
@@ -66,11 +75,6 @@ def spec_kind(spec: str | os.PathLike) -> str:
         raise DatasetNotFoundError(f"{name!r} does not exist, and is not a dataset name "
                                    f"({', '.join(SOURCES)})")
     split = f"`vitlab split {quoted} --out NEW_FOLDER` makes one from it"
-    listing = path / "train.csv"
-    if listing.is_file() and lists_labels(listing) and not subfolders(path):
-        raise DatasetNotFoundError(
-            f"{listing}: its header names a label column but no image column "
-            f"({', '.join(IMAGE_COLUMNS)}){IMAGE_COLUMN_HOLDS}")
     if path.is_dir() and training_split_alone(path):  # an image folder without a test split
         raise DatasetNotFoundError(f"{name!r} has train/ but no test/ or val/ folder: an image "
                                    "folder needs both (test/<class>/ like train/<class>/); "

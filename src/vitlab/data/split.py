@@ -115,9 +115,13 @@ def _listed_images(source: Path) -> dict[str, Images] | None:
 def _folder_images(source: Path) -> dict[str, Images]:
     """class -> its images, from the class folders of `source` (`source/train`'s when it holds
     the training split alone)."""
-    if is_image_folder(source):
+    if is_image_folder(source) and subfolders(source / "train"):
         raise ConfigError(f"{source} already has train/ and a test/ or val/ split: train with it "
                           f"as it is (vitlab pretrain --data {shlex.quote(str(source))})")
+    if is_image_folder(source):  # flat train/ and test/ (a Kaggle download's): no classes
+        raise DataFormatError(f"{source}/train holds no class folders; put its images in "
+                              f"{source}/train/<class>/, or list them with their labels in "
+                              f"{source}/train.csv (columns image,label)")
     folders = class_folders(source / "train" if training_split_alone(source) else source)
     images: dict[str, Images] = {}
     skipped = 0

@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import re
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -155,7 +156,10 @@ def read_run_config(run_dir: str | os.PathLike, **runtime) -> RunConfig:
         raise CheckpointError(f"{run_dir} is not a directory; point at a vitlab run directory")
     path = run_dir / CONFIG
     if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a vitlab run directory (no {CONFIG})")
+        stages = [name for name in ("finetune", "pretrain") if (run_dir / name / CONFIG).is_file()]
+        hint = (f"; it holds a vitlab run pipeline, whose stages are runs: give "
+                f"{shlex.quote(str(run_dir / stages[0]))}" if stages else "")
+        raise CheckpointError(f"{run_dir} is not a vitlab run directory (no {CONFIG}){hint}")
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -227,7 +231,8 @@ def check_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> list[str
     if leftovers and not overwrite and has_checkpoint(run_dir):
         raise CheckpointError(
             f"{run_dir} already holds a run ({named}); continue it with --resume "
-            f"{run_dir}, choose another --out, or pass --overwrite to replace it")
+            f"{shlex.quote(str(run_dir))}, choose another --out, or pass --overwrite to replace "
+            "it")
     return leftovers
 
 
