@@ -663,39 +663,47 @@ def test_run_with_a_recipe_file_fine_tunes_with_the_companion_recipe(data_root, 
 
 
 def test_a_pipeline_stopped_before_fine_tuning_fine_tunes_as_its_first_call_asked(
-        data_root, tmp_path, capfd):
-    """`vitlab run --resume OUT` alone after the pipeline stopped before fine-tuning: the data,
-    settings and --finetune settings of the call that started it (OUT/pipeline.json) fine-tune
-    it, not the defaults (cifair10, the seed recipe); --overwrite starts from its own call."""
+        data_root, tmp_path, capfd, monkeypatch):
+    """`vitlab run --resume OUT` alone, from another folder, after the pipeline stopped before
+    fine-tuning: the data (a relative path), data root, settings and --finetune settings of the
+    call that started it (OUT/pipeline.json) fine-tune it, not the defaults (cifair10, the seed
+    recipe); runtime settings (device, logging) are each call's, not kept; a later call's flags
+    win; --overwrite starts from its own call."""
     fine_data = tmp_path / "fine-data"
     shutil.copytree(data_root / "cifar10", fine_data)
     out = tmp_path / "pipeline"
-    first = ["run", "--pretrain-data", "cifar10", "--finetune-data", str(fine_data), "--model",
+    monkeypatch.chdir(tmp_path)
+    first = ["run", "--pretrain-data", "cifar10", "--finetune-data", "fine-data", "--model",
              "micro", "--epochs", "1", "--finetune-epochs", "1", "--train-steps-per-epoch", "2",
              "--batch-size", "8", "--lr", "0.05", "--label-smoothing", "0.1", "--seed", "5",
              "--finetune", "lr=0.002", "--device", "cpu", "--no-progress", "--no-download",
-             "--data-root", str(data_root), "--out", str(out)]
+             "--log-steps", "1", "--data-root", str(data_root), "--out", str(out)]
     assert main(first) == 0, capfd.readouterr().err
     asked = ckpt.read_run_config(out / "finetune")
     assert (asked.recipe.lr, asked.recipe.label_smoothing, asked.options.seed) == (0.002, 0.1, 5)
-    shutil.rmtree(out / "finetune")  # as if stopped before fine-tuning began
-    shutil.rmtree(out / "evaluation")
-    assert main(["run", "--resume", str(out)]) == 0, capfd.readouterr().err
-    again = ckpt.read_run_config(out / "finetune")
-    assert again.data == asked.data == str(fine_data)
-    assert (again.recipe, again.options, again.model) == (asked.recipe, asked.options,
-                                                          asked.model)
-    # A later call's flags win (here: refused, as its kept stages were trained otherwise).
-    assert main(["run", "--resume", str(out), "--lr", "0.5"]) == 2
-    assert "--lr 0.5 differs" in capfd.readouterr().err
     call = json.loads((out / "pipeline.json").read_text())["call"]
     assert call["finetune_data"] == str(fine_data) and call["finetune"] == {"lr": 0.002}
+    assert "device" not in call["settings"] and "log_steps" not in call["settings"]
+    for stopped in ("finetune", "evaluation"):  # as if stopped before fine-tuning began
+        shutil.rmtree(out / stopped)
+    monkeypatch.chdir(out)
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0, capfd.readouterr().err
+    again = ckpt.read_run_config(out / "finetune")
+    assert again.data == asked.data == str(fine_data)
+    assert (again.recipe, again.model) == (asked.recipe, asked.model)
+    assert again.options.seed == 5
+    # A later call's flags win over the first call's, for the fine-tuning not yet begun.
+    for stopped in ("finetune", "evaluation"):
+        shutil.rmtree(out / stopped)
+    assert main(["run", "--resume", str(out), "--finetune", "lr=0.003", "--no-progress"]) == 0
+    assert ckpt.read_run_config(out / "finetune").recipe.lr == 0.003
     # The pipeline's folder is no run; evaluate names the stage to give instead.
     assert main(["evaluate", "--checkpoint", str(out)]) == 2
     assert (f"it holds a vitlab run pipeline, whose stages are runs: give {out / 'finetune'}"
             in capfd.readouterr().err)
+    monkeypatch.chdir(tmp_path)
     assert main([*first[:-1], str(out), "--overwrite", "--lr", "0.02"]) == 0
-    assert json.loads((out / "pipeline.json").read_text())["call"]["lr"] == 0.02
+    assert json.loads((out / "pipeline.json").read_text())["call"]["settings"]["lr"] == 0.02
 
 
 def test_vitlab_run_called_again_keeps_what_its_stages_were_trained_with(data_root, tmp_path,

@@ -121,6 +121,38 @@ def test_flip_tta_averages_each_image_and_its_mirror(run, pngs, tmp_path, capfd)
     assert report["ce"] == pytest.approx(ce, rel=1e-5)
 
 
+def test_flip_tta_averages_what_predict_shows_for_a_head_wider_than_the_classes():
+    """A 5-way head predicting 3 named classes: each view's probabilities over those 3, then
+    their mean (not the mean over 5 outputs, renormalised)."""
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(image_size=8, patch_size=4, width=16, depth=1, num_heads=2,
+                          mlp_dim=32, num_classes=5))
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 3.0, -3.0]))  # mass outside the 3
+    images = torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1)).numpy()
+    names = ["a", "b", "c"]
+
+    def distributions(rows):
+        return [dict(zip(classes, ps, strict=True)) for classes, ps in rows]
+
+    plain = distributions(predict(model, images, names, top_k=3))
+    mirrored = distributions(predict(model, np.ascontiguousarray(images[:, :, ::-1]), names,
+                                     top_k=3))
+    both = distributions(predict(model, images, names, top_k=3, tta="flip"))
+    for a, b, mean in zip(plain, mirrored, both, strict=True):
+        assert mean == pytest.approx({c: (a[c] + b[c]) / 2 for c in names}, abs=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_top_losses_draw_images_of_any_channel_count(tmp_path, channels):
+    from vitlab.report import plot_top_losses
+
+    images = [np.full((6, 6, channels), 40 * i, np.uint8) for i in range(3)]
+    plot_top_losses(images, ["a / b", "b / a", "c / a"], tmp_path / "top.png")
+    assert (tmp_path / "top.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_evaluate_plots_the_images_of_the_highest_loss(run, pngs, tmp_path, capfd):
     """--top-losses 5: the five images of the highest cross-entropy, highest first, each its
     own loss under the model, named by class; a later evaluation without it removes the plot

@@ -518,16 +518,18 @@ class ViT(nn.Module):
 TTA_CHOICES = ("none", "flip")
 
 
-def tta_logits(model: nn.Module, inputs: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """The model's logits for inputs [B,C,H,W]; with `tta` "flip" (horizontal-flip test-time
+def tta_logits(model: nn.Module, inputs: torch.Tensor, tta: str = "none",
+               outputs: int | None = None) -> torch.Tensor:
+    """The model's logits for inputs [B,C,H,W] (its first `outputs` only, if given: the classes
+    of a head wider than the data's); with `tta` "flip" (horizontal-flip test-time
     augmentation), the log of the mean of the class probabilities of the images and of their
     left-right mirrors (one forward pass of both), in float32: log-probabilities, which softmax,
     argmax, top-k and cross-entropy read as they read logits."""
     if tta == "none":
-        return model(inputs)
+        return model(inputs)[:, :outputs]
     if tta != "flip":
         raise ConfigError(f"--tta takes {' or '.join(TTA_CHOICES)}, got {tta!r}")
-    views = model(torch.cat([inputs, inputs.flip(3)])).float().log_softmax(1)
+    views = model(torch.cat([inputs, inputs.flip(3)]))[:, :outputs].float().log_softmax(1)
     image, mirror = views.chunk(2)
     return torch.logaddexp(image, mirror) - math.log(2)
 

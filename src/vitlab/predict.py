@@ -114,7 +114,7 @@ def predict(model: ViT, images: torch.Tensor | np.ndarray, class_names: Sequence
         with torch.inference_mode():
             for batch in images.split(batch_size):
                 inputs = transform.apply(batch.to(device), train=False)
-                logits = tta_logits(model, inputs, tta)[:, : len(class_names)].float()
+                logits = tta_logits(model, inputs, tta, len(class_names)).float()
                 probabilities, indices = logits.softmax(dim=1).topk(k, dim=1)
                 for p, i in zip(probabilities.tolist(), indices.tolist(), strict=True):
                     results.append(([class_names[j] for j in i], p))

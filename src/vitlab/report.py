@@ -112,7 +112,10 @@ def plot_top_losses(images: Sequence[np.ndarray], titles: Sequence[str],
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles, strict=False):
-        ax.imshow(image, interpolation="nearest")
+        if image.shape[-1] in (1, 2):  # gray (and alpha): drawn in gray
+            ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            ax.imshow(image, interpolation="nearest")
         ax.set_title(display_name(title), fontsize=7)
     figure.suptitle("highest losses: true / predicted", fontsize=9)
     _save(figure, path)

@@ -842,56 +842,54 @@ def run_pipeline(*, pretrain_data: PathLike | None = None,
     recipe's model), so that a pipeline stopped in pre-training fine-tunes as it was asked to.
     """
     token = _loaded.set({})
-    call = {"pretrain_data": pretrain_data, "finetune_data": finetune_data, "model": model,
-            "num_classes": num_classes, "image_size": image_size, **settings}
-    call = {key: value for key, value in call.items() if value is not None}
-    if not settings.get("overwrite"):  # --overwrite starts afresh, from this call alone
-        call = _with_saved_call(Path(out), call)
     try:
-        return _run_pipeline(call.pop("pretrain_data", None), call.pop("finetune_data", None),
-                             out, call.pop("model", None), call.pop("num_classes", None),
-                             call.pop("image_size", None), call)
+        return _run_pipeline(pretrain_data, finetune_data, out, model, num_classes, image_size,
+                             settings)
     finally:
         _loaded.reset(token)
 
 
-PIPELINE_CALL = "pipeline.json"  # in OUT: what the call that started the pipeline gave
-_NOT_KEPT = ("overwrite", "quiet")  # for this call alone
+PIPELINE_CALL = "pipeline.json"  # in OUT: what fine-tuning was asked to be, by the first call
 
 
-def _with_saved_call(out: Path, call: dict[str, Any]) -> dict[str, Any]:
-    """`call` over the call saved in OUT/pipeline.json, if any: what this call does not give
-    is what the pipeline was started with (--finetune's keys merged, this call's winning)."""
+def _kept_call(settings: dict[str, Any], stage_only: dict[str, Any],
+               finetune_data: PathLike | None, num_classes: int | None) -> dict[str, Any]:
+    """What a pipeline's fine-tuning needs of the call that starts it, should it be stopped
+    before fine-tuning begins: its data (as config.json records data), head size, data root and
+    the settings that define a stage (recipe and saved training options, --finetune's), not
+    the runtime ones (device, compiling, logging), which each call chooses."""
+    kept = {key: value for key, value in settings.items()
+            if SETTINGS[key].role in ("recipe", "saved") or key in ("dropout", "drop_path")}
+    root = settings.get("data_root")
+    return {"finetune_data": None if finetune_data is None else data_spec(finetune_data),
+            "num_classes": num_classes, "settings": kept, "finetune": stage_only,
+            "data_root": None if root is None else str(Path(root).expanduser().resolve())}
+
+
+def _write_call(out: Path, call: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / PIPELINE_CALL, {"call": call})
+
+
+def _read_call(out: Path) -> dict[str, Any]:
+    """OUT/pipeline.json's call (empty if there is none: a pipeline of an earlier version)."""
     path = out / PIPELINE_CALL
-    if not distributed.broadcast_object(path.is_file()):
-        return call
+    if not path.is_file():
+        return {}
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))["call"]
-        if not isinstance(saved, dict):
-            raise TypeError("not a mapping")
+        call = json.loads(path.read_text(encoding="utf-8"))["call"]
+        if not isinstance(call, dict) or not all(isinstance(call.get(key, {}), dict)
+                                                 for key in ("settings", "finetune")):
+            raise TypeError("not the mappings vitlab writes")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path} cannot be read ({e}); delete it to continue the pipeline "
-                          "with what this call gives alone") from None
-    merged = {**saved, **call}
-    if isinstance(saved.get("finetune"), dict) and "finetune" in call:
-        merged["finetune"] = {**saved["finetune"], **call["finetune"]}
-    return merged
-
-
-def _save_call(out: Path, call: dict[str, Any]) -> None:
-    """OUT/pipeline.json: the pipeline's call, paths as text (rank 0)."""
-    if distributed.is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / PIPELINE_CALL, {"call": {
-            key: os.fspath(value) if isinstance(value, os.PathLike) else value
-            for key, value in call.items() if key not in _NOT_KEPT}})
+        raise ConfigError(f"{path} cannot be read ({e}); delete it, and give this call the "
+                          "fine-tuning data and settings the pipeline was started with") from None
+    return call
 
 
 def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None, out: PathLike,
                   model: str | None, num_classes: int | None, image_size: int | None,
                   settings: dict[str, Any]) -> dict:
-    call = {"pretrain_data": pretrain_data, "finetune_data": finetune_data, "model": model,
-            "num_classes": num_classes, "image_size": image_size, **settings}
     settings = check_settings(settings, "run")
     stage_only = settings.pop("finetune", {})  # --finetune KEY=VALUE: fine-tuning's alone
     _model_overrides(dropout=settings.get("dropout"), drop_path=settings.get("drop_path"))
@@ -906,15 +904,32 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
     pre_dir, fine_dir = out / "pretrain", out / "finetune"
     saved = {kind: _saved_stage(folder, settings) for kind, folder in
              (("pretrain", pre_dir), ("finetune", fine_dir))}
+    kept_call: dict[str, Any] = {}
+    if saved["pretrain"] is not None and saved["finetune"] is None:
+        # Stopped before fine-tuning began: fine-tune as the first call asked, unless told
+        # otherwise now (rank 0 reads; a refusal reaches every rank).
+        kept_call = distributed.broadcast_object(distributed.together(
+            lambda: _read_call(out) if distributed.is_main_process() else None))
+    call_only = {"finetune_data": finetune_data, "num_classes": num_classes,
+                 "settings": dict(settings), "finetune": stage_only}  # for pipeline.json
+    if kept_call.get("data_root") and "data_root" not in settings:
+        settings["data_root"] = kept_call["data_root"]
     pretrain_data = pretrain_data or (saved["pretrain"].data if saved["pretrain"] else "cifair100")
-    finetune_data = finetune_data or (saved["finetune"].data if saved["finetune"] else "cifair10")
+    finetune_data = (finetune_data or (saved["finetune"].data if saved["finetune"] else None)
+                     or kept_call.get("finetune_data") or "cifair10")
+    if num_classes is None:
+        num_classes = kept_call.get("num_classes")
     name = settings.get("recipe", "seed")
     # What this call names is checked against kept stages; a default it never gave is not.
     named_model = {"model": model} if model is not None else {}
     named_size = {"image_size": image_size} if image_size is not None else {}
     saved_model = saved["pretrain"].model_preset if saved["pretrain"] else None
     model = model or saved_model or recipe_model(name)
-    fine_settings = fine_tuning_settings(settings, stage_only)
+    if kept_call:  # what this call gives over what the first one gave
+        stage_only = {**kept_call["finetune"], **stage_only}
+        fine_settings = fine_tuning_settings({**kept_call["settings"], **settings}, stage_only)
+    else:
+        fine_settings = fine_tuning_settings(settings, stage_only)
     with _named_by_finetune(stage_only):  # its model settings checked before anything trains
         _model_overrides(dropout=fine_settings.get("dropout"),
                          drop_path=fine_settings.get("drop_path"))
@@ -978,7 +993,11 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
 
     # Rank 0 looks; a refusal there reaches every process (none is left waiting).
     distributed.together(lambda: check_leftovers() if distributed.is_main_process() else None)
-    _save_call(out, {key: value for key, value in call.items() if value is not None})
+    if pre_plan[0] == "start":  # a new pipeline: what its fine-tuning is to be, kept
+        kept = _kept_call(call_only["settings"], call_only["finetune"],
+                          call_only["finetune_data"], call_only["num_classes"])
+        distributed.together(lambda: _write_call(out, kept)
+                             if distributed.is_main_process() else None)
     pre, _ = _run_stage(pre_dir, "pretrain", pre_plan, lambda: pretrain(
         data=pretrain_data, out=pre_dir, model=model, image_size=image_size, **settings))
     fine, fitted = _run_stage(fine_dir, "finetune", fine_plan, lambda: finetune(
