@@ -100,6 +100,18 @@ def test_two_processes_train_the_one_process_run_and_evaluate_exactly(cifar10, o
     assert report["num_samples"] == 500 and report["accuracy"] == ddp_evals[-1]["accuracy"]
     assert "Traceback" not in job.stderr and "Traceback" not in single.stderr
 
+    # The images of the highest loss: each rank's shard's, merged, are one process's.
+    top = ["evaluate", "--checkpoint", tmp_path / "ddp", "--batch-size", "64", "--top-losses",
+           "7", "--device", "cpu", "--no-download", "--out"]
+    run_job(*top, tmp_path / "two-top", cwd=tmp_path)
+    assert main([str(a) for a in top] + [str(tmp_path / "one-top")]) == 0
+    rows = [json.loads((tmp_path / n / "evaluation.json").read_text())["top_losses"]
+            for n in ("two-top", "one-top")]
+    assert [r["index"] for r in rows[0]] == [r["index"] for r in rows[1]]
+    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]],
+                                                          rel=1e-5)
+    assert (tmp_path / "two-top" / "top_losses.png").is_file()
+
     # Fewer test images than ranks: rank 1's shard is empty and adds nothing; the one image is
     # counted once, as one process counts it.
     few = ["evaluate", "--checkpoint", tmp_path / "ddp", "--eval-steps", "1", "--batch-size", "1",
