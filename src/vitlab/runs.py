@@ -837,9 +837,9 @@ def run_pipeline(*, pretrain_data: PathLike | None = None,
     Everything that can fail (settings, both datasets, their fit to the model, the output
     directories) is checked before pre-training starts. Called again on the same `out`, it
     continues: a finished stage is kept (its settings must match), an unfinished one resumes;
-    what the call that started it gave (its data, model and settings, saved in
-    OUT/pipeline.json) is used unless given again (default: cifair100 -> cifair10, the
-    recipe's model), so that a pipeline stopped in pre-training fine-tunes as it was asked to.
+    the data and model it was started with are used unless given (default: cifair100 ->
+    cifair10, the recipe's model), and a pipeline stopped before fine-tuning began fine-tunes
+    as the call that started it asked (OUT/pipeline.json), this call's flags winning.
     """
     token = _loaded.set({})
     try:

@@ -259,7 +259,8 @@ def _top_losses(per_image: list[tuple[Tensor, ...]], n: int, loader: BatchLoader
     """The n highest-loss images of all ranks' shards, highest first (ties: by index)."""
     mine = []
     if per_image:
-        loss, predicted, probability, label = (torch.cat(t).cpu() for t in zip(*per_image, strict=True))
+        loss, predicted, probability, label = (torch.cat(parts).cpu()
+                                               for parts in zip(*per_image, strict=True))
         # An evaluation shard is the split's images rank, rank + world, ... in order.
         index = torch.arange(loader.rank, loader.rank + loader.world_size * len(loss),
                              loader.world_size)
