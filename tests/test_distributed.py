@@ -153,7 +153,7 @@ def test_two_processes_accumulating_gradients_train_the_one_process_run(cifar10,
 def test_two_processes_weighing_classes_train_the_one_process_run(cifar10, tmp_path):
     """--class-weights balanced (with smoothing) under DDP on imbalanced data (classes 2-9 cut
     to a fifth): every rank weighs by the whole training split's counts, so two processes train
-    the one-process weighted run, which is not the unweighted one."""
+    the one-process weighted run."""
     import shutil
 
     import numpy as np
@@ -164,15 +164,13 @@ def test_two_processes_weighing_classes_train_the_one_process_run(cifar10, tmp_p
         x, y = z["x"], z["y"]
     keep = (y < 2) | (np.arange(len(y)) % 5 == 0)
     np.savez(data / "train.npz", x=x[keep], y=y[keep])
-    smoothed = ("--dropout", "0", "--label-smoothing", "0.1")
-    weighted = (*smoothed, "--class-weights", "balanced")
+    weighted = ("--dropout", "0", "--label-smoothing", "0.1", "--class-weights", "balanced")
     run_job(*train_args(data, tmp_path / "ddp", *weighted), cwd=tmp_path)
     h.run_cli(*train_args(data, tmp_path / "one", *weighted), cwd=tmp_path)
-    h.run_cli(*train_args(data, tmp_path / "plain", *smoothed), cwd=tmp_path)
-    two, one, plain = (h.load_weights(tmp_path / name / "model.safetensors")
-                       for name in ("ddp", "one", "plain"))
+    two, one = (h.load_weights(tmp_path / name / "model.safetensors") for name in ("ddp", "one"))
+    # (Dropping the weights from the ranks' steps moved them by 0.086; that the weights change
+    # what is learned is tested in one process, tests/test_runs.py.)
     assert max((two[k] - one[k]).abs().max().item() for k in one) <= 1e-5
-    assert max((one[k] - plain[k]).abs().max().item() for k in one) > 1e-3
 
 
 def test_two_processes_in_fp16_skip_the_same_steps(cifar10, tmp_path):
