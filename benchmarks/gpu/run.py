@@ -171,6 +171,7 @@ def stage_checks(args: argparse.Namespace) -> dict:
     result["mixup_scalars_vary_with_the_seed"] = len(lams) > 1
     result.update(_locality_check(device))
     result.update(_fp16_check(device))
+    result.update(_grad_checkpointing_check(device))
     if device.type == "cuda":  # the augmentation must never wait on the device (warm by now)
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -217,6 +218,41 @@ def _fp16_check(device) -> dict:
         ok &= all(map(math.isfinite, losses)) and moved and losses[-1] < losses[0]
     result["fp16_ok"] = ok
     return result
+
+
+def _grad_checkpointing_check(device) -> dict:
+    """--grad-checkpointing on the device, which no GPU has run: seed-mini (dropout off, fp32)
+    at batch 128, one forward and backward without and with it. The gradients' largest gap
+    (relative to the largest gradient) and, on CUDA, the memory each pass added at its peak
+    (above what was allocated before it: the weights, and the other pass's kept gradients)."""
+    import torch
+    import torch.nn.functional as F
+
+    from vitlab.model import ViT, preset
+
+    torch.manual_seed(0)
+    model = ViT(preset("seed-mini", 100, dropout=0.0)).to(device)
+    images = torch.randn(128, 3, 32, 32, device=device)
+    labels = torch.arange(128, device=device) % 100
+    grads, peaks = {}, {}
+    for on in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.encoder.grad_checkpointing = on
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        F.cross_entropy(model(images), labels).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peaks["on" if on else "off"] = torch.cuda.max_memory_allocated(device) - before
+        grads[on] = [p.grad.clone() for p in model.parameters()]
+    model.encoder.grad_checkpointing = False
+    scale = max(float(g.abs().max()) for g in grads[False])
+    gap = max(float((a - b).abs().max()) for a, b in zip(grads[False], grads[True], strict=True))
+    return {"grad_checkpointing_relative_grad_gap": gap / max(scale, 1e-12),
+            "grad_checkpointing_peak_added_bytes": peaks or None,
+            "grad_checkpointing_ok": gap <= 1e-3 * scale}
 
 
 def _locality_check(device) -> dict:
