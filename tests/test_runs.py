@@ -663,7 +663,7 @@ def test_run_with_a_recipe_file_fine_tunes_with_the_companion_recipe(data_root, 
 
 
 def test_a_pipeline_stopped_before_fine_tuning_fine_tunes_as_its_first_call_asked(
-        data_root, tmp_path, capfd, monkeypatch):
+        data_root, tmp_path, capfd, caplog, monkeypatch):
     """`vitlab run --resume OUT` alone, from another folder, after the pipeline stopped before
     fine-tuning: the data (a relative path), data root, settings and --finetune settings of the
     call that started it (OUT/pipeline.json) fine-tune it, not the defaults (cifair10, the seed
@@ -697,6 +697,36 @@ def test_a_pipeline_stopped_before_fine_tuning_fine_tunes_as_its_first_call_aske
         shutil.rmtree(out / stopped)
     assert main(["run", "--resume", str(out), "--finetune", "lr=0.003", "--no-progress"]) == 0
     assert ckpt.read_run_config(out / "finetune").recipe.lr == 0.003
+    # A kept --finetune strength is dropped, not refused, when this call's --finetune takes
+    # an augmentation that has none; the error of a kept value names the file, not a flag.
+    kept = json.loads((out / "pipeline.json").read_text())
+    kept["call"]["finetune"] = {"augment": "vitlab", "mix_prob": 0.3}
+    (out / "pipeline.json").write_text(json.dumps(kept))
+    for stopped in ("finetune", "evaluation"):
+        shutil.rmtree(out / stopped)
+    assert main(["run", "--resume", str(out), "--finetune", "augment=seed", "--no-progress"]) == 0
+    assert ckpt.read_run_config(out / "finetune").recipe.augment == "seed"
+    kept["call"]["finetune"] = {"lr": -1}
+    (out / "pipeline.json").write_text(json.dumps(kept))
+    for stopped in ("finetune", "evaluation"):
+        shutil.rmtree(out / stopped)
+    capfd.readouterr()
+    assert main(["run", "--resume", str(out)]) == 2
+    err = capfd.readouterr().err
+    assert f"{out / 'pipeline.json'}: lr must be" in err and "kept from the call that" in err
+    (out / "pipeline.json").write_text("{not json")
+    assert main(["run", "--resume", str(out)]) == 2
+    assert f"{out / 'pipeline.json'} cannot be read" in capfd.readouterr().err
+    assert not (out / "finetune").exists()  # refused before anything trained
+    # A file that describes another pre-training (a refused --overwrite's), or none: not used,
+    # said in a warning.
+    kept["call"]["finetune"], kept["call"]["pretrain"]["seed"] = {"lr": 0.002}, 6
+    (out / "pipeline.json").write_text(json.dumps(kept))
+    with caplog.at_level("WARNING", logger="vitlab"):
+        assert main(["run", "--resume", str(out), "--finetune-data", str(fine_data),
+                     "--data-root", str(data_root), "--no-download", "--no-progress"]) == 0
+    assert "describes another pre-training" in caplog.text
+    assert ckpt.read_run_config(out / "finetune").recipe.lr == 0.01  # the default, not 0.002
     # The pipeline's folder is no run; evaluate names the stage to give instead.
     assert main(["evaluate", "--checkpoint", str(out)]) == 2
     assert (f"it holds a vitlab run pipeline, whose stages are runs: give {out / 'finetune'}"

@@ -16,10 +16,11 @@ import contextlib
 import contextvars
 import dataclasses
 import json
+import logging
 import os
 import time
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,14 @@ from vitlab.errors import CheckpointError, ConfigError, SettingDiffers, SettingE
 from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import TTA_CHOICES, ViT, ViTConfig, forward_flops, preset
 from vitlab.predict import PredictionReport
-from vitlab.settings import ARCHITECTURE_SETTINGS, EVAL_SPLITS, SETTINGS, check_settings, pick
+from vitlab.settings import (
+    ARCHITECTURE_SETTINGS,
+    EVAL_SPLITS,
+    SETTINGS,
+    check_settings,
+    check_stage_settings,
+    pick,
+)
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.engine import (
     FitResult,
@@ -67,6 +75,7 @@ from vitlab.train.runconfig import EncoderSource, RunConfig
 from vitlab.train.transfer import load_encoder_weights
 
 PathLike = str | os.PathLike
+log = logging.getLogger("vitlab")
 
 # The setting whose value is the run's number of epochs, per kind of run.
 BUDGET = {"pretrain": "epochs", "finetune": "finetune_epochs"}
@@ -853,17 +862,26 @@ PIPELINE_CALL = "pipeline.json"  # in OUT: what fine-tuning was asked to be, by 
 
 
 def _kept_call(settings: dict[str, Any], stage_only: dict[str, Any],
-               finetune_data: PathLike | None, num_classes: int | None) -> dict[str, Any]:
+               finetune_data: PathLike | None, num_classes: int | None,
+               pretraining: dict[str, Any]) -> dict[str, Any]:
     """What a pipeline's fine-tuning needs of the call that starts it, should it be stopped
     before fine-tuning begins: its data (as config.json records data), head size, data root and
     the settings that define a stage (recipe and saved training options, --finetune's), not
-    the runtime ones (device, compiling, logging), which each call chooses."""
+    the runtime ones (device, compiling, logging), which each call chooses; and `pretraining`,
+    the identity of the pre-training it follows (see `_pretraining`)."""
     kept = {key: value for key, value in settings.items()
             if SETTINGS[key].role in ("recipe", "saved") or key in ("dropout", "drop_path")}
     root = settings.get("data_root")
     return {"finetune_data": None if finetune_data is None else data_spec(finetune_data),
             "num_classes": num_classes, "settings": kept, "finetune": stage_only,
-            "data_root": None if root is None else str(Path(root).expanduser().resolve())}
+            "data_root": None if root is None else str(Path(root).expanduser().resolve()),
+            "pretrain": pretraining}
+
+
+def _pretraining(data: PathLike, model: str, seed: int) -> dict[str, Any]:
+    """A pre-training stage's identity in pipeline.json: a call refused after writing the file
+    (an --overwrite stopped before it replaced the stage) describes another one."""
+    return {"data": data_spec(data), "model": model, "seed": seed}
 
 
 def _write_call(out: Path, call: dict[str, Any]) -> None:
@@ -871,20 +889,52 @@ def _write_call(out: Path, call: dict[str, Any]) -> None:
     atomic_write_json(out / PIPELINE_CALL, {"call": call})
 
 
-def _read_call(out: Path) -> dict[str, Any]:
-    """OUT/pipeline.json's call (empty if there is none: a pipeline of an earlier version)."""
+_CALL_TYPES = {"finetune_data": (str, type(None)), "num_classes": (int, type(None)),
+               "data_root": (str, type(None)), "settings": dict, "finetune": dict,
+               "pretrain": dict}
+
+
+def _read_call(out: Path, pretrained: RunConfig) -> dict[str, Any]:
+    """OUT/pipeline.json's call, checked, if it describes the pre-training stage `pretrained`
+    (empty otherwise, said in a warning, and if there is none: a pipeline of an earlier
+    version)."""
     path = out / PIPELINE_CALL
     if not path.is_file():
         return {}
     try:
         call = json.loads(path.read_text(encoding="utf-8"))["call"]
-        if not isinstance(call, dict) or not all(isinstance(call.get(key, {}), dict)
-                                                 for key in ("settings", "finetune")):
-            raise TypeError("not the mappings vitlab writes")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not isinstance(call, dict) or set(call) != set(_CALL_TYPES) or any(
+                not isinstance(call[key], kinds) or isinstance(call[key], bool)
+                for key, kinds in _CALL_TYPES.items()):
+            raise TypeError("not what vitlab writes there")
+        check_settings(call["settings"], "run", where=f"{path}: ")
+        check_stage_settings(call["finetune"], f"{path}: finetune")
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
         raise ConfigError(f"{path} cannot be read ({e}); delete it, and give this call the "
                           "fine-tuning data and settings the pipeline was started with") from None
+    if call["pretrain"] != _pretraining(pretrained.data, pretrained.model_preset,
+                                        pretrained.options.seed):
+        log.warning("vitlab: %s describes another pre-training than %s's (a call refused "
+                    "after it was written?); it is not used", path, out / "pretrain")
+        return {}
     return call
+
+
+@contextlib.contextmanager
+def _named_as_kept(kept: Iterable[str], source: Path) -> Iterator[None]:
+    """A refusal of a setting this call took from pipeline.json names the file, not a flag
+    this call never gave."""
+    try:
+        yield
+    except (SettingDiffers, SettingError) as e:
+        if e.setting not in kept:
+            raise
+        key = e.setting.replace("_", "-")
+        what = (e.requirement if isinstance(e, SettingError)
+                else f"is {e.given!r} but the run was started with {e.was!r}")
+        raise ConfigError(f"{source}: {key} {what} (kept from the call that started the "
+                          f"pipeline); give --finetune {key}=VALUE to override it, or delete "
+                          f"{source}") from None
 
 
 def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None, out: PathLike,
@@ -904,39 +954,56 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
     pre_dir, fine_dir = out / "pretrain", out / "finetune"
     saved = {kind: _saved_stage(folder, settings) for kind, folder in
              (("pretrain", pre_dir), ("finetune", fine_dir))}
-    kept_call: dict[str, Any] = {}
-    if saved["pretrain"] is not None and saved["finetune"] is None:
-        # Stopped before fine-tuning began: fine-tune as the first call asked, unless told
-        # otherwise now (rank 0 reads; a refusal reaches every rank).
-        kept_call = distributed.broadcast_object(distributed.together(
-            lambda: _read_call(out) if distributed.is_main_process() else None))
     call_only = {"finetune_data": finetune_data, "num_classes": num_classes,
                  "settings": dict(settings), "finetune": stage_only}  # for pipeline.json
-    if kept_call.get("data_root") and "data_root" not in settings:
-        settings["data_root"] = kept_call["data_root"]
+    kept_call: dict[str, Any] = {}
+    if saved["pretrain"] is not None:  # a pipeline begun: what the call that began it asked
+        kept_call = distributed.broadcast_object(distributed.together(  # rank 0 reads
+            lambda: _read_call(out, saved["pretrain"]) if distributed.is_main_process()
+            else None))
+        if kept_call.get("data_root") and "data_root" not in settings:
+            settings["data_root"] = kept_call["data_root"]  # where its data is: loading only
+        if (saved["finetune"] is None and not kept_call and finetune_data is None
+                and distributed.is_main_process()):
+            log.warning("vitlab: %s has no %s (begun by an earlier vitlab): its fine-tuning "
+                        "takes this call's settings alone, on %s unless --finetune-data is "
+                        "given", out, PIPELINE_CALL, "cifair10")
+    if saved["finetune"] is not None:
+        kept_call = {}  # a fine-tuning stage there is kept or resumed as it was saved
     pretrain_data = pretrain_data or (saved["pretrain"].data if saved["pretrain"] else "cifair100")
+    if num_classes is None and finetune_data is None:  # the head for the data it was given
+        num_classes = kept_call.get("num_classes")
     finetune_data = (finetune_data or (saved["finetune"].data if saved["finetune"] else None)
                      or kept_call.get("finetune_data") or "cifair10")
-    if num_classes is None:
-        num_classes = kept_call.get("num_classes")
     name = settings.get("recipe", "seed")
     # What this call names is checked against kept stages; a default it never gave is not.
     named_model = {"model": model} if model is not None else {}
     named_size = {"image_size": image_size} if image_size is not None else {}
+    if image_size is None and saved["pretrain"] is not None:
+        image_size = saved["pretrain"].image_size  # as the pipeline was begun
     saved_model = saved["pretrain"].model_preset if saved["pretrain"] else None
     model = model or saved_model or recipe_model(name)
-    if kept_call:  # what this call gives over what the first one gave
-        stage_only = {**kept_call["finetune"], **stage_only}
-        fine_settings = fine_tuning_settings({**kept_call["settings"], **settings}, stage_only)
-    else:
-        fine_settings = fine_tuning_settings(settings, stage_only)
-    with _named_by_finetune(stage_only):  # its model settings checked before anything trains
-        _model_overrides(dropout=fine_settings.get("dropout"),
+    given_stage, kept_names = stage_only, set()
+    shared = settings
+    if kept_call:  # this call's flags over what the first call gave, for fine-tuning alone
+        kept_stage = {k: v for k, v in kept_call["finetune"].items()
+                      if k not in settings and k not in given_stage}
+        kept_shared = {k: v for k, v in kept_call["settings"].items() if k not in settings}
+        stage_only, shared = {**kept_stage, **given_stage}, {**kept_shared, **settings}
+        kept_names = set(kept_stage) | (set(kept_shared) - set(given_stage))
+    fine_settings = fine_tuning_settings(shared, stage_only, exempt=given_stage)
+    kept_source = out / PIPELINE_CALL
+    with _named_by_finetune(given_stage), _named_as_kept(kept_names, kept_source):
+        _model_overrides(dropout=fine_settings.get("dropout"),  # checked before anything trains
                          drop_path=fine_settings.get("drop_path"))
     keeps_ema = {}
     for kind, stage in (("pretrain", settings), ("finetune", fine_settings)):
-        with _named_by_finetune(stage_only if kind == "finetune" else {}):
+        fine = kind == "finetune"
+        with (_named_by_finetune(given_stage if fine else {}),
+              _named_as_kept(kept_names if fine else (), kept_source)):
             stage_recipe, options = _recipe_and_options(stage, kind)  # both stages' valid
+        if not fine:
+            pre_seed = options.seed
         # A stage already there keeps (and is evaluated with) what it was trained with.
         keeps_ema[kind] = (saved[kind].recipe if saved[kind] else stage_recipe).ema_decay > 0
     if keeps_ema["pretrain"]:
@@ -978,7 +1045,7 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
             settings, {"recipe": saved["finetune"].recipe.name, **stage_only}),
             **({"weights": fine_settings["weights"]} if "weights" in fine_settings else {})}
         del compared["recipe"]
-    with _named_by_finetune(stage_only):
+    with _named_by_finetune(given_stage), _named_as_kept(kept_names, kept_source):
         fine_plan = _plan_stage(fine_dir, "finetune", saved["finetune"], data=finetune_data,
                                 **named_size, **head, **compared)
     if fine_plan[0] != "start":
@@ -995,7 +1062,8 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
     distributed.together(lambda: check_leftovers() if distributed.is_main_process() else None)
     if pre_plan[0] == "start":  # a new pipeline: what its fine-tuning is to be, kept
         kept = _kept_call(call_only["settings"], call_only["finetune"],
-                          call_only["finetune_data"], call_only["num_classes"])
+                          call_only["finetune_data"], call_only["num_classes"],
+                          _pretraining(pretrain_data, model, pre_seed))
         distributed.together(lambda: _write_call(out, kept)
                              if distributed.is_main_process() else None)
     pre, _ = _run_stage(pre_dir, "pretrain", pre_plan, lambda: pretrain(
@@ -1017,10 +1085,11 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
                         quiet=settings.get("quiet", False), **data_options)
 
 
-def fine_tuning_settings(settings: dict[str, Any], stage_only: dict[str, Any]
-                         ) -> dict[str, Any]:
+def fine_tuning_settings(settings: dict[str, Any], stage_only: dict[str, Any],
+                         exempt: dict[str, Any] | None = None) -> dict[str, Any]:
     """The settings `vitlab run` fine-tunes with, from those given for both stages and those
-    given for fine-tuning alone (`--finetune`)."""
+    given for fine-tuning alone (`--finetune`); `exempt`: the fine-tuning settings named now
+    (default: all of `stage_only`), which reach it even where its augmentation refuses them."""
     # The fine-tuning stage takes the recipe's fine-tuning companion (vitlab -> vitlab-finetune),
     # or the one --finetune names; other settings given apply to both stages. With --recipe
     # named, a recipe value equal to its own is no change (a file from `vitlab recipes vitlab`
@@ -1043,7 +1112,8 @@ def fine_tuning_settings(settings: dict[str, Any], stage_only: dict[str, Any]
     # fine-tuning stage's).
     if fine.get("augment", recipe(fine.get("recipe", "seed")).augment) \
             not in AUGMENT_SETTINGS_USED_BY:
-        fine = {k: v for k, v in fine.items() if k not in AUGMENT_SETTINGS or k in stage_only}
+        named = stage_only if exempt is None else exempt
+        fine = {k: v for k, v in fine.items() if k not in AUGMENT_SETTINGS or k in named}
     # The architecture is pre-training's; fine-tuning takes the one it pre-trained.
     return {k: v for k, v in fine.items() if k not in ARCHITECTURE_SETTINGS}
 
