@@ -687,7 +687,9 @@ def test_a_pipeline_stopped_before_fine_tuning_fine_tunes_as_its_first_call_aske
     for stopped in ("finetune", "evaluation"):  # as if stopped before fine-tuning began
         shutil.rmtree(out / stopped)
     monkeypatch.chdir(out)
-    assert main(["run", "--resume", str(out), "--no-progress"]) == 0, capfd.readouterr().err
+    # (--lr restated as the first call gave it: the kept --finetune lr still wins over it.)
+    assert main(["run", "--resume", str(out), "--lr", "0.05", "--no-progress"]) == 0, (
+        capfd.readouterr().err)
     again = ckpt.read_run_config(out / "finetune")
     assert again.data == asked.data == str(fine_data)
     assert (again.recipe, again.model) == (asked.recipe, asked.model)

@@ -869,8 +869,7 @@ def _kept_call(settings: dict[str, Any], stage_only: dict[str, Any],
     the settings that define a stage (recipe and saved training options, --finetune's), not
     the runtime ones (device, compiling, logging), which each call chooses; and `pretraining`,
     the identity of the pre-training it follows (see `_pretraining`)."""
-    kept = {key: value for key, value in settings.items()
-            if SETTINGS[key].role in ("recipe", "saved") or key in ("dropout", "drop_path")}
+    kept = {key: value for key, value in settings.items() if _kept_setting(key)}
     root = settings.get("data_root")
     return {"finetune_data": None if finetune_data is None else data_spec(finetune_data),
             "num_classes": num_classes, "settings": kept, "finetune": stage_only,
@@ -878,10 +877,21 @@ def _kept_call(settings: dict[str, Any], stage_only: dict[str, Any],
             "pretrain": pretraining}
 
 
-def _pretraining(data: PathLike, model: str, seed: int) -> dict[str, Any]:
-    """A pre-training stage's identity in pipeline.json: a call refused after writing the file
-    (an --overwrite stopped before it replaced the stage) describes another one."""
-    return {"data": data_spec(data), "model": model, "seed": seed}
+def _kept_setting(key: str) -> bool:
+    """Whether pipeline.json keeps a setting: one that defines a stage, not a runtime one."""
+    return SETTINGS[key].role in ("recipe", "saved") or key in ("dropout", "drop_path")
+
+
+def _pretraining(data: PathLike, model: str, seed: int, trained: Recipe, config: ViTConfig
+                 ) -> dict[str, Any]:
+    """A pre-training stage's identity in pipeline.json: its data, model preset and
+    architecture, seed and recipe (less the budgets a resume may extend). A call refused after
+    writing the file (an --overwrite stopped before it replaced the stage) describes another
+    one, unless it asked for the same pre-training."""
+    recipe_values = {k: v for k, v in trained.to_dict().items()
+                     if k not in ("epochs", "finetune_epochs")}
+    return {"data": data_spec(data), "model": model, "seed": seed, "recipe": recipe_values,
+            "architecture": {k: getattr(config, k) for k in ARCHITECTURE_SETTINGS}}
 
 
 def _write_call(out: Path, call: dict[str, Any]) -> None:
@@ -907,17 +917,29 @@ def _read_call(out: Path, pretrained: RunConfig) -> dict[str, Any]:
                 not isinstance(call[key], kinds) or isinstance(call[key], bool)
                 for key, kinds in _CALL_TYPES.items()):
             raise TypeError("not what vitlab writes there")
-        check_settings(call["settings"], "run", where=f"{path}: ")
-        check_stage_settings(call["finetune"], f"{path}: finetune")
+        call["settings"] = check_settings(call["settings"], "run", where=f"{path}: ")
+        call["finetune"] = check_stage_settings(call["finetune"], f"{path}: finetune")
+        unkept = [k for k in call["settings"] if not _kept_setting(k)]
+        if unkept:
+            raise TypeError(f"{unkept[0]} is not a setting vitlab keeps there")
     except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
         raise ConfigError(f"{path} cannot be read ({e}); delete it, and give this call the "
                           "fine-tuning data and settings the pipeline was started with") from None
     if call["pretrain"] != _pretraining(pretrained.data, pretrained.model_preset,
-                                        pretrained.options.seed):
+                                        pretrained.options.seed, pretrained.recipe,
+                                        pretrained.model):
         log.warning("vitlab: %s describes another pre-training than %s's (a call refused "
                     "after it was written?); it is not used", path, out / "pretrain")
         return {}
     return call
+
+
+def _fine_flag(key: str, given: dict[str, Any], kept: set[str], source: Path) -> str:
+    """How a refusal names a fine-tuning setting: as --finetune gave it, as pipeline.json kept
+    it, or as the flag for both stages."""
+    dashed = key.replace("_", "-")
+    return (f"--finetune {dashed}" if key in given else f"{source}: {dashed}" if key in kept
+            else f"--{dashed}")
 
 
 @contextlib.contextmanager
@@ -963,16 +985,18 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
             else None))
         if kept_call.get("data_root") and "data_root" not in settings:
             settings["data_root"] = kept_call["data_root"]  # where its data is: loading only
-        if (saved["finetune"] is None and not kept_call and finetune_data is None
-                and distributed.is_main_process()):
+        if (saved["finetune"] is None and not (out / PIPELINE_CALL).is_file()
+                and finetune_data is None and distributed.is_main_process()):
             log.warning("vitlab: %s has no %s (begun by an earlier vitlab): its fine-tuning "
                         "takes this call's settings alone, on %s unless --finetune-data is "
                         "given", out, PIPELINE_CALL, "cifair10")
     if saved["finetune"] is not None:
         kept_call = {}  # a fine-tuning stage there is kept or resumed as it was saved
     pretrain_data = pretrain_data or (saved["pretrain"].data if saved["pretrain"] else "cifair100")
+    head_flag = None  # the head size's name in a refusal, where pipeline.json gave it
     if num_classes is None and finetune_data is None:  # the head for the data it was given
         num_classes = kept_call.get("num_classes")
+        head_flag = f"{out / PIPELINE_CALL}: num_classes" if num_classes is not None else None
     finetune_data = (finetune_data or (saved["finetune"].data if saved["finetune"] else None)
                      or kept_call.get("finetune_data") or "cifair10")
     name = settings.get("recipe", "seed")
@@ -986,8 +1010,7 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
     given_stage, kept_names = stage_only, set()
     shared = settings
     if kept_call:  # this call's flags over what the first call gave, for fine-tuning alone
-        kept_stage = {k: v for k, v in kept_call["finetune"].items()
-                      if k not in settings and k not in given_stage}
+        kept_stage = {k: v for k, v in kept_call["finetune"].items() if k not in given_stage}
         kept_shared = {k: v for k, v in kept_call["settings"].items() if k not in settings}
         stage_only, shared = {**kept_stage, **given_stage}, {**kept_shared, **settings}
         kept_names = set(kept_stage) | (set(kept_shared) - set(given_stage))
@@ -1003,7 +1026,7 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
               _named_as_kept(kept_names if fine else (), kept_source)):
             stage_recipe, options = _recipe_and_options(stage, kind)  # both stages' valid
         if not fine:
-            pre_seed = options.seed
+            pre_seed, pre_recipe = options.seed, stage_recipe
         # A stage already there keeps (and is evaluated with) what it was trained with.
         keeps_ema[kind] = (saved[kind].recipe if saved[kind] else stage_recipe).ema_decay > 0
     if keeps_ema["pretrain"]:
@@ -1023,10 +1046,11 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
         _check_channels(normalization, dataset, spec)
         if stage.get("val_fraction"):  # what it holds out depends on the class sizes only
             hold_out_validation(dataset, stage["val_fraction"], 0, warn=False,
-                                flag="--finetune val-fraction" if stage is fine_settings
-                                and "val_fraction" in stage_only else "--val-fraction")
+                                flag=_fine_flag("val_fraction", given_stage, kept_names,
+                                                kept_source) if stage is fine_settings
+                                else "--val-fraction")
     if num_classes is not None and num_classes < datasets[1].num_classes:
-        raise ConfigError(f"--num-classes {num_classes} is smaller than the "
+        raise ConfigError(f"{head_flag or '--num-classes'} {num_classes} is smaller than the "
                           f"{datasets[1].num_classes} classes of {finetune_data}")
     for folder in ("pretrain", "finetune", "evaluation"):
         check_writable(out / folder)
@@ -1063,7 +1087,7 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
     if pre_plan[0] == "start":  # a new pipeline: what its fine-tuning is to be, kept
         kept = _kept_call(call_only["settings"], call_only["finetune"],
                           call_only["finetune_data"], call_only["num_classes"],
-                          _pretraining(pretrain_data, model, pre_seed))
+                          _pretraining(pretrain_data, model, pre_seed, pre_recipe, config))
         distributed.together(lambda: _write_call(out, kept)
                              if distributed.is_main_process() else None)
     pre, _ = _run_stage(pre_dir, "pretrain", pre_plan, lambda: pretrain(
