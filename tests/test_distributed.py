@@ -107,7 +107,9 @@ def test_two_processes_train_the_one_process_run_and_evaluate_exactly(cifar10, o
     assert main([str(a) for a in top] + [str(tmp_path / "one-top")]) == 0
     rows = [json.loads((tmp_path / n / "evaluation.json").read_text())["top_losses"]
             for n in ("two-top", "one-top")]
-    assert [r["index"] for r in rows[0]] == [r["index"] for r in rows[1]]
+    # (As sets: two losses equal to float precision, computed in batches of other sizes, may
+    # come in either order.)
+    assert {r["index"] for r in rows[0]} == {r["index"] for r in rows[1]}
     assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]],
                                                           rel=1e-5)
     assert (tmp_path / "two-top" / "top_losses.png").is_file()
