@@ -518,6 +518,13 @@ class ViT(nn.Module):
 TTA_CHOICES = ("none", "flip")
 
 
+def check_tta(tta: str) -> str:
+    """`tta` if it is one of TTA_CHOICES; a one-line error otherwise."""
+    if tta not in TTA_CHOICES:
+        raise ConfigError(f"--tta takes {' or '.join(TTA_CHOICES)}, got {tta!r}")
+    return tta
+
+
 def tta_logits(model: nn.Module, inputs: torch.Tensor, tta: str = "none",
                outputs: int | None = None) -> torch.Tensor:
     """The model's logits for inputs [B,C,H,W] (its first `outputs` only, if given: the classes
@@ -525,10 +532,8 @@ def tta_logits(model: nn.Module, inputs: torch.Tensor, tta: str = "none",
     augmentation), the log of the mean of the class probabilities of the images and of their
     left-right mirrors (one forward pass of both), in float32: log-probabilities, which softmax,
     argmax, top-k and cross-entropy read as they read logits."""
-    if tta == "none":
+    if check_tta(tta) == "none":
         return model(inputs)[:, :outputs]
-    if tta != "flip":
-        raise ConfigError(f"--tta takes {' or '.join(TTA_CHOICES)}, got {tta!r}")
     views = model(torch.cat([inputs, inputs.flip(3)]))[:, :outputs].float().log_softmax(1)
     image, mirror = views.chunk(2)
     return torch.logaddexp(image, mirror) - math.log(2)

@@ -36,7 +36,7 @@ from vitlab.data.imagefolder import decodes_images
 from vitlab.data.sources import data_root as resolve_data_root
 from vitlab.errors import CheckpointError, ConfigError, SettingDiffers, SettingError
 from vitlab.io import atomic_write_bytes, atomic_write_json
-from vitlab.model import TTA_CHOICES, ViT, ViTConfig, forward_flops, preset
+from vitlab.model import ViT, ViTConfig, check_tta, forward_flops, preset
 from vitlab.predict import PredictionReport
 from vitlab.settings import (
     ARCHITECTURE_SETTINGS,
@@ -514,8 +514,7 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
     run_dir = Path(run_dir)
     if split not in EVAL_SPLITS:
         raise ConfigError(f"--split takes {', '.join(EVAL_SPLITS)}, got {split!r}")
-    if tta not in TTA_CHOICES:
-        raise ConfigError(f"--tta takes {' or '.join(TTA_CHOICES)}, got {tta!r}")
+    check_tta(tta)  # before the work, not after it
     distributed.setup(device)
     saved = ckpt.read_run_config(run_dir)
     weights_file = run_dir / ckpt.WEIGHT_FILES[SETTINGS["weights"].check(weights)]
@@ -675,8 +674,7 @@ def predict_images(run_dir: PathLike, inputs: list[PathLike], *, weights: str = 
     .json) also gets the table. Unreadable files are skipped and listed in the report."""
     from vitlab.predict import find_images, predict_files
 
-    if tta not in TTA_CHOICES:
-        raise ConfigError(f"--tta takes {' or '.join(TTA_CHOICES)}, got {tta!r}")
+    check_tta(tta)  # before the work, not after it
     out_path = _prediction_output(output)
     _check_positive(top_k=top_k, batch_size=batch_size)
     model, config, classes = _model_for_images(run_dir, weights, device)
@@ -942,23 +940,6 @@ def _fine_flag(key: str, given: dict[str, Any], kept: set[str], source: Path) ->
             else f"--{dashed}")
 
 
-@contextlib.contextmanager
-def _named_as_kept(kept: Iterable[str], source: Path) -> Iterator[None]:
-    """A refusal of a setting this call took from pipeline.json names the file, not a flag
-    this call never gave."""
-    try:
-        yield
-    except (SettingDiffers, SettingError) as e:
-        if e.setting not in kept:
-            raise
-        key = e.setting.replace("_", "-")
-        what = (e.requirement if isinstance(e, SettingError)
-                else f"is {e.given!r} but the run was started with {e.was!r}")
-        raise ConfigError(f"{source}: {key} {what} (kept from the call that started the "
-                          f"pipeline); give --finetune {key}=VALUE to override it, or delete "
-                          f"{source}") from None
-
-
 def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None, out: PathLike,
                   model: str | None, num_classes: int | None, image_size: int | None,
                   settings: dict[str, Any]) -> dict:
@@ -1016,14 +997,14 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
         kept_names = set(kept_stage) | (set(kept_shared) - set(given_stage))
     fine_settings = fine_tuning_settings(shared, stage_only, exempt=given_stage)
     kept_source = out / PIPELINE_CALL
-    with _named_by_finetune(given_stage), _named_as_kept(kept_names, kept_source):
+    with _named_by_finetune(given_stage, kept_names, kept_source):
         _model_overrides(dropout=fine_settings.get("dropout"),  # checked before anything trains
                          drop_path=fine_settings.get("drop_path"))
     keeps_ema = {}
     for kind, stage in (("pretrain", settings), ("finetune", fine_settings)):
         fine = kind == "finetune"
-        with (_named_by_finetune(given_stage if fine else {}),
-              _named_as_kept(kept_names if fine else (), kept_source)):
+        with _named_by_finetune(given_stage, kept_names, kept_source) if fine else \
+                contextlib.nullcontext():
             stage_recipe, options = _recipe_and_options(stage, kind)  # both stages' valid
         if not fine:
             pre_seed, pre_recipe = options.seed, stage_recipe
@@ -1069,7 +1050,7 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
             settings, {"recipe": saved["finetune"].recipe.name, **stage_only}),
             **({"weights": fine_settings["weights"]} if "weights" in fine_settings else {})}
         del compared["recipe"]
-    with _named_by_finetune(given_stage), _named_as_kept(kept_names, kept_source):
+    with _named_by_finetune(given_stage, kept_names, kept_source):
         fine_plan = _plan_stage(fine_dir, "finetune", saved["finetune"], data=finetune_data,
                                 **named_size, **head, **compared)
     if fine_plan[0] != "start":
@@ -1143,21 +1124,27 @@ def fine_tuning_settings(settings: dict[str, Any], stage_only: dict[str, Any],
 
 
 @contextlib.contextmanager
-def _named_by_finetune(stage_only: dict[str, Any]) -> Iterator[None]:
+def _named_by_finetune(stage_only: dict[str, Any], kept: Iterable[str] = (),
+                       source: Path | None = None) -> Iterator[None]:
     """A refusal of a setting `vitlab run --finetune` gave names it so, not as the flag that
-    sets it for both stages."""
+    sets it for both stages; one this call took from pipeline.json (`kept`, from `source`)
+    names the file, not a flag this call never gave."""
     try:
         yield
-    except SettingDiffers as e:
-        if e.setting not in stage_only:
-            raise
+    except (SettingDiffers, SettingError) as e:
         key = e.setting.replace("_", "-")
-        raise ConfigError(e.render(f"--finetune {key}", f"drop {key} from --finetune (or "
-                                   "the config file's finetune: mapping)")) from None
-    except SettingError as e:
-        if e.setting not in stage_only:
+        if e.setting in stage_only:
+            if isinstance(e, SettingError):
+                raise ConfigError(f"--finetune {key} {e.requirement}") from None
+            raise ConfigError(e.render(f"--finetune {key}", f"drop {key} from --finetune (or "
+                                       "the config file's finetune: mapping)")) from None
+        if e.setting not in kept:
             raise
-        raise ConfigError(f"--finetune {e.setting.replace('_', '-')} {e.requirement}") from None
+        what = (e.requirement if isinstance(e, SettingError)
+                else f"is {e.given!r} but the run was started with {e.was!r}")
+        raise ConfigError(f"{source}: {key} {what} (kept from the call that started the "
+                          f"pipeline); give --finetune {key}=VALUE to override it, or delete "
+                          f"{source}") from None
 
 
 def _check_evaluation_dir(folder: Path, overwrite: bool) -> None:
