@@ -1457,6 +1457,9 @@ def test_hold_out_takes_a_rounded_fraction_of_each_class_at_random_by_seed():
     assert ids(split.hold_out(0.3, seed=7)[1]) == ids(held)  # the seed decides: a resume ...
     draws = {tuple(ids(split.hold_out(0.3, seed=s)[1])) for s in range(20)}
     assert len(draws) > 10  # ... and other seeds hold out other images
+    named = Split(split.images, labels, CLASSES, tuple(f"{i}.png" for i in range(20)))
+    for part in (*named.hold_out(0.3, seed=7), named.head(6)):  # the files follow their images
+        assert list(part.files) == [f"{i}.png" for i in ids(part)]
 
 
 def test_val_fraction_validates_the_epochs_and_tests_once_at_the_end(dataset, tmp_path):

@@ -184,6 +184,35 @@ def test_evaluate_plots_the_images_of_the_highest_loss(run, pngs, tmp_path, capf
     assert "top_losses" not in json.loads((out / "evaluation.json").read_text())
 
 
+def test_top_losses_of_an_image_folder_name_their_files(run, pngs, tmp_path):
+    """On an image folder, each top-loss row names its file: the file holds the image whose
+    loss it reports, in its class's folder; a second evaluation, read from the decoded cache,
+    names the same files."""
+    folder, x, y = pngs
+    model, _, classes = load_run(run)
+    data = tmp_path / "folder"
+    for split in ("train", "test"):
+        for i in range(N_IMAGES):
+            (data / split / classes[y[i]]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(data / split / classes[y[i]] / f"{i:02d}.png")
+    args = ["evaluate", "--checkpoint", str(run), "--data", str(data), "--device", "cpu",
+            "--data-root", str(tmp_path / "root"), "--top-losses", "4"]
+    reports = []
+    for out in ("first", "cached"):
+        assert main([*args, "--out", str(tmp_path / out)]) == 0
+        reports.append(json.loads((tmp_path / out / "evaluation.json").read_text())["top_losses"])
+    assert reports[0] == reports[1]
+    for row in reports[0]:
+        file = Path(row["file"])
+        assert file.is_absolute() and file.parent == data / "test" / row["label"]
+        pixels = torch.as_tensor(np.asarray(Image.open(file)))[None]
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(
+                model(SeedAugment().apply(pixels, train=False)),
+                torch.tensor([classes.index(row["label"])]))
+        assert loss.item() == pytest.approx(row["loss"], rel=1e-5)
+
+
 def broken_png(path: Path, pixels: np.ndarray) -> None:
     """A PNG whose image data goes on in a chunk of a garbage type: Pillow raises SyntaxError."""
     import io

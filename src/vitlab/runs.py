@@ -547,7 +547,7 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
         # the report has a row and a column for every class the model knows (it may predict any).
         if classes != trained_on[: len(classes)]:
             index = torch.tensor([trained_on.index(c) for c in classes])
-            test = Split(test.images, index[test.labels], trained_on)
+            test = Split(test.images, index[test.labels], trained_on, test.files)
         classes = trained_on
     _check_positive(batch_size=batch_size, **({} if eval_steps is None
                                               else {"eval_steps": eval_steps}))
@@ -567,7 +567,8 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
     result = evaluate(model, loader, precision=resolve_precision(precision, target),
                       num_classes=head, tta=tta, top_losses=top_losses)
     return _write_evaluation({**result, "tta": tta}, weights_file, spec, classes, head, out_dir,
-                             quiet, time.perf_counter() - start, split, images=test.images)
+                             quiet, time.perf_counter() - start, split, images=test.images,
+                             files=test.files)
 
 
 def evaluated_split(dataset: Dataset, split: str, spec: str,
@@ -613,15 +614,17 @@ def _report_evaluation(result: dict, run_dir: Path, weights: str, saved: RunConf
 
 def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list[str],
                       head: int, out_dir: Path, quiet: bool, seconds: float | None,
-                      split: str = "test", images: torch.Tensor | None = None) -> dict:
+                      split: str = "test", images: torch.Tensor | None = None,
+                      files: tuple[str, ...] | None = None) -> dict:
     """evaluation.json and confusion_matrix.png of `result` on `split` of `spec` (rank 0), its
     summary printed; with `result["top_losses"]`, top_losses.png of those of `images` (the
-    evaluated split's)."""
+    evaluated split's), each named by its file where `files` (an image folder's) are known."""
     from vitlab.report import plot_confusion_matrix, plot_top_losses
 
     shown = len(classes)  # a 100-way head on 10 classes: plot the classes that exist
     names = classes + [f"(unused {i})" for i in range(shown, head)]
-    top = [{**row, "label": names[row["label"]], "predicted": names[row["predicted"]]}
+    top = [{**row, "label": names[row["label"]], "predicted": names[row["predicted"]],
+            **({"file": files[row["index"]]} if files is not None else {})}
            for row in result.get("top_losses", ())]
     # accuracy is exactly correct / num_samples, so the count of correct images is recovered.
     interval = wilson_interval(round(result["accuracy"] * result["num_samples"]),
@@ -642,7 +645,9 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
     if top and images is not None:
         plot_top_losses([images[row["index"]].numpy() for row in top],
                         [f"{row['label']} / {row['predicted']}\np {row['probability']:.2f}, "
-                         f"loss {row['loss']:.2f}" for row in top], losses_png)
+                         f"loss {row['loss']:.2f}"
+                         + (f"\n{Path(row['file']).name}" if "file" in row else "")
+                         for row in top], losses_png)
     else:  # an earlier evaluation's, which this one's report no longer describes
         losses_png.unlink(missing_ok=True)
     if not quiet:

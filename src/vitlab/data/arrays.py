@@ -24,18 +24,21 @@ SPLITS = ("train", "test")
 
 @dataclass
 class Split:
-    """One split: uint8 images [N,H,W,C], int64 labels [N] and the dataset's class names."""
+    """One split: uint8 images [N,H,W,C], int64 labels [N] and the dataset's class names; for
+    an image folder also each image's file (its path as listed), so reports can name them."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    files: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def head(self, n: int) -> Split:
         """The first n samples (all of them when n >= len)."""
-        return Split(self.images[:n], self.labels[:n], self.classes)
+        return Split(self.images[:n], self.labels[:n], self.classes,
+                     None if self.files is None else self.files[:n])
 
     def hold_out(self, fraction: float, seed: int) -> tuple[Split, Split]:
         """(the rest, the held-out part): fraction * n images, rounded half up, of each class of
@@ -55,7 +58,9 @@ class Split:
         return self._where(~held), self._where(held)
 
     def _where(self, mask: torch.Tensor) -> Split:
-        return Split(self.images[mask], self.labels[mask], self.classes)
+        files = (None if self.files is None
+                 else tuple(f for f, kept in zip(self.files, mask.tolist(), strict=True) if kept))
+        return Split(self.images[mask], self.labels[mask], self.classes, files)
 
 
 _HOLD_OUT = 0x686F6C64  # "hold": the validation split's own seed stream

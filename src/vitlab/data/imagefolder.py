@@ -28,6 +28,7 @@ import socket
 import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -479,4 +480,10 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
                   "host": socket.gethostname()}
         atomic_write_json(cache / SOURCE_FILE, source)
         _drop_older_caches(caches, cache, source)
-    return read_array_folder(cache, str(path))
+    dataset = read_array_folder(cache, str(path))
+    # The cache holds the images in listing order: each image's file, for reports to name.
+    named = {split: tuple(os.path.abspath(f) for f in files)
+             for split, files in (("train", train_files), ("test", test_files),
+                                  ("val", val_files))}
+    return replace(dataset, **{split: replace(getattr(dataset, split), files=named[split])
+                               for split in named if getattr(dataset, split) is not None})

@@ -45,7 +45,7 @@ def _resize(split: Split, size: int) -> Split:
         x = chunk.permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         out.append(x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous())
-    return Split(torch.cat(out), split.labels, split.classes)
+    return Split(torch.cat(out), split.labels, split.classes, split.files)
 
 
 def spec_kind(spec: str | os.PathLike) -> str:
