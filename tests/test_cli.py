@@ -33,6 +33,30 @@ from vitlab.errors import ConfigError
 from vitlab.train.engine import wilson_interval
 
 PRE_STEPS, FINE_STEPS, BATCH = 30, 80, 64
+def test_a_quoted_tilde_is_the_home_folder_in_flags_and_config_files(data, tmp_path,
+                                                                     monkeypatch, capfd):
+    """`out: ~/run` in a config file, or a quoted '~/...' flag, names a folder in the home
+    folder, as the shell reads ~ unquoted: not a folder named ~ in the current one."""
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    config = tmp_path / "c.yaml"
+    config.write_text("out: ~/run\n")
+    common = ["--no-progress", "--no-download"]
+    assert main(["pretrain", "--config", str(config), "--data", str(data["cifar10"]),
+                 "--model", "micro", "--epochs", "1", "--train-steps-per-epoch", "1",
+                 "--eval-steps-per-epoch", "1", "--batch-size", "16", *common]) == 0
+    assert (home / "run" / "config.json").is_file()
+    assert main(["pretrain", "--resume", "~/run", "--out", "~/run", "--epochs", "2",
+                 *common]) == 0, capfd.readouterr().err
+    assert main(["evaluate", "--checkpoint", "~/run", "--out", "~/eval", "--eval-steps", "1",
+                 "--batch-size", "16", "--device", "cpu"]) == 0
+    assert (home / "eval" / "evaluation.json").is_file()
+    assert not (elsewhere / "~").exists()
+
+
 RUN_FILES = ("config.json", "model.safetensors", "best.safetensors", "trainer_state.pt",
              "metrics.jsonl", "log.txt", "curves.png")
 

@@ -43,10 +43,11 @@ _int.__name__ = "int"  # argparse names the type in its "invalid int value" mess
 
 def _path(text: str) -> str:
     """A file or folder name; an empty one (`--out ""`, an unset shell variable) would mean the
-    current folder, which nobody asks for that way."""
+    current folder, which nobody asks for that way. A leading ~ is the home folder, as the shell
+    would have read it unquoted."""
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty; name a file or folder")
-    return text
+    return os.path.expanduser(text)
 
 
 _path.__name__ = "path"
@@ -343,7 +344,8 @@ def _train_with(args: argparse.Namespace, given: dict, from_file: dict) -> None:
             if given.get("overwrite"):
                 raise ConfigError("--resume continues a pipeline and --overwrite redoes it; "
                                   "give one of them")
-            if "out" in given and Path(given["out"]).resolve() != Path(resume_dir).resolve():
+            if ("out" in given
+                    and Path(given["out"]).expanduser().resolve() != Path(resume_dir).resolve()):
                 raise ConfigError(f"--out {given['out']} and --resume {resume_dir} name two "
                                   "pipelines; give one of them")
             given["out"] = resume_dir

@@ -46,6 +46,7 @@ class Setting:
     commands: tuple[str, ...] = TRAINING_COMMANDS
     cli: bool = True  # False: a keyword argument and config-file key, but no flag (quiet)
     flag_name: str | None = None  # the flag, when it is not named like the key (--from)
+    path: bool = False  # a file or folder: a leading ~ is the home folder (config files too)
 
     @property
     def flag(self) -> str:
@@ -103,6 +104,8 @@ class Setting:
             raise ConfigError(f"{label} must be a string, got {value!r}{quote}")
         if isinstance(value, str) and not value.strip():  # `--out ""`: the current folder
             raise ConfigError(f"{label} is empty; give a value")
+        if self.path:  # as the shell would have, had the value not been quoted
+            value = os.path.expanduser(value)
         if self.choices is not None:
             known = self.choices()
             if value not in known:
@@ -157,7 +160,7 @@ def _run_settings() -> list[Setting]:
                 "images listed with labels in train.csv and test.csv",
                 commands=("pretrain", "finetune")),
         Setting("model", "run", str, "model preset", choices=presets),
-        Setting("out", "run", str, "run directory"),
+        Setting("out", "run", str, "run directory", path=True),
         Setting("dropout", "run", float, "dropout probability of the model (default: the "
                 "preset's, or the pre-trained model's)", optional=True),
         Setting("drop_path", "run", float, "stochastic depth: the last block's drop-path rate, "
@@ -173,10 +176,11 @@ def _run_settings() -> list[Setting]:
                 "keeps the pre-trained run's, and --from-timm takes inception, timm's ViT "
                 "weights')", commands=("pretrain", "finetune", "run")),
         Setting("source", "run", str, "the pre-training run directory", commands=("finetune",),
-                flag_name="--from"),
+                flag_name="--from", path=True),
         Setting("from_timm", "run", str, "start from timm ViT weights (.safetensors or .pth; "
                 "Hugging Face's ViTModel / ViTForImageClassification weights too, by their "
-                "names) instead of a vitlab run; needs --model", commands=("finetune",)),
+                "names) instead of a vitlab run; needs --model", commands=("finetune",),
+                path=True),
         Setting("weights", "run", str, "which pre-trained weights to start from (ema: the EMA "
                 "of a run trained with --ema-decay)", choices=lambda: WEIGHT_CHOICES,
                 commands=("finetune",)),
@@ -192,7 +196,7 @@ def _run_settings() -> list[Setting]:
                 "image folders are resized to the model's size, other datasets must fit)",
                 optional=True),
         Setting("data_root", "data", str, "where named datasets and decoded image folders are "
-                "cached (default: $VITLAB_DATA, ~/.cache/vitlab)"),
+                "cached (default: $VITLAB_DATA, ~/.cache/vitlab)", path=True),
         Setting("no_download", "data", bool, "never download; fail with instructions instead"),
     ]
 
