@@ -17,7 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cli_helpers import SHARED_DATA, assert_one_error_line, assert_same_tensors, load_weights
+from cli_helpers import (
+    SHARED_DATA,
+    assert_one_error_line,
+    assert_same_tensors,
+    events,
+    load_weights,
+)
 from vitlab.cli import main
 from vitlab.data import BatchLoader, Dataset, SeedAugment, arrays
 from vitlab.data.arrays import Split
@@ -109,8 +115,10 @@ def test_a_finished_constant_lr_run_continues_with_more_epochs(legacy_run, data_
                         load_weights(fresh / "model.safetensors"))
     extended, straight = (json.loads((d / "config.json").read_text()) for d in (legacy_run, fresh))
     assert extended["options"]["epochs"] == extended["recipe"]["epochs"] == 2
+    # The 0.1.0 run recorded no training split, and continuing it does not make one up.
+    assert "train_split" not in extended and straight["train_split"]["images"] == 64
     assert {k: v for k, v in extended.items() if k != "versions"} == \
-        {k: v for k, v in straight.items() if k != "versions"}
+        {k: v for k, v in straight.items() if k not in ("versions", "train_split")}
     drop = {"time", "steps/sec", "epoch_time", "total_time"}
     logs = [[{k: v for k, v in r.items() if k not in drop}
              for r in ckpt.read_jsonl(d / ckpt.METRICS) if r["event"] in ("train", "eval")]
@@ -1086,6 +1094,64 @@ def test_vitlab_run_resumes_a_stage_killed_in_its_test_pass_to_make_it(data_root
             ][-2:] == ["test", "finish"]
 
 
+def _grow_training_split(folder: Path, extra: int) -> None:
+    """Add `extra` images (copies of the first ones) to an array folder's training split."""
+    with np.load(folder / "train.npz") as z:
+        x, y = z["x"], z["y"]
+    np.savez(folder / "train.npz", x=np.concatenate([x, x[:extra]]),
+             y=np.concatenate([y, y[:extra]]))
+
+
+def test_a_resume_finds_moved_data_by_its_training_split_and_tells_changed_data(
+        data_root, tmp_path, capfd, caplog):
+    """A run records its training split's fingerprint. Data moved since is given to the resume
+    with --data (the error for the old place says so) and config.json names it from then on;
+    other data given so is refused; the run's own data changed since is warned of, and refused
+    for a run holding a validation split out of it (--val-fraction would draw another)."""
+    common = ["--model", "micro", "--train-steps-per-epoch", "2", "--batch-size", "16",
+              "--no-progress", "--log-steps", "0", "--device", "cpu", "--no-download"]
+    data, moved = tmp_path / "data", tmp_path / "moved"
+    shutil.copytree(data_root / "cifar10", data)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--epochs", "1", "--out", str(run),
+                 *common]) == 0
+    assert ckpt.read_run_config(run).train_split["images"] == 64
+    data.rename(moved)
+    capfd.readouterr()
+    assert main(["pretrain", "--resume", str(run), "--epochs", "2", *common]) == 2
+    assert "give its new place" in assert_one_error_line(capfd.readouterr().err)
+    other = tmp_path / "other"  # the same classes, other images
+    shutil.copytree(moved, other)
+    _grow_training_split(other, 1)
+    assert main(["pretrain", "--resume", str(run), "--data", str(other), "--epochs", "2",
+                 *common]) == 2
+    assert "is not that data moved (its training split has 65 images where the run began " \
+        "with 64)" in assert_one_error_line(capfd.readouterr().err)
+    with caplog.at_level("WARNING", logger="vitlab"):
+        assert main(["pretrain", "--resume", str(run), "--data", str(moved), "--epochs", "2",
+                     *common]) == 0, capfd.readouterr().err
+    assert "has moved from" in caplog.text
+    assert ckpt.read_run_config(run).data == str(moved.resolve())
+    assert events(ckpt.read_jsonl(run / ckpt.METRICS), "eval")[-1]["epoch"] == 2
+    # The run's own data, changed since: warned of, and the run goes on.
+    _grow_training_split(moved, 3)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vitlab"):
+        assert main(["pretrain", "--resume", str(run), "--epochs", "3", *common]) == 0
+    assert "67 images where the run began with 64" in caplog.text
+    # With --val-fraction: refused, as is evaluating the split it held out.
+    held = tmp_path / "held"
+    assert main(["pretrain", "--data", str(other), "--epochs", "1", "--val-fraction", "0.25",
+                 "--out", str(held), *common]) == 0
+    _grow_training_split(other, 8)
+    capfd.readouterr()
+    assert main(["pretrain", "--resume", str(held), "--epochs", "2", *common]) == 2
+    assert "would hold out other images" in assert_one_error_line(capfd.readouterr().err)
+    assert main(["evaluate", "--checkpoint", str(held), "--split", "val", "--device",
+                 "cpu"]) == 2
+    assert "not the one the run began with" in assert_one_error_line(capfd.readouterr().err)
+
+
 def test_evaluate_scores_the_split_a_run_held_out_and_the_rest(data_root, tmp_path, capfd):
     """--split val of a run's own data is the split its --val-fraction held out (drawn again by
     its seed): it scores what the last epoch was evaluated on, exactly; --split train is the
@@ -1250,6 +1316,14 @@ def test_the_validation_and_training_splits_evaluate_scores_are_the_runs_own():
     # Data that gained a validation split of its own since the run: refused, not guessed.
     with pytest.raises(ConfigError, match="has changed since the run"):
         evaluated_split(Dataset("d", data.train, data.test, val=data.test), "val", "d", options)
+    # A training split other than the one the run began with would draw other images.
+    began_on = data.train.fingerprint()
+    assert evaluated_split(data, "val", "d", options, began_on).labels.tolist() == (
+        val.labels.tolist())
+    grown = Dataset("d", Split(torch.cat([images, images[:3]]), torch.cat([labels, labels[:3]]),
+                               ["a", "b", "c"]), data.test)
+    with pytest.raises(ConfigError, match="not the one the run began with"):
+        evaluated_split(grown, "val", "d", options, began_on)
 
 
 def test_the_fine_tuning_stages_settings_are_derived_alike_however_its_recipe_is_named():

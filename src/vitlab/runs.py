@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
@@ -34,7 +35,13 @@ from vitlab.data.augment import NORMALIZATIONS, Normalization, ResizeBatch, eval
 from vitlab.data.cifar import SOURCES
 from vitlab.data.imagefolder import decodes_images
 from vitlab.data.sources import data_root as resolve_data_root
-from vitlab.errors import CheckpointError, ConfigError, SettingDiffers, SettingError
+from vitlab.errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetNotFoundError,
+    SettingDiffers,
+    SettingError,
+)
 from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import ViT, ViTConfig, check_tta, forward_flops, preset
 from vitlab.predict import PredictionReport
@@ -213,7 +220,8 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
     _check_channels(normalization, dataset, data)
     run_config = RunConfig(kind="pretrain", model=config, recipe=chosen, data=data_spec(data),
                            classes=dataset.classes, options=options, model_preset=model,
-                           image_size=image_size, normalization=normalization)
+                           image_size=image_size, normalization=normalization,
+                           train_split=dataset.train.fingerprint())
     return fit(_initial_model(run_config), dataset, chosen, options, out, run_config)
 
 
@@ -275,7 +283,8 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     run_config = RunConfig(
         kind="finetune", model=config, recipe=chosen, data=data_spec(data),
         classes=dataset.classes, options=options, model_preset=preset_name,
-        image_size=image_size, init=init, normalization=normalization)
+        image_size=image_size, init=init, normalization=normalization,
+        train_split=dataset.train.fingerprint())
     return fit(vit, dataset, chosen, options, out, run_config)
 
 
@@ -346,15 +355,25 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
                           f"--resume {run_dir}")
     settings = check_settings(settings, saved.kind)
     distributed.setup(settings.get("device", "auto"))
+    moved_to = _moved_data(saved, settings)
     epochs = _check_unchanged(saved, settings, run_dir)
     options = TrainOptions.from_saved({**saved.options.saved(), "epochs": epochs}, saved.seed,
                                       **pick(settings, {"runtime"}))
-    dataset = load_data(saved.data, image_size=saved.image_size,
-                        model_image_size=saved.model.image_size,
-                        on_device=options.resize_on_device, **_data_options(settings))
-    check_fits(dataset, saved.model, saved.data, options.resize_on_device)
+    spec = moved_to or saved.data
+    try:
+        dataset = load_data(spec, image_size=saved.image_size,
+                            model_image_size=saved.model.image_size,
+                            on_device=options.resize_on_device, **_data_options(settings))
+    except DatasetNotFoundError as e:
+        if moved_to is not None or saved.train_split is None:
+            raise
+        raise DatasetNotFoundError(
+            f"{e}; if the run's data has moved, give its new place: vitlab {saved.kind} "
+            f"--resume {shlex.quote(str(run_dir))} --data NEW_PLACE") from None
+    check_fits(dataset, saved.model, spec, options.resize_on_device)
+    _check_same_training_split(dataset, saved, run_dir, moved_to)
     _check_same_classes(dataset, saved, run_dir)
-    current = dataclasses.replace(saved, options=options, recipe=dataclasses.replace(
+    current = dataclasses.replace(saved, data=spec, options=options, recipe=dataclasses.replace(
         saved.recipe, **{BUDGET[saved.kind]: epochs}))
     if not ckpt.has_checkpoint(run_dir):
         # It died before its first checkpoint: nothing to continue, so start it over at step 0
@@ -366,9 +385,10 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
                 init, **_weights_identity(Path(init.path) / init.weights)))
         return fit(_initial_model(current), dataset, current.recipe, options, run_dir,
                    run_config=current)
-    longer = epochs != saved.options.epochs  # a longer run: config.json says so from now on
+    # A longer run, or data at a new place: config.json says so from now on.
+    changed = epochs != saved.options.epochs or moved_to is not None
     return fit(ViT(saved.model), dataset, saved.recipe, options, run_dir,
-               run_config=current if longer else None, resume=True,
+               run_config=current if changed else None, resume=True,
                normalization=saved.normalization)
 
 
@@ -391,6 +411,54 @@ def _check_same_classes(dataset: Dataset, saved: RunConfig, run_dir: Path) -> No
             f"classes where the run has {len(then)}, and from class #{at + 1} on they differ "
             f"({_names_from(now, at)} against the run's {_names_from(then, at)}); resume on "
             "the data it trained on, or start a new run")
+
+
+def _moved_data(saved: RunConfig, settings: dict[str, Any]) -> str | None:
+    """The new place of a run's data, when a resume's `data` names another than the run's own
+    and the run recorded its training split to check it by (then taken out of `settings`:
+    `_check_same_training_split` checks it once it is loaded); otherwise None."""
+    if "data" not in settings or saved.train_split is None:
+        return None
+    given = data_spec(settings["data"])
+    if given == saved.data:
+        return None
+    del settings["data"]
+    return given
+
+
+def _check_same_training_split(dataset: Dataset, saved: RunConfig, run_dir: Path,
+                               moved_to: str | None) -> None:
+    """The training split a run resumes on is the one it began on (by `Split.fingerprint`).
+    Data given at a new place (`moved_to`) must be that split; the run's own data changed
+    since is refused when the run holds a validation split out of it (--val-fraction, drawn
+    from the split as it is: other images, some of them trained on), else warned of."""
+    if saved.train_split is None:  # a run written before vitlab recorded it
+        return
+    now, then = dataset.train.fingerprint(), saved.train_split
+    same_classes = _nfc(list(dataset.classes)) == _nfc(list(saved.classes))
+    differs = ("its training split has " + (
+        f"{now['images']} images where the run began with {then['images']}"
+        if now["images"] != then["images"] else "other images or labels than the run began with")
+        if now != then else "it names other classes")
+    if moved_to is not None:
+        if now == then and same_classes:
+            log.warning("vitlab: the data of the run in %s has moved from %s to %s (the same "
+                        "training images and labels); config.json names %s from now on",
+                        run_dir, saved.data, moved_to, moved_to)
+            return
+        raise ConfigError(f"--data {moved_to} differs from the run in {run_dir}, which was "
+                          f"started with {saved.data}, and is not that data moved ({differs}); "
+                          "drop --data to continue it as saved, or start a new run with "
+                          "another --out")
+    if now == then or not same_classes:
+        return  # (other classes: _check_same_classes refuses them, saying how)
+    changed = f"{saved.data} has changed since the run in {run_dir} began: {differs}"
+    held = saved.options.val_fraction
+    if held:
+        raise ConfigError(f"{changed}, so its --val-fraction {held:g} would hold out other "
+                          "images, some of them already trained on; resume on the data as it "
+                          "was, or start a new run")
+    log.warning("vitlab: %s; the resumed epochs draw their batches from it as it is now", changed)
 
 
 def _names_from(names: list[str], at: int) -> str:
@@ -534,7 +602,8 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
         raise ConfigError(f"{spec} has {dataset.num_classes} classes but the model predicts "
                           f"{head}")
     classes = list(dataset.classes)
-    test = evaluated_split(dataset, split, spec, saved.options if own_data else None)
+    test = evaluated_split(dataset, split, spec, saved.options if own_data else None,
+                           saved.train_split if own_data else None)
     if trained_on:
         classes, trained_on = _nfc(classes), _nfc(trained_on)  # by name
         unknown = [c for c in classes if c not in trained_on]
@@ -572,10 +641,12 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
 
 
 def evaluated_split(dataset: Dataset, split: str, spec: str,
-                    trained_with: TrainOptions | None) -> Split:
+                    trained_with: TrainOptions | None, began_on: dict | None = None) -> Split:
     """The `split` (test, val or train) of `dataset` as evaluate scores it. `trained_with`: the
     options of a run trained on this very dataset, whose --val-fraction (drawn again by its
-    seed, the same images) is its validation split, the rest its training split."""
+    seed, the same images) is its validation split, the rest its training split; `began_on`:
+    that run's training split's fingerprint, if it recorded one (the draw is redone only from
+    that same split)."""
     held = trained_with.val_fraction if trained_with is not None else 0
     if split == "test":
         return dataset.test
@@ -593,6 +664,10 @@ def evaluated_split(dataset: Dataset, split: str, spec: str,
         if dataset.val is not None:
             raise ConfigError(changed + "it now has a validation split of its own (val/, "
                               "val.npz or val.csv); score its test split (--split test)")
+        if began_on is not None and dataset.train.fingerprint() != began_on:
+            raise ConfigError(changed + "its training split is not the one the run began "
+                              "with, so that draw would give other images; score its test "
+                              "split (--split test)")
         rest, validation = dataset.train.hold_out(held, trained_with.seed)  # as fit draws it
         if len(validation) == 0 or len(rest) == 0:
             raise ConfigError(changed + "that fraction of it now holds out no image or all of "

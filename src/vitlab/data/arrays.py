@@ -7,6 +7,7 @@ class names). It is both an input format and vitlab's cache.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import zipfile
@@ -56,6 +57,14 @@ class Split:
         held = torch.zeros(n, dtype=torch.bool)
         held[order[rank < kept[self.labels[order]]]] = True
         return self._where(~held), self._where(held)
+
+    def fingerprint(self) -> dict:
+        """The split's identity: its number of images and the SHA-256 of its pixels and labels
+        (~0.1 s for CIFAR-100's training split). A resumed run compares it to tell data that
+        changed since the run began from data that only moved."""
+        digest = hashlib.sha256(memoryview(self.images.contiguous().numpy()).cast("B"))
+        digest.update(self.labels.contiguous().numpy())
+        return {"images": len(self), "sha256": digest.hexdigest()}
 
     def _where(self, mask: torch.Tensor) -> Split:
         files = (None if self.files is None

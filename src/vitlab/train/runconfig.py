@@ -3,7 +3,8 @@
     {"format": "vitlab-run/1", "kind": "pretrain" | "finetune", "model_preset": ..., "model": {...},
      "data": name or absolute path, "image_size": N or null, "classes": [...],
      "options": {...}, "seed": N, "recipe": {...}, "normalize": {"mean": [...], "std": [...]},
-     "init": {...} (fine-tuning), "versions": {...}}
+     "init": {...} (fine-tuning), "versions": {...},
+     "train_split": {"images": N, "sha256": ...} (the training split it began on)}
 
 Run directories written before `image_size` moved out of "options" (vitlab 0.1.0) still load,
 and those written before "normalize" was saved load with CIFAR's, which they were trained with.
@@ -76,6 +77,9 @@ class RunConfig:
     versions: dict = field(default_factory=current_versions)
     # What the model's inputs are normalized with: in training, evaluation, prediction, export.
     normalization: Normalization = field(default_factory=Normalization)
+    # The training split it began on (Split.fingerprint; None in runs written before vitlab
+    # recorded it): a resume tells changed data, and moved data, by it.
+    train_split: dict | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -94,6 +98,8 @@ class RunConfig:
         if self.init is not None:
             values["init"] = self.init.to_dict()
         values["versions"] = dict(self.versions)
+        if self.train_split is not None:
+            values["train_split"] = dict(self.train_split)
         return values
 
     @classmethod
@@ -109,7 +115,7 @@ class RunConfig:
                 raise CheckpointError(f"{where} has no valid {key!r} entry; it is not a complete "
                                       "vitlab run config")
         known = ("format", "kind", "model_preset", "model", "data", "image_size", "classes",
-                 "options", "seed", "recipe", "normalize", "init", "versions")
+                 "options", "seed", "recipe", "normalize", "init", "versions", "train_split")
         try:
             _refuse_unknown("run config", values, known)
             options = dict(values["options"])
@@ -124,7 +130,8 @@ class RunConfig:
                        init=EncoderSource.from_dict(init) if init is not None else None,
                        versions=dict(values.get("versions") or {}),
                        normalization=Normalization.from_dict(values["normalize"])
-                       if "normalize" in values else Normalization())
+                       if "normalize" in values else Normalization(),
+                       train_split=values.get("train_split"))
         except (ConfigError, KeyError, TypeError) as e:
             raise CheckpointError(f"{where} is not a valid vitlab run config ({e})") from None
 
@@ -144,6 +151,11 @@ def _check_entries(values: dict, image_size: object) -> None:
     for key in ("versions", "init"):
         if values.get(key) is not None and not isinstance(values[key], dict):
             raise ConfigError(f"{key!r} must be a mapping, got {values[key]!r}")
+    split = values.get("train_split")
+    if split is not None and not (isinstance(split, dict) and set(split) == {"images", "sha256"}
+                                  and isinstance(split["images"], int)
+                                  and isinstance(split["sha256"], str)):
+        raise ConfigError(f"'train_split' must be {{'images': N, 'sha256': HEX}}, got {split!r}")
     if not isinstance(values.get("model_preset", ""), str | None):
         raise ConfigError("'model_preset' must be a preset name or null")
 
