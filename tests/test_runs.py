@@ -741,6 +741,13 @@ def test_a_pipeline_stopped_before_fine_tuning_fine_tunes_as_its_first_call_aske
     assert main(["evaluate", "--checkpoint", str(out)]) == 2
     assert (f"it holds a vitlab run pipeline, whose stages are runs: give {out / 'finetune'}"
             in capfd.readouterr().err)
+    # ... finetune --from names its pre-training, and a resume the pipeline's own.
+    assert main(["finetune", "--from", str(out), "--out", str(tmp_path / "f")]) == 2
+    assert (f"it holds a vitlab run pipeline, whose stages are runs: give {out / 'pretrain'}"
+            in capfd.readouterr().err)
+    assert main(["pretrain", "--resume", str(out)]) == 2
+    assert (f"it holds a vitlab run pipeline: continue it with vitlab run --resume {out}"
+            in capfd.readouterr().err)
     monkeypatch.chdir(tmp_path)
     assert main([*first[:-1], str(out), "--overwrite", "--lr", "0.02"]) == 0
     assert json.loads((out / "pipeline.json").read_text())["call"]["settings"]["lr"] == 0.02

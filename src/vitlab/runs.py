@@ -254,7 +254,7 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     given_normalization = None if normalize is None else Normalization.parse(normalize)
     if source is not None:
         base, preset_name, init, encoder = _pretrained_encoder(source, weights, model)
-        normalization = ckpt.read_run_config(source).normalization
+        normalization = ckpt.read_run_config(source, "encoder").normalization
     else:
         if model is None:
             raise ConfigError("--from-timm needs --model, the architecture of the weights "
@@ -313,7 +313,7 @@ def _given(**fields: Any) -> dict[str, Any]:
 def _pretrained_encoder(source: PathLike, weights: str, model: str | None
                         ) -> tuple[ViTConfig, str | None, EncoderSource, dict]:
     """The architecture, preset name, provenance and weights of a pre-training run."""
-    pretrained = ckpt.read_run_config(source)
+    pretrained = ckpt.read_run_config(source, "encoder")
     weights_file = Path(source) / ckpt.WEIGHT_FILES[weights]
     state = ckpt.load_weights(weights_file)
     base = pretrained.model
@@ -349,7 +349,7 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
     `kind`, when given, is the kind of run expected there ("pretrain" or "finetune").
     """
     run_dir = Path(run_dir)
-    saved = ckpt.read_run_config(run_dir)
+    saved = ckpt.read_run_config(run_dir, "resume")
     if kind is not None and saved.kind != kind:
         raise ConfigError(f"{run_dir} is a {saved.kind} run; resume it with vitlab {saved.kind} "
                           f"--resume {run_dir}")

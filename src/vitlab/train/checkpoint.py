@@ -146,8 +146,10 @@ def write_run_config(run_dir: str | os.PathLike, config: RunConfig) -> None:
     atomic_write_json(Path(run_dir) / CONFIG, config.to_dict())
 
 
-def read_run_config(run_dir: str | os.PathLike, **runtime) -> RunConfig:
-    """The RunConfig of a vitlab run directory; a clear error for anything else.
+def read_run_config(run_dir: str | os.PathLike, purpose: str = "use", **runtime) -> RunConfig:
+    """The RunConfig of a vitlab run directory; a clear error for anything else, whose advice
+    suits the `purpose` the run is read for: "use" its model (evaluate, predict, ...),
+    "encoder" (fine-tune from it) or "resume" it.
 
     `runtime` sets the options' runtime fields (device, log_steps, ...) for this process.
     """
@@ -156,15 +158,23 @@ def read_run_config(run_dir: str | os.PathLike, **runtime) -> RunConfig:
         raise CheckpointError(f"{run_dir} is not a directory; point at a vitlab run directory")
     path = run_dir / CONFIG
     if not path.is_file():
-        stages = [name for name in ("finetune", "pretrain") if (run_dir / name / CONFIG).is_file()]
-        hint = (f"; it holds a vitlab run pipeline, whose stages are runs: give "
-                f"{shlex.quote(str(run_dir / stages[0]))}" if stages else "")
+        stages = [name for name in (("pretrain", "finetune") if purpose == "encoder"
+                                    else ("finetune", "pretrain"))
+                  if (run_dir / name / CONFIG).is_file()]
+        hint = ""
+        if stages and purpose == "resume":
+            hint = (f"; it holds a vitlab run pipeline: continue it with vitlab run --resume "
+                    f"{shlex.quote(str(run_dir))}")
+        elif stages:
+            hint = (f"; it holds a vitlab run pipeline, whose stages are runs: give "
+                    f"{shlex.quote(str(run_dir / stages[0]))}")
         raise CheckpointError(f"{run_dir} is not a vitlab run directory (no {CONFIG}){hint}")
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from a copy, or "
-                              "start the run anew with --overwrite") from None
+        anew = ", or start the run anew with --overwrite" if purpose == "resume" else ""
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from a copy{anew}"
+                              ) from None
     return RunConfig.from_dict(values, where=str(path), **runtime)
 
 
