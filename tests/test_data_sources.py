@@ -17,7 +17,7 @@ from data_helpers import cifar_members, make_tar, make_zip, md5, write_file
 from vitlab.data import imagefolder as imagefolder_mod
 from vitlab.data import load_dataset
 from vitlab.data.cifar import SOURCES
-from vitlab.errors import ChecksumError, DataFormatError, DatasetNotFoundError
+from vitlab.errors import ChecksumError, DataError, DataFormatError, DatasetNotFoundError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -153,6 +153,28 @@ def test_image_folder_decodes_and_caches(monkeypatch, tmp_path):
     assert np.array_equal(
         load_dataset(src, root=root).train.images.numpy(), ds.train.images.numpy()
     )
+
+
+def test_an_unwritable_data_root_is_named_with_the_way_to_another(tmp_path, monkeypatch):
+    """An image folder's decoded cache, or a named dataset's arrays, that cannot be written
+    (here: the root lies under a file) is one DataError naming --data-root, before decoding or
+    downloading; a named dataset absent offline is still "not found"."""
+    src = tmp_path / "imgs"
+    _png(src / "train" / "dog" / "a.png")
+    _png(src / "test" / "dog" / "b.png")
+    blocked = write_file(tmp_path / "a-file", b"") / "root"
+
+    def no_decode(*a):
+        raise AssertionError("decoded before the cache was known to be writable")
+
+    monkeypatch.setattr(imagefolder_mod, "_decode", no_decode)
+    with pytest.raises(DataError, match=r"cannot write the decoded images' cache in .*a-file"
+                                        r"/root/imagefolders .*--data-root DIR, or VITLAB_DATA"):
+        load_dataset(src, root=blocked)
+    with pytest.raises(DataError, match="cannot write cifar10's arrays in"):
+        load_dataset("cifar10", root=blocked, download=True)  # refused before any download
+    with pytest.raises(DatasetNotFoundError):
+        load_dataset("cifar10", root=blocked, download=False)
 
 
 def test_image_folder_layouts(tmp_path, caplog):

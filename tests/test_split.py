@@ -91,6 +91,22 @@ def test_a_train_folder_alone_is_split_and_small_classes_stay_in_train(tmp_path,
     assert source.is_dir()
 
 
+def test_stray_images_are_reported_and_an_unwritable_out_is_one_error(tmp_path, caplog):
+    """Images lying beside the class folders belong to no class: left out, said in a warning
+    (as training says it). An --out whose parent cannot take a folder is one ConfigError
+    naming it, not the split's own temporary folder."""
+    source = make_classes(tmp_path / "photos", {"cat": 3, "dog": 3})
+    Image.new("RGB", (8, 8)).save(source / "stray.png")
+    with caplog.at_level("WARNING", logger="vitlab.data"):
+        summary = split_image_folder(source, tmp_path / "out", 0.3)
+    assert "left out 1 image(s) lying in" in caplog.text and "stray.png" in caplog.text
+    assert sum(n for counts in summary.counts.values() for n in counts.values()) == 6
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(ConfigError, match=r"cannot write to .*a-file .*choose another --out"):
+        split_image_folder(source, blocked / "out", 0.3)
+
+
 def test_files_are_copied_where_they_cannot_be_linked(tmp_path, monkeypatch):
     source = make_classes(tmp_path / "photos", {"cat": 5, "dog": 5})
 

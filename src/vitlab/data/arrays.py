@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitlab.errors import DataFormatError
+from vitlab.errors import DataError, DataFormatError
 from vitlab.io import atomic_write
 
 SPLITS = ("train", "test")
@@ -107,6 +108,18 @@ class Dataset:
     @property
     def num_channels(self) -> int:
         return int(self.train.images.shape[3])
+
+
+def check_cache_writable(folder: Path, what: str) -> None:
+    """Before the work: `folder` (in the data root) can be made and written, else a DataError
+    that names the way to another root; not a bare "Permission denied" after it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(folder))
+    except OSError as e:
+        raise DataError(f"cannot write {what} in {folder} ({e.strerror or e}); give a writable "
+                        "data root: --data-root DIR, or VITLAB_DATA=DIR") from None
 
 
 def is_array_folder(path: Path) -> bool:

@@ -12,6 +12,7 @@ import numpy as np
 from vitlab.data.arrays import (
     Dataset,
     check_arrays,
+    check_cache_writable,
     check_classes,
     is_array_folder,
     read_array_folder,
@@ -181,6 +182,10 @@ def load_named(name: str, root: Path, download_ok: bool) -> Dataset:
     if is_array_folder(cache):
         return read_array_folder(cache, name)
     archive = root / src.filename
+    found = archive.is_file() or (root / src.folder).is_dir()
+    if not found and not download_ok:
+        raise DatasetNotFoundError(_not_found(name, src, root, "download=False"))
+    check_cache_writable(root, f"{name}'s arrays")
     if archive.is_file():
         got = md5sum(archive)
         if got != src.md5:
@@ -190,8 +195,6 @@ def load_named(name: str, root: Path, download_ok: bool) -> Dataset:
         splits, classes = _from_archive(archive, src)
     elif (root / src.folder).is_dir():
         splits, classes = _from_folder(root / src.folder, src)
-    elif not download_ok:
-        raise DatasetNotFoundError(_not_found(name, src, root, "download=False"))
     else:
         try:
             download(source_url(src), archive, src.md5)

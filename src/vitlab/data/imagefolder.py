@@ -34,7 +34,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from vitlab.data.arrays import Dataset, is_array_folder, read_array_folder, write_array_folder
+from vitlab.data.arrays import (
+    Dataset,
+    check_cache_writable,
+    is_array_folder,
+    read_array_folder,
+    write_array_folder,
+)
 from vitlab.errors import DataFormatError
 from vitlab.io import atomic_write_json
 
@@ -459,6 +465,7 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
     cache = caches / _cache_key(path, image_size,
                                 listed + train_files + test_files + val_files)
     if not is_array_folder(cache):
+        check_cache_writable(caches, "the decoded images' cache")
         x_train = _decode_all(train_files, image_size, path / f"train{suffix}", listed_at)
         x_test = _decode_all(test_files, image_size, test_dir, listed_at)
         if x_train.shape[1:] != x_test.shape[1:]:

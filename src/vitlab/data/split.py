@@ -122,7 +122,13 @@ def _folder_images(source: Path) -> dict[str, Images]:
         raise DataFormatError(f"{source}/train holds no class folders; put its images in "
                               f"{source}/train/<class>/, or list them with their labels in "
                               f"{source}/train.csv (columns image,label)")
-    folders = class_folders(source / "train" if training_split_alone(source) else source)
+    top = source / "train" if training_split_alone(source) else source
+    folders = class_folders(top)
+    stray = [f for f in top.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS]
+    if stray:  # as training reports them: no class, so in no split
+        log.warning("vitlab: left out %d image(s) lying in %s itself, outside any class folder "
+                    "(e.g. %s); move them into %s/<class>/ to split them", len(stray), top,
+                    stray[0].name, top)
     images: dict[str, Images] = {}
     skipped = 0
     for name, folder in folders.items():
@@ -212,12 +218,17 @@ def split_image_folder(source: str | os.PathLike, out: str | os.PathLike, test_f
         log.warning("vitlab: %d class(es) of %s are too small to give the test split an image at "
                     "--test-fraction %g (e.g. %r): all their images are in %s", len(untested),
                     source, test_fraction, untested[0], "train.csv" if listed else "train/")
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     summary = SplitSummary(out, listed=listed)
     with _sigterm_raises():  # a stopped split removes its partial folder, as Ctrl-C's does
-        try:
+        try:  # the new folder is made beside --out, then renamed to it: its parent must take it
+            out.parent.mkdir(parents=True, exist_ok=True)
             partial.mkdir()
+        except OSError as e:
+            raise ConfigError(f"cannot write to {out.parent} ({e.strerror or e}), where --out "
+                              f"{out} is made; choose another --out or fix its permissions"
+                              ) from None
+        try:
             for split, chosen in plan.items():
                 summary.counts[split] = {name: len(images) for name, images in chosen.items()
                                          if images}
