@@ -223,6 +223,7 @@ def test_overwrite_leaves_nothing_of_the_previous_run(data, tmp_path):
     assert not (out / "evaluation").exists() and not (out / "tensorboard").exists()
     assert not (out / "best.safetensors").exists()
     assert [r["event"] for r in h.read_metrics(out)] == ["start", "finish"]
+    assert "best_accuracy" not in h.read_metrics(out)[-1]  # no evaluation: no best to name
 
 
 # --- (4) a run that died before its first checkpoint -------------------------------------------

@@ -1146,9 +1146,11 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
         reporter.event("Test", step=progress.global_step, **test_eval)
         progress.tested = True
         writer.save()  # the run is finished only now
+    evaluated = progress.best_accuracy >= 0  # (none: --epochs 0, the initial weights alone)
     reporter.event("Finish", step=progress.global_step, total_time=writer.elapsed(),
-                   best_accuracy=progress.best_accuracy,
-                   **({"best_ce": progress.best_ce} if options.best_metric == "loss" else {}))
+                   **({"best_accuracy": progress.best_accuracy} if evaluated else {}),
+                   **({"best_ce": progress.best_ce}
+                      if evaluated and options.best_metric == "loss" else {}))
     distributed.barrier()  # every file written before any process goes on (to a next stage)
     return FitResult(run_dir=run_dir, global_step=progress.global_step, last_eval=last_eval,
                      best_accuracy=progress.best_accuracy, final_evaluations=final_evaluations,
