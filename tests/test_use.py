@@ -184,17 +184,42 @@ def test_evaluate_plots_the_images_of_the_highest_loss(run, pngs, tmp_path, capf
     assert "top_losses" not in json.loads((out / "evaluation.json").read_text())
 
 
+def image_folder(data: Path, x: np.ndarray, y: np.ndarray, classes: list[str]) -> Path:
+    """data/{train,test}/<class>/<i>.png of the images x, labelled y."""
+    for split in ("train", "test"):
+        for i in range(len(x)):
+            (data / split / classes[y[i]]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(data / split / classes[y[i]] / f"{i:02d}.png")
+    return data
+
+
+def test_an_out_inside_an_image_folder_is_refused(run, pngs, tmp_path, capfd):
+    """A run's or an evaluation's PNGs written into an image folder would be read as its
+    images next time: pretrain, run and evaluate refuse such an --out, before any work."""
+    _, x, y = pngs
+    classes = load_run(run)[2]
+    data = image_folder(tmp_path / "folder", x, y, classes)
+    before = sorted(data.rglob("*"))
+    inside = data / "train" / classes[y[0]] / "run"
+    for argv in (["pretrain", "--data", str(data), "--model", "micro", "--out", str(inside)],
+                 ["run", "--pretrain-data", str(data), "--finetune-data", str(data),
+                  "--model", "micro", "--out", str(inside)],
+                 ["evaluate", "--checkpoint", str(run), "--data", str(data), "--out",
+                  str(inside)]):
+        capfd.readouterr()
+        assert main([*argv, "--data-root", str(tmp_path / "root")]) == 2
+        assert f"--out {inside} is inside the image folder" in h.assert_one_error_line(
+            capfd.readouterr().err)
+    assert sorted(data.rglob("*")) == before
+
+
 def test_top_losses_of_an_image_folder_name_their_files(run, pngs, tmp_path):
     """On an image folder, each top-loss row names its file: the file holds the image whose
     loss it reports, in its class's folder; a second evaluation, read from the decoded cache,
     names the same files."""
     folder, x, y = pngs
     model, _, classes = load_run(run)
-    data = tmp_path / "folder"
-    for split in ("train", "test"):
-        for i in range(N_IMAGES):
-            (data / split / classes[y[i]]).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(x[i]).save(data / split / classes[y[i]] / f"{i:02d}.png")
+    data = image_folder(tmp_path / "folder", x, y, classes)
     args = ["evaluate", "--checkpoint", str(run), "--data", str(data), "--device", "cpu",
             "--data-root", str(tmp_path / "root"), "--top-losses", "4"]
     reports = []

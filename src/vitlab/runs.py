@@ -213,6 +213,7 @@ def pretrain(*, data: PathLike = "cifair100", out: PathLike = "runs/pretrain",
     # The name, and the architecture asked for, checked before any data is loaded.
     config = preset(model, num_classes=1, **overrides)
     check_writable(out)
+    check_outside_images(out, data)
     dataset = load_data(data, image_size=image_size, model_image_size=config.image_size,
                         on_device=options.resize_on_device, **_data_options(settings))
     config = preset(model, num_classes=dataset.num_classes, **overrides)
@@ -268,6 +269,7 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     normalization = given_normalization or normalization
     chosen, options = _recipe_and_options(settings, "finetune")
     check_writable(out)
+    check_outside_images(out, data)
     dataset = load_data(data, image_size=image_size, model_image_size=base.image_size,
                         on_device=options.resize_on_device, **_data_options(settings))
     head = num_classes if num_classes is not None else dataset.num_classes
@@ -590,6 +592,7 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
     out_dir = Path(out) if out is not None else run_dir / ckpt.EVALUATION_DIRS[split]
     check_writable(out_dir)  # before the work, not after it
     spec = os.fspath(data) if data is not None else saved.data
+    check_outside_images(out_dir, spec)
     own_data = same_data(spec, saved.data, data_root)
     if image_size is None and own_data:
         image_size = saved.image_size
@@ -1115,6 +1118,8 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
                           f"{datasets[1].num_classes} classes of {finetune_data}")
     for folder in ("pretrain", "finetune", "evaluation"):
         check_writable(out / folder)
+    for spec in (pretrain_data, finetune_data):
+        check_outside_images(out, spec)
     # What each stage will do, decided (and its settings checked) before anything trains.
     pre_plan = _plan_stage(pre_dir, "pretrain", saved["pretrain"], data=pretrain_data,
                            **named_model, **named_size, **settings)
@@ -1261,6 +1266,17 @@ def _check_named(value: PathLike | None, flag: str) -> None:
     be the current folder, and as data the default dataset."""
     if value is not None and not os.fspath(value).strip():
         raise ConfigError(f"{flag} is empty; name a file or folder")
+
+
+def check_outside_images(out: PathLike, spec: PathLike) -> None:
+    """An output folder inside an image folder would put the run's PNGs among its images, for
+    the next read of the folder (a later run, a resume) to take as data: refused."""
+    if os.fspath(spec).lower() in SOURCES or not decodes_images(Path(spec).expanduser()):
+        return
+    folder, target = Path(spec).expanduser().resolve(), Path(out).expanduser().resolve()
+    if target == folder or folder in target.parents:
+        raise ConfigError(f"--out {out} is inside the image folder {spec}: its PNGs would be "
+                          "read as images of the data next time; choose a folder outside it")
 
 
 def check_writable(folder: PathLike) -> None:
