@@ -8,6 +8,7 @@ CPU torch wheel of the main suite):
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -95,6 +96,14 @@ def test_weight_files_nested_as_training_checkpoints_load_and_foreign_files_are_
         loaded = read_weight_file(path)
         assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k])
                                                       for k in state)
+    # timm's train.py: its arguments as an argparse.Namespace, and the optimizer's state.
+    optimizer = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1, momentum=0.9)
+    torch.save({"epoch": 3, "arch": "vit_tiny_patch16_224", "state_dict": state,
+                "optimizer": optimizer.state_dict(), "version": 2,
+                "args": argparse.Namespace(model="vit_tiny_patch16_224", lr=0.1, smoothing=None,
+                                           input_size=[3, 224, 224])},
+               tmp_path / "checkpoint-3.pth.tar")
+    assert read_weight_file(tmp_path / "checkpoint-3.pth.tar").keys() == state.keys()
     (tmp_path / "notes.pth").write_text("hello")
     torch.save({"weights": state, "recipe": _Pickled()}, tmp_path / "objects.pth")
     for name, why in (("notes.pth", "not a PyTorch file, or a torn one"),

@@ -12,6 +12,8 @@ is resampled (bicubic over the patch grid, the class token's kept) when the grid
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -203,12 +205,17 @@ def read_weight_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return ckpt.load_weights(path)
     if not path.is_file():
         raise CheckpointError(f"no weight file at {path}")
+    # timm's train.py saves its arguments beside the weights as an argparse.Namespace: plain
+    # attributes, allowed alone on top of weights_only's data types (torch >= 2.5 can).
+    allowed = getattr(torch.serialization, "safe_globals", None)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with allowed([argparse.Namespace]) if allowed else contextlib.nullcontext():
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a foreign or torn file
         raise CheckpointError(f"{path} is not a PyTorch file of plain tensors "
                               f"({ckpt.load_failure(e)})") from None
-    # Training checkpoints nest the weights: {"state_dict": ...} or {"model": ...} (DeiT, timm).
+    # Training checkpoints nest the weights: {"state_dict": ...} (timm's train.py, with "args",
+    # "optimizer", ...) or {"model": ...} (DeiT).
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
