@@ -378,6 +378,11 @@ def test_attention_command_writes_a_png_per_image_and_a_grid(run, pngs, tmp_path
     for name in written:
         with Image.open(out / name) as image:
             assert image.format == "PNG" and image.width > 300
+    # One image into the same folder: the grid of the four before describes no longer what
+    # this call drew, and goes.
+    assert main(["attention", "--checkpoint", str(run), str(folder / "05.png"), "--out",
+                 str(out), "--device", "cpu"]) == 0
+    assert not (out / "attention_grid.png").exists() and (out / "05.attention.png").is_file()
     # Names that collide (a.jpg, a.png, and a-2.png where the third image would go): one each.
     clash = tmp_path / "clash"
     clash.mkdir()

@@ -895,10 +895,12 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
             written.append(target)
             rollouts.append(flows[i])
             titles.append(f"{path.name}\n{title}")
+    grid = out / "attention_grid.png"
     if len(images) > 1:
-        grid = out / "attention_grid.png"
         plot_attention_grid(images, rollouts, titles, grid)
         written.append(grid)
+    elif images:  # an earlier call's grid, of other images than this call's one
+        grid.unlink(missing_ok=True)
     return written, skipped
 
 
