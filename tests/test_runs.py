@@ -1139,6 +1139,15 @@ def test_a_resume_finds_moved_data_by_its_training_split_and_tells_changed_data(
                      *common]) == 0, capfd.readouterr().err
     assert "has moved from" in caplog.text
     assert ckpt.read_run_config(run).data == str(moved.resolve())
+    # A pipeline's stage keeps its data where the pipeline began (pipeline.json records it).
+    stage = tmp_path / "pipe" / "pretrain"
+    shutil.copytree(run, stage)
+    (stage.parent / "pipeline.json").write_text("{}")
+    capfd.readouterr()
+    assert main(["pretrain", "--resume", str(stage), "--data", str(data_root / "cifar10"),
+                 "--epochs", "3", *common]) == 2
+    assert (f"is a stage of the vitlab run pipeline in {stage.parent}" in
+            assert_one_error_line(capfd.readouterr().err))
     assert events(ckpt.read_jsonl(run / ckpt.METRICS), "eval")[-1]["epoch"] == 2
     # The run's own data, changed since: warned of, and the run goes on.
     _grow_training_split(moved, 3)
@@ -1157,6 +1166,22 @@ def test_a_resume_finds_moved_data_by_its_training_split_and_tells_changed_data(
     assert main(["evaluate", "--checkpoint", str(held), "--split", "val", "--device",
                  "cpu"]) == 2
     assert "not the one the run began with" in assert_one_error_line(capfd.readouterr().err)
+
+
+def test_a_quoted_tilde_names_an_image_folder_in_the_home_folder(tmp_path, monkeypatch):
+    """`--data '~/photos'` is the home folder's image folder, decoded at the model's size like
+    the same folder named by its full path."""
+    from PIL import Image
+
+    from vitlab.runs import load_data
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / "photos" / split / name).mkdir(parents=True)
+            Image.new("RGB", (40, 40), (9, 9, 9)).save(tmp_path / "photos" / split / name / "1.png")
+    data = load_data("~/photos", model_image_size=32, data_root=tmp_path / "root")
+    assert tuple(data.train.images.shape) == (2, 32, 32, 3)
 
 
 def test_evaluate_scores_the_split_a_run_held_out_and_the_rest(data_root, tmp_path, capfd):

@@ -194,8 +194,9 @@ def image_folder(data: Path, x: np.ndarray, y: np.ndarray, classes: list[str]) -
 
 
 def test_an_out_inside_an_image_folder_is_refused(run, pngs, tmp_path, capfd):
-    """A run's or an evaluation's PNGs written into an image folder would be read as its
-    images next time: pretrain, run and evaluate refuse such an --out, before any work."""
+    """A run's or an evaluation's PNGs written into an image folder's splits would be read as
+    its images next time: pretrain, run and evaluate refuse such an --out, before any work;
+    beside the splits it is accepted."""
     _, x, y = pngs
     classes = load_run(run)[2]
     data = image_folder(tmp_path / "folder", x, y, classes)
@@ -211,6 +212,10 @@ def test_an_out_inside_an_image_folder_is_refused(run, pngs, tmp_path, capfd):
         assert f"--out {inside} is inside the image folder" in h.assert_one_error_line(
             capfd.readouterr().err)
     assert sorted(data.rglob("*")) == before
+    # Beside the splits it is harmless: the folder's reader reads train/, test/ and val/ alone.
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--out",
+                 str(data / "reports"), "--data-root", str(tmp_path / "root")]) == 0
+    assert (data / "reports" / "evaluation.json").is_file()
 
 
 def test_top_losses_of_an_image_folder_name_their_files(run, pngs, tmp_path):

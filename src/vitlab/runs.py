@@ -33,7 +33,7 @@ from vitlab.data import BatchLoader, Dataset, load_dataset
 from vitlab.data.arrays import Split
 from vitlab.data.augment import NORMALIZATIONS, Normalization, ResizeBatch, eval_transform
 from vitlab.data.cifar import SOURCES
-from vitlab.data.imagefolder import decodes_images
+from vitlab.data.imagefolder import decodes_images, is_image_folder, subfolders
 from vitlab.data.sources import data_root as resolve_data_root
 from vitlab.errors import (
     CheckpointError,
@@ -118,7 +118,7 @@ def load_data(spec: PathLike, *, image_size: int | None = None,
     """
     if image_size is not None and image_size < 1:
         raise ConfigError(f"--image-size must be at least 1, got {image_size}")
-    images = decodes_images(Path(spec))  # resized to the model's size when decoded
+    images = decodes_images(Path(spec).expanduser())  # resized to the model's size when decoded
     if on_device and not images:
         if image_size is not None and image_size != model_image_size:
             raise ConfigError(f"--image-size {image_size} with --resize-on-device: each batch "
@@ -357,7 +357,7 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
                           f"--resume {run_dir}")
     settings = check_settings(settings, saved.kind)
     distributed.setup(settings.get("device", "auto"))
-    moved_to = _moved_data(saved, settings)
+    moved_to = _moved_data(saved, settings, run_dir)
     epochs = _check_unchanged(saved, settings, run_dir)
     options = TrainOptions.from_saved({**saved.options.saved(), "epochs": epochs}, saved.seed,
                                       **pick(settings, {"runtime"}))
@@ -367,11 +367,13 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
                             model_image_size=saved.model.image_size,
                             on_device=options.resize_on_device, **_data_options(settings))
     except DatasetNotFoundError as e:
-        if moved_to is not None or saved.train_split is None:
+        if moved_to is not None or saved.train_split is None or saved.data.lower() in SOURCES:
             raise
-        raise DatasetNotFoundError(
-            f"{e}; if the run's data has moved, give its new place: vitlab {saved.kind} "
-            f"--resume {shlex.quote(str(run_dir))} --data NEW_PLACE") from None
+        again = (f"put it back there (a symbolic link will do): {_stage_of(run_dir)}'s stages "
+                 "take their data where the pipeline began" if _stage_of(run_dir)
+                 else f"give its new place: vitlab {saved.kind} --resume "
+                      f"{shlex.quote(str(run_dir))} --data NEW_PLACE")
+        raise DatasetNotFoundError(f"{e}; if the run's data has moved, {again}") from None
     check_fits(dataset, saved.model, spec, options.resize_on_device)
     _check_same_training_split(dataset, saved, run_dir, moved_to)
     _check_same_classes(dataset, saved, run_dir)
@@ -415,17 +417,28 @@ def _check_same_classes(dataset: Dataset, saved: RunConfig, run_dir: Path) -> No
             "the data it trained on, or start a new run")
 
 
-def _moved_data(saved: RunConfig, settings: dict[str, Any]) -> str | None:
-    """The new place of a run's data, when a resume's `data` names another than the run's own
-    and the run recorded its training split to check it by (then taken out of `settings`:
-    `_check_same_training_split` checks it once it is loaded); otherwise None."""
-    if "data" not in settings or saved.train_split is None:
+def _stage_of(run_dir: Path) -> Path | None:
+    """The `vitlab run` pipeline whose stage `run_dir` is, if it is one."""
+    if run_dir.name in ("pretrain", "finetune") and (run_dir.parent / PIPELINE_CALL).is_file():
+        return run_dir.parent
+    return None
+
+
+def _moved_data(saved: RunConfig, settings: dict[str, Any], run_dir: Path) -> str | None:
+    """The new place of a run's data folder, when a resume's `data` names another than the
+    run's own and the run recorded its training split to check it by (then taken out of
+    `settings`: `_check_same_training_split` checks it once it is loaded); otherwise None. A
+    pipeline's stage keeps its data where the pipeline began (pipeline.json records it)."""
+    if ("data" not in settings or saved.train_split is None or saved.data.lower() in SOURCES
+            or same_data(settings["data"], saved.data, settings.get("data_root"))):
         return None
-    given = data_spec(settings["data"])
-    if given == saved.data:
-        return None
-    del settings["data"]
-    return given
+    pipeline = _stage_of(run_dir)
+    if pipeline is not None:
+        raise ConfigError(f"{run_dir} is a stage of the vitlab run pipeline in {pipeline}, whose "
+                          f"stages take their data where it began ({saved.data}): put the data "
+                          "back there (a symbolic link will do) and continue with vitlab run "
+                          f"--resume {shlex.quote(str(pipeline))}")
+    return data_spec(settings.pop("data"))
 
 
 def _check_same_training_split(dataset: Dataset, saved: RunConfig, run_dir: Path,
@@ -440,13 +453,14 @@ def _check_same_training_split(dataset: Dataset, saved: RunConfig, run_dir: Path
     same_classes = _nfc(list(dataset.classes)) == _nfc(list(saved.classes))
     differs = ("its training split has " + (
         f"{now['images']} images where the run began with {then['images']}"
-        if now["images"] != then["images"] else "other images or labels than the run began with")
+        if now["images"] != then["images"] else "other pixels or labels than the run began with")
         if now != then else "it names other classes")
     if moved_to is not None:
         if now == then and same_classes:
-            log.warning("vitlab: the data of the run in %s has moved from %s to %s (the same "
-                        "training images and labels); config.json names %s from now on",
-                        run_dir, saved.data, moved_to, moved_to)
+            if distributed.is_main_process():
+                log.warning("vitlab: the data of the run in %s has moved from %s to %s (the "
+                            "same training images and labels); config.json names %s from now "
+                            "on", run_dir, saved.data, moved_to, moved_to)
             return
         raise ConfigError(f"--data {moved_to} differs from the run in {run_dir}, which was "
                           f"started with {saved.data}, and is not that data moved ({differs}); "
@@ -460,7 +474,9 @@ def _check_same_training_split(dataset: Dataset, saved: RunConfig, run_dir: Path
         raise ConfigError(f"{changed}, so its --val-fraction {held:g} would hold out other "
                           "images, some of them already trained on; resume on the data as it "
                           "was, or start a new run")
-    log.warning("vitlab: %s; the resumed epochs draw their batches from it as it is now", changed)
+    if distributed.is_main_process():
+        log.warning("vitlab: %s; the resumed epochs draw their batches from it as it is now",
+                    changed)
 
 
 def _names_from(names: list[str], at: int) -> str:
@@ -1101,6 +1117,8 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
     config = preset(model, num_classes=1, **architecture)  # a bad architecture: refused now
     data_options = _data_options(settings)
     on_device = options.resize_on_device
+    for spec in (pretrain_data, finetune_data):
+        check_outside_images(out, spec)
     datasets = [load_data(spec, image_size=image_size, model_image_size=config.image_size,
                           on_device=on_device, **data_options)
                 for spec in (pretrain_data, finetune_data)]
@@ -1120,8 +1138,6 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
                           f"{datasets[1].num_classes} classes of {finetune_data}")
     for folder in ("pretrain", "finetune", "evaluation"):
         check_writable(out / folder)
-    for spec in (pretrain_data, finetune_data):
-        check_outside_images(out, spec)
     # What each stage will do, decided (and its settings checked) before anything trains.
     pre_plan = _plan_stage(pre_dir, "pretrain", saved["pretrain"], data=pretrain_data,
                            **named_model, **named_size, **settings)
@@ -1260,7 +1276,7 @@ def _saved_stage(run_dir: Path, settings: dict[str, Any]) -> RunConfig | None:
     if settings.get("overwrite") or not distributed.broadcast_object(
             (run_dir / ckpt.CONFIG).is_file()):
         return None
-    return ckpt.read_run_config(run_dir)
+    return ckpt.read_run_config(run_dir, "resume")
 
 
 def _check_named(value: PathLike | None, flag: str) -> None:
@@ -1271,14 +1287,20 @@ def _check_named(value: PathLike | None, flag: str) -> None:
 
 
 def check_outside_images(out: PathLike, spec: PathLike) -> None:
-    """An output folder inside an image folder would put the run's PNGs among its images, for
-    the next read of the folder (a later run, a resume) to take as data: refused."""
-    if os.fspath(spec).lower() in SOURCES or not decodes_images(Path(spec).expanduser()):
+    """An output folder inside an image folder's split folders (train/, test/, val/, or a
+    class folder they link to) would put the run's PNGs among its images, for the next read of
+    the folder (a later run, a resume) to take as data: refused. Elsewhere in the folder, and
+    in a folder of CSV listings (which name their images), it is harmless."""
+    folder = Path(spec).expanduser()
+    if os.fspath(spec).lower() in SOURCES or not is_image_folder(folder):
         return
-    folder, target = Path(spec).expanduser().resolve(), Path(out).expanduser().resolve()
-    if target == folder or folder in target.parents:
-        raise ConfigError(f"--out {out} is inside the image folder {spec}: its PNGs would be "
-                          "read as images of the data next time; choose a folder outside it")
+    target = Path(out).expanduser().resolve()
+    splits = [folder / name for name in ("train", "test", "val") if (folder / name).is_dir()]
+    read = [*splits, *(d for split in splits for d in subfolders(split))]
+    if any(target == d.resolve() or d.resolve() in target.parents for d in read):
+        raise ConfigError(f"--out {out} is inside the image folder {spec}'s splits: its PNGs "
+                          "would be read as images of the data next time; choose a folder "
+                          "outside them")
 
 
 def check_writable(folder: PathLike) -> None:
