@@ -1322,6 +1322,14 @@ def test_vitlab_run_takes_settings_for_its_fine_tuning_stage_alone(data_root, tm
     assert "finetune weight-decay must be a number" in assert_one_error_line(
         capfd.readouterr().err, "run")
     assert not (tmp_path / "q").exists()
+    # A value out of range in the file's mapping is named as the file's key, not as a flag.
+    config.write_text("finetune:\n  lr: -1\n")
+    assert main([*common, "--config", str(config), "--out", str(tmp_path / "q")]) == 2
+    assert f"{config}: finetune lr must be" in assert_one_error_line(
+        capfd.readouterr().err, "run")
+    assert main([*common, "--config", str(config), "--finetune", "lr=-2", "--out",
+                 str(tmp_path / "q")]) == 2  # the flag's value over the file's: the flag named
+    assert "--finetune lr must be" in assert_one_error_line(capfd.readouterr().err, "run")
 
 
 def test_the_validation_and_training_splits_evaluate_scores_are_the_runs_own():

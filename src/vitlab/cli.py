@@ -22,7 +22,13 @@ import sys
 from pathlib import Path
 
 from vitlab import __version__
-from vitlab.errors import ConfigError, SettingDiffers, SettingError, VitlabError
+from vitlab.errors import (
+    ConfigError,
+    SettingDiffers,
+    SettingError,
+    StageSettingError,
+    VitlabError,
+)
 from vitlab.model import PRESETS, TTA_CHOICES
 
 EXIT_USAGE = 2
@@ -302,8 +308,16 @@ def _train(args: argparse.Namespace) -> None:
 
         given["finetune"] = stage_values_from_text(given["finetune"])
     from_file: dict = {}
+    flag_stage = dict(given.get("finetune") or {})  # --finetune's own keys, before the file's
     try:
         _train_with(args, given, from_file)
+    except StageSettingError as e:  # the fine-tuning stage's: the file's finetune: key, or --finetune
+        key = e.setting.replace("_", "-")
+        if (args.config is not None and e.setting in from_file.get("finetune", {})
+                and e.setting not in flag_stage):
+            raise ConfigError(e.render(f"{args.config}: finetune {key}",
+                                       f"remove {key} from its finetune: mapping")) from None
+        raise
     except (SettingError, SettingDiffers) as e:  # named where it was given: a file's key, a flag
         key = e.setting.replace("_", "-")
         if (args.config is not None and e.setting in from_file

@@ -36,6 +36,20 @@ class SettingDiffers(ConfigError):
                 "with another --out")
 
 
+class StageSettingError(ConfigError):
+    """A refused setting of `vitlab run`'s fine-tuning stage alone (--finetune KEY=VALUE, or a
+    config file's finetune: mapping), to be named where it was given."""
+
+    def __init__(self, error: SettingError | SettingDiffers, label: str, remedy: str) -> None:
+        self.setting, self.error = error.setting, error
+        super().__init__(self.render(label, remedy))
+
+    def render(self, label: str, remedy: str) -> str:
+        if isinstance(self.error, SettingError):
+            return f"{label} {self.error.requirement}"
+        return self.error.render(label, remedy)
+
+
 class CheckpointError(VitlabError):
     """A missing, foreign, corrupted or incompatible checkpoint or weight file."""
 

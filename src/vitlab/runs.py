@@ -41,6 +41,7 @@ from vitlab.errors import (
     DatasetNotFoundError,
     SettingDiffers,
     SettingError,
+    StageSettingError,
 )
 from vitlab.io import atomic_write_bytes, atomic_write_json
 from vitlab.model import ViT, ViTConfig, check_tta, forward_flops, preset
@@ -1237,10 +1238,8 @@ def _named_by_finetune(stage_only: dict[str, Any], kept: Iterable[str] = (),
     except (SettingDiffers, SettingError) as e:
         key = e.setting.replace("_", "-")
         if e.setting in stage_only:
-            if isinstance(e, SettingError):
-                raise ConfigError(f"--finetune {key} {e.requirement}") from None
-            raise ConfigError(e.render(f"--finetune {key}", f"drop {key} from --finetune (or "
-                                       "the config file's finetune: mapping)")) from None
+            raise StageSettingError(e, f"--finetune {key}", f"drop {key} from --finetune (or "
+                                    "the config file's finetune: mapping)") from None
         if e.setting not in kept:
             raise
         what = (e.requirement if isinstance(e, SettingError)
