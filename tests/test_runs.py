@@ -728,6 +728,18 @@ def test_a_pipeline_stopped_before_fine_tuning_fine_tunes_as_its_first_call_aske
     assert main(["run", "--resume", str(out)]) == 2
     assert f"{out / 'pipeline.json'} cannot be read" in capfd.readouterr().err
     assert not (out / "finetune").exists()  # refused before anything trained
+    # Stopped before pre-training began (pipeline.json alone), or no pipeline at all: --resume
+    # has nothing to continue, and says so, not starting a default pipeline instead.
+    early, empty = tmp_path / "early", tmp_path / "empty"
+    early.mkdir()
+    empty.mkdir()
+    (early / "pipeline.json").write_text("{}")
+    for folder, message in ((early, "stopped before its pre-training began"),
+                            (empty, "holds no vitlab run pipeline to continue")):
+        assert main(["run", "--resume", str(folder), "--no-download"]) == 2
+        assert message in assert_one_error_line(capfd.readouterr().err, "run")
+        assert sorted(p.name for p in folder.iterdir()) == (["pipeline.json"] if folder == early
+                                                            else [])
     # A file that describes another pre-training (a refused --overwrite's), or none: not used,
     # said in a warning.
     kept["call"]["finetune"], kept["call"]["pretrain"]["seed"] = {"lr": 0.002}, 6
