@@ -734,6 +734,9 @@ def test_a_pipeline_stopped_before_fine_tuning_fine_tunes_as_its_first_call_aske
     early.mkdir()
     empty.mkdir()
     (early / "pipeline.json").write_text("{}")
+    assert main(["run", "--resume", str(out / "pretrain")]) == 2  # a stage: its pipeline named
+    assert (f"is a stage of the vitlab run pipeline in {out}: continue that with vitlab run "
+            f"--resume {out}" in assert_one_error_line(capfd.readouterr().err, "run"))
     for folder, message in ((early, "stopped before its pre-training began"),
                             (empty, "holds no vitlab run pipeline to continue")):
         assert main(["run", "--resume", str(folder), "--no-download"]) == 2

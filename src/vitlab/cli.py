@@ -376,8 +376,8 @@ def _train_with(args: argparse.Namespace, given: dict, from_file: dict) -> None:
 def _check_pipeline_begun(folder: Path) -> None:
     """`vitlab run --resume` continues a pipeline that began training: one without a stage
     there would be started anew from this call's flags and the defaults, not continued."""
-    if any((folder / stage / "config.json").is_file() for stage in ("pretrain", "finetune")):
-        return
+    if any((folder / stage / "config.json").is_file() for stage in ("", "pretrain", "finetune")):
+        return  # (a run's own folder: vitlab run names what to give instead)
     if (folder / "pipeline.json").is_file():
         raise ConfigError(f"the pipeline in {folder} stopped before its pre-training began, so "
                           "there is nothing to continue: run the command that began it again "

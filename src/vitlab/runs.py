@@ -1054,6 +1054,11 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
         _check_named(value, flag)
     out = Path(out)
     if distributed.broadcast_object((out / ckpt.CONFIG).is_file()):
+        pipeline = _stage_of(out)
+        if pipeline is not None:
+            raise ConfigError(f"{out} is a stage of the vitlab run pipeline in {pipeline}: "
+                              f"continue that with vitlab run --resume "
+                              f"{shlex.quote(str(pipeline))}")
         raise ConfigError(f"{out} holds a run of its own ({ckpt.CONFIG}); vitlab run writes "
                           "pretrain/, finetune/ and evaluation/ under --out: choose another --out")
     pre_dir, fine_dir = out / "pretrain", out / "finetune"
