@@ -151,7 +151,9 @@ def test_run_continues_the_stage_that_is_left(data, tmp_path, capfd):
                  "--train-steps-per-epoch", "3", "--seed", "9", "--log-steps", "0",
                  "--overwrite", "--out", str(out / "pretrain")]) == 0
     refused(longer, "has changed since, trained further or anew (step 6 then, step 6 now)")
-    refused([*argv[:-1], str(out / "pretrain")], "holds a run of its own")
+    refused([*argv[:-1], str(out / "pretrain")],
+            f"is a stage of the vitlab run pipeline in {out}: continue that with vitlab run "
+            f"--resume {out}")
 
 
 # --- (2) a closed stdout stops the console lines, never the run --------------------------------
