@@ -97,6 +97,7 @@ def test_stray_images_are_reported_and_an_unwritable_out_is_one_error(tmp_path, 
     naming it, not the split's own temporary folder."""
     source = make_classes(tmp_path / "photos", {"cat": 3, "dog": 3})
     Image.new("RGB", (8, 8)).save(source / "stray.png")
+    (source / "._stray.png").write_bytes(b"\0\5\26\7")  # macOS's companion: no image at all
     with caplog.at_level("WARNING", logger="vitlab.data"):
         summary = split_image_folder(source, tmp_path / "out", 0.3)
     assert "left out 1 image(s) lying in" in caplog.text and "stray.png" in caplog.text

@@ -128,9 +128,16 @@ def class_folders(folder: Path) -> dict[str, Path]:
     return dirs
 
 
+def stray_images(folder: Path) -> list[Path]:
+    """Images lying in `folder` itself, outside any class folder: of no class, so read by no
+    split (hidden files, such as macOS's ._ companions, are no images, as in class folders)."""
+    return [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
+            and f.suffix.lower() in EXTENSIONS]
+
+
 def _list_split(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
     dirs = class_folders(folder)
-    stray = [f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS]
+    stray = stray_images(folder)
     if stray:
         log.warning("vitlab: skipped %d image(s) lying in %s itself, outside any class folder, "
                     "e.g. %s", len(stray), folder, sorted(stray)[0].name)

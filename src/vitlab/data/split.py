@@ -39,6 +39,7 @@ from vitlab.data.imagefolder import (
     csv_header,
     is_image_folder,
     list_csv,
+    stray_images,
     subfolders,
     walk_files,
 )
@@ -124,7 +125,7 @@ def _folder_images(source: Path) -> dict[str, Images]:
                               f"{source}/train.csv (columns image,label)")
     top = source / "train" if training_split_alone(source) else source
     folders = class_folders(top)
-    stray = [f for f in top.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS]
+    stray = stray_images(top)
     if stray:  # as training reports them: no class, so in no split
         log.warning("vitlab: left out %d image(s) lying in %s itself, outside any class folder "
                     "(e.g. %s); move them into %s/<class>/ to split them", len(stray), top,
