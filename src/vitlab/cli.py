@@ -358,7 +358,7 @@ def _train_with(args: argparse.Namespace, given: dict, from_file: dict) -> None:
             if given.get("overwrite"):
                 raise ConfigError("--resume continues a pipeline and --overwrite redoes it; "
                                   "give one of them")
-            _check_pipeline_begun(Path(resume_dir))
+            runs.check_pipeline_begun(Path(resume_dir))
             if ("out" in given
                     and Path(given["out"]).expanduser().resolve() != Path(resume_dir).resolve()):
                 raise ConfigError(f"--out {given['out']} and --resume {resume_dir} name two "
@@ -371,19 +371,6 @@ def _train_with(args: argparse.Namespace, given: dict, from_file: dict) -> None:
         runs.pretrain(**given)
     elif command == "finetune":
         runs.finetune(given.pop("source", None), **given)
-
-
-def _check_pipeline_begun(folder: Path) -> None:
-    """`vitlab run --resume` continues a pipeline that began training: one without a stage
-    there would be started anew from this call's flags and the defaults, not continued."""
-    if any((folder / stage / "config.json").is_file() for stage in ("", "pretrain", "finetune")):
-        return  # (a run's own folder: vitlab run names what to give instead)
-    if (folder / "pipeline.json").is_file():
-        raise ConfigError(f"the pipeline in {folder} stopped before its pre-training began, so "
-                          "there is nothing to continue: run the command that began it again "
-                          f"(its data and settings are in {folder / 'pipeline.json'})")
-    raise ConfigError(f"{folder} holds no vitlab run pipeline to continue (no pretrain/ or "
-                      f"finetune/ run); start one with vitlab run --out {shlex.quote(str(folder))}")
 
 
 def _drop_overridden_compile_keys(from_file: dict, given: dict) -> None:

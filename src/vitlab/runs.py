@@ -370,8 +370,9 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
     except DatasetNotFoundError as e:
         if moved_to is not None or saved.train_split is None or saved.data.lower() in SOURCES:
             raise
-        again = (f"put it back there (a symbolic link will do): {_stage_of(run_dir)}'s stages "
-                 "take their data where the pipeline began" if _stage_of(run_dir)
+        pipeline = _stage_of(run_dir)
+        again = (f"put it back there (a symbolic link will do): {pipeline}'s stages take their "
+                 "data where the pipeline began" if pipeline
                  else f"give its new place: vitlab {saved.kind} --resume "
                       f"{shlex.quote(str(run_dir))} --data NEW_PLACE")
         raise DatasetNotFoundError(f"{e}; if the run's data has moved, {again}") from None
@@ -416,6 +417,19 @@ def _check_same_classes(dataset: Dataset, saved: RunConfig, run_dir: Path) -> No
             f"classes where the run has {len(then)}, and from class #{at + 1} on they differ "
             f"({_names_from(now, at)} against the run's {_names_from(then, at)}); resume on "
             "the data it trained on, or start a new run")
+
+
+def check_pipeline_begun(folder: Path) -> None:
+    """`vitlab run --resume` continues a pipeline that began training: one without a stage
+    there would be started anew from this call's flags and the defaults, not continued."""
+    if any((folder / stage / ckpt.CONFIG).is_file() for stage in ("", "pretrain", "finetune")):
+        return  # (a run's own folder: run_pipeline names what to give instead)
+    if (folder / PIPELINE_CALL).is_file():
+        raise ConfigError(f"the pipeline in {folder} stopped before its pre-training began, so "
+                          "there is nothing to continue: run the command that began it again "
+                          f"(its data and settings are in {folder / PIPELINE_CALL})")
+    raise ConfigError(f"{folder} holds no vitlab run pipeline to continue (no pretrain/ or "
+                      f"finetune/ run); start one with vitlab run --out {shlex.quote(str(folder))}")
 
 
 def _stage_of(run_dir: Path) -> Path | None:
