@@ -22,6 +22,7 @@ from vitlab.attention import as_grid, rollout
 from vitlab.cli import main
 from vitlab.data import BatchLoader, SeedAugment
 from vitlab.data.arrays import Split
+from vitlab.data.augment import NORMALIZATIONS
 from vitlab.model import ViT, ViTConfig
 from vitlab.predict import find_images, predict
 from vitlab.runs import load_run, predict_images
@@ -136,10 +137,12 @@ def test_flip_tta_averages_what_predict_shows_for_a_head_wider_than_the_classes(
     def distributions(rows):
         return [dict(zip(classes, ps, strict=True)) for classes, ps in rows]
 
-    plain = distributions(predict(model, images, names, top_k=3))
+    norm = NORMALIZATIONS["cifar"]
+    plain = distributions(predict(model, images, names, top_k=3, normalization=norm))
     mirrored = distributions(predict(model, np.ascontiguousarray(images[:, :, ::-1]), names,
-                                     top_k=3))
-    both = distributions(predict(model, images, names, top_k=3, tta="flip"))
+                                     top_k=3, normalization=norm))
+    both = distributions(predict(model, images, names, top_k=3, normalization=norm,
+                                 tta="flip"))
     for a, b, mean in zip(plain, mirrored, both, strict=True):
         assert mean == pytest.approx({c: (a[c] + b[c]) / 2 for c in names}, abs=1e-6)
 
@@ -563,11 +566,27 @@ def test_bad_inputs_are_one_line_errors(run, pngs, tmp_path, capfd):
             assert main([str(a) for a in argv]) == 0, argv
 
 
-def test_predict_from_python(run, pngs):
+def test_predict_from_python_as_the_readme_says_equals_the_command(run, pngs, tmp_path):
+    """`predict(model, images, classes, normalization=config.normalization)` after load_run
+    gives what `vitlab predict` gives, for a run that was not normalized as CIFAR is; without a
+    normalization it is refused, not guessed (CIFAR's default gave another top-1 here)."""
     folder, x, _ = pngs
-    model, config, classes = load_run(run)
-    top = predict(model, x[:5], classes, top_k=2)
-    assert len(top) == 5 and all(len(c) == 2 and p[0] >= p[1] for c, p in top)
+    inception = tmp_path / "run"
+    shutil.copytree(run, inception)
+    config_file = inception / ckpt.CONFIG
+    saved = json.loads(config_file.read_text())
+    saved["normalize"] = NORMALIZATIONS["inception"].to_dict()
+    config_file.write_text(json.dumps(saved))
+    model, config, classes = load_run(inception)
+    assert config.normalization.same_as(NORMALIZATIONS["inception"])
+    top = predict(model, x, classes, top_k=2, normalization=config.normalization)
+    command = predict_images(inception, [folder], top_k=2, device="cpu").predictions
+    assert [(c, pytest.approx(p, abs=1e-6)) for c, p in top] == \
+        [(r.classes, r.probabilities) for r in command]
+    as_cifar = predict(model, x, classes, top_k=2, normalization=NORMALIZATIONS["cifar"])
+    assert not np.allclose([p for _, p in as_cifar], [p for _, p in top], atol=1e-3)
+    with pytest.raises(TypeError, match="normalization"):
+        predict(model, x, classes)
 
 
 def test_a_class_name_the_font_lacks_is_one_warning_line(tmp_path, caplog, recwarn):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitlab.data.augment import CIFAR_NORMALIZATION, Normalization, eval_transform
+from vitlab.data.augment import Normalization, eval_transform
 from vitlab.data.imagefolder import EXTENSIONS, read_image, walk_files
 from vitlab.errors import DataFormatError
 from vitlab.model import ViT, tta_logits
@@ -97,12 +97,13 @@ def load_images(paths: Sequence[Path], size: int
 
 
 def predict(model: ViT, images: torch.Tensor | np.ndarray, class_names: Sequence[str],
-            top_k: int = 5, batch_size: int = 256,
-            normalization: Normalization = CIFAR_NORMALIZATION, tta: str = "none"
-            ) -> list[tuple[list[str], list[float]]]:
+            top_k: int = 5, batch_size: int = 256, *, normalization: Normalization,
+            tta: str = "none") -> list[tuple[list[str], list[float]]]:
     """Top-k (class names, probabilities) for uint8 images [N, H, W, C] of the model's size,
-    normalized as the model was trained (its run's `RunConfig.normalization`); with `tta`
-    "flip", of each image's and its mirror's mean probabilities."""
+    normalized as the model was trained: `normalization` is its run's
+    (`RunConfig.normalization`, from `load_run`), required because no default fits every run (a
+    run's normalization is CIFAR's, ImageNet's or timm's inception one); with `tta` "flip", of
+    each image's and its mirror's mean probabilities."""
     images = torch.as_tensor(images)
     device = next(model.parameters()).device
     transform = eval_transform(normalization)
@@ -124,7 +125,7 @@ def predict(model: ViT, images: torch.Tensor | np.ndarray, class_names: Sequence
 
 
 def predict_files(model: ViT, paths: Sequence[Path], class_names: Sequence[str], top_k: int = 5,
-                  batch_size: int = 256, normalization: Normalization = CIFAR_NORMALIZATION,
+                  batch_size: int = 256, *, normalization: Normalization,
                   tta: str = "none") -> PredictionReport:
     """Decode and classify `paths`, batch by batch; unreadable files are skipped and reported."""
     report = PredictionReport()
@@ -134,8 +135,8 @@ def predict_files(model: ViT, paths: Sequence[Path], class_names: Sequence[str],
         report.skipped += skipped
         if not arrays:
             continue
-        top = predict(model, np.stack(arrays), class_names, top_k, batch_size, normalization,
-                      tta)
+        top = predict(model, np.stack(arrays), class_names, top_k, batch_size,
+                      normalization=normalization, tta=tta)
         report.predictions += [Prediction(str(p), c, pr) for p, (c, pr) in zip(chunk, top,
                                                                               strict=True)]
     return report
