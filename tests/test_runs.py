@@ -584,9 +584,12 @@ def test_the_pipelines_report_is_fine_tunings_last_evaluation(data_root, tmp_pat
     assert (out / "evaluation" / "confusion_matrix.png").is_file()
     assert report["checkpoint"].endswith(ckpt.WEIGHT_FILES[weights])
     assert report["num_samples"] == 32 and len(report["confusion_matrix"]) == 10
-    for key in ("checkpoint", "data", "classes", "num_samples", "accuracy",
-                "confusion_matrix", "per_class_accuracy"):
+    for key in ("checkpoint", "checkpoint_step", "checkpoint_sha256", "data", "classes",
+                "num_samples", "accuracy", "confusion_matrix", "per_class_accuracy"):
         assert report[key] == again[key], key
+    scored = out / "finetune" / ckpt.WEIGHT_FILES[weights]
+    assert report["checkpoint_sha256"] == ckpt.file_sha256(scored)
+    assert report["checkpoint_step"] == ckpt.weights_step(scored) == 3
     assert report["ce"] == pytest.approx(again["ce"], rel=1e-5)
 
 

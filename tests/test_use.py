@@ -10,6 +10,8 @@ import math
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -587,6 +589,46 @@ def test_predict_from_python_as_the_readme_says_equals_the_command(run, pngs, tm
     assert not np.allclose([p for _, p in as_cifar], [p for _, p in top], atol=1e-3)
     with pytest.raises(TypeError, match="normalization"):
         predict(model, x, classes)
+
+
+def test_evaluating_a_run_being_trained_says_so_and_names_the_weights_it_scored(run, tmp_path,
+                                                                              caplog):
+    """evaluation.json names the weights it scored (step and SHA-256, of the bytes loaded), so
+    a report made while the run trained is told from one of its final weights; evaluate warns
+    of a run being trained, and a run that has saved no weights yet says why."""
+    from vitlab.errors import CheckpointError
+    from vitlab.runs import evaluate_run
+
+    live = tmp_path / "live"
+    shutil.copytree(run, live)
+    holder = subprocess.Popen(  # what a training process holds while it trains: the run's lock
+        [sys.executable, "-c", "import sys, time\nfrom vitlab.train.checkpoint import RunLock\n"
+         "with RunLock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(120)",
+         str(live)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        report = evaluate_run(live, out=tmp_path / "e", device="cpu", quiet=True,
+                              download=False, eval_steps=1)
+        assert f"{live} is being trained now (pid {holder.pid})" in caplog.text
+        assert report["checkpoint_step"] == ckpt.weights_step(live / ckpt.WEIGHTS) == 20
+        assert report["checkpoint_sha256"] == ckpt.file_sha256(live / ckpt.WEIGHTS)
+        assert json.loads((tmp_path / "e" / "evaluation.json").read_text()) == report
+        for name in (ckpt.WEIGHTS, ckpt.TRAINER_STATE):  # in its first epoch
+            (live / name).unlink()
+        with pytest.raises(CheckpointError, match=r"the run has saved no weights yet \(it "
+                           rf"writes them at the end of each epoch\) and is training now "
+                           rf"\(pid {holder.pid}\)$"):
+            load_run(live)
+    finally:
+        holder.kill()
+        holder.wait()
+    caplog.clear()
+    with pytest.raises(CheckpointError, match=r"has saved no weights yet \(it writes them at "
+                       r"the end of each epoch\)$"):  # the lock's holder is gone
+        load_run(live)
+    evaluate_run(run, out=tmp_path / "e2", device="cpu", quiet=True, download=False,
+                 eval_steps=1)
+    assert "being trained" not in caplog.text
 
 
 def test_a_class_name_the_font_lacks_is_one_warning_line(tmp_path, caplog, recwarn):

@@ -585,10 +585,17 @@ def load_run(run_dir: PathLike, weights: str = "last", device: str | torch.devic
     """The trained model of a run directory (in eval mode, on `device`), its RunConfig and its
     class names. `weights`: "last" (model.safetensors), "best" (best.safetensors) or "ema"
     (ema.safetensors, the latest EMA of the weights of a run trained with one)."""
+    return _load_model(run_dir, weights, device)[:3]
+
+
+def _load_model(run_dir: PathLike, weights: str, device: str | torch.device
+                ) -> tuple[ViT, RunConfig, list[str], dict[str, Any]]:
+    """load_run's model, RunConfig and classes, and the identity of the weights loaded
+    (`ckpt.read_weights`: their step and SHA-256)."""
     run_dir = Path(run_dir)
     config = ckpt.read_run_config(run_dir)
     weights_file = run_dir / ckpt.WEIGHT_FILES[SETTINGS["weights"].check(weights)]
-    state = ckpt.load_weights(weights_file)
+    state, identity = ckpt.read_weights(weights_file)
     model = ViT(config.model)
     try:
         model.load_state_dict(state)
@@ -597,7 +604,7 @@ def load_run(run_dir: PathLike, weights: str = "last", device: str | torch.devic
                               f"{run_dir / ckpt.CONFIG}: {str(e).splitlines()[1].strip()}"
                               ) from None
     model.to(device if isinstance(device, torch.device) else resolve_device(device)).eval()
-    return model, config, list(config.classes)
+    return model, config, list(config.classes), identity
 
 
 def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str = "test",
@@ -619,7 +626,12 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
     distributed.setup(device)
     saved = ckpt.read_run_config(run_dir)
     weights_file = run_dir / ckpt.WEIGHT_FILES[SETTINGS["weights"].check(weights)]
-    model, config, trained_on = load_run(run_dir, weights, device="cpu")
+    model, config, trained_on, identity = _load_model(run_dir, weights, device="cpu")
+    pid = ckpt.training_pid(run_dir)
+    if pid and distributed.is_main_process():
+        log.warning("vitlab: %s is being trained now (pid %s): this evaluates its weights of "
+                    "step %s, as evaluation.json records; evaluate again when it ends for its "
+                    "final ones", run_dir, pid, identity["step"])
     out_dir = Path(out) if out is not None else run_dir / ckpt.EVALUATION_DIRS[split]
     check_writable(out_dir)  # before the work, not after it
     spec = os.fspath(data) if data is not None else saved.data
@@ -671,7 +683,7 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
                       num_classes=head, tta=tta, top_losses=top_losses)
     return _write_evaluation({**result, "tta": tta}, weights_file, spec, classes, head, out_dir,
                              quiet, time.perf_counter() - start, split, images=test.images,
-                             files=test.files)
+                             files=test.files, identity=identity)
 
 
 def evaluated_split(dataset: Dataset, split: str, spec: str,
@@ -724,10 +736,13 @@ def _report_evaluation(result: dict, run_dir: Path, weights: str, saved: RunConf
 def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list[str],
                       head: int, out_dir: Path, quiet: bool, seconds: float | None,
                       split: str = "test", images: torch.Tensor | None = None,
-                      files: tuple[str, ...] | None = None) -> dict:
+                      files: tuple[str, ...] | None = None,
+                      identity: dict[str, Any] | None = None) -> dict:
     """evaluation.json and confusion_matrix.png of `result` on `split` of `spec` (rank 0), its
     summary printed; with `result["top_losses"]`, top_losses.png of those of `images` (the
-    evaluated split's), each named by its file where `files` (an image folder's) are known."""
+    evaluated split's), each named by its file where `files` (an image folder's) are known.
+    The report names the weights scored by file, training step and SHA-256 (`identity`, as
+    `ckpt.read_weights` gives it; read from the file if not given)."""
     from vitlab.report import plot_confusion_matrix, plot_top_losses
 
     shown = len(classes)  # a 100-way head on 10 classes: plot the classes that exist
@@ -738,7 +753,11 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
     # accuracy is exactly correct / num_samples, so the count of correct images is recovered.
     interval = wilson_interval(round(result["accuracy"] * result["num_samples"]),
                                result["num_samples"])
-    report = {"checkpoint": str(weights_file.resolve()), "data": data_spec(spec),
+    if identity is None:
+        identity = {"step": ckpt.weights_step(weights_file),
+                    "sha256": ckpt.file_sha256(weights_file)}
+    report = {"checkpoint": str(weights_file.resolve()), "checkpoint_step": identity["step"],
+              "checkpoint_sha256": identity["sha256"], "data": data_spec(spec),
               "split": split, "classes": names, **result,
               **({"accuracy_ci95": list(interval)} if interval else {}),
               **({"top_losses": top} if "top_losses" in result else {})}

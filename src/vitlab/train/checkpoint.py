@@ -20,6 +20,7 @@ import re
 import shlex
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -54,6 +55,13 @@ def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return read_weights(path)[0]
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A weight file's tensors and what identifies them: {"step": the training step they were
+    saved at (None if the file does not say), "sha256": of the bytes read}, from one read, so
+    the two agree even while a training run replaces the file."""
     path = Path(path)
     if not path.is_file():
         why = {EMA_WEIGHTS: " (a run keeps an EMA of its weights only when trained with "
@@ -64,11 +72,27 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             # (the best weights are rewritten only when the last save was the best)
             why = (f"; the run's {TRAINER_STATE} is there: resuming the run (--resume "
                    f"{path.parent}) writes it again")
+        elif path.name == WEIGHTS and (path.parent / CONFIG).is_file():
+            pid = training_pid(path.parent)
+            why = ("; the run has saved no weights yet (it writes them at the end of each "
+                   "epoch)" + (f" and is training now (pid {pid})" if pid else ""))
         raise CheckpointError(f"no weight file at {path}{why}")
     try:
-        return load_safetensors_bytes(path.read_bytes())
+        data = path.read_bytes()
+        return load_safetensors_bytes(data), {"step": _saved_step(data),
+                                              "sha256": hashlib.sha256(data).hexdigest()}
     except (SafetensorError, ValueError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def _saved_step(data: bytes) -> int | None:
+    """The step in a safetensors file's metadata (its header: an 8-byte little-endian length,
+    then JSON), or None."""
+    try:
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        return int(header["__metadata__"]["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def weights_step(path: str | os.PathLike) -> int | None:
@@ -351,6 +375,25 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def training_pid(run_dir: str | os.PathLike) -> int | None:
+    """The pid of the process training in `run_dir` now (the RunLock's holder), or None. Read
+    from the lock file, never locking it: the pid a killed run left there counts only while a
+    process of that pid lives (on this machine)."""
+    try:
+        pid = int((Path(run_dir) / LOCK).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid():  # this process's own run (the pipeline, between its stages)
+        return None
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # alive, another user's
+        return pid
+    except (OSError, OverflowError):
+        return None
+    return pid
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
