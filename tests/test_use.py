@@ -400,14 +400,25 @@ def test_attention_command_writes_a_png_per_image_and_a_grid(run, pngs, tmp_path
         Image.open(folder / source).convert("RGB").save(clash / name)
     assert main(["attention", "--checkpoint", str(run), str(clash), "--out", str(tmp_path / "c"),
                  "--device", "cpu"]) == 0
-    assert len(list((tmp_path / "c").glob("*.attention.png"))) == 3
+    # Each map named after its image: the stem where free, else the whole name.
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.attention.png")) == [
+        "a-2.attention.png", "a.attention.png", "a.png.attention.png"]
+    # The same name in three folders: the third's map carries its folder's name too.
+    for twin in ("twin", "trio"):
+        (tmp_path / twin).mkdir()
+        shutil.copy(clash / "a.png", tmp_path / twin / "a.png")
+    assert main(["attention", "--checkpoint", str(run), str(clash / "a.png"),
+                 str(tmp_path / "twin" / "a.png"), str(tmp_path / "trio" / "a.png"), "--out",
+                 str(tmp_path / "t"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "t").glob("*.attention.png")) == [
+        "a.attention.png", "a.png.attention.png", "trio-a.png.attention.png"]
     # Maps written into the input folder are not read back as inputs by the next run.
     for _ in range(2):
         assert main(["attention", "--checkpoint", str(run), str(clash), "--out", str(clash),
                      "--device", "cpu"]) == 0
     assert sorted(p.name for p in clash.iterdir()) == sorted([
         "a.png", "a-2.png", "a.jpg", "a-2.attention.png", "a.attention.png",
-        "a-2-2.attention.png", "attention_grid.png"])
+        "a.png.attention.png", "attention_grid.png"])
 
 
 # --- ONNX ----------------------------------------------------------------------------------------

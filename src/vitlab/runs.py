@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -936,10 +937,7 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
             index = start + i
             image, path = images[index], names[index]
             title = f"{classes[best.indices[i]]} ({best.values[i]:.2f})"
-            stem = path.stem
-            while stem in used:  # a.png and a.jpg, or a-2.png beside a second a.png
-                stem = f"{stem}-{index}"
-            used.add(stem)
+            stem = _map_name(path, used)
             target = out / f"{stem}.attention.png"
             plot_attention(image, flows[i], heads[i], target, title=f"{path.name}: {title}")
             written.append(target)
@@ -952,6 +950,20 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
     elif images:  # an earlier call's grid, of other images than this call's one
         grid.unlink(missing_ok=True)
     return written, skipped
+
+
+def _map_name(path: Path, used: set[str]) -> str:
+    """The name of `path`'s attention map (before .attention.png), one not in `used`, which it
+    joins: the image's stem, or where another image took that (a.png beside a.jpg) its whole
+    name, then its folder's name and its name (x.png in two folders), then a number."""
+    for name in (path.stem, path.name, f"{path.parent.name}-{path.name}"):
+        if name not in used:
+            break
+    else:
+        name = next(f"{path.name}-{n}" for n in itertools.count(2)
+                    if f"{path.name}-{n}" not in used)
+    used.add(name)
+    return name
 
 
 def export_run(run_dir: PathLike, out: PathLike, *, format: str = "onnx",
