@@ -65,7 +65,9 @@ def test_predicting_png_files_equals_the_model_on_the_same_pixels(run, pngs, tmp
     capfd.readouterr()
     assert main(["predict", "--checkpoint", str(run), str(folder), "--top-k", "3",
                  "--output", str(out), "--device", "cpu"]) == 0
-    console = capfd.readouterr().out.splitlines()
+    captured = capfd.readouterr()
+    console = captured.out.splitlines()  # the predictions alone, one line per image
+    assert len(console) == N_IMAGES and captured.err == f"wrote {out}\n"
     rows = json.loads(out.read_text())["predictions"]
     assert [Path(r["path"]).name for r in rows] == [f"{i:02d}.png" for i in range(N_IMAGES)]
     model, config, classes = load_run(run)
@@ -323,7 +325,7 @@ def test_images_as_users_have_them_and_a_file_that_is_not_one(run, pngs, tmp_pat
     assert err.strip().splitlines()[-1] == "vitlab predict: error: no image could be read"
 
 
-def test_find_images_expands_folders_and_globs_once(tmp_path):
+def test_find_images_expands_folders_and_globs_once(tmp_path, caplog):
     (tmp_path / "a" / "b").mkdir(parents=True)
     for name in ("a/1.png", "a/b/2.JPG", "a/b/3.txt", "4.webp"):
         (tmp_path / name).write_bytes(b"x")
@@ -332,6 +334,8 @@ def test_find_images_expands_folders_and_globs_once(tmp_path):
     assert [p.relative_to(tmp_path.resolve()).as_posix() for p in found] == \
         ["a/1.png", "a/b/2.JPG", "4.webp"]
     assert missing == [(str(tmp_path / "z*.png"), "the pattern matches no file")]
+    assert "1 image file(s) named more than once" in caplog.text
+    assert f"e.g. {(tmp_path / 'a/1.png').absolute()}, are read once each" in caplog.text
 
 
 # --- attention ---------------------------------------------------------------------------------

@@ -415,8 +415,8 @@ def _predict(args: argparse.Namespace) -> int:
     for p in report.predictions:
         top = ", ".join(f"{c} {q:.3f}" for c, q in zip(p.classes, p.probabilities, strict=True))
         print(f"{p.path:<{width}}  {top}")
-    if args.output is not None and report.predictions:
-        print(f"wrote {args.output}")
+    if args.output is not None and report.predictions:  # stdout holds the predictions alone
+        print(f"wrote {args.output}", file=sys.stderr)
     return _skipped("predict", report.skipped, bool(report.predictions))
 
 
