@@ -301,6 +301,7 @@ def test_images_as_users_have_them_and_a_file_that_is_not_one(run, pngs, tmp_pat
             ".jpeg/.webp/.bmp/.gif/.tif/.tiff), e.g. no-extension; name a file to try it"
             in caplog.text)
     assert captured.err.strip().splitlines() == [
+        f"wrote {out}",
         f"vitlab predict: skipped {mixed / 'notes.png'}: not an image vitlab can "
         f"read (cannot identify image file '{mixed / 'notes.png'}')",
         f"vitlab predict: skipped {mixed / 'torn.png'}: not an image vitlab can read (broken "
