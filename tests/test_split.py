@@ -80,6 +80,26 @@ def test_the_draw_depends_on_the_seed_and_each_class_alone(tmp_path):
     assert {k: more[k] for k in ("cat", "dog")} == listing(tmp_path / "s1" / "test")
 
 
+def test_images_that_are_relative_links_are_split_as_the_files_they_link_to(tmp_path):
+    """A class folder of relative symbolic links (../../photos/cat/0.png): each split image is
+    the linked file, not a copy of the link, whose relative target would point elsewhere from
+    --out. (Found broken by an audit: every image of the split was a dangling link.)"""
+    photos = make_classes(tmp_path / "photos", {"cat": 6, "dog": 6})
+    links = tmp_path / "links"
+    for name in ("cat", "dog"):
+        (links / name).mkdir(parents=True)
+        for image in (photos / name).iterdir():
+            os.symlink(Path("..", "..", "photos", name, image.name), links / name / image.name)
+    summary = split_image_folder(links, tmp_path / "split", 0.5)
+    images = [f for f in (tmp_path / "split").rglob("*.png")]
+    assert len(images) == summary.linked == 12
+    for image in images:
+        assert not image.is_symlink()
+        assert os.path.samefile(image, photos / image.parent.name / image.name)
+    data = load_dataset(tmp_path / "split", root=tmp_path / "cache")
+    assert (len(data.train), len(data.test)) == (6, 6)
+
+
 def test_a_train_folder_alone_is_split_and_small_classes_stay_in_train(tmp_path, caplog):
     source = make_classes(tmp_path / "data" / "train", {"big": 10, "one": 1, "two": 2})
     with caplog.at_level("WARNING", logger="vitlab.data"):

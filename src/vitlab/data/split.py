@@ -302,7 +302,9 @@ def _link_or_copy(image: Path, target: Path, summary: SplitSummary) -> None:
         raise DataFormatError(f"{image} and another image both become {target} where --out is "
                               "(its file system ignores letter case?); rename one of them")
     try:
-        os.link(image, target)
+        # The linked-to file, not the link: os.link(LINK, ...) links the symbolic link itself
+        # on Linux (link(2)), whose relative target then points elsewhere from --out.
+        os.link(image.resolve(), target)
         summary.linked += 1
     except FileExistsError:
         raise DataFormatError(f"{image} and another image both become {target}; rename one "
