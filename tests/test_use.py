@@ -607,6 +607,50 @@ def test_predict_from_python_as_the_readme_says_equals_the_command(run, pngs, tm
         predict(model, x, classes)
 
 
+def test_evaluate_and_attention_replace_or_remove_only_their_own_files(run, pngs, tmp_path,
+                                                                     capfd):
+    """A user's file where evaluate or attention would write (or remove) one of their outputs
+    is refused, one line, and left as it was; their own outputs (marked PNGs, or older ones
+    matplotlib drew for vitlab) are replaced. (An audit lost a top_losses.png and an
+    attention_grid.png of its own.)"""
+    import matplotlib.pyplot as plt
+
+    from vitlab.report import drawn_by_vitlab
+
+    folder, _, _ = pngs
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    cases = [("evaluation.json", "mine\n", ["evaluate", "--checkpoint", run, "--eval-steps", "1"]),
+             ("top_losses.png", "a figure of mine\n", ["evaluate", "--checkpoint", run,
+                                                       "--eval-steps", "1"]),
+             ("attention_grid.png", "my grid\n", ["attention", "--checkpoint", run,
+                                                   folder / "00.png"]),
+             ("00.attention.png", "my map\n", ["attention", "--checkpoint", run,
+                                                folder / "00.png", folder / "01.png"])]
+    for name, text, argv in cases:
+        (figures / name).write_text(text)
+        capfd.readouterr()
+        assert main([str(a) for a in [*argv, "--out", figures, "--device", "cpu"]]) == 2, name
+        err = capfd.readouterr().err.strip().splitlines()
+        why = ("is not a report vitlab evaluate wrote" if name.endswith(".json")
+               else "is not a picture vitlab drew")
+        assert err == [f"vitlab {argv[0]}: error: {figures / name} {why}, and this command "
+                       "would replace it; give another --out, or move it"], err
+        assert (figures / name).read_text() == text
+        (figures / name).unlink()
+    # Pictures drawn by matplotlib (as vitlab's were before they said so) are replaced.
+    figure = plt.figure()
+    figure.savefig(figures / "attention_grid.png")
+    plt.close(figure)
+    assert main(["attention", "--checkpoint", str(run), str(folder / "00.png"), "--out",
+                 str(figures), "--device", "cpu"]) == 0
+    assert not (figures / "attention_grid.png").exists()  # one image: an earlier call's grid
+    assert drawn_by_vitlab(figures / "00.attention.png")
+    with Image.open(figures / "00.attention.png") as image:
+        assert image.text["Software"].startswith("vitlab ")
+    assert not drawn_by_vitlab(folder / "00.png")
+
+
 def test_evaluating_a_run_being_trained_says_so_and_names_the_weights_it_scored(run, tmp_path,
                                                                               caplog):
     """evaluation.json names the weights it scored (step and SHA-256, of the bytes loaded), so

@@ -15,6 +15,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vitlab import __version__  # noqa: E402
+from vitlab.errors import ConfigError  # noqa: E402
 from vitlab.io import atomic_write_bytes, display_name  # noqa: E402
 from vitlab.train.checkpoint import selection_key  # noqa: E402
 
@@ -47,7 +49,8 @@ def _save(figure, path: str | os.PathLike) -> None:
 
     warnings.showwarning = count_glyphs
     try:
-        figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+        figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight",
+                       metadata={"Software": f"vitlab {__version__}"})
     finally:
         warnings.showwarning = show
         plt.close(figure)
@@ -55,6 +58,29 @@ def _save(figure, path: str | os.PathLike) -> None:
     if missing:  # matplotlib warns per character, naming its own source line; one line instead
         log.warning("vitlab: %s shows %d character(s) its font lacks as boxes (class names in "
                     "another script?); the JSON/text outputs have them", path, len(set(missing)))
+
+
+def drawn_by_vitlab(path: str | os.PathLike) -> bool:
+    """Whether the PNG at `path` is a picture vitlab drew: its Software tag says vitlab, or
+    matplotlib, which drew vitlab's pictures before they said so (a matplotlib figure of the
+    same name counts as one)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            software = str(getattr(image, "text", {}).get("Software", ""))
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+    return software.startswith(("vitlab", "Matplotlib"))
+
+
+def check_pictures_replaceable(paths: Sequence[os.PathLike]) -> None:
+    """Refuse (ConfigError) if any of `paths` exists and is not a picture vitlab drew: a
+    command replaces or removes only its own outputs, never a user's file."""
+    for path in paths:
+        if os.path.lexists(path) and not drawn_by_vitlab(path):
+            raise ConfigError(f"{path} is not a picture vitlab drew, and this command would "
+                              "replace it; give another --out, or move it")
 
 
 @_literal_text

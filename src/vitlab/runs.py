@@ -634,7 +634,7 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
                     "step %s, as evaluation.json records; evaluate again when it ends for its "
                     "final ones", run_dir, pid, identity["step"])
     out_dir = Path(out) if out is not None else run_dir / ckpt.EVALUATION_DIRS[split]
-    check_writable(out_dir)  # before the work, not after it
+    _check_evaluation_out(out_dir)  # before the work, not after it
     spec = os.fspath(data) if data is not None else saved.data
     check_outside_images(out_dir, spec)
     own_data = same_data(spec, saved.data, data_root)
@@ -727,11 +727,36 @@ def _report_evaluation(result: dict, run_dir: Path, weights: str, saved: RunConf
                        out_dir: Path, quiet: bool, seconds: float | None) -> dict:
     """`evaluate_run`'s report of a run on its own data from an evaluation already made of
     its `weights` on the whole test split (`FitResult.final_evaluations`)."""
-    check_writable(out_dir)
+    _check_evaluation_out(out_dir)
     classes = _nfc(list(saved.classes))
     return _write_evaluation({**result, "tta": "none"}, run_dir / ckpt.WEIGHT_FILES[weights],
                              saved.data, classes,
                              saved.model.num_classes, out_dir, quiet, seconds)
+
+
+EVALUATION_FILES = ("evaluation.json", "confusion_matrix.png", "top_losses.png")
+
+
+def _check_evaluation_out(out_dir: Path) -> None:
+    """An evaluation's folder is writable, and the files it would replace (or remove) there
+    are an earlier evaluation's, not a user's."""
+    from vitlab.report import check_pictures_replaceable
+
+    check_writable(out_dir)
+    report, *pictures = (out_dir / name for name in EVALUATION_FILES)
+    if os.path.lexists(report) and not _holds_evaluation(report):
+        raise ConfigError(f"{report} is not a report vitlab evaluate wrote, and this command "
+                          "would replace it; give another --out, or move it")
+    check_pictures_replaceable(pictures)
+
+
+def _holds_evaluation(path: Path) -> bool:
+    """Whether `path` is an evaluation.json that evaluate wrote."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and {"checkpoint", "accuracy"} <= values.keys()
 
 
 def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list[str],
@@ -907,7 +932,7 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
     Returns the files written and the inputs skipped (with why)."""
     from vitlab.attention import as_grid, attention_weights, last_layer_cls, rollout
     from vitlab.predict import find_images, load_images
-    from vitlab.report import plot_attention, plot_attention_grid
+    from vitlab.report import check_pictures_replaceable, plot_attention, plot_attention_grid
 
     _check_positive(batch_size=batch_size)
     model, config, classes = _model_for_images(run_dir, weights, device)
@@ -920,11 +945,14 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
              or not (p.name.endswith(".attention.png") or p.name == "attention_grid.png")]
     names, images, unreadable = load_images(paths, config.model.image_size)
     skipped += unreadable
+    used: set[str] = set()
+    targets = [out / f"{_map_name(path, used)}.attention.png" for path in names]
+    grid = out / "attention_grid.png"
+    check_pictures_replaceable([*targets, *([grid] if images else [])])  # replaced or removed
     written, rollouts, titles = [], [], []
     if images:  # nothing read: no folder left behind either
         out.mkdir(parents=True, exist_ok=True)
     transform = eval_transform(config.normalization)
-    used: set[str] = set()
     device_of_model = next(model.parameters()).device
     for start in range(0, len(images), batch_size):
         batch = torch.as_tensor(np.stack(images[start : start + batch_size]))
@@ -937,13 +965,11 @@ def attention_maps(run_dir: PathLike, inputs: list[PathLike], out: PathLike, *,
             index = start + i
             image, path = images[index], names[index]
             title = f"{classes[best.indices[i]]} ({best.values[i]:.2f})"
-            stem = _map_name(path, used)
-            target = out / f"{stem}.attention.png"
+            target = targets[index]
             plot_attention(image, flows[i], heads[i], target, title=f"{path.name}: {title}")
             written.append(target)
             rollouts.append(flows[i])
             titles.append(f"{path.name}\n{title}")
-    grid = out / "attention_grid.png"
     if len(images) > 1:
         plot_attention_grid(images, rollouts, titles, grid)
         written.append(grid)
@@ -1301,15 +1327,10 @@ def _named_by_finetune(stage_only: dict[str, Any], kept: Iterable[str] = (),
 
 def _check_evaluation_dir(folder: Path, overwrite: bool) -> None:
     """The pipeline's evaluation.json is replaced only when vitlab wrote it (or --overwrite)."""
-    path = folder / "evaluation.json"
+    path = folder / EVALUATION_FILES[0]
     if overwrite or not path.exists():
         return
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        ours = isinstance(report, dict) and {"checkpoint", "accuracy"} <= report.keys()
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
+    if not _holds_evaluation(path):
         raise ConfigError(f"{path} is not a vitlab evaluation, and vitlab run would replace it; "
                           "move or delete it, or choose another --out (--overwrite replaces it, "
                           "and trains both stages again)")
