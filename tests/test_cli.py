@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -561,8 +562,34 @@ def test_ctrl_c_while_the_command_starts_ends_in_one_line(monkeypatch, capsys):
             raise KeyboardInterrupt
 
     monkeypatch.setitem(sys.modules, "vitlab.cli", Interrupting("vitlab.cli"))
-    assert launch.main() == 130
-    assert capsys.readouterr().err == "vitlab: interrupted\n"
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        assert launch.main() == 130
+        assert capsys.readouterr().err == "vitlab: interrupted\n"
+        # Ctrl-C from here on (Python's shutdown) ends the process without a traceback.
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def test_a_second_ctrl_c_while_the_first_is_reported_ends_in_one_line(monkeypatch, capsys):
+    """The first Ctrl-C saves and reports; a second one, arriving while the command reports the
+    first, ends it in one line too, exit 130, not with a traceback (an audit's double Ctrl-C)."""
+    from vitlab import cli, launch
+
+    def reporting(argv=None):
+        try:
+            raise KeyboardInterrupt  # the first, being handled ...
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt from None  # ... when the second arrives
+
+    monkeypatch.setattr(cli, "main", reporting)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        assert launch.main() == 130
+        assert capsys.readouterr().err == "vitlab: interrupted\n"
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def test_config_file_keys_meet_the_flags_as_the_flags_mean(monkeypatch, tmp_path):

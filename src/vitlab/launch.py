@@ -4,6 +4,7 @@ command in one line like Ctrl-C later does (exit 130), not with a traceback of t
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 
 
@@ -19,7 +20,12 @@ def main() -> int:
     print_names_as_stored()
     try:
         from vitlab.cli import main as run_command
-    except KeyboardInterrupt:
+
+        code = run_command()
+    except KeyboardInterrupt:  # in the import, or a second Ctrl-C while the first is reported
         print("vitlab: interrupted", file=sys.stderr)
-        return 130
-    return run_command()
+        code = 130
+    # A Ctrl-C while Python shuts down (joining threads) would print a traceback it "ignored":
+    # from here on Ctrl-C ends the process at once, silently, as a second Ctrl-C is meant to.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return code
