@@ -205,10 +205,15 @@ def test_the_cli_splits_a_folder_that_training_points_to_it(tmp_path):
 
 
 def test_a_class_named_train_among_others_is_a_class(tmp_path):
-    """train/ is the training split only when it is the folder's one subfolder."""
+    """train/ is the training split only when it is the folder's one subfolder; classes named
+    train, test and val alone read as splits, and the error says how to make them classes."""
     source = make_classes(tmp_path / "vehicles", {"bus": 5, "car": 5, "train": 5})
     summary = split_image_folder(source, tmp_path / "out", 0.2)
     assert sorted(summary.counts["train"]) == ["bus", "car", "train"]
+    splits = make_classes(tmp_path / "tv", {"test": 4, "train": 4, "val": 4})
+    with pytest.raises(DataFormatError, match="if train, test and val are your classes' names, "
+                                              "rename those folders"):
+        split_image_folder(splits, tmp_path / "tv-out", 0.25)
     refused = h.run_cli("pretrain", "--data", source, "--model", "micro", cwd=tmp_path, expect=2)
     assert "if its subfolders are classes" in h.assert_one_error_line(refused.stderr)
 

@@ -122,7 +122,9 @@ def _folder_images(source: Path) -> dict[str, Images]:
     if is_image_folder(source):  # flat train/ and test/ (a Kaggle download's): no classes
         raise DataFormatError(f"{source}/train holds no class folders; put its images in "
                               f"{source}/train/<class>/, or list them with their labels in "
-                              f"{source}/train.csv (columns image,label)")
+                              f"{source}/train.csv (columns image,label); if train, test "
+                              "and val are your classes' names, rename those folders (they "
+                              "name splits)")
     top = source / "train" if training_split_alone(source) else source
     folders = class_folders(top)
     stray = stray_images(top)
