@@ -1057,6 +1057,28 @@ def test_a_pretraining_may_change_its_presets_architecture(data_root, tmp_path, 
         finetune(out / "pretrain", data="cifar10", out=tmp_path / "f", depth=4)
 
 
+def test_fine_tuning_from_an_unfinished_pre_training_warns(data_root, tmp_path, caplog):
+    """A pre-training stopped before its end (Ctrl-C, a kill) still fine-tunes, from the weights
+    it saved, with a warning naming their step and the command that finishes it; a finished
+    one gives no warning."""
+    common = dict(data="cifar10", model="micro", train_steps_per_epoch=2, batch_size=16,
+                  device="cpu", quiet=True, data_root=str(data_root), no_download=True,
+                  no_progress=True)
+    pre = tmp_path / "pre"
+    pretrain(out=pre, epochs=1, **common)
+    fine = dict(data="cifar10", train_steps_per_epoch=1, batch_size=16, device="cpu",
+                quiet=True, data_root=str(data_root), no_download=True, no_progress=True)
+    finetune(pre, out=tmp_path / "f1", **fine)
+    assert "has not finished" not in caplog.text
+    saved = json.loads((pre / ckpt.CONFIG).read_text())  # as a run of 2 epochs stopped after 1
+    saved["options"]["epochs"] = 2
+    (pre / ckpt.CONFIG).write_text(json.dumps(saved))
+    finetune(pre, out=tmp_path / "f2", **fine)
+    assert (f"the pre-training in {pre} has not finished: fine-tuning starts from its weights "
+            f"of step 2; for the encoder it was to give, continue it first (vitlab pretrain "
+            f"--resume {pre})") in caplog.text
+
+
 def test_the_pipeline_keeps_a_stage_that_stopped_early_whatever_its_budget(data_root, tmp_path,
                                                                            capfd):
     """An LR too small to change a prediction: epoch 2 does not beat epoch 1, so patience 1

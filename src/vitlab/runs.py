@@ -328,6 +328,11 @@ def _pretrained_encoder(source: PathLike, weights: str, model: str | None
                           "that one")
     init = EncoderSource(str(Path(source).resolve()), weights_file.name, 0,
                          **_weights_identity(weights_file))
+    if ((Path(source) / ckpt.TRAINER_STATE).is_file() and not _finished(Path(source), pretrained)
+            and distributed.is_main_process()):  # stopped (Ctrl-C, a kill) before its end
+        log.warning("vitlab: the pre-training in %s has not finished: fine-tuning starts from "
+                    "its weights of step %s; for the encoder it was to give, continue it first "
+                    "(vitlab pretrain --resume %s)", source, init.step, shlex.quote(str(source)))
     return base, pretrained.model_preset, init, state
 
 
