@@ -704,6 +704,24 @@ def test_truncate_logs_keeps_events_up_to_the_checkpoint(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_the_same_weights_and_metadata_make_the_same_file_bytes(tmp_path):
+    """safetensors writes metadata keys in a Rust HashMap's order, another on each save: the
+    saved files' SHA-256 (which evaluation.json and fine-tuning record) differed for identical
+    weights (an audit's find). Saved files sort them; the metadata reads back the same."""
+    state = tiny_model().state_dict()
+    metadata = {"step": "40", "epoch": "2", "classes": '["caf\u00e9", "a \\"b\\""]', "x": "1"}
+    digests = set()
+    for i in range(12):
+        ckpt.save_weights(tmp_path / f"{i}.safetensors", state, metadata)
+        digests.add(ckpt.file_sha256(tmp_path / f"{i}.safetensors"))
+    assert len(digests) == 1
+    with safe_open(tmp_path / "0.safetensors", framework="pt") as f:
+        assert f.metadata() == metadata
+    loaded, identity = ckpt.read_weights(tmp_path / "0.safetensors")
+    assert identity == {"step": 40, "sha256": digests.pop()}
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
 def test_weights_round_trip_and_load_errors(tmp_path):
     state = tiny_model().state_dict()
     path = tmp_path / "w.safetensors"

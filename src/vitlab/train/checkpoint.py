@@ -51,7 +51,28 @@ CURVES = "curves.png"
 def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write_bytes(path, save_safetensors_bytes(tensors, metadata=metadata))
+    atomic_write_bytes(path, _sorted_metadata(save_safetensors_bytes(tensors,
+                                                                     metadata=metadata)))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors bytes with their header's metadata keys sorted. safetensors writes them in
+    the order of a Rust HashMap, which differs from one save to the next, so the same weights
+    and metadata made files of other SHA-256s; reordered in place (the same JSON, the same
+    length), they make the same bytes. Left as they are where the header reads otherwise."""
+    size = int.from_bytes(data[:8], "little")
+    header = data[8:8 + size]
+    metadata = json.loads(header).get("__metadata__")
+    if not metadata:
+        return data
+
+    def compact(values: dict) -> bytes:  # serde_json's compact form, non-ASCII left as is
+        return json.dumps(values, separators=(",", ":"), ensure_ascii=False).encode()
+
+    written, ordered = compact(metadata), compact(dict(sorted(metadata.items())))
+    if written == ordered or header.count(written) != 1:
+        return data
+    return data[:8] + header.replace(written, ordered) + data[8 + size:]
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
