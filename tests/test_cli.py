@@ -592,6 +592,14 @@ def test_a_second_ctrl_c_while_the_first_is_reported_ends_in_one_line(monkeypatc
         signal.signal(signal.SIGINT, handler)
 
 
+def cli_recipe_file(name: str) -> str:
+    """What `vitlab recipes NAME` prints."""
+    from vitlab.settings import recipe_as_yaml
+    from vitlab.train.recipe import recipe
+
+    return recipe_as_yaml(recipe(name))
+
+
 def test_config_file_keys_meet_the_flags_as_the_flags_mean(monkeypatch, tmp_path):
     """A compile flag (which implies --compile) overrides a file's `compile: false`; `epochs`
     in a finetune file, which finetune would not use, is refused (its budget is
@@ -621,3 +629,17 @@ def test_config_file_keys_meet_the_flags_as_the_flags_mean(monkeypatch, tmp_path
     given.clear()
     cli._train(parse(["pretrain", "--config", str(config)]))
     assert (given["lr"], given["weight_decay"]) == (0.001, 0.05)
+    # --recipe over a file of another recipe's settings (`vitlab recipes vitlab > f.yaml`)
+    # would rename the run and train the file's recipe: refused, naming what the file lists.
+    config.write_text(cli_recipe_file("vitlab"))
+    with pytest.raises(ConfigError, match=rf"--recipe seed differs from {config}'s recipe "
+                       r"vitlab, whose optimizer, lr, .* the file lists and would still apply "
+                       r"over seed's; give --recipe vitlab, or a file of the seed recipe"):
+        cli._train(parse(["pretrain", "--config", str(config), "--recipe", "seed"]))
+    given.clear()
+    cli._train(parse(["pretrain", "--config", str(config), "--recipe", "vitlab"]))
+    assert given["recipe"] == "vitlab"
+    config.write_text("recipe: vitlab\nepochs: 3\n")  # a budget, not a recipe setting: kept
+    given.clear()
+    cli._train(parse(["pretrain", "--config", str(config), "--recipe", "seed"]))
+    assert (given["recipe"], given["epochs"]) == ("seed", 3)

@@ -345,6 +345,7 @@ def _train_with(args: argparse.Namespace, given: dict, from_file: dict) -> None:
             raise ConfigError(f"{args.config}: epochs is the recipe's pre-training budget, which "
                               "finetune does not use; its budget is finetune-epochs (the "
                               "--epochs flag of finetune)")
+        _refuse_a_recipe_the_file_contradicts(args.config, from_file, given)
         _drop_overridden_compile_keys(from_file, given)
         if "finetune" in from_file and "finetune" in given:  # the flag's keys over the file's
             given["finetune"] = {**from_file["finetune"], **given["finetune"]}
@@ -371,6 +372,26 @@ def _train_with(args: argparse.Namespace, given: dict, from_file: dict) -> None:
         runs.pretrain(**given)
     elif command == "finetune":
         runs.finetune(given.pop("source", None), **given)
+
+
+def _refuse_a_recipe_the_file_contradicts(config: str, from_file: dict, given: dict) -> None:
+    """--recipe NAME over a config file of another recipe that also lists that recipe's
+    settings (what `vitlab recipes` prints): the flag would rename the run and change nothing
+    the file lists, so a "seed" run would train with the file's recipe."""
+    from vitlab.settings import SETTINGS
+
+    flag, file_recipe = given.get("recipe"), from_file.get("recipe")
+    if flag is None or file_recipe is None or flag == file_recipe:
+        return
+    listed = [key.replace("_", "-") for key in from_file  # how it learns; budgets aside
+              if key not in ("recipe", "epochs", "finetune_epochs") and key in SETTINGS
+              and SETTINGS[key].role == "recipe"]
+    if listed:
+        raise ConfigError(
+            f"--recipe {flag} differs from {config}'s recipe {file_recipe}, whose "
+            f"{', '.join(listed[:4])}{', ...' if len(listed) > 4 else ''} the file lists and "
+            f"would still apply over {flag}'s; give --recipe {file_recipe}, or a file of the "
+            f"{flag} recipe (vitlab recipes {flag} prints it)")
 
 
 def _drop_overridden_compile_keys(from_file: dict, given: dict) -> None:
