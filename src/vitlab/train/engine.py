@@ -401,7 +401,25 @@ def compile_optimizer_step(optimizer: torch.optim.Optimizer, mode: str = "defaul
     constant of the compiled code (a recompilation at every change of the schedule), while a
     tensor is an input, read afresh by every call and every replay of a captured CUDA graph."""
     lrs_as_tensors(optimizer)
+    for name in _PROFILER_NOTE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietProfilerNotes) for f in logger.filters):
+            logger.addFilter(_QuietProfilerNotes())
     return torch.compile(optimizer.step, mode=mode)
+
+
+# Where torch.compile says it ignores a profiler annotation it meets while tracing.
+_PROFILER_NOTE_LOGGERS = ("torch._dynamo.variables.ctx_manager", "torch._dynamo.variables.torch")
+
+
+class _QuietProfilerNotes(logging.Filter):
+    """Drops torch.compile's note that it ignores the profiler annotation torch.optim wraps
+    every optimizer step in (`record_function`): a raw torch log line on a compiled run's
+    console, about profiling nobody asked for. Its other messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Profiler ") and text.endswith(" will be ignored"))
 
 
 def eager_param_groups(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
