@@ -1077,6 +1077,13 @@ def test_fine_tuning_from_an_unfinished_pre_training_warns(data_root, tmp_path, 
     assert (f"the pre-training in {pre} has not finished: fine-tuning starts from its weights "
             f"of step 2; for the encoder it was to give, continue it first (vitlab pretrain "
             f"--resume {pre})") in caplog.text
+    # Trained by 2 processes: it resumes with 2, and the advice says how.
+    state = torch.load(pre / ckpt.TRAINER_STATE, weights_only=True)
+    state["progress"]["world_size"] = 2
+    torch.save(state, pre / ckpt.TRAINER_STATE)
+    caplog.clear()
+    finetune(pre, out=tmp_path / "f3", **fine)
+    assert f"(torchrun --nproc-per-node 2 -m vitlab pretrain --resume {pre})" in caplog.text
 
 
 def test_the_pipeline_keeps_a_stage_that_stopped_early_whatever_its_budget(data_root, tmp_path,

@@ -328,11 +328,16 @@ def _pretrained_encoder(source: PathLike, weights: str, model: str | None
                           "that one")
     init = EncoderSource(str(Path(source).resolve()), weights_file.name, 0,
                          **_weights_identity(weights_file))
-    if ((Path(source) / ckpt.TRAINER_STATE).is_file() and not _finished(Path(source), pretrained)
+    state_file = Path(source) / ckpt.TRAINER_STATE
+    if (state_file.is_file() and not _finished(Path(source), pretrained)
             and distributed.is_main_process()):  # stopped (Ctrl-C, a kill) before its end
+        world = saved_progress(ckpt.load_trainer_state(state_file, mmap=True),
+                               state_file).world_size  # it resumes with as many processes
+        launch = "vitlab" if world == 1 else f"torchrun --nproc-per-node {world} -m vitlab"
         log.warning("vitlab: the pre-training in %s has not finished: fine-tuning starts from "
                     "its weights of step %s; for the encoder it was to give, continue it first "
-                    "(vitlab pretrain --resume %s)", source, init.step, shlex.quote(str(source)))
+                    "(%s pretrain --resume %s)", source, init.step, launch,
+                    shlex.quote(str(source)))
     return base, pretrained.model_preset, init, state
 
 
