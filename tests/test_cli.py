@@ -4,6 +4,7 @@ small preset, fine-tune from it, evaluate; and every bad input answered in one l
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -570,6 +571,33 @@ def test_ctrl_c_while_the_command_starts_ends_in_one_line(monkeypatch, capsys):
         assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGINT, handler)
+
+
+def test_an_error_line_is_one_write_even_on_unbuffered_stderr(monkeypatch):
+    """Under torchrun (`python -m vitlab` sets PYTHONUNBUFFERED) print() wrote a line's text and
+    its newline apart, so two ranks' error lines ran together on one line (an audit saw it);
+    the entry point makes each stderr line one write."""
+    from vitlab import launch
+
+    class Raw(io.RawIOBase):
+        def __init__(self):
+            self.writes = []
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.writes.append(bytes(data))
+            return len(data)
+
+    line = "vitlab pretrain: error (rank 1): --lr must be a finite number > 0"
+    for fixed in (False, True):
+        raw = Raw()
+        monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(raw, write_through=True))  # -u's
+        if fixed:
+            launch.write_stderr_lines_whole()
+        print(line, file=sys.stderr)
+        assert raw.writes == ([f"{line}\n".encode()] if fixed else [line.encode(), b"\n"])
 
 
 def test_a_second_ctrl_c_while_the_first_is_reported_ends_in_one_line(monkeypatch, capsys):

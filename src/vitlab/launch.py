@@ -16,8 +16,17 @@ def print_names_as_stored() -> None:
         sys.stdout.reconfigure(errors="surrogateescape")
 
 
+def write_stderr_lines_whole() -> None:
+    """One write a line on stderr: unbuffered (PYTHONUNBUFFERED, which `python -m vitlab` sets
+    for torchrun's workers), print() writes a line's text and its newline apart, so two ranks'
+    error lines could run together on one line of the shared terminal."""
+    with contextlib.suppress(AttributeError, ValueError):  # not a text stream of a file
+        sys.stderr.reconfigure(line_buffering=True, write_through=False)
+
+
 def main() -> int:
     print_names_as_stored()
+    write_stderr_lines_whole()
     try:
         from vitlab.cli import main as run_command
 
