@@ -573,6 +573,29 @@ def test_ctrl_c_while_the_command_starts_ends_in_one_line(monkeypatch, capsys):
         signal.signal(signal.SIGINT, handler)
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_one_process_commands_under_torchrun_are_refused_in_one_line(monkeypatch, capsys, rank,
+                                                                   tmp_path):
+    """predict, attention, export and split have nothing for a torchrun job's other processes:
+    each would do all the work and write the same files (an audit saw predict's JSON written
+    by both ranks). Refused, in one line for the job (rank 0's), before any work."""
+    from vitlab.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    for argv in (["predict", "--checkpoint", "run", "a.png"],
+                 ["export", "--checkpoint", "run", "--out", "m.onnx"],
+                 ["attention", "--checkpoint", "run", "a.png", "--out", "maps"],
+                 ["split", str(tmp_path), "--out", str(tmp_path / "out")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == ("" if rank == "1" else
+                       f"vitlab {argv[0]}: error: runs in one process, and torchrun started 2, "
+                       "each of which would do all of its work and write its files; run it "
+                       f"without torchrun (vitlab {argv[0]} ...)\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_error_line_is_one_write_even_on_unbuffered_stderr(monkeypatch):
     """Under torchrun (`python -m vitlab` sets PYTHONUNBUFFERED) print() wrote a line's text and
     its newline apart, so two ranks' error lines ran together on one line (an audit saw it);

@@ -510,6 +510,11 @@ def _bench(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1) if args.json else format_table(result))
 
 
+# Commands with no part for a torchrun job's other processes (evaluate shards its split; the
+# training commands are data-parallel).
+ONE_PROCESS_COMMANDS = ("predict", "attention", "export", "split")
+
+
 def _launcher() -> str:
     """How to start vitlab again as this process was: `vitlab`, or the torchrun job's launch
     (a run trained by N processes resumes with N)."""
@@ -578,6 +583,13 @@ def main(argv: list[str] | None = None) -> int:
         parser_of.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
+        return EXIT_USAGE
+    processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if args.command in ONE_PROCESS_COMMANDS and processes > 1 and "RANK" in os.environ:
+        if os.environ["RANK"] == "0":  # one line for the job
+            print(f"vitlab {args.command}: error: runs in one process, and torchrun started "
+                  f"{processes}, each of which would do all of its work and write its files; "
+                  f"run it without torchrun (vitlab {args.command} ...)", file=sys.stderr)
         return EXIT_USAGE
     try:
         from vitlab.train.engine import Interrupted
