@@ -218,3 +218,15 @@ def test_chunked_mixup_cutmix_mixes_within_each_batch():
     whole = list(loader.epoch(0))
     for (x0, t0), (x1, t1), (x, t) in zip(*parts, whole, strict=True):
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([t0, t1]), t)
+
+
+def test_a_batch_too_small_to_split_across_processes_is_named():
+    """Each process takes a part of every batch: a batch smaller than the process count is
+    refused, and where it is the last of a pass (15 images in batches of 7 leave 1) the
+    message says so, not just "a batch of 1" when 7 was asked for."""
+    with pytest.raises(ConfigError, match=r"^the last batch of a pass, 1 sample\(s\) \(15 in "
+                                          r"batches of 7\), cannot be split across 2 processes"):
+        BatchLoader(_split(15), 7, batch_part=(0, 2))
+    with pytest.raises(ConfigError, match=r"^a batch of 1 sample\(s\) cannot be split across 2"):
+        BatchLoader(_split(15), 1, batch_part=(1, 2))
+    assert len(BatchLoader(_split(16), 7, batch_part=(1, 2))) == 3  # 7, 7 and 2: each splits

@@ -109,8 +109,11 @@ class BatchLoader:
             raise ConfigError(f"batch part must be in 0..{parts - 1}, got {part}")
         smallest = min(batch_size, self._num_samples % batch_size or batch_size)
         if smallest < parts:
-            raise ConfigError(f"a batch of {smallest} samples cannot be split across {parts} "
-                              "processes; use fewer processes or another batch size")
+            which = (f"a batch of {smallest} sample(s)" if smallest == batch_size else
+                     f"the last batch of a pass, {smallest} sample(s) ({self._num_samples:,} "
+                     f"in batches of {batch_size}),")
+            raise ConfigError(f"{which} cannot be split across {parts} processes; use "
+                              "another batch size or fewer processes")
         self.batch_part = batch_part
         # Several batches a call only where the transform allows it (augment.chunkable).
         self.chunk_batches = (chunk_batches if train and augment is not None
