@@ -73,14 +73,17 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[t
                             if path.exists() else "no such file or folder"))
         found += matches
     unique: dict[Path, Path] = {}
+    repeats: list[Path] = []
     for p in found:
-        unique.setdefault(p.resolve(), p.absolute())  # not abspath(): a/link/.. need not be a/
-    if len(unique) < len(found):  # one result per file, said (a result per input is HF's)
-        first = next(p for i, p in enumerate(found) if p.resolve() in
-                     {q.resolve() for q in found[:i]})
+        real = p.resolve()
+        if real in unique:
+            repeats.append(p)
+        else:
+            unique[real] = p.absolute()  # not abspath(): a/link/.. need not be a/
+    if repeats:  # one result per file, said (a result per input is HF's)
         log.warning("vitlab: %d image file(s) named more than once (by a folder, a pattern, a "
-                    "link or twice), e.g. %s, are read once each", len(found) - len(unique),
-                    first)
+                    "link or twice), e.g. %s, are read once each", len(repeats),
+                    repeats[0].absolute())
     return list(unique.values()), missing
 
 
