@@ -1057,6 +1057,31 @@ def test_a_pretraining_may_change_its_presets_architecture(data_root, tmp_path, 
         finetune(out / "pretrain", data="cifar10", out=tmp_path / "f", depth=4)
 
 
+def test_the_pipeline_refuses_a_users_evaluation_files_before_it_trains(data_root, tmp_path,
+                                                                        capfd):
+    """OUT/evaluation's files that vitlab did not write are refused before the pipeline trains
+    (not after both stages, when its report would replace them); --overwrite replaces them."""
+    from vitlab.report import drawn_by_vitlab
+
+    out = tmp_path / "p"
+    (out / "evaluation").mkdir(parents=True)
+    argv = ["run", "--pretrain-data", "cifar10", "--finetune-data", "cifar10", "--model",
+            "micro", "--epochs", "1", "--train-steps-per-epoch", "2", "--batch-size", "16",
+            "--data-root", str(data_root), "--no-download", "--no-progress", "--device", "cpu",
+            "--log-steps", "0", "--out", str(out)]
+    for name, why in (("confusion_matrix.png", "is not a picture vitlab drew"),
+                      ("evaluation.json", "is not a report vitlab evaluate wrote")):
+        (out / "evaluation" / name).write_text("mine")
+        capfd.readouterr()
+        assert main(argv) == 2
+        line = assert_one_error_line(capfd.readouterr().err, "run")
+        assert f"{out / 'evaluation' / name} {why}" in line and "or pass --overwrite" in line
+        assert not (out / "pretrain").exists()  # refused before training
+    assert main([*argv, "--overwrite"]) == 0
+    assert drawn_by_vitlab(out / "evaluation" / "confusion_matrix.png")
+    assert "accuracy" in json.loads((out / "evaluation" / "evaluation.json").read_text())
+
+
 def test_fine_tuning_from_an_unfinished_pre_training_warns(data_root, tmp_path, caplog):
     """A pre-training stopped before its end (Ctrl-C, a kill) still fine-tunes, from the weights
     it saved, with a warning naming their step and the command that finishes it; a finished

@@ -744,16 +744,19 @@ def _report_evaluation(result: dict, run_dir: Path, weights: str, saved: RunConf
                              saved.model.num_classes, out_dir, quiet, seconds)
 
 
-EVALUATION_FILES = ("evaluation.json", "confusion_matrix.png", "top_losses.png")
-
-
 def _check_evaluation_out(out_dir: Path) -> None:
     """An evaluation's folder is writable, and the files it would replace (or remove) there
-    are an earlier evaluation's, not a user's."""
+    are an earlier evaluation's, not a user's (rank 0 looks; every rank hears its verdict)."""
+    check_writable(out_dir)
+    distributed.together(lambda: _check_evaluation_files(out_dir)
+                         if distributed.is_main_process() else None)
+
+
+def _check_evaluation_files(out_dir: Path) -> None:
+    """Refuse if a file evaluate would replace or remove in `out_dir` is not its own."""
     from vitlab.report import check_pictures_replaceable
 
-    check_writable(out_dir)
-    report, *pictures = (out_dir / name for name in EVALUATION_FILES)
+    report, *pictures = (out_dir / name for name in ckpt.EVALUATION_FILES)
     if os.path.lexists(report) and not _holds_evaluation(report):
         raise ConfigError(f"{report} is not a report vitlab evaluate wrote, and this command "
                           "would replace it; give another --out, or move it")
@@ -1336,14 +1339,18 @@ def _named_by_finetune(stage_only: dict[str, Any], kept: Iterable[str] = (),
 
 
 def _check_evaluation_dir(folder: Path, overwrite: bool) -> None:
-    """The pipeline's evaluation.json is replaced only when vitlab wrote it (or --overwrite)."""
-    path = folder / EVALUATION_FILES[0]
-    if overwrite or not path.exists():
+    """The pipeline's evaluation files are replaced only when vitlab wrote them, checked before
+    its training (not after it); with --overwrite they are removed now, whoever wrote them."""
+    if overwrite:
+        for name in ckpt.EVALUATION_FILES:
+            if (folder / name).is_file() or (folder / name).is_symlink():
+                (folder / name).unlink()
         return
-    if not _holds_evaluation(path):
-        raise ConfigError(f"{path} is not a vitlab evaluation, and vitlab run would replace it; "
-                          "move or delete it, or choose another --out (--overwrite replaces it, "
-                          "and trains both stages again)")
+    try:
+        _check_evaluation_files(folder)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (or pass --overwrite, which replaces it and trains both stages "
+                          "again)") from None
 
 
 # Recipe settings that reach vitlab run's fine-tuning stage even when equal to the recipe's own.

@@ -230,9 +230,10 @@ LOCK = ".lock"
 EVALUATION_DIRS = {"test": "evaluation", "val": "evaluation-val", "train": "evaluation-train"}
 RUN_DIRS = ("tensorboard", *EVALUATION_DIRS.values())  # by --tensorboard and `vitlab evaluate`
 # What vitlab writes in them: all --overwrite deletes there (anything else stays).
+# What `vitlab evaluate` writes in its folder: the report, then its pictures.
+EVALUATION_FILES = ("evaluation.json", "confusion_matrix.png", "top_losses.png")
 RUN_DIR_FILES = {"tensorboard": ("events.out.tfevents.*",),
-                 **{name: ("evaluation.json", "confusion_matrix.png")
-                    for name in EVALUATION_DIRS.values()}}
+                 **{name: EVALUATION_FILES for name in EVALUATION_DIRS.values()}}
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:
