@@ -1108,7 +1108,13 @@ def test_fine_tuning_from_an_unfinished_pre_training_warns(data_root, tmp_path, 
     torch.save(state, pre / ckpt.TRAINER_STATE)
     caplog.clear()
     finetune(pre, out=tmp_path / "f3", **fine)
-    assert f"(torchrun --nproc-per-node 2 -m vitlab pretrain --resume {pre})" in caplog.text
+    assert (f"(under torchrun with its 2 processes, on one machine torchrun --nproc-per-node 2 "
+            f"-m vitlab pretrain --resume {pre})") in caplog.text
+    # An unreadable trainer state: fine-tuning needs the weights alone, and goes on unwarned.
+    (pre / ckpt.TRAINER_STATE).write_bytes(b"torn")
+    caplog.clear()
+    finetune(pre, out=tmp_path / "f4", **fine)
+    assert "has not finished" not in caplog.text
 
 
 def test_the_pipeline_keeps_a_stage_that_stopped_early_whatever_its_budget(data_root, tmp_path,

@@ -319,26 +319,38 @@ def _pretrained_encoder(source: PathLike, weights: str, model: str | None
     """The architecture, preset name, provenance and weights of a pre-training run."""
     pretrained = ckpt.read_run_config(source, "encoder")
     weights_file = Path(source) / ckpt.WEIGHT_FILES[weights]
-    state = ckpt.load_weights(weights_file)
+    state, identity = ckpt.read_weights(weights_file)  # the bytes loaded are the bytes hashed
     base = pretrained.model
     if model is not None and preset(model, num_classes=base.num_classes,
                                     dropout=base.dropout, drop_path=base.drop_path) != base:
         raise ConfigError(f"--model {model} is not the architecture pre-trained in {source} "
                           f"({pretrained.model_preset or 'custom'}); drop --model to fine-tune "
                           "that one")
-    init = EncoderSource(str(Path(source).resolve()), weights_file.name, 0,
-                         **_weights_identity(weights_file))
-    state_file = Path(source) / ckpt.TRAINER_STATE
-    if (state_file.is_file() and not _finished(Path(source), pretrained)
-            and distributed.is_main_process()):  # stopped (Ctrl-C, a kill) before its end
+    init = EncoderSource(str(Path(source).resolve()), weights_file.name, 0, **identity)
+    if distributed.is_main_process():
+        _warn_if_unfinished(Path(source), pretrained, init.step)
+    return base, pretrained.model_preset, init, state
+
+
+def _warn_if_unfinished(source: Path, pretrained: RunConfig, step: int | None) -> None:
+    """Warn that fine-tuning starts from a pre-training stopped before its end (Ctrl-C, a kill),
+    naming its resume. Fine-tuning needs its weights alone: a trainer state that is missing or
+    unreadable says nothing here (resuming would name its fault)."""
+    state_file = source / ckpt.TRAINER_STATE
+    try:
+        if not state_file.is_file() or _finished(source, pretrained):
+            return
         world = saved_progress(ckpt.load_trainer_state(state_file, mmap=True),
                                state_file).world_size  # it resumes with as many processes
-        launch = "vitlab" if world == 1 else f"torchrun --nproc-per-node {world} -m vitlab"
-        log.warning("vitlab: the pre-training in %s has not finished: fine-tuning starts from "
-                    "its weights of step %s; for the encoder it was to give, continue it first "
-                    "(%s pretrain --resume %s)", source, init.step, launch,
-                    shlex.quote(str(source)))
-    return base, pretrained.model_preset, init, state
+    except CheckpointError:
+        return
+    again = f"pretrain --resume {shlex.quote(str(source))}"
+    how = (f"vitlab {again}" if world == 1 else
+           f"under torchrun with its {world} processes, on one machine torchrun "
+           f"--nproc-per-node {world} -m vitlab {again}")
+    log.warning("vitlab: the pre-training in %s has not finished: fine-tuning starts from its "
+                "weights of step %s; for the encoder it was to give, continue it first (%s)",
+                source, step, how)
 
 
 def _weights_identity(path: Path) -> dict[str, Any]:
@@ -793,8 +805,7 @@ def _write_evaluation(result: dict, weights_file: Path, spec: str, classes: list
     interval = wilson_interval(round(result["accuracy"] * result["num_samples"]),
                                result["num_samples"])
     if identity is None:
-        identity = {"step": ckpt.weights_step(weights_file),
-                    "sha256": ckpt.file_sha256(weights_file)}
+        identity = _weights_identity(weights_file)
     report = {"checkpoint": str(weights_file.resolve()), "checkpoint_step": identity["step"],
               "checkpoint_sha256": identity["sha256"], "data": data_spec(spec),
               "split": split, "classes": names, **result,
