@@ -675,16 +675,21 @@ def test_evaluating_a_run_being_trained_says_so_and_names_the_weights_it_scored(
         assert json.loads((tmp_path / "e" / "evaluation.json").read_text()) == report
         for name in (ckpt.WEIGHTS, ckpt.TRAINER_STATE):  # in its first epoch
             (live / name).unlink()
-        with pytest.raises(CheckpointError, match=r"the run has saved no weights yet \(it "
-                           rf"writes them at the end of each epoch\) and is training now "
-                           rf"\(pid {holder.pid}\)$"):
+        with pytest.raises(CheckpointError, match=r"a run writes it at the end of each epoch, "
+                           rf"so one in its first epoch has none yet, and this one is training "
+                           rf"now \(pid {holder.pid}\)$"):
             load_run(live)
     finally:
         holder.kill()
         holder.wait()
+    # A pid the lock file names that is not a live vitlab process (a killed run's, reused
+    # since) or no pid at all: not training.
+    for text in ("1\n", "-1\n", "0\n", f"{os.getpid() + 10**7}\n", "x\n"):
+        (live / ckpt.LOCK).write_text(text)
+        assert ckpt.training_pid(live) is None, text
     caplog.clear()
-    with pytest.raises(CheckpointError, match=r"has saved no weights yet \(it writes them at "
-                       r"the end of each epoch\)$"):  # the lock's holder is gone
+    with pytest.raises(CheckpointError, match=r"so one in its first epoch has none yet$"):
+        # the lock's holder is gone
         load_run(live)
     evaluate_run(run, out=tmp_path / "e2", device="cpu", quiet=True, download=False,
                  eval_steps=1)

@@ -95,8 +95,9 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
                    f"{path.parent}) writes it again")
         elif path.name == WEIGHTS and (path.parent / CONFIG).is_file():
             pid = training_pid(path.parent)
-            why = ("; the run has saved no weights yet (it writes them at the end of each "
-                   "epoch)" + (f" and is training now (pid {pid})" if pid else ""))
+            why = ("; a run writes it at the end of each epoch, so one in its first epoch "
+                   "has none yet" + (f", and this one is training now (pid {pid})" if pid
+                                     else ""))
         raise CheckpointError(f"no weight file at {path}{why}")
     try:
         data = path.read_bytes()
@@ -400,22 +401,30 @@ class RunLock:
 
 
 def training_pid(run_dir: str | os.PathLike) -> int | None:
-    """The pid of the process training in `run_dir` now (the RunLock's holder), or None. Read
-    from the lock file, never locking it: the pid a killed run left there counts only while a
-    process of that pid lives (on this machine)."""
+    """The pid of the vitlab process training in `run_dir` now (the RunLock's holder), or
+    None. Read from the lock file, never locking it. A killed run leaves its pid there: it
+    counts only while a process of that pid lives on this machine and, where /proc tells, runs
+    vitlab (not another program given the pid since). Without fcntl (Windows) runs take no
+    lock: None."""
+    if fcntl is None:
+        return None
     try:
         pid = int((Path(run_dir) / LOCK).read_text().strip())
     except (OSError, ValueError):
         return None
-    if pid == os.getpid():  # this process's own run (the pipeline, between its stages)
+    if pid <= 0 or pid == os.getpid():  # (this process's own run: the pipeline's stages)
         return None
     try:
         os.kill(pid, 0)
     except PermissionError:  # alive, another user's
-        return pid
+        pass
     except (OSError, OverflowError):
         return None
-    return pid
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # no /proc (macOS), or gone meanwhile: the pid's life is what is known
+        return pid
+    return pid if b"vitlab" in command else None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
