@@ -583,6 +583,8 @@ def test_one_process_commands_under_torchrun_are_refused_in_one_line(monkeypatch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     for argv in (["predict", "--checkpoint", "run", "a.png"],
                  ["export", "--checkpoint", "run", "--out", "m.onnx"],
                  ["attention", "--checkpoint", "run", "a.png", "--out", "maps"],

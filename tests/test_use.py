@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -649,6 +650,14 @@ def test_evaluate_and_attention_replace_or_remove_only_their_own_files(run, pngs
     with Image.open(figures / "00.attention.png") as image:
         assert image.text["Software"].startswith("vitlab ")
     assert not drawn_by_vitlab(folder / "00.png")
+    # A PNG whose header claims 60000 x 60000 pixels (Pillow's decompression-bomb refusal): not
+    # vitlab's, said in one line, not a traceback.
+    ihdr = b"IHDR" + (60000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    bomb = (b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + ihdr
+            + zlib.crc32(ihdr).to_bytes(4, "big") + (0).to_bytes(4, "big") + b"IEND"
+            + zlib.crc32(b"IEND").to_bytes(4, "big"))
+    (figures / "attention_grid.png").write_bytes(bomb)
+    assert not drawn_by_vitlab(figures / "attention_grid.png")
 
 
 def test_evaluating_a_run_being_trained_says_so_and_names_the_weights_it_scored(run, tmp_path,

@@ -515,6 +515,16 @@ def _bench(args: argparse.Namespace) -> None:
 ONE_PROCESS_COMMANDS = ("predict", "attention", "export", "split")
 
 
+def _torchrun_processes() -> int:
+    """The number of processes of the torchrun job this process is one of (1 without one)."""
+    from vitlab.distributed import launched_by_torchrun
+
+    try:
+        return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
+    except ValueError:  # not torchrun's: torchrun writes a number
+        return 1
+
+
 def _launcher() -> str:
     """How to start vitlab again as this process was: `vitlab`, or the torchrun job's launch
     (a run trained by N processes resumes with N)."""
@@ -584,12 +594,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if args.command in ONE_PROCESS_COMMANDS and processes > 1 and "RANK" in os.environ:
-        if os.environ["RANK"] == "0":  # one line for the job
+    if args.command in ONE_PROCESS_COMMANDS and _torchrun_processes() > 1:
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one line a machine
             print(f"vitlab {args.command}: error: runs in one process, and torchrun started "
-                  f"{processes}, each of which would do all of its work and write its files; "
-                  f"run it without torchrun (vitlab {args.command} ...)", file=sys.stderr)
+                  f"{_torchrun_processes()}, each of which would do all of its work and write "
+                  f"its files; run it without torchrun (vitlab {args.command} ...)",
+                  file=sys.stderr)
         return EXIT_USAGE
     try:
         from vitlab.train.engine import Interrupted

@@ -69,8 +69,8 @@ def drawn_by_vitlab(path: str | os.PathLike) -> bool:
     try:
         with Image.open(path) as image:
             software = str(getattr(image, "text", {}).get("Software", ""))
-    except (OSError, UnidentifiedImageError, ValueError):
-        return False
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return False  # (a header of too many pixels: no picture vitlab drew)
     return software.startswith(("vitlab", "Matplotlib"))
 
 
