@@ -60,9 +60,8 @@ def _sorted_metadata(data: bytes) -> bytes:
     the order of a Rust HashMap, which differs from one save to the next, so the same weights
     and metadata made files of other SHA-256s; reordered in place (the same JSON, the same
     length), they make the same bytes. Left as they are where the header reads otherwise."""
-    size = int.from_bytes(data[:8], "little")
-    header = data[8:8 + size]
-    metadata = json.loads(header).get("__metadata__")
+    size, parsed = _header(data)
+    header, metadata = data[8:8 + size], parsed.get("__metadata__")
     if not metadata:
         return data
 
@@ -107,12 +106,18 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
+def _header(data: bytes) -> tuple[int, dict]:
+    """The size and the JSON of the header of safetensors bytes (an 8-byte little-endian
+    length, then JSON)."""
+    size = int.from_bytes(data[:8], "little")
+    return size, json.loads(data[8:8 + size])
+
+
 def _saved_step(data: bytes) -> int | None:
-    """The step in a safetensors file's metadata (its header: an 8-byte little-endian length,
-    then JSON), or None."""
+    """The step in the metadata of safetensors bytes (as `weights_step` reads a file's), or
+    None."""
     try:
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-        return int(header["__metadata__"]["step"])
+        return int(_header(data)[1]["__metadata__"]["step"])
     except (ValueError, KeyError, TypeError):
         return None
 
