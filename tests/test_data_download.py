@@ -121,6 +121,9 @@ def test_no_download_error_says_what_to_put_where(tmp_path):
     msg = str(e.value)
     assert SOURCES["cifar100"].url in msg and SOURCES["cifar100"].md5 in msg
     assert str(tmp_path / "cifar-100-python.tar.gz") in msg
+    # The way to point elsewhere that works whether or not --data-root was given.
+    assert msg.endswith("or point the data root at a folder that has it (--data-root DIR; "
+                        "VITLAB_DATA=DIR where no --data-root is given)")
 
 
 def test_whole_part_file_is_kept_without_a_network(tmp_path):

@@ -171,7 +171,8 @@ def _from_folder(path: Path, src: Source):
 def _not_found(name: str, src: Source, root: Path, why: str) -> str:
     return (
         f"{name} is not in {root} ({why}): download {src.url} (md5 {src.md5}) and put it at "
-        f"{root / src.filename}, or set VITLAB_DATA to a folder that has it"
+        f"{root / src.filename}, or point the data root at a folder that has it (--data-root "
+        "DIR; VITLAB_DATA=DIR where no --data-root is given)"
     )
 
 
