@@ -239,6 +239,24 @@ def test_bad_npz(tmp_path, x, y, match):
         load_dataset(_folder(tmp_path, x, y))
 
 
+@pytest.mark.parametrize("damage", [lambda b: bytes(len(b)), lambda b: bytes(v ^ 0xFF for v in b)],
+                         ids=["zeroed", "inverted"])
+def test_a_compressed_npz_damaged_inside_is_one_error(tmp_path, damage):
+    """Damage inside a compressed npz member fails in numpy's parse of its header (zeroed:
+    tokenize's TokenError) or in zlib (inverted), not in zipfile's CRC check: one
+    DataFormatError naming the file either way, not a traceback (an audit's find)."""
+    rng = np.random.default_rng(0)
+    folder = _folder(tmp_path, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
+    np.savez_compressed(folder / "train.npz", x=rng.integers(0, 256, (64, 8, 8, 3), np.uint8),
+                        y=np.zeros(64, np.int64))
+    data = bytearray((folder / "train.npz").read_bytes())
+    data[120:400] = damage(data[120:400])  # inside the first member's deflate stream
+    (folder / "train.npz").write_bytes(bytes(data))
+    with pytest.raises(DataFormatError, match=r"train.npz: unreadable npz \(.*\); re-create it "
+                       r"with numpy.savez \(or, for a cache vitlab made"):
+        load_dataset(folder)
+
+
 def test_npz_with_pickled_objects_is_not_unpickled(tmp_path):
     folder = _folder(tmp_path, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
     np.savez(folder / "train.npz", x=np.array([Evil(str(tmp_path / "pwned"))], dtype=object), y=[0])

@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,10 +203,14 @@ def _read_npz(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
             if "x" not in z.files or "y" not in z.files:
                 raise DataFormatError(f"{path}: needs arrays 'x' (images) and 'y' (labels)")
             x, y = z["x"], z["y"]
-    except DataFormatError:
+    except (DataFormatError, MemoryError):
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataFormatError(f"{path}: unreadable npz ({e}); re-create it with numpy.savez") from e
+    # Damage fails in zipfile, zlib, or numpy's parse of a member's header (SyntaxError,
+    # tokenize's TokenError): all of it is a file that cannot be read.
+    except Exception as e:
+        raise DataFormatError(f"{path}: unreadable npz ({e}); re-create it with numpy.savez "
+                              "(or, for a cache vitlab made in its data root, delete "
+                              f"{path.parent} and vitlab makes it again)") from e
     check_arrays(x, y, num_classes, str(path))
     return x, y
 
