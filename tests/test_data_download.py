@@ -139,3 +139,37 @@ def test_whole_part_file_is_kept_without_a_network(tmp_path):
     download(f"http://127.0.0.1:{port}/archive.tar.gz", dest, md5(blob), retries=1, timeout=2)
     assert dest.read_bytes() == blob
     assert not (tmp_path / "archive.tar.gz.part").exists()
+
+
+def test_a_download_waits_for_another_into_the_same_folder(server, tmp_path, caplog):
+    """Two processes downloading into one data root wrote over each other's .part file and both
+    failed (an audit's find): a download holds a lock on the folder, and one that waited for it
+    uses the archive the other left, without fetching it again."""
+    import fcntl
+    import os
+    import threading
+
+    from vitlab.data.download import download
+
+    served = server.files[NAME] = Served(ARCHIVE)
+    dest = tmp_path / NAME.lstrip("/")
+    other = os.open(tmp_path, os.O_RDONLY)  # "another process", mid-download
+    fcntl.flock(other, fcntl.LOCK_EX)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(
+        download(server.url + NAME, dest, md5(ARCHIVE), progress=False)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and not got  # waiting, not fetching
+    dest.write_bytes(ARCHIVE)  # what the other process leaves
+    os.close(other)
+    waiter.join(10)
+    assert got == [dest] and served.requests == []
+    assert f"another process is downloading into {tmp_path}; waiting" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]  # no lock file left
+
+
+def test_a_failed_download_names_a_partial_file_only_where_one_is_kept(server, tmp_path):
+    with pytest.raises(DownloadError) as e:  # a 404: nothing fetched, no part
+        load_dataset("cifar10", root=tmp_path)
+    assert "404" in str(e.value) and "partial file" not in str(e.value)

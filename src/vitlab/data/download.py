@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
+import logging
 import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
 
 from vitlab.errors import ChecksumError, DownloadError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; downloads are not serialized there
+    fcntl = None
+
 CHUNK = 1 << 16
+log = logging.getLogger("vitlab")
 
 
 def md5sum(path: Path) -> str:
@@ -75,6 +84,35 @@ def download(
     part file is kept so the next call resumes. dest appears only once the checksum matches.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with _one_download_at_a_time(dest):
+        if md5 is not None and dest.is_file() and md5sum(dest) == md5:
+            return dest  # another process downloaded it while this one waited
+        return _download(url, dest, md5, retries, timeout, progress)
+
+
+@contextlib.contextmanager
+def _one_download_at_a_time(dest: Path) -> Iterator[None]:
+    """Downloads into one folder one at a time: an exclusive advisory lock on the folder itself
+    (no lock file left behind; the kernel releases it if the process dies). Two processes
+    fetching into one .part file wrote over each other, and both failed."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(dest.parent, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.warning("vitlab: another process is downloading into %s; waiting for it to "
+                        "end", dest.parent)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+def _download(url: str, dest: Path, md5: str | None, retries: int, timeout: float,
+              progress: bool) -> Path:
     part = dest.with_name(dest.name + ".part")
     error: Exception | None = None
     # A part file that is already whole (a kill between the last byte and the rename) is kept.
@@ -89,9 +127,10 @@ def download(
             if isinstance(e, urllib.error.HTTPError) and e.code < 500 and e.code != 416:
                 break  # a 404 or 403 will not heal by retrying
     if error is not None:
+        kept = f" (the partial file {part} resumes)" if part.exists() else ""
         raise DownloadError(
-            f"could not download {url} ({error}); check the network and retry "
-            f"(the partial file {part} resumes), or put the file at {dest} by hand"
+            f"could not download {url} ({error}); check the network and retry{kept}, or put "
+            f"the file at {dest} by hand"
         ) from error
     if md5 is not None:
         got = md5sum(part)
