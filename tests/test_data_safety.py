@@ -344,3 +344,22 @@ def test_cache_write_is_atomic(monkeypatch, tmp_path):
 
 def test_every_data_error_is_a_vitlab_error():
     assert issubclass(UnsafeDataError, VitlabError) and issubclass(DataFormatError, VitlabError)
+
+
+def test_temp_files_of_killed_cache_writes_go_once_stale(tmp_path):
+    """A writer killed mid-write leaves `.train.npz.XXXX.tmp` (27 MB for CIFAR-100) beside the
+    array folder it was writing (an audit's find): reading the folder removes such files once
+    an hour old, and keeps younger ones, which may be another process's write in progress."""
+    import os
+    import time
+
+    from vitlab.data.arrays import STALE_TEMP_SECONDS
+
+    folder = _folder(tmp_path, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
+    stale, fresh = folder / ".train.npz.k1ll3d.tmp", folder / ".test.npz.wr1t1ng.tmp"
+    for temp in (stale, fresh):
+        temp.write_bytes(b"half an npz")
+    hours_ago = time.time() - STALE_TEMP_SECONDS - 60
+    os.utime(stale, (hours_ago, hours_ago))
+    load_dataset(folder)
+    assert not stale.exists() and fresh.exists()

@@ -7,10 +7,12 @@ class names). It is both an input format and vitlab's cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,10 +222,27 @@ def _image_shape(x: np.ndarray) -> tuple[int, ...]:
     return tuple(x.shape[1:]) if x.ndim == 4 else (*x.shape[1:], 1)
 
 
+# A temp file of an array folder's write (vitlab.io.atomic_write's `.NAME.*.tmp`) this much
+# older than now was left by a killed writer: a live one's is younger (it is being written).
+STALE_TEMP_SECONDS = 3600
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete what killed writes of the array folder `path` left (tens of MB each), once they
+    are STALE_TEMP_SECONDS old: array folders take no lock, so a younger one may be another
+    process's write in progress."""
+    now = time.time()
+    for temp in path.glob(".*.tmp"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+            if temp.is_file() and now - temp.stat().st_mtime > STALE_TEMP_SECONDS:
+                temp.unlink()
+
+
 def read_array_folder(path: Path, name: str | None = None) -> Dataset:
-    """Load and validate an array folder."""
+    """Load and validate an array folder (and remove its stale temp files)."""
     if not is_array_folder(path):
         raise DataFormatError(f"{path}: an array folder needs train.npz, test.npz and classes.json")
+    remove_stale_temps(path)
     classes = _read_classes(path / "classes.json")
     arrays = {s: _read_npz(path / f"{s}.npz", len(classes)) for s in SPLITS}
     shapes = {s: _image_shape(x) for s, (x, _) in arrays.items()}
