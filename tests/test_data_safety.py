@@ -357,9 +357,11 @@ def test_temp_files_of_killed_cache_writes_go_once_stale(tmp_path):
 
     folder = _folder(tmp_path, np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
     stale, fresh = folder / ".train.npz.k1ll3d.tmp", folder / ".test.npz.wr1t1ng.tmp"
-    for temp in (stale, fresh):
+    users = folder / ".notes.tmp"  # no temp of an array folder's file: never removed
+    for temp in (stale, fresh, users):
         temp.write_bytes(b"half an npz")
     hours_ago = time.time() - STALE_TEMP_SECONDS - 60
-    os.utime(stale, (hours_ago, hours_ago))
+    for temp in (stale, users):
+        os.utime(temp, (hours_ago, hours_ago))
     load_dataset(folder)
-    assert not stale.exists() and fresh.exists()
+    assert not stale.exists() and fresh.exists() and users.exists()

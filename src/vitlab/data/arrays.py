@@ -231,10 +231,14 @@ def remove_stale_temps(path: Path) -> None:
     """Delete what killed writes of the array folder `path` left (tens of MB each), once they
     are STALE_TEMP_SECONDS old: array folders take no lock, so a younger one may be another
     process's write in progress."""
+    from vitlab.train.checkpoint import temp_of
+
     now = time.time()
+    ours = (*(f"{s}.npz" for s in (*SPLITS, "val")), "classes.json", "source.json")
     for temp in path.glob(".*.tmp"):
-        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
-            if temp.is_file() and now - temp.stat().st_mtime > STALE_TEMP_SECONDS:
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if (temp_of(temp.name, ours) and temp.is_file()
+                    and now - temp.stat().st_mtime > STALE_TEMP_SECONDS):
                 temp.unlink()
 
 

@@ -235,9 +235,9 @@ LOCK = ".lock"
 # `vitlab evaluate --split S`'s default output folder in a run directory.
 EVALUATION_DIRS = {"test": "evaluation", "val": "evaluation-val", "train": "evaluation-train"}
 RUN_DIRS = ("tensorboard", *EVALUATION_DIRS.values())  # by --tensorboard and `vitlab evaluate`
-# What vitlab writes in them: all --overwrite deletes there (anything else stays).
 # What `vitlab evaluate` writes in its folder: the report, then its pictures.
 EVALUATION_FILES = ("evaluation.json", "confusion_matrix.png", "top_losses.png")
+# What vitlab writes in RUN_DIRS: all --overwrite deletes there (anything else stays).
 RUN_DIR_FILES = {"tensorboard": ("events.out.tfevents.*",),
                  **{name: EVALUATION_FILES for name in EVALUATION_DIRS.values()}}
 
@@ -249,9 +249,21 @@ def has_checkpoint(run_dir: str | os.PathLike) -> bool:
 
 
 def remove_temp_files(run_dir: str | os.PathLike) -> None:
-    """Delete what interrupted atomic writes left behind (never a file a reader could want)."""
+    """Delete what interrupted atomic writes of a run's files left behind (never a file a
+    reader could want, nor a user's own `.notes.tmp`)."""
     for temp in Path(run_dir).glob(".*.tmp"):
-        temp.unlink(missing_ok=True)
+        if temp_of(temp.name, RUN_FILES):
+            temp.unlink(missing_ok=True)
+
+
+# vitlab.io.atomic_write's temp file for NAME: `.NAME.` + tempfile's random characters + `.tmp`.
+_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]+\.tmp")
+
+
+def temp_of(file_name: str, names: tuple[str, ...]) -> bool:
+    """Whether `file_name` is an atomic write's temp file for one of `names`."""
+    match = _TEMP.fullmatch(file_name)
+    return match is not None and match["name"] in names
 
 
 def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
