@@ -791,3 +791,19 @@ def test_the_curves_mark_the_best_evaluation_by_the_runs_metric(tmp_path, monkey
     report.plot_curves(evals, tmp_path / "curves.png", metric)
     legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in drawn[0].axes]
     assert label in legends[axis] and not any("best" in t for t in legends[1 - axis])
+
+
+def test_curves_leave_out_hand_edited_records_without_their_numbers(tmp_path):
+    """A metrics.jsonl eval record without its cross-entropy, or with an accuracy that is a
+    string, ended a resumed run in a traceback from the plot after training (an audit's find):
+    such records are left out of the drawing."""
+    from vitlab.report import plot_curves
+
+    records = [{"event": "train", "step": 2, "epoch": 1, "ce_mean": 2.3},
+               {"event": "eval", "step": 2, "epoch": 1, "accuracy": 0.2},  # no "ce"
+               {"event": "train", "step": 4, "epoch": 2, "ce_mean": "2.1"},
+               {"event": "eval", "step": 4, "epoch": 2, "accuracy": "0.3", "ce": 2.0},
+               {"event": "eval", "step": 6, "epoch": 3, "accuracy": 0.4, "ce": 1.9}]
+    plot_curves(records, tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.format == "PNG"

@@ -83,13 +83,24 @@ def check_pictures_replaceable(paths: Sequence[os.PathLike]) -> None:
                               "replace it; give another --out, or move it")
 
 
+def _numbers(record: dict, *keys: str) -> bool:
+    """Whether `record` holds a number (not a bool) under each of `keys`."""
+    return all(isinstance(record.get(k), int | float) and not isinstance(record.get(k), bool)
+               for k in keys)
+
+
 @_literal_text
 def plot_curves(records: Sequence[dict], path: str | os.PathLike,
                 best_metric: str = "accuracy") -> None:
     """Loss (train mean and eval) and eval accuracy per epoch, from metrics.jsonl records; the
     best evaluation by `best_metric` (accuracy, or loss: the lowest cross-entropy) marked."""
-    train = [r for r in records if r.get("event") == "train" and "epoch" in r]
-    evals = [r for r in records if r.get("event") == "eval"]
+    # Records without the numbers drawn (a hand-edited metrics.jsonl) are left out, not a
+    # traceback at the end of a run.
+    train = [r for r in records if r.get("event") == "train" and _numbers(r, "epoch", "ce_mean")]
+    evals = [r for r in records if r.get("event") == "eval"
+             and _numbers(r, "epoch", "ce", "accuracy")]
+    if any("ema_accuracy" in r for r in evals):
+        evals = [r for r in evals if _numbers(r, "ema_ce", "ema_accuracy")]
     figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     if train:
         loss_ax.plot([r["epoch"] for r in train], [r["ce_mean"] for r in train], "o-",
