@@ -4,6 +4,7 @@ N steps, checkpoints, NaN, Ctrl-C and resume), the run directory's files and the
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -785,7 +786,29 @@ def test_a_failed_atomic_write_names_the_file_asked_for(tmp_path):
     with pytest.raises(FileNotFoundError) as caught:
         vitlab_io.atomic_write_bytes(tmp_path / "no" / "f.json", b"{}")
     assert caught.value.filename == str(tmp_path / "no" / "f.json")
+
+    def full_disk(f):  # a write's OSError names no file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as caught:
+        vitlab_io.atomic_write(tmp_path / "w.safetensors", full_disk)
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC,
+                                                           str(tmp_path / "w.safetensors"))
     assert not list(tmp_path.rglob(".*.tmp"))
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_what_to_do(monkeypatch, capsys):
+    from vitlab import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/a/model.safetensors")
+
+    monkeypatch.setattr(cli, "_recipes", full)
+    assert cli.main(["recipes"]) == 2
+    assert capsys.readouterr().err == (
+        "vitlab recipes: error: No space left on device: runs/a/model.safetensors; free some "
+        "space there, then run the command again (a training run continues from its last "
+        "checkpoint with --resume)\n")
 
 
 def test_an_output_never_replaces_a_run_evaluation_given_relative(tmp_path, monkeypatch,

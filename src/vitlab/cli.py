@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import re
 import shlex
@@ -654,8 +655,11 @@ def main(argv: list[str] | None = None) -> int:
               f"failed or was stopped ({first}); the job stops; {again}", file=sys.stderr)
         return EXIT_PEER_LOST
     except OSError as e:  # a full disk, a read-only folder: the user's to fix, not a bug
-        print(f"vitlab {args.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "),
-              file=sys.stderr)
+        advice = ("; free some space there, then run the command again (a training run "
+                  "continues from its last checkpoint with --resume)"
+                  if e.errno == errno.ENOSPC else "")
+        print(f"vitlab {args.command}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": ")
+              + advice, file=sys.stderr)
         return EXIT_USAGE
     return code or 0
 

@@ -31,7 +31,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename == tmp:  # e.g. the rename onto a folder
+        # Named by the file asked for: the rename onto a folder names the temp file, and a
+        # full disk's write names none.
+        if isinstance(e, OSError) and e.filename in (tmp, None):
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
