@@ -1518,3 +1518,18 @@ def test_a_fine_tuning_recipe_named_once_is_kept_when_not_named_again(data_root,
     capfd.readouterr()
     assert main([*unnamed, "--lr", "0.01"]) == 0, capfd.readouterr().err
     assert ckpt.read_jsonl(fine / ckpt.METRICS) == records
+
+
+def test_resume_errors_for_a_run_without_its_config_or_its_folder_say_what_to_do(tmp_path):
+    """A run whose config.json was deleted (or not copied) beside its checkpoint, and a run
+    stopped before it made its folder: the errors say how to go on, not only what is missing
+    (an audit found the first sent users between two messages in a circle)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt.save_weights(run / ckpt.WEIGHTS, {"x": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"is not a vitlab run directory \(no config.json"
+                       r"\), but it holds a run's checkpoint: put its config.json back"):
+        ckpt.read_run_config(run, "resume")
+    with pytest.raises(CheckpointError, match="has nothing to resume: start it again, without "
+                                              "--resume$"):
+        ckpt.read_run_config(tmp_path / "never-made", "resume")

@@ -206,7 +206,10 @@ def read_run_config(run_dir: str | os.PathLike, purpose: str = "use", **runtime)
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir} is not a directory; point at a vitlab run directory")
+        raise CheckpointError(f"{run_dir} is not a directory; point at a vitlab run directory"
+                              + ("; a run stopped before it made its folder has nothing to "
+                                 "resume: start it again, without --resume"
+                                 if purpose == "resume" else ""))
     path = run_dir / CONFIG
     if not path.is_file():
         stages = [name for name in (("pretrain", "finetune") if purpose == "encoder"
@@ -219,6 +222,9 @@ def read_run_config(run_dir: str | os.PathLike, purpose: str = "use", **runtime)
         elif stages:
             hint = (f"; it holds a vitlab run pipeline, whose stages are runs: give "
                     f"{shlex.quote(str(run_dir / stages[0]))}")
+        elif has_checkpoint(run_dir):  # a run's files without its config (deleted, not copied)
+            hint = (f", but it holds a run's checkpoint: put its {CONFIG} back (from where it "
+                    "was copied, or a backup), or start the run anew there with --overwrite")
         raise CheckpointError(f"{run_dir} is not a vitlab run directory (no {CONFIG}){hint}")
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
