@@ -169,6 +169,20 @@ def test_a_download_waits_for_another_into_the_same_folder(server, tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]  # no lock file left
 
 
+def test_a_folder_that_cannot_be_locked_still_downloads(server, tmp_path, monkeypatch):
+    """Some file systems (NFS) lock no folders: the download goes on without the lock."""
+    import fcntl
+    import os
+
+    def no_locks(fd, operation):
+        raise OSError(9, "Bad file descriptor")
+
+    served = server.files[NAME] = Served(ARCHIVE)
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert len(load_dataset("cifar10", root=tmp_path).train) == 100
+    assert len(served.requests) == 1 and os.path.isfile(tmp_path / NAME.lstrip("/"))
+
+
 def test_a_failed_download_names_a_partial_file_only_where_one_is_kept(server, tmp_path):
     with pytest.raises(DownloadError) as e:  # a 404: nothing fetched, no part
         load_dataset("cifar10", root=tmp_path)

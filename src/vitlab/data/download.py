@@ -102,10 +102,12 @@ def _one_download_at_a_time(dest: Path) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held: another download into this folder
             log.warning("vitlab: another process is downloading into %s; waiting for it to "
                         "end", dest.parent)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system that locks no folders (NFS may not): as without fcntl
+            pass
         yield
     finally:
         os.close(fd)  # (releases the lock)
