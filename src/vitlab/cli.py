@@ -595,10 +595,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    if args.command in ONE_PROCESS_COMMANDS and _torchrun_processes() > 1:
+    processes = _torchrun_processes() if args.command in ONE_PROCESS_COMMANDS else 1
+    if processes > 1:
         if os.environ.get("LOCAL_RANK", "0") == "0":  # one line a machine
             print(f"vitlab {args.command}: error: runs in one process, and torchrun started "
-                  f"{_torchrun_processes()}, each of which would do all of its work and write "
+                  f"{processes}, each of which would do all of its work and write "
                   f"its files; run it without torchrun (vitlab {args.command} ...)",
                   file=sys.stderr)
         return EXIT_USAGE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable
@@ -37,6 +38,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
+
+
+# atomic_write's temp file for NAME: `.NAME.`, tempfile's random characters, `.tmp`.
+_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]+\.tmp")
+
+
+def temp_of(file_name: str, names: tuple[str, ...]) -> bool:
+    """Whether `file_name` is atomic_write's temp file for one of `names`."""
+    match = _TEMP.fullmatch(file_name)
+    return match is not None and match["name"] in names
 
 
 def _umask() -> int:

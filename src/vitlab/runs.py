@@ -1353,9 +1353,7 @@ def _check_evaluation_dir(folder: Path, overwrite: bool) -> None:
     """The pipeline's evaluation files are replaced only when vitlab wrote them, checked before
     its training (not after it); with --overwrite they are removed now, whoever wrote them."""
     if overwrite:
-        for name in ckpt.EVALUATION_FILES:
-            if (folder / name).is_file() or (folder / name).is_symlink():
-                (folder / name).unlink()
+        ckpt.remove_written(folder, ckpt.EVALUATION_FILES)
         return
     try:
         _check_evaluation_files(folder)

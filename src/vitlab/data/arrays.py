@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vitlab.errors import DataError, DataFormatError
-from vitlab.io import atomic_write
+from vitlab.io import atomic_write, temp_of
 
 SPLITS = ("train", "test")
 
@@ -231,8 +231,6 @@ def remove_stale_temps(path: Path) -> None:
     """Delete what killed writes of the array folder `path` left (tens of MB each), once they
     are STALE_TEMP_SECONDS old: array folders take no lock, so a younger one may be another
     process's write in progress."""
-    from vitlab.train.checkpoint import temp_of
-
     now = time.time()
     ours = (*(f"{s}.npz" for s in (*SPLITS, "val")), "classes.json", "source.json")
     for temp in path.glob(".*.tmp"):

@@ -28,7 +28,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from vitlab.errors import CheckpointError, ConfigError, RunLockedError, VitlabError
-from vitlab.io import atomic_write, atomic_write_bytes, atomic_write_json
+from vitlab.io import atomic_write, atomic_write_bytes, atomic_write_json, temp_of
 from vitlab.train.runconfig import RunConfig
 
 try:
@@ -262,16 +262,6 @@ def remove_temp_files(run_dir: str | os.PathLike) -> None:
             temp.unlink(missing_ok=True)
 
 
-# vitlab.io.atomic_write's temp file for NAME: `.NAME.` + tempfile's random characters + `.tmp`.
-_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]+\.tmp")
-
-
-def temp_of(file_name: str, names: tuple[str, ...]) -> bool:
-    """Whether `file_name` is an atomic write's temp file for one of `names`."""
-    match = _TEMP.fullmatch(file_name)
-    return match is not None and match["name"] in names
-
-
 def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
     """Make `run_dir` ready for a new run: refuse to mix with an earlier run unless `overwrite`.
 
@@ -286,14 +276,20 @@ def prepare_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> None:
     for name in check_fresh_run_dir(run_dir, overwrite):
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
-            for pattern in RUN_DIR_FILES[name]:
-                for written in path.glob(pattern):
-                    if written.is_file() or written.is_symlink():
-                        written.unlink()
+            remove_written(path, RUN_DIR_FILES[name])
             with contextlib.suppress(OSError):  # not empty: what else is there stays
                 path.rmdir()
         else:
             path.unlink()
+
+
+def remove_written(folder: Path, patterns: tuple[str, ...]) -> None:
+    """Delete the files (and links) of `folder` that match `patterns`: what vitlab writes there,
+    nothing else."""
+    for pattern in patterns:
+        for written in folder.glob(pattern):
+            if written.is_file() or written.is_symlink():
+                written.unlink()
 
 
 def check_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool) -> list[str]:
