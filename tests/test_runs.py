@@ -28,7 +28,7 @@ from vitlab.cli import main
 from vitlab.data import BatchLoader, Dataset, SeedAugment, arrays
 from vitlab.data.arrays import Split
 from vitlab.data.augment import AUGMENTATIONS
-from vitlab.errors import CheckpointError, ConfigError
+from vitlab.errors import CheckpointError, ConfigError, RunLockedError
 from vitlab.model import ViT, ViTConfig
 from vitlab.runs import evaluate_run, finetune, load_run, pretrain, resume, run_pipeline
 from vitlab.train import TrainOptions, evaluate, fit, recipe
@@ -1175,8 +1175,33 @@ def test_vitlab_run_resumes_a_stage_killed_in_its_test_pass_to_make_it(data_root
     run_pipeline(**settings)
     events = [r["event"] for r in ckpt.read_jsonl(pre / ckpt.METRICS)]
     assert events == [*before, "resume", "test", "finish"]  # nothing trained again
-    assert [r["event"] for r in ckpt.read_jsonl(tmp_path / "p" / "finetune" / ckpt.METRICS)
-            ][-2:] == ["test", "finish"]
+    fine = tmp_path / "p" / "finetune"
+    assert [r["event"] for r in ckpt.read_jsonl(fine / ckpt.METRICS)][-2:] == ["test", "finish"]
+
+    # Killed after the fine-tuning's last checkpoint but before its Finish line: the pipeline
+    # run again writes that line (training and testing nothing) and evaluates.
+    metrics = fine / ckpt.METRICS
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if '"event": "finish"' not in line))
+    shutil.rmtree(tmp_path / "p" / "evaluation")
+    run_pipeline(**settings)
+    assert [r["event"] for r in ckpt.read_jsonl(metrics)][-3:] == ["test", "resume", "finish"]
+    assert (tmp_path / "p" / "evaluation" / "evaluation.json").is_file()
+    assert [r["event"] for r in ckpt.read_jsonl(pre / ckpt.METRICS)] == events  # kept
+
+
+def test_a_second_call_of_a_pipeline_being_run_is_refused_before_it_writes(data_root, tmp_path):
+    """One call at a time per pipeline: a call (--overwrite or not) that came while another
+    fine-tunes would otherwise find the pre-training stage unlocked, and replace it."""
+    out = tmp_path / "p"
+    with ckpt.RunLock(out):  # another call, running
+        for extra in ({}, {"overwrite": True}):
+            with pytest.raises(RunLockedError, match=f"{out} is being written by another "
+                               f"vitlab process .*--resume {out}$"):
+                run_pipeline(pretrain_data="cifar10", finetune_data="cifar10", out=out,
+                             model="micro", epochs=1, train_steps_per_epoch=1, device="cpu",
+                             quiet=True, data_root=str(data_root), no_download=True, **extra)
+    assert [p.name for p in out.iterdir()] == [ckpt.LOCK]
 
 
 def _grow_training_split(folder: Path, extra: int) -> None:

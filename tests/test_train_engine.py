@@ -1603,6 +1603,42 @@ def test_a_run_killed_in_its_test_pass_resumes_to_that_pass_alone(dataset, tmp_p
                resume=True).test_eval == unkilled and "accuracy" in unkilled
 
 
+def _kill_before_finish(run_dir) -> None:
+    """What a kill after the last checkpoint but before the Finish line leaves: no Finish in
+    either log, and the curves of an earlier epoch (here: bytes that are not the plot)."""
+    metrics, log = run_dir / ckpt.METRICS, run_dir / ckpt.LOG
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if '"event": "finish"' not in line))
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
+                           if not line.startswith("vitlab-Finish:")))
+    (run_dir / ckpt.CURVES).write_bytes(b"stale")
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 0.25])
+def test_a_run_killed_before_its_finish_line_is_finished_by_its_resume(dataset, tmp_path,
+                                                                       val_fraction):
+    """Nothing trains and no pass is repeated: the resume draws the curves and writes the Finish
+    line the kill left out; a second resume has nothing left to do."""
+    opts = options(2, train_steps_per_epoch=2, val_fraction=val_fraction)
+    straight = fit(tiny_model(), dataset, RECIPE, opts, tmp_path)
+    weights = (tmp_path / ckpt.WEIGHTS).read_bytes()
+    before = ckpt.read_jsonl(tmp_path / ckpt.METRICS)
+    _kill_before_finish(tmp_path)
+    resumed = fit(tiny_model(), dataset, RECIPE, opts, tmp_path, resume=True)
+    assert resumed.global_step == 4 and resumed.best_accuracy == straight.best_accuracy
+    records = ckpt.read_jsonl(tmp_path / ckpt.METRICS)
+    assert [r["event"] for r in records[:-2]] == [r["event"] for r in before[:-1]]
+    assert [r["event"] for r in records[-2:]] == ["resume", "finish"]
+    assert records[-2]["remaining"] == "the Finish line"
+    assert records[-1]["best_accuracy"] == before[-1]["best_accuracy"]
+    log = (tmp_path / ckpt.LOG).read_text().splitlines()
+    assert log[-1].startswith("vitlab-Finish: step: 4;") and log[-2].startswith("vitlab-Resume:")
+    assert (tmp_path / ckpt.CURVES).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / ckpt.WEIGHTS).read_bytes() == weights
+    with pytest.raises(CheckpointError, match="already finished its 2 epochs"):
+        fit(tiny_model(), dataset, RECIPE, opts, tmp_path, resume=True)
+
+
 @pytest.mark.parametrize(("fraction", "message"), [
     (0.01, "holds out no image of tiny's 20 training images"),
     (0.99, "holds out all of tiny's 20 training images")])

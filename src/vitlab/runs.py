@@ -62,6 +62,7 @@ from vitlab.train.engine import (
     evaluate,
     fit,
     hold_out_validation,
+    logged_finish,
     made_test_pass,
     repair_run_weights,
     resolve_device,
@@ -1269,29 +1270,34 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
 
     # Rank 0 looks; a refusal there reaches every process (none is left waiting).
     distributed.together(lambda: check_leftovers() if distributed.is_main_process() else None)
-    if pre_plan[0] == "start":  # a new pipeline: what its fine-tuning is to be, kept
-        kept = _kept_call(call_only["settings"], call_only["finetune"],
-                          call_only["finetune_data"], call_only["num_classes"],
-                          _pretraining(pretrain_data, model, pre_seed, pre_recipe, config))
-        distributed.together(lambda: _write_call(out, kept)
+    # One call at a time per pipeline, besides each stage's own lock: a second call would find
+    # the first's finished pre-training unlocked while it fine-tunes, and replace it.
+    with contextlib.ExitStack() as held:
+        distributed.together(lambda: held.enter_context(ckpt.RunLock(out))
                              if distributed.is_main_process() else None)
-    pre, _ = _run_stage(pre_dir, "pretrain", pre_plan, lambda: pretrain(
-        data=pretrain_data, out=pre_dir, model=model, image_size=image_size, **settings))
-    fine, fitted = _run_stage(fine_dir, "finetune", fine_plan, lambda: finetune(
-        pre, data=finetune_data, out=fine_dir, image_size=image_size, **head, **fine_settings))
-    weights = "ema" if keeps_ema["finetune"] else "last"
-    fine_config = ckpt.read_run_config(fine)
-    if fitted is not None and weights in fitted.final_evaluations and fine_config.classes:
-        # Fine-tuning evaluated these weights on this test split, per class (in its last epoch,
-        # or with --val-fraction after it): the report, without a second pass over it (~28 s
-        # on this project's 2 CPU cores).
-        return _report_evaluation(fitted.final_evaluations[weights], fine, weights,
-                                  fine_config, out / "evaluation",
-                                  quiet=settings.get("quiet", False), seconds=None)
-    return evaluate_run(fine, data=finetune_data, out=out / "evaluation", weights=weights,
-                        device=settings.get("device", "auto"),
-                        precision=settings.get("precision", "auto"), image_size=image_size,
-                        quiet=settings.get("quiet", False), **data_options)
+        if pre_plan[0] == "start":  # a new pipeline: what its fine-tuning is to be, kept
+            kept = _kept_call(call_only["settings"], call_only["finetune"],
+                              call_only["finetune_data"], call_only["num_classes"],
+                              _pretraining(pretrain_data, model, pre_seed, pre_recipe, config))
+            distributed.together(lambda: _write_call(out, kept)
+                                 if distributed.is_main_process() else None)
+        pre, _ = _run_stage(pre_dir, "pretrain", pre_plan, lambda: pretrain(
+            data=pretrain_data, out=pre_dir, model=model, image_size=image_size, **settings))
+        fine, fitted = _run_stage(fine_dir, "finetune", fine_plan, lambda: finetune(
+            pre, data=finetune_data, out=fine_dir, image_size=image_size, **head, **fine_settings))
+        weights = "ema" if keeps_ema["finetune"] else "last"
+        fine_config = ckpt.read_run_config(fine)
+        if fitted is not None and weights in fitted.final_evaluations and fine_config.classes:
+            # Fine-tuning evaluated these weights on this test split, per class (in its last
+            # epoch, or with --val-fraction after it): the report, without a second pass over
+            # it (~28 s on this project's 2 CPU cores).
+            return _report_evaluation(fitted.final_evaluations[weights], fine, weights,
+                                      fine_config, out / "evaluation",
+                                      quiet=settings.get("quiet", False), seconds=None)
+        return evaluate_run(fine, data=finetune_data, out=out / "evaluation", weights=weights,
+                            device=settings.get("device", "auto"),
+                            precision=settings.get("precision", "auto"), image_size=image_size,
+                            quiet=settings.get("quiet", False), **data_options)
 
 
 def fine_tuning_settings(settings: dict[str, Any], stage_only: dict[str, Any],
@@ -1426,10 +1432,12 @@ def _probe_writable(folder: Path) -> None:
                 path.rmdir()
 
 
-def _finished(run_dir: Path, saved: RunConfig, epochs: int | None = None) -> bool:
+def _finished(run_dir: Path, saved: RunConfig, epochs: int | None = None,
+              logged: bool = False) -> bool:
     """Whether the run has trained for `epochs` (default: its own budget): it trained them
     all under its own budget, or it stopped early, which ends it whatever the budget; and made
-    the test pass that ends a run with a validation split."""
+    the test pass that ends a run with a validation split; and, with `logged`, wrote its Finish
+    line (one killed just before is resumed, which writes it)."""
     path = run_dir / ckpt.TRAINER_STATE
     if not path.is_file():
         return False
@@ -1437,7 +1445,8 @@ def _finished(run_dir: Path, saved: RunConfig, epochs: int | None = None) -> boo
     budget = saved.options.epochs
     # A larger budget than its own: a finished run is continued, unless it stopped early.
     trained = progress.trained(budget) and (progress.stopped_early or (epochs or budget) == budget)
-    return trained and made_test_pass(run_dir, progress)  # else resumed to make its test pass
+    return (trained and made_test_pass(run_dir, progress)  # else resumed to make its test pass
+            and (not logged or logged_finish(run_dir, progress)))
 
 
 def _plan_stage(run_dir: Path, kind: str, saved: RunConfig | None, **settings: Any
@@ -1464,7 +1473,7 @@ def _plan_stage(run_dir: Path, kind: str, saved: RunConfig | None, **settings: A
 def _keep_if_finished(run_dir: Path, saved: RunConfig, epochs: int) -> bool:
     """Whether a stage is finished for `epochs`, its weight files then brought up to its
     trainer state (rank 0's part of `_plan_stage`)."""
-    if not _finished(run_dir, saved, epochs):
+    if not _finished(run_dir, saved, epochs, logged=True):
         return False
     repair_run_weights(run_dir)
     return True

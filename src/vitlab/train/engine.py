@@ -720,7 +720,11 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         # A run validated on another split ends with a test pass; killed during it, the
         # resume makes that pass (and trains nothing).
         untested = progress.trained(options.epochs) and not made_test_pass(run_dir, progress)
-        if progress.epoch >= options.epochs and not untested:
+        # Killed after its last checkpoint but before its Finish line (and the curves drawn
+        # just before it), a run is finished by its resume: nothing trains, its end is written.
+        unfinished = untested or (progress.trained(options.epochs)
+                                  and not logged_finish(run_dir, progress))
+        if progress.epoch >= options.epochs and not unfinished:
             raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
         if progress.validation and progress.validation != validation:
@@ -731,7 +735,7 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 f"on {said[validation]}: its data has changed since it started (a val/, "
                 "val.npz or val.csv added or removed); restore the data as it was, or start a "
                 "new run")
-        if progress.stopped_early and not untested:  # finished, whatever budget it is given
+        if progress.stopped_early and not unfinished:  # finished, whatever budget it is given
             raise CheckpointError(
                 f"{run_dir} stopped early after epoch {progress.epoch} ("
                 f"{progress.evaluations_since_best} evaluations without a better one, "
@@ -750,6 +754,17 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     if device.type == "cuda":
         torch.cuda.manual_seed(dropout_seed)
     return Progress(world_size=distributed.world_size(), validation=validation)
+
+
+def logged_finish(run_dir: Path, progress: Progress) -> bool:
+    """Whether metrics.jsonl has the run's Finish event at its last step (an unreadable one is
+    taken as having it: nothing is known to be missing)."""
+    try:
+        records = ckpt.read_jsonl(run_dir / ckpt.METRICS)
+    except OSError:
+        return True
+    return any(r.get("event") == "finish" and r.get("step") == progress.global_step
+               for r in records)
 
 
 def made_test_pass(run_dir: Path, progress: Progress) -> bool:
@@ -952,6 +967,9 @@ def _prepare(model: nn.Module, dataset: Dataset, test: Split | None, recipe: Rec
         held.enter_context(ckpt.RunLock(run_dir))
     progress = _begin(run_dir, model, optimizer, device, options, resume, ema, scaler,
                       validation)
+    if (test_loader is not None and resume and progress.trained(options.epochs)
+            and made_test_pass(run_dir, progress)):
+        test_loader = None  # made before a kill that left only the Finish line to write
     reporter = held.enter_context(contextlib.closing(
         Reporter(run_dir, quiet=options.quiet, tensorboard=options.tensorboard,
                  resumed_at=progress.global_step if resume else None)))
@@ -1015,7 +1033,9 @@ def _train(model: nn.Module, recipe: Recipe, options: TrainOptions, run_dir: Pat
     if capture:
         compiling["capture"] = "one CUDA graph per batch shape"
     if resume and progress.trained(options.epochs):
-        reporter.event("Resume", step=progress.global_step, remaining="the test pass")
+        reporter.event("Resume", step=progress.global_step,
+                       remaining="the test pass" if test_loader is not None
+                       else "the Finish line")
     elif resume:
         reporter.event("Resume", step=progress.global_step, epoch=progress.epoch + 1,
                        **compiling)
