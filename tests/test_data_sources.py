@@ -6,6 +6,7 @@ import dataclasses
 import json
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,22 @@ def test_image_folder_decodes_and_caches(monkeypatch, tmp_path):
     assert np.array_equal(
         load_dataset(src, root=root).train.images.numpy(), ds.train.images.numpy()
     )
+
+
+def test_decoding_shows_a_bar_on_a_terminal_alone(monkeypatch, tmp_path, capsys):
+    """A large folder takes minutes to decode the first time: a terminal sees a bar of the
+    images decoded; a log (stderr not a terminal) gets nothing."""
+    src = tmp_path / "imgs"
+    for i in range(3):
+        _png(src / "train" / "dog" / f"{i}.png")
+    _png(src / "test" / "dog" / "t.png")
+    load_dataset(src, root=tmp_path / "logged")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    load_dataset(src, root=tmp_path / "shown")
+    err = capsys.readouterr().err
+    assert f"decoding {src / 'train'}: " in err and " 0/3 " in err  # its images counted
+    assert f"decoding {src / 'test'}: " in err and " 0/1 " in err
 
 
 def test_an_unwritable_data_root_is_named_with_the_way_to_another(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
 from vitlab.data.arrays import (
     Dataset,
@@ -386,9 +388,15 @@ def _decode_all(files: list[Path], size: int | None, where: Path,
             return _decode(f, size)
         return _decode(f, size, f"; fix it, or remove its row ({listed_at[f]})")
 
-    # Pillow releases the GIL while decoding, so threads give real parallelism.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(decode, files))
+    # Pillow releases the GIL while decoding, so threads give real parallelism. A folder is
+    # decoded once (then cached), but a large one takes minutes: a bar on a terminal says so.
+    with (ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool,
+          tqdm(total=len(files), desc=f"decoding {where}", unit="img", leave=False,
+               dynamic_ncols=True, disable=not sys.stderr.isatty()) as bar):
+        images = []
+        for image in pool.map(decode, files):
+            images.append(image)
+            bar.update()
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise DataFormatError(
