@@ -124,6 +124,13 @@ def test_no_download_error_says_what_to_put_where(tmp_path):
     # The way to point elsewhere that works whether or not --data-root was given.
     assert msg.endswith("or point the data root at a folder that has it (--data-root DIR; "
                         "VITLAB_DATA=DIR where no --data-root is given)")
+    assert ".part" not in msg
+    # An interrupted download's part file: named, with what finishes it.
+    (tmp_path / "cifar-100-python.tar.gz.part").write_bytes(b"x" * 10)
+    with pytest.raises(DatasetNotFoundError, match=r"download=False; the partial download "
+                       r".*cifar-100-python.tar.gz.part is finished by a call that may "
+                       r"download \(without --no-download\)"):
+        load_dataset("cifar100", root=tmp_path, download=False)
 
 
 def test_whole_part_file_is_kept_without_a_network(tmp_path):

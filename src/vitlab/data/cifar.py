@@ -185,7 +185,11 @@ def load_named(name: str, root: Path, download_ok: bool) -> Dataset:
     archive = root / src.filename
     found = archive.is_file() or (root / src.folder).is_dir()
     if not found and not download_ok:
-        raise DatasetNotFoundError(_not_found(name, src, root, "download=False"))
+        part = archive.with_name(archive.name + ".part")  # an interrupted download's
+        why = "download=False" + (f"; the partial download {part} is finished by a call that "
+                                  "may download (without --no-download)" if part.is_file()
+                                  else "")
+        raise DatasetNotFoundError(_not_found(name, src, root, why))
     check_cache_writable(root, f"{name}'s arrays")
     if archive.is_file():
         got = md5sum(archive)
