@@ -703,6 +703,16 @@ def test_truncate_logs_keeps_events_up_to_the_checkpoint(tmp_path):
                                                 for s in (1, 2, 3)]
     assert log.read_text().splitlines() == lines[:4]
     assert not list(tmp_path.glob(".*.tmp"))
+    # An attempt resumed at step 3 and killed before saving a step: its resume line gives way
+    # to the next one's; the resume of an attempt that went on is kept.
+    for step in (2, 3):
+        ckpt.append_jsonl(metrics, {"event": "resume", "step": step})
+    with open(log, "a", encoding="utf-8") as f:
+        f.write("vitlab-Resume: step: 2; epoch: 1;\nvitlab-Resume: step: 3; epoch: 1;\n")
+    ckpt.truncate_logs(tmp_path, 3)
+    assert [(r["event"], r["step"]) for r in ckpt.read_jsonl(metrics)] == [
+        ("train", 1), ("train", 2), ("train", 3), ("resume", 2)]
+    assert log.read_text().splitlines() == [*lines[:4], "vitlab-Resume: step: 2; epoch: 1;"]
 
 
 def test_the_same_weights_and_metadata_make_the_same_file_bytes(tmp_path):
