@@ -774,15 +774,20 @@ def test_trainer_state_refuses_code_and_torn_files(tmp_path):
             repair_run_weights(tmp_path)
 
 
-def test_a_file_system_without_modes_still_gets_atomic_writes(tmp_path, monkeypatch):
-    """vfat and some CIFS mounts refuse chmod: the file is written all the same, no fd leaks."""
-    def refuse(fd, mode):
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "fchmod", refuse)
+def test_atomic_writes_take_the_umask_of_the_moment_and_leak_no_descriptor(tmp_path):
+    """A file mode as open() gives it, under the umask as it is at each write (an audit found
+    the umask read once per process: a later, tighter one was ignored)."""
     opened = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
-    vitlab_io.atomic_write_bytes(tmp_path / "f.bin", b"data")
-    assert (tmp_path / "f.bin").read_bytes() == b"data" and not list(tmp_path.glob(".*.tmp"))
+    before = os.umask(0o022)
+    try:
+        vitlab_io.atomic_write_bytes(tmp_path / "open.bin", b"data")
+        os.umask(0o077)
+        vitlab_io.atomic_write_bytes(tmp_path / "private.bin", b"data")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "open.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.bin").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "open.bin").read_bytes() == b"data" and not list(tmp_path.glob(".*.tmp"))
     if opened is not None:
         assert len(os.listdir("/proc/self/fd")) == opened
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import os
 import re
-import tempfile
-import threading
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -17,15 +16,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     """Call `write(file)` on a temp file beside `path`, flush it to disk, then rename it over."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _create_temp(path)
     except OSError as e:  # named by the file asked for, not by the temp file
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            # mkstemp's 0600 would hide the file from the group; a file system without modes
-            # (vfat, some CIFS mounts) refuses the change, and the file is written all the same.
-            with contextlib.suppress(OSError):
-                os.fchmod(f.fileno(), 0o666 & ~_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -40,7 +35,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     _fsync_dir(path.parent)
 
 
-# atomic_write's temp file for NAME: `.NAME.`, tempfile's random characters, `.tmp`.
+# atomic_write's temp file for NAME: `.NAME.`, random characters (hex; tempfile's before), `.tmp`.
 _TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]+\.tmp")
 
 
@@ -50,19 +45,19 @@ def temp_of(file_name: str, names: tuple[str, ...]) -> bool:
     return match is not None and match["name"] in names
 
 
-def _umask() -> int:
-    """The process umask, read once: reading it means setting it, and two threads reading it at
-    once (the background checkpoint writer and the training thread) could leave it at 0."""
-    global _UMASK
-    with _UMASK_LOCK:
-        if _UMASK is None:
-            _UMASK = os.umask(0)
-            os.umask(_UMASK)
-        return _UMASK
-
-
-_UMASK: int | None = None
-_UMASK_LOCK = threading.Lock()
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temp file beside `path` (`.NAME.<random>.tmp`), open for writing, with the mode a
+    plain open() gives: 0666 less the umask as it is now (tempfile.mkstemp's 0600 would hide
+    the file from the group, and reading the umask means setting it, which races threads)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(
+        os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temp file name beside it", str(path))
 
 
 def _fsync_dir(folder: Path) -> None:
