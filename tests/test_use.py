@@ -665,7 +665,7 @@ def test_evaluating_a_run_being_trained_says_so_and_names_the_weights_it_scored(
     """evaluation.json names the weights it scored (step and SHA-256, of the bytes loaded), so
     a report made while the run trained is told from one of its final weights; evaluate warns
     of a run being trained, and a run that has saved no weights yet says why."""
-    from vitlab.errors import CheckpointError
+    from vitlab.errors import CheckpointError, DatasetNotFoundError
     from vitlab.runs import evaluate_run
 
     live = tmp_path / "live"
@@ -677,7 +677,7 @@ def test_evaluating_a_run_being_trained_says_so_and_names_the_weights_it_scored(
     try:
         assert holder.stdout.readline().strip() == "locked"
         report = evaluate_run(live, out=tmp_path / "e", device="cpu", quiet=True,
-                              download=False, eval_steps=1)
+                              no_download=True, eval_steps=1)
         assert f"{live} is being trained now (pid {holder.pid})" in caplog.text
         assert report["checkpoint_step"] == ckpt.weights_step(live / ckpt.WEIGHTS) == 20
         assert report["checkpoint_sha256"] == ckpt.file_sha256(live / ckpt.WEIGHTS)
@@ -700,9 +700,14 @@ def test_evaluating_a_run_being_trained_says_so_and_names_the_weights_it_scored(
     with pytest.raises(CheckpointError, match=r"so one in its first epoch has none yet$"):
         # the lock's holder is gone
         load_run(live)
-    evaluate_run(run, out=tmp_path / "e2", device="cpu", quiet=True, download=False,
+    evaluate_run(run, out=tmp_path / "e2", device="cpu", quiet=True, no_download=True,
                  eval_steps=1)
     assert "being trained" not in caplog.text
+    # no_download is --no-download's keyword, as pretrain takes it (a library-user audit found
+    # evaluate_run taking download= alone).
+    with pytest.raises(DatasetNotFoundError, match="download=False"):
+        evaluate_run(run, data="cifair10", data_root=tmp_path / "empty-root", out=tmp_path / "e3",
+                     device="cpu", quiet=True, no_download=True)
 
 
 def test_a_class_name_the_font_lacks_is_one_warning_line(tmp_path, caplog, recwarn):

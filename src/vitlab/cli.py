@@ -413,7 +413,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     runs.evaluate_run(args.checkpoint, data=args.data, split=args.split, weights=args.weights,
                       out=args.out, batch_size=args.batch_size, eval_steps=args.eval_steps,
                       device=args.device, precision=args.precision, image_size=args.image_size,
-                      data_root=args.data_root, download=not args.no_download, tta=args.tta,
+                      data_root=args.data_root, no_download=args.no_download, tta=args.tta,
                       top_losses=args.top_losses)
 
 

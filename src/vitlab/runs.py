@@ -635,14 +635,16 @@ def evaluate_run(run_dir: PathLike, *, data: PathLike | None = None, split: str 
                  weights: str = "last", out: PathLike | None = None, batch_size: int = 256,
                  eval_steps: int | None = None, device: str = "auto", precision: str = "auto",
                  image_size: int | None = None, data_root: PathLike | None = None,
-                 download: bool = True, quiet: bool = False, tta: str = "none",
-                 top_losses: int = 0) -> dict:
+                 no_download: bool = False, quiet: bool = False, tta: str = "none",
+                 top_losses: int = 0, download: bool = True) -> dict:
     """Accuracy, cross-entropy, per-class accuracy and the confusion matrix of a run's model on
     the `split` of `data` (default: the test split of the run's own dataset; see
     `evaluated_split`), with `tta` "flip" of each image's and its mirror's mean probabilities.
     Writes evaluation.json and confusion_matrix.png (with `top_losses` N, top_losses.png of the
     N images of the highest loss) to `out` (default: RUN_DIR/evaluation, RUN_DIR/evaluation-SPLIT
-    for another split) and returns the report."""
+    for another split) and returns the report. `no_download` is --no-download, as `pretrain`
+    takes it (`download=False`, the name this function took first, does the same)."""
+    download = download and not no_download
     run_dir = Path(run_dir)
     if split not in EVAL_SPLITS:
         raise ConfigError(f"--split takes {', '.join(EVAL_SPLITS)}, got {split!r}")
