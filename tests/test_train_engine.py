@@ -533,6 +533,9 @@ def test_sigint_checkpoint_then_resume_equals_an_uninterrupted_run(dataset, tmp_
     with pytest.raises(Interrupted) as info:
         fit(FailingViT(at=6, action="sigint"), dataset, RECIPE, opts, tmp_path / "b")
     assert info.value.step == 6
+    # A KeyboardInterrupt, as Ctrl-C is: a sweep's `except Exception` must not swallow it (a
+    # library-user audit found it an Exception, and the sweep going on to its next setting).
+    assert isinstance(info.value, KeyboardInterrupt) and not isinstance(info.value, Exception)
     assert signal.getsignal(signal.SIGINT) is handler  # restored
     state = torch.load(tmp_path / "b" / ckpt.TRAINER_STATE, weights_only=True)
     assert (state["progress"]["global_step"], state["progress"]["epoch"],

@@ -25,6 +25,7 @@ from pathlib import Path
 from vitlab import __version__
 from vitlab.errors import (
     ConfigError,
+    Interrupted,
     SettingDiffers,
     SettingError,
     StageSettingError,
@@ -603,11 +604,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"its files; run it without torchrun (vitlab {args.command} ...)",
                   file=sys.stderr)
         return EXIT_USAGE
-    try:
-        from vitlab.train.engine import Interrupted
-    except KeyboardInterrupt:
-        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
-        return EXIT_SIGNAL[signal.SIGINT]
     commands = {"pretrain": _train, "finetune": _train, "run": _train, "evaluate": _evaluate,
                 "predict": _predict, "attention": _attention, "export": _export,
                 "recipes": _recipes, "info": _info, "bench": _bench, "split": _split}

@@ -1,4 +1,10 @@
-"""Errors a user can cause. The CLI prints them in one line and exits with code 2."""
+"""Errors a user can cause. The CLI prints them in one line and exits with code 2; the two
+signals (Terminated, Interrupted) are KeyboardInterrupts, as Ctrl-C is."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
 
 
 class VitlabError(Exception):
@@ -85,3 +91,17 @@ class DataFormatError(DataError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised (as Ctrl-C is) where a command cleans up before it exits; the CLI then
     exits 143."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during training, raised once a resumable checkpoint is saved: a
+    KeyboardInterrupt, so that a caller's `except Exception` (a sweep that goes on to its next
+    setting) does not swallow the user's Ctrl-C. The CLI exits 130 or 143."""
+
+    def __init__(self, run_dir: Path, step: int, signum: int = signal.SIGINT) -> None:
+        how = {signal.SIGINT: "interrupted", signal.SIGTERM: "stopped by SIGTERM"}.get(
+            signum, f"stopped by signal {signum}")
+        super().__init__(f"{how} at step {step}; resumable checkpoint saved in {run_dir}")
+        self.run_dir = run_dir
+        self.step = step
+        self.signum = signum

@@ -31,7 +31,7 @@ from vitlab.data import BatchLoader, Dataset
 from vitlab.data.arrays import Split
 from vitlab.data.augment import Normalization, ResizeBatch, eval_transform, make_augment
 from vitlab.data.loader import mix_seed
-from vitlab.errors import CheckpointError, ConfigError, VitlabError
+from vitlab.errors import CheckpointError, ConfigError, Interrupted, VitlabError
 from vitlab.model import tta_logits
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.capture import CapturedStep
@@ -53,18 +53,6 @@ from vitlab.train.runconfig import RunConfig
 
 class TrainingDiverged(VitlabError):
     """The loss became NaN or infinite."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during training; a resumable checkpoint has been saved."""
-
-    def __init__(self, run_dir: Path, step: int, signum: int = signal.SIGINT) -> None:
-        how = {signal.SIGINT: "interrupted", signal.SIGTERM: "stopped by SIGTERM"}.get(
-            signum, f"stopped by signal {signum}")
-        super().__init__(f"{how} at step {step}; resumable checkpoint saved in {run_dir}")
-        self.run_dir = run_dir
-        self.step = step
-        self.signum = signum
 
 
 @dataclass
