@@ -457,11 +457,13 @@ def test_onnx_export_of_the_small_data_options(tmp_path, name):
     from vitlab.model import preset
 
     torch.manual_seed(0)
-    model = ViT(preset(name, 10, depth=2)).eval()
+    model = ViT(preset(name, 10, depth=2)).train()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.05)
     path = export_onnx(model, tmp_path / f"{name}.onnx", [str(i) for i in range(10)])
+    assert model.training  # the caller's model as it was given (a library-user audit's find)
+    model.eval()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.randn(3, 3, 32, 32)
     (got,) = session.run(["logits"], {"images": images.numpy()})

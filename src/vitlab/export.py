@@ -119,7 +119,8 @@ def export_onnx(model: ViT, path: str | os.PathLike, class_names: Sequence[str],
     metadata; returns the path."""
     onnx = require_onnx()
     path = _check_target(path, ".onnx")
-    model = head_for(model.eval().cpu(), class_names)
+    # A copy: the caller's model keeps its mode and device.
+    model = head_for(copy.deepcopy(model).eval().cpu(), class_names)
     config = model.config
     example = torch.zeros(2, config.num_channels, config.image_size, config.image_size)
     import io
