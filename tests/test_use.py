@@ -712,6 +712,30 @@ def test_evaluating_a_run_being_trained_says_so_and_names_the_weights_it_scored(
                      device="cpu", quiet=True, no_download=True)
 
 
+def test_drawing_leaves_the_backend_and_the_warning_filters_as_they_were(tmp_path):
+    """A notebook's plotting backend (inline) and its warning filters survive vitlab's
+    pictures: a library-user audit found the first picture switching the process to Agg, and
+    importing vitlab.report adding a filter ahead of the user's. In a process of its own, as
+    the backend is the process's."""
+    code = f"""
+import warnings, matplotlib
+matplotlib.use("svg")  # the user's backend
+warnings.simplefilter("ignore")
+import torch  # (torch adds filters of its own as it is imported)
+filters = list(warnings.filters)
+from vitlab.report import plot_curves
+plot_curves([{{"event": "train", "epoch": 1, "ce_mean": 2.0}},
+             {{"event": "eval", "epoch": 1, "ce": 2.0, "accuracy": 0.5}}], {str(tmp_path / "c.png")!r})
+import matplotlib.pyplot as plt
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert warnings.filters == filters, warnings.filters[:2]
+assert plt.get_fignums() == [], plt.get_fignums()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_a_class_name_the_font_lacks_is_one_warning_line(tmp_path, caplog, recwarn):
     from matplotlib.font_manager import FontProperties, findfont
     from matplotlib.ft2font import FT2Font

@@ -10,21 +10,24 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from vitlab import __version__  # noqa: E402
-from vitlab.errors import ConfigError  # noqa: E402
-from vitlab.io import atomic_write_bytes, display_name  # noqa: E402
-from vitlab.train.checkpoint import selection_key  # noqa: E402
+from vitlab import __version__
+from vitlab.errors import ConfigError
+from vitlab.io import atomic_write_bytes, display_name
+from vitlab.train.checkpoint import selection_key
 
 log = logging.getLogger("vitlab")
 
 
-# Each missing glyph is a warning on every save (counted below), not once per process.
-warnings.filterwarnings("always", message=".*missing from font")
+def _figure(rows: int = 1, columns: int = 1, **kwargs):
+    """(figure, axes) as pyplot.subplots makes them, without pyplot: a figure of its own that
+    renders to files alone, leaving the process's backend (a notebook's inline plots) and
+    pyplot's figures as they were."""
+    squeeze = kwargs.pop("squeeze", True)
+    figure = Figure(**kwargs)
+    return figure, figure.subplots(rows, columns, squeeze=squeeze)
 
 
 def _literal_text(plot: Callable) -> Callable:
@@ -37,23 +40,18 @@ def _literal_text(plot: Callable) -> Callable:
     return plot_literally
 
 
-def _save(figure, path: str | os.PathLike) -> None:
+def _save(figure: Figure, path: str | os.PathLike) -> None:
     buffer = io.BytesIO()
-    missing, show = [], warnings.showwarning
-
-    def count_glyphs(message, category, filename, lineno, file=None, line=None):
-        if "missing from font" in str(message):
-            missing.append(str(message))
-        else:  # any other warning as Python would show it
-            show(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = count_glyphs
-    try:
+    # Each missing glyph is caught on every save (counted below), not once per process; the
+    # caller's warning filters are restored after it.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", message=".*missing from font")
         figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight",
                        metadata={"Software": f"vitlab {__version__}"})
-    finally:
-        warnings.showwarning = show
-        plt.close(figure)
+    missing = [str(w.message) for w in caught if "missing from font" in str(w.message)]
+    for w in caught:  # any other warning as Python would show it
+        if "missing from font" not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     atomic_write_bytes(path, buffer.getvalue())
     if missing:  # matplotlib warns per character, naming its own source line; one line instead
         log.warning("vitlab: %s shows %d character(s) its font lacks as boxes (class names in "
@@ -101,7 +99,7 @@ def plot_curves(records: Sequence[dict], path: str | os.PathLike,
              and _numbers(r, "epoch", "ce", "accuracy")]
     if any("ema_accuracy" in r for r in evals):
         evals = [r for r in evals if _numbers(r, "ema_ce", "ema_accuracy")]
-    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (loss_ax, acc_ax) = _figure(1, 2, figsize=(10, 4))
     if train:
         loss_ax.plot([r["epoch"] for r in train], [r["ce_mean"] for r in train], "o-",
                      label="train (mean over epoch)")
@@ -144,8 +142,8 @@ def plot_top_losses(images: Sequence[np.ndarray], titles: Sequence[str],
     n = len(images)
     columns = min(n, 6)
     rows = -(-n // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows),
-                                squeeze=False)
+    figure, axes = _figure(rows, columns, figsize=(2.1 * columns, 2.5 * rows),
+                           squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles, strict=False):
@@ -167,7 +165,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     n = len(classes)
     size = min(max(4.0, 0.45 * n), 24.0)
-    figure, ax = plt.subplots(figsize=(size + 1.5, size))
+    figure, ax = _figure(figsize=(size + 1.5, size))
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if n <= 30:
@@ -209,7 +207,7 @@ def plot_attention(image: np.ndarray, rollout_map: np.ndarray, head_maps: np.nda
     head, each map upsampled over the image. Maps are [side, side] patch grids."""
     heads = head_maps.shape[0]
     columns = 2 + heads
-    figure, axes = plt.subplots(1, columns, figsize=(1.9 * columns, 2.3))
+    figure, axes = _figure(1, columns, figsize=(1.9 * columns, 2.3))
     axes[0].imshow(image, interpolation="nearest")
     axes[0].set_title(display_name(title) or "image", fontsize=8)
     axes[0].axis("off")
@@ -226,8 +224,8 @@ def plot_attention_grid(images: Sequence[np.ndarray], rollout_maps: Sequence[np.
     n = len(images)
     columns = min(n, 6)
     rows = -(-n // columns)
-    figure, axes = plt.subplots(2 * rows, columns, figsize=(1.9 * columns, 4.0 * rows),
-                                squeeze=False)
+    figure, axes = _figure(2 * rows, columns, figsize=(1.9 * columns, 4.0 * rows),
+                           squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, (image, rollout_map, title) in enumerate(zip(images, rollout_maps, titles,
