@@ -58,6 +58,7 @@ from vitlab.settings import (
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.engine import (
     FitResult,
+    caller_rng_kept,
     check_learnable,
     evaluate,
     fit,
@@ -282,8 +283,9 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     config = dataclasses.replace(base, num_classes=head, **overrides)
     check_fits(dataset, config, data, options.resize_on_device)
     _check_channels(normalization, dataset, data)
-    torch.manual_seed(options.seed)
-    vit = ViT(config)
+    with caller_rng_kept():
+        torch.manual_seed(options.seed)
+        vit = ViT(config)
     init.encoder_tensors_copied = load_encoder_weights(vit, encoder)
     run_config = RunConfig(
         kind="finetune", model=config, recipe=chosen, data=data_spec(data),
@@ -417,7 +419,9 @@ def resume(run_dir: PathLike, *, kind: str | None = None, **settings: Any) -> Fi
                    run_config=current)
     # A longer run, or data at a new place: config.json says so from now on.
     changed = epochs != saved.options.epochs or moved_to is not None
-    return fit(ViT(saved.model), dataset, saved.recipe, options, run_dir,
+    with caller_rng_kept():  # its initialization, replaced by the trainer state's weights
+        model = ViT(saved.model)
+    return fit(model, dataset, saved.recipe, options, run_dir,
                run_config=current if changed else None, resume=True,
                normalization=saved.normalization)
 
@@ -525,8 +529,9 @@ def _names_from(names: list[str], at: int) -> str:
 
 def _initial_model(config: RunConfig) -> ViT:
     """The model a run of `config` starts from: seeded init, plus its pre-trained encoder."""
-    torch.manual_seed(config.seed)
-    model = ViT(config.model)
+    with caller_rng_kept():
+        torch.manual_seed(config.seed)
+        model = ViT(config.model)
     init = config.init
     if init is not None and init.weights == "timm":
         load_encoder_weights(model, _timm_encoder(init, config.model))
@@ -620,7 +625,8 @@ def _load_model(run_dir: PathLike, weights: str, device: str | torch.device
     config = ckpt.read_run_config(run_dir)
     weights_file = run_dir / ckpt.WEIGHT_FILES[SETTINGS["weights"].check(weights)]
     state, identity = ckpt.read_weights(weights_file)
-    model = ViT(config.model)
+    with caller_rng_kept():  # its initialization, replaced by the weights
+        model = ViT(config.model)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -1520,9 +1526,10 @@ def model_summary(name: str, num_classes: int = 100, **architecture: int) -> lis
     """Build preset `name` (its `architecture` changed as pretrain's flags change it), run a
     forward pass; its size, FLOPs and shapes as lines of text."""
     config = preset(name, num_classes=num_classes, **architecture)
-    torch.manual_seed(0)
-    model = ViT(config).eval()
-    images = torch.randn(2, config.num_channels, config.image_size, config.image_size)
+    with caller_rng_kept():
+        torch.manual_seed(0)
+        model = ViT(config).eval()
+        images = torch.randn(2, config.num_channels, config.image_size, config.image_size)
     with torch.inference_mode():
         logits = model(images)
     flops = forward_flops(config)

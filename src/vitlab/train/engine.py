@@ -840,7 +840,7 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
     ema = WeightEMA(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     # fp16: a dynamic loss scale keeps small gradients from underflowing (bf16 needs none).
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
-    with contextlib.ExitStack() as held:
+    with caller_rng_kept(device), contextlib.ExitStack() as held:
         # What can fail on some processes only (the lock, files, a shard with no samples) fails
         # on all of them together, instead of leaving the others waiting in a collective.
         train_loader, eval_loader, test_loader, progress, reporter = distributed.together(
@@ -859,6 +859,16 @@ def fit(model: nn.Module, dataset: Dataset, recipe: Recipe, options: TrainOption
                       resume, _head_size(model, dataset),
                       len(dataset.test) if test is not None else None,
                       None if class_weights is None else class_weights.to(device))
+
+
+def caller_rng_kept(device: torch.device | None = None) -> contextlib.AbstractContextManager:
+    """The global torch RNG (the CPU's, and `device`'s if it is a CUDA device) as it was before
+    the block, after it: a library call that seeds or draws (training's dropout seed, a model's
+    initialization before its weights are loaded) leaves its caller's random stream alone."""
+    cuda = device is not None and device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()
+             ) if cuda else None
+    return torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda")
 
 
 def hold_out_validation(dataset: Dataset, fraction: float, seed: int, warn: bool = True,
