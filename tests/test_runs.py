@@ -24,6 +24,7 @@ from cli_helpers import (
     events,
     load_weights,
 )
+from data_helpers import write_file
 from vitlab.cli import main
 from vitlab.data import BatchLoader, Dataset, SeedAugment, arrays
 from vitlab.data.arrays import Split
@@ -138,9 +139,13 @@ def test_a_cosine_run_cannot_be_made_longer(data_root, tmp_path, capfd):
     assert "--epochs 3: the run in" in line and "cosine LR schedule depends on that total" in line
 
 
-def test_python_api_needs_no_argparse_and_refuses_unknown_settings(data_root, tmp_path):
+def test_python_api_needs_no_argparse_and_refuses_unknown_settings(data_root, tmp_path,
+                                                                  monkeypatch):
     # The caller's random stream is left as it was, by training (which seeds its own) and by
-    # loading (whose model is initialized, then loaded): an audit found both using it up.
+    # loading (whose model is initialized, then loaded): an audit found both using it up. Nor
+    # are the GPUs' streams reseeded (torch.manual_seed reseeds every one: a review's find).
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
     torch.manual_seed(7)
     want = torch.rand(3)
     torch.manual_seed(7)
@@ -149,7 +154,7 @@ def test_python_api_needs_no_argparse_and_refuses_unknown_settings(data_root, tm
                       seed=2, quiet=True, device="cpu")
     assert result.global_step == 2 and result.run_dir == tmp_path / "py"
     model, config, classes = load_run(result.run_dir)
-    assert torch.equal(torch.rand(3), want)
+    assert torch.equal(torch.rand(3), want) and reseeded == [7, 7]  # the test's own seeds
     assert config.recipe.batch_size == 16 and len(classes) == 10
     with pytest.raises(ConfigError, match="unknown setting 'lrr' for pretrain"):
         pretrain(data="cifar10", out=tmp_path / "x", lrr=0.1)
@@ -1201,13 +1206,20 @@ def test_a_second_call_of_a_pipeline_being_run_is_refused_before_it_writes(data_
     fine-tunes would otherwise find the pre-training stage unlocked, and replace it."""
     out = tmp_path / "p"
     with ckpt.RunLock(out):  # another call, running
-        for extra in ({}, {"overwrite": True}):
-            with pytest.raises(RunLockedError, match=f"{out} is being written by another "
-                               f"vitlab process .*--resume {out}$"):
-                run_pipeline(pretrain_data="cifar10", finetune_data="cifar10", out=out,
-                             model="micro", epochs=1, train_steps_per_epoch=1, device="cpu",
-                             quiet=True, data_root=str(data_root), no_download=True, **extra)
-    assert [p.name for p in out.iterdir()] == [ckpt.LOCK]
+        with pytest.raises(RunLockedError, match=f"{out} is being written by another "
+                           f"vitlab process .*--resume {out}$"):
+            run_pipeline(pretrain_data="cifar10", finetune_data="cifar10", out=out,
+                         model="micro", epochs=1, train_steps_per_epoch=1, device="cpu",
+                         quiet=True, data_root=str(data_root), no_download=True)
+        assert [p.name for p in out.iterdir()] == [ckpt.LOCK]
+        # Refused before --overwrite clears anything (a review found evaluation/ cleared).
+        evaluation = write_file(out / "evaluation" / "evaluation.json", b"{}")
+        with pytest.raises(RunLockedError):
+            run_pipeline(pretrain_data="cifar10", finetune_data="cifar10", out=out,
+                         model="micro", epochs=1, train_steps_per_epoch=1, device="cpu",
+                         quiet=True, data_root=str(data_root), no_download=True,
+                         overwrite=True)
+        assert evaluation.read_bytes() == b"{}"
 
 
 def _grow_training_split(folder: Path, extra: int) -> None:

@@ -1657,6 +1657,51 @@ def test_a_run_killed_before_its_finish_line_is_finished_by_its_resume(dataset, 
         fit(tiny_model(), dataset, RECIPE, opts, tmp_path, resume=True)
 
 
+def test_any_number_of_processes_may_write_the_finish_line_alone(dataset, tmp_path):
+    """Each process's random stream is saved for training to go on; writing a Finish line
+    needs none, so a run of two processes (here: its trainer state says so) killed before that
+    line is finished by one process (a review found `vitlab run` refusing to keep such a stage).
+    Training it further still needs its two."""
+    opts = options(1, train_steps_per_epoch=2)
+    fit(tiny_model(), dataset, RECIPE, opts, tmp_path)
+    state_file = tmp_path / ckpt.TRAINER_STATE
+    state = torch.load(state_file, weights_only=True)
+    state["progress"]["world_size"], state["rng_ranks"] = 2, [state["rng"], state["rng"]]
+    torch.save(state, state_file)
+    _kill_before_finish(tmp_path)
+    fit(tiny_model(), dataset, RECIPE, opts, tmp_path, resume=True)
+    assert ckpt.read_jsonl(tmp_path / ckpt.METRICS)[-1]["event"] == "finish"
+    with pytest.raises(CheckpointError, match=r"trained by 2 process\(es\) .* resume it with "
+                                              r"torchrun --nproc-per-node 2"):
+        fit(tiny_model(), dataset, RECIPE, options(2, train_steps_per_epoch=2), tmp_path,
+            resume=True)
+
+
+def test_a_log_that_does_not_reach_the_last_step_says_nothing_of_a_kill(dataset, tmp_path):
+    """Only a log that has the last epoch's lines and no Finish line tells a kill between
+    them: a metrics.jsonl deleted or cut short (a review found a finished run's curves replaced
+    by an empty plot) leaves the run finished. A run of no epochs keeps its Start line."""
+    opts = options(1, train_steps_per_epoch=2)
+    fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "a")
+    curves = (tmp_path / "a" / ckpt.CURVES).read_bytes()
+    (tmp_path / "a" / ckpt.METRICS).unlink()
+    with pytest.raises(CheckpointError, match="already finished its 1 epochs"):
+        fit(tiny_model(), dataset, RECIPE, opts, tmp_path / "a", resume=True)
+    assert (tmp_path / "a" / ckpt.CURVES).read_bytes() == curves
+    assert not (tmp_path / "a" / ckpt.METRICS).exists()
+    zero = options(0)
+    fit(tiny_model(), dataset, RECIPE, zero, tmp_path / "z")
+    _kill_before_finish(tmp_path / "z")
+    with pytest.raises(CheckpointError, match="already finished its 0 epochs"):
+        fit(tiny_model(), dataset, RECIPE, zero, tmp_path / "z", resume=True)
+    # Continued with epochs, it keeps its Start line (at step 1, after its step 0).
+    fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=2), tmp_path / "z",
+        resume=True)
+    events = [r["event"] for r in ckpt.read_jsonl(tmp_path / "z" / ckpt.METRICS)]
+    assert events[0] == "start" and events.count("start") == 1 and events[-1] == "finish"
+    assert (tmp_path / "z" / ckpt.LOG).read_text().startswith("vitlab-Start: step: 1;")
+
+
 @pytest.mark.parametrize(("fraction", "message"), [
     (0.01, "holds out no image of tiny's 20 training images"),
     (0.99, "holds out all of tiny's 20 training images")])

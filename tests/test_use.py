@@ -736,6 +736,32 @@ assert plt.get_fignums() == [], plt.get_fignums()
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_drawing_warning_is_passed_on_once_not_every_picture(tmp_path, monkeypatch):
+    """curves.png is redrawn every epoch: a warning raised while drawing reaches the caller
+    once (a review found it repeated on each picture, as saving resets Python's
+    once-per-place memory)."""
+    import warnings
+
+    from matplotlib.figure import Figure
+
+    from vitlab.report import plot_curves
+
+    draw = Figure.savefig
+
+    def noting(self, *args, **kwargs):
+        warnings.warn("a note while drawing", UserWarning, stacklevel=1)
+        return draw(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", noting)
+    records = [{"event": "train", "epoch": 1, "ce_mean": 2.0},
+               {"event": "eval", "epoch": 1, "ce": 2.0, "accuracy": 0.5}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for n in range(3):
+            plot_curves(records, tmp_path / f"c{n}.png")
+    assert [str(w.message) for w in caught] == ["a note while drawing"]
+
+
 def test_a_class_name_the_font_lacks_is_one_warning_line(tmp_path, caplog, recwarn):
     from matplotlib.font_manager import FontProperties, findfont
     from matplotlib.ft2font import FT2Font

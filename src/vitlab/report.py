@@ -40,6 +40,9 @@ def _literal_text(plot: Callable) -> Callable:
     return plot_literally
 
 
+_PASSED_ON: set[tuple] = set()  # the drawing warnings _save has passed on
+
+
 def _save(figure: Figure, path: str | os.PathLike) -> None:
     buffer = io.BytesIO()
     # Each missing glyph is caught on every save (counted below), not once per process; the
@@ -49,8 +52,12 @@ def _save(figure: Figure, path: str | os.PathLike) -> None:
         figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight",
                        metadata={"Software": f"vitlab {__version__}"})
     missing = [str(w.message) for w in caught if "missing from font" in str(w.message)]
-    for w in caught:  # any other warning as Python would show it
-        if "missing from font" not in str(w.message):
+    for w in caught:  # any other warning, through the caller's filters, once a process (each
+        # catch_warnings resets Python's once-per-place memory, so a picture redrawn every
+        # epoch would repeat it)
+        key = (w.category, str(w.message), w.filename, w.lineno)
+        if "missing from font" not in str(w.message) and key not in _PASSED_ON:
+            _PASSED_ON.add(key)
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     atomic_write_bytes(path, buffer.getvalue())
     if missing:  # matplotlib warns per character, naming its own source line; one line instead

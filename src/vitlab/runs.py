@@ -283,8 +283,8 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     config = dataclasses.replace(base, num_classes=head, **overrides)
     check_fits(dataset, config, data, options.resize_on_device)
     _check_channels(normalization, dataset, data)
-    with caller_rng_kept():
-        torch.manual_seed(options.seed)
+    with caller_rng_kept():  # (the CPU's stream, which the model is initialized from)
+        torch.random.default_generator.manual_seed(options.seed)
         vit = ViT(config)
     init.encoder_tensors_copied = load_encoder_weights(vit, encoder)
     run_config = RunConfig(
@@ -529,8 +529,8 @@ def _names_from(names: list[str], at: int) -> str:
 
 def _initial_model(config: RunConfig) -> ViT:
     """The model a run of `config` starts from: seeded init, plus its pre-trained encoder."""
-    with caller_rng_kept():
-        torch.manual_seed(config.seed)
+    with caller_rng_kept():  # (the CPU's stream, which the model is initialized from)
+        torch.random.default_generator.manual_seed(config.seed)
         model = ViT(config.model)
     init = config.init
     if init is not None and init.weights == "timm":
@@ -1056,8 +1056,9 @@ def run_pipeline(*, pretrain_data: PathLike | None = None,
     """
     token = _loaded.set({})
     try:
-        return _run_pipeline(pretrain_data, finetune_data, out, model, num_classes, image_size,
-                             settings)
+        with contextlib.ExitStack() as held:  # the pipeline's lock, once taken
+            return _run_pipeline(pretrain_data, finetune_data, out, model, num_classes,
+                                 image_size, settings, held)
     finally:
         _loaded.reset(token)
 
@@ -1148,7 +1149,7 @@ def _fine_flag(key: str, given: dict[str, Any], kept: set[str], source: Path) ->
 
 def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None, out: PathLike,
                   model: str | None, num_classes: int | None, image_size: int | None,
-                  settings: dict[str, Any]) -> dict:
+                  settings: dict[str, Any], held: contextlib.ExitStack) -> dict:
     settings = check_settings(settings, "run")
     stage_only = settings.pop("finetune", {})  # --finetune KEY=VALUE: fine-tuning's alone
     _model_overrides(dropout=settings.get("dropout"), drop_path=settings.get("drop_path"))
@@ -1248,6 +1249,12 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
                           f"{datasets[1].num_classes} classes of {finetune_data}")
     for folder in ("pretrain", "finetune", "evaluation"):
         check_writable(out / folder)
+    # One call at a time per pipeline, besides each stage's own lock, from before its first
+    # write (planning repairs a kept stage's weight files, --overwrite clears evaluation/) to
+    # its evaluation: a second call would find the first's finished pre-training unlocked while
+    # it fine-tunes, and replace it. Rank 0 takes it; a refusal there reaches every process.
+    distributed.together(lambda: held.enter_context(ckpt.RunLock(out))
+                         if distributed.is_main_process() else None)
     # What each stage will do, decided (and its settings checked) before anything trains.
     pre_plan = _plan_stage(pre_dir, "pretrain", saved["pretrain"], data=pretrain_data,
                            **named_model, **named_size, **settings)
@@ -1278,34 +1285,29 @@ def _run_pipeline(pretrain_data: PathLike | None, finetune_data: PathLike | None
 
     # Rank 0 looks; a refusal there reaches every process (none is left waiting).
     distributed.together(lambda: check_leftovers() if distributed.is_main_process() else None)
-    # One call at a time per pipeline, besides each stage's own lock: a second call would find
-    # the first's finished pre-training unlocked while it fine-tunes, and replace it.
-    with contextlib.ExitStack() as held:
-        distributed.together(lambda: held.enter_context(ckpt.RunLock(out))
+    if pre_plan[0] == "start":  # a new pipeline: what its fine-tuning is to be, kept
+        kept = _kept_call(call_only["settings"], call_only["finetune"],
+                          call_only["finetune_data"], call_only["num_classes"],
+                          _pretraining(pretrain_data, model, pre_seed, pre_recipe, config))
+        distributed.together(lambda: _write_call(out, kept)
                              if distributed.is_main_process() else None)
-        if pre_plan[0] == "start":  # a new pipeline: what its fine-tuning is to be, kept
-            kept = _kept_call(call_only["settings"], call_only["finetune"],
-                              call_only["finetune_data"], call_only["num_classes"],
-                              _pretraining(pretrain_data, model, pre_seed, pre_recipe, config))
-            distributed.together(lambda: _write_call(out, kept)
-                                 if distributed.is_main_process() else None)
-        pre, _ = _run_stage(pre_dir, "pretrain", pre_plan, lambda: pretrain(
-            data=pretrain_data, out=pre_dir, model=model, image_size=image_size, **settings))
-        fine, fitted = _run_stage(fine_dir, "finetune", fine_plan, lambda: finetune(
-            pre, data=finetune_data, out=fine_dir, image_size=image_size, **head, **fine_settings))
-        weights = "ema" if keeps_ema["finetune"] else "last"
-        fine_config = ckpt.read_run_config(fine)
-        if fitted is not None and weights in fitted.final_evaluations and fine_config.classes:
-            # Fine-tuning evaluated these weights on this test split, per class (in its last
-            # epoch, or with --val-fraction after it): the report, without a second pass over
-            # it (~28 s on this project's 2 CPU cores).
-            return _report_evaluation(fitted.final_evaluations[weights], fine, weights,
-                                      fine_config, out / "evaluation",
-                                      quiet=settings.get("quiet", False), seconds=None)
-        return evaluate_run(fine, data=finetune_data, out=out / "evaluation", weights=weights,
-                            device=settings.get("device", "auto"),
-                            precision=settings.get("precision", "auto"), image_size=image_size,
-                            quiet=settings.get("quiet", False), **data_options)
+    pre, _ = _run_stage(pre_dir, "pretrain", pre_plan, lambda: pretrain(
+        data=pretrain_data, out=pre_dir, model=model, image_size=image_size, **settings))
+    fine, fitted = _run_stage(fine_dir, "finetune", fine_plan, lambda: finetune(
+        pre, data=finetune_data, out=fine_dir, image_size=image_size, **head, **fine_settings))
+    weights = "ema" if keeps_ema["finetune"] else "last"
+    fine_config = ckpt.read_run_config(fine)
+    if fitted is not None and weights in fitted.final_evaluations and fine_config.classes:
+        # Fine-tuning evaluated these weights on this test split, per class (in its last
+        # epoch, or with --val-fraction after it): the report, without a second pass over
+        # it (~28 s on this project's 2 CPU cores).
+        return _report_evaluation(fitted.final_evaluations[weights], fine, weights,
+                                  fine_config, out / "evaluation",
+                                  quiet=settings.get("quiet", False), seconds=None)
+    return evaluate_run(fine, data=finetune_data, out=out / "evaluation", weights=weights,
+                        device=settings.get("device", "auto"),
+                        precision=settings.get("precision", "auto"), image_size=image_size,
+                        quiet=settings.get("quiet", False), **data_options)
 
 
 def fine_tuning_settings(settings: dict[str, Any], stage_only: dict[str, Any],
@@ -1527,7 +1529,7 @@ def model_summary(name: str, num_classes: int = 100, **architecture: int) -> lis
     forward pass; its size, FLOPs and shapes as lines of text."""
     config = preset(name, num_classes=num_classes, **architecture)
     with caller_rng_kept():
-        torch.manual_seed(0)
+        torch.random.default_generator.manual_seed(0)
         model = ViT(config).eval()
         images = torch.randn(2, config.num_channels, config.image_size, config.image_size)
     with torch.inference_mode():

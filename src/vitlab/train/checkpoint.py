@@ -479,12 +479,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def truncate_logs(run_dir: str | os.PathLike, last_step: int) -> None:
     """Keep the events up to `last_step` in metrics.jsonl and log.txt (those a resumed run does
-    not repeat), less the finish of a run that is continued with more epochs and the resume
-    of an attempt killed before it saved a step (the new resume's line replaces it). Each event
-    is one line of each file, its step first; a line torn by a kill ends what is kept."""
+    not repeat), and the start (at step 1, before a run of no epochs saved its step 0), less
+    the finish of a run that is continued with more epochs and the resume of an attempt killed
+    before it saved a step (the new resume's line replaces it). Each event is one line of each
+    file, its step first; a line torn by a kill ends what is kept."""
     run_dir = Path(run_dir)
     kept = [r for r in read_jsonl(run_dir / METRICS)
-            if _step_of(r) <= last_step and r.get("event") != "finish"
+            if (_step_of(r) <= last_step or r.get("event") == "start")
+            and r.get("event") != "finish"
             and not (r.get("event") == "resume" and _step_of(r) == last_step)]
     atomic_write(run_dir / METRICS,
                  lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
@@ -495,9 +497,9 @@ def truncate_logs(run_dir: str | os.PathLike, last_step: int) -> None:
             event = _LOG_EVENT.match(line)
             if event is None:
                 break
-            step = int(event["step"])
-            if step <= last_step and event["kind"] != "Finish" and not (
-                    event["kind"] == "Resume" and step == last_step):
+            step, kind = int(event["step"]), event["kind"]
+            if ((step <= last_step or kind == "Start") and kind != "Finish"
+                    and not (kind == "Resume" and step == last_step)):
                 lines.append(line + "\n")
         atomic_write(log, lambda f: f.write("".join(lines).encode()))
 

@@ -624,13 +624,9 @@ def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         eager_param_groups(optimizer, device)
         progress = saved_progress(state, run_dir / ckpt.TRAINER_STATE)
         world = distributed.world_size()
-        if progress.world_size != world:
-            how = (f"torchrun --nproc-per-node {progress.world_size} ..."
-                   if progress.world_size > 1 else "one process, without torchrun")
-            raise CheckpointError(f"{run_dir} was trained by {progress.world_size} process(es) "
-                                  f"and each one's random stream is saved; resume it with {how}")
-        _set_rng_state(state["rng_ranks"][distributed.rank()] if world > 1 else state["rng"],
-                       device)
+        if progress.world_size == world:  # else refused by _begin, unless nothing trains
+            _set_rng_state(state["rng_ranks"][distributed.rank()] if world > 1
+                           else state["rng"], device)
     except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as e:
         # load_state_dict's first line only says that it failed; the next one says what
         why = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])
@@ -712,6 +708,14 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         # just before it), a run is finished by its resume: nothing trains, its end is written.
         unfinished = untested or (progress.trained(options.epochs)
                                   and not logged_finish(run_dir, progress))
+        world = distributed.world_size()
+        # Each process's random stream is saved; a resume that only writes the Finish line
+        # needs none of them, so any number of processes may write it.
+        if progress.world_size != world and (untested or not progress.trained(options.epochs)):
+            how = (f"torchrun --nproc-per-node {progress.world_size} ..."
+                   if progress.world_size > 1 else "one process, without torchrun")
+            raise CheckpointError(f"{run_dir} was trained by {progress.world_size} process(es) "
+                                  f"and each one's random stream is saved; resume it with {how}")
         if progress.epoch >= options.epochs and not unfinished:
             raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
@@ -738,21 +742,26 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     # process of a data-parallel run draws its own masks.
     ranks = () if distributed.world_size() == 1 else (distributed.rank(),)
     dropout_seed = mix_seed(options.seed, 0xD80F, *ranks)
-    torch.manual_seed(dropout_seed)
+    # The CPU's and the training device's streams alone (caller_rng_kept restores those two;
+    # torch.manual_seed would reseed every GPU of the process).
+    torch.random.default_generator.manual_seed(dropout_seed)
     if device.type == "cuda":
-        torch.cuda.manual_seed(dropout_seed)
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(dropout_seed)
     return Progress(world_size=distributed.world_size(), validation=validation)
 
 
 def logged_finish(run_dir: Path, progress: Progress) -> bool:
-    """Whether metrics.jsonl has the run's Finish event at its last step (an unreadable one is
-    taken as having it: nothing is known to be missing)."""
+    """Whether metrics.jsonl has the run's Finish event at its last step. Only a log that
+    reaches that step (its last epoch's lines) and stops before the Finish line tells a kill
+    between the two: a log that is gone, unreadable or cut short earlier (deleted, hand-edited)
+    says nothing of it, and counts as finished."""
     try:
         records = ckpt.read_jsonl(run_dir / ckpt.METRICS)
     except OSError:
         return True
-    return any(r.get("event") == "finish" and r.get("step") == progress.global_step
-               for r in records)
+    at_last = [r.get("event") for r in records if r.get("step") == progress.global_step]
+    return "finish" in at_last or not at_last
 
 
 def made_test_pass(run_dir: Path, progress: Progress) -> bool:
