@@ -264,6 +264,12 @@ def test_image_folder_cache_follows_files_replaced_with_their_times_kept(tmp_pat
     _png(src / "test" / "a" / "2.png", color=(20, 0, 0))
     _png(tmp_path / "other.png", color=(30, 0, 0))
     assert load_dataset(src, root=root).test.images[0, 0, 0, 0] == 20
+    # A writer killed between the arrays and their source.json: the next load writes it, so
+    # the cache is known as this folder's, and deleted below once superseded.
+    (first,) = (root / "imagefolders").iterdir()
+    (first / "source.json").unlink()
+    load_dataset(src, root=root)
+    assert json.loads((first / "source.json").read_text())["folder"] == str(src.resolve())
     target = src / "test" / "a" / "2.png"
     times = target.stat()
     (tmp_path / "other.png").replace(target)

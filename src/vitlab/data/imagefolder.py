@@ -479,7 +479,8 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
               if csv_listed and (path / f"{split}.csv").is_file()]
     cache = caches / _cache_key(path, image_size,
                                 listed + train_files + test_files + val_files)
-    if not is_array_folder(cache):
+    written = not is_array_folder(cache)
+    if written:
         check_cache_writable(caches, "the decoded images' cache")
         x_train = _decode_all(train_files, image_size, path / f"train{suffix}", listed_at)
         x_test = _decode_all(test_files, image_size, test_dir, listed_at)
@@ -496,12 +497,19 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
                                       "image_size")
             splits["val"] = (x_val, np.asarray(val_labels, dtype=np.int64))
         write_array_folder(cache, splits, classes)
+    if not (cache / SOURCE_FILE).is_file():  # just written, or its writer killed before this
         # The host too: node-local copies of a folder (their own change times, so their own
         # caches) under one shared data root must not delete each other's cache.
         source = {"folder": str(path.resolve()), "image_size": image_size,
                   "host": socket.gethostname()}
-        atomic_write_json(cache / SOURCE_FILE, source)
-        _drop_older_caches(caches, cache, source)
+        try:
+            atomic_write_json(cache / SOURCE_FILE, source)
+        except OSError:
+            if written:
+                raise
+            # (a cache found in a root this process cannot write: it serves as it is)
+        else:
+            _drop_older_caches(caches, cache, source)
     dataset = read_array_folder(cache, str(path))
     # The cache holds the images in listing order: each image's file, for reports to name.
     named = {split: tuple(os.path.abspath(f) for f in files)
