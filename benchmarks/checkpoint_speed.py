@@ -6,7 +6,10 @@ the best so far (three files: trainer_state.pt, model.safetensors, best.safetens
 fsynced); the two kinds interleaved, --rounds rounds, medians. Between a background save and the
 next round the script sleeps --work seconds, the next epoch's training the write overlaps.
 
-    python benchmarks/checkpoint_speed.py [--rounds 7] [--work 0.5] [--dir .]
+    python benchmarks/checkpoint_speed.py [--rounds 7] [--work 0.5] [--dir DIR]
+
+(--dir: the disk to time; by default the system's temporary folder, so a killed run
+leaves nothing in the repository.)
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--work", type=float, default=0.5)
-    parser.add_argument("--dir", default=".", help="where the run folders go (its disk is timed)")
+    parser.add_argument("--dir", default=None,
+                        help="where the run folders go (its disk is timed; default: the "
+                             "system's temporary folder)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print("| model, optimizer | synchronous save (ms) | background save, training thread (ms) |")

@@ -52,16 +52,20 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar1
 
 
 def vitlab_batches(split, batch_size: int, train: bool, chunk: int = 1,
-                   recipe_augment: bool = False) -> Iterator[tuple]:
+                   recipe_augment: bool = False) -> Iterator[list[tuple]]:
     """BatchLoader batches, `chunk` batches augmented per call, epoch after epoch: SeedAugment,
     or with `recipe_augment` VitlabAugment at the vitlab recipe's settings (pad-crop-flip,
-    TrivialAugment-Wide, erasing, Mixup/CutMix on half the batches)."""
+    TrivialAugment-Wide, erasing, Mixup/CutMix on half the batches). Yields the batches of
+    one call together (a list), so that a timing window ends where a call does: the batches
+    a call made beyond a window's end would be counted, nearly free, in the next one."""
     augment = (make_augment("vitlab", len(split.classes), **VITLAB_RATES) if recipe_augment
                else SeedAugment())
     loader = BatchLoader(split, batch_size, augment=augment, train=train, shuffle=train, seed=0,
                          chunk_batches=chunk)
     for epoch in itertools.count():
-        yield from loader.epoch(epoch)
+        batches = loader.epoch(epoch)  # (each epoch's calls start at its first batch)
+        while call := list(itertools.islice(batches, loader.chunk_batches)):
+            yield call
 
 
 def numpy_batches(
@@ -171,12 +175,15 @@ def per_call_probe(split, per_call: list[int], total: int = 4096, repeats: int =
         print(f"| {n:,} | " + " | ".join(cells) + " |")
 
 
-def images_per_s(batches: Iterator[tuple], steps: int, min_s: float, max_s: float = 2.0) -> float:
-    """Images/s over at least steps batches and min_s seconds; max_s bounds a busy machine."""
+def images_per_s(batches: Iterator[tuple | list[tuple]], steps: int, min_s: float,
+                 max_s: float = 2.0) -> float:
+    """Images/s over at least steps batches and min_s seconds; max_s bounds a busy machine.
+    An item of `batches` is a batch, or a list of the batches one augmentation call made."""
     start = time.perf_counter()
     n = done = 0
-    for x, _y in batches:
-        n, done = n + x.shape[0], done + 1
+    for item in batches:
+        call = item if isinstance(item, list) else [item]
+        n, done = n + sum(x.shape[0] for x, _y in call), done + len(call)
         elapsed = time.perf_counter() - start
         if (done >= steps and elapsed >= min_s) or elapsed > max_s:
             return n / elapsed
