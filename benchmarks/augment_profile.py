@@ -5,7 +5,7 @@ side of it: each op of `VitlabAugment` (pad-crop-flip, TrivialAugment-Wide, norm
 Erasing) and the Mixup/CutMix that follows, timed per call over the same batches, in microseconds
 per batch (medians; the shares are of the median total, so they need not add up to 100%). The stages run in their training order, so each sees the input it sees in
 training. `--top N` also lists the N aten ops of the most self time in TrivialAugment-Wide alone
-(torch's profiler), with their calls per batch.
+(torch's profiler), with their calls per batch, and the calls of all its aten ops.
 
     python benchmarks/augment_profile.py [--data ../shared/data/cifar100] [--batch-size 128]
         [--batches 40] [--repeats 5] [--threads 2] [--top 0]
@@ -100,6 +100,9 @@ def main() -> None:
         for event in events[:args.top]:
             print(f"| {event.key} | {event.count / args.batches:.1f} | "
                   f"{event.self_cpu_time_total / args.batches:,.0f} |")
+        calls = sum(e.count for e in events if e.key.startswith("aten::"))
+        print(f"| all {len(events)} kinds (aten ops, nested ones included) | "
+              f"{calls / args.batches:.1f} | |")
 
 
 if __name__ == "__main__":
