@@ -45,6 +45,20 @@ def temp_of(file_name: str, names: tuple[str, ...]) -> bool:
     return match is not None and match["name"] in names
 
 
+def make_temp_dir(path: Path) -> Path:
+    """A new empty folder beside `path` (`.NAME.<random>.tmp`), made as mkdir makes one (0777
+    less the umask of the moment; tempfile.mkdtemp's 0700 would hide it from the group), to
+    be filled and then renamed to `path`."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            tmp.mkdir(0o777)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temp folder name beside it", str(path))
+
+
 def _create_temp(path: Path) -> tuple[int, str]:
     """A new temp file beside `path` (`.NAME.<random>.tmp`), open for writing, with the mode a
     plain open() gives: 0666 less the umask as it is now (tempfile.mkstemp's 0600 would hide

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from vitlab.errors import DataError, DataFormatError
-from vitlab.io import atomic_write, temp_of
+from vitlab.io import atomic_write, make_temp_dir, temp_of
 
 SPLITS = ("train", "test")
 
@@ -265,19 +266,49 @@ def read_array_folder(path: Path, name: str | None = None) -> Dataset:
 
 
 def write_array_folder(
-    path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str]
+    path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
+    replace: bool = True,
 ) -> None:
-    """Write an array folder atomically: each file is renamed into place, classes.json last."""
+    """Write an array folder as a whole: its files into a new folder beside it, then renamed
+    into place, so that a reader finds all of it or none. (Written file by file in place, two
+    processes decoding the same images into one cache removed each other's classes.json under
+    the other's reads.) A folder already at `path` is replaced; with `replace` False a complete
+    one is kept: a cache another process has just written of the same images."""
     check_classes(classes, f"{path}: class names {classes!r:.200} are not distinct strings")
     if not set(SPLITS) <= set(splits):
         raise ValueError(f"an array folder needs the splits {SPLITS}, got {sorted(splits)}")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "classes.json").unlink(missing_ok=True)  # marks the folder incomplete while rewriting
-    for s in (*SPLITS, "val"):
-        if s not in splits:  # no validation split: none left from an earlier write either
-            (path / f"{s}.npz").unlink(missing_ok=True)
-            continue
-        x, y = splits[s]
-        atomic_write(path / f"{s}.npz", lambda f, x=x, y=y: np.savez(f, x=x, y=y))
-    data = json.dumps(classes, indent=0).encode("utf-8")
-    atomic_write(path / "classes.json", lambda f: f.write(data))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_folders(path)
+    tmp = make_temp_dir(path)
+    try:
+        for s in (*SPLITS, "val"):
+            if s in splits:
+                x, y = splits[s]
+                atomic_write(tmp / f"{s}.npz", lambda f, x=x, y=y: np.savez(f, x=x, y=y))
+        data = json.dumps(classes, indent=0).encode("utf-8")
+        atomic_write(tmp / "classes.json", lambda f: f.write(data))
+        if not replace and is_array_folder(path):
+            return
+        try:
+            os.rename(tmp, path)  # none there (or an empty folder): in place at once
+        except OSError:  # a folder there: the old one swapped out, then deleted
+            if not replace and is_array_folder(path):
+                return
+            old = make_temp_dir(path)
+            os.rename(path, old / path.name)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # (gone once renamed)
+
+
+def remove_stale_folders(path: Path) -> None:
+    """Delete the temp folders beside `path` that killed writes of it left (write_array_folder's,
+    a whole dataset each), once STALE_TEMP_SECONDS old (a younger one may be a write in
+    progress)."""
+    now = time.time()
+    for temp in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if (temp_of(temp.name, (path.name,)) and temp.is_dir()
+                    and now - temp.stat().st_mtime > STALE_TEMP_SECONDS):
+                shutil.rmtree(temp, ignore_errors=True)

@@ -206,5 +206,5 @@ def load_named(name: str, root: Path, download_ok: bool) -> Dataset:
         except (DownloadError, ChecksumError) as e:
             raise type(e)(_not_found(name, src, root, str(e))) from e
         splits, classes = _from_archive(archive, src)
-    write_array_folder(cache, splits, classes)
+    write_array_folder(cache, splits, classes, replace=False)
     return read_array_folder(cache, name)

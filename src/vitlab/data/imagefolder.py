@@ -496,7 +496,7 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
                 raise DataFormatError(f"{path}: train and val image sizes differ; pass "
                                       "image_size")
             splits["val"] = (x_val, np.asarray(val_labels, dtype=np.int64))
-        write_array_folder(cache, splits, classes)
+        write_array_folder(cache, splits, classes, replace=False)
     if not (cache / SOURCE_FILE).is_file():  # just written, or its writer killed before this
         # The host too: node-local copies of a folder (their own change times, so their own
         # caches) under one shared data root must not delete each other's cache.
