@@ -7,6 +7,9 @@ import math
 import re
 import shlex
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ import torch
 from cli_helpers import (
     assert_one_error_line,
     assert_same_tensors,
+    cli_env,
     data_slices,
     events,
     load_weights,
@@ -146,6 +150,24 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_cleanly(cifar10, refere
     resumed = run_cli(*resume_args(run), cwd=tmp_path)
     assert f"vitlab-Resume: step: {stopped};" in resumed.stdout
     assert_same_run(run, reference)
+
+
+def test_sigterm_before_training_ends_in_one_line(cifar10, tmp_path):
+    """A scheduler's SIGTERM while the command imports or loads its data (before training's
+    own handler) ended the process silently, an empty log (a cluster audit's find): one line
+    now, exit 143."""
+    proc = subprocess.Popen(  # `python -m vitlab`, the `vitlab` command's entry point
+        [sys.executable, "-m", "vitlab", *map(str, train_args(cifar10, tmp_path / "run"))],
+        cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True)
+    try:
+        time.sleep(0.5)  # importing torch: seconds
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1].startswith("vitlab") and "stopped by SIGTERM" in stderr
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_a_finite_checkpoint(

@@ -503,11 +503,23 @@ class FailingViT(ViT):
         logits = super().forward(images)
         if self.training:
             self.calls += 1
-            if self.calls == self.at and self.action == "sigint":
-                os.kill(os.getpid(), signal.SIGINT)
+            if self.calls == self.at and self.action in ("sigint", "sigusr1"):
+                os.kill(os.getpid(), getattr(signal, self.action.upper()))
             if self.calls >= self.at and self.action == "nan":
                 logits = logits * math.nan
         return logits
+
+
+def test_sigusr1_a_schedulers_warning_checkpoints_and_stops_as_sigterm_does(dataset, tmp_path):
+    """SLURM's --signal sends SIGUSR1 ahead of a job's end: it killed the run at once, with no
+    checkpoint (a cluster audit's find); it now stops it as SIGTERM does."""
+    with pytest.raises(Interrupted, match="stopped by SIGUSR1 at step 3;") as info:
+        fit(FailingViT(at=3, action="sigusr1"), dataset, RECIPE,
+            options(2, train_steps_per_epoch=4), tmp_path)
+    assert info.value.signum == signal.SIGUSR1
+    assert torch.load(tmp_path / ckpt.TRAINER_STATE, weights_only=True)["progress"][
+        "global_step"] == 3
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # restored
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):

@@ -625,10 +625,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         from vitlab.errors import Terminated
 
-        stopped = isinstance(e, Terminated)
-        print(f"vitlab {args.command}: {'stopped by SIGTERM' if stopped else 'interrupted'}",
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        print(f"vitlab {args.command}: {e if isinstance(e, Terminated) else 'interrupted'}",
               file=sys.stderr)
-        return EXIT_SIGNAL[signal.SIGTERM if stopped else signal.SIGINT]
+        return EXIT_SIGNAL.get(signum, 128 + signum)
     except BrokenPipeError:  # stdout closed early (`vitlab ... | head`): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -662,8 +662,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from vitlab.launch import print_names_as_stored
+    from vitlab.launch import print_names_as_stored, stop_signals_raise
 
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     print_names_as_stored()
+    stop_signals_raise()
     sys.exit(main())

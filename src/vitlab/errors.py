@@ -89,8 +89,12 @@ class DataFormatError(DataError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised (as Ctrl-C is) where a command cleans up before it exits; the CLI then
-    exits 143."""
+    """SIGTERM (or a scheduler's SIGUSR1), raised as Ctrl-C's KeyboardInterrupt is, wherever
+    the command is; the CLI then exits 128 + the signal's number (143 for SIGTERM)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 class Interrupted(KeyboardInterrupt):
@@ -99,8 +103,8 @@ class Interrupted(KeyboardInterrupt):
     setting) does not swallow the user's Ctrl-C. The CLI exits 130 or 143."""
 
     def __init__(self, run_dir: Path, step: int, signum: int = signal.SIGINT) -> None:
-        how = {signal.SIGINT: "interrupted", signal.SIGTERM: "stopped by SIGTERM"}.get(
-            signum, f"stopped by signal {signum}")
+        how = ("interrupted" if signum == signal.SIGINT
+               else f"stopped by {signal.Signals(signum).name}")
         super().__init__(f"{how} at step {step}; resumable checkpoint saved in {run_dir}")
         self.run_dir = run_dir
         self.step = step

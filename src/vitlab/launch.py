@@ -24,17 +24,42 @@ def write_stderr_lines_whole() -> None:
         sys.stderr.reconfigure(line_buffering=True, write_through=False)
 
 
+# What a scheduler sends to stop a job (SLURM: SIGTERM, then SIGKILL; SIGUSR1 with --signal).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1")
+                     if hasattr(signal, name))
+
+
+def stop_signals_raise() -> None:
+    """SIGTERM and SIGUSR1 raise Terminated, as Ctrl-C raises KeyboardInterrupt, wherever the
+    command is (importing, loading data, a pipeline's last evaluation): it then ends in one line
+    with exit 128 + the signal's number, not silently (training's own handler first saves a
+    checkpoint). Signals the process was started with ignored stay ignored."""
+    from vitlab.errors import Terminated
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, stop)
+
+
 def main() -> int:
     print_names_as_stored()
     write_stderr_lines_whole()
+    ignored = {s for s in (signal.SIGINT, *STOP_SIGNALS) if signal.getsignal(s) == signal.SIG_IGN}
     try:
+        stop_signals_raise()
         from vitlab.cli import main as run_command
 
         code = run_command()
-    except KeyboardInterrupt:  # in the import, or a second Ctrl-C while the first is reported
-        print("vitlab: interrupted", file=sys.stderr)
-        code = 130
-    # A Ctrl-C while Python shuts down (joining threads) would print a traceback it "ignored":
-    # from here on Ctrl-C ends the process at once, silently, as a second Ctrl-C is meant to.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    except KeyboardInterrupt as e:  # in the import, or a second signal while one is reported
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"vitlab: {'interrupted' if signum == signal.SIGINT else e}", file=sys.stderr)
+        code = 128 + signum
+    # A signal while Python shuts down (joining threads) would print a traceback it "ignored":
+    # from here on it ends the process at once, silently, as a second Ctrl-C is meant to; one
+    # the process was started with ignored (a background job's SIGINT) stays ignored.
+    for signum in (signal.SIGINT, *STOP_SIGNALS):
+        signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
     return code

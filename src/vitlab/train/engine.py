@@ -321,7 +321,9 @@ class _StopSignals:
     """Turns the first Ctrl-C or SIGTERM into a flag the loop checks between steps; a second one
     gets the signal's previous handler (Ctrl-C then aborts at once)."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # SIGUSR1: what SLURM's --signal sends ahead of a job's end, where it exists.
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1")
+                    if hasattr(signal, name))
 
     def __init__(self) -> None:
         self.received: int | None = None
