@@ -128,7 +128,9 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_cleanly(cifar10, refere
     """Ctrl-C, and SIGTERM (a scheduler's preemption), checkpoint and exit resumable; the
     command it gives to continue quotes a folder name with a space as a shell needs."""
     run = tmp_path / ("run" if signum == signal.SIGINT else "the run")
-    proc = start_cli(*train_args(cifar10, run), cwd=tmp_path)
+    # A data root given is given again (a run does not record it; a cluster audit's find).
+    root = [] if signum == signal.SIGINT else ["--data-root", tmp_path / "data root"]
+    proc = start_cli(*train_args(cifar10, run), *root, cwd=tmp_path)
     try:
         wait_for_line(proc, r"^vitlab-Train: step: ([6-9]|1\d);")  # mid-epoch 1
         proc.send_signal(signum)
@@ -137,7 +139,8 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_cleanly(cifar10, refere
         proc.kill()
     assert proc.returncode == code, stderr
     line = assert_one_error_line(stderr, "pretrain")
-    assert f"continue with: vitlab pretrain --resume {shlex.quote(str(run))}" in line
+    again = f"continue with: vitlab pretrain --resume {shlex.quote(str(run))}"
+    assert line.endswith(again if not root else f"{again} --data-root '{root[1]}'"), line
     assert f"{said} at step" in line
     interrupts = events(read_metrics(run), "interrupt")
     assert len(interrupts) == 1 and not events(read_metrics(run), "finish")

@@ -619,6 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         again = (f"{_launcher()} run --resume {shlex.quote(str(e.run_dir.parent))}"
                  if args.command == "run"
                  else f"{_launcher()} {args.command} --resume {shlex.quote(str(e.run_dir))}")
+        root = getattr(args, "data_root", None)
+        if root is not None and args.command != "run":  # (a pipeline keeps its data root)
+            # A run does not record it: without it the resume would decode an image folder
+            # again, or download a named dataset, into the default root.
+            again += f" --data-root {shlex.quote(str(root))}"
         if distributed.is_main_process():  # one line for the job, not one a rank
             print(f"vitlab {args.command}: {e}; continue with: {again}", file=sys.stderr)
         return EXIT_SIGNAL.get(e.signum, 128 + e.signum)
