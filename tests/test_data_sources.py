@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from data_helpers import cifar_members, make_tar, make_zip, md5, write_file
+from vitlab.data import arrays, load_dataset
 from vitlab.data import imagefolder as imagefolder_mod
-from vitlab.data import load_dataset
 from vitlab.data.cifar import SOURCES
 from vitlab.errors import ChecksumError, DataError, DataFormatError, DatasetNotFoundError
 
@@ -170,6 +170,25 @@ def test_decoding_shows_a_bar_on_a_terminal_alone(monkeypatch, tmp_path, capsys)
     err = capsys.readouterr().err
     assert f"decoding {src / 'train'}: " in err and " 0/3 " in err  # its images counted
     assert f"decoding {src / 'test'}: " in err and " 0/1 " in err
+
+
+def test_without_a_home_folder_only_what_needs_a_data_root_asks_for_one(tmp_path, monkeypatch):
+    """A container's user with no HOME and no passwd entry: an array folder loads (it needs no
+    data root), a named dataset says how to give a root (it ended in a traceback from
+    Path.home(); a cluster audit's find)."""
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    monkeypatch.delenv("VITLAB_DATA", raising=False)
+    x = np.zeros((2, 4, 4, 3), np.uint8)
+    arrays.write_array_folder(tmp_path / "a", {s: (x, np.zeros(2, np.int64))
+                                               for s in ("train", "test")}, ["c"])
+    assert len(load_dataset(tmp_path / "a").train) == 2
+    with pytest.raises(DataError, match=r"^no home folder to keep the data root in "
+                                        r"\(~/.cache/vitlab\): give --data-root DIR, or set "
+                                        r"VITLAB_DATA=DIR$"):
+        load_dataset("cifar10", download=False)
 
 
 def test_an_unwritable_data_root_is_named_with_the_way_to_another(tmp_path, monkeypatch):

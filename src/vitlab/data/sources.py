@@ -23,7 +23,7 @@ from vitlab.data.imagefolder import (
     unsplit_listing,
 )
 from vitlab.data.split import training_split_alone
-from vitlab.errors import ConfigError, DatasetNotFoundError
+from vitlab.errors import ConfigError, DataError, DatasetNotFoundError
 
 ROOT_ENV = "VITLAB_DATA"
 log = logging.getLogger("vitlab.data")
@@ -34,7 +34,13 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     if root is not None:
         return Path(root).expanduser()
     env = os.environ.get(ROOT_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vitlab"
+    if env:
+        return Path(env).expanduser()
+    try:
+        return Path.home() / ".cache" / "vitlab"
+    except (RuntimeError, KeyError):  # no HOME, and no passwd entry (a container's user)
+        raise DataError("no home folder to keep the data root in (~/.cache/vitlab): give "
+                        f"--data-root DIR, or set {ROOT_ENV}=DIR") from None
 
 
 def _resize(split: Split, size: int) -> Split:
@@ -104,10 +110,10 @@ def load_dataset(
     """
     if image_size is not None and image_size < 1:
         raise ConfigError(f"image_size must be a positive number of pixels, got {image_size}")
-    base = data_root(root)
     name = os.fspath(spec)
     kind = spec_kind(name)
     if kind == "name":
+        base = data_root(root)  # (an array folder needs none)
         if Path(name).is_dir() and Path(name).resolve() != (base / name.lower()).resolve():
             log.warning("vitlab: %r is read as the dataset of that name, not as the folder "
                         "./%s; write ./%s for the folder", name, name, name)
@@ -115,7 +121,7 @@ def load_dataset(
     elif kind == "arrays":
         ds = read_array_folder(Path(name).expanduser())
     else:
-        return load_image_folder(Path(name).expanduser(), base, image_size)
+        return load_image_folder(Path(name).expanduser(), data_root(root), image_size)
     if image_size is not None:
         ds = Dataset(ds.name, _resize(ds.train, image_size), _resize(ds.test, image_size),
                      None if ds.val is None else _resize(ds.val, image_size))
