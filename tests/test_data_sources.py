@@ -191,6 +191,25 @@ def test_without_a_home_folder_only_what_needs_a_data_root_asks_for_one(tmp_path
         load_dataset("cifar10", download=False)
 
 
+def test_another_users_cache_is_named_with_the_way_to_a_root_of_ones_own(tmp_path,
+                                                                          monkeypatch):
+    """A data root shared by users: a cache folder this user may not read (made under another's
+    umask 077) said a bare "Permission denied" (a cluster audit's find)."""
+    src = tmp_path / "imgs"
+    _png(src / "train" / "dog" / "a.png")
+    _png(src / "test" / "dog" / "b.png")
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path / "train.npz"))
+
+    monkeypatch.setattr(arrays, "is_array_folder", unreadable)
+    for spec, what in ((src, "the decoded images' cache"), ("cifar10", "cifar10's arrays")):
+        with pytest.raises(DataError, match=f"^cannot read {what} in .*root.* \\(Permission "
+                                            "denied: another user's\\?\\); give a data root of "
+                                            "your own: --data-root DIR, or VITLAB_DATA=DIR$"):
+            load_dataset(spec, root=tmp_path / "root", download=False)
+
+
 def test_an_unwritable_data_root_is_named_with_the_way_to_another(tmp_path, monkeypatch):
     """An image folder's decoded cache, or a named dataset's arrays, that cannot be written
     (here: the root lies under a file) is one DataError naming --data-root, before decoding or

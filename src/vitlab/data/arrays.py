@@ -124,6 +124,18 @@ def check_cache_writable(folder: Path, what: str) -> None:
                         "data root: --data-root DIR, or VITLAB_DATA=DIR") from None
 
 
+def cache_complete(path: Path, what: str) -> bool:
+    """is_array_folder for a cache in the data root: a folder there that this user may not read
+    (another user's, under a umask of 077) is a DataError that names the way to a root of one's
+    own, not a bare "Permission denied"."""
+    try:
+        return is_array_folder(path)
+    except PermissionError as e:
+        raise DataError(f"cannot read {what} in {path.parent} ({e.strerror}: another user's?); "
+                        "give a data root of your own: --data-root DIR, or VITLAB_DATA=DIR"
+                        ) from None
+
+
 def is_array_folder(path: Path) -> bool:
     """True when every file of an array folder is there (classes.json is written last)."""
     return all((path / f).is_file() for f in ("train.npz", "test.npz", "classes.json"))

@@ -11,10 +11,10 @@ import numpy as np
 
 from vitlab.data.arrays import (
     Dataset,
+    cache_complete,
     check_arrays,
     check_cache_writable,
     check_classes,
-    is_array_folder,
     read_array_folder,
     write_array_folder,
 )
@@ -180,7 +180,7 @@ def load_named(name: str, root: Path, download_ok: bool) -> Dataset:
     """Cache folder, else hand-placed archive, else extracted folder, else download; then cache."""
     src = SOURCES[name]
     cache = root / name
-    if is_array_folder(cache):
+    if cache_complete(cache, f"{name}'s arrays"):
         return read_array_folder(cache, name)
     archive = root / src.filename
     found = archive.is_file() or (root / src.folder).is_dir()

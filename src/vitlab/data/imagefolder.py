@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from vitlab.data.arrays import (
     Dataset,
+    cache_complete,
     check_cache_writable,
-    is_array_folder,
     read_array_folder,
     write_array_folder,
 )
@@ -479,7 +479,7 @@ def load_image_folder(path: Path, root: Path, image_size: int | None) -> Dataset
               if csv_listed and (path / f"{split}.csv").is_file()]
     cache = caches / _cache_key(path, image_size,
                                 listed + train_files + test_files + val_files)
-    written = not is_array_folder(cache)
+    written = not cache_complete(cache, "the decoded images' cache")
     if written:
         check_cache_writable(caches, "the decoded images' cache")
         x_train = _decode_all(train_files, image_size, path / f"train{suffix}", listed_at)
