@@ -128,6 +128,33 @@ def test_a_finished_constant_lr_run_continues_with_more_epochs(legacy_run, data_
     assert [r["event"] for r in ckpt.read_jsonl(legacy_run / ckpt.METRICS)].count("finish") == 1
 
 
+def test_auto_resume_is_one_command_line_for_a_job_a_scheduler_requeues(data_root, tmp_path,
+                                                                        capfd):
+    """The same command line starts the run, continues it, and once it has finished does
+    nothing and exits 0 (a cluster audit found no such line: --resume refused a first start,
+    and exited 2 on a finished run); so for fine-tuning."""
+    out, fine = tmp_path / "pre", tmp_path / "fine"
+    argv = ["pretrain", *LEGACY_FLAGS, "--data-root", str(data_root), "--out", str(out),
+            "--eval-steps-per-epoch", "1", "--auto-resume"]
+    assert main([*argv, "--epochs", "1"]) == 0  # started
+    assert main([*argv, "--epochs", "1"]) == 0  # finished: nothing to do
+    assert "nothing to do (--auto-resume)" in capfd.readouterr().err
+    assert main([*argv, "--epochs", "2"]) == 0  # continued (the constant LR allows it)
+    steps = [r["step"] for r in ckpt.read_jsonl(out / ckpt.METRICS) if r["event"] == "train"
+             and "epoch" in r]
+    assert steps == [4, 8]
+    fine_argv = ["finetune", "--from", str(out), "--data", "cifar10", "--no-download",
+                 "--data-root", str(data_root), "--train-steps-per-epoch", "2",
+                 "--eval-steps-per-epoch", "1", "--batch-size", "16", "--no-progress",
+                 "--out", str(fine), "--auto-resume"]
+    assert main(fine_argv) == 0 and main(fine_argv) == 0
+    assert "nothing to do (--auto-resume)" in capfd.readouterr().err
+    assert main([*argv, "--resume", str(out)]) == 2
+    assert "give one of them" in assert_one_error_line(capfd.readouterr().err, "pretrain")
+    assert main([a for a in argv if a not in ("--out", str(out))]) == 2
+    assert "--auto-resume needs --out" in capfd.readouterr().err
+
+
 def test_a_cosine_run_cannot_be_made_longer(data_root, tmp_path, capfd):
     out = tmp_path / "cos"
     argv = ["pretrain", *LEGACY_FLAGS, "--data-root", str(data_root), "--out", str(out),

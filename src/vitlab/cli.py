@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", type=_path, metavar="RUN_DIR", default=None,
                            help="continue the run in RUN_DIR (the command that started it may "
                                 "be repeated; a changed setting is refused)")
+            p.add_argument("--auto-resume", action="store_true",
+                           help="for a job a scheduler may requeue: start the run in --out, or "
+                                "continue the one there (its settings must match), or, if it "
+                                "has finished, say so and exit 0")
         else:
             p.add_argument("--resume", type=_path, metavar="OUT", default=None,
                            help="continue the pipeline in OUT (the same as running it again "
@@ -304,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> None:
     command = args.command
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("command", "config", "resume", "auto_resume")}
     if "finetune" in given:  # KEY=VALUE pairs, each value read as its flag's
         from vitlab.settings import stage_values_from_text
 
@@ -368,12 +373,41 @@ def _train_with(args: argparse.Namespace, given: dict, from_file: dict) -> None:
                                   "pipelines; give one of them")
             given["out"] = resume_dir
         runs.run_pipeline(**given)
+    elif getattr(args, "auto_resume", False):
+        _auto_resume(command, resume_dir, given)
     elif resume_dir is not None:
         runs.resume(resume_dir, kind=command, **given)
     elif command == "pretrain":
         runs.pretrain(**given)
     elif command == "finetune":
         runs.finetune(given.pop("source", None), **given)
+
+
+def _auto_resume(command: str, resume_dir: str | None, given: dict) -> None:
+    """--auto-resume: the same command line starts the run in --out, continues it after a
+    preemption, and once it has finished does nothing (exit 0)."""
+    from vitlab import runs
+    from vitlab.errors import RunFinished
+    from vitlab.train import checkpoint as ckpt
+
+    if resume_dir is not None:
+        raise ConfigError("--auto-resume starts or continues the run in --out, and --resume "
+                          "continues the one it names; give one of them")
+    if given.get("out") is None:
+        raise ConfigError("--auto-resume needs --out: the folder it starts the run in, or "
+                          "continues it from")
+    out = Path(given["out"]).expanduser()
+    if not (out / ckpt.CONFIG).is_file():  # nothing begun there (or begun before any file)
+        if command == "pretrain":
+            runs.pretrain(**given)
+        else:
+            runs.finetune(given.pop("source", None), **given)
+        return
+    try:
+        runs.resume(out, kind=command, **given)
+    except RunFinished as e:
+        print(f"vitlab {command}: {' '.join(str(e).split())}: nothing to do (--auto-resume)",
+              file=sys.stderr)
 
 
 def _refuse_a_recipe_the_file_contradicts(config: str, from_file: dict, given: dict) -> None:

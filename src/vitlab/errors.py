@@ -88,6 +88,11 @@ class DataFormatError(DataError):
     """A truncated archive, or arrays, labels, class lists or images that do not match the format."""
 
 
+class RunFinished(CheckpointError):
+    """A resume of a run with nothing left to do: all its epochs trained (and its ends
+    written), or stopped early. `--auto-resume` takes it as done, not as an error."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (or a scheduler's SIGUSR1), raised as Ctrl-C's KeyboardInterrupt is, wherever
     the command is; the CLI then exits 128 + the signal's number (143 for SIGTERM)."""

@@ -31,7 +31,13 @@ from vitlab.data import BatchLoader, Dataset
 from vitlab.data.arrays import Split
 from vitlab.data.augment import Normalization, ResizeBatch, eval_transform, make_augment
 from vitlab.data.loader import mix_seed
-from vitlab.errors import CheckpointError, ConfigError, Interrupted, VitlabError
+from vitlab.errors import (
+    CheckpointError,
+    ConfigError,
+    Interrupted,
+    RunFinished,
+    VitlabError,
+)
 from vitlab.model import tta_logits
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.capture import CapturedStep
@@ -719,7 +725,7 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             raise CheckpointError(f"{run_dir} was trained by {progress.world_size} process(es) "
                                   f"and each one's random stream is saved; resume it with {how}")
         if progress.epoch >= options.epochs and not unfinished:
-            raise CheckpointError(f"{run_dir} has already finished its {options.epochs} epochs; "
+            raise RunFinished(f"{run_dir} has already finished its {options.epochs} epochs; "
                                   "nothing to resume")
         if progress.validation and progress.validation != validation:
             said = {"test": "the test split", "held_out": "a split held out by --val-fraction",
@@ -730,7 +736,7 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 "val.npz or val.csv added or removed); restore the data as it was, or start a "
                 "new run")
         if progress.stopped_early and not unfinished:  # finished, whatever budget it is given
-            raise CheckpointError(
+            raise RunFinished(
                 f"{run_dir} stopped early after epoch {progress.epoch} ("
                 f"{progress.evaluations_since_best} evaluations without a better one, "
                 "--early-stop-patience); nothing to resume: evaluate or fine-tune it, or start "
