@@ -363,10 +363,29 @@ def test_a_cache_is_written_as_a_whole_and_a_complete_one_is_kept(tmp_path):
     for folder in (stale, young):
         folder.mkdir()
         (folder / "train.npz").write_bytes(b"half")
-    os.utime(stale, (time.time() - 7200,) * 2)
+    for aged in (stale / "train.npz", stale):
+        os.utime(aged, (time.time() - 7200,) * 2)
     write_array_folder(cache, second, ["a", "b"])  # replaced as a whole
     assert load_dataset(cache).train.labels.tolist() == [1, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.y0un.tmp", "cache"]
+    # (A review's finds.) A stale temp folder goes on any load of its cache, not only on a
+    # write of it; one whose folder is old but whose file is still being written stays; a
+    # cache linked to another disk is written there, the link kept.
+    from vitlab.data.arrays import cache_complete
+
+    growing = tmp_path / ".cache.gr0w.tmp"
+    growing.mkdir()
+    (growing / "train.npz").write_bytes(b"growing")
+    os.utime(growing, (time.time() - 7200,) * 2)
+    (young / "train.npz").unlink()  # now stale: an old folder with nothing newer in it
+    os.utime(young, (time.time() - 7200,) * 2)
+    assert cache_complete(cache, "the cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.gr0w.tmp", "cache"]
+    (tmp_path / "disk" / "linked").mkdir(parents=True)
+    (tmp_path / "linked").symlink_to(tmp_path / "disk" / "linked")
+    write_array_folder(tmp_path / "linked", first, ["a", "b"], replace=False)
+    assert (tmp_path / "linked").is_symlink()
+    assert load_dataset(tmp_path / "disk" / "linked").train.labels.tolist() == [0, 0]
 
 
 def test_every_data_error_is_a_vitlab_error():

@@ -185,9 +185,14 @@ def test_without_a_home_folder_only_what_needs_a_data_root_asks_for_one(tmp_path
     arrays.write_array_folder(tmp_path / "a", {s: (x, np.zeros(2, np.int64))
                                                for s in ("train", "test")}, ["c"])
     assert len(load_dataset(tmp_path / "a").train) == 2
-    with pytest.raises(DataError, match=r"^no home folder to keep the data root in "
-                                        r"\(~/.cache/vitlab\): give --data-root DIR, or set "
-                                        r"VITLAB_DATA=DIR$"):
+    with pytest.raises(DataError, match=r"^no home folder for ~/.cache/vitlab: give "
+                                        r"--data-root DIR, or set VITLAB_DATA=DIR, without ~$"):
+        load_dataset("cifar10", download=False)
+    monkeypatch.setenv("VITLAB_DATA", "~/data")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr("os.path.expanduser", lambda p: (_ for _ in ()).throw(
+        RuntimeError("Could not determine home directory.")) if str(p).startswith("~") else p)
+    with pytest.raises(DataError, match=r"^no home folder for ~/data: give"):
         load_dataset("cifar10", download=False)
 
 

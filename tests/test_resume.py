@@ -155,22 +155,33 @@ def test_a_signal_saves_a_resumable_checkpoint_and_exits_cleanly(cifar10, refere
     assert_same_run(run, reference)
 
 
-def test_sigterm_before_training_ends_in_one_line(cifar10, tmp_path):
+def test_sigterm_before_training_ends_in_one_line(tmp_path):
     """A scheduler's SIGTERM while the command imports or loads its data (before training's
     own handler) ended the process silently, an empty log (a cluster audit's find): one line
-    now, exit 143."""
-    proc = subprocess.Popen(  # `python -m vitlab`, the `vitlab` command's entry point
-        [sys.executable, "-m", "vitlab", *map(str, train_args(cifar10, tmp_path / "run"))],
-        cwd=tmp_path, env=cli_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        text=True)
-    try:
-        time.sleep(0.5)  # importing torch: seconds
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    now, exit 143. Here the command waits on a download from a server that never answers, so
+    the signal comes while it loads its data, whatever the machine's speed."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()  # connections queue, and nothing is ever sent back
+        env = {**cli_env(), "VITLAB_DATA_MIRROR": f"http://127.0.0.1:{server.getsockname()[1]}"}
+        root = tmp_path / "root"
+        proc = subprocess.Popen(  # `python -m vitlab`, the `vitlab` command's entry point
+            [sys.executable, "-m", "vitlab", "pretrain", "--data", "cifair10", "--data-root",
+             str(root), "--out", str(tmp_path / "run"), "--device", "cpu"],
+            cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not root.exists() and time.monotonic() < deadline:  # made before downloading
+                time.sleep(0.05)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
     assert proc.returncode == 143, stderr
-    assert stderr.strip().splitlines()[-1].startswith("vitlab") and "stopped by SIGTERM" in stderr
+    assert stderr.strip().splitlines()[-1] == "vitlab: stopped by SIGTERM", stderr
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_a_finite_checkpoint(

@@ -358,6 +358,7 @@ def _train_with(args: argparse.Namespace, given: dict, from_file: dict) -> None:
             given["finetune"] = {**from_file["finetune"], **given["finetune"]}
         given = {**from_file, **given}
     resume_dir = getattr(args, "resume", None)
+    args.data_root = given.get("data_root")  # a config file's too: the continue line names it
     if command == "run":
         if resume_dir is not None:
             if not Path(resume_dir).is_dir():
@@ -396,6 +397,9 @@ def _auto_resume(command: str, resume_dir: str | None, given: dict) -> None:
     if given.get("out") is None:
         raise ConfigError("--auto-resume needs --out: the folder it starts the run in, or "
                           "continues it from")
+    if given.get("overwrite"):
+        raise ConfigError("--auto-resume continues the run in --out and --overwrite replaces "
+                          "it; give one of them")
     out = Path(given["out"]).expanduser()
     if not (out / ckpt.CONFIG).is_file():  # nothing begun there (or begun before any file)
         if command == "pretrain":
@@ -701,9 +705,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from vitlab.launch import print_names_as_stored, stop_signals_raise
+    from vitlab.launch import print_names_as_stored, stop_signals_exit
 
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     print_names_as_stored()
-    stop_signals_raise()
+    stop_signals_exit()
     sys.exit(main())

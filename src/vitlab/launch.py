@@ -4,6 +4,7 @@ command in one line like Ctrl-C later does (exit 130), not with a traceback of t
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 
@@ -29,19 +30,25 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1")
                      if hasattr(signal, name))
 
 
-def stop_signals_raise() -> None:
-    """SIGTERM and SIGUSR1 raise Terminated, as Ctrl-C raises KeyboardInterrupt, wherever the
-    command is (importing, loading data, a pipeline's last evaluation): it then ends in one line
-    with exit 128 + the signal's number, not silently (training's own handler first saves a
-    checkpoint). Signals the process was started with ignored stay ignored."""
-    from vitlab.errors import Terminated
+def exit_on_signal(signum: int, frame: object) -> None:
+    """A stop signal outside training: one line, then the exit status 128 + its number, at once.
+    Not an exception: raised while torch's C++ code calls back into Python (importing it, for
+    one), it would abort the process with a C++ "terminate called" message instead."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        os.write(2, f"vitlab: stopped by {signal.Signals(signum).name}\n".encode())
+    os._exit(128 + signum)
 
-    def stop(signum: int, frame: object) -> None:
-        raise Terminated(signum)
 
+def stop_signals_exit() -> None:
+    """SIGTERM and SIGUSR1 end the command in one line with exit 128 + the signal's number,
+    wherever it is (importing, loading data, a pipeline's last evaluation), not silently;
+    training takes them over while it runs, to save a checkpoint first (`_StopSignals`), and
+    `split` to clean up. Signals the process was started with ignored stay ignored."""
     for signum in STOP_SIGNALS:
         if signal.getsignal(signum) == signal.SIG_DFL:
-            signal.signal(signum, stop)
+            signal.signal(signum, exit_on_signal)
 
 
 def main() -> int:
@@ -49,7 +56,7 @@ def main() -> int:
     write_stderr_lines_whole()
     ignored = {s for s in (signal.SIGINT, *STOP_SIGNALS) if signal.getsignal(s) == signal.SIG_IGN}
     try:
-        stop_signals_raise()
+        stop_signals_exit()
         from vitlab.cli import main as run_command
 
         code = run_command()

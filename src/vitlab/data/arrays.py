@@ -128,6 +128,8 @@ def cache_complete(path: Path, what: str) -> bool:
     """is_array_folder for a cache in the data root: a folder there that this user may not read
     (another user's, under a umask of 077) is a DataError that names the way to a root of one's
     own, not a bare "Permission denied"."""
+    with contextlib.suppress(OSError):  # what killed writes left beside it, once stale
+        remove_stale_folders(path)
     try:
         return is_array_folder(path)
     except PermissionError as e:
@@ -289,6 +291,8 @@ def write_array_folder(
     check_classes(classes, f"{path}: class names {classes!r:.200} are not distinct strings")
     if not set(SPLITS) <= set(splits):
         raise ValueError(f"an array folder needs the splits {SPLITS}, got {sorted(splits)}")
+    if path.is_symlink():  # a cache linked to a bigger disk: written there, the link kept
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_folders(path)
     tmp = make_temp_dir(path)
@@ -307,9 +311,14 @@ def write_array_folder(
             if not replace and is_array_folder(path):
                 return
             old = make_temp_dir(path)
-            os.rename(path, old / path.name)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(path, old / path.name)
+                os.rename(tmp, path)
+            except OSError:  # another writer's folder took the place meanwhile
+                if replace or not is_array_folder(path):
+                    raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # (gone once renamed)
 
@@ -321,6 +330,9 @@ def remove_stale_folders(path: Path) -> None:
     now = time.time()
     for temp in path.parent.glob(f".{path.name}.*.tmp"):
         with contextlib.suppress(OSError):  # gone meanwhile
+            # Its newest entry's time: a folder's own does not move while a file in it grows.
             if (temp_of(temp.name, (path.name,)) and temp.is_dir()
-                    and now - temp.stat().st_mtime > STALE_TEMP_SECONDS):
+                    and now - max([temp.stat().st_mtime, *(e.stat().st_mtime
+                                                          for e in temp.iterdir())])
+                    > STALE_TEMP_SECONDS):
                 shutil.rmtree(temp, ignore_errors=True)

@@ -31,16 +31,14 @@ log = logging.getLogger("vitlab.data")
 
 def data_root(root: str | os.PathLike | None = None) -> Path:
     """The data root: the argument, else $VITLAB_DATA, else ~/.cache/vitlab."""
-    if root is not None:
-        return Path(root).expanduser()
     env = os.environ.get(ROOT_ENV)
-    if env:
-        return Path(env).expanduser()
     try:
-        return Path.home() / ".cache" / "vitlab"
+        if root is not None:
+            return Path(root).expanduser()
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "vitlab"
     except (RuntimeError, KeyError):  # no HOME, and no passwd entry (a container's user)
-        raise DataError("no home folder to keep the data root in (~/.cache/vitlab): give "
-                        f"--data-root DIR, or set {ROOT_ENV}=DIR") from None
+        raise DataError(f"no home folder for {root or env or '~/.cache/vitlab'}: give "
+                        f"--data-root DIR, or set {ROOT_ENV}=DIR, without ~") from None
 
 
 def _resize(split: Split, size: int) -> Split:

@@ -270,11 +270,13 @@ def _sigterm_raises() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _signals_ignored() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held off while the block runs (the main thread's only)."""
+    """Ctrl-C, SIGTERM and SIGUSR1 held off while the block runs (the main thread's only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    stops = (signal.SIGINT, signal.SIGTERM, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1")
+                                              else []))
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in stops}
     try:
         yield
     finally:

@@ -345,8 +345,15 @@ class _StopSignals:
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
     def __enter__(self) -> _StopSignals:
+        from vitlab.launch import exit_on_signal
+
         with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
             for sig in self.SIGNALS:
+                # SIGUSR1 only where it would end the process anyway: a caller may use it
+                # (faulthandler's stack dumps, a handler of its own).
+                if (sig == getattr(signal, "SIGUSR1", None)
+                        and signal.getsignal(sig) not in (signal.SIG_DFL, exit_on_signal)):
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
