@@ -512,14 +512,35 @@ class FailingViT(ViT):
 
 def test_sigusr1_a_schedulers_warning_checkpoints_and_stops_as_sigterm_does(dataset, tmp_path):
     """SLURM's --signal sends SIGUSR1 ahead of a job's end: it killed the run at once, with no
-    checkpoint (a cluster audit's find); it now stops it as SIGTERM does."""
-    with pytest.raises(Interrupted, match="stopped by SIGUSR1 at step 3;") as info:
-        fit(FailingViT(at=3, action="sigusr1"), dataset, RECIPE,
-            options(2, train_steps_per_epoch=4), tmp_path)
+    checkpoint (a cluster audit's find); under the vitlab command (its handler set here) it now
+    stops it as SIGTERM does. From a script training leaves SIGUSR1 alone: faulthandler's C
+    handler, which Python reads as the default, was reset by it (a review's find)."""
+    import faulthandler
+
+    from vitlab.launch import exit_on_signal
+
+    signal.signal(signal.SIGUSR1, exit_on_signal)
+    try:
+        with pytest.raises(Interrupted, match="stopped by SIGUSR1 at step 3;") as info:
+            fit(FailingViT(at=3, action="sigusr1"), dataset, RECIPE,
+                options(2, train_steps_per_epoch=4), tmp_path)
+        assert signal.getsignal(signal.SIGUSR1) is exit_on_signal  # restored
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     assert info.value.signum == signal.SIGUSR1
     assert torch.load(tmp_path / ckpt.TRAINER_STATE, weights_only=True)["progress"][
         "global_step"] == 3
-    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # restored
+    with open(tmp_path / "dump.txt", "w+") as dump:
+        faulthandler.register(signal.SIGUSR1, file=dump)
+        try:
+            fit(tiny_model(), dataset, RECIPE, options(1, train_steps_per_epoch=1),
+                tmp_path / "b")
+            os.kill(os.getpid(), signal.SIGUSR1)  # reset to the default, this would kill pytest
+            time.sleep(0.1)
+        finally:
+            faulthandler.unregister(signal.SIGUSR1)
+        dump.seek(0)
+        assert "most recent call first" in dump.read()  # the stacks dumped, the process alive
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):

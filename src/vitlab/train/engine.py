@@ -349,10 +349,11 @@ class _StopSignals:
 
         with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
             for sig in self.SIGNALS:
-                # SIGUSR1 only where it would end the process anyway: a caller may use it
-                # (faulthandler's stack dumps, a handler of its own).
+                # SIGUSR1 only from the vitlab command, which set it to end the process: a
+                # script may use it (faulthandler's stack dumps, a C handler that Python reads
+                # as the default and would reset).
                 if (sig == getattr(signal, "SIGUSR1", None)
-                        and signal.getsignal(sig) not in (signal.SIG_DFL, exit_on_signal)):
+                        and signal.getsignal(sig) is not exit_on_signal):
                     continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
