@@ -45,33 +45,34 @@ def temp_of(file_name: str, names: tuple[str, ...]) -> bool:
     return match is not None and match["name"] in names
 
 
-def make_temp_dir(path: Path) -> Path:
-    """A new empty folder beside `path` (`.NAME.<random>.tmp`), made as mkdir makes one (0777
-    less the umask of the moment; tempfile.mkdtemp's 0700 would hide it from the group), to
-    be filled and then renamed to `path`."""
+def _beside(path: Path, make: Callable[[Path], Any]) -> Any:
+    """make(`.NAME.<random>.tmp` beside `path`) for a name not taken yet (make raises
+    FileExistsError for a taken one)."""
     for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         try:
-            tmp.mkdir(0o777)
-            return tmp
+            return make(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
         except FileExistsError:
             continue
-    raise FileExistsError(errno.EEXIST, "no free temp folder name beside it", str(path))
+    raise FileExistsError(errno.EEXIST, "no free temp name beside it", str(path))
+
+
+def make_temp_dir(path: Path) -> Path:
+    """A new empty folder beside `path`, made as mkdir makes one (0777 less the umask of the
+    moment; tempfile.mkdtemp's 0700 would hide it from the group), to be filled and then
+    renamed to `path`."""
+    def make(tmp: Path) -> Path:
+        tmp.mkdir(0o777)
+        return tmp
+    return _beside(path, make)
 
 
 def _create_temp(path: Path) -> tuple[int, str]:
-    """A new temp file beside `path` (`.NAME.<random>.tmp`), open for writing, with the mode a
-    plain open() gives: 0666 less the umask as it is now (tempfile.mkstemp's 0600 would hide
-    the file from the group, and reading the umask means setting it, which races threads)."""
+    """A new temp file beside `path`, open for writing, with the mode a plain open() gives:
+    0666 less the umask as it is now (tempfile.mkstemp's 0600 would hide the file from the
+    group, and reading the umask means setting it, which races threads)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(
         os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temp file name beside it", str(path))
+    return _beside(path, lambda tmp: (os.open(tmp, flags, 0o666), str(tmp)))
 
 
 def _fsync_dir(folder: Path) -> None:

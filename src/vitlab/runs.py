@@ -283,9 +283,7 @@ def finetune(source: PathLike | None = None, *, data: PathLike = "cifair10",
     config = dataclasses.replace(base, num_classes=head, **overrides)
     check_fits(dataset, config, data, options.resize_on_device)
     _check_channels(normalization, dataset, data)
-    with caller_rng_kept():  # (the CPU's stream, which the model is initialized from)
-        torch.random.default_generator.manual_seed(options.seed)
-        vit = ViT(config)
+    vit = _seeded_model(config, options.seed)
     init.encoder_tensors_copied = load_encoder_weights(vit, encoder)
     run_config = RunConfig(
         kind="finetune", model=config, recipe=chosen, data=data_spec(data),
@@ -527,11 +525,17 @@ def _names_from(names: list[str], at: int) -> str:
     return (", ".join(names[at : at + 3]) or "none") + (", ..." if len(names) > at + 3 else "")
 
 
+def _seeded_model(config: ViTConfig, seed: int) -> ViT:
+    """ViT(config) initialized from `seed` on the CPU's stream alone (the caller's stream, and
+    every GPU's, left as they were)."""
+    with caller_rng_kept():
+        torch.random.default_generator.manual_seed(seed)
+        return ViT(config)
+
+
 def _initial_model(config: RunConfig) -> ViT:
     """The model a run of `config` starts from: seeded init, plus its pre-trained encoder."""
-    with caller_rng_kept():  # (the CPU's stream, which the model is initialized from)
-        torch.random.default_generator.manual_seed(config.seed)
-        model = ViT(config.model)
+    model = _seeded_model(config.model, config.seed)
     init = config.init
     if init is not None and init.weights == "timm":
         load_encoder_weights(model, _timm_encoder(init, config.model))
@@ -1528,7 +1532,7 @@ def model_summary(name: str, num_classes: int = 100, **architecture: int) -> lis
     """Build preset `name` (its `architecture` changed as pretrain's flags change it), run a
     forward pass; its size, FLOPs and shapes as lines of text."""
     config = preset(name, num_classes=num_classes, **architecture)
-    with caller_rng_kept():
+    with caller_rng_kept():  # the model, then the images, from seed 0
         torch.random.default_generator.manual_seed(0)
         model = ViT(config).eval()
         images = torch.randn(2, config.num_channels, config.image_size, config.image_size)

@@ -44,6 +44,7 @@ from vitlab.data.imagefolder import (
     walk_files,
 )
 from vitlab.errors import ConfigError, DataFormatError, Terminated
+from vitlab.launch import STOP_SIGNALS
 
 log = logging.getLogger("vitlab.data")
 
@@ -274,9 +275,7 @@ def _signals_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    stops = (signal.SIGINT, signal.SIGTERM, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1")
-                                              else []))
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in stops}
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, *STOP_SIGNALS)}
     try:
         yield
     finally:

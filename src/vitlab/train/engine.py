@@ -38,6 +38,7 @@ from vitlab.errors import (
     RunFinished,
     VitlabError,
 )
+from vitlab.launch import STOP_SIGNALS, exit_on_signal
 from vitlab.model import tta_logits
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.capture import CapturedStep
@@ -327,9 +328,7 @@ class _StopSignals:
     """Turns the first Ctrl-C or SIGTERM into a flag the loop checks between steps; a second one
     gets the signal's previous handler (Ctrl-C then aborts at once)."""
 
-    # SIGUSR1: what SLURM's --signal sends ahead of a job's end, where it exists.
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1")
-                    if hasattr(signal, name))
+    SIGNALS = (signal.SIGINT, *STOP_SIGNALS)  # SIGTERM, and SIGUSR1 where it exists
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -345,8 +344,6 @@ class _StopSignals:
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
     def __enter__(self) -> _StopSignals:
-        from vitlab.launch import exit_on_signal
-
         with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
             for sig in self.SIGNALS:
                 # SIGUSR1 only from the vitlab command, which set it to end the process: a
