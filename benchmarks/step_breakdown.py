@@ -16,16 +16,24 @@ cases, interleaved, medians of --repeats rounds of --steps steps each:
                Wide, Random Erasing, Mixup/CutMix: ~500 operator calls a batch in a CPU profile,
                against SeedAugment's ~100), 8 batches a call, and one per call
 
-With --compare (the default), more: the step and batch+step as `fit` ran them before the
-capture (reduce-overhead's CUDA graphs of the model, the optimizer's step eager: "step, uncaptured
-reduce-overhead"), and the step captured without compiling ("step, captured eager"); then the
-captured step is checked against the uncaptured one (`capture_check`). With --sdpa (the
-default), on CUDA, the planned step with each other SDPA kernel alone allowed while it compiles
-(flash, efficient, math: fit lets PyTorch choose; on an H200 it chose cuDNN's, the step's
-costliest kernels). Off CUDA the captured cases run with CallAgain, a rehearsal of the code
-without recording. benchmarks/gpu/run.py runs the script twice, in processes of their own:
---no-sdpa (its `breakdown` stage), then --no-compare (`breakdown-sdpa`), since in the third GPU
-session the script died without output, twice, after ~20-30 s, when the SDPA cases came first.
+With --compare (the default), more: the step captured without compiling ("step, captured
+eager"); then the captured step is checked against the uncaptured one (`capture_check`). With
+--reduce-overhead, the step and batch+step as `fit` ran them before the capture (reduce-overhead's
+CUDA graphs of the model, the optimizer's step eager: "step, uncaptured reduce-overhead"): off by
+default since the fourth GPU session, where the planned step's graph crashed in its replay
+(SIGSEGV) in the process that had warmed these up beside it (results/2026-11-28-h200); the second
+session measured them (results/2026-11-27-h200-2). With --sdpa (the default), the planned step
+with each SDPA kernel of --sdpa-kernels alone allowed while it compiles (math, flash, efficient:
+fit lets PyTorch choose; on an H200 it chose cuDNN's, the step's costliest kernels), and the step
+with each encoder block compiled alone ("step, blocks compiled": regional compiling, which
+compiles a fresh machine's first step in less time, benchmarks/compile_cold.py). With the
+variants the compiler's caches are off for the whole process: torch's caches keyed the graph
+without the SDPA kernel, so in the fourth GPU session every variant replayed the graph traced
+with cuDNN's (each variant's costliest kernels said so). Off CUDA the captured cases run with
+CallAgain, a rehearsal of the code without recording, and the variants uncaptured.
+benchmarks/gpu/run.py runs the script twice, in processes of their own: --no-sdpa (its
+`breakdown` stage), then --no-compare (`breakdown-sdpa`), since in the third GPU session the
+script died without output, twice, after ~20-30 s, when the SDPA cases came first.
 
 On CUDA, `step` and `batch+step` (and the uncaptured step) are then profiled (torch.profiler, --profile-steps steps each):
 the kernels a step runs, their count and their summed time, and the costliest of them. Kernel
@@ -73,10 +81,14 @@ from vitlab.train.engine import (
 from vitlab.train.recipe import build_optimizer, fused_kernels, lr_factor, lrs_as_tensors
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar100"
-# The cases --compare adds (a failure of theirs is recorded, not fatal), and the SDPA variants'.
+# The cases --reduce-overhead and --compare add (a failure of theirs is recorded, not fatal), and
+# the variants' (--sdpa): each SDPA kernel alone, and regional compiling.
 COMPARED = ("step, uncaptured reduce-overhead", "batch+step, uncaptured reduce-overhead",
             "step, captured eager")
 SDPA_CASE = "step, SDPA"
+BLOCKS_CASE = "step, blocks compiled"
+SDPA_KERNELS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 TUTORIAL_STEPS = 39_100  # 100 epochs of 391 steps: the budget the compile plan is asked about
 
 
@@ -122,7 +134,9 @@ def say(message: str) -> None:
 
 def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", steps: int = 50,
               repeats: int = 5, warmup: int = 5, profile_steps: int = 16,
-              profile: bool | None = None, compare: bool = True, sdpa: bool = True) -> dict:
+              profile: bool | None = None, compare: bool = True, sdpa: bool = True,
+              reduce_overhead: bool = False,
+              sdpa_kernels: tuple[str, ...] = ("math", "flash", "efficient")) -> dict:
     """Per-case medians in ms per step: {"cases": {name: {"wall_ms", "host_ms"}}, ...}."""
     target = resolve_device(device)
     seed = recipe("seed")
@@ -158,14 +172,19 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     graphs = None if target.type == "cuda" else CallAgain()
 
     def training(mode: str | None, eager_opt: bool, capture: bool,
-                 attention: SDPBackend | None = None) -> Callable[[tuple], object]:
+                 attention: SDPBackend | None = None, blocks: bool = False
+                 ) -> Callable[[tuple], object]:
         """A training step on a fresh seed-mini (the same initial weights for every case);
-        `attention`: the one SDPA kernel allowed while it compiles and is captured."""
+        `attention`: the one SDPA kernel allowed while it compiles and is captured; `blocks`:
+        each encoder block compiled alone (in `mode`), the rest eager."""
         model = ViT(config).to(target)
         model.load_state_dict(initial)
         model.train()
         optimizer = build_optimizer(seed, model.named_parameters(), fused=fused_kernels(target))
-        runnable = torch.compile(model, mode=mode) if mode else model
+        runnable = torch.compile(model, mode=mode) if mode and not blocks else model
+        if blocks:
+            for block in model.encoder.blocks:
+                block.compile(mode=mode)
         optimizer_step = (compile_optimizer_step(optimizer, mode)
                           if mode and not eager_opt and not capture else None)
 
@@ -189,19 +208,21 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
         "vitlab batch": lambda: next(vitlab_batches),
         "vitlab batch, one per call": lambda: next(vitlab_single),
     }
-    if compare:
+    if reduce_overhead:
         before = training("reduce-overhead" if target.type == "cuda" else mode, True, False)
+        cases |= {COMPARED[0]: lambda: before(fixed), COMPARED[1]: lambda: before(next(batches))}
+    if compare:
         eager_captured = training(None, True, capture=True)
-        cases |= {
-            COMPARED[0]: lambda: before(fixed),
-            COMPARED[1]: lambda: before(next(batches)),
-            COMPARED[2]: lambda: eager_captured(fixed),
-        }
-    if sdpa and target.type == "cuda" and capture:  # which SDPA kernel suits 65 tokens, 32 a head
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH):
-            variant = training(mode, True, capture, attention=backend)
-            cases[f"{SDPA_CASE} {backend.name.lower()}"] = lambda v=variant: v(fixed)
+        cases[COMPARED[2]] = lambda: eager_captured(fixed)
+    if sdpa and (capture or target.type == "cpu"):  # which SDPA kernel suits 65 tokens, 32 a head
+        # The caches keyed a graph without its SDPA kernel: every variant compiles afresh.
+        torch._inductor.config.force_disable_caches = True
+        for kernel in sdpa_kernels:
+            variant = training(mode, True, capture, attention=SDPA_KERNELS[kernel])
+            cases[f"{SDPA_CASE} {kernel}"] = lambda v=variant: v(fixed)
+        if mode:
+            regional = training(mode, True, capture, blocks=True)
+            cases[BLOCKS_CASE] = lambda: regional(fixed)
 
     def sync() -> None:
         if target.type == "cuda":
@@ -222,7 +243,7 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
     # The SDPA variants first, each traced afresh: torch.compile reuses one ViT's graph for
     # another of the same shape, with the attention kernel it traced. They are captured (only
     # replayed later); the cases warmed up after the last reset compile anew.
-    variants = [name for name in cases if name.startswith(SDPA_CASE)]
+    variants = [name for name in cases if name.startswith(SDPA_CASE) or name == BLOCKS_CASE]
     order = variants + [name for name in cases if name not in variants]
     for i, name in enumerate(order):  # compilation and CUDA graph capture happen here
         if variants and (name in variants or i == len(variants)):
@@ -357,14 +378,26 @@ def main() -> None:
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the step as fit ran it before the capture, and the "
                              "captured step uncompiled; check the capture against it")
+    parser.add_argument("--reduce-overhead", action=argparse.BooleanOptionalAction,
+                        default=False, help="also time the step as fit ran it before the capture "
+                        "(reduce-overhead's graphs of the model)")
     parser.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time the captured step with each SDPA kernel alone (CUDA)")
+                        help="also time the planned step with each SDPA kernel alone, and with "
+                             "each encoder block compiled alone (compiler caches off)")
+    parser.add_argument("--sdpa-kernels", default="math,flash,efficient",
+                        help=f"comma-separated, of {', '.join(SDPA_KERNELS)}")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="write the result there (default: print it)")
     args = parser.parse_args()
+    unknown = set(args.sdpa_kernels.split(",")) - set(SDPA_KERNELS) - {""}
+    if unknown:
+        parser.error(f"--sdpa-kernels: unknown {', '.join(sorted(unknown))}; known: "
+                     f"{', '.join(SDPA_KERNELS)}")
     result = breakdown(args.data, args.device, args.compile, args.steps, args.repeats,
                        profile_steps=args.profile_steps, profile=args.profile,
-                       compare=args.compare, sdpa=args.sdpa)
+                       compare=args.compare, sdpa=args.sdpa,
+                       reduce_overhead=args.reduce_overhead,
+                       sdpa_kernels=tuple(k for k in args.sdpa_kernels.split(",") if k))
     if args.json_out is None:
         print(json.dumps(result, indent=1))
     else:
