@@ -23,8 +23,9 @@ CUDA graphs of the model, the optimizer's step eager: "step, uncaptured reduce-o
 default since the fourth GPU session, where the planned step's graph crashed in its replay
 (SIGSEGV) in the process that had warmed these up beside it (results/2026-11-28-h200); the second
 session measured them (results/2026-11-27-h200-2). With --sdpa (the default), the planned step
-with each SDPA kernel of --sdpa-kernels alone allowed while it compiles (math, flash, efficient:
-fit lets PyTorch choose; on an H200 it chose cuDNN's, the step's costliest kernels), and the step
+with each SDPA kernel of --sdpa-kernels alone allowed while it compiles (cudnn, flash, efficient,
+math: on an H200 PyTorch chose cuDNN's, the step's costliest kernels, and flash attention's step
+measured 3.5% faster, so since the fourth GPU session fit's step leaves cuDNN's out), and the step
 with each encoder block compiled alone ("step, blocks compiled": regional compiling, which
 compiles a fresh machine's first step in less time, benchmarks/compile_cold.py). With the
 variants the compiler's caches are off for the whole process: torch's caches keyed the graph
@@ -136,7 +137,8 @@ def breakdown(data: str | Path, device: str = "cuda", compile: str = "auto", ste
               repeats: int = 5, warmup: int = 5, profile_steps: int = 16,
               profile: bool | None = None, compare: bool = True, sdpa: bool = True,
               reduce_overhead: bool = False,
-              sdpa_kernels: tuple[str, ...] = ("math", "flash", "efficient")) -> dict:
+              sdpa_kernels: tuple[str, ...] = ("cudnn", "flash", "efficient", "math")
+              ) -> dict:
     """Per-case medians in ms per step: {"cases": {name: {"wall_ms", "host_ms"}}, ...}."""
     target = resolve_device(device)
     seed = recipe("seed")
@@ -384,7 +386,7 @@ def main() -> None:
     parser.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the planned step with each SDPA kernel alone, and with "
                              "each encoder block compiled alone (compiler caches off)")
-    parser.add_argument("--sdpa-kernels", default="math,flash,efficient",
+    parser.add_argument("--sdpa-kernels", default="cudnn,flash,efficient,math",
                         help=f"comma-separated, of {', '.join(SDPA_KERNELS)}")
     parser.add_argument("--json-out", type=Path, default=None,
                         help="write the result there (default: print it)")

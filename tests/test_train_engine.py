@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitlab import io as vitlab_io
 from vitlab import runs as vitlab_runs
@@ -26,7 +27,7 @@ from vitlab.data import BatchLoader, Dataset, SeedAugment
 from vitlab.data.arrays import Split
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.model import ViT, ViTConfig
-from vitlab.train import Recipe, TrainOptions, evaluate, fit, load_encoder_weights, recipe
+from vitlab.train import Recipe, TrainOptions, engine, evaluate, fit, load_encoder_weights, recipe
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.engine import (
     CurvesPlotter,
@@ -2095,3 +2096,53 @@ def test_grad_checkpointing_in_a_linear_probe_says_it_has_nothing_to_save(datase
     # Nor does it change what a linear probe compiles or captures on CUDA.
     probe = options(1, grad_checkpointing=True, freeze_encoder=True, capture_step=True)
     assert probe.captures("cuda") and not probe.checkpoints
+
+
+def test_the_training_step_leaves_cudnn_attention_out_on_cuda(monkeypatch):
+    """On CUDA the step's attention may run every enabled kernel but cuDNN's (flash attention's
+    step measured faster on an H200), forward and backward alike, since a checkpointed block runs
+    its forward again in backward and must draw the same dropout masks; a caller's own choice of
+    cuDNN's alone is kept, and off CUDA nothing changes."""
+    cuda_flags = torch.backends.cuda
+
+    def flags() -> tuple[bool, bool, bool, bool]:
+        return (cuda_flags.cudnn_sdp_enabled(), cuda_flags.flash_sdp_enabled(),
+                cuda_flags.mem_efficient_sdp_enabled(), cuda_flags.math_sdp_enabled())
+
+    before = flags()
+    assert before == (True, True, True, True)  # PyTorch's defaults: every kernel allowed
+    with engine.attention_kernels(torch.device("cpu")):
+        assert flags() == before
+    with engine.attention_kernels(torch.device("cuda")):
+        assert flags() == (False, True, True, True)
+    assert flags() == before
+    # (the second context is made after the first is entered, as nested ones are)
+    cudnn, math_kernel = SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH
+    with sdpa_kernel(cudnn), engine.attention_kernels(torch.device("cuda")):
+        assert flags() == (True, False, False, False)
+    with sdpa_kernel([cudnn, math_kernel]), engine.attention_kernels(torch.device("cuda")):
+        assert flags() == (False, False, False, True)
+
+    # train_step on CPU tensors, told it runs on CUDA: forward and backward see the same kernels
+    real = engine.attention_kernels
+    monkeypatch.setattr(engine, "attention_kernels", lambda device: real(torch.device("cuda")))
+    seen: dict[str, bool] = {}
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen["forward"] = cuda_flags.cudnn_sdp_enabled()
+            out = self.linear(x)
+            out.register_hook(lambda grad: seen.__setitem__("backward",
+                                                            cuda_flags.cudnn_sdp_enabled()))
+            return out
+
+    model = Probe()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.train_step(model, optimizer, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]),
+                      recipe("seed"))
+    assert seen == {"forward": False, "backward": False}
+    assert flags() == before

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitlab import distributed
 from vitlab.data import BatchLoader, Dataset
@@ -435,6 +436,21 @@ def eager_param_groups(optimizer: torch.optim.Optimizer, device: torch.device) -
             group["capturable"] = False
 
 
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """The attention kernels a training step may run on `device`: on CUDA, those enabled less
+    cuDNN's, which PyTorch picks first on an H100/H200. There seed-mini's captured step took
+    2.142 ms with flash attention and 2.219 ms with cuDNN's (bf16, batch 128; 65 tokens, 32 a
+    head: benchmarks/gpu/results/2026-11-28-h200). Where cuDNN's is the only one enabled (a
+    caller's own `sdpa_kernel`), it stays; off CUDA nothing changes."""
+    if device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
+        return contextlib.nullcontext()
+    enabled = [backend for backend, on in (
+        (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+        (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+        (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled())) if on]
+    return sdpa_kernel(enabled) if enabled else contextlib.nullcontext()
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor,
                targets: Tensor, recipe: Recipe, autocast_dtype: torch.dtype | None = None,
                loss_scale: float = 1.0, step: Callable[[], object] | None = None,
@@ -451,8 +467,21 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tenso
     `no_sync` (DDP's) holds the gradients' all-reduce until the last part. With a `scaler`
     (fp16), the losses are scaled before backward, the gradients unscaled before clipping, and
     the scaler steps the optimizer (skipping a step whose gradients overflowed) and updates its
-    scale. `class_weights` weigh the loss per class (see `cross_entropy`).
+    scale. `class_weights` weigh the loss per class (see `cross_entropy`). The attention runs
+    the kernels `attention_kernels` allows, forward and backward (a checkpointed block runs its
+    forward again there, and must draw the same dropout masks).
     """
+    device = inputs.device
+    with attention_kernels(device):
+        return _train_step(model, optimizer, inputs, targets, recipe, autocast_dtype, loss_scale,
+                           step, parts, no_sync, scaler, class_weights)
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor,
+                targets: Tensor, recipe: Recipe, autocast_dtype: torch.dtype | None,
+                loss_scale: float, step: Callable[[], object] | None, parts: int,
+                no_sync: Callable[[], contextlib.AbstractContextManager] | None,
+                scaler: torch.amp.GradScaler | None, class_weights: Tensor | None) -> Tensor:
     device = inputs.device
     optimizer.zero_grad(set_to_none=True)
     parts = min(parts, len(targets))  # a batch smaller than N: one part a sample

@@ -28,15 +28,13 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # compiling is opt-in (unmeasured).
 COMPILE_PAYS_AFTER_STEPS = 2500
 # With the step captured as one CUDA graph (--capture-step, the default on one CUDA GPU) an eager
-# step is no longer launch-bound: on an H200 seed-mini's captured step took 3.48 ms eager and
-# 2.22 ms compiled (benchmarks/gpu/results/2026-11-27-h200-2), 1.25 ms saved a step. On a
-# fresh H200 (an empty compiler cache) the tutorial's first captured epoch then took 54.5 s
-# against 0.9 s, compiling the full and the short batch; in a later run on that machine
-# (likely a warm compiler cache; another recipe) the same model's took 6.3 s
-# (results/2026-11-27-h200-3). fit now compiles the full batch only; if that halves
-# the cold cost, compiling pays from ~21,000 steps on a fresh machine and from ~4,000 with a
-# warm cache. 10,000 is a guess between the two, still to measure. The tutorial's 100 epochs
-# (39,100 steps) compile; a 20-epoch run (7,820 steps) does not.
+# step is no longer launch-bound: on an H200 seed-mini's captured step took 3.484 ms eager and
+# 2.221 ms compiled, 1.26 ms saved a step, and compiling the full batch (fit compiles that shape
+# alone) cost 21.1 s on a fresh machine (an empty compiler cache) and 3.0 s with a warm one
+# (benchmarks/gpu/results/2026-11-28-h200): compiling pays from ~16,700 steps on a fresh machine
+# and from ~2,400 with a warm cache. At 10,000 a run loses at most ~8.5 s on a fresh machine and
+# gains ~9.6 s on a warm one. The tutorial's 100 epochs (39,100 steps) compile; a 20-epoch run
+# (7,820 steps) does not.
 COMPILE_PAYS_CAPTURED_AFTER_STEPS = 10_000
 MAX_SEED = 2**63 - 1
 # --augment-chunk's memory bound: a 224 px model's inputs at 1,024 images would take 588 MiB.
@@ -66,8 +64,8 @@ class TrainOptions:
         "torch.compile the training step: the model, and the optimizer's step unless "
         "--eager-optimizer (default: on one CUDA GPU for a fit of "
         f"{COMPILE_PAYS_CAPTURED_AFTER_STEPS:,} steps or more with the step captured, "
-        f"{COMPILE_PAYS_AFTER_STEPS:,} without (measured for seed-mini; the first is "
-        "provisional); else eager)"))
+        f"{COMPILE_PAYS_AFTER_STEPS:,} without (measured for seed-mini on an H200); else "
+        "eager)"))
     eager_optimizer: bool | None = field(default=None, metadata=_runtime(
         "leave the optimizer's step uncompiled, the model alone compiled; implies --compile "
         "(default: on CUDA, where it measured faster, and with --precision fp16, whose loss "
