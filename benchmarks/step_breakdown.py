@@ -25,7 +25,7 @@ default since the fourth GPU session, where the planned step's graph crashed in 
 session measured them (results/2026-11-27-h200-2). With --sdpa (the default), the planned step
 with each SDPA kernel of --sdpa-kernels alone allowed while it compiles (cudnn, flash, efficient,
 math: on an H200 PyTorch chose cuDNN's, the step's costliest kernels, and flash attention's step
-measured 3.5% faster, so since the fourth GPU session fit's step leaves cuDNN's out), and the step
+took 3.5% less time, so since the fourth GPU session fit's step leaves cuDNN's out), and the step
 with each encoder block compiled alone ("step, blocks compiled": regional compiling, which
 compiles a fresh machine's first step in less time, benchmarks/compile_cold.py). With the
 variants the compiler's caches are off for the whole process: torch's caches keyed the graph
@@ -36,7 +36,8 @@ benchmarks/gpu/run.py runs the script twice, in processes of their own: --no-sdp
 `breakdown` stage), then --no-compare (`breakdown-sdpa`), since in the third GPU session the
 script died without output, twice, after ~20-30 s, when the SDPA cases came first.
 
-On CUDA, `step` and `batch+step` (and the uncaptured step) are then profiled (torch.profiler, --profile-steps steps each):
+On CUDA, `step` and `batch+step` (and the uncaptured step, and the variants) are then profiled
+(torch.profiler, --profile-steps steps each):
 the kernels a step runs, their count and their summed time, and the costliest of them. Kernel
 time close to the step's wall time means the GPU is busy and a faster step needs fewer or faster
 kernels; far below it, the step waits on launches or the host. (`--profile` profiles on the CPU
@@ -378,8 +379,8 @@ def main() -> None:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="profile the step's kernels (default: on CUDA only)")
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time the step as fit ran it before the capture, and the "
-                             "captured step uncompiled; check the capture against it")
+                        help="also time the captured step uncompiled, and check the capture "
+                             "against the uncaptured step")
     parser.add_argument("--reduce-overhead", action=argparse.BooleanOptionalAction,
                         default=False, help="also time the step as fit ran it before the capture "
                         "(reduce-overhead's graphs of the model)")

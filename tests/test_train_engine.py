@@ -3,6 +3,7 @@ N steps, checkpoints, NaN, Ctrl-C and resume), the run directory's files and the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -2099,33 +2100,44 @@ def test_grad_checkpointing_in_a_linear_probe_says_it_has_nothing_to_save(datase
 
 
 def test_the_training_step_leaves_cudnn_attention_out_on_cuda(monkeypatch):
-    """On CUDA the step's attention may run every enabled kernel but cuDNN's (flash attention's
-    step measured faster on an H200), forward and backward alike, since a checkpointed block runs
-    its forward again in backward and must draw the same dropout masks; a caller's own choice of
-    cuDNN's alone is kept, and off CUDA nothing changes."""
+    """On CUDA, where PyTorch may pick any attention kernel, the step may run all but cuDNN's
+    (flash attention's step measured faster on an H200), forward and backward alike, since a
+    checkpointed block runs its forward again in backward and must draw the same dropout masks;
+    the compiler's cache key says so; a caller's own choice is kept, and off CUDA nothing
+    changes."""
     cuda_flags = torch.backends.cuda
 
     def flags() -> tuple[bool, bool, bool, bool]:
         return (cuda_flags.cudnn_sdp_enabled(), cuda_flags.flash_sdp_enabled(),
                 cuda_flags.mem_efficient_sdp_enabled(), cuda_flags.math_sdp_enabled())
 
-    before = flags()
+    def cache_tag() -> str | None:  # torch 2.6 on; this project's CPU wheel has it
+        return getattr(getattr(torch.compiler, "config", None), "cache_key_tag", None)
+
+    before, tag = flags(), cache_tag()
     assert before == (True, True, True, True)  # PyTorch's defaults: every kernel allowed
     with engine.attention_kernels(torch.device("cpu")):
-        assert flags() == before
+        assert flags() == before and cache_tag() == tag
     with engine.attention_kernels(torch.device("cuda")):
         assert flags() == (False, True, True, True)
-    assert flags() == before
-    # (the second context is made after the first is entered, as nested ones are)
-    cudnn, math_kernel = SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH
-    with sdpa_kernel(cudnn), engine.attention_kernels(torch.device("cuda")):
-        assert flags() == (True, False, False, False)
-    with sdpa_kernel([cudnn, math_kernel]), engine.attention_kernels(torch.device("cuda")):
-        assert flags() == (False, False, False, True)
+        assert tag is None or engine.NO_CUDNN_ATTENTION_TAG in cache_tag()
+    assert flags() == before and cache_tag() == tag
+    # a caller's choice, made before (the second context is made after the first is entered)
+    for chosen in (SDPBackend.CUDNN_ATTENTION, [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):
+        with sdpa_kernel(chosen):
+            narrowed = flags()
+            with engine.attention_kernels(torch.device("cuda")):
+                assert flags() == narrowed and cache_tag() == tag
 
     # train_step on CPU tensors, told it runs on CUDA: forward and backward see the same kernels
     real = engine.attention_kernels
-    monkeypatch.setattr(engine, "attention_kernels", lambda device: real(torch.device("cuda")))
+    devices: list[torch.device] = []
+
+    def as_if_on_cuda(device: torch.device) -> contextlib.AbstractContextManager:
+        devices.append(device)
+        return real(torch.device("cuda"))
+
+    monkeypatch.setattr(engine, "attention_kernels", as_if_on_cuda)
     seen: dict[str, bool] = {}
 
     class Probe(nn.Module):
@@ -2145,4 +2157,4 @@ def test_the_training_step_leaves_cudnn_attention_out_on_cuda(monkeypatch):
     engine.train_step(model, optimizer, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]),
                       recipe("seed"))
     assert seen == {"forward": False, "backward": False}
-    assert flags() == before
+    assert devices == [torch.device("cpu")] and flags() == before

@@ -310,10 +310,10 @@ def stage_breakdown(args: argparse.Namespace, sdpa: bool) -> dict:
     """benchmarks/step_breakdown.py in a process of its own, its progress lines appended to
     runs.log: in the third GPU session it died silently twice, in-process, taking the script
     with it; now its exit code (a signal's number, negative) and where it stopped come back,
-    and Python's fault handler prints a crash's stack. `sdpa`: the script's base cases and the
-    step with each SDPA kernel alone, without the compared cases and the capture check (their
-    own stage, since they were the breakdown's first, untried, cases when it died); else all
-    but the SDPA cases."""
+    and Python's fault handler prints a crash's stack. `sdpa`: the script's base cases, the
+    step with each SDPA kernel alone and the step compiled block by block, without the compared
+    cases and the capture check (their own stage, since they were the breakdown's first,
+    untried, cases when it died); else all but those variants."""
     script = Path(__file__).resolve().parents[1] / "step_breakdown.py"
     result_file = args.work / "breakdown.json"
     result_file.unlink(missing_ok=True)

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitlab import distributed
 from vitlab.data import BatchLoader, Dataset
@@ -436,19 +435,41 @@ def eager_param_groups(optimizer: torch.optim.Optimizer, device: torch.device) -
             group["capturable"] = False
 
 
+# Part of the compiler's cache key while the step runs without cuDNN's attention: torch's caches
+# key a compiled graph without the attention kernels allowed, so a graph compiled under PyTorch's
+# own choice (an older vitlab's) would be replayed otherwise.
+NO_CUDNN_ATTENTION_TAG = "vitlab-attention-without-cudnn"
+
+
 def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
-    """The attention kernels a training step may run on `device`: on CUDA, those enabled less
-    cuDNN's, which PyTorch picks first on an H100/H200. There seed-mini's captured step took
-    2.142 ms with flash attention and 2.219 ms with cuDNN's (bf16, batch 128; 65 tokens, 32 a
-    head: benchmarks/gpu/results/2026-11-28-h200). Where cuDNN's is the only one enabled (a
-    caller's own `sdpa_kernel`), it stays; off CUDA nothing changes."""
-    if device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
+    """The attention kernels a training step may run on `device`: on CUDA, where every kernel is
+    allowed (PyTorch's default), all but cuDNN's, which PyTorch picks first on an H100/H200.
+    There seed-mini's captured step took 2.142 ms with flash attention and 2.219 ms with cuDNN's
+    (bf16, batch 128; 65 tokens, 32 a head: benchmarks/gpu/results/2026-11-28-h200). A caller's
+    own choice (`sdpa_kernel`, or the `torch.backends.cuda` switches) is kept; off CUDA nothing
+    changes."""
+    flags = torch.backends.cuda
+    every_kernel = (flags.cudnn_sdp_enabled() and flags.flash_sdp_enabled()
+                    and flags.mem_efficient_sdp_enabled() and flags.math_sdp_enabled())
+    if device.type != "cuda" or not every_kernel:
         return contextlib.nullcontext()
-    enabled = [backend for backend, on in (
-        (SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
-        (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
-        (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled())) if on]
-    return sdpa_kernel(enabled) if enabled else contextlib.nullcontext()
+    return _without_cudnn_attention()
+
+
+@contextlib.contextmanager
+def _without_cudnn_attention() -> Iterator[None]:
+    compiler_config = getattr(torch.compiler, "config", None)  # torch >= 2.6 has the tag
+    tagged = hasattr(compiler_config, "cache_key_tag")
+    if tagged:
+        tag = compiler_config.cache_key_tag
+        compiler_config.cache_key_tag = "|".join(filter(None, (tag, NO_CUDNN_ATTENTION_TAG)))
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        if tagged:
+            compiler_config.cache_key_tag = tag
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor,

@@ -64,8 +64,8 @@ class TrainOptions:
         "torch.compile the training step: the model, and the optimizer's step unless "
         "--eager-optimizer (default: on one CUDA GPU for a fit of "
         f"{COMPILE_PAYS_CAPTURED_AFTER_STEPS:,} steps or more with the step captured, "
-        f"{COMPILE_PAYS_AFTER_STEPS:,} without (measured for seed-mini on an H200); else "
-        "eager)"))
+        f"{COMPILE_PAYS_AFTER_STEPS:,} without (set from seed-mini's measured costs on an "
+        "H200); else eager)"))
     eager_optimizer: bool | None = field(default=None, metadata=_runtime(
         "leave the optimizer's step uncompiled, the model alone compiled; implies --compile "
         "(default: on CUDA, where it measured faster, and with --precision fp16, whose loss "
