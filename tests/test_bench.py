@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from cli_helpers import assert_one_error_line, run_cli
 from vitlab.bench import format_table, run_bench, tutorial_model
@@ -133,3 +134,13 @@ def test_bench_compile_takes_a_mode_or_alone_torchs_default(argv, mode):
     from vitlab.cli import build_parser
 
     assert build_parser().parse_args(["bench", *argv]).compile == mode
+
+
+def test_the_bench_gives_the_caller_its_random_stream_back():
+    """run_bench seeds torch's RNG for its inputs: a caller's stream continues as if the bench
+    had not run (a library audit found a sweep's seed lost to it)."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    run_bench("micro", batch_size=4, device="cpu", repeats=1, iters=1, warmup=1, baseline=False)
+    assert torch.equal(torch.rand(3), expected)

@@ -32,6 +32,7 @@ from vitlab.train import options
 from vitlab.train.capture import CapturedStep
 from vitlab.train.engine import (
     autocast,
+    caller_rng_kept,
     compile_optimizer_step,
     resolve_device,
     resolve_precision,
@@ -135,7 +136,18 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
     """Measure; returns {"environment": ..., "rows": [Row as dict, ...]} (see the module doc).
 
     `capture`: also a training row with the whole step captured as one CUDA graph (`fit
-    --capture-step`); None: on CUDA, where the compile mode records no graphs of its own."""
+    --capture-step`); None: on CUDA, where the compile mode records no graphs of its own. The
+    measurement seeds and draws from torch's global RNG: the caller's random stream is given
+    back as it was."""
+    with caller_rng_kept(resolve_device(device)):
+        return _run_bench(model, batch_size=batch_size, device=device, precision=precision,
+                          compile=compile, num_classes=num_classes, repeats=repeats, iters=iters,
+                          warmup=warmup, baseline=baseline, capture=capture)
+
+
+def _run_bench(model: str, *, batch_size: int, device: str, precision: str, compile: str,
+               num_classes: int, repeats: int, iters: int | None, warmup: int, baseline: bool,
+               capture: bool | None) -> dict:
     if compile not in COMPILE_MODES:
         raise ConfigError(f"unknown compile mode {compile!r}; known: {', '.join(COMPILE_MODES)}")
     for name, value in (("batch size", batch_size), ("repeats", repeats), ("warm-up", warmup + 1),
