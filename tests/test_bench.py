@@ -136,11 +136,16 @@ def test_bench_compile_takes_a_mode_or_alone_torchs_default(argv, mode):
     assert build_parser().parse_args(["bench", *argv]).compile == mode
 
 
-def test_the_bench_gives_the_caller_its_random_stream_back():
+def test_the_bench_gives_the_caller_its_random_stream_back(monkeypatch):
     """run_bench seeds torch's RNG for its inputs: a caller's stream continues as if the bench
-    had not run (a library audit found a sweep's seed lost to it)."""
+    had not run (a library audit found a sweep's seed lost to it), and no GPU's stream is
+    reseeded (torch.manual_seed would reseed every GPU, restored by nobody)."""
+    def reseeding_every_gpu(seed: int) -> None:
+        raise AssertionError("every GPU's stream reseeded")
+
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeding_every_gpu)
     run_bench("micro", batch_size=4, device="cpu", repeats=1, iters=1, warmup=1, baseline=False)
     assert torch.equal(torch.rand(3), expected)

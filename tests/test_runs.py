@@ -144,7 +144,7 @@ def test_a_finished_constant_lr_run_continues_with_more_epochs(legacy_run, data_
         for ours, theirs in zip(*logs, strict=True):
             numbers = {k for k, v in ours.items() if isinstance(v, float)}
             assert {k: ours[k] for k in numbers} == pytest.approx(
-                {k: theirs[k] for k in numbers}, rel=1e-4, abs=1e-6)
+                {k: theirs[k] for k in numbers}, rel=1e-6, abs=1e-9)
             assert {k: v for k, v in ours.items() if k not in numbers} == \
                 {k: v for k, v in theirs.items() if k not in numbers}
     assert [r["event"] for r in ckpt.read_jsonl(legacy_run / ckpt.METRICS)].count("finish") == 1

@@ -2122,6 +2122,9 @@ def test_the_training_step_leaves_cudnn_attention_out_on_cuda(monkeypatch):
         assert flags() == (False, True, True, True)
         assert tag is None or engine.NO_CUDNN_ATTENTION_TAG in cache_tag()
     assert flags() == before and cache_tag() == tag
+    with pytest.raises(KeyboardInterrupt), engine.attention_kernels(torch.device("cuda")):
+        raise KeyboardInterrupt  # Ctrl-C in a step
+    assert flags() == before and cache_tag() == tag
     # a caller's choice, made before (the second context is made after the first is entered)
     for chosen in (SDPBackend.CUDNN_ATTENTION, [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):
         with sdpa_kernel(chosen):

@@ -36,6 +36,7 @@ from vitlab.train.engine import (
     compile_optimizer_step,
     resolve_device,
     resolve_precision,
+    seed_streams,
     train_step,
 )
 from vitlab.train.recipe import build_optimizer, fused_kernels, recipe
@@ -139,15 +140,6 @@ def run_bench(model: str = "seed-mini", *, batch_size: int = 128, device: str = 
     --capture-step`); None: on CUDA, where the compile mode records no graphs of its own. The
     measurement seeds and draws from torch's global RNG: the caller's random stream is given
     back as it was."""
-    with caller_rng_kept(resolve_device(device)):
-        return _run_bench(model, batch_size=batch_size, device=device, precision=precision,
-                          compile=compile, num_classes=num_classes, repeats=repeats, iters=iters,
-                          warmup=warmup, baseline=baseline, capture=capture)
-
-
-def _run_bench(model: str, *, batch_size: int, device: str, precision: str, compile: str,
-               num_classes: int, repeats: int, iters: int | None, warmup: int, baseline: bool,
-               capture: bool | None) -> dict:
     if compile not in COMPILE_MODES:
         raise ConfigError(f"unknown compile mode {compile!r}; known: {', '.join(COMPILE_MODES)}")
     for name, value in (("batch size", batch_size), ("repeats", repeats), ("warm-up", warmup + 1),
@@ -155,10 +147,19 @@ def _run_bench(model: str, *, batch_size: int, device: str, precision: str, comp
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     target = resolve_device(device)
+    with caller_rng_kept(target):
+        return _measure(model, target, batch_size=batch_size, precision=precision,
+                        compile=compile, num_classes=num_classes, repeats=repeats, iters=iters,
+                        warmup=warmup, baseline=baseline, capture=capture)
+
+
+def _measure(model: str, target: torch.device, *, batch_size: int, precision: str, compile: str,
+             num_classes: int, repeats: int, iters: int | None, warmup: int, baseline: bool,
+             capture: bool | None) -> dict:
     autocast_dtype = resolve_precision(precision, target)
     config = preset(model, num_classes=num_classes)
     iters = iters or (20 if target.type == "cuda" else 2)
-    torch.manual_seed(0)
+    seed_streams(target, 0)
     images = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size,
                          device=target)
     labels = torch.randint(0, num_classes, (batch_size,), device=target)

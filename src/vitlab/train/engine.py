@@ -458,17 +458,17 @@ def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager
 
 @contextlib.contextmanager
 def _without_cudnn_attention() -> Iterator[None]:
-    compiler_config = getattr(torch.compiler, "config", None)  # torch >= 2.6 has the tag
-    tagged = hasattr(compiler_config, "cache_key_tag")
-    if tagged:
-        tag = compiler_config.cache_key_tag
-        compiler_config.cache_key_tag = "|".join(filter(None, (tag, NO_CUDNN_ATTENTION_TAG)))
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    try:
+    """Not thread-safe, as torch's own switches are not: one training step at a time."""
+    compiler_config = getattr(torch.compiler, "config", None)  # torch 2.4 and 2.5 have none
+    tag = getattr(compiler_config, "cache_key_tag", None)
+    try:  # set inside: a Ctrl-C between the two switches still restores both
+        if tag is not None:
+            compiler_config.cache_key_tag = "|".join(filter(None, (tag, NO_CUDNN_ATTENTION_TAG)))
+        torch.backends.cuda.enable_cudnn_sdp(False)
         yield
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
-        if tagged:
+        if tag is not None:
             compiler_config.cache_key_tag = tag
 
 
@@ -805,12 +805,7 @@ def _begin(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     # process of a data-parallel run draws its own masks.
     ranks = () if distributed.world_size() == 1 else (distributed.rank(),)
     dropout_seed = mix_seed(options.seed, 0xD80F, *ranks)
-    # The CPU's and the training device's streams alone (caller_rng_kept restores those two;
-    # torch.manual_seed would reseed every GPU of the process).
-    torch.random.default_generator.manual_seed(dropout_seed)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            torch.cuda.manual_seed(dropout_seed)
+    seed_streams(device, dropout_seed)
     return Progress(world_size=distributed.world_size(), validation=validation)
 
 
@@ -941,6 +936,16 @@ def caller_rng_kept(device: torch.device | None = None) -> contextlib.AbstractCo
     index = (device.index if device.index is not None else torch.cuda.current_device()
              ) if cuda else None
     return torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda")
+
+
+def seed_streams(device: torch.device, seed: int) -> None:
+    """Seeds torch's global random stream on the CPU and on `device` if it is a CUDA device:
+    the two `caller_rng_kept` restores (torch.manual_seed would reseed every GPU of the
+    process)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
 
 
 def hold_out_validation(dataset: Dataset, fraction: float, seed: int, warn: bool = True,
