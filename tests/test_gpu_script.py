@@ -112,3 +112,29 @@ def test_the_cold_compile_stage_returns_its_json_or_its_exit(tmp_path, monkeypat
     monkeypatch.setattr(run, "run_logged", died)
     assert run.stage_compile_cold(args) == {
         "error": "compile_cold.py exited with 124 after 300 s", "log_tail": ["compiling"]}
+
+
+def test_the_env_stage_says_whether_bytecode_is_cached_and_a_prefix_gives_one(tmp_path,
+                                                                               monkeypatch):
+    """The fourth GPU session's processes compiled 1,642 modules' source each: the env stage now
+    records whether torch's bytecode is cached, and --pycache-prefix gives the runs a cache."""
+    source = tmp_path / "module.py"
+    source.write_text("x = 1\n")
+    state = run.bytecode_state(str(source))
+    assert state["pyc_exists"] is False and state["folder_writable"] is True
+    monkeypatch.setattr(sys, "pycache_prefix", sys.pycache_prefix)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    prefix = tmp_path / "pycache"
+    run.use_pycache(prefix)
+    assert os.environ["PYTHONPYCACHEPREFIX"] == str(prefix)
+    assert "PYTHONDONTWRITEBYTECODE" not in os.environ and sys.dont_write_bytecode is False
+    # a process started after it writes its bytecode there, and finds it the next time
+    import subprocess
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+                        "import module"], check=True)
+    cached = list(prefix.rglob("module*.pyc"))
+    assert len(cached) == 1
+    assert run.bytecode_state(str(source))["pyc_exists"] is True

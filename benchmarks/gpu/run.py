@@ -54,7 +54,8 @@ still returns what it finished), bench.md, curves-<run>.png of each pre-training
 run's output, one after another); the device tool returns at most eight files a call, so one
 call runs at most five run stages (with gpu-log.txt beside them: four). Run
 directories and per-case logs stay in --work.
---deadline SECONDS skips stages that would start after that much time. Rehearse on the CPU with
+--deadline SECONDS skips stages that would start after that much time. --pycache-prefix DIR
+gives Python a bytecode cache for the script and its runs (see the README). Rehearse on the CPU with
 tiny budgets before spending device minutes:
 
     python benchmarks/gpu/run.py --data ../shared/data --out /tmp/rehearsal --device cpu \\
@@ -64,6 +65,7 @@ tiny budgets before spending device minutes:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -131,7 +133,20 @@ def stage_env(out: Path, device: str) -> dict:
         info["timm"] = timm.__version__
     except ImportError:
         info["timm"] = None
+    info["bytecode"] = bytecode_state(torch.__file__)
     return info
+
+
+def bytecode_state(source: str) -> dict:
+    """Whether Python finds `source`'s compiled bytecode cached and may write it: in the fourth
+    GPU session a `vitlab pretrain` process spent 6.5 s compiling 1,642 modules' source, torch's
+    among them (results/2026-11-28-h200/prof.txt), which a pip install compiles once."""
+    cached = Path(importlib.util.cache_from_source(source))
+    folder = cached.parent if cached.parent.is_dir() else Path(source).parent
+    return {"pyc": str(cached), "pyc_exists": cached.is_file(),
+            "folder_writable": os.access(folder, os.W_OK),
+            "dont_write_bytecode": sys.dont_write_bytecode,
+            "pycache_prefix": sys.pycache_prefix}
 
 
 def stage_checks(args: argparse.Namespace) -> dict:
@@ -477,6 +492,15 @@ def stage_run(out: Path, args: argparse.Namespace, name: str, compile_mode: str,
     return result
 
 
+def use_pycache(prefix: Path) -> None:
+    """Bytecode written under `prefix`, by this process (the modules it has yet to import) and
+    by the processes it starts."""
+    prefix.mkdir(parents=True, exist_ok=True)
+    sys.pycache_prefix, sys.dont_write_bytecode = str(prefix), False
+    os.environ["PYTHONPYCACHEPREFIX"] = str(prefix)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True,
@@ -501,7 +525,14 @@ def main() -> None:
                         help="skip stages that would start after this many seconds")
     parser.add_argument("--stage-timeout", type=float, default=None,
                         help="stop a stage's command after this many seconds")
+    parser.add_argument("--pycache-prefix", type=Path, default=None,
+                        help="Python's bytecode cache for this script and the processes it starts "
+                             "(PYTHONPYCACHEPREFIX), written even where PYTHONDONTWRITEBYTECODE "
+                             "is set: where the installed packages have no usable .pyc, the "
+                             "processes after the first then import as from a normal install")
     args = parser.parse_args()
+    if args.pycache_prefix is not None:
+        use_pycache(args.pycache_prefix.resolve())
     if args.eager_optimizer and args.compile in ("auto", "off"):
         parser.error(f"--eager-optimizer needs a compile mode, not --compile {args.compile}")
     for folder in ("cifar100", "cifar10"):
