@@ -35,9 +35,6 @@ from vitlab.model import PRESETS, TTA_CHOICES
 
 EXIT_USAGE = 2
 EXIT_PEER_LOST = 1  # another process of a torchrun job failed
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
 def _int(text: str) -> int:
     """An integer flag small enough for any tensor size (larger ones are typos, not requests)."""
     value = int(text)
@@ -664,14 +661,14 @@ def main(argv: list[str] | None = None) -> int:
             again += f" --data-root {shlex.quote(str(root))}"
         if distributed.is_main_process():  # one line for the job, not one a rank
             print(f"vitlab {args.command}: {e}; continue with: {again}", file=sys.stderr)
-        return EXIT_SIGNAL.get(e.signum, 128 + e.signum)
+        return 128 + e.signum  # the shell's status for a signal: 130, 143, 138
     except KeyboardInterrupt as e:
         from vitlab.errors import Terminated
 
         signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
         print(f"vitlab {args.command}: {e if isinstance(e, Terminated) else 'interrupted'}",
               file=sys.stderr)
-        return EXIT_SIGNAL.get(signum, 128 + signum)
+        return 128 + signum
     except BrokenPipeError:  # stdout closed early (`vitlab ... | head`): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

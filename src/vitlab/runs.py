@@ -69,6 +69,7 @@ from vitlab.train.engine import (
     resolve_device,
     resolve_precision,
     saved_progress,
+    seed_streams,
     wilson_interval,
 )
 from vitlab.train.options import TrainOptions
@@ -529,7 +530,7 @@ def _seeded_model(config: ViTConfig, seed: int) -> ViT:
     """ViT(config) initialized from `seed` on the CPU's stream alone (the caller's stream, and
     every GPU's, left as they were)."""
     with caller_rng_kept():
-        torch.random.default_generator.manual_seed(seed)
+        seed_streams(torch.device("cpu"), seed)
         return ViT(config)
 
 
@@ -1533,7 +1534,7 @@ def model_summary(name: str, num_classes: int = 100, **architecture: int) -> lis
     forward pass; its size, FLOPs and shapes as lines of text."""
     config = preset(name, num_classes=num_classes, **architecture)
     with caller_rng_kept():  # the model, then the images, from seed 0
-        torch.random.default_generator.manual_seed(0)
+        seed_streams(torch.device("cpu"), 0)
         model = ViT(config).eval()
         images = torch.randn(2, config.num_channels, config.image_size, config.image_size)
     with torch.inference_mode():

@@ -303,11 +303,9 @@ def write_array_folder(
                 atomic_write(tmp / f"{s}.npz", lambda f, x=x, y=y: np.savez(f, x=x, y=y))
         data = json.dumps(classes, indent=0).encode("utf-8")
         atomic_write(tmp / "classes.json", lambda f: f.write(data))
-        if not replace and is_array_folder(path):
-            return
         try:
             os.rename(tmp, path)  # none there (or an empty folder): in place at once
-        except OSError:  # a folder there: the old one swapped out, then deleted
+        except OSError:  # a folder there: kept if complete and not to replace, else swapped out
             if not replace and is_array_folder(path):
                 return
             old = make_temp_dir(path)
